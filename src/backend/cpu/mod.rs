@@ -1,0 +1,627 @@
+//! The CPU backend: the reference implementation of every op, and the fallback without a GPU.
+//!
+//! Heavy ops live in their own files (`conv`, `pool`, `norm`, `gemm`); the light ones are here.
+//! Parallel loops split work into pieces of a fixed size and reduce them in a fixed order, so a
+//! result never depends on the number of threads.
+
+pub mod conv;
+pub mod gemm;
+pub mod norm;
+pub mod pool;
+
+use super::{
+    AdamParams, Backend, BackendRef, ConvGeom, Device, NormGeom, PoolGeom, PoolKind, SgdParams,
+    Storage,
+};
+use crate::rng::{splitmix64, unit_f32};
+use anyhow::{bail, Result};
+use gemm::{sgemm, Mat};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// Elements per task in elementwise loops: large enough to amortize scheduling.
+const EW_CHUNK: usize = 1 << 14;
+/// Rows per task in the dense layers; fixed so GEMM blocking never depends on thread count.
+const ROW_CHUNK: usize = 32;
+
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn shared() -> BackendRef {
+        static CPU: OnceLock<Arc<CpuBackend>> = OnceLock::new();
+        CPU.get_or_init(|| Arc::new(CpuBackend)).clone()
+    }
+}
+
+fn host(s: &Storage) -> Result<&[f32]> {
+    match s {
+        Storage::Cpu(v) => Ok(v),
+    }
+}
+
+fn host_mut(s: &mut Storage) -> Result<&mut [f32]> {
+    match s {
+        Storage::Cpu(v) => Ok(v),
+    }
+}
+
+fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        bail!("{what}: buffer lengths differ ({a} vs {b})");
+    }
+    Ok(())
+}
+
+/// out[i] = f(a[i], b[i]), in parallel chunks.
+fn zip_map(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    out.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, o)| {
+        let base = c * EW_CHUNK;
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = f(a[base + i], b[base + i]);
+        }
+    });
+}
+
+fn map(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+    out.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, o)| {
+        let base = c * EW_CHUNK;
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = f(a[base + i]);
+        }
+    });
+}
+
+/// The dropout mask value for element `i`: a pure function of (seed, i), shared with the CUDA
+/// kernel so both devices drop the same units.
+pub fn dropout_keep_scale(seed: u64, i: u64, p: f32) -> f32 {
+    let u = unit_f32(splitmix64(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)));
+    if u < p {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Storage> {
+        Ok(Storage::Cpu(vec![0.0; len]))
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Storage> {
+        Ok(Storage::Cpu(host.to_vec()))
+    }
+
+    fn download(&self, s: &Storage) -> Result<Vec<f32>> {
+        Ok(host(s)?.to_vec())
+    }
+
+    fn gather_rows(
+        &self,
+        src: &Storage,
+        row_len: usize,
+        idx: &[u32],
+        dst: &mut Storage,
+    ) -> Result<()> {
+        let (src, dst) = (host(src)?, host_mut(dst)?);
+        same_len("gather_rows", dst.len(), idx.len() * row_len)?;
+        let rows = src.len() / row_len.max(1);
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= rows) {
+            bail!("gather_rows: row index {bad} out of range ({rows} rows)");
+        }
+        dst.par_chunks_mut(row_len.max(1))
+            .zip(idx.par_iter())
+            .for_each(|(d, &i)| {
+                d.copy_from_slice(&src[i as usize * row_len..(i as usize + 1) * row_len]);
+            });
+        Ok(())
+    }
+
+    fn fill(&self, x: &mut Storage, value: f32) -> Result<()> {
+        host_mut(x)?.fill(value);
+        Ok(())
+    }
+
+    fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
+        zip_map(host(a)?, host(b)?, host_mut(out)?, |a, b| a + b);
+        Ok(())
+    }
+
+    fn mul(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
+        zip_map(host(a)?, host(b)?, host_mut(out)?, |a, b| a * b);
+        Ok(())
+    }
+
+    fn scale(&self, x: &Storage, alpha: f32, out: &mut Storage) -> Result<()> {
+        map(host(x)?, host_mut(out)?, |v| v * alpha);
+        Ok(())
+    }
+
+    fn accumulate(&self, acc: &mut Storage, x: &Storage) -> Result<()> {
+        let (acc, x) = (host_mut(acc)?, host(x)?);
+        same_len("accumulate", acc.len(), x.len())?;
+        acc.par_chunks_mut(EW_CHUNK)
+            .zip(x.par_chunks(EW_CHUNK))
+            .for_each(|(a, x)| {
+                a.iter_mut().zip(x).for_each(|(a, x)| *a += x);
+            });
+        Ok(())
+    }
+
+    fn relu_fwd(&self, x: &Storage, y: &mut Storage) -> Result<()> {
+        map(host(x)?, host_mut(y)?, |v| v.max(0.0));
+        Ok(())
+    }
+
+    fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()> {
+        zip_map(host(y)?, host(dy)?, host_mut(dx)?, |y, d| {
+            if y > 0.0 {
+                d
+            } else {
+                0.0
+            }
+        });
+        Ok(())
+    }
+
+    fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()> {
+        map(host(x)?, host_mut(y)?, |v| {
+            if v > 0.0 {
+                v
+            } else {
+                alpha * v.exp_m1()
+            }
+        });
+        Ok(())
+    }
+
+    fn elu_bwd(
+        &self,
+        x: &Storage,
+        y: &Storage,
+        dy: &Storage,
+        alpha: f32,
+        dx: &mut Storage,
+    ) -> Result<()> {
+        let (x, y, dy, dx) = (host(x)?, host(y)?, host(dy)?, host_mut(dx)?);
+        dx.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, o)| {
+            let base = c * EW_CHUNK;
+            for (i, v) in o.iter_mut().enumerate() {
+                let j = base + i;
+                // for x ≤ 0, d/dx α(eˣ−1) = αeˣ = y + α
+                *v = if x[j] > 0.0 {
+                    dy[j]
+                } else {
+                    dy[j] * (y[j] + alpha)
+                };
+            }
+        });
+        Ok(())
+    }
+
+    fn dropout_fwd(
+        &self,
+        x: &Storage,
+        p: f32,
+        seed: u64,
+        y: &mut Storage,
+        mask: &mut Storage,
+    ) -> Result<()> {
+        let (x, y, mask) = (host(x)?, host_mut(y)?, host_mut(mask)?);
+        mask.par_chunks_mut(EW_CHUNK)
+            .enumerate()
+            .for_each(|(c, m)| {
+                for (i, v) in m.iter_mut().enumerate() {
+                    *v = dropout_keep_scale(seed, (c * EW_CHUNK + i) as u64, p);
+                }
+            });
+        zip_map(x, mask, y, |a, b| a * b);
+        Ok(())
+    }
+
+    fn linear_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        y: &mut Storage,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let (x, w, y) = (host(x)?, host(w)?, host_mut(y)?);
+        let b = b.map(host).transpose()?;
+        y.par_chunks_mut(ROW_CHUNK * m)
+            .enumerate()
+            .for_each(|(c, yc)| {
+                let rows = yc.len() / m;
+                let xc = &x[c * ROW_CHUNK * k..(c * ROW_CHUNK + rows) * k];
+                sgemm(
+                    rows,
+                    m,
+                    k,
+                    xc,
+                    Mat::rows(k),
+                    w,
+                    Mat::transposed(k),
+                    yc,
+                    Mat::rows(m),
+                    false,
+                );
+                if let Some(b) = b {
+                    for row in yc.chunks_mut(m) {
+                        row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                    }
+                }
+            });
+        let _ = n;
+        Ok(())
+    }
+
+    fn linear_bwd_data(
+        &self,
+        dy: &Storage,
+        w: &Storage,
+        dx: &mut Storage,
+        _n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let (dy, w, dx) = (host(dy)?, host(w)?, host_mut(dx)?);
+        dx.par_chunks_mut(ROW_CHUNK * k)
+            .enumerate()
+            .for_each(|(c, dxc)| {
+                let rows = dxc.len() / k;
+                let dyc = &dy[c * ROW_CHUNK * m..(c * ROW_CHUNK + rows) * m];
+                sgemm(
+                    rows,
+                    k,
+                    m,
+                    dyc,
+                    Mat::rows(m),
+                    w,
+                    Mat::rows(k),
+                    dxc,
+                    Mat::rows(k),
+                    false,
+                );
+            });
+        Ok(())
+    }
+
+    fn linear_bwd_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let (x, dy, dw) = (host(x)?, host(dy)?, host_mut(dw)?);
+        // Split over output rows (never over the batch), so each row's sum has one fixed order.
+        dw.par_chunks_mut(ROW_CHUNK * k)
+            .enumerate()
+            .for_each(|(c, dwc)| {
+                let rows = dwc.len() / k;
+                let dyc = &dy[c * ROW_CHUNK..];
+                sgemm(
+                    rows,
+                    k,
+                    n,
+                    dyc,
+                    Mat::transposed(m),
+                    x,
+                    Mat::rows(k),
+                    dwc,
+                    Mat::rows(k),
+                    false,
+                );
+            });
+        if let Some(db) = db {
+            let db = host_mut(db)?;
+            db.par_iter_mut().enumerate().for_each(|(j, d)| {
+                *d = (0..n).map(|i| dy[i * m + j] as f64).sum::<f64>() as f32;
+            });
+        }
+        Ok(())
+    }
+
+    fn conv2d_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        y: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()> {
+        let b = b.map(host).transpose()?;
+        conv::forward(host(x)?, host(w)?, b, host_mut(y)?, g);
+        Ok(())
+    }
+
+    fn conv2d_bwd_data(
+        &self,
+        dy: &Storage,
+        w: &Storage,
+        dx: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()> {
+        conv::backward_data(host(dy)?, host(w)?, host_mut(dx)?, g);
+        Ok(())
+    }
+
+    fn conv2d_bwd_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        g: &ConvGeom,
+    ) -> Result<()> {
+        let db = match db {
+            Some(d) => Some(host_mut(d)?),
+            None => None,
+        };
+        conv::backward_weight(host(x)?, host(dy)?, host_mut(dw)?, db, g);
+        Ok(())
+    }
+
+    fn pool2d_fwd(&self, kind: PoolKind, x: &Storage, y: &mut Storage, g: &PoolGeom) -> Result<()> {
+        pool::forward(kind, host(x)?, host_mut(y)?, g);
+        Ok(())
+    }
+
+    fn pool2d_bwd(
+        &self,
+        kind: PoolKind,
+        x: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        g: &PoolGeom,
+    ) -> Result<()> {
+        pool::backward(kind, host(x)?, host(dy)?, host_mut(dx)?, g);
+        Ok(())
+    }
+
+    fn batchnorm_fwd_train(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        beta: &Storage,
+        y: &mut Storage,
+        save_mean: &mut Storage,
+        save_invstd: &mut Storage,
+        running_mean: &mut Storage,
+        running_var: &mut Storage,
+        momentum: f32,
+        eps: f32,
+        g: &NormGeom,
+    ) -> Result<()> {
+        let x = host(x)?;
+        let (gamma, beta) = (host(gamma)?, host(beta)?);
+        let stats = norm::stats(x, g);
+        let (sm, si) = (host_mut(save_mean)?, host_mut(save_invstd)?);
+        let (rm, rv) = (host_mut(running_mean)?, host_mut(running_var)?);
+        let count = g.count() as f64;
+        let mut scale = vec![0.0f32; g.c];
+        for (c, &(mean, var)) in stats.iter().enumerate() {
+            sm[c] = mean as f32;
+            si[c] = (1.0 / (var + eps as f64).sqrt()) as f32;
+            scale[c] = gamma[c] * si[c];
+            let unbiased = if count > 1.0 {
+                var * count / (count - 1.0)
+            } else {
+                var
+            };
+            rm[c] = (1.0 - momentum) * rm[c] + momentum * mean as f32;
+            rv[c] = (1.0 - momentum) * rv[c] + momentum * unbiased as f32;
+        }
+        norm::normalize(x, sm, &scale, beta, host_mut(y)?, g);
+        Ok(())
+    }
+
+    fn batchnorm_fwd_eval(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        beta: &Storage,
+        running_mean: &Storage,
+        running_var: &Storage,
+        y: &mut Storage,
+        eps: f32,
+        g: &NormGeom,
+    ) -> Result<()> {
+        let (gamma, rm, rv) = (host(gamma)?, host(running_mean)?, host(running_var)?);
+        let scale: Vec<f32> = (0..g.c).map(|c| gamma[c] / (rv[c] + eps).sqrt()).collect();
+        norm::normalize(host(x)?, rm, &scale, host(beta)?, host_mut(y)?, g);
+        Ok(())
+    }
+
+    fn batchnorm_bwd(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        save_mean: &Storage,
+        save_invstd: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        dgamma: &mut Storage,
+        dbeta: &mut Storage,
+        g: &NormGeom,
+    ) -> Result<()> {
+        norm::backward(
+            host(x)?,
+            host(gamma)?,
+            host(save_mean)?,
+            host(save_invstd)?,
+            host(dy)?,
+            host_mut(dx)?,
+            host_mut(dgamma)?,
+            host_mut(dbeta)?,
+            g,
+        );
+        Ok(())
+    }
+
+    fn log_softmax_fwd(
+        &self,
+        x: &Storage,
+        y: &mut Storage,
+        _rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (x, y) = (host(x)?, host_mut(y)?);
+        y.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .for_each(|(yr, xr)| {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max
+                    + xr.iter()
+                        .map(|&v| ((v - max) as f64).exp())
+                        .sum::<f64>()
+                        .ln() as f32;
+                yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - lse);
+            });
+        Ok(())
+    }
+
+    fn log_softmax_bwd(
+        &self,
+        y: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        _rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (y, dy, dx) = (host(y)?, host(dy)?, host_mut(dx)?);
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
+            let (yr, dyr) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+            let s: f32 = dyr.iter().sum();
+            for j in 0..cols {
+                dxr[j] = dyr[j] - yr[j].exp() * s;
+            }
+        });
+        Ok(())
+    }
+
+    fn nll_fwd(
+        &self,
+        logp: &Storage,
+        labels: &Storage,
+        loss: &mut Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (logp, labels) = (host(logp)?, host(labels)?);
+        let mut s = 0.0f64;
+        for (i, &l) in labels.iter().enumerate().take(rows) {
+            let l = l as usize;
+            if l >= cols {
+                bail!("nll: label {l} out of range for {cols} classes");
+            }
+            s += logp[i * cols + l] as f64;
+        }
+        host_mut(loss)?[0] = (-s / rows as f64) as f32;
+        Ok(())
+    }
+
+    fn nll_bwd(
+        &self,
+        labels: &Storage,
+        dloss: &Storage,
+        dlogp: &mut Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (labels, d, out) = (host(labels)?, host(dloss)?[0], host_mut(dlogp)?);
+        out.fill(0.0);
+        for (i, &l) in labels.iter().enumerate().take(rows) {
+            out[i * cols + l as usize] = -d / rows as f32;
+        }
+        Ok(())
+    }
+
+    fn sum(&self, x: &Storage, out: &mut Storage) -> Result<()> {
+        host_mut(out)?[0] = host(x)?.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        Ok(())
+    }
+
+    fn broadcast_scalar(&self, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()> {
+        let v = host(dy)?[0] * alpha;
+        host_mut(dx)?.fill(v);
+        Ok(())
+    }
+
+    fn argmax_rows(&self, x: &Storage, out: &mut Storage, _rows: usize, cols: usize) -> Result<()> {
+        let (x, out) = (host(x)?, host_mut(out)?);
+        for (o, r) in out.iter_mut().zip(x.chunks(cols)) {
+            let mut best = 0;
+            for j in 1..cols {
+                if r[j] > r[best] {
+                    best = j;
+                }
+            }
+            *o = best as f32;
+        }
+        Ok(())
+    }
+
+    fn adam_step(
+        &self,
+        p: &mut Storage,
+        grad: &Storage,
+        m: &mut Storage,
+        v: &mut Storage,
+        h: &AdamParams,
+    ) -> Result<()> {
+        let (p, g, m, v) = (host_mut(p)?, host(grad)?, host_mut(m)?, host_mut(v)?);
+        // The same arithmetic, in the same order, as torch.optim.Adam's single-tensor path.
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
+        let step_size = h.lr / bc1;
+        p.par_chunks_mut(EW_CHUNK)
+            .zip(m.par_chunks_mut(EW_CHUNK))
+            .zip(v.par_chunks_mut(EW_CHUNK))
+            .zip(g.par_chunks(EW_CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let gi = g[i] + h.weight_decay * p[i];
+                    m[i] += (gi - m[i]) * (1.0 - h.beta1);
+                    v[i] = v[i] * h.beta2 + (1.0 - h.beta2) * gi * gi;
+                    let denom = v[i].sqrt() / bc2_sqrt + h.eps;
+                    p[i] -= step_size * m[i] / denom;
+                }
+            });
+        Ok(())
+    }
+
+    fn sgd_step(
+        &self,
+        p: &mut Storage,
+        grad: &Storage,
+        velocity: &mut Storage,
+        h: &SgdParams,
+    ) -> Result<()> {
+        let (p, g, vel) = (host_mut(p)?, host(grad)?, host_mut(velocity)?);
+        p.par_chunks_mut(EW_CHUNK)
+            .zip(vel.par_chunks_mut(EW_CHUNK))
+            .zip(g.par_chunks(EW_CHUNK))
+            .for_each(|((p, vel), g)| {
+                for i in 0..p.len() {
+                    let gi = g[i] + h.weight_decay * p[i];
+                    vel[i] = h.momentum * vel[i] + gi;
+                    p[i] -= h.lr * vel[i];
+                }
+            });
+        Ok(())
+    }
+}

@@ -1,0 +1,507 @@
+//! The backend boundary: one trait, one method per op.
+//!
+//! Every op works on flat f32 storages plus the geometry it needs; tensors, shapes and autograd
+//! live above this line (`tensor.rs`, `ops/`). The CPU backend (`cpu/`) is the readable
+//! reference for every op and the fallback on machines without a GPU; the CUDA backend
+//! implements the same trait with hand-written kernels. Outputs are always written in full:
+//! an op never relies on the previous contents of its output buffer (gradient accumulation is an
+//! explicit op, `accumulate`).
+
+pub mod cpu;
+
+use anyhow::{bail, Result};
+use std::fmt;
+use std::sync::Arc;
+
+/// Where a tensor's data lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// What the user asked for on the command line: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRequest {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(DeviceRequest::Cuda).map_err(|_| {
+                    format!(
+                        "bad device '{s}': expected auto, cpu, cuda or cuda:N with N a GPU index"
+                    )
+                }),
+                None => Err(format!(
+                    "unknown device '{s}': expected auto, cpu, cuda or cuda:N"
+                )),
+            },
+        }
+    }
+}
+
+/// Raw device memory. The CPU variant is a plain vector; the CUDA backend adds its own variant.
+pub enum Storage {
+    Cpu(Vec<f32>),
+}
+
+impl Storage {
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+}
+
+/// Geometry of a 2-D convolution over NCHW input with OIHW weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    pub fn new(
+        n: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        if stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        if h + 2 * pad < kh || w + 2 * pad < kw {
+            bail!(
+                "conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
+                h + 2 * pad,
+                w + 2 * pad
+            );
+        }
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        Ok(ConvGeom {
+            n,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh,
+            ow,
+        })
+    }
+    pub fn in_len(&self) -> usize {
+        self.n * self.c_in * self.h * self.w
+    }
+    pub fn out_len(&self) -> usize {
+        self.n * self.c_out * self.oh * self.ow
+    }
+    pub fn weight_len(&self) -> usize {
+        self.c_out * self.c_in * self.kh * self.kw
+    }
+    /// Reduction length of the implicit GEMM: one output sums over this many products.
+    pub fn k(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * self.out_len() as f64 * self.k() as f64
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    Avg,
+}
+
+/// Geometry of 2-D pooling. Average pooling divides by the full window (padding counts as zeros,
+/// PyTorch's `count_include_pad=True`); max pooling ignores padded positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeom {
+    pub fn new(
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        if k == 0 || stride == 0 {
+            bail!("pool2d: kernel and stride must be at least 1");
+        }
+        if pad * 2 > k {
+            bail!("pool2d: padding {pad} must be at most half the kernel size {k}");
+        }
+        if h + 2 * pad < k || w + 2 * pad < k {
+            bail!(
+                "pool2d: window {k} is larger than the padded input {}x{}",
+                h + 2 * pad,
+                w + 2 * pad
+            );
+        }
+        let oh = (h + 2 * pad - k) / stride + 1;
+        let ow = (w + 2 * pad - k) / stride + 1;
+        Ok(PoolGeom {
+            n,
+            c,
+            h,
+            w,
+            k,
+            stride,
+            pad,
+            oh,
+            ow,
+        })
+    }
+    pub fn in_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn out_len(&self) -> usize {
+        self.n * self.c * self.oh * self.ow
+    }
+}
+
+/// Batch-norm layout: `n` samples, `c` channels, `hw` positions per channel (1 for BatchNorm1d).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormGeom {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+}
+
+impl NormGeom {
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.hw
+    }
+    /// Values per channel that the statistics are taken over.
+    pub fn count(&self) -> usize {
+        self.n * self.hw
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// L2 penalty added to the gradient, as torch.optim.Adam does (not decoupled AdamW).
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdParams {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+
+/// One method per op. Buffers are checked by the caller (`ops/`) to have the lengths the
+/// geometry implies; a backend may assume it, but must return an error rather than panic when a
+/// storage belongs to another device.
+pub trait Backend: Send + Sync {
+    fn device(&self) -> Device;
+    /// A human-readable description ("cpu (2 threads)", "cuda:0 NVIDIA H100 ...").
+    fn describe(&self) -> String;
+
+    // --- memory -------------------------------------------------------------------------
+    fn zeros(&self, len: usize) -> Result<Storage>;
+    fn upload(&self, host: &[f32]) -> Result<Storage>;
+    fn download(&self, s: &Storage) -> Result<Vec<f32>>;
+    /// Copy rows `idx[i]` of `src` (rows of `row_len`) into row i of `dst`: batch gathering
+    /// from a dataset that stays resident on the device.
+    fn gather_rows(
+        &self,
+        src: &Storage,
+        row_len: usize,
+        idx: &[u32],
+        dst: &mut Storage,
+    ) -> Result<()>;
+    /// Wait for queued work (a no-op on the CPU); used only at measurement boundaries.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    // --- elementwise --------------------------------------------------------------------
+    fn fill(&self, x: &mut Storage, value: f32) -> Result<()>;
+    fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()>;
+    fn mul(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()>;
+    fn scale(&self, x: &Storage, alpha: f32, out: &mut Storage) -> Result<()>;
+    /// acc += x
+    fn accumulate(&self, acc: &mut Storage, x: &Storage) -> Result<()>;
+    fn relu_fwd(&self, x: &Storage, y: &mut Storage) -> Result<()>;
+    /// dx = dy where y > 0 (y is the ReLU output).
+    fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()>;
+    fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()>;
+    fn elu_bwd(
+        &self,
+        x: &Storage,
+        y: &Storage,
+        dy: &Storage,
+        alpha: f32,
+        dx: &mut Storage,
+    ) -> Result<()>;
+    /// Inverted dropout: mask[i] = 0 with probability p else 1/(1-p), drawn from a counter-based
+    /// hash of (seed, i) so the mask does not depend on threads or device; y = x * mask.
+    fn dropout_fwd(
+        &self,
+        x: &Storage,
+        p: f32,
+        seed: u64,
+        y: &mut Storage,
+        mask: &mut Storage,
+    ) -> Result<()>;
+
+    // --- dense layers -------------------------------------------------------------------
+    /// y[n, m] = x[n, k] · w[m, k]ᵀ + b[m]
+    fn linear_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        y: &mut Storage,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()>;
+    /// dx[n, k] = dy[n, m] · w[m, k]
+    fn linear_bwd_data(
+        &self,
+        dy: &Storage,
+        w: &Storage,
+        dx: &mut Storage,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()>;
+    /// dw[m, k] = dy[n, m]ᵀ · x[n, k]; db[m] = Σ_n dy[n, m]
+    fn linear_bwd_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()>;
+    fn conv2d_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        y: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()>;
+    fn conv2d_bwd_data(
+        &self,
+        dy: &Storage,
+        w: &Storage,
+        dx: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()>;
+    fn conv2d_bwd_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        g: &ConvGeom,
+    ) -> Result<()>;
+
+    // --- pooling ------------------------------------------------------------------------
+    fn pool2d_fwd(&self, kind: PoolKind, x: &Storage, y: &mut Storage, g: &PoolGeom) -> Result<()>;
+    /// Max pooling routes each gradient to the first maximum of its window (recomputed from x,
+    /// so no index buffer is kept between forward and backward).
+    fn pool2d_bwd(
+        &self,
+        kind: PoolKind,
+        x: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        g: &PoolGeom,
+    ) -> Result<()>;
+
+    // --- normalization ------------------------------------------------------------------
+    /// Training-mode batch norm: batch statistics (two-pass, numerically sound), saves mean and
+    /// 1/sqrt(var+eps) for backward, and updates running stats with the unbiased variance as
+    /// PyTorch does: r = (1-momentum)·r + momentum·batch.
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_fwd_train(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        beta: &Storage,
+        y: &mut Storage,
+        save_mean: &mut Storage,
+        save_invstd: &mut Storage,
+        running_mean: &mut Storage,
+        running_var: &mut Storage,
+        momentum: f32,
+        eps: f32,
+        g: &NormGeom,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_fwd_eval(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        beta: &Storage,
+        running_mean: &Storage,
+        running_var: &Storage,
+        y: &mut Storage,
+        eps: f32,
+        g: &NormGeom,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_bwd(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        save_mean: &Storage,
+        save_invstd: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        dgamma: &mut Storage,
+        dbeta: &mut Storage,
+        g: &NormGeom,
+    ) -> Result<()>;
+
+    // --- loss and reductions ------------------------------------------------------------
+    fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, rows: usize, cols: usize)
+        -> Result<()>;
+    /// dx = dy - exp(y) · Σ_j dy (y is the log-softmax output).
+    fn log_softmax_bwd(
+        &self,
+        y: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// loss[0] = -mean_i logp[i, label_i]; labels are class indices stored as f32.
+    fn nll_fwd(
+        &self,
+        logp: &Storage,
+        labels: &Storage,
+        loss: &mut Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// dlogp[i, j] = -dloss / rows at j = label_i, else 0.
+    fn nll_bwd(
+        &self,
+        labels: &Storage,
+        dloss: &Storage,
+        dlogp: &mut Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// out[0] = Σ x (deterministic order).
+    fn sum(&self, x: &Storage, out: &mut Storage) -> Result<()>;
+    /// dx[i] = alpha · dy[0] for every i: the backward of a (scaled) sum.
+    fn broadcast_scalar(&self, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()>;
+    /// For each row, the index of the largest value (first on ties), as f32.
+    fn argmax_rows(&self, x: &Storage, out: &mut Storage, rows: usize, cols: usize) -> Result<()>;
+
+    // --- optimizers ---------------------------------------------------------------------
+    fn adam_step(
+        &self,
+        p: &mut Storage,
+        grad: &Storage,
+        m: &mut Storage,
+        v: &mut Storage,
+        h: &AdamParams,
+    ) -> Result<()>;
+    fn sgd_step(
+        &self,
+        p: &mut Storage,
+        grad: &Storage,
+        velocity: &mut Storage,
+        h: &SgdParams,
+    ) -> Result<()>;
+}
+
+pub type BackendRef = Arc<dyn Backend>;
+
+/// Turn a device request into a backend, saying what was chosen and why.
+pub fn select(req: DeviceRequest) -> Result<(BackendRef, String)> {
+    match req {
+        DeviceRequest::Cpu => {
+            let b = cpu::CpuBackend::shared();
+            let d = b.describe();
+            Ok((b, format!("device: {d}")))
+        }
+        DeviceRequest::Auto => {
+            let b = cpu::CpuBackend::shared();
+            let d = b.describe();
+            Ok((b, format!("device: {d} (auto: {})", cuda_absent_reason())))
+        }
+        DeviceRequest::Cuda(i) => bail!(
+            "device cuda:{i} requested, but {}. Use --device cpu (or auto) to run on the CPU.",
+            cuda_absent_reason()
+        ),
+    }
+}
+
+/// Why no GPU backend is in use.
+pub fn cuda_absent_reason() -> String {
+    "this build of rotvar has no CUDA backend yet, so no GPU is used".to_string()
+}

@@ -1,0 +1,352 @@
+//! The `rotvar` command line: argument parsing and one function per command.
+
+use crate::backend::{self, BackendRef, DeviceRequest};
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::data::{self, Split};
+use crate::fsio::write_json;
+use crate::models::{InputSpec, Model, MODELS};
+use crate::optim::{OptimConfig, OptimizerKind};
+use crate::train::{self, DeviceDataset, EpochMetrics, TrainConfig};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "rotvar",
+    version,
+    about = "How invariant to rotation is a CNN, and where inside it?"
+)]
+struct Cli {
+    /// CPU threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model and write a checkpoint and metrics.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on a test set.
+    Eval(EvalArgs),
+    /// Show the build, its features and the devices found.
+    Info,
+    /// Download a dataset into the data directory and verify it.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// Dataset: mnist, mnist-sample (bundled, offline) or cifar10.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Data directory (default: $ROTVAR_DATA, else ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Model architecture.
+    #[arg(long, default_value = "simpleconv")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
+    optimizer: OptimizerKind,
+    /// L2 weight decay, applied only to parameters that are not 1-D (not biases or norms).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Output directory for model.safetensors and metrics.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset (default: the one the checkpoint was trained on).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// Dataset to download (mnist).
+    dataset: String,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("cannot configure the CPU thread pool")?;
+    }
+    match cli.command {
+        Command::Train(a) => cmd_train(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Info => cmd_info(),
+        Command::Fetch(a) => cmd_fetch(a),
+    }
+}
+
+fn open_backend(req: DeviceRequest) -> Result<BackendRef> {
+    let (b, line) = backend::select(req)?;
+    eprintln!("{line}");
+    Ok(b)
+}
+
+fn load_split(
+    name: &str,
+    dir: Option<&Path>,
+    split: Split,
+    limit: Option<usize>,
+) -> Result<data::Dataset> {
+    let ds = data::load(name, split, &data::resolve_data_dir(dir))?;
+    Ok(match limit {
+        Some(n) => ds.take(n),
+        None => ds,
+    })
+}
+
+#[derive(Serialize)]
+struct TrainRecord<'a> {
+    config: &'a TrainConfig,
+    device: String,
+    rotvar_version: &'a str,
+    train_images: usize,
+    test_images: usize,
+    parameters: usize,
+    epochs: &'a [EpochMetrics],
+    total_seconds: f64,
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    if !MODELS.contains(&a.model.to_ascii_lowercase().as_str()) {
+        bail!(
+            "unknown model '{}': choose one of {}",
+            a.model,
+            MODELS.join(", ")
+        );
+    }
+    let train_set = load_split(
+        &a.data.dataset,
+        a.data.data_dir.as_deref(),
+        Split::Train,
+        a.limit,
+    )?;
+    let test_set = load_split(
+        &a.data.dataset,
+        a.data.data_dir.as_deref(),
+        Split::Test,
+        a.test_limit,
+    )?;
+    let b = open_backend(a.device)?;
+    let norm = train_set.channel_stats();
+    let input = InputSpec {
+        channels: train_set.channels,
+        height: train_set.height,
+        width: train_set.width,
+        classes: train_set.num_classes(),
+    };
+    let model = Model::build(&a.model, input, &b, a.seed)?;
+    let mut optim = OptimConfig::new(a.optimizer, a.lr, a.weight_decay);
+    optim.momentum = a.momentum;
+    let cfg = TrainConfig {
+        model: model.arch.clone(),
+        dataset: train_set.name.clone(),
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        optim,
+        seed: a.seed,
+        augment: "none".into(),
+    };
+    let out = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", cfg.model, cfg.dataset)));
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    eprintln!(
+        "training {} ({} parameters) on {} ({} train / {} test images), {} epochs, batch {}, {:?} lr {}",
+        cfg.model,
+        model.num_parameters(),
+        cfg.dataset,
+        train_set.len(),
+        test_set.len(),
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.optim.kind,
+        cfg.optim.lr
+    );
+    let train_data = DeviceDataset::upload(&train_set, &norm, &b)?;
+    let test_data = DeviceDataset::upload(&test_set, &norm, &b)?;
+    let mut meta = CheckpointMeta {
+        arch: model.arch.clone(),
+        input,
+        dataset: cfg.dataset.clone(),
+        class_names: train_set.class_names.clone(),
+        normalization: norm.clone(),
+        augment: cfg.augment.clone(),
+        rotvar_version: env!("CARGO_PKG_VERSION").into(),
+        epochs_trained: 0,
+    };
+    let ckpt_path = out.join("model.safetensors");
+    let metrics_path = out.join("metrics.json");
+    let start = Instant::now();
+    let mut done: Vec<EpochMetrics> = Vec::new();
+    let device = b.describe();
+    train::fit(&model, &train_data, Some(&test_data), &cfg, a.quiet, |m| {
+        meta.epochs_trained = m.epoch;
+        checkpoint::save(&ckpt_path, &model, &meta)?;
+        done.push(m.clone());
+        let record = TrainRecord {
+            config: &cfg,
+            device: device.clone(),
+            rotvar_version: env!("CARGO_PKG_VERSION"),
+            train_images: train_set.len(),
+            test_images: test_set.len(),
+            parameters: model.num_parameters(),
+            epochs: &done,
+            total_seconds: start.elapsed().as_secs_f64(),
+        };
+        write_json(&metrics_path, &record)
+    })?;
+    eprintln!(
+        "wrote {} and {}",
+        ckpt_path.display(),
+        metrics_path.display()
+    );
+    if let Some(last) = done.last() {
+        println!(
+            "{} on {}: test accuracy {:.2}% after {} epochs ({:.0} img/s training)",
+            cfg.model,
+            cfg.dataset,
+            100.0 * last.test_accuracy.unwrap_or(f64::NAN),
+            last.epoch,
+            last.images_per_second
+        );
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let b = open_backend(a.device)?;
+    let (model, meta) = checkpoint::load(&a.checkpoint, &b)?;
+    let name = a.dataset.clone().unwrap_or_else(|| meta.dataset.clone());
+    let test_set = load_split(&name, a.data_dir.as_deref(), Split::Test, a.limit)?;
+    let spec = [test_set.channels, test_set.height, test_set.width];
+    if spec != [meta.input.channels, meta.input.height, meta.input.width] {
+        bail!(
+            "{} expects {}x{}x{} images but {name} has {}x{}x{}",
+            a.checkpoint.display(),
+            meta.input.channels,
+            meta.input.height,
+            meta.input.width,
+            spec[0],
+            spec[1],
+            spec[2]
+        );
+    }
+    let data = DeviceDataset::upload(&test_set, &meta.normalization, &b)?;
+    let start = Instant::now();
+    let e = train::evaluate(&model, &data, a.batch_size)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{} on {name} test ({} images): loss {:.4}, accuracy {:.2}% ({:.1}s)",
+        meta.arch,
+        e.total,
+        e.loss,
+        100.0 * e.accuracy,
+        secs
+    );
+    println!("{:>12} {:>9} {:>7}", "class", "accuracy", "images");
+    for (i, (c, t)) in e.per_class.iter().enumerate() {
+        let label = meta
+            .class_names
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| i.to_string());
+        println!(
+            "{label:>12} {:>8.2}% {t:>7}",
+            100.0 * *c as f64 / (*t).max(1) as f64
+        );
+    }
+    if let Some(path) = &a.json {
+        write_json(path, &e)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn cmd_info() -> Result<()> {
+    println!("rotvar {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "cpu backend: {} (rayon threads)",
+        rayon::current_num_threads()
+    );
+    println!("cuda: {}", backend::cuda_absent_reason());
+    println!("models: {}", MODELS.join(", "));
+    println!("datasets: {}", data::DATASETS.join(", "));
+    println!("data directory: {}", data::resolve_data_dir(None).display());
+    Ok(())
+}
+
+fn cmd_fetch(a: FetchArgs) -> Result<()> {
+    let dir = data::resolve_data_dir(a.data_dir.as_deref());
+    match a.dataset.as_str() {
+        "mnist" => {
+            data::fetch::fetch_mnist(&dir)?;
+            println!("MNIST is in {} and its checksums match", dir.join("mnist").display());
+            Ok(())
+        }
+        "cifar10" => bail!(
+            "rotvar cannot download CIFAR-10; get cifar-10-binary.tar.gz from its authors and extract it so that {} holds data_batch_1.bin ... test_batch.bin",
+            dir.join("cifar-10-batches-bin").display()
+        ),
+        other => bail!("unknown dataset '{other}': rotvar can fetch mnist"),
+    }
+}

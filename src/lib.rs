@@ -1,0 +1,20 @@
+//! rotvar: how invariant to rotation is a CNN, and where inside it?
+//!
+//! Read top to bottom: `tensor` and `autograd` (the engine), `backend` (one trait, CPU and CUDA
+//! implementations), `ops` (differentiable ops over the backend), `nn` and `models` (layers and
+//! the networks of SCIENCE.md), `optim`, `data`, `train`, and `cli`.
+
+pub mod autograd;
+pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod fsio;
+pub mod models;
+pub mod nn;
+pub mod ops;
+pub mod optim;
+pub mod progress;
+pub mod rng;
+pub mod tensor;
+pub mod train;

@@ -1,0 +1,92 @@
+//! The networks of SCIENCE.md §2, each a `Sequential` with PyTorch-style names.
+//!
+//! Every model ends in log-softmax, so `forward` returns log-probabilities and the loss is the
+//! negative log-likelihood (softmax cross-entropy), as in the reference code.
+
+mod lenet;
+mod simpleconv;
+
+use crate::backend::BackendRef;
+use crate::nn::{Forward, Param, Sequential};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+pub const MODELS: &[&str] = &["lenet", "simpleconv"];
+
+/// The input a model is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub classes: usize,
+}
+
+impl InputSpec {
+    /// MNIST-sized models are the narrower variants in SCIENCE.md's table.
+    pub fn is_grayscale(&self) -> bool {
+        self.channels == 1
+    }
+}
+
+pub struct Model {
+    pub arch: String,
+    pub input: InputSpec,
+    pub net: Sequential,
+}
+
+impl Model {
+    /// Build `arch` with freshly initialized weights drawn from `seed`.
+    pub fn build(arch: &str, input: InputSpec, backend: &BackendRef, seed: u64) -> Result<Model> {
+        let mut rng = Rng::derive(seed, "init");
+        let arch = arch.to_ascii_lowercase();
+        let net = match arch.as_str() {
+            "lenet" => lenet::build(backend, &mut rng, &input)?,
+            "simpleconv" => simpleconv::build(backend, &mut rng, &input)?,
+            other => bail!(
+                "unknown model '{other}': choose one of {}",
+                MODELS.join(", ")
+            ),
+        };
+        Ok(Model { arch, input, net })
+    }
+
+    /// Log-probabilities [N, classes] for a batch [N, C, H, W].
+    pub fn forward(&self, x: &Tensor, f: &mut Forward) -> Result<Tensor> {
+        let s = x.shape();
+        let i = &self.input;
+        if s.len() != 4 || s[1] != i.channels || s[2] != i.height || s[3] != i.width {
+            bail!(
+                "{}: expected input [N, {}, {}, {}], got {s:?}",
+                self.arch,
+                i.channels,
+                i.height,
+                i.width
+            );
+        }
+        self.net.forward(x, f)
+    }
+
+    pub fn parameters(&self) -> Vec<Param> {
+        self.net.parameters()
+    }
+
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.net.state()
+    }
+
+    pub fn intermediate_names(&self) -> Vec<String> {
+        self.net.intermediate_names()
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.parameters().iter().map(|p| p.tensor.numel()).sum()
+    }
+}
+
+/// Spatial size after a stride-2, kernel-2 max-pool (floor, as PyTorch).
+fn halved(x: usize) -> usize {
+    x / 2
+}

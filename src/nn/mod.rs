@@ -1,0 +1,277 @@
+//! Layers with parameters, and `Sequential`, the container every rotvar model is built from.
+//!
+//! A forward pass reports each named intermediate output, in order, to an optional observer:
+//! that is how the variance measure and the feature-map views see inside a model without the
+//! model keeping anything.
+
+pub mod init;
+
+use crate::backend::BackendRef;
+use crate::ops::{self, BatchNormState};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use anyhow::Result;
+
+/// Options of one forward pass.
+pub struct Forward<'a> {
+    /// Training mode: batch-norm batch statistics, active dropout.
+    pub train: bool,
+    /// Seeds dropout masks; change it every step.
+    pub seed: u64,
+    /// Sees every named intermediate output, in order.
+    pub observer: Option<&'a mut dyn FnMut(&str, &Tensor) -> Result<()>>,
+}
+
+impl<'a> Forward<'a> {
+    pub fn train(seed: u64) -> Self {
+        Forward {
+            train: true,
+            seed,
+            observer: None,
+        }
+    }
+    pub fn eval() -> Self {
+        Forward {
+            train: false,
+            seed: 0,
+            observer: None,
+        }
+    }
+    pub fn observe(observer: &'a mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Self {
+        Forward {
+            train: false,
+            seed: 0,
+            observer: Some(observer),
+        }
+    }
+    fn emit(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        match self.observer.as_mut() {
+            Some(f) => f(name, t),
+            None => Ok(()),
+        }
+    }
+}
+
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Conv2d {
+    /// PyTorch's default initialization (Kaiming-uniform with a = √5, i.e. U(±1/√fan_in) for
+    /// weight and bias), so training behaves like the published runs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &BackendRef,
+        rng: &mut Rng,
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let fan_in = c_in * k * k;
+        let weight = init::kaiming_uniform(b, rng, &[c_out, c_in, k, k], fan_in)?;
+        let bias = if bias {
+            Some(init::kaiming_uniform(b, rng, &[c_out], fan_in)?)
+        } else {
+            None
+        };
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            pad,
+        })
+    }
+}
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(b: &BackendRef, rng: &mut Rng, d_in: usize, d_out: usize) -> Result<Self> {
+        let weight = init::kaiming_uniform(b, rng, &[d_out, d_in], d_in)?;
+        let bias = Some(init::kaiming_uniform(b, rng, &[d_out], d_in)?);
+        Ok(Linear { weight, bias })
+    }
+}
+
+pub struct BatchNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub momentum: f32,
+    pub eps: f32,
+}
+
+impl BatchNorm {
+    pub fn new(b: &BackendRef, c: usize) -> Result<Self> {
+        Ok(BatchNorm {
+            weight: Tensor::parameter(b, &[c], &vec![1.0; c])?,
+            bias: Tensor::parameter(b, &[c], &vec![0.0; c])?,
+            running_mean: Tensor::full(b, &[c], 0.0)?,
+            running_var: Tensor::full(b, &[c], 1.0)?,
+            momentum: 0.1,
+            eps: 1e-5,
+        })
+    }
+}
+
+pub enum Layer {
+    Conv2d(Conv2d),
+    Linear(Linear),
+    BatchNorm(BatchNorm),
+    Relu,
+    Elu(f32),
+    MaxPool { k: usize, stride: usize, pad: usize },
+    AvgPool { k: usize, stride: usize, pad: usize },
+    GlobalAvgPool,
+    Flatten,
+    Dropout(f32),
+    LogSoftmax,
+}
+
+impl Layer {
+    pub fn forward(&self, x: &Tensor, f: &Forward, index: usize) -> Result<Tensor> {
+        match self {
+            Layer::Conv2d(c) => ops::conv2d(x, &c.weight, c.bias.as_ref(), c.stride, c.pad),
+            Layer::Linear(l) => ops::linear(x, &l.weight, l.bias.as_ref()),
+            Layer::BatchNorm(bn) => {
+                let s = BatchNormState {
+                    gamma: &bn.weight,
+                    beta: &bn.bias,
+                    running_mean: &bn.running_mean,
+                    running_var: &bn.running_var,
+                    momentum: bn.momentum,
+                    eps: bn.eps,
+                };
+                ops::batch_norm(x, &s, f.train)
+            }
+            Layer::Relu => ops::relu(x),
+            Layer::Elu(a) => ops::elu(x, *a),
+            Layer::MaxPool { k, stride, pad } => ops::max_pool2d(x, *k, *stride, *pad),
+            Layer::AvgPool { k, stride, pad } => ops::avg_pool2d(x, *k, *stride, *pad),
+            Layer::GlobalAvgPool => ops::global_avg_pool(x),
+            Layer::Flatten => ops::flatten(x),
+            Layer::Dropout(p) => ops::dropout(
+                x,
+                *p,
+                f.train,
+                crate::rng::splitmix64(f.seed ^ index as u64),
+            ),
+            Layer::LogSoftmax => ops::log_softmax(x),
+        }
+    }
+
+    /// Trainable tensors with their state-dict suffixes.
+    pub fn parameters(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Layer::Conv2d(Conv2d { weight, bias, .. }) | Layer::Linear(Linear { weight, bias }) => {
+                let mut v = vec![("weight", weight)];
+                v.extend(bias.as_ref().map(|b| ("bias", b)));
+                v
+            }
+            Layer::BatchNorm(bn) => vec![("weight", &bn.weight), ("bias", &bn.bias)],
+            _ => vec![],
+        }
+    }
+
+    /// Non-trainable state saved with the model (batch-norm running statistics).
+    pub fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Layer::BatchNorm(bn) => vec![
+                ("running_mean", &bn.running_mean),
+                ("running_var", &bn.running_var),
+            ],
+            _ => vec![],
+        }
+    }
+
+    /// Whether the output is worth reporting as an intermediate (a reshape or an inactive
+    /// dropout repeats its input's values).
+    fn observable(&self) -> bool {
+        !matches!(self, Layer::Flatten | Layer::Dropout(_))
+    }
+}
+
+/// A named parameter and whether weight decay applies to it (only tensors that are not 1-D,
+/// as the reference protocol does: biases and norm parameters are never decayed).
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub decay: bool,
+}
+
+/// Layers applied in order, each with the name its intermediate output is reported under.
+pub struct Sequential {
+    pub layers: Vec<(String, Layer)>,
+}
+
+impl Sequential {
+    pub fn new() -> Self {
+        Sequential { layers: Vec::new() }
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, layer: Layer) -> &mut Self {
+        self.layers.push((name.into(), layer));
+        self
+    }
+
+    pub fn forward(&self, x: &Tensor, f: &mut Forward) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, (name, layer)) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, f, i)?;
+            if layer.observable() {
+                f.emit(name, &h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    pub fn parameters(&self) -> Vec<Param> {
+        let mut out = Vec::new();
+        for (name, layer) in &self.layers {
+            for (suffix, t) in layer.parameters() {
+                out.push(Param {
+                    name: format!("{name}.{suffix}"),
+                    tensor: t.clone(),
+                    decay: t.rank() > 1,
+                });
+            }
+        }
+        out
+    }
+
+    /// Parameters and buffers under PyTorch-style state-dict names (`conv1.weight`, ...).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, layer) in &self.layers {
+            for (suffix, t) in layer.parameters().into_iter().chain(layer.buffers()) {
+                out.push((format!("{name}.{suffix}"), t.clone()));
+            }
+        }
+        out
+    }
+
+    /// Names of the intermediates a forward pass reports, in order.
+    pub fn intermediate_names(&self) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter(|(_, l)| l.observable())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+impl Default for Sequential {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,133 @@
+use super::{expect_rank, grad, output, same_device};
+use crate::autograd::push;
+use crate::backend::ConvGeom;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+
+/// y[n, m] = x[n, k] · w[m, k]ᵀ + b[m]  (PyTorch's nn.Linear layout).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    expect_rank("linear", "input", x, 2)?;
+    expect_rank("linear", "weight", w, 2)?;
+    let (n, k, m) = (x.dim(0), x.dim(1), w.dim(0));
+    if w.dim(1) != k {
+        bail!(
+            "linear: input has {k} features but the weight expects {} (weight shape {:?})",
+            w.dim(1),
+            w.shape()
+        );
+    }
+    if let Some(b) = b {
+        if b.shape() != [m] {
+            bail!("linear: bias shape {:?}, expected [{m}]", b.shape());
+        }
+    }
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    same_device("linear", &inputs)?;
+    let be = x.backend().clone();
+    let mut ys = be.zeros(n * m)?;
+    be.linear_fwd(
+        &x.storage(),
+        &w.storage(),
+        b.map(|b| b.storage()).as_deref(),
+        &mut ys,
+        n,
+        k,
+        m,
+    )?;
+    let y = output(&inputs, &[n, m], ys)?;
+    if y.is_tracked() {
+        let (x, w, b, y_id) = (x.clone(), w.clone(), b.cloned(), y.id());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take_id(y_id) else {
+                return Ok(());
+            };
+            if x.is_tracked() {
+                let mut dx = be.zeros(n * k)?;
+                be.linear_bwd_data(&dy.storage(), &w.storage(), &mut dx, n, k, m)?;
+                grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
+            }
+            let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
+            if w.is_tracked() || want_b {
+                let mut dw = be.zeros(m * k)?;
+                let mut db = if want_b { Some(be.zeros(m)?) } else { None };
+                be.linear_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db.as_mut(), n, k, m)?;
+                grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
+                if let (Some(b), Some(db)) = (&b, db) {
+                    grads.accumulate(b, grad(&be, &[m], db)?)?;
+                }
+            }
+            Ok(())
+        }));
+    }
+    Ok(y)
+}
+
+/// 2-D convolution, NCHW input, OIHW weight, square stride and zero padding.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    expect_rank("conv2d", "input", x, 4)?;
+    expect_rank("conv2d", "weight", w, 4)?;
+    let (n, c, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    if w.dim(1) != c {
+        bail!(
+            "conv2d: input has {c} channels but the weight expects {} (weight shape {:?})",
+            w.dim(1),
+            w.shape()
+        );
+    }
+    let g = ConvGeom::new(n, c, h, wd, w.dim(0), (w.dim(2), w.dim(3)), stride, pad)?;
+    if let Some(b) = b {
+        if b.shape() != [g.c_out] {
+            bail!("conv2d: bias shape {:?}, expected [{}]", b.shape(), g.c_out);
+        }
+    }
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    same_device("conv2d", &inputs)?;
+    let be = x.backend().clone();
+    let mut ys = be.zeros(g.out_len())?;
+    be.conv2d_fwd(
+        &x.storage(),
+        &w.storage(),
+        b.map(|b| b.storage()).as_deref(),
+        &mut ys,
+        &g,
+    )?;
+    let y = output(&inputs, &[n, g.c_out, g.oh, g.ow], ys)?;
+    if y.is_tracked() {
+        let (x, w, b, y_id) = (x.clone(), w.clone(), b.cloned(), y.id());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take_id(y_id) else {
+                return Ok(());
+            };
+            // The first layer's input is data: skipping its gradient saves a whole GEMM.
+            if x.is_tracked() {
+                let mut dx = be.zeros(g.in_len())?;
+                be.conv2d_bwd_data(&dy.storage(), &w.storage(), &mut dx, &g)?;
+                grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
+            }
+            let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
+            if w.is_tracked() || want_b {
+                let mut dw = be.zeros(g.weight_len())?;
+                let mut db = if want_b {
+                    Some(be.zeros(g.c_out)?)
+                } else {
+                    None
+                };
+                be.conv2d_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db.as_mut(), &g)?;
+                grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
+                if let (Some(b), Some(db)) = (&b, db) {
+                    grads.accumulate(b, grad(&be, &[g.c_out], db)?)?;
+                }
+            }
+            Ok(())
+        }));
+    }
+    Ok(y)
+}

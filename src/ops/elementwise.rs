@@ -1,0 +1,119 @@
+use super::{grad, output, same_device};
+use crate::autograd::push;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+
+/// a + b (same shapes): residual connections.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    same_device("add", &[a, b])?;
+    if a.shape() != b.shape() {
+        bail!("add: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
+    }
+    let be = a.backend().clone();
+    let mut ys = be.zeros(a.numel())?;
+    be.add(&a.storage(), &b.storage(), &mut ys)?;
+    let y = output(&[a, b], a.shape(), ys)?;
+    if y.is_tracked() {
+        let (a, b, y_id) = (a.clone(), b.clone(), y.id());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take_id(y_id) else {
+                return Ok(());
+            };
+            // Each input gets its own copy: gradients are accumulated in place later.
+            if a.is_tracked() {
+                let mut da = be.zeros(dy.numel())?;
+                be.scale(&dy.storage(), 1.0, &mut da)?;
+                grads.accumulate(&a, grad(&be, a.shape(), da)?)?;
+            }
+            if b.is_tracked() {
+                grads.accumulate(&b, dy)?;
+            }
+            Ok(())
+        }));
+    }
+    Ok(y)
+}
+
+/// alpha · x
+pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
+    let be = x.backend().clone();
+    let mut ys = be.zeros(x.numel())?;
+    be.scale(&x.storage(), alpha, &mut ys)?;
+    let y = output(&[x], x.shape(), ys)?;
+    if y.is_tracked() {
+        let (x, y_id) = (x.clone(), y.id());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take_id(y_id) else {
+                return Ok(());
+            };
+            let mut dx = be.zeros(x.numel())?;
+            be.scale(&dy.storage(), alpha, &mut dx)?;
+            grads.accumulate(&x, grad(&be, x.shape(), dx)?)
+        }));
+    }
+    Ok(y)
+}
+
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    let be = x.backend().clone();
+    let mut ys = be.zeros(x.numel())?;
+    be.relu_fwd(&x.storage(), &mut ys)?;
+    let y = output(&[x], x.shape(), ys)?;
+    if y.is_tracked() {
+        let (x, yk) = (x.clone(), y.clone());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take(&yk) else {
+                return Ok(());
+            };
+            let mut dx = be.zeros(x.numel())?;
+            be.relu_bwd(&yk.storage(), &dy.storage(), &mut dx)?;
+            grads.accumulate(&x, grad(&be, x.shape(), dx)?)
+        }));
+    }
+    Ok(y)
+}
+
+pub fn elu(x: &Tensor, alpha: f32) -> Result<Tensor> {
+    let be = x.backend().clone();
+    let mut ys = be.zeros(x.numel())?;
+    be.elu_fwd(&x.storage(), alpha, &mut ys)?;
+    let y = output(&[x], x.shape(), ys)?;
+    if y.is_tracked() {
+        let (x, yk) = (x.clone(), y.clone());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take(&yk) else {
+                return Ok(());
+            };
+            let mut dx = be.zeros(x.numel())?;
+            be.elu_bwd(&x.storage(), &yk.storage(), &dy.storage(), alpha, &mut dx)?;
+            grads.accumulate(&x, grad(&be, x.shape(), dx)?)
+        }));
+    }
+    Ok(y)
+}
+
+/// Inverted dropout in training (`train` false: identity). `seed` must differ per step.
+pub fn dropout(x: &Tensor, p: f32, train: bool, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout: probability must be in [0, 1), got {p}");
+    }
+    if !train || p == 0.0 {
+        return Ok(x.clone());
+    }
+    let be = x.backend().clone();
+    let (mut ys, mut mask) = (be.zeros(x.numel())?, be.zeros(x.numel())?);
+    be.dropout_fwd(&x.storage(), p, seed, &mut ys, &mut mask)?;
+    let y = output(&[x], x.shape(), ys)?;
+    if y.is_tracked() {
+        let (x, y_id) = (x.clone(), y.id());
+        push(Box::new(move |grads| {
+            let Some(dy) = grads.take_id(y_id) else {
+                return Ok(());
+            };
+            let mut dx = be.zeros(x.numel())?;
+            be.mul(&dy.storage(), &mask, &mut dx)?;
+            grads.accumulate(&x, grad(&be, x.shape(), dx)?)
+        }));
+    }
+    Ok(y)
+}
