@@ -43,11 +43,7 @@ impl Gradients {
             return Ok(());
         }
         if g.shape() != t.shape() {
-            bail!(
-                "gradient of shape {:?} for a tensor of shape {:?}",
-                g.shape(),
-                t.shape()
-            );
+            bail!("gradient of shape {:?} for a tensor of shape {:?}", g.shape(), t.shape());
         }
         match self.map.get(&t.id()) {
             Some(acc) => {
@@ -84,9 +80,7 @@ impl Tape {
             *t = Some(Vec::new());
             Ok(())
         })?;
-        Ok(Tape {
-            _thread_bound: PhantomData,
-        })
+        Ok(Tape { _thread_bound: PhantomData })
     }
 
     /// Run the recorded closures in reverse from d(loss)/d(loss) = 1 and stop recording.
@@ -99,9 +93,7 @@ impl Tape {
         if !loss.is_tracked() {
             return Ok(grads);
         }
-        grads
-            .map
-            .insert(loss.id(), Tensor::full(loss.backend(), loss.shape(), 1.0)?);
+        grads.map.insert(loss.id(), Tensor::full(loss.backend(), loss.shape(), 1.0)?);
         for f in entries.into_iter().rev() {
             f(&mut grads)?;
         }

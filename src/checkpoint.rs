@@ -34,17 +34,9 @@ pub fn save(path: &Path, model: &Model, meta: &CheckpointMeta) -> Result<()> {
     for (name, t) in &state {
         let v = t.to_vec()?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "refusing to save {}: {name}[{i}] is {} (training diverged?)",
-                path.display(),
-                v[i]
-            );
+            bail!("refusing to save {}: {name}[{i}] is {} (training diverged?)", path.display(), v[i]);
         }
-        bytes.push((
-            name.clone(),
-            bytemuck::cast_slice(&v).to_vec(),
-            t.shape().to_vec(),
-        ));
+        bytes.push((name.clone(), bytemuck::cast_slice(&v).to_vec(), t.shape().to_vec()));
     }
     let views: Vec<(String, TensorView)> = bytes
         .iter()
@@ -58,35 +50,22 @@ pub fn save(path: &Path, model: &Model, meta: &CheckpointMeta) -> Result<()> {
 
 /// Rebuild the model a checkpoint was saved from and load its tensors onto `backend`.
 pub fn load(path: &Path, backend: &BackendRef) -> Result<(Model, CheckpointMeta)> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let bad = |what: String| {
-        anyhow::anyhow!(
-            "{} is not a usable rotvar checkpoint: {what}",
-            path.display()
-        )
-    };
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let bad = |what: String| anyhow::anyhow!("{} is not a usable rotvar checkpoint: {what}", path.display());
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("{e}")))?;
     let meta_json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
         .ok_or_else(|| bad("no rotvar metadata in its header".into()))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(meta_json).map_err(|e| bad(format!("bad metadata: {e}")))?;
+    let meta: CheckpointMeta = serde_json::from_str(meta_json).map_err(|e| bad(format!("bad metadata: {e}")))?;
     let tensors = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{e}")))?;
-    let model =
-        Model::build(&meta.arch, meta.input, backend, 0).map_err(|e| bad(format!("{e}")))?;
+    let model = Model::build(&meta.arch, meta.input, backend, 0).map_err(|e| bad(format!("{e}")))?;
     let state = model.state();
     for (name, t) in &state {
-        let view = tensors
-            .tensor(name)
-            .map_err(|_| bad(format!("tensor '{name}' is missing")))?;
+        let view = tensors.tensor(name).map_err(|_| bad(format!("tensor '{name}' is missing")))?;
         if view.dtype() != Dtype::F32 {
-            bail!(bad(format!(
-                "tensor '{name}' has dtype {:?}, expected F32",
-                view.dtype()
-            )));
+            bail!(bad(format!("tensor '{name}' has dtype {:?}, expected F32", view.dtype())));
         }
         if view.shape() != t.shape() {
             bail!(bad(format!(
@@ -97,19 +76,13 @@ pub fn load(path: &Path, backend: &BackendRef) -> Result<(Model, CheckpointMeta)
             )));
         }
         // The byte buffer is not necessarily 4-aligned: copy out element by element.
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         t.copy_from_host(&data)?;
     }
     let expected: std::collections::HashSet<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
     if let Some(extra) = tensors.names().into_iter().find(|n| !expected.contains(n)) {
-        bail!(bad(format!(
-            "unexpected tensor '{extra}' for model {}",
-            meta.arch
-        )));
+        bail!(bad(format!("unexpected tensor '{extra}' for model {}", meta.arch)));
     }
     Ok((model, meta))
 }

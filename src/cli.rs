@@ -14,11 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(
-    name = "rotvar",
-    version,
-    about = "How invariant to rotation is a CNN, and where inside it?"
-)]
+#[command(name = "rotvar", version, about = "How invariant to rotation is a CNN, and where inside it?")]
 struct Cli {
     /// CPU threads for the CPU backend (default: all cores).
     #[arg(long, global = true)]
@@ -37,6 +33,26 @@ enum Command {
     Info,
     /// Download a dataset into the data directory and verify it.
     Fetch(FetchArgs),
+    /// Benchmarks: training throughput (JSON lines, comparable with benches/torch_reference.py).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// What to measure: train.
+    #[arg(default_value = "train")]
+    what: String,
+    /// Comma-separated models.
+    #[arg(long, default_value = "lenet,simpleconv")]
+    models: String,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
 }
 
 #[derive(Args, Clone)]
@@ -131,6 +147,7 @@ pub fn run() -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Info => cmd_info(),
         Command::Fetch(a) => cmd_fetch(a),
+        Command::Bench(a) => cmd_bench(a),
     }
 }
 
@@ -140,12 +157,7 @@ fn open_backend(req: DeviceRequest) -> Result<BackendRef> {
     Ok(b)
 }
 
-fn load_split(
-    name: &str,
-    dir: Option<&Path>,
-    split: Split,
-    limit: Option<usize>,
-) -> Result<data::Dataset> {
+fn load_split(name: &str, dir: Option<&Path>, split: Split, limit: Option<usize>) -> Result<data::Dataset> {
     let ds = data::load(name, split, &data::resolve_data_dir(dir))?;
     Ok(match limit {
         Some(n) => ds.take(n),
@@ -167,24 +179,10 @@ struct TrainRecord<'a> {
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
     if !MODELS.contains(&a.model.to_ascii_lowercase().as_str()) {
-        bail!(
-            "unknown model '{}': choose one of {}",
-            a.model,
-            MODELS.join(", ")
-        );
+        bail!("unknown model '{}': choose one of {}", a.model, MODELS.join(", "));
     }
-    let train_set = load_split(
-        &a.data.dataset,
-        a.data.data_dir.as_deref(),
-        Split::Train,
-        a.limit,
-    )?;
-    let test_set = load_split(
-        &a.data.dataset,
-        a.data.data_dir.as_deref(),
-        Split::Test,
-        a.test_limit,
-    )?;
+    let train_set = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Train, a.limit)?;
+    let test_set = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Test, a.test_limit)?;
     let b = open_backend(a.device)?;
     let norm = train_set.channel_stats();
     let input = InputSpec {
@@ -205,11 +203,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         augment: "none".into(),
     };
-    let out = a
-        .out
-        .unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", cfg.model, cfg.dataset)));
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output directory {}", out.display()))?;
+    let out = a.out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", cfg.model, cfg.dataset)));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
     eprintln!(
         "training {} ({} parameters) on {} ({} train / {} test images), {} epochs, batch {}, {:?} lr {}",
         cfg.model,
@@ -255,11 +250,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         };
         write_json(&metrics_path, &record)
     })?;
-    eprintln!(
-        "wrote {} and {}",
-        ckpt_path.display(),
-        metrics_path.display()
-    );
+    eprintln!("wrote {} and {}", ckpt_path.display(), metrics_path.display());
     if let Some(last) = done.last() {
         println!(
             "{} on {}: test accuracy {:.2}% after {} epochs ({:.0} img/s training)",
@@ -305,15 +296,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     );
     println!("{:>12} {:>9} {:>7}", "class", "accuracy", "images");
     for (i, (c, t)) in e.per_class.iter().enumerate() {
-        let label = meta
-            .class_names
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| i.to_string());
-        println!(
-            "{label:>12} {:>8.2}% {t:>7}",
-            100.0 * *c as f64 / (*t).max(1) as f64
-        );
+        let label = meta.class_names.get(i).cloned().unwrap_or_else(|| i.to_string());
+        println!("{label:>12} {:>8.2}% {t:>7}", 100.0 * *c as f64 / (*t).max(1) as f64);
     }
     if let Some(path) = &a.json {
         write_json(path, &e)?;
@@ -324,10 +308,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 fn cmd_info() -> Result<()> {
     println!("rotvar {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "cpu backend: {} (rayon threads)",
-        rayon::current_num_threads()
-    );
+    println!("cpu backend: {} (rayon threads)", rayon::current_num_threads());
     println!("cuda: {}", backend::cuda_absent_reason());
     println!("models: {}", MODELS.join(", "));
     println!("datasets: {}", data::DATASETS.join(", "));
@@ -349,4 +330,19 @@ fn cmd_fetch(a: FetchArgs) -> Result<()> {
         ),
         other => bail!("unknown dataset '{other}': rotvar can fetch mnist"),
     }
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.what != "train" {
+        bail!("unknown benchmark '{}': available: train", a.what);
+    }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let b = open_backend(a.device)?;
+    for arch in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let r = crate::bench::train_throughput(&b, arch, a.batch_size, a.warmup, a.steps)?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
 }

@@ -18,3 +18,4 @@ pub mod progress;
 pub mod rng;
 pub mod tensor;
 pub mod train;
+pub mod bench;

@@ -30,15 +30,7 @@ pub struct OptimConfig {
 
 impl OptimConfig {
     pub fn new(kind: OptimizerKind, lr: f32, weight_decay: f32) -> Self {
-        OptimConfig {
-            kind,
-            lr,
-            weight_decay,
-            momentum: 0.9,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        }
+        OptimConfig { kind, lr, weight_decay, momentum: 0.9, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
     }
 }
 
@@ -59,12 +51,7 @@ impl Optimizer {
             bail!("weight decay must be ≥ 0, got {}", config.weight_decay);
         }
         let state = params.iter().map(|_| None).collect();
-        Ok(Optimizer {
-            config,
-            params,
-            state,
-            step: 0,
-        })
+        Ok(Optimizer { config, params, state, step: 0 })
     }
 
     pub fn steps_taken(&self) -> u32 {
@@ -99,11 +86,7 @@ impl Optimizer {
                     be.adam_step(&mut data, &g.storage(), a, b, &h)?;
                 }
                 OptimizerKind::Sgd => {
-                    let h = SgdParams {
-                        lr: c.lr,
-                        momentum: c.momentum,
-                        weight_decay: wd,
-                    };
+                    let h = SgdParams { lr: c.lr, momentum: c.momentum, weight_decay: wd };
                     be.sgd_step(&mut data, &g.storage(), a, &h)?;
                 }
             }

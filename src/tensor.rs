@@ -33,18 +33,9 @@ pub fn numel(shape: &[usize]) -> usize {
 }
 
 impl Tensor {
-    pub fn from_storage(
-        backend: &BackendRef,
-        shape: &[usize],
-        storage: Storage,
-        tracked: bool,
-    ) -> Result<Tensor> {
+    pub fn from_storage(backend: &BackendRef, shape: &[usize], storage: Storage, tracked: bool) -> Result<Tensor> {
         if storage.len() != numel(shape) {
-            bail!(
-                "tensor of shape {shape:?} needs {} values, got {}",
-                numel(shape),
-                storage.len()
-            );
+            bail!("tensor of shape {shape:?} needs {} values, got {}", numel(shape), storage.len());
         }
         Ok(Tensor(Arc::new(Inner {
             id: next_id(),
@@ -57,11 +48,7 @@ impl Tensor {
 
     pub fn from_vec(backend: &BackendRef, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         if data.len() != numel(shape) {
-            bail!(
-                "tensor of shape {shape:?} needs {} values, got {}",
-                numel(shape),
-                data.len()
-            );
+            bail!("tensor of shape {shape:?} needs {} values, got {}", numel(shape), data.len());
         }
         Tensor::from_storage(backend, shape, backend.upload(data)?, false)
     }
@@ -79,11 +66,7 @@ impl Tensor {
     /// A trainable leaf with these values: the tape will produce its gradient.
     pub fn parameter(backend: &BackendRef, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         if data.len() != numel(shape) {
-            bail!(
-                "parameter of shape {shape:?} needs {} values, got {}",
-                numel(shape),
-                data.len()
-            );
+            bail!("parameter of shape {shape:?} needs {} values, got {}", numel(shape), data.len());
         }
         Tensor::from_storage(backend, shape, backend.upload(data)?, true)
     }
@@ -91,10 +74,7 @@ impl Tensor {
     /// A new handle to the same buffer under another shape (and a new identity).
     pub(crate) fn view(&self, shape: &[usize], tracked: bool) -> Result<Tensor> {
         if numel(shape) != self.numel() {
-            bail!(
-                "cannot view a tensor of shape {:?} as {shape:?}",
-                self.shape()
-            );
+            bail!("cannot view a tensor of shape {:?} as {shape:?}", self.shape());
         }
         Ok(Tensor(Arc::new(Inner {
             id: next_id(),

@@ -31,19 +31,9 @@ pub struct DeviceDataset {
 impl DeviceDataset {
     pub fn upload(ds: &Dataset, norm: &Normalization, b: &BackendRef) -> Result<Self> {
         let item_shape = [ds.channels, ds.height, ds.width];
-        let images = Tensor::from_vec(
-            b,
-            &[ds.len(), ds.channels, ds.height, ds.width],
-            &ds.to_f32_normalized(norm),
-        )?;
+        let images = Tensor::from_vec(b, &[ds.len(), ds.channels, ds.height, ds.width], &ds.to_f32_normalized(norm))?;
         let labels = Tensor::from_vec(b, &[ds.len()], &ds.labels_f32())?;
-        Ok(DeviceDataset {
-            images,
-            labels,
-            labels_host: ds.labels.clone(),
-            item_shape,
-            num_classes: ds.num_classes(),
-        })
+        Ok(DeviceDataset { images, labels, labels_host: ds.labels.clone(), item_shape, num_classes: ds.num_classes() })
     }
 
     pub fn len(&self) -> usize {
@@ -150,10 +140,7 @@ pub fn fit(
     mut after_epoch: impl FnMut(&EpochMetrics) -> Result<()>,
 ) -> Result<Vec<EpochMetrics>> {
     if cfg.batch_size < 2 {
-        bail!(
-            "--batch-size must be at least 2 (batch statistics need two samples), got {}",
-            cfg.batch_size
-        );
+        bail!("--batch-size must be at least 2 (batch statistics need two samples), got {}", cfg.batch_size);
     }
     if train.is_empty() {
         bail!("the training set is empty");
@@ -163,8 +150,7 @@ pub fn fit(
     let mut history = Vec::new();
     for epoch in 1..=cfg.epochs {
         let steps = train.len().div_ceil(cfg.batch_size);
-        let pb =
-            (!quiet).then(|| progress::bar(steps as u64, &format!("epoch {epoch}/{}", cfg.epochs)));
+        let pb = (!quiet).then(|| progress::bar(steps as u64, &format!("epoch {epoch}/{}", cfg.epochs)));
         let mut order: Vec<u32> = (0..train.len() as u32).collect();
         shuffle_rng.shuffle(&mut order);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
@@ -210,9 +196,7 @@ pub fn fit(
         }
         train.images.backend().synchronize()?;
         let secs = start.elapsed().as_secs_f64();
-        let eval = test
-            .map(|t| evaluate(model, t, cfg.batch_size.max(256)))
-            .transpose()?;
+        let eval = test.map(|t| evaluate(model, t, cfg.batch_size.max(256))).transpose()?;
         let m = EpochMetrics {
             epoch,
             train_loss: loss_sum / seen.max(1) as f64,

@@ -7,9 +7,7 @@
 
 use anyhow::Result;
 use rotvar::backend::cpu::CpuBackend;
-use rotvar::backend::{
-    AdamParams, BackendRef, ConvGeom, NormGeom, PoolGeom, PoolKind, SgdParams, Storage,
-};
+use rotvar::backend::{AdamParams, BackendRef, ConvGeom, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
 use rotvar::rng::Rng;
 
 const POISONS: [f32; 2] = [f32::NAN, 1e30];
@@ -40,10 +38,7 @@ fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], tol: f64) {
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
     let mut worst = (0.0f64, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.is_finite(),
-            "{what}: element {i} is {g} (reference {w}): never written?"
-        );
+        assert!(g.is_finite(), "{what}: element {i} is {g} (reference {w}): never written?");
         let e = (g as f64 - w).abs() / scale;
         if e > worst.0 {
             worst = (e, i);
@@ -63,15 +58,9 @@ fn assert_close_scaled(what: &str, got: &[f32], want: &[f64], tol: f64) {
 fn assert_close_elementwise(what: &str, got: &[f32], want: &[f64], tol: f64, floor: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.is_finite(),
-            "{what}: element {i} is {g} (reference {w}): never written?"
-        );
+        assert!(g.is_finite(), "{what}: element {i} is {g} (reference {w}): never written?");
         let e = (g as f64 - w).abs() / w.abs().max(floor);
-        assert!(
-            e < tol,
-            "{what}: element {i}: got {g}, want {w} (relative error {e:.3e}, tolerance {tol:e})"
-        );
+        assert!(e < tol, "{what}: element {i}: got {g}, want {w} (relative error {e:.3e}, tolerance {tol:e})");
     }
 }
 
@@ -123,19 +112,13 @@ fn naive_conv_bwd_data(dy: &[f32], w: &[f32], g: &ConvGeom) -> Vec<f64> {
                     let mut s = 0.0f64;
                     for ky in 0..g.kh {
                         let ty = iy as isize + g.pad as isize - ky as isize;
-                        if ty < 0
-                            || ty % g.stride as isize != 0
-                            || (ty / g.stride as isize) >= g.oh as isize
-                        {
+                        if ty < 0 || ty % g.stride as isize != 0 || (ty / g.stride as isize) >= g.oh as isize {
                             continue;
                         }
                         let oy = (ty / g.stride as isize) as usize;
                         for kx in 0..g.kw {
                             let tx = ix as isize + g.pad as isize - kx as isize;
-                            if tx < 0
-                                || tx % g.stride as isize != 0
-                                || (tx / g.stride as isize) >= g.ow as isize
-                            {
+                            if tx < 0 || tx % g.stride as isize != 0 || (tx / g.stride as isize) >= g.ow as isize {
                                 continue;
                             }
                             let ox = (tx / g.stride as isize) as usize;
@@ -169,8 +152,7 @@ fn naive_conv_bwd_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> (Vec<f64>, Vec<
                             for kx in 0..g.kw {
                                 let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                                 let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                                dw[((co * g.c_in + ci) * g.kh + ky) * g.kw + kx] +=
-                                    d * x_at(x, g, n, ci, iy, ix);
+                                dw[((co * g.c_in + ci) * g.kh + ky) * g.kw + kx] += d * x_at(x, g, n, ci, iy, ix);
                             }
                         }
                     }
@@ -182,16 +164,7 @@ fn naive_conv_bwd_weight(x: &[f32], dy: &[f32], g: &ConvGeom) -> (Vec<f64>, Vec<
 }
 
 /// (n, c_in, h, w, c_out, (kh, kw), stride, pad)
-type ConvCase = (
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    (usize, usize),
-    usize,
-    usize,
-);
+type ConvCase = (usize, usize, usize, usize, usize, (usize, usize), usize, usize);
 
 const CONV_CASES: &[ConvCase] = &[
     (2, 3, 7, 9, 5, (3, 3), 1, 1),   // same padding, odd non-square input
@@ -228,8 +201,7 @@ fn conv2d_forward_matches_naive() {
             for poison in POISONS {
                 let mut y = poisoned(&b, g.out_len(), poison);
                 let bs = bias.map(|v| up(&b, v));
-                b.conv2d_fwd(&up(&b, &x), &up(&b, &w), bs.as_ref(), &mut y, &g)
-                    .unwrap();
+                b.conv2d_fwd(&up(&b, &x), &up(&b, &w), bs.as_ref(), &mut y, &g).unwrap();
                 assert_close_scaled(
                     &format!("conv fwd {g:?} bias={with_bias} poison={poison}"),
                     &down(&b, &y),
@@ -252,14 +224,8 @@ fn conv2d_backward_data_matches_naive() {
         let want = naive_conv_bwd_data(&dy, &w, &g);
         for poison in POISONS {
             let mut dx = poisoned(&b, g.in_len(), poison);
-            b.conv2d_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, &g)
-                .unwrap();
-            assert_close_scaled(
-                &format!("conv bwd data {g:?} poison={poison}"),
-                &down(&b, &dx),
-                &want,
-                1e-4,
-            );
+            b.conv2d_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, &g).unwrap();
+            assert_close_scaled(&format!("conv bwd data {g:?} poison={poison}"), &down(&b, &dx), &want, 1e-4);
         }
     }
 }
@@ -276,30 +242,13 @@ fn conv2d_backward_weight_matches_naive() {
         for poison in POISONS {
             let mut dw = poisoned(&b, g.weight_len(), poison);
             let mut db = poisoned(&b, g.c_out, poison);
-            b.conv2d_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, Some(&mut db), &g)
-                .unwrap();
-            assert_close_scaled(
-                &format!("conv dw {g:?} poison={poison}"),
-                &down(&b, &dw),
-                &want_w,
-                1e-4,
-            );
-            assert_close_scaled(
-                &format!("conv db {g:?} poison={poison}"),
-                &down(&b, &db),
-                &want_b,
-                1e-4,
-            );
+            b.conv2d_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, Some(&mut db), &g).unwrap();
+            assert_close_scaled(&format!("conv dw {g:?} poison={poison}"), &down(&b, &dw), &want_w, 1e-4);
+            assert_close_scaled(&format!("conv db {g:?} poison={poison}"), &down(&b, &db), &want_b, 1e-4);
             // Without a bias gradient the weight gradient is the same.
             let mut dw2 = poisoned(&b, g.weight_len(), poison);
-            b.conv2d_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw2, None, &g)
-                .unwrap();
-            assert_close_scaled(
-                &format!("conv dw (no db) {g:?} poison={poison}"),
-                &down(&b, &dw2),
-                &want_w,
-                1e-4,
-            );
+            b.conv2d_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw2, None, &g).unwrap();
+            assert_close_scaled(&format!("conv dw (no db) {g:?} poison={poison}"), &down(&b, &dw2), &want_w, 1e-4);
         }
     }
 }
@@ -340,50 +289,28 @@ fn linear_forward_and_backward_match_naive() {
                 db_ref[j] += dy[i * m + j] as f64;
             }
         }
-        let y_ref_b: Vec<f64> = y_ref
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v + bias[i % m] as f64)
-            .collect();
+        let y_ref_b: Vec<f64> = y_ref.iter().enumerate().map(|(i, v)| v + bias[i % m] as f64).collect();
         for poison in POISONS {
             let what = format!("linear n={n} k={k} m={m} poison={poison}");
             let mut y = poisoned(&b, n * m, poison);
-            b.linear_fwd(
-                &up(&b, &x),
-                &up(&b, &w),
-                Some(&up(&b, &bias)),
-                &mut y,
-                n,
-                k,
-                m,
-            )
-            .unwrap();
+            b.linear_fwd(&up(&b, &x), &up(&b, &w), Some(&up(&b, &bias)), &mut y, n, k, m).unwrap();
             assert_close_scaled(&format!("{what}: y"), &down(&b, &y), &y_ref_b, 1e-4);
             let mut y = poisoned(&b, n * m, poison);
-            b.linear_fwd(&up(&b, &x), &up(&b, &w), None, &mut y, n, k, m)
-                .unwrap();
+            b.linear_fwd(&up(&b, &x), &up(&b, &w), None, &mut y, n, k, m).unwrap();
             assert_close_scaled(&format!("{what}: y (no bias)"), &down(&b, &y), &y_ref, 1e-4);
 
             let mut dx = poisoned(&b, n * k, poison);
-            b.linear_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, n, k, m)
-                .unwrap();
+            b.linear_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, n, k, m).unwrap();
             assert_close_scaled(&format!("{what}: dx"), &down(&b, &dx), &dx_ref, 1e-4);
 
             let mut dw = poisoned(&b, m * k, poison);
             let mut db = poisoned(&b, m, poison);
-            b.linear_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, Some(&mut db), n, k, m)
-                .unwrap();
+            b.linear_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, Some(&mut db), n, k, m).unwrap();
             assert_close_scaled(&format!("{what}: dw"), &down(&b, &dw), &dw_ref, 1e-4);
             assert_close_scaled(&format!("{what}: db"), &down(&b, &db), &db_ref, 1e-4);
             let mut dw = poisoned(&b, m * k, poison);
-            b.linear_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, None, n, k, m)
-                .unwrap();
-            assert_close_scaled(
-                &format!("{what}: dw (no db)"),
-                &down(&b, &dw),
-                &dw_ref,
-                1e-4,
-            );
+            b.linear_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, None, n, k, m).unwrap();
+            assert_close_scaled(&format!("{what}: dw (no db)"), &down(&b, &dw), &dw_ref, 1e-4);
         }
     }
 }
@@ -489,16 +416,9 @@ fn pool2d_forward_and_backward_match_naive() {
                     let what = format!("{kind:?} pool {g:?} poison={poison}");
                     let mut y = poisoned(&b, g.out_len(), poison);
                     b.pool2d_fwd(kind, &up(&b, xs), &mut y, &g).unwrap();
-                    assert_close_elementwise(
-                        &format!("{what}: y"),
-                        &down(&b, &y),
-                        &want,
-                        1e-5,
-                        1e-3,
-                    );
+                    assert_close_elementwise(&format!("{what}: y"), &down(&b, &y), &want, 1e-5, 1e-3);
                     let mut dx = poisoned(&b, g.in_len(), poison);
-                    b.pool2d_bwd(kind, &up(&b, xs), &up(&b, &dy), &mut dx, &g)
-                        .unwrap();
+                    b.pool2d_bwd(kind, &up(&b, xs), &up(&b, &dy), &mut dx, &g).unwrap();
                     assert_close_scaled(&format!("{what}: dx"), &down(&b, &dx), &want_dx, 1e-5);
                 }
             }
@@ -512,18 +432,8 @@ fn max_pool_ties_route_to_the_first_maximum() {
     let g = PoolGeom::new(1, 1, 2, 4, 2, 2, 0).unwrap();
     let x = [1.0, 3.0, 2.0, 2.0, 3.0, 0.0, 2.0, 2.0];
     let mut dx = poisoned(&b, 8, f32::NAN);
-    b.pool2d_bwd(
-        PoolKind::Max,
-        &up(&b, &x),
-        &up(&b, &[10.0, 20.0]),
-        &mut dx,
-        &g,
-    )
-    .unwrap();
-    assert_eq!(
-        down(&b, &dx),
-        vec![0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    );
+    b.pool2d_bwd(PoolKind::Max, &up(&b, &x), &up(&b, &[10.0, 20.0]), &mut dx, &g).unwrap();
+    assert_eq!(down(&b, &dx), vec![0.0, 10.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
 // --- batch norm ------------------------------------------------------------------------------
@@ -548,17 +458,9 @@ fn batchnorm_train_and_eval_match_naive() {
     let mut rng = Rng::new(6);
     let (momentum, eps) = (0.1f32, 1e-5f32);
     // (n, c, hw): 2d inputs, a 1d input (hw = 1), ragged channel counts.
-    for &(n, c, hw) in &[
-        (4usize, 3usize, 25usize),
-        (6, 5, 1),
-        (2, 7, 9),
-        (33, 2, 1),
-        (3, 1, 49),
-    ] {
+    for &(n, c, hw) in &[(4usize, 3usize, 25usize), (6, 5, 1), (2, 7, 9), (33, 2, 1), (3, 1, 49)] {
         let g = NormGeom { n, c, hw };
-        let x: Vec<f32> = (0..g.len())
-            .map(|i| 3.0 + 0.5 * rng.normal() + (i % 3) as f32 * 0.1)
-            .collect();
+        let x: Vec<f32> = (0..g.len()).map(|i| 3.0 + 0.5 * rng.normal() + (i % 3) as f32 * 0.1).collect();
         let gamma: Vec<f32> = (0..c).map(|_| rng.uniform(0.5, 1.5)).collect();
         let beta = randn(&mut rng, c);
         let rm0 = randn(&mut rng, c);
@@ -571,23 +473,16 @@ fn batchnorm_train_and_eval_match_naive() {
                 let (mean, var) = stats[ci];
                 for i in 0..hw {
                     let j = (ni * c + ci) * hw + i;
-                    y_ref[j] = (x[j] as f64 - mean) / (var + eps as f64).sqrt() * gamma[ci] as f64
-                        + beta[ci] as f64;
+                    y_ref[j] = (x[j] as f64 - mean) / (var + eps as f64).sqrt() * gamma[ci] as f64 + beta[ci] as f64;
                 }
             }
         }
         let mean_ref: Vec<f64> = stats.iter().map(|s| s.0).collect();
-        let invstd_ref: Vec<f64> = stats
-            .iter()
-            .map(|s| 1.0 / (s.1 + eps as f64).sqrt())
-            .collect();
+        let invstd_ref: Vec<f64> = stats.iter().map(|s| 1.0 / (s.1 + eps as f64).sqrt()).collect();
         let m = momentum as f64;
-        let rm_ref: Vec<f64> = (0..c)
-            .map(|ci| (1.0 - m) * rm0[ci] as f64 + m * stats[ci].0)
-            .collect();
-        let rv_ref: Vec<f64> = (0..c)
-            .map(|ci| (1.0 - m) * rv0[ci] as f64 + m * stats[ci].1 * count / (count - 1.0))
-            .collect();
+        let rm_ref: Vec<f64> = (0..c).map(|ci| (1.0 - m) * rm0[ci] as f64 + m * stats[ci].0).collect();
+        let rv_ref: Vec<f64> =
+            (0..c).map(|ci| (1.0 - m) * rv0[ci] as f64 + m * stats[ci].1 * count / (count - 1.0)).collect();
 
         for poison in POISONS {
             let what = format!("batchnorm n={n} c={c} hw={hw} poison={poison}");
@@ -609,34 +504,10 @@ fn batchnorm_train_and_eval_match_naive() {
             )
             .unwrap();
             assert_close_scaled(&format!("{what}: train y"), &down(&b, &y), &y_ref, 1e-4);
-            assert_close_elementwise(
-                &format!("{what}: saved mean"),
-                &down(&b, &sm),
-                &mean_ref,
-                1e-5,
-                1e-3,
-            );
-            assert_close_elementwise(
-                &format!("{what}: saved invstd"),
-                &down(&b, &si),
-                &invstd_ref,
-                1e-5,
-                1e-3,
-            );
-            assert_close_elementwise(
-                &format!("{what}: running mean"),
-                &down(&b, &rm),
-                &rm_ref,
-                1e-5,
-                1e-3,
-            );
-            assert_close_elementwise(
-                &format!("{what}: running var (unbiased)"),
-                &down(&b, &rv),
-                &rv_ref,
-                1e-5,
-                1e-3,
-            );
+            assert_close_elementwise(&format!("{what}: saved mean"), &down(&b, &sm), &mean_ref, 1e-5, 1e-3);
+            assert_close_elementwise(&format!("{what}: saved invstd"), &down(&b, &si), &invstd_ref, 1e-5, 1e-3);
+            assert_close_elementwise(&format!("{what}: running mean"), &down(&b, &rm), &rm_ref, 1e-5, 1e-3);
+            assert_close_elementwise(&format!("{what}: running var (unbiased)"), &down(&b, &rv), &rv_ref, 1e-5, 1e-3);
 
             // Eval mode with the updated running statistics.
             let rm_now = down(&b, &rm);
@@ -644,29 +515,13 @@ fn batchnorm_train_and_eval_match_naive() {
             let y_eval_ref: Vec<f64> = (0..g.len())
                 .map(|j| {
                     let ci = (j / hw) % c;
-                    (x[j] as f64 - rm_now[ci] as f64) / (rv_now[ci] as f64 + eps as f64).sqrt()
-                        * gamma[ci] as f64
+                    (x[j] as f64 - rm_now[ci] as f64) / (rv_now[ci] as f64 + eps as f64).sqrt() * gamma[ci] as f64
                         + beta[ci] as f64
                 })
                 .collect();
             let mut ye = poisoned(&b, g.len(), poison);
-            b.batchnorm_fwd_eval(
-                &up(&b, &x),
-                &up(&b, &gamma),
-                &up(&b, &beta),
-                &rm,
-                &rv,
-                &mut ye,
-                eps,
-                &g,
-            )
-            .unwrap();
-            assert_close_scaled(
-                &format!("{what}: eval y"),
-                &down(&b, &ye),
-                &y_eval_ref,
-                1e-5,
-            );
+            b.batchnorm_fwd_eval(&up(&b, &x), &up(&b, &gamma), &up(&b, &beta), &rm, &rv, &mut ye, eps, &g).unwrap();
+            assert_close_scaled(&format!("{what}: eval y"), &down(&b, &ye), &y_eval_ref, 1e-5);
         }
     }
 }
@@ -683,17 +538,11 @@ fn batchnorm_backward_matches_naive() {
         let gamma: Vec<f32> = (0..c).map(|_| rng.uniform(0.5, 1.5)).collect();
         let stats = bn_stats(&x, &g);
         let mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
-        let invstd: Vec<f32> = stats
-            .iter()
-            .map(|s| (1.0 / (s.1 + eps).sqrt()) as f32)
-            .collect();
+        let invstd: Vec<f32> = stats.iter().map(|s| (1.0 / (s.1 + eps).sqrt()) as f32).collect();
         let cnt = (n * hw) as f64;
-        let (mut dx_ref, mut dg_ref, mut db_ref) =
-            (vec![0.0f64; g.len()], vec![0.0f64; c], vec![0.0f64; c]);
+        let (mut dx_ref, mut dg_ref, mut db_ref) = (vec![0.0f64; g.len()], vec![0.0f64; c], vec![0.0f64; c]);
         for ci in 0..c {
-            let idx: Vec<usize> = (0..n)
-                .flat_map(|ni| (0..hw).map(move |i| (ni * c + ci) * hw + i))
-                .collect();
+            let idx: Vec<usize> = (0..n).flat_map(|ni| (0..hw).map(move |i| (ni * c + ci) * hw + i)).collect();
             let is = invstd[ci] as f64;
             let xhat = |j: usize| (x[j] as f64 - mean[ci] as f64) * is;
             let sdy: f64 = idx.iter().map(|&j| dy[j] as f64).sum();
@@ -701,17 +550,13 @@ fn batchnorm_backward_matches_naive() {
             db_ref[ci] = sdy;
             dg_ref[ci] = sdyx;
             for &j in &idx {
-                dx_ref[j] =
-                    gamma[ci] as f64 * is * (dy[j] as f64 - sdy / cnt - xhat(j) * sdyx / cnt);
+                dx_ref[j] = gamma[ci] as f64 * is * (dy[j] as f64 - sdy / cnt - xhat(j) * sdyx / cnt);
             }
         }
         for poison in POISONS {
             let what = format!("batchnorm bwd n={n} c={c} hw={hw} poison={poison}");
-            let (mut dx, mut dg, mut db) = (
-                poisoned(&b, g.len(), poison),
-                poisoned(&b, c, poison),
-                poisoned(&b, c, poison),
-            );
+            let (mut dx, mut dg, mut db) =
+                (poisoned(&b, g.len(), poison), poisoned(&b, c, poison), poisoned(&b, c, poison));
             b.batchnorm_bwd(
                 &up(&b, &x),
                 &up(&b, &gamma),
@@ -754,14 +599,10 @@ fn log_softmax_and_nll_match_naive() {
             for j in 0..cols {
                 y_ref[r * cols + j] = row[j] as f64 - lse;
             }
-            row_tol[r] =
-                1e-5f64.max(2e-7 * row.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs())));
+            row_tol[r] = 1e-5f64.max(2e-7 * row.iter().fold(0.0f64, |m, &v| m.max((v as f64).abs())));
         }
         let labels: Vec<f32> = (0..rows).map(|_| rng.below(cols as u64) as f32).collect();
-        let nll_ref = -(0..rows)
-            .map(|r| y_ref[r * cols + labels[r] as usize])
-            .sum::<f64>()
-            / rows as f64;
+        let nll_ref = -(0..rows).map(|r| y_ref[r * cols + labels[r] as usize]).sum::<f64>() / rows as f64;
         let dy = randn(&mut rng, rows * cols);
         for poison in POISONS {
             let what = format!("log_softmax {rows}x{cols} poison={poison}");
@@ -776,14 +617,8 @@ fn log_softmax_and_nll_match_naive() {
                 );
             }
             for r in 0..rows {
-                let s: f64 = yv[r * cols..(r + 1) * cols]
-                    .iter()
-                    .map(|&v| (v as f64).exp())
-                    .sum();
-                assert!(
-                    (s - 1.0).abs() < 2.0 * row_tol[r],
-                    "{what}: row {r} has Σ exp = {s}"
-                );
+                let s: f64 = yv[r * cols..(r + 1) * cols].iter().map(|&v| (v as f64).exp()).sum();
+                assert!((s - 1.0).abs() < 2.0 * row_tol[r], "{what}: row {r} has Σ exp = {s}");
             }
             // Backward: dx = dy − softmax · Σ dy, from the (f32) output.
             let dx_ref: Vec<f64> = (0..rows * cols)
@@ -794,46 +629,23 @@ fn log_softmax_and_nll_match_naive() {
                 })
                 .collect();
             let mut dx = poisoned(&b, rows * cols, poison);
-            b.log_softmax_bwd(&y, &up(&b, &dy), &mut dx, rows, cols)
-                .unwrap();
+            b.log_softmax_bwd(&y, &up(&b, &dy), &mut dx, rows, cols).unwrap();
             assert_close_scaled(&format!("{what}: dx"), &down(&b, &dx), &dx_ref, 1e-5);
 
             let mut loss = poisoned(&b, 1, poison);
-            b.nll_fwd(&y, &up(&b, &labels), &mut loss, rows, cols)
-                .unwrap();
-            assert_close_elementwise(
-                &format!("{what}: nll"),
-                &down(&b, &loss),
-                &[nll_ref],
-                1e-5,
-                1e-3,
-            );
+            b.nll_fwd(&y, &up(&b, &labels), &mut loss, rows, cols).unwrap();
+            assert_close_elementwise(&format!("{what}: nll"), &down(&b, &loss), &[nll_ref], 1e-5, 1e-3);
             let mut dl = poisoned(&b, rows * cols, poison);
-            b.nll_bwd(&up(&b, &labels), &up(&b, &[2.5]), &mut dl, rows, cols)
-                .unwrap();
+            b.nll_bwd(&up(&b, &labels), &up(&b, &[2.5]), &mut dl, rows, cols).unwrap();
             let dl_ref: Vec<f64> = (0..rows * cols)
-                .map(|i| {
-                    if labels[i / cols] as usize == i % cols {
-                        -2.5 / rows as f64
-                    } else {
-                        0.0
-                    }
-                })
+                .map(|i| if labels[i / cols] as usize == i % cols { -2.5 / rows as f64 } else { 0.0 })
                 .collect();
-            assert_close_elementwise(
-                &format!("{what}: nll bwd"),
-                &down(&b, &dl),
-                &dl_ref,
-                1e-6,
-                1e-3,
-            );
+            assert_close_elementwise(&format!("{what}: nll bwd"), &down(&b, &dl), &dl_ref, 1e-6, 1e-3);
         }
     }
     // A label out of range is an error, not a read past the row.
     let mut loss = b.zeros(1).unwrap();
-    assert!(b
-        .nll_fwd(&up(&b, &[0.0; 6]), &up(&b, &[1.0, 3.0]), &mut loss, 2, 3)
-        .is_err());
+    assert!(b.nll_fwd(&up(&b, &[0.0; 6]), &up(&b, &[1.0, 3.0]), &mut loss, 2, 3).is_err());
 }
 
 #[test]
@@ -853,11 +665,7 @@ fn elementwise_ops_match_naive() {
         assert_close_elementwise("add", &down(&b, &o), &want, 1e-6, 1e-6);
         let mut o = poisoned(&b, len, poison);
         b.mul(&up(&b, &x), &up(&b, &y2), &mut o).unwrap();
-        let want: Vec<f64> = x
-            .iter()
-            .zip(&y2)
-            .map(|(&a, &c)| a as f64 * c as f64)
-            .collect();
+        let want: Vec<f64> = x.iter().zip(&y2).map(|(&a, &c)| a as f64 * c as f64).collect();
         assert_close_elementwise("mul", &down(&b, &o), &want, 1e-6, 1e-6);
         let mut o = poisoned(&b, len, poison);
         b.scale(&up(&b, &x), -1.75, &mut o).unwrap();
@@ -876,41 +684,22 @@ fn elementwise_ops_match_naive() {
         );
         let mut o = poisoned(&b, len, poison);
         b.relu_bwd(&up(&b, &relu_y), &up(&b, &dy), &mut o).unwrap();
-        let want: Vec<f64> = x
-            .iter()
-            .zip(&dy)
-            .map(|(&v, &d)| if v > 0.0 { d as f64 } else { 0.0 })
-            .collect();
+        let want: Vec<f64> = x.iter().zip(&dy).map(|(&v, &d)| if v > 0.0 { d as f64 } else { 0.0 }).collect();
         assert_close_elementwise("relu bwd", &down(&b, &o), &want, 1e-6, 1e-6);
 
         let alpha = 0.7f32;
         let mut o = poisoned(&b, len, poison);
         b.elu_fwd(&up(&b, &x), alpha, &mut o).unwrap();
         let elu_y = down(&b, &o);
-        let want: Vec<f64> = x
-            .iter()
-            .map(|&v| {
-                if v > 0.0 {
-                    v as f64
-                } else {
-                    alpha as f64 * ((v as f64).exp() - 1.0)
-                }
-            })
-            .collect();
+        let want: Vec<f64> =
+            x.iter().map(|&v| if v > 0.0 { v as f64 } else { alpha as f64 * ((v as f64).exp() - 1.0) }).collect();
         assert_close_elementwise("elu", &elu_y, &want, 1e-5, 1e-6);
         let mut o = poisoned(&b, len, poison);
-        b.elu_bwd(&up(&b, &x), &up(&b, &elu_y), &up(&b, &dy), alpha, &mut o)
-            .unwrap();
+        b.elu_bwd(&up(&b, &x), &up(&b, &elu_y), &up(&b, &dy), alpha, &mut o).unwrap();
         let want: Vec<f64> = x
             .iter()
             .zip(&dy)
-            .map(|(&v, &d)| {
-                if v > 0.0 {
-                    d as f64
-                } else {
-                    d as f64 * alpha as f64 * (v as f64).exp()
-                }
-            })
+            .map(|(&v, &d)| if v > 0.0 { d as f64 } else { d as f64 * alpha as f64 * (v as f64).exp() })
             .collect();
         assert_close_elementwise("elu bwd", &down(&b, &o), &want, 1e-5, 1e-6);
 
@@ -929,15 +718,11 @@ fn elementwise_ops_match_naive() {
 
         let mut o = poisoned(&b, 4, poison);
         let xs = [
-            1.0, 5.0, 5.0, -1.0, /**/ -3.0, -2.0, -9.0, -2.0, /**/ 0.0, 0.0, 0.0, 0.0,
-            /**/ 1.0, 2.0, 3.0, 4.0,
+            1.0, 5.0, 5.0, -1.0, /**/ -3.0, -2.0, -9.0, -2.0, /**/ 0.0, 0.0, 0.0, 0.0, /**/ 1.0, 2.0,
+            3.0, 4.0,
         ];
         b.argmax_rows(&up(&b, &xs), &mut o, 4, 4).unwrap();
-        assert_eq!(
-            down(&b, &o),
-            vec![1.0, 1.0, 0.0, 3.0],
-            "argmax: first maximum of each row"
-        );
+        assert_eq!(down(&b, &o), vec![1.0, 1.0, 0.0, 3.0], "argmax: first maximum of each row");
     }
 }
 
@@ -946,15 +731,9 @@ fn gather_rows_copies_the_indexed_rows() {
     let b = cpu();
     let src: Vec<f32> = (0..5 * 3).map(|v| v as f32).collect();
     let mut dst = poisoned(&b, 4 * 3, f32::NAN);
-    b.gather_rows(&up(&b, &src), 3, &[4, 0, 2, 4], &mut dst)
-        .unwrap();
-    assert_eq!(
-        down(&b, &dst),
-        vec![12.0, 13.0, 14.0, 0.0, 1.0, 2.0, 6.0, 7.0, 8.0, 12.0, 13.0, 14.0]
-    );
-    assert!(b
-        .gather_rows(&up(&b, &src), 3, &[5], &mut b.zeros(3).unwrap())
-        .is_err());
+    b.gather_rows(&up(&b, &src), 3, &[4, 0, 2, 4], &mut dst).unwrap();
+    assert_eq!(down(&b, &dst), vec![12.0, 13.0, 14.0, 0.0, 1.0, 2.0, 6.0, 7.0, 8.0, 12.0, 13.0, 14.0]);
+    assert!(b.gather_rows(&up(&b, &src), 3, &[5], &mut b.zeros(3).unwrap()).is_err());
 }
 
 // --- optimizers ------------------------------------------------------------------------------
@@ -994,14 +773,7 @@ fn adam_step_matches_torch_adam() {
     let b = cpu();
     let mut rng = Rng::new(10);
     let len = (1 << 14) + 1000;
-    let h0 = AdamParams {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 1e-2,
-        step: 0,
-    };
+    let h0 = AdamParams { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step: 0 };
     let lr = h0.lr as f64;
     // Small parameters, so that f32 resolves an update of size ~lr to about 1e-6 of itself.
     let p0: Vec<f32> = (0..len).map(|_| 1e-2 * rng.normal()).collect();
@@ -1022,16 +794,8 @@ fn adam_step_matches_torch_adam() {
     };
     let mut exact = hyper(p64.clone(), zeros.clone(), zeros.clone());
     // The decimal hyperparameters a PyTorch user writes (betas=(0.9, 0.999) as doubles).
-    let mut decimal = TorchAdam {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        wd: 1e-2,
-        p: p64,
-        m: zeros.clone(),
-        v: zeros,
-    };
+    let mut decimal =
+        TorchAdam { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, wd: 1e-2, p: p64, m: zeros.clone(), v: zeros };
     for step in 1..=6u32 {
         let g = randn(&mut rng, len);
         let (p_prev, m_prev, v_prev) = (down(&b, &p), down(&b, &m), down(&b, &v));
@@ -1040,22 +804,11 @@ fn adam_step_matches_torch_adam() {
         one.step(step, &g);
         exact.step(step, &g);
         decimal.step(step, &g);
-        b.adam_step(
-            &mut p,
-            &up(&b, &g),
-            &mut m,
-            &mut v,
-            &AdamParams { step, ..h0 },
-        )
-        .unwrap();
+        b.adam_step(&mut p, &up(&b, &g), &mut m, &mut v, &AdamParams { step, ..h0 }).unwrap();
         let (pv, mv, vv) = (down(&b, &p), down(&b, &m), down(&b, &v));
         let mut worst = (0.0f64, 0usize);
         for i in 0..len {
-            assert!(
-                pv[i].is_finite(),
-                "adam step {step}: param {i} is {}",
-                pv[i]
-            );
+            assert!(pv[i].is_finite(), "adam step {step}: param {i} is {}", pv[i]);
             // Relative to the update (at least lr, the update's natural scale).
             let upd = (one.p[i] - p_prev[i] as f64).abs().max(lr);
             let e = (pv[i] as f64 - one.p[i]).abs() / upd;
@@ -1064,73 +817,33 @@ fn adam_step_matches_torch_adam() {
             }
         }
         let i = worst.1;
-        eprintln!(
-            "adam step {step}: worst param error {:.3e} of the update",
-            worst.0
-        );
+        eprintln!("adam step {step}: worst param error {:.3e} of the update", worst.0);
         assert!(
             worst.0 < 1e-5,
             "adam step {step}: param {i}: got {}, torch.optim.Adam gives {} from the same state ({} before); \
              error {:.2e} of the update",
-            pv[i], one.p[i], p_prev[i], worst.0
+            pv[i],
+            one.p[i],
+            p_prev[i],
+            worst.0
         );
         // Floors: f32 rounding is relative to the operands (|grad| ~ 1), not to a result that
         // happens to be near zero.
-        assert_close_elementwise(
-            &format!("adam step {step}: exp_avg"),
-            &mv,
-            &one.m,
-            1e-5,
-            1e-2,
-        );
-        assert_close_elementwise(
-            &format!("adam step {step}: exp_avg_sq"),
-            &vv,
-            &one.v,
-            1e-5,
-            1e-8,
-        );
+        assert_close_elementwise(&format!("adam step {step}: exp_avg"), &mv, &one.m, 1e-5, 1e-2);
+        assert_close_elementwise(&format!("adam step {step}: exp_avg_sq"), &vv, &one.v, 1e-5, 1e-8);
 
         // (b) The whole trajectory from the start.
-        assert_close_elementwise(
-            &format!("adam step {step}: exp_avg (trajectory)"),
-            &mv,
-            &exact.m,
-            1e-5,
-            1e-2,
-        );
-        assert_close_elementwise(
-            &format!("adam step {step}: exp_avg_sq (trajectory)"),
-            &vv,
-            &exact.v,
-            1e-5,
-            1e-8,
-        );
-        for (what, r) in [
-            ("trajectory", &exact),
-            ("trajectory, decimal betas", &decimal),
-        ] {
+        assert_close_elementwise(&format!("adam step {step}: exp_avg (trajectory)"), &mv, &exact.m, 1e-5, 1e-2);
+        assert_close_elementwise(&format!("adam step {step}: exp_avg_sq (trajectory)"), &vv, &exact.v, 1e-5, 1e-8);
+        for (what, r) in [("trajectory", &exact), ("trajectory, decimal betas", &decimal)] {
             for i in 0..len {
                 let e = (pv[i] as f64 - r.p[i]).abs();
-                assert!(
-                    e < 1e-4 * lr,
-                    "adam step {step} ({what}): param {i}: got {}, want {}",
-                    pv[i],
-                    r.p[i]
-                );
+                assert!(e < 1e-4 * lr, "adam step {step} ({what}): param {i}: got {}, want {}", pv[i], r.p[i]);
             }
         }
         // The params moved by about lr each step (so the comparison is not vacuous).
-        let moved = pv
-            .iter()
-            .zip(&p_prev)
-            .map(|(a, b)| (a - b).abs() as f64)
-            .sum::<f64>()
-            / len as f64;
-        assert!(
-            moved > 0.2 * lr,
-            "adam step {step}: params barely moved ({moved})"
-        );
+        let moved = pv.iter().zip(&p_prev).map(|(a, b)| (a - b).abs() as f64).sum::<f64>() / len as f64;
+        assert!(moved > 0.2 * lr, "adam step {step}: params barely moved ({moved})");
     }
 }
 
@@ -1139,11 +852,7 @@ fn sgd_step_matches_torch_sgd() {
     let b = cpu();
     let mut rng = Rng::new(11);
     let len = (1 << 14) + 777;
-    for &(lr32, mom32, wd32) in &[
-        (0.05f32, 0.9f32, 5e-4f32),
-        (0.1, 0.0, 0.0),
-        (0.01, 0.5, 0.1),
-    ] {
+    for &(lr32, mom32, wd32) in &[(0.05f32, 0.9f32, 5e-4f32), (0.1, 0.0, 0.0), (0.01, 0.5, 0.1)] {
         let (lr, momentum, wd) = (lr32 as f64, mom32 as f64, wd32 as f64);
         let p0 = randn(&mut rng, len);
         let (mut p, mut vel) = (up(&b, &p0), b.zeros(len).unwrap());
@@ -1163,11 +872,7 @@ fn sgd_step_matches_torch_sgd() {
                 pr[i] -= lr * upd[i];
             }
             buf = Some(bnew);
-            let h = SgdParams {
-                lr: lr32,
-                momentum: mom32,
-                weight_decay: wd32,
-            };
+            let h = SgdParams { lr: lr32, momentum: mom32, weight_decay: wd32 };
             b.sgd_step(&mut p, &up(&b, &g), &mut vel, &h).unwrap();
             assert_close_elementwise(
                 &format!("sgd lr={lr} mom={momentum} wd={wd} step {step}"),
@@ -1203,8 +908,7 @@ fn chunked_results() -> Vec<Vec<u32>> {
     );
     b.conv2d_fwd(&x, &w, None, &mut y, &g).unwrap();
     b.conv2d_bwd_data(&dy, &w, &mut dx, &g).unwrap();
-    b.conv2d_bwd_weight(&x, &dy, &mut dw, Some(&mut db), &g)
-        .unwrap();
+    b.conv2d_bwd_weight(&x, &dy, &mut dw, Some(&mut db), &g).unwrap();
 
     let gp = ConvGeom::new(21, 16, 5, 5, 12, (1, 1), 1, 0).unwrap();
     let xp = up(&b, &randn(&mut rng, gp.in_len()));
@@ -1216,37 +920,20 @@ fn chunked_results() -> Vec<Vec<u32>> {
     let lx = up(&b, &randn(&mut rng, n * k));
     let lw = up(&b, &randn(&mut rng, m * k));
     let ldy = up(&b, &randn(&mut rng, n * m));
-    let (mut ly, mut ldx, mut ldw, mut ldb) = (
-        b.zeros(n * m).unwrap(),
-        b.zeros(n * k).unwrap(),
-        b.zeros(m * k).unwrap(),
-        b.zeros(m).unwrap(),
-    );
+    let (mut ly, mut ldx, mut ldw, mut ldb) =
+        (b.zeros(n * m).unwrap(), b.zeros(n * k).unwrap(), b.zeros(m * k).unwrap(), b.zeros(m).unwrap());
     b.linear_fwd(&lx, &lw, None, &mut ly, n, k, m).unwrap();
     b.linear_bwd_data(&ldy, &lw, &mut ldx, n, k, m).unwrap();
-    b.linear_bwd_weight(&lx, &ldy, &mut ldw, Some(&mut ldb), n, k, m)
-        .unwrap();
+    b.linear_bwd_weight(&lx, &ldy, &mut ldw, Some(&mut ldb), n, k, m).unwrap();
 
-    [&y, &dx, &dw, &db, &dwp, &ly, &ldx, &ldw, &ldb]
-        .iter()
-        .map(|s| bits(&down(&b, s)))
-        .collect()
+    [&y, &dx, &dw, &db, &dwp, &ly, &ldx, &ldw, &ldb].iter().map(|s| bits(&down(&b, s))).collect()
 }
 
 #[test]
 fn results_are_bit_identical_across_thread_counts() -> Result<()> {
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()?
-        .install(chunked_results);
-    let four = rayon::ThreadPoolBuilder::new()
-        .num_threads(4)
-        .build()?
-        .install(chunked_results);
-    let three = rayon::ThreadPoolBuilder::new()
-        .num_threads(3)
-        .build()?
-        .install(chunked_results);
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?.install(chunked_results);
+    let four = rayon::ThreadPoolBuilder::new().num_threads(4).build()?.install(chunked_results);
+    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build()?.install(chunked_results);
     let names = [
         "conv y",
         "conv dx",
@@ -1259,18 +946,9 @@ fn results_are_bit_identical_across_thread_counts() -> Result<()> {
         "linear db",
     ];
     for (i, name) in names.iter().enumerate() {
-        assert!(
-            one[i].iter().any(|&b| b != 0),
-            "{name}: all zero, the comparison would be vacuous"
-        );
-        assert!(
-            one[i] == four[i],
-            "{name}: 1 thread and 4 threads differ in some bits"
-        );
-        assert!(
-            one[i] == three[i],
-            "{name}: 1 thread and 3 threads differ in some bits"
-        );
+        assert!(one[i].iter().any(|&b| b != 0), "{name}: all zero, the comparison would be vacuous");
+        assert!(one[i] == four[i], "{name}: 1 thread and 4 threads differ in some bits");
+        assert!(one[i] == three[i], "{name}: 1 thread and 3 threads differ in some bits");
     }
     Ok(())
 }

@@ -58,9 +58,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 
 fn gunzip(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .unwrap();
+    flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out).unwrap();
     out
 }
 
@@ -76,9 +74,7 @@ const COLS: usize = 28;
 fn synthetic_split(n: usize, seed: u64) -> Split3 {
     Split3 {
         pixels: pseudo_random(n * ROWS * COLS, seed),
-        labels: (0..n)
-            .map(|i| ((i * 7 + seed as usize) % 10) as u8)
-            .collect(),
+        labels: (0..n).map(|i| ((i * 7 + seed as usize) % 10) as u8).collect(),
     }
 }
 
@@ -92,14 +88,8 @@ fn write_mnist(data_dir: &Path, gz: bool) -> (Split3, Split3) {
     for (prefix, split) in [("train", &train), ("t10k", &test)] {
         let n = split.labels.len() as u32;
         let files = [
-            (
-                format!("{prefix}-images-idx3-ubyte"),
-                idx_images(n, 28, 28, &split.pixels),
-            ),
-            (
-                format!("{prefix}-labels-idx1-ubyte"),
-                idx_labels(&split.labels),
-            ),
+            (format!("{prefix}-images-idx3-ubyte"), idx_images(n, 28, 28, &split.pixels)),
+            (format!("{prefix}-labels-idx1-ubyte"), idx_labels(&split.labels)),
         ];
         for (name, bytes) in files {
             if gz {
@@ -128,10 +118,7 @@ fn err_text<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
 
 fn assert_contains(text: &str, needles: &[&str]) {
     for needle in needles {
-        assert!(
-            text.contains(needle),
-            "expected {needle:?} in error message:\n{text}"
-        );
+        assert!(text.contains(needle), "expected {needle:?} in error message:\n{text}");
     }
 }
 
@@ -146,11 +133,8 @@ fn real_mnist_dir() -> Option<PathBuf> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/mnist"),
         PathBuf::from("/work/shared/datasets/mnist"),
     ];
-    let found = candidates.into_iter().find(|d| {
-        MNIST_SHA256
-            .iter()
-            .all(|(base, _)| d.join(format!("{base}.gz")).is_file())
-    });
+    let found =
+        candidates.into_iter().find(|d| MNIST_SHA256.iter().all(|(base, _)| d.join(format!("{base}.gz")).is_file()));
     if found.is_none() {
         eprintln!("NOTE: real MNIST not found (../shared/datasets/mnist); skipping this test");
     }
@@ -200,11 +184,7 @@ fn mnist_gz_name_with_raw_content_is_accepted() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, _) = write_mnist(tmp.path(), true);
     let n = train.labels.len() as u32;
-    put(
-        tmp.path(),
-        "train-images-idx3-ubyte.gz",
-        &idx_images(n, 28, 28, &train.pixels),
-    );
+    put(tmp.path(), "train-images-idx3-ubyte.gz", &idx_images(n, 28, 28, &train.pixels));
     let ds = load_mnist(tmp.path(), Split::Train).unwrap();
     assert_eq!(ds.images, train.pixels);
 }
@@ -222,16 +202,8 @@ fn mnist_non_square_images_keep_their_shape() {
     let tmp = tempfile::tempdir().unwrap();
     write_mnist(tmp.path(), false);
     let pixels = pseudo_random(3 * 4 * 5, 9);
-    put(
-        tmp.path(),
-        "t10k-images-idx3-ubyte",
-        &idx_images(3, 4, 5, &pixels),
-    );
-    put(
-        tmp.path(),
-        "t10k-labels-idx1-ubyte",
-        &idx_labels(&[0, 9, 4]),
-    );
+    put(tmp.path(), "t10k-images-idx3-ubyte", &idx_images(3, 4, 5, &pixels));
+    put(tmp.path(), "t10k-labels-idx1-ubyte", &idx_labels(&[0, 9, 4]));
     let ds = load_mnist(tmp.path(), Split::Test).unwrap();
     assert_eq!((ds.n, ds.height, ds.width, ds.image_len()), (3, 4, 5, 20));
     assert_eq!(ds.images, pixels);
@@ -247,15 +219,7 @@ fn mnist_bad_magic_images() {
     bytes[..4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
     put(tmp.path(), "train-images-idx3-ubyte", &bytes);
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-images-idx3-ubyte",
-            "bad magic",
-            "0x12345678",
-            "0x00000803",
-        ],
-    );
+    assert_contains(&e, &["train-images-idx3-ubyte", "bad magic", "0x12345678", "0x00000803"]);
 }
 
 #[test]
@@ -266,15 +230,7 @@ fn mnist_bad_magic_labels() {
     bytes[2] = 0x0d; // IDX type code for float instead of unsigned byte
     put(tmp.path(), "train-labels-idx1-ubyte", &bytes);
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-labels-idx1-ubyte",
-            "bad magic",
-            "0x00000d01",
-            "0x00000801",
-        ],
-    );
+    assert_contains(&e, &["train-labels-idx1-ubyte", "bad magic", "0x00000d01", "0x00000801"]);
 }
 
 #[test]
@@ -282,40 +238,16 @@ fn mnist_wrong_rank_swapped_files() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, _) = write_mnist(tmp.path(), false);
     // A labels file where the images should be, and vice versa.
-    put(
-        tmp.path(),
-        "train-images-idx3-ubyte",
-        &idx_labels(&train.labels),
-    );
+    put(tmp.path(), "train-images-idx3-ubyte", &idx_labels(&train.labels));
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-images-idx3-ubyte",
-            "wrong rank",
-            "1 dimension",
-            "labels file",
-        ],
-    );
+    assert_contains(&e, &["train-images-idx3-ubyte", "wrong rank", "1 dimension", "labels file"]);
 
     let tmp = tempfile::tempdir().unwrap();
     let (train, _) = write_mnist(tmp.path(), false);
     let n = train.labels.len() as u32;
-    put(
-        tmp.path(),
-        "train-labels-idx1-ubyte",
-        &idx_images(n, 28, 28, &train.pixels),
-    );
+    put(tmp.path(), "train-labels-idx1-ubyte", &idx_images(n, 28, 28, &train.pixels));
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-labels-idx1-ubyte",
-            "wrong rank",
-            "3 dimension",
-            "images file",
-        ],
-    );
+    assert_contains(&e, &["train-labels-idx1-ubyte", "wrong rank", "3 dimension", "images file"]);
 }
 
 #[test]
@@ -324,21 +256,9 @@ fn mnist_truncated_pixel_data() {
     let (train, _) = write_mnist(tmp.path(), false);
     let n = train.labels.len() as u32;
     let bytes = idx_images(n, 28, 28, &train.pixels);
-    put(
-        tmp.path(),
-        "train-images-idx3-ubyte",
-        &bytes[..bytes.len() - 100],
-    );
+    put(tmp.path(), "train-images-idx3-ubyte", &bytes[..bytes.len() - 100]);
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-images-idx3-ubyte",
-            "truncated",
-            "9408 data bytes",
-            "9308",
-        ],
-    );
+    assert_contains(&e, &["train-images-idx3-ubyte", "truncated", "9408 data bytes", "9308"]);
 }
 
 #[test]
@@ -346,11 +266,7 @@ fn mnist_truncated_labels() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, _) = write_mnist(tmp.path(), false);
     let bytes = idx_labels(&train.labels);
-    put(
-        tmp.path(),
-        "train-labels-idx1-ubyte",
-        &bytes[..bytes.len() - 1],
-    );
+    put(tmp.path(), "train-labels-idx1-ubyte", &bytes[..bytes.len() - 1]);
     let e = train_err(tmp.path());
     assert_contains(&e, &["train-labels-idx1-ubyte", "truncated"]);
 }
@@ -376,14 +292,7 @@ fn mnist_too_long() {
     bytes.extend_from_slice(&[0; 784]);
     put(tmp.path(), "train-images-idx3-ubyte", &bytes);
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-images-idx3-ubyte",
-            "too long",
-            "784 unexpected bytes",
-        ],
-    );
+    assert_contains(&e, &["train-images-idx3-ubyte", "too long", "784 unexpected bytes"]);
 
     let mut labels = idx_labels(&train.labels);
     labels.push(3);
@@ -395,11 +304,7 @@ fn mnist_too_long() {
 fn mnist_count_mismatch() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, _) = write_mnist(tmp.path(), true);
-    put(
-        tmp.path(),
-        "train-labels-idx1-ubyte.gz",
-        &gzip(&idx_labels(&train.labels[..11])),
-    );
+    put(tmp.path(), "train-labels-idx1-ubyte.gz", &gzip(&idx_labels(&train.labels[..11])));
     let e = train_err(tmp.path());
     assert_contains(
         &e,
@@ -419,25 +324,14 @@ fn mnist_label_out_of_range() {
     labels[5] = 10;
     put(tmp.path(), "train-labels-idx1-ubyte", &idx_labels(&labels));
     let e = train_err(tmp.path());
-    assert_contains(
-        &e,
-        &[
-            "train-labels-idx1-ubyte",
-            "label 10 at index 5",
-            "out of range",
-        ],
-    );
+    assert_contains(&e, &["train-labels-idx1-ubyte", "label 10 at index 5", "out of range"]);
 }
 
 #[test]
 fn mnist_zero_images_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     write_mnist(tmp.path(), false);
-    put(
-        tmp.path(),
-        "train-images-idx3-ubyte",
-        &idx_images(0, 28, 28, &[]),
-    );
+    put(tmp.path(), "train-images-idx3-ubyte", &idx_images(0, 28, 28, &[]));
     put(tmp.path(), "train-labels-idx1-ubyte", &idx_labels(&[]));
     let e = train_err(tmp.path());
     assert_contains(&e, &["train-images-idx3-ubyte", "no images"]);
@@ -461,11 +355,7 @@ fn mnist_corrupt_gzip() {
     assert_contains(&e, &["train-images-idx3-ubyte.gz", "corrupt gzip"]);
 
     // Cut short, as by an interrupted download.
-    put(
-        tmp.path(),
-        "train-images-idx3-ubyte.gz",
-        &good[..good.len() / 2],
-    );
+    put(tmp.path(), "train-images-idx3-ubyte.gz", &good[..good.len() / 2]);
     let e = train_err(tmp.path());
     assert_contains(&e, &["train-images-idx3-ubyte.gz", "corrupt gzip"]);
 }
@@ -488,23 +378,14 @@ fn mnist_missing_files_are_named() {
             "ROTVAR_DATA",
         ],
     );
-    assert!(
-        !e.contains("t10k"),
-        "test files are irrelevant to the train split:\n{e}"
-    );
+    assert!(!e.contains("t10k"), "test files are irrelevant to the train split:\n{e}");
 
     // Only the one absent file is named.
     write_mnist(tmp.path(), true);
     std::fs::remove_file(tmp.path().join("mnist/t10k-labels-idx1-ubyte.gz")).unwrap();
     let e = err_text(load_mnist(tmp.path(), Split::Test));
-    assert_contains(
-        &e,
-        &["t10k-labels-idx1-ubyte.gz", &dir, "rotvar fetch mnist"],
-    );
-    assert!(
-        !e.contains("t10k-images"),
-        "images are present, must not be named:\n{e}"
-    );
+    assert_contains(&e, &["t10k-labels-idx1-ubyte.gz", &dir, "rotvar fetch mnist"]);
+    assert!(!e.contains("t10k-images"), "images are present, must not be named:\n{e}");
     assert!(!e.contains("does not exist"), "the directory exists:\n{e}");
 }
 
@@ -527,17 +408,11 @@ fn idx_parsers_never_panic_on_prefixes_or_mutations() {
     let labels = idx_labels(&[1, 2, 3, 4]);
     // Every strict prefix is invalid; the full file is valid.
     for len in 0..images.len() {
-        assert!(
-            parse_idx_images(&images[..len], "p").is_err(),
-            "prefix {len} accepted"
-        );
+        assert!(parse_idx_images(&images[..len], "p").is_err(), "prefix {len} accepted");
     }
     assert_eq!(parse_idx_images(&images, "p").unwrap().0, 3);
     for len in 0..labels.len() {
-        assert!(
-            parse_idx_labels(&labels[..len], "p").is_err(),
-            "prefix {len} accepted"
-        );
+        assert!(parse_idx_labels(&labels[..len], "p").is_err(), "prefix {len} accepted");
     }
     // Random header mutations: any result is fine as long as an Ok is self-consistent.
     let noise = pseudo_random(4000, 11);
@@ -574,12 +449,7 @@ fn write_cifar(
     for (i, &n) in train_sizes.iter().enumerate() {
         let labels: Vec<u8> = (0..n).map(|k| ((k + 3 * i) % 10) as u8).collect();
         let pixels = pseudo_random(n * 3072, 100 + i as u64);
-        write_cifar_batch(
-            &dir.join(format!("data_batch_{}.bin", i + 1)),
-            &labels,
-            &pixels,
-        )
-        .unwrap();
+        write_cifar_batch(&dir.join(format!("data_batch_{}.bin", i + 1)), &labels, &pixels).unwrap();
         train_labels.extend_from_slice(&labels);
         train_pixels.extend_from_slice(&pixels);
     }
@@ -609,15 +479,9 @@ fn cifar_batch_has_exact_binary_layout() {
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(bytes.len(), 2 * 3073);
     assert_eq!(bytes[0], 7);
-    assert_eq!(
-        (bytes[1], bytes[1024], bytes[1025], bytes[2049], bytes[3072]),
-        (1, 1, 2, 3, 3)
-    );
+    assert_eq!((bytes[1], bytes[1024], bytes[1025], bytes[2049], bytes[3072]), (1, 1, 2, 3, 3));
     assert_eq!(bytes[3073], 4);
-    assert_eq!(
-        (bytes[3074], bytes[3073 + 1025], bytes[3073 + 3072]),
-        (11, 12, 13)
-    );
+    assert_eq!((bytes[3074], bytes[3073 + 1025], bytes[3073 + 3072]), (11, 12, 13));
 
     let e = err_text(write_cifar_batch(&path, &[1, 2], &pixels[..3072]));
     assert_contains(&e, &["2 labels need 6144 pixel bytes", "3072"]);
@@ -631,10 +495,7 @@ fn cifar_roundtrip_train_concatenates_five_batches_in_order() {
     let train = load_cifar10(tmp.path(), Split::Train).unwrap();
     assert_eq!(train.name, "cifar10");
     assert_eq!(train.split, Split::Train);
-    assert_eq!(
-        (train.n, train.channels, train.height, train.width),
-        (14, 3, 32, 32)
-    );
+    assert_eq!((train.n, train.channels, train.height, train.width), (14, 3, 32, 32));
     assert_eq!(train.labels, tl);
     assert_eq!(train.images, tp);
     assert_eq!(train.class_names[3], "kitty");
@@ -645,10 +506,7 @@ fn cifar_roundtrip_train_concatenates_five_batches_in_order() {
     assert_eq!(test.labels, sl);
     assert_eq!(test.images, sp);
     // The planar layout is kept: pixel (c=1, y=2, x=5) of image 4.
-    assert_eq!(
-        test.images[4 * 3072 + 1024 + 2 * 32 + 5],
-        sp[4 * 3072 + 1024 + 69]
-    );
+    assert_eq!(test.images[4 * 3072 + 1024 + 2 * 32 + 5], sp[4 * 3072 + 1024 + 69]);
 }
 
 #[test]
@@ -677,14 +535,7 @@ fn cifar_bad_length_names_the_file() {
     bytes.truncate(bytes.len() - 10);
     std::fs::write(&path, bytes).unwrap();
     let e = err_text(load_cifar10(tmp.path(), Split::Train));
-    assert_contains(
-        &e,
-        &[
-            "data_batch_4.bin",
-            "not a multiple of the 3073-byte",
-            "1 whole records",
-        ],
-    );
+    assert_contains(&e, &["data_batch_4.bin", "not a multiple of the 3073-byte", "1 whole records"]);
 
     std::fs::write(&path, b"").unwrap();
     let e = err_text(load_cifar10(tmp.path(), Split::Train));
@@ -707,24 +558,13 @@ fn cifar_label_out_of_range_names_the_file() {
 fn cifar_missing_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let e = err_text(load_cifar10(tmp.path(), Split::Test));
-    assert_contains(
-        &e,
-        &[
-            "test_batch.bin",
-            "does not exist",
-            "cifar-10-binary.tar.gz",
-            "ROTVAR_DATA",
-        ],
-    );
+    assert_contains(&e, &["test_batch.bin", "does not exist", "cifar-10-binary.tar.gz", "ROTVAR_DATA"]);
 
     write_cifar(tmp.path(), [1; 5], 1, Some(META));
     std::fs::remove_file(tmp.path().join("cifar-10-batches-bin/data_batch_3.bin")).unwrap();
     let e = err_text(load_cifar10(tmp.path(), Split::Train));
     assert_contains(&e, &["missing data_batch_3.bin in", "cifar-10-batches-bin"]);
-    assert!(
-        !e.contains("data_batch_2"),
-        "present files must not be named:\n{e}"
-    );
+    assert!(!e.contains("data_batch_2"), "present files must not be named:\n{e}");
 }
 
 #[test]
@@ -732,10 +572,7 @@ fn cifar_meta_with_wrong_count_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar(tmp.path(), [1; 5], 1, Some("cat\ndog\n"));
     let e = err_text(load_cifar10(tmp.path(), Split::Test));
-    assert_contains(
-        &e,
-        &["batches.meta.txt", "expected 10 class names", "found 2"],
-    );
+    assert_contains(&e, &["batches.meta.txt", "expected 10 class names", "found 2"]);
 }
 
 // ---------------------------------------------------------------- Dataset methods
@@ -749,9 +586,7 @@ fn direct_stats(ds: &Dataset) -> (Vec<f64>, Vec<f64>) {
         let values: Vec<f64> = (0..ds.n)
             .flat_map(|i| {
                 let start = (i * ds.channels + c) * plane;
-                ds.images[start..start + plane]
-                    .iter()
-                    .map(|&p| p as f64 / 255.0)
+                ds.images[start..start + plane].iter().map(|&p| p as f64 / 255.0)
             })
             .collect();
         let mean = values.iter().sum::<f64>() / values.len() as f64;
@@ -796,10 +631,7 @@ fn channel_stats_match_direct_computation() {
         assert!((stats.mean[c] as f64 - mean[c]).abs() < 1e-6, "mean[{c}]");
         assert!((stats.std[c] as f64 - std[c]).abs() < 1e-6, "std[{c}]");
     }
-    assert!(
-        stats.mean[0] < 0.13 && stats.mean[1] > 0.7,
-        "channels mixed up: {stats:?}"
-    );
+    assert!(stats.mean[0] < 0.13 && stats.mean[1] > 0.7, "channels mixed up: {stats:?}");
 }
 
 #[test]
@@ -815,16 +647,11 @@ fn to_f32_normalized_matches_formula() {
     }
     // Normalized with its own statistics: zero mean, unit std per channel.
     for c in 0..3 {
-        let vals: Vec<f64> = out
-            .chunks_exact(3072)
-            .flat_map(|im| im[c * 1024..(c + 1) * 1024].iter().map(|&v| v as f64))
-            .collect();
+        let vals: Vec<f64> =
+            out.chunks_exact(3072).flat_map(|im| im[c * 1024..(c + 1) * 1024].iter().map(|&v| v as f64)).collect();
         let m = vals.iter().sum::<f64>() / vals.len() as f64;
         let s = (vals.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / vals.len() as f64).sqrt();
-        assert!(
-            m.abs() < 1e-4 && (s - 1.0).abs() < 1e-4,
-            "channel {c}: mean {m}, std {s}"
-        );
+        assert!(m.abs() < 1e-4 && (s - 1.0).abs() < 1e-4, "channel {c}: mean {m}, std {s}");
     }
 }
 
@@ -841,10 +668,7 @@ fn constant_channel_normalizes_to_finite_values() {
 #[test]
 fn normalization_with_wrong_channel_count_is_rejected() {
     let ds = cifar_with_channel_offsets();
-    let norm = Normalization {
-        mean: vec![0.5],
-        std: vec![0.25],
-    };
+    let norm = Normalization { mean: vec![0.5], std: vec![0.25] };
     let e = err_text(ds.try_to_f32_normalized(&norm));
     assert_contains(&e, &["1 means", "3 channel"]);
     let panicked = std::panic::catch_unwind(|| ds.to_f32_normalized(&norm)).is_err();
@@ -853,10 +677,7 @@ fn normalization_with_wrong_channel_count_is_rejected() {
 
 #[test]
 fn normalization_serde_roundtrip() {
-    let norm = Normalization {
-        mean: vec![0.1307],
-        std: vec![0.3081],
-    };
+    let norm = Normalization { mean: vec![0.1307], std: vec![0.3081] };
     let json = serde_json::to_string(&norm).unwrap();
     assert_eq!(json, r#"{"mean":[0.1307],"std":[0.3081]}"#);
     assert_eq!(serde_json::from_str::<Normalization>(&json).unwrap(), norm);
@@ -867,24 +688,15 @@ fn take_labels_counts_and_sizes() {
     let tmp = tempfile::tempdir().unwrap();
     let (train, _) = write_mnist(tmp.path(), false);
     let ds = load_mnist(tmp.path(), Split::Train).unwrap();
-    assert_eq!(
-        (ds.len(), ds.is_empty(), ds.image_len(), ds.num_classes()),
-        (12, false, 784, 10)
-    );
-    assert_eq!(
-        ds.labels_f32(),
-        train.labels.iter().map(|&l| l as f32).collect::<Vec<_>>()
-    );
+    assert_eq!((ds.len(), ds.is_empty(), ds.image_len(), ds.num_classes()), (12, false, 784, 10));
+    assert_eq!(ds.labels_f32(), train.labels.iter().map(|&l| l as f32).collect::<Vec<_>>());
 
     let mut want = vec![0usize; 10];
     train.labels.iter().for_each(|&l| want[l as usize] += 1);
     assert_eq!(ds.class_counts(), want);
 
     let head = ds.take(5);
-    assert_eq!(
-        (head.n, head.labels.len(), head.images.len()),
-        (5, 5, 5 * 784)
-    );
+    assert_eq!((head.n, head.labels.len(), head.images.len()), (5, 5, 5 * 784));
     assert_eq!(head.images, train.pixels[..5 * 784]);
     assert_eq!(head.labels, train.labels[..5]);
     assert_eq!(head.name, "mnist");
@@ -892,13 +704,7 @@ fn take_labels_counts_and_sizes() {
     let none = ds.take(0);
     assert!(none.is_empty());
     assert_eq!(none.class_counts(), vec![0; 10]);
-    assert_eq!(
-        none.channel_stats(),
-        Normalization {
-            mean: vec![0.0],
-            std: vec![1.0]
-        }
-    );
+    assert_eq!(none.channel_stats(), Normalization { mean: vec![0.0], std: vec![1.0] });
 }
 
 // ---------------------------------------------------------------- dispatch and data dir
@@ -908,18 +714,9 @@ fn load_dispatches_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, test) = write_mnist(tmp.path(), true);
     let (_, _, cifar_test_labels, _) = write_cifar(tmp.path(), [1; 5], 4, Some(META));
-    assert_eq!(
-        load("mnist", Split::Test, tmp.path()).unwrap().labels,
-        test.labels
-    );
-    assert_eq!(
-        load("cifar10", Split::Test, tmp.path()).unwrap().labels,
-        cifar_test_labels
-    );
-    assert_eq!(
-        load("mnist-sample", Split::Test, tmp.path()).unwrap().n,
-        1000
-    );
+    assert_eq!(load("mnist", Split::Test, tmp.path()).unwrap().labels, test.labels);
+    assert_eq!(load("cifar10", Split::Test, tmp.path()).unwrap().labels, cifar_test_labels);
+    assert_eq!(load("mnist-sample", Split::Test, tmp.path()).unwrap().n, 1000);
     assert_eq!(DATASETS, &["mnist", "mnist-sample", "cifar10"]);
     let e = err_text(load("imagenet", Split::Train, tmp.path()));
     assert_contains(&e, &["imagenet", "mnist", "mnist-sample", "cifar10"]);
@@ -944,10 +741,7 @@ fn resolve_data_dir_precedence() {
 fn mnist_sample_loads() {
     for (split, n) in [(Split::Train, 5000), (Split::Test, 1000)] {
         let ds = load_mnist_sample(split).unwrap();
-        assert_eq!(
-            (ds.name.as_str(), ds.split, ds.n),
-            ("mnist-sample", split, n)
-        );
+        assert_eq!((ds.name.as_str(), ds.split, ds.n), ("mnist-sample", split, n));
         assert_eq!((ds.channels, ds.height, ds.width), (1, 28, 28));
         assert_eq!(ds.images.len(), n * 784);
         // Real digits: every class present in reasonable numbers, mostly-black images.
@@ -957,14 +751,8 @@ fn mnist_sample_loads() {
         assert!((0.11..0.15).contains(&mean), "mean {mean}");
     }
     // Known first labels of the official files.
-    assert_eq!(
-        load_mnist_sample(Split::Train).unwrap().labels[..5],
-        [5, 0, 4, 1, 9]
-    );
-    assert_eq!(
-        load_mnist_sample(Split::Test).unwrap().labels[..5],
-        [7, 2, 1, 0, 4]
-    );
+    assert_eq!(load_mnist_sample(Split::Train).unwrap().labels[..5], [5, 0, 4, 1, 9]);
+    assert_eq!(load_mnist_sample(Split::Test).unwrap().labels[..5], [7, 2, 1, 0, 4]);
 }
 
 #[test]
@@ -972,10 +760,8 @@ fn mnist_sample_is_prefix_of_real_mnist() {
     let Some(real) = real_mnist_dir() else { return };
     for (split, prefix) in [(Split::Train, "train"), (Split::Test, "t10k")] {
         let sample = load_mnist_sample(split).unwrap();
-        let images =
-            gunzip(&std::fs::read(real.join(format!("{prefix}-images-idx3-ubyte.gz"))).unwrap());
-        let labels =
-            gunzip(&std::fs::read(real.join(format!("{prefix}-labels-idx1-ubyte.gz"))).unwrap());
+        let images = gunzip(&std::fs::read(real.join(format!("{prefix}-images-idx3-ubyte.gz"))).unwrap());
+        let labels = gunzip(&std::fs::read(real.join(format!("{prefix}-labels-idx1-ubyte.gz"))).unwrap());
         assert_eq!(sample.images[..], images[16..16 + sample.n * 784]);
         assert_eq!(sample.labels[..], labels[8..8 + sample.n]);
     }
@@ -995,11 +781,7 @@ fn regenerate_mnist_sample() {
     write_sample_files(&source, &out).unwrap();
     for entry in std::fs::read_dir(&out).unwrap() {
         let entry = entry.unwrap();
-        eprintln!(
-            "{} {} bytes",
-            entry.path().display(),
-            entry.metadata().unwrap().len()
-        );
+        eprintln!("{} {} bytes", entry.path().display(), entry.metadata().unwrap().len());
     }
 }
 
@@ -1025,10 +807,7 @@ fn real_mnist_loads_with_known_counts() {
     let data_dir = real.parent().unwrap();
     let train = load_mnist(data_dir, Split::Train).unwrap();
     assert_eq!((train.n, train.height, train.width), (60_000, 28, 28));
-    assert_eq!(
-        train.class_counts(),
-        vec![5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    );
+    assert_eq!(train.class_counts(), vec![5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]);
     // The widely quoted MNIST normalization constants.
     let stats = train.channel_stats();
     assert!((stats.mean[0] - 0.1307).abs() < 1e-4, "{stats:?}");
@@ -1051,16 +830,8 @@ fn verify_reports_present_files_only() {
 
     // A valid gz copy, a valid raw copy, and a corrupted one.
     let copy = |base: &str| std::fs::read(real.join(format!("{base}.gz"))).unwrap();
-    std::fs::write(
-        dir.join("train-labels-idx1-ubyte.gz"),
-        copy("train-labels-idx1-ubyte"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("t10k-labels-idx1-ubyte"),
-        gunzip(&copy("t10k-labels-idx1-ubyte")),
-    )
-    .unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte.gz"), copy("train-labels-idx1-ubyte")).unwrap();
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), gunzip(&copy("t10k-labels-idx1-ubyte"))).unwrap();
     let mut bad = gunzip(&copy("t10k-images-idx3-ubyte"));
     bad[5000] ^= 1;
     std::fs::write(dir.join("t10k-images-idx3-ubyte.gz"), gzip(&bad)).unwrap();
@@ -1080,26 +851,16 @@ fn verify_reports_present_files_only() {
 fn hardcoded_hashes_match_shared_readme() {
     // Guards against a typo in the constants, which would make every fetch fail.
     let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets/mnist/README.md");
-    let readme = if readme.is_file() {
-        readme
-    } else {
-        PathBuf::from("/work/shared/datasets/mnist/README.md")
-    };
+    let readme = if readme.is_file() { readme } else { PathBuf::from("/work/shared/datasets/mnist/README.md") };
     let Ok(text) = std::fs::read_to_string(&readme) else {
         eprintln!("NOTE: shared MNIST README not found; skipping");
         return;
     };
     for (base, sha) in MNIST_SHA256 {
-        let line = text
-            .lines()
-            .find(|l| l.contains(&format!("{base}.gz")))
-            .unwrap();
+        let line = text.lines().find(|l| l.contains(&format!("{base}.gz"))).unwrap();
         assert!(line.contains(sha), "{base}: {sha} not in {line}");
     }
-    assert_eq!(
-        sha256_hex(b"abc"),
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    );
+    assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
 
 #[test]
@@ -1109,11 +870,7 @@ fn fetch_offline_fails_quickly_and_explains() {
     let mirrors = ["http://127.0.0.1:1/mnist/", "http://mirror.invalid/mnist/"];
     let start = Instant::now();
     let e = err_text(fetch_mnist_from(tmp.path(), &mirrors));
-    assert!(
-        start.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
     let dir = tmp.path().join("mnist").display().to_string();
     assert_contains(
         &e,
@@ -1126,13 +883,8 @@ fn fetch_offline_fails_quickly_and_explains() {
             "--data-dir",
         ],
     );
-    let left: Vec<_> = std::fs::read_dir(tmp.path().join("mnist"))
-        .unwrap()
-        .collect();
-    assert!(
-        left.is_empty(),
-        "nothing may be written on failure: {left:?}"
-    );
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("mnist")).unwrap().collect();
+    assert!(left.is_empty(), "nothing may be written on failure: {left:?}");
 }
 
 /// A minimal HTTP/1.1 server on loopback answering GET `<path>` from `routes` (404 otherwise).
@@ -1160,10 +912,7 @@ fn serve(routes: Vec<(String, Vec<u8>)>) -> (String, Arc<AtomicUsize>) {
                 Some((_, body)) => ("200 OK", body.as_slice()),
                 None => ("404 Not Found", &b"not here"[..]),
             };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
+            let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(body);
         }
@@ -1175,24 +924,13 @@ fn serve(routes: Vec<(String, Vec<u8>)>) -> (String, Arc<AtomicUsize>) {
 fn fetch_rejects_content_with_wrong_hash() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = gzip(&idx_labels(&[1, 2, 3]));
-    let routes = MNIST_SHA256
-        .iter()
-        .map(|(b, _)| (format!("/m/{b}.gz"), fake.clone()))
-        .collect();
+    let routes = MNIST_SHA256.iter().map(|(b, _)| (format!("/m/{b}.gz"), fake.clone())).collect();
     let (base, _) = serve(routes);
     let mirror = format!("{base}/m/");
     let e = err_text(fetch_mnist_from(tmp.path(), &[&mirror]));
-    assert_contains(
-        &e,
-        &["train-images-idx3-ubyte.gz", "SHA-256", MNIST_SHA256[0].1],
-    );
-    let left: Vec<_> = std::fs::read_dir(tmp.path().join("mnist"))
-        .unwrap()
-        .collect();
-    assert!(
-        left.is_empty(),
-        "a file failing verification must not be kept: {left:?}"
-    );
+    assert_contains(&e, &["train-images-idx3-ubyte.gz", "SHA-256", MNIST_SHA256[0].1]);
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("mnist")).unwrap().collect();
+    assert!(left.is_empty(), "a file failing verification must not be kept: {left:?}");
 }
 
 #[test]
@@ -1200,12 +938,7 @@ fn fetch_from_local_mirror_falls_back_verifies_and_skips_present_files() {
     let Some(real) = real_mnist_dir() else { return };
     let routes = MNIST_SHA256
         .iter()
-        .map(|(b, _)| {
-            (
-                format!("/good/{b}.gz"),
-                std::fs::read(real.join(format!("{b}.gz"))).unwrap(),
-            )
-        })
+        .map(|(b, _)| (format!("/good/{b}.gz"), std::fs::read(real.join(format!("{b}.gz"))).unwrap()))
         .collect();
     let (base, hits) = serve(routes);
     let bad_mirror = format!("{base}/missing/");
@@ -1222,10 +955,8 @@ fn fetch_from_local_mirror_falls_back_verifies_and_skips_present_files() {
     fetch_mnist_from(tmp.path(), &[&bad_mirror, &good_mirror]).unwrap();
     // Three files fetched, each first trying the 404 mirror.
     assert_eq!(hits.load(Ordering::SeqCst), 6);
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(
         names,

@@ -45,14 +45,11 @@ impl std::str::FromStr for DeviceRequest {
             "cpu" => Ok(DeviceRequest::Cpu),
             "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
             other => match other.strip_prefix("cuda:") {
-                Some(n) => n.parse().map(DeviceRequest::Cuda).map_err(|_| {
-                    format!(
-                        "bad device '{s}': expected auto, cpu, cuda or cuda:N with N a GPU index"
-                    )
-                }),
-                None => Err(format!(
-                    "unknown device '{s}': expected auto, cpu, cuda or cuda:N"
-                )),
+                Some(n) => n
+                    .parse()
+                    .map(DeviceRequest::Cuda)
+                    .map_err(|_| format!("bad device '{s}': expected auto, cpu, cuda or cuda:N with N a GPU index")),
+                None => Err(format!("unknown device '{s}': expected auto, cpu, cuda or cuda:N")),
             },
         }
     }
@@ -61,6 +58,14 @@ impl std::str::FromStr for DeviceRequest {
 /// Raw device memory. The CPU variant is a plain vector; the CUDA backend adds its own variant.
 pub enum Storage {
     Cpu(Vec<f32>),
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        match self {
+            Storage::Cpu(v) => cpu::buffers::recycle(std::mem::take(v)),
+        }
+    }
 }
 
 impl Storage {
@@ -110,27 +115,11 @@ impl ConvGeom {
             bail!("conv2d: stride must be at least 1");
         }
         if h + 2 * pad < kh || w + 2 * pad < kw {
-            bail!(
-                "conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}",
-                h + 2 * pad,
-                w + 2 * pad
-            );
+            bail!("conv2d: kernel {kh}x{kw} is larger than the padded input {}x{}", h + 2 * pad, w + 2 * pad);
         }
         let oh = (h + 2 * pad - kh) / stride + 1;
         let ow = (w + 2 * pad - kw) / stride + 1;
-        Ok(ConvGeom {
-            n,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh,
-            kw,
-            stride,
-            pad,
-            oh,
-            ow,
-        })
+        Ok(ConvGeom { n, c_in, h, w, c_out, kh, kw, stride, pad, oh, ow })
     }
     pub fn in_len(&self) -> usize {
         self.n * self.c_in * self.h * self.w
@@ -172,15 +161,7 @@ pub struct PoolGeom {
 }
 
 impl PoolGeom {
-    pub fn new(
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Result<Self> {
+    pub fn new(n: usize, c: usize, h: usize, w: usize, k: usize, stride: usize, pad: usize) -> Result<Self> {
         if k == 0 || stride == 0 {
             bail!("pool2d: kernel and stride must be at least 1");
         }
@@ -188,25 +169,11 @@ impl PoolGeom {
             bail!("pool2d: padding {pad} must be at most half the kernel size {k}");
         }
         if h + 2 * pad < k || w + 2 * pad < k {
-            bail!(
-                "pool2d: window {k} is larger than the padded input {}x{}",
-                h + 2 * pad,
-                w + 2 * pad
-            );
+            bail!("pool2d: window {k} is larger than the padded input {}x{}", h + 2 * pad, w + 2 * pad);
         }
         let oh = (h + 2 * pad - k) / stride + 1;
         let ow = (w + 2 * pad - k) / stride + 1;
-        Ok(PoolGeom {
-            n,
-            c,
-            h,
-            w,
-            k,
-            stride,
-            pad,
-            oh,
-            ow,
-        })
+        Ok(PoolGeom { n, c, h, w, k, stride, pad, oh, ow })
     }
     pub fn in_len(&self) -> usize {
         self.n * self.c * self.h * self.w
@@ -267,13 +234,7 @@ pub trait Backend: Send + Sync {
     fn download(&self, s: &Storage) -> Result<Vec<f32>>;
     /// Copy rows `idx[i]` of `src` (rows of `row_len`) into row i of `dst`: batch gathering
     /// from a dataset that stays resident on the device.
-    fn gather_rows(
-        &self,
-        src: &Storage,
-        row_len: usize,
-        idx: &[u32],
-        dst: &mut Storage,
-    ) -> Result<()>;
+    fn gather_rows(&self, src: &Storage, row_len: usize, idx: &[u32], dst: &mut Storage) -> Result<()>;
     /// Wait for queued work (a no-op on the CPU); used only at measurement boundaries.
     fn synchronize(&self) -> Result<()> {
         Ok(())
@@ -290,24 +251,10 @@ pub trait Backend: Send + Sync {
     /// dx = dy where y > 0 (y is the ReLU output).
     fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()>;
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()>;
-    fn elu_bwd(
-        &self,
-        x: &Storage,
-        y: &Storage,
-        dy: &Storage,
-        alpha: f32,
-        dx: &mut Storage,
-    ) -> Result<()>;
+    fn elu_bwd(&self, x: &Storage, y: &Storage, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()>;
     /// Inverted dropout: mask[i] = 0 with probability p else 1/(1-p), drawn from a counter-based
     /// hash of (seed, i) so the mask does not depend on threads or device; y = x * mask.
-    fn dropout_fwd(
-        &self,
-        x: &Storage,
-        p: f32,
-        seed: u64,
-        y: &mut Storage,
-        mask: &mut Storage,
-    ) -> Result<()>;
+    fn dropout_fwd(&self, x: &Storage, p: f32, seed: u64, y: &mut Storage, mask: &mut Storage) -> Result<()>;
 
     // --- dense layers -------------------------------------------------------------------
     /// y[n, m] = x[n, k] · w[m, k]ᵀ + b[m]
@@ -322,15 +269,7 @@ pub trait Backend: Send + Sync {
         m: usize,
     ) -> Result<()>;
     /// dx[n, k] = dy[n, m] · w[m, k]
-    fn linear_bwd_data(
-        &self,
-        dy: &Storage,
-        w: &Storage,
-        dx: &mut Storage,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()>;
+    fn linear_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, n: usize, k: usize, m: usize) -> Result<()>;
     /// dw[m, k] = dy[n, m]ᵀ · x[n, k]; db[m] = Σ_n dy[n, m]
     fn linear_bwd_weight(
         &self,
@@ -342,21 +281,8 @@ pub trait Backend: Send + Sync {
         k: usize,
         m: usize,
     ) -> Result<()>;
-    fn conv2d_fwd(
-        &self,
-        x: &Storage,
-        w: &Storage,
-        b: Option<&Storage>,
-        y: &mut Storage,
-        g: &ConvGeom,
-    ) -> Result<()>;
-    fn conv2d_bwd_data(
-        &self,
-        dy: &Storage,
-        w: &Storage,
-        dx: &mut Storage,
-        g: &ConvGeom,
-    ) -> Result<()>;
+    fn conv2d_fwd(&self, x: &Storage, w: &Storage, b: Option<&Storage>, y: &mut Storage, g: &ConvGeom) -> Result<()>;
+    fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()>;
     fn conv2d_bwd_weight(
         &self,
         x: &Storage,
@@ -370,14 +296,7 @@ pub trait Backend: Send + Sync {
     fn pool2d_fwd(&self, kind: PoolKind, x: &Storage, y: &mut Storage, g: &PoolGeom) -> Result<()>;
     /// Max pooling routes each gradient to the first maximum of its window (recomputed from x,
     /// so no index buffer is kept between forward and backward).
-    fn pool2d_bwd(
-        &self,
-        kind: PoolKind,
-        x: &Storage,
-        dy: &Storage,
-        dx: &mut Storage,
-        g: &PoolGeom,
-    ) -> Result<()>;
+    fn pool2d_bwd(&self, kind: PoolKind, x: &Storage, dy: &Storage, dx: &mut Storage, g: &PoolGeom) -> Result<()>;
 
     // --- normalization ------------------------------------------------------------------
     /// Training-mode batch norm: batch statistics (two-pass, numerically sound), saves mean and
@@ -425,35 +344,13 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     // --- loss and reductions ------------------------------------------------------------
-    fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, rows: usize, cols: usize)
-        -> Result<()>;
+    fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, rows: usize, cols: usize) -> Result<()>;
     /// dx = dy - exp(y) · Σ_j dy (y is the log-softmax output).
-    fn log_softmax_bwd(
-        &self,
-        y: &Storage,
-        dy: &Storage,
-        dx: &mut Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()>;
+    fn log_softmax_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage, rows: usize, cols: usize) -> Result<()>;
     /// loss[0] = -mean_i logp[i, label_i]; labels are class indices stored as f32.
-    fn nll_fwd(
-        &self,
-        logp: &Storage,
-        labels: &Storage,
-        loss: &mut Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()>;
+    fn nll_fwd(&self, logp: &Storage, labels: &Storage, loss: &mut Storage, rows: usize, cols: usize) -> Result<()>;
     /// dlogp[i, j] = -dloss / rows at j = label_i, else 0.
-    fn nll_bwd(
-        &self,
-        labels: &Storage,
-        dloss: &Storage,
-        dlogp: &mut Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()>;
+    fn nll_bwd(&self, labels: &Storage, dloss: &Storage, dlogp: &mut Storage, rows: usize, cols: usize) -> Result<()>;
     /// out[0] = Σ x (deterministic order).
     fn sum(&self, x: &Storage, out: &mut Storage) -> Result<()>;
     /// dx[i] = alpha · dy[0] for every i: the backward of a (scaled) sum.
@@ -470,13 +367,7 @@ pub trait Backend: Send + Sync {
         v: &mut Storage,
         h: &AdamParams,
     ) -> Result<()>;
-    fn sgd_step(
-        &self,
-        p: &mut Storage,
-        grad: &Storage,
-        velocity: &mut Storage,
-        h: &SgdParams,
-    ) -> Result<()>;
+    fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()>;
 }
 
 pub type BackendRef = Arc<dyn Backend>;

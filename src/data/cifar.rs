@@ -18,28 +18,13 @@ pub const IMAGE_BYTES: usize = CHANNELS * SIDE * SIDE;
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 /// Records in each official batch file.
 pub const RECORDS_PER_BATCH: usize = 10_000;
-pub const TRAIN_FILES: [&str; 5] = [
-    "data_batch_1.bin",
-    "data_batch_2.bin",
-    "data_batch_3.bin",
-    "data_batch_4.bin",
-    "data_batch_5.bin",
-];
+pub const TRAIN_FILES: [&str; 5] =
+    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
 pub const TEST_FILE: &str = "test_batch.bin";
 pub const META_FILE: &str = "batches.meta.txt";
 /// Used when `batches.meta.txt` is absent; identical to the official file's content.
-pub const DEFAULT_CLASS_NAMES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub const DEFAULT_CLASS_NAMES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 pub const DOWNLOAD_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 
 pub fn split_files(split: Split) -> Vec<&'static str> {
@@ -59,23 +44,11 @@ pub fn load_cifar10(data_dir: &Path, split: Split) -> Result<Dataset> {
     let primary = data_dir.join(CIFAR_SUBDIR);
     let in_primary = names.iter().any(|f| primary.join(f).is_file());
     let in_parent = names.iter().all(|f| data_dir.join(f).is_file());
-    let dir = if !in_primary && in_parent {
-        data_dir.to_path_buf()
-    } else {
-        primary
-    };
+    let dir = if !in_primary && in_parent { data_dir.to_path_buf() } else { primary };
 
-    let missing: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|f| !dir.join(f).is_file())
-        .collect();
+    let missing: Vec<&str> = names.iter().copied().filter(|f| !dir.join(f).is_file()).collect();
     if !missing.is_empty() {
-        let dir_note = if dir.is_dir() {
-            ""
-        } else {
-            " (the directory does not exist)"
-        };
+        let dir_note = if dir.is_dir() { "" } else { " (the directory does not exist)" };
         bail!(
             "CIFAR-10 {split} data not found: missing {} in {}{dir_note}.\n\
              To fix: download the binary version ({DOWNLOAD_URL}) and extract it inside the data \
@@ -116,10 +89,7 @@ fn append_batch(
     images: &mut Vec<u8>,
 ) -> Result<()> {
     if bytes.is_empty() {
-        bail!(
-            "{}: file is empty; re-extract it from cifar-10-binary.tar.gz",
-            path.display()
-        );
+        bail!("{}: file is empty; re-extract it from cifar-10-binary.tar.gz", path.display());
     }
     if !bytes.len().is_multiple_of(RECORD_BYTES) {
         bail!(
@@ -160,18 +130,9 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
         return Ok(DEFAULT_CLASS_NAMES.iter().map(|s| s.to_string()).collect());
     }
     let bytes = read_file(path)?;
-    let text = String::from_utf8(bytes).map_err(|_| {
-        anyhow!(
-            "{}: not UTF-8 text; expected 10 class names",
-            path.display()
-        )
-    })?;
-    let names: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let text =
+        String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8 text; expected 10 class names", path.display()))?;
+    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if names.len() != DEFAULT_CLASS_NAMES.len() {
         bail!(
             "{}: expected {} class names (one per line) but found {}; fix or delete the file \
@@ -188,10 +149,7 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
 /// records' pixels back to back, each 3,072 bytes in planar R, G, B order. Any record count is
 /// accepted (official files have 10,000).
 pub fn write_cifar_batch(path: &Path, labels: &[u8], images: &[u8]) -> Result<()> {
-    let expected = labels
-        .len()
-        .checked_mul(IMAGE_BYTES)
-        .context("record count overflows")?;
+    let expected = labels.len().checked_mul(IMAGE_BYTES).context("record count overflows")?;
     if images.len() != expected {
         bail!(
             "write_cifar_batch({}): {} labels need {expected} pixel bytes but {} were given",

@@ -14,30 +14,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Public mirrors of the original files, tried in order. Each serves `<base>.gz`.
-pub const MIRRORS: &[&str] = &[
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-];
+pub const MIRRORS: &[&str] =
+    &["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"];
 
 /// SHA-256 of each *decompressed* file, copied from shared/datasets/mnist/README.md (they are
 /// the hashes of the original LeCun IDX files, so every faithful mirror matches them).
 pub const MNIST_SHA256: [(&str, &str); 4] = [
-    (
-        FILE_NAMES[0],
-        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    ),
-    (
-        FILE_NAMES[1],
-        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    ),
-    (
-        FILE_NAMES[2],
-        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    ),
-    (
-        FILE_NAMES[3],
-        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    ),
+    (FILE_NAMES[0], "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    (FILE_NAMES[1], "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    (FILE_NAMES[2], "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    (FILE_NAMES[3], "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 ];
 
 /// The gzipped training images are ~10 MB; the cap only guards against a misbehaving server.
@@ -81,11 +67,7 @@ pub fn fetch_mnist_from(data_dir: &Path, mirrors: &[&str]) -> Result<()> {
                 Ok(body) => {
                     // Keep the bytes exactly as verified; a mirror that serves raw IDX gets a
                     // raw file rather than a misnamed one.
-                    let name = if body.starts_with(&[0x1f, 0x8b]) {
-                        format!("{base}.gz")
-                    } else {
-                        base.to_string()
-                    };
+                    let name = if body.starts_with(&[0x1f, 0x8b]) { format!("{base}.gz") } else { base.to_string() };
                     write_atomically(&dir.join(name), &body)?;
                     fetched = true;
                     break;
@@ -124,9 +106,7 @@ pub fn verify_mnist(data_dir: &Path) -> Result<Vec<(String, bool)>> {
     let mut out = Vec::new();
     for (base, sha) in MNIST_SHA256 {
         if let Some(path) = locate(&dir, base) {
-            let name = path
-                .file_name()
-                .map_or_else(|| base.to_string(), |n| n.to_string_lossy().into_owned());
+            let name = path.file_name().map_or_else(|| base.to_string(), |n| n.to_string_lossy().into_owned());
             out.push((name, file_matches(&path, sha)?));
         }
     }
@@ -137,19 +117,14 @@ pub fn verify_mnist(data_dir: &Path) -> Result<Vec<(String, bool)>> {
 /// as a mismatch; only failing to read the file at all is an error.
 fn file_matches(path: &Path, sha: &str) -> Result<bool> {
     let bytes = super::read_file(path)?;
-    Ok(
-        match decode_maybe_gzip(bytes, &path.display().to_string()) {
-            Ok(content) => sha256_hex(&content) == sha,
-            Err(_) => false,
-        },
-    )
+    Ok(match decode_maybe_gzip(bytes, &path.display().to_string()) {
+        Ok(content) => sha256_hex(&content) == sha,
+        Err(_) => false,
+    })
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Timeouts bound every phase, so an unreachable or stalled mirror costs at most ~30 s:
@@ -192,10 +167,7 @@ fn download_verified(agent: &ureq::Agent, url: &str, sha: &str) -> Result<Vec<u8
 /// never leaves a half-written file under the final name.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{file_name}.part-{}", std::process::id()));
     let result = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

@@ -21,12 +21,8 @@ pub const NUM_CLASSES: usize = 10;
 
 /// File base names (without `.gz`) in the order train images, train labels, test images,
 /// test labels.
-pub const FILE_NAMES: [&str; 4] = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-];
+pub const FILE_NAMES: [&str; 4] =
+    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
 /// Decompressed size cap. The real training images are 47 MB; the cap only exists so that a
 /// hostile or corrupt `.gz` cannot exhaust memory.
@@ -62,17 +58,9 @@ pub fn class_names() -> Vec<String> {
 pub fn load_mnist(data_dir: &Path, split: Split) -> Result<Dataset> {
     let (images_name, labels_name) = split_files(split);
     let primary = data_dir.join(MNIST_SUBDIR);
-    let in_primary = [images_name, labels_name]
-        .iter()
-        .any(|b| locate(&primary, b).is_some());
-    let in_parent = [images_name, labels_name]
-        .iter()
-        .all(|b| locate(data_dir, b).is_some());
-    let dir = if !in_primary && in_parent {
-        data_dir.to_path_buf()
-    } else {
-        primary
-    };
+    let in_primary = [images_name, labels_name].iter().any(|b| locate(&primary, b).is_some());
+    let in_parent = [images_name, labels_name].iter().all(|b| locate(data_dir, b).is_some());
+    let dir = if !in_primary && in_parent { data_dir.to_path_buf() } else { primary };
 
     let images_path = locate(&dir, images_name);
     let labels_path = locate(&dir, labels_name);
@@ -98,17 +86,7 @@ pub fn load_mnist(data_dir: &Path, split: Split) -> Result<Dataset> {
     let label_bytes = decode_maybe_gzip(read_file(&labels_path)?, &labels_what)?;
     let labels = parse_idx_labels(&label_bytes, &labels_what)?;
 
-    build_dataset(
-        "mnist",
-        split,
-        n,
-        rows,
-        cols,
-        images,
-        labels,
-        &images_what,
-        &labels_what,
-    )
+    build_dataset("mnist", split, n, rows, cols, images, labels, &images_what, &labels_what)
 }
 
 /// Cross-file checks shared by the on-disk loader and the bundled sample.
@@ -150,11 +128,7 @@ pub(crate) fn build_dataset(
 
 fn missing_files_error(dir: &Path, split: Split, missing: &[&str]) -> anyhow::Error {
     let list: Vec<String> = missing.iter().map(|b| format!("{b}.gz")).collect();
-    let dir_note = if dir.is_dir() {
-        ""
-    } else {
-        " (the directory does not exist)"
-    };
+    let dir_note = if dir.is_dir() { "" } else { " (the directory does not exist)" };
     anyhow!(
         "MNIST {split} data not found: missing {} in {}{dir_note}. Each file may also be \
          stored uncompressed, without the .gz suffix.\n\
@@ -175,15 +149,14 @@ pub fn decode_maybe_gzip(bytes: Vec<u8>, what: &str) -> Result<Vec<u8>> {
         return Ok(bytes);
     }
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(bytes.as_slice())
-        .take(MAX_DECOMPRESSED + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| {
+    flate2::read::MultiGzDecoder::new(bytes.as_slice()).take(MAX_DECOMPRESSED + 1).read_to_end(&mut out).map_err(
+        |e| {
             anyhow!(
                 "{what}: corrupt gzip data ({e}); the file is damaged or was only partly \
                  downloaded. Delete it and re-download it (`rotvar fetch mnist`)"
             )
-        })?;
+        },
+    )?;
     if out.len() as u64 > MAX_DECOMPRESSED {
         bail!(
             "{what}: gzip data decompresses to more than {} MiB, far more than any MNIST file; \
@@ -209,11 +182,7 @@ pub fn parse_idx_images(bytes: &[u8], what: &str) -> Result<(usize, usize, usize
 /// digit 0..9. `what` names the file in error messages.
 pub fn parse_idx_labels(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
     let (_, data) = parse_idx(bytes, what, LABELS_MAGIC, "labels")?;
-    if let Some((i, &l)) = data
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l as usize >= NUM_CLASSES)
-    {
+    if let Some((i, &l)) = data.iter().enumerate().find(|(_, &l)| l as usize >= NUM_CLASSES) {
         bail!(
             "{what}: label {l} at index {i} is out of range (MNIST labels are 0..9); the file is \
              corrupt or not an MNIST label file. Re-download it (`rotvar fetch mnist`)"
@@ -224,12 +193,7 @@ pub fn parse_idx_labels(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
 
 /// Validates an IDX header against `magic` and the file length; returns the dimensions and the
 /// exact data slice.
-fn parse_idx<'a>(
-    bytes: &'a [u8],
-    what: &str,
-    magic: u32,
-    kind: &str,
-) -> Result<(Vec<usize>, &'a [u8])> {
+fn parse_idx<'a>(bytes: &'a [u8], what: &str, magic: u32, kind: &str) -> Result<(Vec<usize>, &'a [u8])> {
     let redownload = "Re-download it with `rotvar fetch mnist`";
     let want_rank = (magic & 0xff) as usize;
     let mut header = bytes;
@@ -243,11 +207,7 @@ fn parse_idx<'a>(
     };
     // IDX magic: two zero bytes, a type code (0x08 = unsigned byte), then the rank.
     if found & 0xffff_ff00 != magic & 0xffff_ff00 {
-        let gz = if bytes.starts_with(&[0x1f, 0x8b]) {
-            " The data is still gzip-compressed."
-        } else {
-            ""
-        };
+        let gz = if bytes.starts_with(&[0x1f, 0x8b]) { " The data is still gzip-compressed." } else { "" };
         bail!(
             "{what}: bad magic number 0x{found:08x}, expected 0x{magic:08x} (IDX unsigned-byte \
              {kind}); this is neither an MNIST IDX file nor gzip data, or it is corrupt.{gz} \
@@ -279,20 +239,13 @@ fn parse_idx<'a>(
             ),
         }
     }
-    let dims_text = dims
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("x");
-    let expected = dims
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| {
-            anyhow!(
-                "{what}: header dimensions {dims_text} are impossibly large (their product \
+    let dims_text = dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+    let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
+        anyhow!(
+            "{what}: header dimensions {dims_text} are impossibly large (their product \
                  overflows); the file is corrupt. {redownload}"
-            )
-        })?;
+        )
+    })?;
     let actual = header.len();
     if actual < expected {
         bail!(

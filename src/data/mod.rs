@@ -152,18 +152,9 @@ impl Dataset {
         let plane = self.height * self.width;
         let total = self.n * c * plane;
         if self.images.len() < total {
-            bail!(
-                "dataset '{}' holds {} pixel bytes but n*c*h*w = {}",
-                self.name,
-                self.images.len(),
-                total
-            );
+            bail!("dataset '{}' holds {} pixel bytes but n*c*h*w = {}", self.name, self.images.len(), total);
         }
-        let std: Vec<f32> = norm
-            .std
-            .iter()
-            .map(|&s| if s > 0.0 && s.is_finite() { s } else { 1.0 })
-            .collect();
+        let std: Vec<f32> = norm.std.iter().map(|&s| if s > 0.0 && s.is_finite() { s } else { 1.0 }).collect();
         let mut out = Vec::with_capacity(total);
         if plane > 0 && c > 0 {
             for image in self.images[..total].chunks_exact(c * plane) {
@@ -200,12 +191,7 @@ impl Dataset {
     /// Records per class. Sized to cover every label present even if `class_names` is short, so
     /// a hand-built dataset cannot make this index out of bounds.
     pub fn class_counts(&self) -> Vec<usize> {
-        let max_label = self
-            .labels
-            .iter()
-            .copied()
-            .max()
-            .map_or(0, |m| m as usize + 1);
+        let max_label = self.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
         let mut counts = vec![0usize; self.num_classes().max(max_label)];
         for &l in &self.labels {
             counts[l as usize] += 1;
@@ -234,10 +220,7 @@ pub fn load(name: &str, split: Split, data_dir: &Path) -> Result<Dataset> {
         "mnist" => mnist::load_mnist(data_dir, split),
         "mnist-sample" => sample::load_mnist_sample(split),
         "cifar10" => cifar::load_cifar10(data_dir, split),
-        _ => bail!(
-            "unknown dataset '{name}'; available datasets: {}",
-            DATASETS.join(", ")
-        ),
+        _ => bail!("unknown dataset '{name}'; available datasets: {}", DATASETS.join(", ")),
     }
 }
 

@@ -46,17 +46,7 @@ pub fn load_mnist_sample(split: Split) -> Result<Dataset> {
     if n != want {
         bail!("{images_what} holds {n} images, expected {want}; regenerate the sample");
     }
-    build_dataset(
-        "mnist-sample",
-        split,
-        n,
-        rows,
-        cols,
-        images,
-        labels,
-        &images_what,
-        &labels_what,
-    )
+    build_dataset("mnist-sample", split, n, rows, cols, images, labels, &images_what, &labels_what)
 }
 
 /// Writes the four sample files into `out_dir` from the official (gzipped or raw) MNIST files in
@@ -69,8 +59,7 @@ pub fn write_sample_files(source_dir: &Path, out_dir: &Path) -> Result<()> {
         ("t10k-images-idx3-ubyte", SAMPLE_TEST_LEN),
         ("t10k-labels-idx1-ubyte", SAMPLE_TEST_LEN),
     ];
-    std::fs::create_dir_all(out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     for (base, count) in jobs {
         let path = super::mnist::locate(source_dir, base)
             .with_context(|| format!("{base}(.gz) not found in {}", source_dir.display()))?;
@@ -90,10 +79,7 @@ pub fn write_sample_files(source_dir: &Path, out_dir: &Path) -> Result<()> {
         } else {
             let labels = parse_idx_labels(&bytes, &what)?;
             if labels.len() < count {
-                bail!(
-                    "{what} holds only {} labels, fewer than {count}",
-                    labels.len()
-                );
+                bail!("{what} holds only {} labels, fewer than {count}", labels.len());
             }
             let mut idx = Vec::new();
             for v in [0x0801u32, count as u32] {
@@ -103,12 +89,9 @@ pub fn write_sample_files(source_dir: &Path, out_dir: &Path) -> Result<()> {
             idx
         };
         let out_path = out_dir.join(format!("{base}.gz"));
-        let file = std::fs::File::create(&out_path)
-            .with_context(|| format!("cannot create {}", out_path.display()))?;
+        let file = std::fs::File::create(&out_path).with_context(|| format!("cannot create {}", out_path.display()))?;
         // mtime 0 and no embedded file name, like `gzip -n`, so regenerating gives the same bytes.
-        let mut gz = flate2::GzBuilder::new()
-            .mtime(0)
-            .write(file, flate2::Compression::best());
+        let mut gz = flate2::GzBuilder::new().mtime(0).write(file, flate2::Compression::best());
         gz.write_all(&idx)?;
         gz.finish()?.sync_all()?;
     }

@@ -45,10 +45,7 @@ impl Model {
         let net = match arch.as_str() {
             "lenet" => lenet::build(backend, &mut rng, &input)?,
             "simpleconv" => simpleconv::build(backend, &mut rng, &input)?,
-            other => bail!(
-                "unknown model '{other}': choose one of {}",
-                MODELS.join(", ")
-            ),
+            other => bail!("unknown model '{other}': choose one of {}", MODELS.join(", ")),
         };
         Ok(Model { arch, input, net })
     }
@@ -58,13 +55,7 @@ impl Model {
         let s = x.shape();
         let i = &self.input;
         if s.len() != 4 || s[1] != i.channels || s[2] != i.height || s[3] != i.width {
-            bail!(
-                "{}: expected input [N, {}, {}, {}], got {s:?}",
-                self.arch,
-                i.channels,
-                i.height,
-                i.width
-            );
+            bail!("{}: expected input [N, {}, {}, {}], got {s:?}", self.arch, i.channels, i.height, i.width);
         }
         self.net.forward(x, f)
     }

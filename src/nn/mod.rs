@@ -24,25 +24,13 @@ pub struct Forward<'a> {
 
 impl<'a> Forward<'a> {
     pub fn train(seed: u64) -> Self {
-        Forward {
-            train: true,
-            seed,
-            observer: None,
-        }
+        Forward { train: true, seed, observer: None }
     }
     pub fn eval() -> Self {
-        Forward {
-            train: false,
-            seed: 0,
-            observer: None,
-        }
+        Forward { train: false, seed: 0, observer: None }
     }
     pub fn observe(observer: &'a mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Self {
-        Forward {
-            train: false,
-            seed: 0,
-            observer: Some(observer),
-        }
+        Forward { train: false, seed: 0, observer: Some(observer) }
     }
     fn emit(&mut self, name: &str, t: &Tensor) -> Result<()> {
         match self.observer.as_mut() {
@@ -75,17 +63,8 @@ impl Conv2d {
     ) -> Result<Self> {
         let fan_in = c_in * k * k;
         let weight = init::kaiming_uniform(b, rng, &[c_out, c_in, k, k], fan_in)?;
-        let bias = if bias {
-            Some(init::kaiming_uniform(b, rng, &[c_out], fan_in)?)
-        } else {
-            None
-        };
-        Ok(Conv2d {
-            weight,
-            bias,
-            stride,
-            pad,
-        })
+        let bias = if bias { Some(init::kaiming_uniform(b, rng, &[c_out], fan_in)?) } else { None };
+        Ok(Conv2d { weight, bias, stride, pad })
     }
 }
 
@@ -160,12 +139,7 @@ impl Layer {
             Layer::AvgPool { k, stride, pad } => ops::avg_pool2d(x, *k, *stride, *pad),
             Layer::GlobalAvgPool => ops::global_avg_pool(x),
             Layer::Flatten => ops::flatten(x),
-            Layer::Dropout(p) => ops::dropout(
-                x,
-                *p,
-                f.train,
-                crate::rng::splitmix64(f.seed ^ index as u64),
-            ),
+            Layer::Dropout(p) => ops::dropout(x, *p, f.train, crate::rng::splitmix64(f.seed ^ index as u64)),
             Layer::LogSoftmax => ops::log_softmax(x),
         }
     }
@@ -186,10 +160,7 @@ impl Layer {
     /// Non-trainable state saved with the model (batch-norm running statistics).
     pub fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
         match self {
-            Layer::BatchNorm(bn) => vec![
-                ("running_mean", &bn.running_mean),
-                ("running_var", &bn.running_var),
-            ],
+            Layer::BatchNorm(bn) => vec![("running_mean", &bn.running_mean), ("running_var", &bn.running_var)],
             _ => vec![],
         }
     }
@@ -239,11 +210,7 @@ impl Sequential {
         let mut out = Vec::new();
         for (name, layer) in &self.layers {
             for (suffix, t) in layer.parameters() {
-                out.push(Param {
-                    name: format!("{name}.{suffix}"),
-                    tensor: t.clone(),
-                    decay: t.rank() > 1,
-                });
+                out.push(Param { name: format!("{name}.{suffix}"), tensor: t.clone(), decay: t.rank() > 1 });
             }
         }
         out
@@ -262,11 +229,7 @@ impl Sequential {
 
     /// Names of the intermediates a forward pass reports, in order.
     pub fn intermediate_names(&self) -> Vec<String> {
-        self.layers
-            .iter()
-            .filter(|(_, l)| l.observable())
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.layers.iter().filter(|(_, l)| l.observable()).map(|(n, _)| n.clone()).collect()
     }
 }
 

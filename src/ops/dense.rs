@@ -10,11 +10,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     expect_rank("linear", "weight", w, 2)?;
     let (n, k, m) = (x.dim(0), x.dim(1), w.dim(0));
     if w.dim(1) != k {
-        bail!(
-            "linear: input has {k} features but the weight expects {} (weight shape {:?})",
-            w.dim(1),
-            w.shape()
-        );
+        bail!("linear: input has {k} features but the weight expects {} (weight shape {:?})", w.dim(1), w.shape());
     }
     if let Some(b) = b {
         if b.shape() != [m] {
@@ -26,15 +22,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     same_device("linear", &inputs)?;
     let be = x.backend().clone();
     let mut ys = be.zeros(n * m)?;
-    be.linear_fwd(
-        &x.storage(),
-        &w.storage(),
-        b.map(|b| b.storage()).as_deref(),
-        &mut ys,
-        n,
-        k,
-        m,
-    )?;
+    be.linear_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), &mut ys, n, k, m)?;
     let y = output(&inputs, &[n, m], ys)?;
     if y.is_tracked() {
         let (x, w, b, y_id) = (x.clone(), w.clone(), b.cloned(), y.id());
@@ -64,22 +52,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// 2-D convolution, NCHW input, OIHW weight, square stride and zero padding.
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
-) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     expect_rank("conv2d", "input", x, 4)?;
     expect_rank("conv2d", "weight", w, 4)?;
     let (n, c, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
     if w.dim(1) != c {
-        bail!(
-            "conv2d: input has {c} channels but the weight expects {} (weight shape {:?})",
-            w.dim(1),
-            w.shape()
-        );
+        bail!("conv2d: input has {c} channels but the weight expects {} (weight shape {:?})", w.dim(1), w.shape());
     }
     let g = ConvGeom::new(n, c, h, wd, w.dim(0), (w.dim(2), w.dim(3)), stride, pad)?;
     if let Some(b) = b {
@@ -92,13 +70,7 @@ pub fn conv2d(
     same_device("conv2d", &inputs)?;
     let be = x.backend().clone();
     let mut ys = be.zeros(g.out_len())?;
-    be.conv2d_fwd(
-        &x.storage(),
-        &w.storage(),
-        b.map(|b| b.storage()).as_deref(),
-        &mut ys,
-        &g,
-    )?;
+    be.conv2d_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), &mut ys, &g)?;
     let y = output(&inputs, &[n, g.c_out, g.oh, g.ow], ys)?;
     if y.is_tracked() {
         let (x, w, b, y_id) = (x.clone(), w.clone(), b.cloned(), y.id());
@@ -115,11 +87,7 @@ pub fn conv2d(
             let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
             if w.is_tracked() || want_b {
                 let mut dw = be.zeros(g.weight_len())?;
-                let mut db = if want_b {
-                    Some(be.zeros(g.c_out)?)
-                } else {
-                    None
-                };
+                let mut db = if want_b { Some(be.zeros(g.c_out)?) } else { None };
                 be.conv2d_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db.as_mut(), &g)?;
                 grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
                 if let (Some(b), Some(db)) = (&b, db) {

@@ -30,10 +30,7 @@ pub fn nll_loss(logp: &Tensor, labels: &Tensor) -> Result<Tensor> {
     expect_rank("nll_loss", "log-probabilities", logp, 2)?;
     let (rows, cols) = (logp.dim(0), logp.dim(1));
     if labels.shape() != [rows] {
-        bail!(
-            "nll_loss: labels have shape {:?}, expected [{rows}]",
-            labels.shape()
-        );
+        bail!("nll_loss: labels have shape {:?}, expected [{rows}]", labels.shape());
     }
     let be = logp.backend().clone();
     let mut ls = be.zeros(1)?;

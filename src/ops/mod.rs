@@ -43,10 +43,7 @@ fn same_device(op: &str, ts: &[&Tensor]) -> Result<()> {
 
 fn expect_rank(op: &str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
     if t.rank() != rank {
-        bail!(
-            "{op}: {what} must have rank {rank}, got shape {:?}",
-            t.shape()
-        );
+        bail!("{op}: {what} must have rank {rank}, got shape {:?}", t.shape());
     }
     Ok(())
 }

@@ -18,37 +18,19 @@ pub struct BatchNormState<'a> {
 /// statistics and updates the running ones; eval mode uses the running statistics.
 pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor> {
     let g = match x.shape() {
-        [n, c] => NormGeom {
-            n: *n,
-            c: *c,
-            hw: 1,
-        },
-        [n, c, h, w] => NormGeom {
-            n: *n,
-            c: *c,
-            hw: h * w,
-        },
+        [n, c] => NormGeom { n: *n, c: *c, hw: 1 },
+        [n, c, h, w] => NormGeom { n: *n, c: *c, hw: h * w },
         other => bail!("batch_norm: input must be [N, C] or [N, C, H, W], got {other:?}"),
     };
-    for (name, t) in [
-        ("weight", s.gamma),
-        ("bias", s.beta),
-        ("running_mean", s.running_mean),
-        ("running_var", s.running_var),
-    ] {
+    for (name, t) in
+        [("weight", s.gamma), ("bias", s.beta), ("running_mean", s.running_mean), ("running_var", s.running_var)]
+    {
         if t.shape() != [g.c] {
-            bail!(
-                "batch_norm: {name} has shape {:?}, expected [{}]",
-                t.shape(),
-                g.c
-            );
+            bail!("batch_norm: {name} has shape {:?}, expected [{}]", t.shape(), g.c);
         }
     }
     if train && g.count() < 2 {
-        bail!(
-            "batch_norm: training needs more than one value per channel, got input {:?}",
-            x.shape()
-        );
+        bail!("batch_norm: training needs more than one value per channel, got input {:?}", x.shape());
     }
     let be = x.backend().clone();
     let mut ys = be.zeros(g.len())?;
@@ -88,8 +70,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let (mut dx, mut dgamma, mut dbeta) =
-                (be.zeros(g.len())?, be.zeros(g.c)?, be.zeros(g.c)?);
+            let (mut dx, mut dgamma, mut dbeta) = (be.zeros(g.len())?, be.zeros(g.c)?, be.zeros(g.c)?);
             be.batchnorm_bwd(
                 &x.storage(),
                 &gamma.storage(),

@@ -37,11 +37,7 @@ pub fn avg_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Ten
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     expect_rank("global_avg_pool", "input", x, 4)?;
     if x.dim(2) != x.dim(3) {
-        bail!(
-            "global_avg_pool: feature maps must be square, got {}x{}",
-            x.dim(2),
-            x.dim(3)
-        );
+        bail!("global_avg_pool: feature maps must be square, got {}x{}", x.dim(2), x.dim(3));
     }
     let y = avg_pool2d(x, x.dim(2), 1, 0)?;
     super::reshape(&y, &[x.dim(0), x.dim(1)])

@@ -7,6 +7,23 @@
 use super::gemm::{sgemm, Mat};
 use crate::backend::ConvGeom;
 use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread im2col scratch, kept across calls so its pages are faulted in only once.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's scratch buffer of at least `len` values.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
 
 /// Images per partial sum in backward-weight. Fixed (never derived from the thread count) so the
 /// summation order, and therefore every bit of the result, is the same on any machine.
@@ -16,7 +33,19 @@ fn is_pointwise(g: &ConvGeom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
 }
 
+/// The output columns `ox` whose input column `ox*stride - pad + kx` lies inside the image.
+fn valid_cols(g: &ConvGeom, kx: usize) -> (usize, usize) {
+    let s = g.stride;
+    // smallest ox with ox*s + kx >= pad, and first ox with ox*s + kx >= pad + w
+    let lo = g.pad.saturating_sub(kx).div_ceil(s);
+    let hi = (g.pad + g.w).saturating_sub(kx).div_ceil(s).min(g.ow);
+    (lo.min(hi), hi)
+}
+
 /// col[(ci, ky, kx), (oy, ox)] = x[ci, oy*s - p + ky, ox*s - p + kx] (0 outside the image).
+///
+/// Each output row splits into a zero prefix, a run of valid columns (a plain copy when the
+/// stride is 1) and a zero suffix, so the inner loops carry no bounds checks per element.
 pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
     let p = g.oh * g.ow;
     for ci in 0..g.c_in {
@@ -25,6 +54,7 @@ pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
             for kx in 0..g.kw {
                 let row = (ci * g.kh + ky) * g.kw + kx;
                 let dst = &mut col[row * p..(row + 1) * p];
+                let (lo, hi) = valid_cols(g, kx);
                 for oy in 0..g.oh {
                     let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                     let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
@@ -33,13 +63,15 @@ pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
                         continue;
                     }
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for (ox, d) in drow.iter_mut().enumerate() {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        *d = if ix < 0 || ix >= g.w as isize {
-                            0.0
-                        } else {
-                            src[ix as usize]
-                        };
+                    drow[..lo].fill(0.0);
+                    drow[hi..].fill(0.0);
+                    let first = lo * g.stride + kx - g.pad;
+                    if g.stride == 1 {
+                        drow[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else {
+                        for (j, d) in drow[lo..hi].iter_mut().enumerate() {
+                            *d = src[first + j * g.stride];
+                        }
                     }
                 }
             }
@@ -57,16 +89,20 @@ pub fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
             for kx in 0..g.kw {
                 let row = (ci * g.kh + ky) * g.kw + kx;
                 let src = &col[row * p..(row + 1) * p];
+                let (lo, hi) = valid_cols(g, kx);
                 for oy in 0..g.oh {
                     let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
                         continue;
                     }
                     let drow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for ox in 0..g.ow {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        if ix >= 0 && ix < g.w as isize {
-                            drow[ix as usize] += src[oy * g.ow + ox];
+                    let srow = &src[oy * g.ow + lo..oy * g.ow + hi];
+                    let first = lo * g.stride + kx - g.pad;
+                    if g.stride == 1 {
+                        drow[first..first + (hi - lo)].iter_mut().zip(srow).for_each(|(d, s)| *d += s);
+                    } else {
+                        for (j, s) in srow.iter().enumerate() {
+                            drow[first + j * g.stride] += s;
                         }
                     }
                 }
@@ -76,129 +112,59 @@ pub fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
 }
 
 pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], g: &ConvGeom) {
-    let (in_img, out_img, p, k) = (
-        g.c_in * g.h * g.w,
-        g.c_out * g.oh * g.ow,
-        g.oh * g.ow,
-        g.k(),
-    );
-    y.par_chunks_mut(out_img)
-        .enumerate()
-        .for_each_init(Vec::new, |col, (n, yn)| {
-            let xn = &x[n * in_img..(n + 1) * in_img];
-            let cols: &[f32] = if is_pointwise(g) {
-                xn
-            } else {
-                col.resize(k * p, 0.0);
+    let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
+    y.par_chunks_mut(out_img).enumerate().for_each(|(n, yn)| {
+        let xn = &x[n * in_img..(n + 1) * in_img];
+        if is_pointwise(g) {
+            sgemm(g.c_out, p, k, w, Mat::rows(k), xn, Mat::rows(p), yn, Mat::rows(p), false);
+        } else {
+            with_scratch(k * p, |col| {
                 im2col(xn, g, col);
-                col
-            };
-            sgemm(
-                g.c_out,
-                p,
-                k,
-                w,
-                Mat::rows(k),
-                cols,
-                Mat::rows(p),
-                yn,
-                Mat::rows(p),
-                false,
-            );
-            if let Some(b) = b {
-                for (co, row) in yn.chunks_mut(p).enumerate() {
-                    row.iter_mut().for_each(|v| *v += b[co]);
-                }
+                sgemm(g.c_out, p, k, w, Mat::rows(k), col, Mat::rows(p), yn, Mat::rows(p), false);
+            });
+        }
+        if let Some(b) = b {
+            for (co, row) in yn.chunks_mut(p).enumerate() {
+                row.iter_mut().for_each(|v| *v += b[co]);
             }
-        });
+        }
+    });
 }
 
 pub fn backward_data(dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
-    let (in_img, out_img, p, k) = (
-        g.c_in * g.h * g.w,
-        g.c_out * g.oh * g.ow,
-        g.oh * g.ow,
-        g.k(),
-    );
-    dx.par_chunks_mut(in_img)
-        .enumerate()
-        .for_each_init(Vec::new, |dcol, (n, dxn)| {
-            let dyn_ = &dy[n * out_img..(n + 1) * out_img];
-            // dcol[k, p] = wᵀ[k, c_out] · dy[c_out, p]
-            if is_pointwise(g) {
-                sgemm(
-                    k,
-                    p,
-                    g.c_out,
-                    w,
-                    Mat::transposed(k),
-                    dyn_,
-                    Mat::rows(p),
-                    dxn,
-                    Mat::rows(p),
-                    false,
-                );
-            } else {
-                dcol.resize(k * p, 0.0);
-                sgemm(
-                    k,
-                    p,
-                    g.c_out,
-                    w,
-                    Mat::transposed(k),
-                    dyn_,
-                    Mat::rows(p),
-                    dcol,
-                    Mat::rows(p),
-                    false,
-                );
+    let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
+    dx.par_chunks_mut(in_img).enumerate().for_each(|(n, dxn)| {
+        let dyn_ = &dy[n * out_img..(n + 1) * out_img];
+        // dcol[k, p] = wᵀ[k, c_out] · dy[c_out, p]
+        if is_pointwise(g) {
+            sgemm(k, p, g.c_out, w, Mat::transposed(k), dyn_, Mat::rows(p), dxn, Mat::rows(p), false);
+        } else {
+            with_scratch(k * p, |dcol| {
+                sgemm(k, p, g.c_out, w, Mat::transposed(k), dyn_, Mat::rows(p), dcol, Mat::rows(p), false);
                 col2im(dcol, g, dxn);
-            }
-        });
+            });
+        }
+    });
 }
 
-pub fn backward_weight(
-    x: &[f32],
-    dy: &[f32],
-    dw: &mut [f32],
-    db: Option<&mut [f32]>,
-    g: &ConvGeom,
-) {
-    let (in_img, out_img, p, k) = (
-        g.c_in * g.h * g.w,
-        g.c_out * g.oh * g.ow,
-        g.oh * g.ow,
-        g.k(),
-    );
-    let chunks = g.n.div_ceil(WGRAD_CHUNK);
-    let partials: Vec<Vec<f32>> = (0..chunks)
+pub fn backward_weight(x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>, g: &ConvGeom) {
+    let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
+    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(WGRAD_CHUNK))
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0.0f32; g.c_out * k];
-            let mut col = Vec::new();
             for n in c * WGRAD_CHUNK..((c + 1) * WGRAD_CHUNK).min(g.n) {
                 let xn = &x[n * in_img..(n + 1) * in_img];
                 let dyn_ = &dy[n * out_img..(n + 1) * out_img];
-                let cols: &[f32] = if is_pointwise(g) {
-                    xn
-                } else {
-                    col.resize(k * p, 0.0);
-                    im2col(xn, g, &mut col);
-                    &col
-                };
                 // dw[c_out, k] += dy[c_out, p] · colᵀ[p, k]
-                sgemm(
-                    g.c_out,
-                    k,
-                    p,
-                    dyn_,
-                    Mat::rows(p),
-                    cols,
-                    Mat::transposed(p),
-                    &mut acc,
-                    Mat::rows(k),
-                    true,
-                );
+                if is_pointwise(g) {
+                    sgemm(g.c_out, k, p, dyn_, Mat::rows(p), xn, Mat::transposed(p), &mut acc, Mat::rows(k), true);
+                } else {
+                    with_scratch(k * p, |col| {
+                        im2col(xn, g, col);
+                        sgemm(g.c_out, k, p, dyn_, Mat::rows(p), col, Mat::transposed(p), &mut acc, Mat::rows(k), true);
+                    });
+                }
             }
             acc
         })

@@ -16,17 +16,11 @@ pub struct Mat {
 impl Mat {
     /// Row-major with `cols` columns.
     pub fn rows(cols: usize) -> Mat {
-        Mat {
-            rs: cols as isize,
-            cs: 1,
-        }
+        Mat { rs: cols as isize, cs: 1 }
     }
     /// The transpose of a row-major matrix with `cols` columns, seen as a matrix.
     pub fn transposed(cols: usize) -> Mat {
-        Mat {
-            rs: 1,
-            cs: cols as isize,
-        }
+        Mat { rs: 1, cs: cols as isize }
     }
 }
 

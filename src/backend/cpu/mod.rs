@@ -4,15 +4,13 @@
 //! Parallel loops split work into pieces of a fixed size and reduce them in a fixed order, so a
 //! result never depends on the number of threads.
 
+pub mod buffers;
 pub mod conv;
 pub mod gemm;
 pub mod norm;
 pub mod pool;
 
-use super::{
-    AdamParams, Backend, BackendRef, ConvGeom, Device, NormGeom, PoolGeom, PoolKind, SgdParams,
-    Storage,
-};
+use super::{AdamParams, Backend, BackendRef, ConvGeom, Device, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
 use crate::rng::{splitmix64, unit_f32};
 use anyhow::{bail, Result};
 use gemm::{sgemm, Mat};
@@ -92,35 +90,29 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, len: usize) -> Result<Storage> {
-        Ok(Storage::Cpu(vec![0.0; len]))
+        Ok(Storage::Cpu(buffers::zeroed(len)))
     }
 
     fn upload(&self, host: &[f32]) -> Result<Storage> {
-        Ok(Storage::Cpu(host.to_vec()))
+        let mut v = buffers::zeroed(host.len());
+        v.copy_from_slice(host);
+        Ok(Storage::Cpu(v))
     }
 
     fn download(&self, s: &Storage) -> Result<Vec<f32>> {
         Ok(host(s)?.to_vec())
     }
 
-    fn gather_rows(
-        &self,
-        src: &Storage,
-        row_len: usize,
-        idx: &[u32],
-        dst: &mut Storage,
-    ) -> Result<()> {
+    fn gather_rows(&self, src: &Storage, row_len: usize, idx: &[u32], dst: &mut Storage) -> Result<()> {
         let (src, dst) = (host(src)?, host_mut(dst)?);
         same_len("gather_rows", dst.len(), idx.len() * row_len)?;
         let rows = src.len() / row_len.max(1);
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= rows) {
             bail!("gather_rows: row index {bad} out of range ({rows} rows)");
         }
-        dst.par_chunks_mut(row_len.max(1))
-            .zip(idx.par_iter())
-            .for_each(|(d, &i)| {
-                d.copy_from_slice(&src[i as usize * row_len..(i as usize + 1) * row_len]);
-            });
+        dst.par_chunks_mut(row_len.max(1)).zip(idx.par_iter()).for_each(|(d, &i)| {
+            d.copy_from_slice(&src[i as usize * row_len..(i as usize + 1) * row_len]);
+        });
         Ok(())
     }
 
@@ -147,11 +139,9 @@ impl Backend for CpuBackend {
     fn accumulate(&self, acc: &mut Storage, x: &Storage) -> Result<()> {
         let (acc, x) = (host_mut(acc)?, host(x)?);
         same_len("accumulate", acc.len(), x.len())?;
-        acc.par_chunks_mut(EW_CHUNK)
-            .zip(x.par_chunks(EW_CHUNK))
-            .for_each(|(a, x)| {
-                a.iter_mut().zip(x).for_each(|(a, x)| *a += x);
-            });
+        acc.par_chunks_mut(EW_CHUNK).zip(x.par_chunks(EW_CHUNK)).for_each(|(a, x)| {
+            a.iter_mut().zip(x).for_each(|(a, x)| *a += x);
+        });
         Ok(())
     }
 
@@ -161,67 +151,35 @@ impl Backend for CpuBackend {
     }
 
     fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()> {
-        zip_map(host(y)?, host(dy)?, host_mut(dx)?, |y, d| {
-            if y > 0.0 {
-                d
-            } else {
-                0.0
-            }
-        });
+        zip_map(host(y)?, host(dy)?, host_mut(dx)?, |y, d| if y > 0.0 { d } else { 0.0 });
         Ok(())
     }
 
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()> {
-        map(host(x)?, host_mut(y)?, |v| {
-            if v > 0.0 {
-                v
-            } else {
-                alpha * v.exp_m1()
-            }
-        });
+        map(host(x)?, host_mut(y)?, |v| if v > 0.0 { v } else { alpha * v.exp_m1() });
         Ok(())
     }
 
-    fn elu_bwd(
-        &self,
-        x: &Storage,
-        y: &Storage,
-        dy: &Storage,
-        alpha: f32,
-        dx: &mut Storage,
-    ) -> Result<()> {
+    fn elu_bwd(&self, x: &Storage, y: &Storage, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()> {
         let (x, y, dy, dx) = (host(x)?, host(y)?, host(dy)?, host_mut(dx)?);
         dx.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, o)| {
             let base = c * EW_CHUNK;
             for (i, v) in o.iter_mut().enumerate() {
                 let j = base + i;
                 // for x ≤ 0, d/dx α(eˣ−1) = αeˣ = y + α
-                *v = if x[j] > 0.0 {
-                    dy[j]
-                } else {
-                    dy[j] * (y[j] + alpha)
-                };
+                *v = if x[j] > 0.0 { dy[j] } else { dy[j] * (y[j] + alpha) };
             }
         });
         Ok(())
     }
 
-    fn dropout_fwd(
-        &self,
-        x: &Storage,
-        p: f32,
-        seed: u64,
-        y: &mut Storage,
-        mask: &mut Storage,
-    ) -> Result<()> {
+    fn dropout_fwd(&self, x: &Storage, p: f32, seed: u64, y: &mut Storage, mask: &mut Storage) -> Result<()> {
         let (x, y, mask) = (host(x)?, host_mut(y)?, host_mut(mask)?);
-        mask.par_chunks_mut(EW_CHUNK)
-            .enumerate()
-            .for_each(|(c, m)| {
-                for (i, v) in m.iter_mut().enumerate() {
-                    *v = dropout_keep_scale(seed, (c * EW_CHUNK + i) as u64, p);
-                }
-            });
+        mask.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, m)| {
+            for (i, v) in m.iter_mut().enumerate() {
+                *v = dropout_keep_scale(seed, (c * EW_CHUNK + i) as u64, p);
+            }
+        });
         zip_map(x, mask, y, |a, b| a * b);
         Ok(())
     }
@@ -238,29 +196,16 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (x, w, y) = (host(x)?, host(w)?, host_mut(y)?);
         let b = b.map(host).transpose()?;
-        y.par_chunks_mut(ROW_CHUNK * m)
-            .enumerate()
-            .for_each(|(c, yc)| {
-                let rows = yc.len() / m;
-                let xc = &x[c * ROW_CHUNK * k..(c * ROW_CHUNK + rows) * k];
-                sgemm(
-                    rows,
-                    m,
-                    k,
-                    xc,
-                    Mat::rows(k),
-                    w,
-                    Mat::transposed(k),
-                    yc,
-                    Mat::rows(m),
-                    false,
-                );
-                if let Some(b) = b {
-                    for row in yc.chunks_mut(m) {
-                        row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                    }
+        y.par_chunks_mut(ROW_CHUNK * m).enumerate().for_each(|(c, yc)| {
+            let rows = yc.len() / m;
+            let xc = &x[c * ROW_CHUNK * k..(c * ROW_CHUNK + rows) * k];
+            sgemm(rows, m, k, xc, Mat::rows(k), w, Mat::transposed(k), yc, Mat::rows(m), false);
+            if let Some(b) = b {
+                for row in yc.chunks_mut(m) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
-            });
+            }
+        });
         let _ = n;
         Ok(())
     }
@@ -275,24 +220,11 @@ impl Backend for CpuBackend {
         m: usize,
     ) -> Result<()> {
         let (dy, w, dx) = (host(dy)?, host(w)?, host_mut(dx)?);
-        dx.par_chunks_mut(ROW_CHUNK * k)
-            .enumerate()
-            .for_each(|(c, dxc)| {
-                let rows = dxc.len() / k;
-                let dyc = &dy[c * ROW_CHUNK * m..(c * ROW_CHUNK + rows) * m];
-                sgemm(
-                    rows,
-                    k,
-                    m,
-                    dyc,
-                    Mat::rows(m),
-                    w,
-                    Mat::rows(k),
-                    dxc,
-                    Mat::rows(k),
-                    false,
-                );
-            });
+        dx.par_chunks_mut(ROW_CHUNK * k).enumerate().for_each(|(c, dxc)| {
+            let rows = dxc.len() / k;
+            let dyc = &dy[c * ROW_CHUNK * m..(c * ROW_CHUNK + rows) * m];
+            sgemm(rows, k, m, dyc, Mat::rows(m), w, Mat::rows(k), dxc, Mat::rows(k), false);
+        });
         Ok(())
     }
 
@@ -308,24 +240,11 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (x, dy, dw) = (host(x)?, host(dy)?, host_mut(dw)?);
         // Split over output rows (never over the batch), so each row's sum has one fixed order.
-        dw.par_chunks_mut(ROW_CHUNK * k)
-            .enumerate()
-            .for_each(|(c, dwc)| {
-                let rows = dwc.len() / k;
-                let dyc = &dy[c * ROW_CHUNK..];
-                sgemm(
-                    rows,
-                    k,
-                    n,
-                    dyc,
-                    Mat::transposed(m),
-                    x,
-                    Mat::rows(k),
-                    dwc,
-                    Mat::rows(k),
-                    false,
-                );
-            });
+        dw.par_chunks_mut(ROW_CHUNK * k).enumerate().for_each(|(c, dwc)| {
+            let rows = dwc.len() / k;
+            let dyc = &dy[c * ROW_CHUNK..];
+            sgemm(rows, k, n, dyc, Mat::transposed(m), x, Mat::rows(k), dwc, Mat::rows(k), false);
+        });
         if let Some(db) = db {
             let db = host_mut(db)?;
             db.par_iter_mut().enumerate().for_each(|(j, d)| {
@@ -335,26 +254,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn conv2d_fwd(
-        &self,
-        x: &Storage,
-        w: &Storage,
-        b: Option<&Storage>,
-        y: &mut Storage,
-        g: &ConvGeom,
-    ) -> Result<()> {
+    fn conv2d_fwd(&self, x: &Storage, w: &Storage, b: Option<&Storage>, y: &mut Storage, g: &ConvGeom) -> Result<()> {
         let b = b.map(host).transpose()?;
         conv::forward(host(x)?, host(w)?, b, host_mut(y)?, g);
         Ok(())
     }
 
-    fn conv2d_bwd_data(
-        &self,
-        dy: &Storage,
-        w: &Storage,
-        dx: &mut Storage,
-        g: &ConvGeom,
-    ) -> Result<()> {
+    fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
         conv::backward_data(host(dy)?, host(w)?, host_mut(dx)?, g);
         Ok(())
     }
@@ -380,14 +286,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn pool2d_bwd(
-        &self,
-        kind: PoolKind,
-        x: &Storage,
-        dy: &Storage,
-        dx: &mut Storage,
-        g: &PoolGeom,
-    ) -> Result<()> {
+    fn pool2d_bwd(&self, kind: PoolKind, x: &Storage, dy: &Storage, dx: &mut Storage, g: &PoolGeom) -> Result<()> {
         pool::backward(kind, host(x)?, host(dy)?, host_mut(dx)?, g);
         Ok(())
     }
@@ -417,11 +316,7 @@ impl Backend for CpuBackend {
             sm[c] = mean as f32;
             si[c] = (1.0 / (var + eps as f64).sqrt()) as f32;
             scale[c] = gamma[c] * si[c];
-            let unbiased = if count > 1.0 {
-                var * count / (count - 1.0)
-            } else {
-                var
-            };
+            let unbiased = if count > 1.0 { var * count / (count - 1.0) } else { var };
             rm[c] = (1.0 - momentum) * rm[c] + momentum * mean as f32;
             rv[c] = (1.0 - momentum) * rv[c] + momentum * unbiased as f32;
         }
@@ -472,36 +367,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn log_softmax_fwd(
-        &self,
-        x: &Storage,
-        y: &mut Storage,
-        _rows: usize,
-        cols: usize,
-    ) -> Result<()> {
+    fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, _rows: usize, cols: usize) -> Result<()> {
         let (x, y) = (host(x)?, host_mut(y)?);
-        y.par_chunks_mut(cols)
-            .zip(x.par_chunks(cols))
-            .for_each(|(yr, xr)| {
-                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max
-                    + xr.iter()
-                        .map(|&v| ((v - max) as f64).exp())
-                        .sum::<f64>()
-                        .ln() as f32;
-                yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - lse);
-            });
+        y.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(|(yr, xr)| {
+            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + xr.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32;
+            yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v - lse);
+        });
         Ok(())
     }
 
-    fn log_softmax_bwd(
-        &self,
-        y: &Storage,
-        dy: &Storage,
-        dx: &mut Storage,
-        _rows: usize,
-        cols: usize,
-    ) -> Result<()> {
+    fn log_softmax_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage, _rows: usize, cols: usize) -> Result<()> {
         let (y, dy, dx) = (host(y)?, host(dy)?, host_mut(dx)?);
         dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
             let (yr, dyr) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
@@ -513,14 +389,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn nll_fwd(
-        &self,
-        logp: &Storage,
-        labels: &Storage,
-        loss: &mut Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
+    fn nll_fwd(&self, logp: &Storage, labels: &Storage, loss: &mut Storage, rows: usize, cols: usize) -> Result<()> {
         let (logp, labels) = (host(logp)?, host(labels)?);
         let mut s = 0.0f64;
         for (i, &l) in labels.iter().enumerate().take(rows) {
@@ -534,14 +403,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn nll_bwd(
-        &self,
-        labels: &Storage,
-        dloss: &Storage,
-        dlogp: &mut Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<()> {
+    fn nll_bwd(&self, labels: &Storage, dloss: &Storage, dlogp: &mut Storage, rows: usize, cols: usize) -> Result<()> {
         let (labels, d, out) = (host(labels)?, host(dloss)?[0], host_mut(dlogp)?);
         out.fill(0.0);
         for (i, &l) in labels.iter().enumerate().take(rows) {
@@ -604,24 +466,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn sgd_step(
-        &self,
-        p: &mut Storage,
-        grad: &Storage,
-        velocity: &mut Storage,
-        h: &SgdParams,
-    ) -> Result<()> {
+    fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()> {
         let (p, g, vel) = (host_mut(p)?, host(grad)?, host_mut(velocity)?);
-        p.par_chunks_mut(EW_CHUNK)
-            .zip(vel.par_chunks_mut(EW_CHUNK))
-            .zip(g.par_chunks(EW_CHUNK))
-            .for_each(|((p, vel), g)| {
+        p.par_chunks_mut(EW_CHUNK).zip(vel.par_chunks_mut(EW_CHUNK)).zip(g.par_chunks(EW_CHUNK)).for_each(
+            |((p, vel), g)| {
                 for i in 0..p.len() {
                     let gi = g[i] + h.weight_decay * p[i];
                     vel[i] = h.momentum * vel[i] + gi;
                     p[i] -= h.lr * vel[i];
                 }
-            });
+            },
+        );
         Ok(())
     }
 }

@@ -30,30 +30,15 @@ pub fn stats(x: &[f32], g: &NormGeom) -> Vec<(f64, f64)> {
     (0..g.c)
         .into_par_iter()
         .map(|c| {
-            let mean = channel(x, g, c)
-                .flat_map(|s| s.iter())
-                .map(|&v| v as f64)
-                .sum::<f64>()
-                / count;
-            let var = channel(x, g, c)
-                .flat_map(|s| s.iter())
-                .map(|&v| (v as f64 - mean).powi(2))
-                .sum::<f64>()
-                / count;
+            let mean = channel(x, g, c).flat_map(|s| s.iter()).map(|&v| v as f64).sum::<f64>() / count;
+            let var = channel(x, g, c).flat_map(|s| s.iter()).map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
             (mean, var)
         })
         .collect()
 }
 
 /// y = (x - mean[c]) · scale[c] + shift[c] for per-channel mean, scale (γ/σ) and shift (β).
-pub fn normalize(
-    x: &[f32],
-    mean: &[f32],
-    scale: &[f32],
-    shift: &[f32],
-    y: &mut [f32],
-    g: &NormGeom,
-) {
+pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32], g: &NormGeom) {
     let (cs, hw) = (g.c * g.hw, g.hw);
     let out = SharedOut(y.as_mut_ptr());
     (0..g.c).into_par_iter().for_each(|c| {

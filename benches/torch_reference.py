@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""PyTorch reference for rotvar's training-throughput benchmark.
+
+Runs the identical model (same layers, same init scheme, Adam, batch 256, fp32) on random
+MNIST-shaped data and prints one JSON line per model: images/s over timed steps after warm-up.
+Used side by side with `rotvar bench train` in benches/run_train_throughput.sh.
+"""
+import argparse, json, time
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def lenet(c=1, hw=28, classes=10):
+    s = hw // 4
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 120, 5, padding=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(120 * s * s, 84), nn.ReLU(), nn.Linear(84, classes), nn.LogSoftmax(dim=1))
+
+
+def simpleconv(c=1, hw=28, classes=10):
+    f, fc = (32, 64) if c == 1 else (64, 128)
+    s = hw // 4
+    return nn.Sequential(
+        nn.Conv2d(c, f, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(f, f, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(f, 2 * f, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * f, 2 * f, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * f, 4 * f, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * f * s * s, fc), nn.ReLU(), nn.Linear(fc, classes), nn.LogSoftmax(dim=1))
+
+
+MODELS = {"lenet": lenet, "simpleconv": simpleconv}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="lenet,simpleconv")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device(a.device)
+    torch.manual_seed(0)
+    for name in a.models.split(","):
+        model = MODELS[name]().to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        x = torch.randn(a.batch_size, 1, 28, 28, device=dev)
+        y = torch.randint(0, 10, (a.batch_size,), device=dev)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.nll_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        for _ in range(a.warmup):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t
+        print(json.dumps({
+            "impl": "pytorch", "torch": torch.__version__, "model": name, "device": a.device,
+            "threads": torch.get_num_threads(), "batch_size": a.batch_size, "steps": a.steps,
+            "images_per_second": a.batch_size * a.steps / secs,
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

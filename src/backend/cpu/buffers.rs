@@ -1,0 +1,53 @@
+//! Recycling of host buffers.
+//!
+//! A training step allocates the same set of buffer sizes every time. Fresh large allocations
+//! come from the kernel as new pages, and faulting them in cost more than a tenth of a
+//! SimpleConv step; keeping freed buffers by length and handing them out again removes that.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Buffers shorter than this are cheap to allocate and not worth keeping.
+const MIN_LEN: usize = 4096;
+/// At most this many idle buffers of one length, and this many idle bytes in all.
+const MAX_PER_LEN: usize = 32;
+const MAX_BYTES: usize = 1 << 30;
+
+#[derive(Default)]
+struct Cache {
+    free: HashMap<usize, Vec<Vec<f32>>>,
+    bytes: usize,
+}
+
+static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+/// A zero-filled buffer of `len` values, reused when one is idle.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    if len >= MIN_LEN {
+        let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cache) = guard.as_mut() {
+            if let Some(mut v) = cache.free.get_mut(&len).and_then(|l| l.pop()) {
+                cache.bytes -= len * 4;
+                drop(guard);
+                v.fill(0.0);
+                return v;
+            }
+        }
+    }
+    vec![0.0; len]
+}
+
+/// Take back a buffer that is no longer used.
+pub fn recycle(v: Vec<f32>) {
+    let len = v.len();
+    if len < MIN_LEN || v.capacity() != len {
+        return;
+    }
+    let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = guard.get_or_insert_with(Cache::default);
+    let list = cache.free.entry(len).or_default();
+    if list.len() < MAX_PER_LEN && cache.bytes + len * 4 <= MAX_BYTES {
+        cache.bytes += len * 4;
+        list.push(v);
+    }
+}
