@@ -39,7 +39,7 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: train.
+    /// What to measure: train (whole training steps) or conv (each convolution pass).
     #[arg(default_value = "train")]
     what: String,
     /// Comma-separated models.
@@ -88,7 +88,7 @@ struct TrainArgs {
     momentum: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// auto, cpu, cuda or cuda:N.
+    /// auto, cpu, cuda, cuda:N (or cuda-emu: GPU kernels emulated on the host, slow).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
     /// Output directory for model.safetensors and metrics.json.
@@ -309,7 +309,18 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 fn cmd_info() -> Result<()> {
     println!("rotvar {}", env!("CARGO_PKG_VERSION"));
     println!("cpu backend: {} (rayon threads)", rayon::current_num_threads());
-    println!("cuda: {}", backend::cuda_absent_reason());
+    println!(
+        "cuda kernels: {}",
+        if backend::cuda::kernels::HAVE_PTX {
+            "compiled to PTX (compute_90)"
+        } else {
+            "not compiled (no nvcc at build time)"
+        }
+    );
+    match backend::cuda_devices() {
+        Ok(gpus) => gpus.iter().for_each(|g| println!("gpu: {g}")),
+        Err(why) => println!("gpu: none ({why})"),
+    }
     println!("models: {}", MODELS.join(", "));
     println!("datasets: {}", data::DATASETS.join(", "));
     println!("data directory: {}", data::resolve_data_dir(None).display());
@@ -333,13 +344,20 @@ fn cmd_fetch(a: FetchArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    if a.what != "train" {
-        bail!("unknown benchmark '{}': available: train", a.what);
-    }
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let b = open_backend(a.device)?;
+    match a.what.as_str() {
+        "train" => {}
+        "conv" => {
+            for t in crate::bench::conv_timings(&b, a.batch_size, a.steps)? {
+                println!("{}", serde_json::to_string(&t)?);
+            }
+            return Ok(());
+        }
+        other => bail!("unknown benchmark '{other}': available: train, conv"),
+    }
     for arch in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let r = crate::bench::train_throughput(&b, arch, a.batch_size, a.warmup, a.steps)?;
         println!("{}", serde_json::to_string(&r)?);

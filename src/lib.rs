@@ -6,6 +6,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -16,6 +17,6 @@ pub mod ops;
 pub mod optim;
 pub mod progress;
 pub mod rng;
+pub mod selftest;
 pub mod tensor;
 pub mod train;
-pub mod bench;

@@ -253,6 +253,40 @@ fn conv2d_backward_weight_matches_naive() {
     }
 }
 
+/// Kernels that reach past the padded border on one side only: a 1-pixel-wide input under a
+/// 5×5 kernel with padding 2 (PyTorch accepts these: the padded input is 5 wide). For such a
+/// kernel column every output column reads padding, which im2col/col2im must handle.
+#[test]
+fn conv2d_thin_inputs_match_naive() {
+    let b = cpu();
+    let mut rng = Rng::new(13);
+    let cases: &[ConvCase] = &[
+        (2, 3, 1, 1, 4, (5, 5), 1, 2), // 1×1 input, 5×5 kernel, padding 2: 1×1 output
+        (2, 2, 6, 1, 3, (5, 5), 1, 2), // one column wide
+        (2, 2, 1, 6, 3, (5, 5), 1, 2), // one row high
+        (2, 2, 2, 1, 3, (3, 5), 1, 2), // non-square kernel over a single column
+    ];
+    for case in cases {
+        let g = conv_geom(case);
+        let x = randn(&mut rng, g.in_len());
+        let w = randn(&mut rng, g.weight_len());
+        let bias = randn(&mut rng, g.c_out);
+        let dy = randn(&mut rng, g.out_len());
+        let what = format!("{g:?}");
+        let mut y = poisoned(&b, g.out_len(), f32::NAN);
+        b.conv2d_fwd(&up(&b, &x), &up(&b, &w), Some(&up(&b, &bias)), &mut y, &g).unwrap();
+        assert_close_scaled(&format!("conv fwd {what}"), &down(&b, &y), &naive_conv_fwd(&x, &w, Some(&bias), &g), 1e-4);
+        let mut dx = poisoned(&b, g.in_len(), f32::NAN);
+        b.conv2d_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, &g).unwrap();
+        assert_close_scaled(&format!("conv bwd data {what}"), &down(&b, &dx), &naive_conv_bwd_data(&dy, &w, &g), 1e-4);
+        let (want_w, want_b) = naive_conv_bwd_weight(&x, &dy, &g);
+        let (mut dw, mut db) = (poisoned(&b, g.weight_len(), f32::NAN), poisoned(&b, g.c_out, f32::NAN));
+        b.conv2d_bwd_weight(&up(&b, &x), &up(&b, &dy), &mut dw, Some(&mut db), &g).unwrap();
+        assert_close_scaled(&format!("conv dw {what}"), &down(&b, &dw), &want_w, 1e-4);
+        assert_close_scaled(&format!("conv db {what}"), &down(&b, &db), &want_b, 1e-4);
+    }
+}
+
 // --- linear ----------------------------------------------------------------------------------
 
 /// (n rows, k inputs, m outputs)
@@ -703,6 +737,17 @@ fn elementwise_ops_match_naive() {
             .collect();
         assert_close_elementwise("elu bwd", &down(&b, &o), &want, 1e-5, 1e-6);
 
+        // Dropout: mask[i] = dropout_keep_scale(seed, i, p), y = x·mask, over several chunks.
+        let (p, seed) = (0.4f32, 77u64);
+        let (mut o, mut mask) = (poisoned(&b, len, poison), poisoned(&b, len, poison));
+        b.dropout_fwd(&up(&b, &x), p, seed, &mut o, &mut mask).unwrap();
+        let (ov, mv) = (down(&b, &o), down(&b, &mask));
+        for i in 0..len {
+            let want = rotvar::backend::cpu::dropout_keep_scale(seed, i as u64, p);
+            assert_eq!(mv[i], want, "dropout mask at {i}");
+            assert_eq!(ov[i], x[i] * want, "dropout output at {i}");
+        }
+
         let mut acc = up(&b, &x);
         b.accumulate(&mut acc, &up(&b, &y2)).unwrap();
         let want: Vec<f64> = x.iter().zip(&y2).map(|(&a, &c)| (a + c) as f64).collect();
@@ -896,7 +941,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn chunked_results() -> Vec<Vec<u32>> {
     let b = cpu();
     let mut rng = Rng::new(12);
-    let g = ConvGeom::new(29, 6, 9, 11, 10, (3, 3), 1, 1).unwrap();
+    // 101 images: 13 backward-weight chunks, enough for any reduction tree to show.
+    let g = ConvGeom::new(101, 6, 9, 11, 10, (3, 3), 1, 1).unwrap();
     let x = up(&b, &randn(&mut rng, g.in_len()));
     let w = up(&b, &randn(&mut rng, g.weight_len()));
     let dy = up(&b, &randn(&mut rng, g.out_len()));
@@ -910,7 +956,7 @@ fn chunked_results() -> Vec<Vec<u32>> {
     b.conv2d_bwd_data(&dy, &w, &mut dx, &g).unwrap();
     b.conv2d_bwd_weight(&x, &dy, &mut dw, Some(&mut db), &g).unwrap();
 
-    let gp = ConvGeom::new(21, 16, 5, 5, 12, (1, 1), 1, 0).unwrap();
+    let gp = ConvGeom::new(75, 16, 5, 5, 12, (1, 1), 1, 0).unwrap();
     let xp = up(&b, &randn(&mut rng, gp.in_len()));
     let dyp = up(&b, &randn(&mut rng, gp.out_len()));
     let mut dwp = b.zeros(gp.weight_len()).unwrap();
@@ -934,6 +980,7 @@ fn results_are_bit_identical_across_thread_counts() -> Result<()> {
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?.install(chunked_results);
     let four = rayon::ThreadPoolBuilder::new().num_threads(4).build()?.install(chunked_results);
     let three = rayon::ThreadPoolBuilder::new().num_threads(3).build()?.install(chunked_results);
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build()?.install(chunked_results);
     let names = [
         "conv y",
         "conv dx",
@@ -949,6 +996,7 @@ fn results_are_bit_identical_across_thread_counts() -> Result<()> {
         assert!(one[i].iter().any(|&b| b != 0), "{name}: all zero, the comparison would be vacuous");
         assert!(one[i] == four[i], "{name}: 1 thread and 4 threads differ in some bits");
         assert!(one[i] == three[i], "{name}: 1 thread and 3 threads differ in some bits");
+        assert!(one[i] == two[i], "{name}: 1 thread and 2 threads differ in some bits");
     }
     Ok(())
 }

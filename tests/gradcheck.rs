@@ -176,6 +176,7 @@ fn conv2d_gradients() -> Result<()> {
         (3, 2, 9, 7, 3, (5, 5), 2, 2, false),
         (2, 3, 6, 5, 4, (1, 1), 1, 0, true), // pointwise path
         (2, 2, 7, 9, 3, (1, 1), 2, 1, true), // 1×1 strided and padded: im2col path
+        (2, 2, 5, 4, 3, (1, 1), 1, 1, true), // 1×1 padded: im2col path, bias-only border
         (2, 2, 7, 9, 3, (3, 3), 1, 0, true),
         (2, 2, 8, 7, 3, (3, 2), 2, 1, true),  // non-square kernel
         (10, 2, 5, 6, 3, (3, 3), 2, 0, true), // 10 images: backward-weight chunks of 8
@@ -194,6 +195,24 @@ fn conv2d_gradients() -> Result<()> {
             ops::conv2d(&x, &wt, with_bias.then_some(&bias), s, p)
         })?;
     }
+    Ok(())
+}
+
+#[test]
+fn conv2d_gradients_thin_input() -> Result<()> {
+    // A one-pixel-wide input under a 5×5 kernel with padding 2 (valid: the padded width is 5).
+    let b = cpu();
+    let mut rng = Rng::new(99);
+    let x = param(&b, &[2, 2, 4, 1], &randn(&mut rng, 16, 1.0));
+    let w = param(&b, &[3, 2, 5, 5], &randn(&mut rng, 150, 0.5));
+    let bias = param(&b, &[3], &randn(&mut rng, 3, 1.0));
+    gradcheck(
+        "conv2d 4x1 input, 5x5 kernel, pad 2",
+        &[("x", &x), ("weight", &w), ("bias", &bias)],
+        999,
+        &SMOOTH,
+        || ops::conv2d(&x, &w, Some(&bias), 1, 2),
+    )?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! explicit op, `accumulate`).
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::{bail, Result};
 use std::fmt;
@@ -35,6 +36,9 @@ pub enum DeviceRequest {
     Auto,
     Cpu,
     Cuda(usize),
+    /// The CUDA backend with its kernels run by the host emulator: slow, for checking the GPU
+    /// code path on a machine without a GPU.
+    CudaEmulated,
 }
 
 impl std::str::FromStr for DeviceRequest {
@@ -44,12 +48,13 @@ impl std::str::FromStr for DeviceRequest {
             "auto" => Ok(DeviceRequest::Auto),
             "cpu" => Ok(DeviceRequest::Cpu),
             "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
+            "cuda-emu" => Ok(DeviceRequest::CudaEmulated),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse()
                     .map(DeviceRequest::Cuda)
                     .map_err(|_| format!("bad device '{s}': expected auto, cpu, cuda or cuda:N with N a GPU index")),
-                None => Err(format!("unknown device '{s}': expected auto, cpu, cuda or cuda:N")),
+                None => Err(format!("unknown device '{s}': expected auto, cpu, cuda, cuda:N or cuda-emu")),
             },
         }
     }
@@ -58,12 +63,15 @@ impl std::str::FromStr for DeviceRequest {
 /// Raw device memory. The CPU variant is a plain vector; the CUDA backend adds its own variant.
 pub enum Storage {
     Cpu(Vec<f32>),
+    Cuda(cuda::device::DeviceBuffer),
 }
 
 impl Drop for Storage {
     fn drop(&mut self) {
         match self {
             Storage::Cpu(v) => cpu::buffers::recycle(std::mem::take(v)),
+            // Returns itself to its pool when dropped.
+            Storage::Cuda(_) => {}
         }
     }
 }
@@ -72,15 +80,11 @@ impl Storage {
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(v) => v.len(),
+            Storage::Cuda(b) => b.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-    pub fn device(&self) -> Device {
-        match self {
-            Storage::Cpu(_) => Device::Cpu,
-        }
     }
 }
 
@@ -372,27 +376,50 @@ pub trait Backend: Send + Sync {
 
 pub type BackendRef = Arc<dyn Backend>;
 
-/// Turn a device request into a backend, saying what was chosen and why.
+/// Turn a device request into a backend, and a line saying what was chosen and why.
 pub fn select(req: DeviceRequest) -> Result<(BackendRef, String)> {
+    let cpu = || -> BackendRef { cpu::CpuBackend::shared() };
     match req {
         DeviceRequest::Cpu => {
-            let b = cpu::CpuBackend::shared();
-            let d = b.describe();
-            Ok((b, format!("device: {d}")))
+            let b = cpu();
+            let line = format!("device: {}", b.describe());
+            Ok((b, line))
         }
-        DeviceRequest::Auto => {
-            let b = cpu::CpuBackend::shared();
-            let d = b.describe();
-            Ok((b, format!("device: {d} (auto: {})", cuda_absent_reason())))
+        DeviceRequest::Auto => match cuda::CudaBackend::open(0) {
+            Ok(g) => {
+                let line = format!("device: {} (auto)", g.describe());
+                Ok((g, line))
+            }
+            Err(e) => {
+                let b = cpu();
+                let line = format!("device: {} (auto: no GPU used: {e:#})", b.describe());
+                Ok((b, line))
+            }
+        },
+        DeviceRequest::Cuda(i) => {
+            let g = cuda::CudaBackend::open(i).map_err(|e| {
+                anyhow::anyhow!("cannot use cuda:{i}: {e:#}. Use --device cpu (or auto) to run on the CPU.")
+            })?;
+            let line = format!("device: {}", g.describe());
+            Ok((g, line))
         }
-        DeviceRequest::Cuda(i) => bail!(
-            "device cuda:{i} requested, but {}. Use --device cpu (or auto) to run on the CPU.",
-            cuda_absent_reason()
-        ),
+        DeviceRequest::CudaEmulated => {
+            let g = cuda::CudaBackend::emulated();
+            let line = format!("device: {}", g.describe());
+            Ok((g, line))
+        }
     }
 }
 
-/// Why no GPU backend is in use.
-pub fn cuda_absent_reason() -> String {
-    "this build of rotvar has no CUDA backend yet, so no GPU is used".to_string()
+/// The GPUs this machine offers, or why there are none (for `rotvar info`).
+pub fn cuda_devices() -> std::result::Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    for i in 0.. {
+        match cuda::CudaBackend::open(i) {
+            Ok(g) => found.push(g.describe()),
+            Err(e) if i == 0 => return Err(format!("{e:#}")),
+            Err(_) => break,
+        }
+    }
+    Ok(found)
 }

@@ -65,6 +65,11 @@ pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
                     let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                     drow[..lo].fill(0.0);
                     drow[hi..].fill(0.0);
+                    // A kernel column that sees only padding (kernel wider than the padded
+                    // image reaches) has no valid run.
+                    if lo == hi {
+                        continue;
+                    }
                     let first = lo * g.stride + kx - g.pad;
                     if g.stride == 1 {
                         drow[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
@@ -93,6 +98,9 @@ pub fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
                 for oy in 0..g.oh {
                     let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    if lo == hi {
                         continue;
                     }
                     let drow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];

@@ -31,15 +31,19 @@ impl CpuBackend {
     }
 }
 
+const ON_GPU: &str = "a tensor on a GPU was passed to the CPU backend; download it first";
+
 fn host(s: &Storage) -> Result<&[f32]> {
     match s {
         Storage::Cpu(v) => Ok(v),
+        _ => bail!(ON_GPU),
     }
 }
 
 fn host_mut(s: &mut Storage) -> Result<&mut [f32]> {
     match s {
         Storage::Cpu(v) => Ok(v),
+        _ => bail!(ON_GPU),
     }
 }
 
@@ -447,9 +451,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (p, g, m, v) = (host_mut(p)?, host(grad)?, host_mut(m)?, host_mut(v)?);
         // The same arithmetic, in the same order, as torch.optim.Adam's single-tensor path.
-        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-        let bc2_sqrt = (1.0 - h.beta2.powi(h.step as i32)).sqrt();
-        let step_size = h.lr / bc1;
+        // Bias corrections in f64, as torch computes them: in f32, 1 − 0.999ᵗ loses digits.
+        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+        let bc2_sqrt = (1.0 - (h.beta2 as f64).powi(h.step as i32)).sqrt() as f32;
+        let step_size = (h.lr as f64 / bc1) as f32;
         p.par_chunks_mut(EW_CHUNK)
             .zip(m.par_chunks_mut(EW_CHUNK))
             .zip(v.par_chunks_mut(EW_CHUNK))

@@ -1,0 +1,30 @@
+// Shared by every kernel file; compiles under nvcc and under the host
+// emulator (emu/cuda_emu.h, which defines ROTVAR_EMU and these macros itself).
+#pragma once
+
+#ifndef ROTVAR_EMU
+// One raw byte array for all kernels of a module: nvcc rejects two
+// `extern __shared__` arrays with the same name but different types.
+#define ROTVAR_DYN_SHARED(T, name)                                      \
+    extern __shared__ __align__(16) unsigned char rotvar_dyn_smem_raw[]; \
+    T* name = reinterpret_cast<T*>(rotvar_dyn_smem_raw)
+#endif
+
+// nvcc has no float atomicMax; the CAS loop is the portable spelling.
+__device__ __forceinline__ float rotvar_atomic_max_f32(float* addr, float v) {
+    int* p = reinterpret_cast<int*>(addr);
+    int old = *p;
+    while (__int_as_float(old) < v) {
+        int prev = atomicCAS(p, old, __float_as_int(v));
+        if (prev == old) break;
+        old = prev;
+    }
+    return __int_as_float(old);
+}
+
+// Full-warp sum; every lane gets the total. Callers must have all 32 lanes live.
+__device__ __forceinline__ float rotvar_warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}

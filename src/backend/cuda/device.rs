@@ -1,0 +1,325 @@
+//! Device memory and kernel launches for the CUDA backend, on a real GPU (through cudarc's
+//! driver API) or on the host (through the kernel emulator, `emu`).
+//!
+//! Both paths take the same launch description (kernel name, grid, block, shared memory, `KArg`
+//! list), so every launch the backend makes on a GPU is also made, unchanged, by the emulated
+//! parity tests that run in CI without a GPU.
+
+use super::emu::{self, KArg, PackedArgs};
+use super::kernels;
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Where kernels run.
+pub enum Exec {
+    Gpu(Gpu),
+    /// Host emulation: "device" memory is host memory, kernels run through `emu::launch`.
+    Emulated,
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub sm_count: u32,
+    /// Lazily loaded PTX modules and functions (a module is loaded on first use of any kernel).
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+/// A device buffer of f32.
+pub enum Buf {
+    Gpu(CudaSlice<f32>),
+    Host(Vec<f32>),
+}
+
+/// A device buffer of u32 (batch indices).
+pub enum IdxBuf {
+    Gpu(CudaSlice<u32>),
+    Host(Vec<u32>),
+}
+
+/// A device buffer that returns to its pool when dropped: after the first training step every
+/// buffer a step needs is found in the pool, so steady-state training allocates nothing.
+pub struct DeviceBuffer {
+    buf: Option<Buf>,
+    len: usize,
+    pool: Arc<Pool>,
+}
+
+impl DeviceBuffer {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn buf(&self) -> &Buf {
+        self.buf.as_ref().expect("buffer present until drop")
+    }
+    pub fn buf_mut(&mut self) -> &mut Buf {
+        self.buf.as_mut().expect("buffer present until drop")
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.put(self.len, b);
+        }
+    }
+}
+
+/// Idle buffers by length (a caching allocator in its simplest form).
+#[derive(Default)]
+pub struct Pool {
+    free: Mutex<HashMap<usize, Vec<Buf>>>,
+}
+
+impl Pool {
+    fn take(&self, len: usize) -> Option<Buf> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
+    }
+    fn put(&self, len: usize, b: Buf) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).entry(len).or_default().push(b);
+    }
+    /// Release every idle buffer (on out-of-memory, before retrying).
+    fn clear(&self) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+fn driver_err(what: &str, e: cudarc::driver::DriverError) -> anyhow::Error {
+    anyhow!("CUDA: {what} failed: {e:?}")
+}
+
+impl Gpu {
+    /// Open GPU `ordinal`, checking each thing that can be missing so that no call below can
+    /// panic: a driver library, a device, this ordinal.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        if !kernels::HAVE_PTX {
+            bail!(
+                "this build of rotvar has no GPU kernels: nvcc was not found when it was built. \
+                 Install nvcc (pip install nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+                 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88), set NVCC to its path and rebuild"
+            );
+        }
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            bail!("no NVIDIA driver found (libcuda could not be loaded)");
+        }
+        let count = CudaContext::device_count().map_err(|e| driver_err("counting GPUs", e))?;
+        if count <= 0 {
+            bail!("the NVIDIA driver reports no GPU");
+        }
+        if ordinal >= count as usize {
+            bail!("GPU cuda:{ordinal} requested, but only {count} GPU(s) found (cuda:0..cuda:{})", count - 1);
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| anyhow!("CUDA: creating a context on cuda:{ordinal} panicked"))?
+            .map_err(|e| driver_err(&format!("creating a context on cuda:{ordinal}"), e))?;
+        // One stream and stream-ordered use of every buffer: cudarc's per-buffer event
+        // tracking would only add work.
+        // SAFETY: all work is issued on the single stream created below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_err("querying the SM count", e))? as u32;
+        Ok(Gpu { ctx, stream, name, sm_count, modules: Mutex::default(), functions: Mutex::default() })
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(f.clone());
+        }
+        let module_name = kernels::module_of(name).ok_or_else(|| anyhow!("unknown kernel `{name}`"))?;
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match modules.get(module_name) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = kernels::ptx_module(module_name)
+                        .ok_or_else(|| anyhow!("no PTX for kernel module `{module_name}` in this build"))?;
+                    let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| {
+                        anyhow!(
+                            "CUDA: loading kernel module `{module_name}` failed ({e:?}). The PTX targets \
+                             compute_90 with PTX ISA 9.0 (CUDA 13.0): the GPU must be sm_90 or newer and \
+                             the driver must support CUDA 13.0"
+                        )
+                    })?;
+                    modules.insert(module_name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(name).map_err(|e| driver_err(&format!("loading kernel `{name}`"), e))?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+impl Exec {
+    pub fn sm_count(&self) -> u32 {
+        match self {
+            Exec::Gpu(g) => g.sm_count,
+            // Few "SMs" keep emulated grids small; grid-stride kernels are correct at any size.
+            Exec::Emulated => 4,
+        }
+    }
+
+    /// Launch `name`. Argument count and types are checked against the kernel's signature (parsed
+    /// from its source at build time) on both paths.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        args: &[KArg],
+    ) -> Result<()> {
+        match self {
+            // SAFETY: every pointer argument comes from a live `Buf::Host` of the length the
+            // op's geometry implies (checked by the caller in ops/).
+            Exec::Emulated => unsafe { emu::launch(name, grid, block, shared, args) },
+            Exec::Gpu(g) => {
+                let kernel = emu::find_kernel(name).ok_or_else(|| anyhow!("unknown kernel `{name}`"))?;
+                emu::check_args(kernel, args)?;
+                emu::check_launch_dims(grid, block, shared)
+                    .map_err(|e| anyhow!("kernel {name}: invalid launch: {e}"))?;
+                let f = g.function(name)?;
+                let packed = PackedArgs::new(args);
+                let mut params: Vec<*mut std::ffi::c_void> =
+                    (0..packed.len()).map(|i| unsafe { *packed.as_ptr().add(i) }).collect();
+                g.ctx.bind_to_thread().map_err(|e| driver_err("binding the context", e))?;
+                // SAFETY: the argument list matches the kernel's parsed signature, pointers are
+                // live device buffers, and `packed` outlives the call.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(
+                        f.cu_function(),
+                        grid,
+                        block,
+                        shared,
+                        g.stream.cu_stream(),
+                        &mut params,
+                    )
+                }
+                .map_err(|e| driver_err(&format!("launching `{name}`"), e))
+            }
+        }
+    }
+
+    /// The kernel-argument form of a buffer's address.
+    pub fn ptr(&self, b: &Buf) -> KArg {
+        match b {
+            Buf::Host(v) => KArg::ptr(v.as_ptr()),
+            Buf::Gpu(s) => match self {
+                Exec::Gpu(g) => {
+                    let (p, _sync) = s.device_ptr(&g.stream);
+                    KArg::Ptr(p)
+                }
+                Exec::Emulated => unreachable!("a GPU buffer on the emulated backend"),
+            },
+        }
+    }
+
+    pub fn idx_ptr(&self, b: &IdxBuf) -> KArg {
+        match (b, self) {
+            (IdxBuf::Host(v), _) => KArg::ptr(v.as_ptr()),
+            (IdxBuf::Gpu(s), Exec::Gpu(g)) => KArg::Ptr(s.device_ptr(&g.stream).0),
+            (IdxBuf::Gpu(_), Exec::Emulated) => unreachable!("a GPU buffer on the emulated backend"),
+        }
+    }
+
+    /// A buffer of `len` values with unspecified contents, from the pool when possible.
+    pub fn alloc(&self, pool: &Arc<Pool>, len: usize) -> Result<DeviceBuffer> {
+        let buf = match pool.take(len) {
+            Some(b) => b,
+            None => match self {
+                Exec::Emulated => Buf::Host(vec![0.0; len]),
+                Exec::Gpu(g) => {
+                    // SAFETY: every op writes its whole output before anything reads it.
+                    let first = unsafe { g.stream.alloc::<f32>(len.max(1)) };
+                    match first {
+                        Ok(s) => Buf::Gpu(s),
+                        Err(_) => {
+                            // Out of memory with idle buffers cached: free them and retry once.
+                            pool.clear();
+                            let s = unsafe { g.stream.alloc::<f32>(len.max(1)) }.map_err(|e| {
+                                anyhow!(
+                                    "out of GPU memory allocating {:.1} MiB on {} ({e:?}); try a smaller --batch-size",
+                                    len as f64 * 4.0 / (1 << 20) as f64,
+                                    g.name
+                                )
+                            })?;
+                            Buf::Gpu(s)
+                        }
+                    }
+                }
+            },
+        };
+        Ok(DeviceBuffer { buf: Some(buf), len, pool: pool.clone() })
+    }
+
+    pub fn upload(&self, pool: &Arc<Pool>, host: &[f32]) -> Result<DeviceBuffer> {
+        let mut b = self.alloc(pool, host.len())?;
+        match (b.buf_mut(), self) {
+            (Buf::Host(v), _) => v[..host.len()].copy_from_slice(host),
+            (Buf::Gpu(s), Exec::Gpu(g)) => {
+                if !host.is_empty() {
+                    let mut view = s.slice_mut(0..host.len());
+                    g.stream.memcpy_htod(host, &mut view).map_err(|e| driver_err("copying to the GPU", e))?;
+                }
+            }
+            (Buf::Gpu(_), Exec::Emulated) => unreachable!(),
+        }
+        Ok(b)
+    }
+
+    pub fn download(&self, b: &DeviceBuffer) -> Result<Vec<f32>> {
+        match (b.buf(), self) {
+            (Buf::Host(v), _) => Ok(v[..b.len()].to_vec()),
+            (Buf::Gpu(s), Exec::Gpu(g)) => {
+                let mut out = vec![0.0f32; b.len()];
+                if b.len() > 0 {
+                    g.stream
+                        .memcpy_dtoh(&s.slice(0..b.len()), &mut out)
+                        .map_err(|e| driver_err("copying from the GPU", e))?;
+                }
+                g.stream.synchronize().map_err(|e| driver_err("waiting for the GPU", e))?;
+                Ok(out)
+            }
+            (Buf::Gpu(_), Exec::Emulated) => unreachable!(),
+        }
+    }
+
+    pub fn upload_indices(&self, idx: &[u32]) -> Result<IdxBuf> {
+        match self {
+            Exec::Emulated => Ok(IdxBuf::Host(idx.to_vec())),
+            Exec::Gpu(g) => {
+                let s = g
+                    .stream
+                    .clone_htod(if idx.is_empty() { &[0u32][..] } else { idx })
+                    .map_err(|e| driver_err("copying indices to the GPU", e))?;
+                Ok(IdxBuf::Gpu(s))
+            }
+        }
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Exec::Emulated => Ok(()),
+            Exec::Gpu(g) => g.stream.synchronize().map_err(|e| driver_err("waiting for the GPU", e)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Exec::Gpu(g) => format!("cuda:{} {} ({} SMs)", g.ctx.ordinal(), g.name, g.sm_count),
+            Exec::Emulated => "cuda-emu (CUDA kernels emulated on the host)".into(),
+        }
+    }
+}

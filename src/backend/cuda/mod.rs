@@ -1,0 +1,639 @@
+//! The CUDA backend: every op of the `Backend` trait as hand-written kernels (kernels/*.cu).
+//!
+//! The same code drives a real GPU (`CudaBackend::open`) or the host emulator
+//! (`CudaBackend::emulated`), which is how every launch below is tested in CI without a GPU.
+//! Launch configurations live next to each call and follow the comment at each kernel's
+//! definition.
+
+pub mod device;
+pub mod emu;
+pub mod kernels;
+
+use super::{AdamParams, Backend, ConvGeom, Device, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
+use anyhow::{bail, Result};
+use device::{DeviceBuffer, Exec, Gpu, Pool};
+use emu::KArg;
+use std::sync::Arc;
+
+pub struct CudaBackend {
+    exec: Exec,
+    ordinal: usize,
+    pool: Arc<Pool>,
+}
+
+type Dim = (u32, u32, u32);
+const BLOCK: Dim = (256, 1, 1);
+/// The 64×64-tile kernels (GEMM, implicit-GEMM convolutions) run 256 threads per block.
+const TILE: usize = 64;
+
+fn i32_of(v: usize, what: &str) -> Result<KArg> {
+    i32::try_from(v).map(KArg::I32).map_err(|_| anyhow::anyhow!("{what} = {v} is too large for a 32-bit kernel index"))
+}
+
+fn grid2(x: usize, y: usize) -> Dim {
+    (x.max(1) as u32, y.max(1) as u32, 1)
+}
+
+impl CudaBackend {
+    /// The GPU `ordinal`, or an error that says what is missing.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaBackend>> {
+        Ok(Arc::new(CudaBackend { exec: Exec::Gpu(Gpu::open(ordinal)?), ordinal, pool: Arc::default() }))
+    }
+
+    /// The same backend with its kernels run by the host emulator (slow; for tests).
+    pub fn emulated() -> Arc<CudaBackend> {
+        Arc::new(CudaBackend { exec: Exec::Emulated, ordinal: 0, pool: Arc::default() })
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.exec, Exec::Emulated)
+    }
+
+    fn buf<'a>(&self, s: &'a Storage) -> Result<&'a DeviceBuffer> {
+        match s {
+            Storage::Cuda(b) => Ok(b),
+            _ => bail!("a tensor on the CPU was passed to the CUDA backend; move it to the GPU first"),
+        }
+    }
+
+    /// Kernel argument for a buffer, checking it holds at least `len` values.
+    fn arg(&self, s: &Storage, len: usize) -> Result<KArg> {
+        let b = self.buf(s)?;
+        if b.len() < len {
+            bail!("CUDA backend: buffer of {} values where {len} are needed", b.len());
+        }
+        Ok(self.exec.ptr(b.buf()))
+    }
+
+    fn opt_arg(&self, s: Option<&Storage>, len: usize) -> Result<KArg> {
+        match s {
+            Some(s) => self.arg(s, len),
+            None => Ok(KArg::Ptr(0)),
+        }
+    }
+
+    fn new_buf(&self, len: usize) -> Result<Storage> {
+        Ok(Storage::Cuda(self.exec.alloc(&self.pool, len)?))
+    }
+
+    /// Grid for the grid-stride elementwise kernels: enough blocks to fill the GPU, no more.
+    fn ew_grid(&self, n: usize) -> Dim {
+        let cap = 4 * self.exec.sm_count() as usize;
+        (n.div_ceil(1024).clamp(1, cap) as u32, 1, 1)
+    }
+
+    fn launch(&self, name: &str, grid: Dim, block: Dim, shared: u32, args: &[KArg]) -> Result<()> {
+        self.exec.launch(name, grid, block, shared, args)
+    }
+
+    /// An elementwise kernel over `n` values; `args` end with the length.
+    fn ew(&self, name: &str, n: usize, mut args: Vec<KArg>) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        args.push(KArg::I64(n as i64));
+        self.launch(name, self.ew_grid(n), BLOCK, 0, &args)
+    }
+
+    /// C[M,N] = op(A)·op(B) with the tiled GEMM kernel (row-major, leading dimensions given).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: KArg,
+        b: KArg,
+        c: KArg,
+        m: usize,
+        n: usize,
+        k: usize,
+        lda: usize,
+        ldb: usize,
+        ldc: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<()> {
+        let grid = grid2(n.div_ceil(TILE), m.div_ceil(TILE));
+        let args = [
+            a,
+            b,
+            c,
+            i32_of(m, "M")?,
+            i32_of(n, "N")?,
+            i32_of(k, "K")?,
+            i32_of(lda, "lda")?,
+            i32_of(ldb, "ldb")?,
+            i32_of(ldc, "ldc")?,
+            KArg::I32(ta as i32),
+            KArg::I32(tb as i32),
+            KArg::F32(1.0),
+            KArg::F32(0.0),
+        ];
+        self.launch("gemm_tiled_v1", grid, BLOCK, 0, &args)
+    }
+
+    fn conv_dims(&self, g: &ConvGeom) -> Result<Vec<KArg>> {
+        [
+            ("N", g.n),
+            ("C", g.c_in),
+            ("H", g.h),
+            ("W", g.w),
+            ("K", g.c_out),
+            ("R", g.kh),
+            ("S", g.kw),
+            ("stride", g.stride),
+            ("pad", g.pad),
+            ("OH", g.oh),
+            ("OW", g.ow),
+        ]
+        .iter()
+        .map(|(n, v)| i32_of(*v, n))
+        .collect()
+    }
+
+    fn pool_args(&self, kind: PoolKind, g: &PoolGeom) -> Result<Vec<KArg>> {
+        let mut v = vec![KArg::I32(match kind {
+            PoolKind::Max => 0,
+            PoolKind::Avg => 1,
+        })];
+        for (n, x) in [
+            ("N", g.n),
+            ("C", g.c),
+            ("H", g.h),
+            ("W", g.w),
+            ("k", g.k),
+            ("stride", g.stride),
+            ("pad", g.pad),
+            ("OH", g.oh),
+            ("OW", g.ow),
+        ] {
+            v.push(i32_of(x, n)?);
+        }
+        Ok(v)
+    }
+
+    fn norm_dims(&self, g: &NormGeom) -> Result<[KArg; 3]> {
+        Ok([i32_of(g.n, "N")?, i32_of(g.c, "C")?, i32_of(g.hw, "HW")?])
+    }
+
+    /// How many slices the reduction of conv backward-weight is split into: enough blocks to
+    /// fill every SM twice, and slices of at least 256 positions.
+    fn wgrad_splits(&self, g: &ConvGeom) -> usize {
+        let tiles = g.c_out.div_ceil(TILE) * g.k().div_ceil(TILE);
+        let want = (2 * self.exec.sm_count() as usize).div_ceil(tiles);
+        let red = g.n * g.oh * g.ow;
+        want.clamp(1, red.div_ceil(256).clamp(1, 64))
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn describe(&self) -> String {
+        self.exec.describe()
+    }
+
+    fn zeros(&self, len: usize) -> Result<Storage> {
+        let mut s = self.new_buf(len)?;
+        self.fill(&mut s, 0.0)?;
+        Ok(s)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Storage> {
+        Ok(Storage::Cuda(self.exec.upload(&self.pool, host)?))
+    }
+
+    fn download(&self, s: &Storage) -> Result<Vec<f32>> {
+        self.exec.download(self.buf(s)?)
+    }
+
+    fn gather_rows(&self, src: &Storage, row_len: usize, idx: &[u32], dst: &mut Storage) -> Result<()> {
+        let rows = self.buf(src)?.len() / row_len.max(1);
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= rows) {
+            bail!("gather_rows: row index {bad} out of range ({rows} rows)");
+        }
+        let n = idx.len() * row_len;
+        let d = self.exec.upload_indices(idx)?;
+        let args = vec![
+            self.arg(dst, n)?,
+            self.arg(src, rows * row_len)?,
+            self.exec.idx_ptr(&d),
+            KArg::I64(idx.len() as i64),
+            KArg::I64(row_len as i64),
+        ];
+        if n > 0 {
+            self.launch("gather_rows_f32", self.ew_grid(n), BLOCK, 0, &args)?;
+        }
+        // The index buffer is freed when `d` drops: the launch above is stream-ordered before it.
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.exec.synchronize()
+    }
+
+    fn fill(&self, x: &mut Storage, value: f32) -> Result<()> {
+        let n = self.buf(x)?.len();
+        self.ew("fill_f32", n, vec![self.arg(x, n)?, KArg::F32(value)])
+    }
+
+    fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
+        let n = self.buf(out)?.len();
+        self.ew("add_f32", n, vec![self.arg(out, n)?, self.arg(a, n)?, self.arg(b, n)?])
+    }
+
+    fn mul(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
+        let n = self.buf(out)?.len();
+        self.ew("mul_f32", n, vec![self.arg(out, n)?, self.arg(a, n)?, self.arg(b, n)?])
+    }
+
+    fn scale(&self, x: &Storage, alpha: f32, out: &mut Storage) -> Result<()> {
+        let n = self.buf(out)?.len();
+        self.ew("scale_f32", n, vec![self.arg(out, n)?, self.arg(x, n)?, KArg::F32(alpha)])
+    }
+
+    fn accumulate(&self, acc: &mut Storage, x: &Storage) -> Result<()> {
+        let n = self.buf(acc)?.len();
+        self.ew("axpy_f32", n, vec![self.arg(acc, n)?, self.arg(x, n)?, KArg::F32(1.0)])
+    }
+
+    fn relu_fwd(&self, x: &Storage, y: &mut Storage) -> Result<()> {
+        let n = self.buf(y)?.len();
+        self.ew("relu_fwd_f32", n, vec![self.arg(y, n)?, self.arg(x, n)?])
+    }
+
+    fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()> {
+        // The kernel tests its third argument for > 0; ReLU's output is positive exactly where
+        // its input is.
+        let n = self.buf(dx)?.len();
+        self.ew("relu_bwd_f32", n, vec![self.arg(dx, n)?, self.arg(dy, n)?, self.arg(y, n)?])
+    }
+
+    fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()> {
+        let n = self.buf(y)?.len();
+        self.ew("elu_fwd_f32", n, vec![self.arg(y, n)?, self.arg(x, n)?, KArg::F32(alpha)])
+    }
+
+    fn elu_bwd(&self, x: &Storage, _y: &Storage, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()> {
+        let n = self.buf(dx)?.len();
+        self.ew("elu_bwd_f32", n, vec![self.arg(dx, n)?, self.arg(dy, n)?, self.arg(x, n)?, KArg::F32(alpha)])
+    }
+
+    fn dropout_fwd(&self, x: &Storage, p: f32, seed: u64, y: &mut Storage, mask: &mut Storage) -> Result<()> {
+        let n = self.buf(y)?.len();
+        self.ew(
+            "dropout_fwd_f32",
+            n,
+            vec![self.arg(y, n)?, self.arg(mask, n)?, self.arg(x, n)?, KArg::F32(p), KArg::U64(seed)],
+        )
+    }
+
+    fn linear_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        y: &mut Storage,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        // y[n, m] = x[n, k] · w[m, k]ᵀ
+        self.gemm(self.arg(x, n * k)?, self.arg(w, m * k)?, self.arg(y, n * m)?, n, m, k, k, k, m, false, true)?;
+        if let Some(b) = b {
+            self.launch(
+                "bias_add_rows_f32",
+                self.ew_grid(n * m),
+                BLOCK,
+                0,
+                &[self.arg(y, n * m)?, self.arg(b, m)?, i32_of(n, "rows")?, i32_of(m, "cols")?],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn linear_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, n: usize, k: usize, m: usize) -> Result<()> {
+        // dx[n, k] = dy[n, m] · w[m, k]
+        self.gemm(self.arg(dy, n * m)?, self.arg(w, m * k)?, self.arg(dx, n * k)?, n, k, m, m, k, k, false, false)
+    }
+
+    fn linear_bwd_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        // dw[m, k] = dy[n, m]ᵀ · x[n, k]
+        self.gemm(self.arg(dy, n * m)?, self.arg(x, n * k)?, self.arg(dw, m * k)?, m, k, n, m, k, k, true, false)?;
+        if let Some(db) = db {
+            self.launch(
+                "sum_rows_f32",
+                grid2(m.div_ceil(256), 1),
+                BLOCK,
+                0,
+                &[self.arg(db, m)?, self.arg(dy, n * m)?, i32_of(n, "rows")?, i32_of(m, "cols")?],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn conv2d_fwd(&self, x: &Storage, w: &Storage, b: Option<&Storage>, y: &mut Storage, g: &ConvGeom) -> Result<()> {
+        let mut args = vec![
+            self.arg(y, g.out_len())?,
+            self.arg(x, g.in_len())?,
+            self.arg(w, g.weight_len())?,
+            self.opt_arg(b, g.c_out)?,
+        ];
+        args.extend(self.conv_dims(g)?);
+        self.launch("conv2d_fwd_v1", grid2((g.n * g.oh * g.ow).div_ceil(TILE), g.c_out.div_ceil(TILE)), BLOCK, 0, &args)
+    }
+
+    fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
+        let mut args = vec![self.arg(dx, g.in_len())?, self.arg(dy, g.out_len())?, self.arg(w, g.weight_len())?];
+        args.extend(self.conv_dims(g)?);
+        self.launch(
+            "conv2d_bwd_data_v1",
+            grid2((g.n * g.h * g.w).div_ceil(TILE), g.c_in.div_ceil(TILE)),
+            BLOCK,
+            0,
+            &args,
+        )
+    }
+
+    fn conv2d_bwd_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        g: &ConvGeom,
+    ) -> Result<()> {
+        let splits = self.wgrad_splits(g);
+        let len = g.weight_len();
+        let partial = self.new_buf(splits * len)?;
+        let mut args = vec![self.arg(&partial, splits * len)?, self.arg(x, g.in_len())?, self.arg(dy, g.out_len())?];
+        args.extend(self.conv_dims(g)?);
+        args.push(i32_of(splits, "splits")?);
+        let grid = (g.k().div_ceil(TILE) as u32, g.c_out.div_ceil(TILE) as u32, splits as u32);
+        self.launch("conv2d_bwd_weight_v1", grid, BLOCK, 0, &args)?;
+        self.launch(
+            "sum_partials_f32",
+            self.ew_grid(len),
+            BLOCK,
+            0,
+            &[self.arg(dw, len)?, self.arg(&partial, splits * len)?, i32_of(splits, "splits")?, KArg::I64(len as i64)],
+        )?;
+        if let Some(db) = db {
+            let hw = g.oh * g.ow;
+            self.launch(
+                "channel_sum_f32",
+                grid2(g.c_out, 1),
+                BLOCK,
+                0,
+                &[
+                    self.arg(db, g.c_out)?,
+                    self.arg(dy, g.out_len())?,
+                    i32_of(g.n, "N")?,
+                    i32_of(g.c_out, "C")?,
+                    i32_of(hw, "HW")?,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn pool2d_fwd(&self, kind: PoolKind, x: &Storage, y: &mut Storage, g: &PoolGeom) -> Result<()> {
+        let mut args = vec![self.arg(y, g.out_len())?, self.arg(x, g.in_len())?];
+        args.extend(self.pool_args(kind, g)?);
+        self.launch("pool2d_fwd_f32", self.ew_grid(g.out_len()), BLOCK, 0, &args)
+    }
+
+    fn pool2d_bwd(&self, kind: PoolKind, x: &Storage, dy: &Storage, dx: &mut Storage, g: &PoolGeom) -> Result<()> {
+        let mut args = vec![self.arg(dx, g.in_len())?, self.arg(x, g.in_len())?, self.arg(dy, g.out_len())?];
+        args.extend(self.pool_args(kind, g)?);
+        self.launch("pool2d_bwd_f32", self.ew_grid(g.in_len()), BLOCK, 0, &args)
+    }
+
+    fn batchnorm_fwd_train(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        beta: &Storage,
+        y: &mut Storage,
+        save_mean: &mut Storage,
+        save_invstd: &mut Storage,
+        running_mean: &mut Storage,
+        running_var: &mut Storage,
+        momentum: f32,
+        eps: f32,
+        g: &NormGeom,
+    ) -> Result<()> {
+        let [n, c, hw] = self.norm_dims(g)?;
+        let stats = [
+            self.arg(save_mean, g.c)?,
+            self.arg(save_invstd, g.c)?,
+            self.arg(running_mean, g.c)?,
+            self.arg(running_var, g.c)?,
+            self.arg(x, g.len())?,
+            n,
+            c,
+            hw,
+            KArg::F32(momentum),
+            KArg::F32(eps),
+        ];
+        self.launch("bn_stats_f32", grid2(g.c, 1), BLOCK, 0, &stats)?;
+        let apply = [
+            self.arg(y, g.len())?,
+            self.arg(x, g.len())?,
+            self.arg(save_mean, g.c)?,
+            self.arg(save_invstd, g.c)?,
+            self.arg(gamma, g.c)?,
+            self.arg(beta, g.c)?,
+            n,
+            c,
+            hw,
+        ];
+        self.launch("bn_apply_f32", self.ew_grid(g.len()), BLOCK, 0, &apply)
+    }
+
+    fn batchnorm_fwd_eval(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        beta: &Storage,
+        running_mean: &Storage,
+        running_var: &Storage,
+        y: &mut Storage,
+        eps: f32,
+        g: &NormGeom,
+    ) -> Result<()> {
+        let [n, c, hw] = self.norm_dims(g)?;
+        let args = [
+            self.arg(y, g.len())?,
+            self.arg(x, g.len())?,
+            self.arg(running_mean, g.c)?,
+            self.arg(running_var, g.c)?,
+            self.arg(gamma, g.c)?,
+            self.arg(beta, g.c)?,
+            KArg::F32(eps),
+            n,
+            c,
+            hw,
+        ];
+        self.launch("bn_eval_f32", self.ew_grid(g.len()), BLOCK, 0, &args)
+    }
+
+    fn batchnorm_bwd(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        save_mean: &Storage,
+        save_invstd: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        dgamma: &mut Storage,
+        dbeta: &mut Storage,
+        g: &NormGeom,
+    ) -> Result<()> {
+        let [n, c, hw] = self.norm_dims(g)?;
+        let reduce = [
+            self.arg(dgamma, g.c)?,
+            self.arg(dbeta, g.c)?,
+            self.arg(x, g.len())?,
+            self.arg(dy, g.len())?,
+            self.arg(save_mean, g.c)?,
+            self.arg(save_invstd, g.c)?,
+            n,
+            c,
+            hw,
+        ];
+        self.launch("bn_bwd_reduce_f32", grid2(g.c, 1), BLOCK, 0, &reduce)?;
+        let apply = [
+            self.arg(dx, g.len())?,
+            self.arg(x, g.len())?,
+            self.arg(dy, g.len())?,
+            self.arg(gamma, g.c)?,
+            self.arg(save_mean, g.c)?,
+            self.arg(save_invstd, g.c)?,
+            self.arg(dgamma, g.c)?,
+            self.arg(dbeta, g.c)?,
+            n,
+            c,
+            hw,
+        ];
+        self.launch("bn_bwd_apply_f32", self.ew_grid(g.len()), BLOCK, 0, &apply)
+    }
+
+    fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, rows: usize, cols: usize) -> Result<()> {
+        let args = [self.arg(y, rows * cols)?, self.arg(x, rows * cols)?, i32_of(rows, "rows")?, i32_of(cols, "cols")?];
+        self.launch("log_softmax_fwd_f32", grid2(rows.div_ceil(8), 1), BLOCK, 0, &args)
+    }
+
+    fn log_softmax_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage, rows: usize, cols: usize) -> Result<()> {
+        let n = rows * cols;
+        let args = [self.arg(dx, n)?, self.arg(dy, n)?, self.arg(y, n)?, i32_of(rows, "rows")?, i32_of(cols, "cols")?];
+        self.launch("log_softmax_bwd_f32", grid2(rows.div_ceil(8), 1), BLOCK, 0, &args)
+    }
+
+    fn nll_fwd(&self, logp: &Storage, labels: &Storage, loss: &mut Storage, rows: usize, cols: usize) -> Result<()> {
+        let args = [
+            self.arg(loss, 1)?,
+            self.arg(logp, rows * cols)?,
+            self.arg(labels, rows)?,
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+        ];
+        self.launch("nll_fwd_f32", (1, 1, 1), BLOCK, 0, &args)
+    }
+
+    fn nll_bwd(&self, labels: &Storage, dloss: &Storage, dlogp: &mut Storage, rows: usize, cols: usize) -> Result<()> {
+        let args = [
+            self.arg(dlogp, rows * cols)?,
+            self.arg(labels, rows)?,
+            self.arg(dloss, 1)?,
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+        ];
+        self.launch("nll_bwd_f32", self.ew_grid(rows * cols), BLOCK, 0, &args)
+    }
+
+    fn sum(&self, x: &Storage, out: &mut Storage) -> Result<()> {
+        // Two launches, no atomics: per-block partial sums, then one block folds them in order.
+        let n = self.buf(x)?.len();
+        let blocks = n.div_ceil(1024).clamp(1, 2 * self.exec.sm_count() as usize);
+        let partial = self.new_buf(blocks)?;
+        self.launch(
+            "reduce_sum_f32",
+            grid2(blocks, 1),
+            BLOCK,
+            0,
+            &[self.arg(&partial, blocks)?, self.arg(x, n)?, KArg::I64(n as i64), KArg::F32(1.0)],
+        )?;
+        self.launch(
+            "reduce_sum_f32",
+            (1, 1, 1),
+            (1024, 1, 1),
+            0,
+            &[self.arg(out, 1)?, self.arg(&partial, blocks)?, KArg::I64(blocks as i64), KArg::F32(1.0)],
+        )
+    }
+
+    fn broadcast_scalar(&self, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()> {
+        let n = self.buf(dx)?.len();
+        self.ew("broadcast_scalar_f32", n, vec![self.arg(dx, n)?, self.arg(dy, 1)?, KArg::F32(alpha)])
+    }
+
+    fn argmax_rows(&self, x: &Storage, out: &mut Storage, rows: usize, cols: usize) -> Result<()> {
+        let args = [self.arg(out, rows)?, self.arg(x, rows * cols)?, i32_of(rows, "rows")?, i32_of(cols, "cols")?];
+        self.launch("argmax_rows_f32", self.ew_grid(rows), BLOCK, 0, &args)
+    }
+
+    fn adam_step(
+        &self,
+        p: &mut Storage,
+        grad: &Storage,
+        m: &mut Storage,
+        v: &mut Storage,
+        h: &AdamParams,
+    ) -> Result<()> {
+        let n = self.buf(p)?.len();
+        // Scalars in f64 on the host, as torch computes them, then rounded once.
+        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+        let bc2_sqrt = (1.0 - (h.beta2 as f64).powi(h.step as i32)).sqrt();
+        let args = vec![
+            self.arg(p, n)?,
+            self.arg(grad, n)?,
+            self.arg(m, n)?,
+            self.arg(v, n)?,
+            KArg::F32((h.lr as f64 / bc1) as f32),
+            KArg::F32((1.0 - h.beta1 as f64) as f32),
+            KArg::F32(h.beta2),
+            KArg::F32((1.0 - h.beta2 as f64) as f32),
+            KArg::F32(h.eps),
+            KArg::F32(h.weight_decay),
+            KArg::F32(bc2_sqrt as f32),
+        ];
+        self.ew("adam_update_f32", n, args)
+    }
+
+    fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()> {
+        let n = self.buf(p)?.len();
+        // Velocity starts at zero, so momentum·0 + g equals torch's first-step copy: first_step = 0.
+        let args = vec![
+            self.arg(p, n)?,
+            self.arg(grad, n)?,
+            self.arg(velocity, n)?,
+            KArg::F32(h.lr),
+            KArg::F32(h.momentum),
+            KArg::F32(0.0),
+            KArg::F32(h.weight_decay),
+            KArg::I32(0),
+            KArg::I32(0),
+        ];
+        self.ew("sgd_momentum_update_f32", n, args)
+    }
+}

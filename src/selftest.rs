@@ -1,0 +1,412 @@
+//! Parity of one backend against another: every op of the `Backend` trait on fresh random
+//! inputs, outputs poisoned with NaN before each run so an element a kernel forgets to write
+//! fails the check; then a short LeNet training run on both, comparing the loss curves.
+//!
+//! `cargo test` runs this with the CUDA backend on the kernel emulator; `rotvar selftest` runs it
+//! on a real GPU. The CPU backend is the reference in both.
+
+use crate::autograd::Tape;
+use crate::backend::{AdamParams, BackendRef, ConvGeom, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
+use crate::models::{InputSpec, Model};
+use crate::nn::Forward;
+use crate::ops;
+use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use anyhow::Result;
+use serde::Serialize;
+
+/// Elementwise ops must agree to this relative error (against the largest reference value).
+pub const TOL_ELEMENTWISE: f64 = 1e-5;
+/// GEMMs, convolutions and reductions sum in another order: this much.
+pub const TOL_REDUCTION: f64 = 1e-4;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub op: String,
+    pub shape: String,
+    pub max_rel_err: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.max_rel_err <= self.tolerance
+    }
+}
+
+/// Problem sizes: `Small` keeps emulated runs quick, `Full` uses the shapes training sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Small,
+    Full,
+}
+
+struct Ctx<'a> {
+    r: &'a BackendRef,
+    t: &'a BackendRef,
+    rng: Rng,
+    checks: Vec<Check>,
+}
+
+/// max |a − b| / max(1, max |a|): a NaN anywhere counts as infinite error.
+pub fn rel_err(reference: &[f32], got: &[f32]) -> f64 {
+    if reference.len() != got.len() {
+        return f64::INFINITY;
+    }
+    let scale = reference.iter().fold(1.0f64, |m, &v| m.max((v as f64).abs()));
+    let mut worst = 0.0f64;
+    for (&a, &b) in reference.iter().zip(got) {
+        if a.is_nan() != b.is_nan() || (!a.is_nan() && (a as f64 - b as f64).abs().is_nan()) {
+            return f64::INFINITY;
+        }
+        if !a.is_nan() {
+            worst = worst.max((a as f64 - b as f64).abs() / scale);
+        }
+    }
+    worst
+}
+
+impl<'a> Ctx<'a> {
+    fn normal(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.rng.normal()).collect()
+    }
+    fn pair(&self, host: &[f32]) -> Result<(Storage, Storage)> {
+        Ok((self.r.upload(host)?, self.t.upload(host)?))
+    }
+    fn poisoned(&self, n: usize) -> Result<(Storage, Storage)> {
+        self.pair(&vec![f32::NAN; n])
+    }
+    fn compare(&mut self, op: &str, shape: &str, a: &Storage, b: &Storage, tol: f64) -> Result<()> {
+        let (x, y) = (self.r.download(a)?, self.t.download(b)?);
+        self.checks.push(Check { op: op.into(), shape: shape.into(), max_rel_err: rel_err(&x, &y), tolerance: tol });
+        Ok(())
+    }
+}
+
+/// Compare every op of `target` against `reference`.
+pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, seed: u64) -> Result<Vec<Check>> {
+    let mut c = Ctx { r: reference, t: target, rng: Rng::new(seed), checks: Vec::new() };
+    let n = if scale == Scale::Full { 1 << 20 } else { 4099 };
+    elementwise(&mut c, n)?;
+    let (batch, rows) = if scale == Scale::Full { (256, 256) } else { (3, 37) };
+    dense(&mut c, rows)?;
+    let convs: Vec<ConvGeom> = if scale == Scale::Full {
+        vec![
+            ConvGeom::new(batch, 32, 28, 28, 32, (3, 3), 1, 1)?,
+            ConvGeom::new(batch, 64, 7, 7, 128, (3, 3), 1, 1)?,
+            ConvGeom::new(batch, 6, 14, 14, 16, (5, 5), 1, 2)?,
+            ConvGeom::new(batch, 64, 16, 16, 128, (3, 3), 2, 1)?,
+            ConvGeom::new(batch, 64, 8, 8, 128, (1, 1), 1, 0)?,
+        ]
+    } else {
+        vec![
+            ConvGeom::new(batch, 5, 7, 9, 6, (3, 3), 1, 1)?,
+            ConvGeom::new(batch, 4, 8, 8, 7, (3, 3), 2, 1)?,
+            ConvGeom::new(2, 3, 6, 6, 5, (5, 5), 1, 2)?,
+            ConvGeom::new(batch, 9, 5, 5, 70, (1, 1), 1, 0)?,
+        ]
+    };
+    for g in &convs {
+        conv(&mut c, g)?;
+    }
+    let pools = if scale == Scale::Full {
+        vec![PoolGeom::new(batch, 32, 28, 28, 2, 2, 0)?, PoolGeom::new(batch, 64, 15, 15, 3, 2, 1)?]
+    } else {
+        vec![PoolGeom::new(batch, 3, 8, 8, 2, 2, 0)?, PoolGeom::new(2, 2, 7, 7, 3, 2, 1)?]
+    };
+    for g in &pools {
+        pool(&mut c, g)?;
+    }
+    let norms = if scale == Scale::Full {
+        vec![NormGeom { n: batch, c: 64, hw: 196 }, NormGeom { n: batch, c: 128, hw: 1 }]
+    } else {
+        vec![NormGeom { n: 3, c: 5, hw: 49 }, NormGeom { n: 37, c: 3, hw: 1 }]
+    };
+    for g in &norms {
+        batchnorm(&mut c, g)?;
+    }
+    loss(&mut c, rows, 10)?;
+    Ok(c.checks)
+}
+
+fn elementwise(c: &mut Ctx, n: usize) -> Result<()> {
+    let shape = format!("n={n}");
+    let (a, b) = (c.normal(n), c.normal(n));
+    let (ra, ta) = c.pair(&a)?;
+    let (rb, tb) = c.pair(&b)?;
+    let (r, t) = (c.r.clone(), c.t.clone());
+    type Binary = fn(&BackendRef, &Storage, &Storage, &mut Storage) -> Result<()>;
+    let binaries: [(&str, Binary); 3] = [
+        ("add", |be, a, b, o| be.add(a, b, o)),
+        ("mul", |be, a, b, o| be.mul(a, b, o)),
+        ("relu_bwd", |be, a, b, o| be.relu_bwd(a, b, o)),
+    ];
+    for (name, f) in binaries {
+        let (mut ro, mut to) = c.poisoned(n)?;
+        f(&r, &ra, &rb, &mut ro)?;
+        f(&t, &ta, &tb, &mut to)?;
+        c.compare(name, &shape, &ro, &to, TOL_ELEMENTWISE)?;
+    }
+    type Unary = fn(&BackendRef, &Storage, &mut Storage) -> Result<()>;
+    let unaries: [(&str, Unary); 3] = [
+        ("scale", |be, a, o| be.scale(a, -0.37, o)),
+        ("relu_fwd", |be, a, o| be.relu_fwd(a, o)),
+        ("elu_fwd", |be, a, o| be.elu_fwd(a, 1.0, o)),
+    ];
+    for (name, f) in unaries {
+        let (mut ro, mut to) = c.poisoned(n)?;
+        f(&r, &ra, &mut ro)?;
+        f(&t, &ta, &mut to)?;
+        c.compare(name, &shape, &ro, &to, TOL_ELEMENTWISE)?;
+    }
+    let (mut ro, mut to) = c.poisoned(n)?;
+    let (ry, ty) = c.pair(&a.iter().map(|&v| if v > 0.0 { v } else { v.exp_m1() }).collect::<Vec<_>>())?;
+    r.elu_bwd(&ra, &ry, &rb, 1.0, &mut ro)?;
+    t.elu_bwd(&ta, &ty, &tb, 1.0, &mut to)?;
+    c.compare("elu_bwd", &shape, &ro, &to, TOL_ELEMENTWISE)?;
+
+    let (mut ro, mut to) = c.poisoned(n)?;
+    r.fill(&mut ro, 0.25)?;
+    t.fill(&mut to, 0.25)?;
+    c.compare("fill", &shape, &ro, &to, 0.0)?;
+
+    let (mut racc, mut tacc) = c.pair(&a)?;
+    r.accumulate(&mut racc, &rb)?;
+    t.accumulate(&mut tacc, &tb)?;
+    c.compare("accumulate", &shape, &racc, &tacc, TOL_ELEMENTWISE)?;
+
+    let ((mut ry, mut rm), (mut ty, mut tm)) = {
+        let (ry, ty) = c.poisoned(n)?;
+        let (rm, tm) = c.poisoned(n)?;
+        ((ry, rm), (ty, tm))
+    };
+    r.dropout_fwd(&ra, 0.3, 1234, &mut ry, &mut rm)?;
+    t.dropout_fwd(&ta, 0.3, 1234, &mut ty, &mut tm)?;
+    c.compare("dropout mask", &shape, &rm, &tm, 0.0)?;
+    c.compare("dropout_fwd", &shape, &ry, &ty, TOL_ELEMENTWISE)?;
+
+    let (mut ro, mut to) = c.poisoned(1)?;
+    r.sum(&ra, &mut ro)?;
+    t.sum(&ta, &mut to)?;
+    c.compare("sum", &shape, &ro, &to, TOL_REDUCTION)?;
+
+    let (mut ro, mut to) = c.poisoned(n)?;
+    let (rs, ts) = c.pair(&[1.5])?;
+    r.broadcast_scalar(&rs, -0.5, &mut ro)?;
+    t.broadcast_scalar(&ts, -0.5, &mut to)?;
+    c.compare("broadcast_scalar", &shape, &ro, &to, 0.0)?;
+
+    // Optimizers: several steps, comparing parameters and state.
+    let g = c.normal(n);
+    let (rg, tg) = c.pair(&g)?;
+    let (mut rp, mut tp) = c.pair(&a)?;
+    let (mut rm1, mut tm1) = c.pair(&vec![0.0; n])?;
+    let (mut rv1, mut tv1) = c.pair(&vec![0.0; n])?;
+    for step in 1..=3 {
+        let h = AdamParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4, step };
+        r.adam_step(&mut rp, &rg, &mut rm1, &mut rv1, &h)?;
+        t.adam_step(&mut tp, &tg, &mut tm1, &mut tv1, &h)?;
+    }
+    c.compare("adam_step param", &shape, &rp, &tp, TOL_ELEMENTWISE)?;
+    c.compare("adam_step exp_avg_sq", &shape, &rv1, &tv1, TOL_ELEMENTWISE)?;
+    let (mut rp, mut tp) = c.pair(&a)?;
+    let (mut rvel, mut tvel) = c.pair(&vec![0.0; n])?;
+    for _ in 0..3 {
+        let h = SgdParams { lr: 0.01, momentum: 0.9, weight_decay: 1e-4 };
+        r.sgd_step(&mut rp, &rg, &mut rvel, &h)?;
+        t.sgd_step(&mut tp, &tg, &mut tvel, &h)?;
+    }
+    c.compare("sgd_step param", &shape, &rp, &tp, TOL_ELEMENTWISE)?;
+
+    // Batch gathering, with a repeated and an out-of-order index.
+    let rows = n / 7;
+    let idx: Vec<u32> = vec![3, 0, rows as u32 - 1, 3, 5];
+    let (mut ro, mut to) = c.poisoned(idx.len() * 7)?;
+    r.gather_rows(&ra, 7, &idx, &mut ro)?;
+    t.gather_rows(&ta, 7, &idx, &mut to)?;
+    c.compare("gather_rows", &shape, &ro, &to, 0.0)?;
+    Ok(())
+}
+
+fn dense(c: &mut Ctx, n: usize) -> Result<()> {
+    for (k, m) in [(71, 10), (130, 67)] {
+        let shape = format!("n={n} k={k} m={m}");
+        let (x, w, b, dy) = (c.normal(n * k), c.normal(m * k), c.normal(m), c.normal(n * m));
+        let ((rx, tx), (rw, tw), (rb, tb), (rdy, tdy)) = (c.pair(&x)?, c.pair(&w)?, c.pair(&b)?, c.pair(&dy)?);
+        let (r, t) = (c.r.clone(), c.t.clone());
+        let (mut ry, mut ty) = c.poisoned(n * m)?;
+        r.linear_fwd(&rx, &rw, Some(&rb), &mut ry, n, k, m)?;
+        t.linear_fwd(&tx, &tw, Some(&tb), &mut ty, n, k, m)?;
+        c.compare("linear_fwd", &shape, &ry, &ty, TOL_REDUCTION)?;
+        let (mut rdx, mut tdx) = c.poisoned(n * k)?;
+        r.linear_bwd_data(&rdy, &rw, &mut rdx, n, k, m)?;
+        t.linear_bwd_data(&tdy, &tw, &mut tdx, n, k, m)?;
+        c.compare("linear_bwd_data", &shape, &rdx, &tdx, TOL_REDUCTION)?;
+        let (mut rdw, mut tdw) = c.poisoned(m * k)?;
+        let (mut rdb, mut tdb) = c.poisoned(m)?;
+        r.linear_bwd_weight(&rx, &rdy, &mut rdw, Some(&mut rdb), n, k, m)?;
+        t.linear_bwd_weight(&tx, &tdy, &mut tdw, Some(&mut tdb), n, k, m)?;
+        c.compare("linear_bwd_weight", &shape, &rdw, &tdw, TOL_REDUCTION)?;
+        c.compare("linear_bwd_bias", &shape, &rdb, &tdb, TOL_REDUCTION)?;
+    }
+    Ok(())
+}
+
+fn conv(c: &mut Ctx, g: &ConvGeom) -> Result<()> {
+    let shape =
+        format!("n{} c{} {}x{} -> {} k{}x{} s{} p{}", g.n, g.c_in, g.h, g.w, g.c_out, g.kh, g.kw, g.stride, g.pad);
+    let (x, w, b, dy) = (c.normal(g.in_len()), c.normal(g.weight_len()), c.normal(g.c_out), c.normal(g.out_len()));
+    let ((rx, tx), (rw, tw), (rb, tb), (rdy, tdy)) = (c.pair(&x)?, c.pair(&w)?, c.pair(&b)?, c.pair(&dy)?);
+    let (r, t) = (c.r.clone(), c.t.clone());
+    let (mut ry, mut ty) = c.poisoned(g.out_len())?;
+    r.conv2d_fwd(&rx, &rw, Some(&rb), &mut ry, g)?;
+    t.conv2d_fwd(&tx, &tw, Some(&tb), &mut ty, g)?;
+    c.compare("conv2d_fwd", &shape, &ry, &ty, TOL_REDUCTION)?;
+    let (mut rdx, mut tdx) = c.poisoned(g.in_len())?;
+    r.conv2d_bwd_data(&rdy, &rw, &mut rdx, g)?;
+    t.conv2d_bwd_data(&tdy, &tw, &mut tdx, g)?;
+    c.compare("conv2d_bwd_data", &shape, &rdx, &tdx, TOL_REDUCTION)?;
+    let (mut rdw, mut tdw) = c.poisoned(g.weight_len())?;
+    let (mut rdb, mut tdb) = c.poisoned(g.c_out)?;
+    r.conv2d_bwd_weight(&rx, &rdy, &mut rdw, Some(&mut rdb), g)?;
+    t.conv2d_bwd_weight(&tx, &tdy, &mut tdw, Some(&mut tdb), g)?;
+    c.compare("conv2d_bwd_weight", &shape, &rdw, &tdw, TOL_REDUCTION)?;
+    c.compare("conv2d_bwd_bias", &shape, &rdb, &tdb, TOL_REDUCTION)?;
+    Ok(())
+}
+
+fn pool(c: &mut Ctx, g: &PoolGeom) -> Result<()> {
+    // Distinct values so the first maximum of every window is unambiguous.
+    let mut x: Vec<f32> = (0..g.in_len()).map(|i| i as f32 * 1e-3).collect();
+    c.rng.shuffle(&mut x);
+    let dy = c.normal(g.out_len());
+    let ((rx, tx), (rdy, tdy)) = (c.pair(&x)?, c.pair(&dy)?);
+    let (r, t) = (c.r.clone(), c.t.clone());
+    for kind in [PoolKind::Max, PoolKind::Avg] {
+        let shape = format!("{kind:?} n{} c{} {}x{} k{} s{} p{}", g.n, g.c, g.h, g.w, g.k, g.stride, g.pad);
+        let (mut ry, mut ty) = c.poisoned(g.out_len())?;
+        r.pool2d_fwd(kind, &rx, &mut ry, g)?;
+        t.pool2d_fwd(kind, &tx, &mut ty, g)?;
+        c.compare("pool2d_fwd", &shape, &ry, &ty, TOL_ELEMENTWISE)?;
+        let (mut rdx, mut tdx) = c.poisoned(g.in_len())?;
+        r.pool2d_bwd(kind, &rx, &rdy, &mut rdx, g)?;
+        t.pool2d_bwd(kind, &tx, &tdy, &mut tdx, g)?;
+        c.compare("pool2d_bwd", &shape, &rdx, &tdx, TOL_ELEMENTWISE)?;
+    }
+    Ok(())
+}
+
+fn batchnorm(c: &mut Ctx, g: &NormGeom) -> Result<()> {
+    let shape = format!("n{} c{} hw{}", g.n, g.c, g.hw);
+    // A large common offset: E[x²]−E[x]² would lose every digit of the variance here.
+    let x: Vec<f32> = c.normal(g.len()).into_iter().map(|v| 1000.0 + v).collect();
+    let (gamma, beta, dy) = (c.normal(g.c), c.normal(g.c), c.normal(g.len()));
+    let ((rx, tx), (rg, tg), (rb, tb), (rdy, tdy)) = (c.pair(&x)?, c.pair(&gamma)?, c.pair(&beta)?, c.pair(&dy)?);
+    let (r, t) = (c.r.clone(), c.t.clone());
+    let (mut ry, mut ty) = c.poisoned(g.len())?;
+    let (mut rmean, mut tmean) = c.poisoned(g.c)?;
+    let (mut rinv, mut tinv) = c.poisoned(g.c)?;
+    let (mut rrm, mut trm) = c.pair(&vec![0.5; g.c])?;
+    let (mut rrv, mut trv) = c.pair(&vec![2.0; g.c])?;
+    r.batchnorm_fwd_train(&rx, &rg, &rb, &mut ry, &mut rmean, &mut rinv, &mut rrm, &mut rrv, 0.1, 1e-5, g)?;
+    t.batchnorm_fwd_train(&tx, &tg, &tb, &mut ty, &mut tmean, &mut tinv, &mut trm, &mut trv, 0.1, 1e-5, g)?;
+    c.compare("batchnorm_fwd_train y", &shape, &ry, &ty, TOL_REDUCTION)?;
+    c.compare("batchnorm_fwd_train mean", &shape, &rmean, &tmean, TOL_REDUCTION)?;
+    c.compare("batchnorm_fwd_train invstd", &shape, &rinv, &tinv, TOL_REDUCTION)?;
+    c.compare("batchnorm running_mean", &shape, &rrm, &trm, TOL_REDUCTION)?;
+    c.compare("batchnorm running_var", &shape, &rrv, &trv, TOL_REDUCTION)?;
+    let (mut ry2, mut ty2) = c.poisoned(g.len())?;
+    r.batchnorm_fwd_eval(&rx, &rg, &rb, &rrm, &rrv, &mut ry2, 1e-5, g)?;
+    t.batchnorm_fwd_eval(&tx, &tg, &tb, &trm, &trv, &mut ty2, 1e-5, g)?;
+    c.compare("batchnorm_fwd_eval", &shape, &ry2, &ty2, TOL_REDUCTION)?;
+    let (mut rdx, mut tdx) = c.poisoned(g.len())?;
+    let (mut rdg, mut tdg) = c.poisoned(g.c)?;
+    let (mut rdb, mut tdb) = c.poisoned(g.c)?;
+    r.batchnorm_bwd(&rx, &rg, &rmean, &rinv, &rdy, &mut rdx, &mut rdg, &mut rdb, g)?;
+    t.batchnorm_bwd(&tx, &tg, &tmean, &tinv, &tdy, &mut tdx, &mut tdg, &mut tdb, g)?;
+    c.compare("batchnorm_bwd dx", &shape, &rdx, &tdx, TOL_REDUCTION)?;
+    c.compare("batchnorm_bwd dgamma", &shape, &rdg, &tdg, TOL_REDUCTION)?;
+    c.compare("batchnorm_bwd dbeta", &shape, &rdb, &tdb, TOL_REDUCTION)?;
+    Ok(())
+}
+
+fn loss(c: &mut Ctx, rows: usize, cols: usize) -> Result<()> {
+    let shape = format!("rows={rows} cols={cols}");
+    let x: Vec<f32> = c.normal(rows * cols).into_iter().map(|v| 3.0 * v).collect();
+    let labels: Vec<f32> = (0..rows).map(|_| c.rng.below(cols as u64) as f32).collect();
+    let dy = c.normal(rows * cols);
+    let ((rx, tx), (rl, tl), (rdy, tdy)) = (c.pair(&x)?, c.pair(&labels)?, c.pair(&dy)?);
+    let (r, t) = (c.r.clone(), c.t.clone());
+    let (mut ry, mut ty) = c.poisoned(rows * cols)?;
+    r.log_softmax_fwd(&rx, &mut ry, rows, cols)?;
+    t.log_softmax_fwd(&tx, &mut ty, rows, cols)?;
+    c.compare("log_softmax_fwd", &shape, &ry, &ty, TOL_REDUCTION)?;
+    let (mut rdx, mut tdx) = c.poisoned(rows * cols)?;
+    r.log_softmax_bwd(&ry, &rdy, &mut rdx, rows, cols)?;
+    t.log_softmax_bwd(&ry_copy(c, &ry)?, &tdy, &mut tdx, rows, cols)?;
+    c.compare("log_softmax_bwd", &shape, &rdx, &tdx, TOL_REDUCTION)?;
+    let (mut rloss, mut tloss) = c.poisoned(1)?;
+    r.nll_fwd(&ry, &rl, &mut rloss, rows, cols)?;
+    t.nll_fwd(&ry_copy(c, &ry)?, &tl, &mut tloss, rows, cols)?;
+    c.compare("nll_fwd", &shape, &rloss, &tloss, TOL_REDUCTION)?;
+    let (rd, td) = c.pair(&[0.7])?;
+    let (mut rg, mut tg) = c.poisoned(rows * cols)?;
+    r.nll_bwd(&rl, &rd, &mut rg, rows, cols)?;
+    t.nll_bwd(&tl, &td, &mut tg, rows, cols)?;
+    c.compare("nll_bwd", &shape, &rg, &tg, TOL_ELEMENTWISE)?;
+    let (mut ra, mut ta) = c.poisoned(rows)?;
+    r.argmax_rows(&rx, &mut ra, rows, cols)?;
+    t.argmax_rows(&tx, &mut ta, rows, cols)?;
+    c.compare("argmax_rows", &shape, &ra, &ta, 0.0)?;
+    Ok(())
+}
+
+/// The reference backend's log-probabilities, uploaded to the target backend, so backward and
+/// loss kernels are compared on identical inputs.
+fn ry_copy(c: &Ctx, ry: &Storage) -> Result<Storage> {
+    c.t.upload(&c.r.download(ry)?)
+}
+
+/// Train LeNet from the same seed on both backends for `steps` Adam steps on fixed random data;
+/// returns both loss curves.
+pub fn training_curves(
+    reference: &BackendRef,
+    target: &BackendRef,
+    steps: usize,
+    batch: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let mut rng = Rng::new(5);
+    let n = batch * 4;
+    let xs: Vec<f32> = (0..n * 784).map(|_| rng.normal()).collect();
+    let ys: Vec<f32> = (0..n).map(|i| (i % 10) as f32).collect();
+    let mut curves = Vec::new();
+    for b in [reference, target] {
+        let input = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
+        let model = Model::build("lenet", input, b, 11)?;
+        let mut opt = Optimizer::new(OptimConfig::new(OptimizerKind::Adam, 1e-3, 0.0), model.parameters())?;
+        let x_all = Tensor::from_vec(b, &[n, 1, 28, 28], &xs)?;
+        let y_all = Tensor::from_vec(b, &[n], &ys)?;
+        let mut curve = Vec::with_capacity(steps);
+        for step in 0..steps {
+            let idx: Vec<u32> = (0..batch).map(|i| ((step * batch + i) % n) as u32).collect();
+            let mut xb = b.zeros(batch * 784)?;
+            b.gather_rows(&x_all.storage(), 784, &idx, &mut xb)?;
+            let mut yb = b.zeros(batch)?;
+            b.gather_rows(&y_all.storage(), 1, &idx, &mut yb)?;
+            let (x, y) = (
+                Tensor::from_storage(b, &[batch, 1, 28, 28], xb, false)?,
+                Tensor::from_storage(b, &[batch], yb, false)?,
+            );
+            let tape = Tape::start()?;
+            let loss = ops::nll_loss(&model.forward(&x, &mut Forward::train(step as u64))?, &y)?;
+            let grads = tape.backward(&loss)?;
+            opt.step(&grads)?;
+            curve.push(loss.scalar()?);
+        }
+        curves.push(curve);
+    }
+    let target_curve = curves.pop().unwrap_or_default();
+    let reference_curve = curves.pop().unwrap_or_default();
+    Ok((reference_curve, target_curve))
+}

@@ -1,0 +1,127 @@
+//! The command line as a user meets it: clear errors and non-zero exits on bad input, files
+//! written on success.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn rotvar(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rotvar")).args(args).env_remove("ROTVAR_DATA").output().expect("run rotvar")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn unknown_model_is_a_clear_error() {
+    let o = rotvar(&["train", "--model", "alexnet", "--dataset", "mnist-sample", "--epochs", "1"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("unknown model 'alexnet'") && e.contains("lenet"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn missing_mnist_names_the_files_and_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = rotvar(&["train", "--model", "lenet", "--dataset", "mnist", "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("train-images-idx3-ubyte"), "{e}");
+    assert!(e.contains("rotvar fetch mnist") || e.contains("mnist-sample"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn bad_device_is_rejected() {
+    let o = rotvar(&["train", "--device", "tpu", "--dataset", "mnist-sample"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("unknown device 'tpu'"), "{}", stderr(&o));
+}
+
+#[test]
+fn corrupt_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("model.safetensors");
+    std::fs::write(&ck, b"this is not a safetensors file").unwrap();
+    let o = rotvar(&["eval", "--checkpoint", ck.to_str().unwrap(), "--device", "cpu"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("model.safetensors") && e.contains("not a usable rotvar checkpoint"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn train_then_eval_on_the_bundled_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = rotvar(&[
+        "train",
+        "--model",
+        "lenet",
+        "--dataset",
+        "mnist-sample",
+        "--epochs",
+        "2",
+        "--limit",
+        "1200",
+        "--test-limit",
+        "300",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ck = out.join("model.safetensors");
+    assert!(ck.exists());
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let epochs = metrics["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 2);
+    let acc = epochs[1]["test_accuracy"].as_f64().unwrap();
+    // 2 epochs on 1,200 images: far above chance (10%), if far from converged.
+    assert!(acc > 0.5, "test accuracy {acc}");
+    assert!(epochs[1]["train_loss"].as_f64().unwrap() < epochs[0]["train_loss"].as_f64().unwrap());
+    assert!(epochs[0]["images_per_second"].as_f64().unwrap() > 0.0);
+
+    let json = dir.path().join("eval.json");
+    let o = rotvar(&[
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--limit",
+        "300",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The checkpoint reproduces the accuracy measured at the end of training.
+    assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9, "{e} vs {acc}");
+    assert_eq!(e["total"].as_u64().unwrap(), 300);
+}
+
+#[test]
+fn info_runs_without_a_gpu() {
+    let o = rotvar(&["info"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("lenet") && s.contains("mnist-sample"), "{s}");
+}
+
+#[test]
+fn fetch_offline_fails_cleanly() {
+    // This machine has no network: fetch must fail with a message, never hang or panic.
+    let dir = tempfile::tempdir().unwrap();
+    let o = rotvar(&["fetch", "mnist", "--data-dir", dir.path().to_str().unwrap()]);
+    if o.status.success() {
+        // With a network the files must now verify.
+        assert!(Path::new(&dir.path().join("mnist/train-images-idx3-ubyte.gz")).exists());
+    } else {
+        let e = stderr(&o);
+        assert!(e.contains("mnist") && !e.contains("panicked"), "{e}");
+    }
+}

@@ -1,0 +1,399 @@
+//! Parity of every CUDA kernel, run on the host emulator, against plain Rust
+//! reference loops. Outputs are poisoned before each launch so a kernel that
+//! skips an element cannot pass by leaving a correct-looking value behind.
+
+use rotvar::backend::cuda::emu::{self, KArg};
+use rotvar::backend::cuda::kernels;
+
+/// splitmix64: tiny, seedable, good enough for test data.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32(lo, hi)).collect()
+    }
+}
+
+const POISON: f32 = f32::NAN;
+
+fn f32s<const N: usize>(xs: [f64; N]) -> [KArg; N] {
+    xs.map(|x| KArg::F32(x as f32))
+}
+fn i32s<const N: usize>(xs: [usize; N]) -> [KArg; N] {
+    xs.map(|x| KArg::I32(x as i32))
+}
+
+fn run(name: &str, grid: u32, block: u32, args: &[KArg]) {
+    // SAFETY: every test passes pointers to live Vecs sized for `n`.
+    unsafe { emu::launch(name, (grid, 1, 1), (block, 1, 1), 0, args) }.unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// |got - want| <= rel * max(|want|, floor): relative error, measured against
+/// `floor` (the operands' scale) where cancellation makes |want| tiny.
+fn assert_close(what: &str, got: &[f32], want: &[f64], rel: f64, floor: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err <= rel * w.abs().max(floor), "{what}[{i}]: got {g}, want {w} (err {err:e})");
+    }
+}
+
+/// (n, grid, block, element offset). Sizes cross several grid-stride
+/// iterations (grid*block << n), leave n % 4 tails, and the odd offset
+/// misaligns every pointer so the scalar path is covered too.
+const SHAPES: &[(usize, u32, u32, usize)] =
+    &[(1, 1, 32, 0), (7, 2, 64, 0), (4099, 3, 128, 0), (4099, 3, 128, 1), (20_000, 4, 256, 0)];
+
+/// Runs an elementwise kernel over every shape. `make` builds the argument
+/// list from (output, inputs, n); `reference` maps input values to the
+/// expected output. Inputs are drawn in [lo, hi).
+fn check_map(
+    name: &str,
+    n_inputs: usize,
+    (lo, hi): (f32, f32),
+    make: impl Fn(KArg, &[KArg], i64) -> Vec<KArg>,
+    reference: impl Fn(&[f64]) -> f64,
+) {
+    let mut rng = Rng(0x5EED ^ name.len() as u64);
+    for &(n, grid, block, off) in SHAPES {
+        let inputs: Vec<Vec<f32>> = (0..n_inputs).map(|_| rng.vec(n + off, lo, hi)).collect();
+        let mut out = vec![POISON; n + off];
+        let in_args: Vec<KArg> = inputs.iter().map(|v| KArg::slice(&v[off..])).collect();
+        let out_arg = KArg::slice_mut(&mut out[off..]);
+        run(name, grid, block, &make(out_arg, &in_args, n as i64));
+        let want: Vec<f64> =
+            (off..n + off).map(|i| reference(&inputs.iter().map(|v| v[i] as f64).collect::<Vec<_>>())).collect();
+        let tag = format!("{name} n={n} off={off}");
+        assert_close(&tag, &out[off..], &want, 1e-5, 1e-6);
+    }
+}
+
+// Each case: kernel, number of inputs, input range, argument list builder
+// (output, inputs, n), and the reference for one element.
+#[test]
+fn fill() {
+    let make = |o, _: &[KArg], n| vec![o, KArg::F32(-2.5), KArg::I64(n)];
+    check_map("fill_f32", 0, (0., 1.), make, |_| -2.5);
+}
+
+#[test]
+fn add_mul_scale() {
+    let binary = |o, i: &[KArg], n| vec![o, i[0], i[1], KArg::I64(n)];
+    check_map("add_f32", 2, (-2., 2.), binary, |x| x[0] + x[1]);
+    check_map("mul_f32", 2, (-2., 2.), binary, |x| x[0] * x[1]);
+    let make = |o, i: &[KArg], n| vec![o, i[0], KArg::F32(0.3), KArg::I64(n)];
+    check_map("scale_f32", 1, (-2., 2.), make, |x| 0.3f32 as f64 * x[0]);
+}
+
+#[test]
+fn relu_elu() {
+    let unary = |o, i: &[KArg], n| vec![o, i[0], KArg::I64(n)];
+    let binary = |o, i: &[KArg], n| vec![o, i[0], i[1], KArg::I64(n)];
+    check_map("relu_fwd_f32", 1, (-1., 1.), unary, |x| x[0].max(0.));
+    let relu_bwd = |x: &[f64]| if x[1] > 0. { x[0] } else { 0. };
+    check_map("relu_bwd_f32", 2, (-1., 1.), binary, relu_bwd);
+    let a = 1.3f32 as f64;
+    let unary_a = |o, i: &[KArg], n| vec![o, i[0], KArg::F32(1.3), KArg::I64(n)];
+    let binary_a = |o, i: &[KArg], n| vec![o, i[0], i[1], KArg::F32(1.3), KArg::I64(n)];
+    let elu_fwd = |x: &[f64]| if x[0] > 0. { x[0] } else { a * x[0].exp_m1() };
+    check_map("elu_fwd_f32", 1, (-3., 3.), unary_a, elu_fwd);
+    let elu_bwd = |x: &[f64]| {
+        if x[1] > 0. {
+            x[0]
+        } else {
+            x[0] * a * x[1].exp()
+        }
+    };
+    check_map("elu_bwd_f32", 2, (-3., 3.), binary_a, elu_bwd);
+}
+
+#[test]
+fn relu_propagates_nan() {
+    let x = [f32::NAN, -1., 2.];
+    let mut y = [0f32; 3];
+    let args = [KArg::slice_mut(&mut y), KArg::slice(&x), KArg::I64(3)];
+    run("relu_fwd_f32", 1, 32, &args);
+    assert!(y[0].is_nan() && y[1] == 0. && y[2] == 2.);
+}
+
+#[test]
+fn axpy_accumulates_in_place() {
+    let mut rng = Rng(7);
+    for &(n, grid, block, off) in SHAPES {
+        let x = rng.vec(n + off, -1., 1.);
+        let y0 = rng.vec(n + off, -1., 1.);
+        let mut y = y0.clone();
+        let (ya, xa) = (KArg::slice_mut(&mut y[off..]), KArg::slice(&x[off..]));
+        run("axpy_f32", grid, block, &[ya, xa, KArg::F32(-0.7), KArg::I64(n as i64)]);
+        let want: Vec<f64> = (off..n + off).map(|i| y0[i] as f64 + (-0.7f32) as f64 * x[i] as f64).collect();
+        assert_close("axpy", &y[off..], &want, 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn adam_matches_torch_formula() {
+    let (lr, b1, b2, eps, wd) = (1e-3f64, 0.9f64, 0.999f64, 1e-8f64, 1e-2f64);
+    let mut rng = Rng(11);
+    for &(n, grid, block, off) in SHAPES {
+        let mut p = rng.vec(n + off, -1., 1.);
+        let mut m = vec![0f32; n + off];
+        let mut v = vec![0f32; n + off];
+        let (mut rp, mut rm, mut rv): (Vec<f64>, Vec<f64>, Vec<f64>) =
+            (p.iter().map(|&x| x as f64).collect(), vec![0.; n + off], vec![0.; n + off]);
+        for step in 1..=3 {
+            let g = rng.vec(n + off, -1., 1.);
+            // Host-side scalars in f64, as torch computes them in Python floats.
+            let step_size = lr / (1. - b1.powi(step));
+            let bc2_sqrt = (1. - b2.powi(step)).sqrt();
+            let mut args = vec![
+                KArg::slice_mut(&mut p[off..]),
+                KArg::slice(&g[off..]),
+                KArg::slice_mut(&mut m[off..]),
+                KArg::slice_mut(&mut v[off..]),
+            ];
+            args.extend(f32s([step_size, 1. - b1, b2, 1. - b2, eps, wd, bc2_sqrt]));
+            args.push(KArg::I64(n as i64));
+            run("adam_update_f32", grid, block, &args);
+            for i in off..n + off {
+                let gi = g[i] as f64 + wd * rp[i];
+                rm[i] = b1 * rm[i] + (1. - b1) * gi;
+                rv[i] = b2 * rv[i] + (1. - b2) * gi * gi;
+                rp[i] -= step_size * rm[i] / (rv[i].sqrt() / bc2_sqrt + eps);
+            }
+            let tag = format!("adam n={n} off={off} step={step}");
+            assert_close(&format!("{tag} p"), &p[off..], &rp[off..], 1e-5, 0.1);
+            assert_close(&format!("{tag} m"), &m[off..], &rm[off..], 1e-5, 1e-2);
+            assert_close(&format!("{tag} v"), &v[off..], &rv[off..], 1e-5, 1e-7);
+        }
+    }
+}
+
+#[test]
+fn sgd_momentum_matches_torch_formula() {
+    let (lr, mom, damp, wd) = (0.1f64, 0.9f64, 0.1f64, 5e-4f64);
+    let mut rng = Rng(13);
+    for nesterov in [0, 1] {
+        for &(n, grid, block, off) in SHAPES {
+            let mut p = rng.vec(n + off, -1., 1.);
+            // Poisoned: the first step must not read the momentum buffer.
+            let mut buf = vec![POISON; n + off];
+            let mut rp: Vec<f64> = p.iter().map(|&x| x as f64).collect();
+            let mut rb = vec![0f64; n + off];
+            for step in 0..3 {
+                let g = rng.vec(n + off, -1., 1.);
+                let (pa, ga) = (KArg::slice_mut(&mut p[off..]), KArg::slice(&g[off..]));
+                let mut args = vec![pa, ga, KArg::slice_mut(&mut buf[off..])];
+                args.extend(f32s([lr, mom, damp, wd]));
+                args.extend([KArg::I32(nesterov), KArg::I32((step == 0) as i32)]);
+                args.push(KArg::I64(n as i64));
+                run("sgd_momentum_update_f32", grid, block, &args);
+                for i in off..n + off {
+                    let gi = g[i] as f64 + wd * rp[i];
+                    let b = mom * rb[i] + (1. - damp) * gi;
+                    rb[i] = if step == 0 { gi } else { b };
+                    let d = if nesterov == 1 { gi + mom * rb[i] } else { rb[i] };
+                    rp[i] -= lr * d;
+                }
+                let tag = format!("sgd nesterov={nesterov} n={n} off={off} step={step}");
+                // Floors: p and buf are O(0.1..1); cancellation can leave them ~0.
+                assert_close(&format!("{tag} p"), &p[off..], &rp[off..], 1e-5, 0.1);
+                assert_close(&format!("{tag} buf"), &buf[off..], &rb[off..], 1e-5, 0.1);
+            }
+        }
+    }
+}
+
+/// Two-stage sum as the GPU backend will run it. Stage 2 reuses `block`
+/// (production uses 1024) so only one case pays for 1024-thread emulated
+/// launches, which are slow on small CI machines.
+fn device_sum(x: &[f32], grid: u32, block: u32, scale: f32) -> f32 {
+    let mut partials = vec![POISON; grid as usize];
+    let (pa, xa) = (KArg::slice_mut(&mut partials), KArg::slice(x));
+    let n = KArg::I64(x.len() as i64);
+    run("reduce_sum_f32", grid, block, &[pa, xa, n, KArg::F32(1.)]);
+    let mut out = [POISON];
+    let (oa, pa) = (KArg::slice_mut(&mut out), KArg::slice(&partials));
+    let n = KArg::I64(grid as i64);
+    run("reduce_sum_f32", 1, block, &[oa, pa, n, KArg::F32(scale)]);
+    out[0]
+}
+
+#[test]
+fn reduce_sum_two_stage() {
+    let mut rng = Rng(17);
+    let shapes = [(1usize, 1u32, 32u32), (31, 2, 64), (1000, 5, 128), (100_003, 8, 256)];
+    for &(n, grid, block) in shapes.iter().chain(&[(5000, 2, 1024)]) {
+        let x = rng.vec(n, -1., 1.);
+        let want: f64 = x.iter().map(|&v| v as f64).sum();
+        let abs_sum: f64 = x.iter().map(|&v| (v as f64).abs()).sum();
+        let got = device_sum(&x, grid, block, 1.);
+        // Error bound scaled by sum|x|: the sum of signed data can be ~0.
+        let err = (got as f64 - want).abs();
+        assert!(err <= 1e-5 * abs_sum.max(1.), "sum n={n}: got {got}, want {want}, err {err:e}");
+        let mean = device_sum(&x, grid, block, 1. / n as f32);
+        assert!((mean as f64 - want / n as f64).abs() <= 1e-5 * (abs_sum / n as f64).max(1e-3), "mean n={n}");
+        // Deterministic: no atomics, so bits must repeat exactly.
+        assert_eq!(got.to_bits(), device_sum(&x, grid, block, 1.).to_bits(), "sum n={n} not deterministic");
+    }
+}
+
+struct GemmCase {
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+    /// Extra elements per row beyond the logical width (leading-dim padding).
+    pad: usize,
+}
+
+fn check_gemm(c: &GemmCase, rng: &mut Rng) {
+    let (ar, ac) = if c.ta { (c.k, c.m) } else { (c.m, c.k) };
+    let (br, bc) = if c.tb { (c.n, c.k) } else { (c.k, c.n) };
+    let (lda, ldb, ldc) = (ac + c.pad, bc + c.pad, c.n + c.pad);
+    let a = rng.vec(ar * lda, -1., 1.);
+    let b = rng.vec(br * ldb, -1., 1.);
+    // beta == 0 must not read C, so poison it; otherwise C carries data.
+    let c0 = if c.beta == 0. { vec![POISON; c.m * ldc] } else { rng.vec(c.m * ldc, -1., 1.) };
+    let mut cm = c0.clone();
+    let grid = (c.n.div_ceil(64) as u32, c.m.div_ceil(64) as u32, 1);
+    let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut cm)];
+    args.extend(i32s([c.m, c.n, c.k, lda, ldb, ldc, c.ta as usize, c.tb as usize]));
+    args.extend(f32s([c.alpha as f64, c.beta as f64]));
+    unsafe { emu::launch("gemm_tiled_v1", grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
+    let tag =
+        format!("gemm {}x{}x{} ta={} tb={} alpha={} beta={} pad={}", c.m, c.n, c.k, c.ta, c.tb, c.alpha, c.beta, c.pad);
+    for i in 0..c.m {
+        for j in 0..c.n {
+            let (mut acc, mut mag) = (0f64, 0f64);
+            for p in 0..c.k {
+                let av = if c.ta { a[p * lda + i] } else { a[i * lda + p] } as f64;
+                let bv = if c.tb { b[j * ldb + p] } else { b[p * ldb + j] } as f64;
+                acc += av * bv;
+                mag += (av * bv).abs();
+            }
+            let mut want = c.alpha as f64 * acc;
+            let mut scale = c.alpha.abs() as f64 * mag;
+            if c.beta != 0. {
+                want += c.beta as f64 * c0[i * ldc + j] as f64;
+                scale += (c.beta as f64 * c0[i * ldc + j] as f64).abs();
+            }
+            let got = cm[i * ldc + j] as f64;
+            assert!((got - want).abs() <= 1e-5 * scale.max(1e-3), "{tag}: C[{i},{j}] got {got}, want {want}");
+        }
+        // Padding columns of C are not part of the output and must be untouched.
+        for j in c.n..ldc {
+            assert_eq!(cm[i * ldc + j].to_bits(), c0[i * ldc + j].to_bits(), "{tag}: wrote C[{i},{j}] in padding");
+        }
+    }
+}
+
+#[test]
+fn gemm_tiled_v1_parity() {
+    let mut rng = Rng(19);
+    let case = |(m, n, k), ta, tb, alpha, beta, pad| GemmCase { m, n, k, ta, tb, alpha, beta, pad };
+    let mut cases = Vec::new();
+    // Ragged (not multiples of the 64x64x16 tile), degenerate, exact, multi-block.
+    for mnk in [(67, 45, 33), (1, 1, 1), (64, 64, 16), (130, 70, 50), (5, 129, 17)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                cases.push(case(mnk, ta, tb, 1., 0., 0));
+            }
+        }
+    }
+    cases.push(case((67, 45, 33), false, true, -0.5, 0.75, 3));
+    cases.push(case((33, 70, 65), true, false, 2., 1., 5));
+    cases.push(case((3, 2, 0), false, false, 1., 0.5, 0));
+    for c in &cases {
+        check_gemm(c, &mut rng);
+    }
+}
+
+#[test]
+fn gemm_wrong_block_size_is_an_error() {
+    let (a, b, mut c) = (vec![1f32; 4], vec![1f32; 4], vec![0f32; 4]);
+    let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut c)];
+    args.extend(i32s([2, 2, 2, 2, 2, 2, 0, 0]));
+    args.extend(f32s([1., 0.]));
+    let r = unsafe { emu::launch("gemm_tiled_v1", (1, 1, 1), (128, 1, 1), 0, &args) };
+    let err = r.unwrap_err();
+    assert!(err.to_string().contains("__trap"), "{err}");
+}
+
+#[test]
+fn bad_launches_are_errors_not_crashes() {
+    let mut y = vec![0f32; 8];
+    let p = KArg::slice_mut(&mut y);
+    let ok = [p, KArg::F32(1.), KArg::I64(8)];
+    let arg_cases: [(&str, &[KArg], &str); 6] = [
+        ("no_such_kernel", &ok, "unknown kernel"),
+        ("fill_f32", &[p, KArg::F32(1.)], "expected 3 arguments, got 2"),
+        ("fill_f32", &[p, KArg::F32(1.), KArg::I64(8), KArg::I32(0)], "expected 3"),
+        ("fill_f32", &[p, KArg::F32(1.), KArg::I32(8)], "argument 2 `n`"),
+        ("fill_f32", &[KArg::F32(0.), KArg::F32(1.), KArg::I64(8)], "`float*`"),
+        ("fill_f32", &[p, KArg::Ptr(0), KArg::I64(8)], "`float`"),
+    ];
+    for (name, args, needle) in arg_cases {
+        let e = unsafe { emu::launch(name, (1, 1, 1), (32, 1, 1), 0, args) };
+        let e = e.expect_err(&format!("{name} {args:?} should fail")).to_string();
+        assert!(e.contains(needle), "error {e:?} should mention {needle:?}");
+    }
+    type Dims = ((u32, u32, u32), (u32, u32, u32), u32);
+    let dim_cases: [(Dims, &str); 5] = [
+        (((0, 1, 1), (32, 1, 1), 0), "grid"),
+        (((1, 1, 1), (0, 1, 1), 0), "block"),
+        (((1, 1, 1), (64, 32, 1), 0), "2048 threads"),
+        (((1, 70_000, 1), (32, 1, 1), 0), "grid"),
+        (((1, 1, 1), (32, 1, 1), 1 << 20), "shared memory"),
+    ];
+    for ((grid, block, shmem), needle) in dim_cases {
+        let e = unsafe { emu::launch("fill_f32", grid, block, shmem, &ok) };
+        let e = e.expect_err(&format!("{grid:?} {block:?} {shmem} should fail")).to_string();
+        assert!(e.contains(needle), "error {e:?} should mention {needle:?}");
+    }
+    // Nothing ran: the output is untouched.
+    assert!(y.iter().all(|&v| v == 0.));
+}
+
+#[test]
+fn signatures_are_exposed() {
+    let k = emu::find_kernel("gemm_tiled_v1").expect("gemm registered");
+    assert_eq!(k.module, "gemm");
+    assert_eq!(k.params.len(), 13);
+    assert_eq!(k.to_string().split('(').next(), Some("gemm_tiled_v1"));
+    assert!(emu::kernels().len() >= 13);
+}
+
+/// With nvcc present, every kernel exists in its PTX module and the PTX
+/// targets an ISA the CUDA 13.0 driver accepts.
+#[test]
+fn ptx_modules_match_emulated_kernels() {
+    if !kernels::HAVE_PTX {
+        eprintln!("no nvcc at build time: PTX checks skipped");
+        return;
+    }
+    for k in emu::kernels() {
+        let ptx = kernels::ptx_module(k.module).unwrap_or_else(|| panic!("no PTX module {}", k.module));
+        assert!(ptx.contains(&format!(".entry {}(", k.name)), "{} missing from {}.ptx", k.name, k.module);
+        assert_eq!(kernels::module_of(k.name), Some(k.module));
+    }
+    for (name, ptx) in kernels::PTX_MODULES {
+        let v = ptx.lines().find_map(|l| l.trim().strip_prefix(".version ")).expect(".version");
+        let (a, b) = v.trim().split_once('.').expect("x.y");
+        let v = (a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap());
+        assert!(v <= (9, 0), "{name}.ptx has PTX ISA {v:?} > 9.0");
+        assert!(ptx.contains(".target sm_90"), "{name}.ptx target");
+    }
+}
