@@ -33,8 +33,22 @@ enum Command {
     Info,
     /// Download a dataset into the data directory and verify it.
     Fetch(FetchArgs),
+    /// Check every GPU kernel against the CPU reference and compare LeNet training curves.
+    Selftest(SelftestArgs),
     /// Benchmarks: training throughput (JSON lines, comparable with benches/torch_reference.py).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// The device to check: cuda, cuda:N, or cuda-emu (emulated kernels, small problems).
+    #[arg(long, default_value = "cuda")]
+    device: DeviceRequest,
+    /// LeNet training steps compared between the CPU and the device.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -148,6 +162,7 @@ pub fn run() -> Result<()> {
         Command::Info => cmd_info(),
         Command::Fetch(a) => cmd_fetch(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Selftest(a) => cmd_selftest(a),
     }
 }
 
@@ -362,5 +377,55 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         let r = crate::bench::train_throughput(&b, arch, a.batch_size, a.warmup, a.steps)?;
         println!("{}", serde_json::to_string(&r)?);
     }
+    Ok(())
+}
+
+fn cmd_selftest(a: SelftestArgs) -> Result<()> {
+    use crate::selftest::{kernel_checks, training_curves, Scale};
+    if a.device == DeviceRequest::Cpu || a.device == DeviceRequest::Auto {
+        bail!("selftest checks a GPU backend against the CPU reference: use --device cuda, cuda:N or cuda-emu");
+    }
+    let target = open_backend(a.device)?;
+    let cpu = backend::cpu::CpuBackend::shared();
+    let emulated = a.device == DeviceRequest::CudaEmulated;
+    let scale = if emulated { Scale::Small } else { Scale::Full };
+    let start = Instant::now();
+    let checks = kernel_checks(&cpu, &target, scale, a.seed ^ 0x5E1F)?;
+    println!("{:<28} {:<40} {:>10} {:>9}  result", "op", "shape", "rel.error", "tolerance");
+    for c in &checks {
+        let verdict = if c.passed() { "ok" } else { "MISMATCH" };
+        println!("{:<28} {:<40} {:>10.2e} {:>9.0e}  {verdict}", c.op, c.shape, c.max_rel_err, c.tolerance);
+    }
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    println!("{} kernel checks, {failed} mismatches ({:.1}s)", checks.len(), start.elapsed().as_secs_f64());
+
+    let (steps, batch) = if emulated { (a.steps.min(5), 8) } else { (a.steps, 64) };
+    let (reference, got) = training_curves(&cpu, &target, steps, batch)?;
+    // Rounding differences compound over Adam steps: the first steps must agree tightly, the
+    // end of the run only on average.
+    let early = reference.len().min(20);
+    let early_err =
+        reference[..early].iter().zip(&got).map(|(a, b)| ((a - b) / a.abs().max(1.0)).abs()).fold(0.0f32, f32::max);
+    let tail = reference.len().min(50);
+    let mean = |v: &[f32]| v[v.len() - tail..].iter().sum::<f32>() / tail as f32;
+    let (tail_ref, tail_got) = (mean(&reference), mean(&got));
+    let tail_err = ((tail_ref - tail_got) / tail_ref.abs().max(1e-3)).abs();
+    let finite = got.iter().all(|v| v.is_finite());
+    let curve_ok = finite && early_err <= 1e-3 && tail_err <= 5e-2;
+    println!(
+        "lenet training, {steps} steps of batch {batch}: first loss cpu {:.5} / device {:.5}; max early deviation {early_err:.2e} (≤ 1e-3); \
+         mean loss over the last {tail} steps cpu {tail_ref:.4} / device {tail_got:.4}, deviation {tail_err:.2e} (≤ 5e-2): {}",
+        reference[0],
+        got[0],
+        if curve_ok { "ok" } else { "MISMATCH" }
+    );
+    if failed > 0 || !curve_ok {
+        bail!(
+            "selftest failed on {}: {failed} kernel mismatches{}",
+            target.describe(),
+            if curve_ok { "" } else { ", training curves differ" }
+        );
+    }
+    println!("selftest passed on {}", target.describe());
     Ok(())
 }

@@ -131,6 +131,11 @@ impl CudaBackend {
     }
 
     fn conv_dims(&self, g: &ConvGeom) -> Result<Vec<KArg>> {
+        // The kernels index within these products in 32-bit arithmetic.
+        for (what, v) in [("N·OH·OW", g.n * g.oh * g.ow), ("N·H·W", g.n * g.h * g.w), ("K·C·R·S", g.weight_len())]
+        {
+            i32_of(v, what)?;
+        }
         [
             ("N", g.n),
             ("C", g.c_in),

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""cuDNN (PyTorch eager) reference for `rotvar bench conv`: the same convolution shapes and passes,
+fp32 with TF32 off, median of CUDA-event timings after warm-up. JSON lines in rotvar's format."""
+import argparse, json
+import torch
+
+SHAPES = [  # (layer, N, C, H, K, kernel, stride, pad) at batch N, as in src/bench.rs conv_shapes
+    ("simpleconv.conv1", 1, 28, 32, 3, 1, 1), ("simpleconv.conv2", 32, 28, 32, 3, 1, 1),
+    ("simpleconv.conv3", 32, 14, 64, 3, 1, 1), ("simpleconv.conv4", 64, 14, 64, 3, 1, 1),
+    ("simpleconv.conv5", 64, 7, 128, 3, 1, 1), ("lenet.conv2", 6, 14, 16, 5, 1, 2),
+    ("lenet.conv3", 16, 7, 120, 5, 1, 2),
+]
+
+
+def median_ms(f, reps):
+    f(); torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); f(); e.record(); torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    n = a.batch_size
+    for layer, c, h, k, r, s, p in SHAPES:
+        x = torch.randn(n, c, h, h, device="cuda", requires_grad=True)
+        w = torch.randn(k, c, r, r, device="cuda", requires_grad=True)
+        b = torch.randn(k, device="cuda")
+        y = torch.nn.functional.conv2d(x, w, b, s, p)
+        dy = torch.randn_like(y)
+        oh = y.shape[2]
+        flops = 2.0 * n * k * oh * oh * c * r * r
+        passes = {
+            "forward": lambda: torch.nn.functional.conv2d(x, w, b, s, p),
+            "backward_data": lambda: torch.ops.aten.convolution_backward(dy, x, w, [k], [s, s], [p, p], [1, 1], False, [0, 0], 1, [True, False, False]),
+            "backward_weight": lambda: torch.ops.aten.convolution_backward(dy, x, w, [k], [s, s], [p, p], [1, 1], False, [0, 0], 1, [False, True, True]),
+        }
+        for name, f in passes.items():
+            ms = median_ms(f, a.reps)
+            print(json.dumps({"impl": "cudnn", "layer": layer, "pass": name, "median_ms": ms,
+                              "gflops": flops / (ms * 1e-3) / 1e9, "device": torch.cuda.get_device_name()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

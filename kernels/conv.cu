@@ -1,0 +1,453 @@
+// 2-D convolution (NCHW activations, OIHW weights, zero padding) as implicit
+// GEMMs on CUDA cores (fp32 FMA, no tensor cores, no im2col buffer), plus the
+// deterministic reductions the backward pass needs.
+//
+// Notation: x [N,C,H,W], w [K,C,R,S], y/dy [N,K,OH,OW],
+//   OH = (H + 2*pad - R) / stride + 1, OW = (W + 2*pad - S) / stride + 1,
+//   P = OH*OW, CRS = C*R*S. The host passes OH/OW; the kernels trust them.
+// Offsets inside one image (C*H*W, K*OH*OW) and the GEMM extents below must
+// fit in int; offsets across images are 64-bit.
+//
+// ---------------------------------------------------------------- launches
+// Every conv2d_* kernel: block = (256,1,1), no dynamic shared memory
+// (static shared: 2 * 16 * 68 * 4 = 8704 bytes). Other block sizes __trap().
+//   conv2d_fwd_v1:       grid = (ceil(N*OH*OW / 64), ceil(K / 64), 1)
+//   conv2d_bwd_data_v1:  grid = (ceil(N*H*W / 64),   ceil(C / 64), 1)
+//   conv2d_bwd_weight_v1 grid = (ceil(C*R*S / 64),   ceil(K / 64), splits)
+//       partial must hold splits * K*C*R*S floats (every split writes its
+//       whole K x CRS slice, zeros for an empty range), then
+//   sum_partials_f32:    block = 256, grid = min(ceil(len / 256), 1024),
+//       len = K*C*R*S, out = dW (may not alias partial).
+//   channel_sum_f32:     block = 256 (any multiple of 32 up to 1024),
+//       grid = (C,1,1), no dynamic shared memory.
+//
+// Choosing `splits` for conv2d_bwd_weight_v1 (Kred = N*OH*OW):
+//   tiles  = ceil(K/64) * ceil(C*R*S/64)
+//   splits = clamp(ceil(2*132 / tiles), 1, max(1, Kred / 256))
+// i.e. about two blocks per SM of an H100 (132 SMs), but never a split of
+// fewer than ~256 reduction steps (16 K-tiles), where the extra partial
+// traffic would outweigh the parallelism. Any splits in 1..=65535 is
+// correct; the result depends (bitwise) only on the shapes and `splits`.
+//
+// ---------------------------------------------------------------- design
+// variant v1: one shared main loop (rvc_mainloop) for all three GEMMs, the
+//   same tiling as gemm_tiled_v1: 64x64 output tile per block, BK=16 slice of
+//   the reduction staged K-major in shared memory, each of the 256 threads
+//   owns a 4x4 register tile (16 FMAs per two float4 shared reads). The
+//   operand tiles are gathered straight from the activation tensors by small
+//   "loader" structs (the implicit-GEMM part); padding and ragged edges load
+//   0, and stores are masked. The next slice is fetched into registers before
+//   the FMAs on the current one (register double buffering), so global
+//   latency hides behind compute with a single set of shared tiles.
+//   Each loader picks the thread->element mapping that makes its global
+//   reads coalesced: along the reduction where that dimension is contiguous
+//   (weights, dy in bwd_weight, x in bwd_weight), along the GEMM columns
+//   where output pixels are contiguous (x in fwd, dy in bwd_data). Per-thread
+//   index decoding (n, oy, ox / c, r, s) is hoisted out of the loop where the
+//   mapping keeps it fixed; otherwise one decode per slice is stepped
+//   incrementally.
+#include "rotvar_common.cuh"
+
+#define RVC_BM 64
+#define RVC_BN 64
+#define RVC_BK 16
+#define RVC_TM 4
+#define RVC_TN 4
+#define RVC_THREADS 256
+#define RVC_PAD 4
+
+typedef float RvcTile[RVC_BM + RVC_PAD];  // one k-row of a shared tile (BM == BN)
+
+// Two thread -> tile-element mappings, 4 elements per thread per slice:
+//  * k-walk: kk = t % 16, row = t / 16 + 16*j. Consecutive threads read
+//    consecutive reduction indices (for operands contiguous along Kred).
+//  * row-walk: row = t % 64, kk = 4*(t / 64) + j. Consecutive threads read
+//    consecutive GEMM columns; each thread's 4 kk are consecutive so it
+//    decodes its reduction index once per slice and steps it.
+__device__ __forceinline__ void rvc_store_kwalk(RvcTile* S, const float v[4]) {
+    const int kk = threadIdx.x % RVC_BK, r = threadIdx.x / RVC_BK;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) S[kk][r + 16 * j] = v[j];
+}
+__device__ __forceinline__ void rvc_store_rowwalk(RvcTile* S, const float v[4]) {
+    const int r = threadIdx.x % RVC_BN, kk = 4 * (threadIdx.x / RVC_BN);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) S[kk + j][r] = v[j];
+}
+
+// Steps (c, r, s) to the next reduction index in row-major (C, R, S) order.
+__device__ __forceinline__ void rvc_step_crs(int& c, int& r, int& s, int R, int S) {
+    if (++s == S) {
+        s = 0;
+        if (++r == R) {
+            r = 0;
+            ++c;
+        }
+    }
+}
+
+// acc[i][j] = sum over kred in [kbeg, kend) of A[m0+ty*4+i, kred] * B[kred, n0+tx*4+j].
+// Block-uniform kbeg/kend. LA/LB: fetch(k0, kend, v[4]) loads this thread's
+// four elements of the slice starting at k0 (0 outside [.., kend) or the
+// GEMM), store(S, v) writes them to the shared tile.
+template <class LA, class LB>
+__device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbeg, int kend,
+                                             float (&acc)[RVC_TM][RVC_TN]) {
+    __shared__ __align__(16) float As[RVC_BK][RVC_BM + RVC_PAD];
+    __shared__ __align__(16) float Bs[RVC_BK][RVC_BN + RVC_PAD];
+    const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
+#pragma unroll
+    for (int i = 0; i < RVC_TM; ++i)
+#pragma unroll
+        for (int j = 0; j < RVC_TN; ++j) acc[i][j] = 0.f;
+    if (kbeg >= kend) return;  // block-uniform: an empty split-K range
+
+    float ra[4], rb[4];
+    la.fetch(kbeg, kend, ra);
+    lb.fetch(kbeg, kend, rb);
+    for (int k0 = kbeg; k0 < kend; k0 += RVC_BK) {
+        la.store(As, ra);
+        lb.store(Bs, rb);
+        __syncthreads();
+        if (k0 + RVC_BK < kend) {  // prefetch the next slice; lands during the FMAs
+            la.fetch(k0 + RVC_BK, kend, ra);
+            lb.fetch(k0 + RVC_BK, kend, rb);
+        }
+#pragma unroll
+        for (int kk = 0; kk < RVC_BK; ++kk) {
+            const float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * RVC_TM]);
+            const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * RVC_TN]);
+            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < RVC_TM; ++i)
+#pragma unroll
+                for (int j = 0; j < RVC_TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();  // tiles are overwritten by the next store
+    }
+}
+
+// Writes acc to an NCHW-shaped output out[n, m, p] = out[(n*M + m)*P + p],
+// where GEMM column col = n*P + p (fwd: m = k, P = OH*OW; bwd_data: m = c,
+// P = H*W). bias may be null.
+__device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const float* __restrict__ bias,
+                                               const float (&acc)[RVC_TM][RVC_TN], int m0, int n0, int M,
+                                               int ncols, int P) {
+    const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
+    long long base[RVC_TN];
+#pragma unroll
+    for (int j = 0; j < RVC_TN; ++j) {
+        const int col = n0 + tx * RVC_TN + j;
+        const int n = col / P, p = col - n * P;
+        base[j] = col < ncols ? (long long)n * M * P + p : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < RVC_TM; ++i) {
+        const int m = m0 + ty * RVC_TM + i;
+        if (m >= M) break;
+        const float b = bias ? __ldg(bias + m) : 0.f;
+#pragma unroll
+        for (int j = 0; j < RVC_TN; ++j)
+            if (base[j] >= 0) out[base[j] + (long long)m * P] = acc[i][j] + b;
+    }
+}
+
+// ------------------------------------------------------------------ forward
+// A[k, kred] = w[k*CRS + kred]  (k-walk: contiguous along kred)
+struct RvcWeightRowsA {
+    const float* w;
+    int M, ld, m0;
+    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int m = m0 + threadIdx.x / RVC_BK + 16 * j;
+            v[j] = (kr < kend && m < M) ? __ldg(w + (long long)m * ld + kr) : 0.f;
+        }
+    }
+    __device__ __forceinline__ void store(RvcTile* S, const float v[4]) const { rvc_store_kwalk(S, v); }
+};
+
+// B[kred=(c,r,s), col=(n,oy,ox)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s]
+// (row-walk: consecutive threads take consecutive output pixels).
+struct RvcFwdB {
+    const float* xn;  // x + n*C*H*W for this thread's column; null past the last column
+    int iy0, ix0;     // oy*stride - pad, ox*stride - pad
+    int H, W, R, S, RS;
+    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+        const int kr = k0 + 4 * (threadIdx.x / RVC_BN);
+        int c = kr / RS, rs = kr - c * RS;
+        int r = rs / S, s = rs - r * S;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int iy = iy0 + r, ix = ix0 + s;
+            float val = 0.f;
+            if (xn && kr + j < kend && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W)
+                val = __ldg(xn + (c * H + iy) * W + ix);
+            v[j] = val;
+            rvc_step_crs(c, r, s, R, S);
+        }
+    }
+    __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_rowwalk(S_, v); }
+};
+
+// y = conv(x, w) + bias. GEMM M = K, Ncols = N*OH*OW, Kred = C*R*S.
+// variant v1: see the design note at the top; bias (nullable) fused into the
+// store.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_fwd_v1(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
+                  int R, int S, int stride, int pad, int OH, int OW) {
+    if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    const int P = OH * OW, ncols = N * P, crs = C * R * S;
+    const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
+
+    RvcWeightRowsA la{w, K, crs, m0};
+    RvcFwdB lb;
+    {
+        const int col = n0 + threadIdx.x % RVC_BN;
+        const int n = col / P, p = col - n * P, oy = p / OW, ox = p - oy * OW;
+        lb.xn = col < ncols ? x + (long long)n * C * H * W : nullptr;
+        lb.iy0 = oy * stride - pad;
+        lb.ix0 = ox * stride - pad;
+        lb.H = H, lb.W = W, lb.R = R, lb.S = S, lb.RS = R * S;
+    }
+    float acc[RVC_TM][RVC_TN];
+    rvc_mainloop(la, lb, 0, crs, acc);
+    rvc_store_nchw(y, bias, acc, m0, n0, K, ncols, P);
+}
+
+// ------------------------------------------------------------ backward data
+// A[c, kred=(k,rs)] = w[(k*C + c)*RS + rs]  (k-walk: contiguous runs of RS)
+struct RvcBwdDataA {
+    const float* w;
+    int C, RS, m0;
+    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int k = kr / RS, rs = kr - k * RS;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int c = m0 + threadIdx.x / RVC_BK + 16 * j;
+            v[j] = (kr < kend && c < C) ? __ldg(w + ((long long)k * C + c) * RS + rs) : 0.f;
+        }
+    }
+    __device__ __forceinline__ void store(RvcTile* S, const float v[4]) const { rvc_store_kwalk(S, v); }
+};
+
+// B[kred=(k,r,s), col=(n,iy,ix)] = dy[n, k, oy, ox] where iy = oy*stride-pad+r,
+// ix = ox*stride-pad+s; 0 when no such in-range (oy, ox) exists (for
+// stride > 1 the (r, s) that do not divide evenly). Row-walk.
+struct RvcBwdDataB {
+    const float* dyn;  // dy + n*K*OH*OW; null past the last column
+    int ty0, tx0;      // iy + pad, ix + pad
+    int OH, OW, R, S, RS, stride;
+    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+        const int kr = k0 + 4 * (threadIdx.x / RVC_BN);
+        int k = kr / RS, rs = kr - k * RS;
+        int r = rs / S, s = rs - r * S;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int oy = ty0 - r, ox = tx0 - s;
+            bool ok = dyn && kr + j < kend;
+            if (stride != 1) {  // block-uniform branch; stride 1 needs no division
+                ok = ok && oy >= 0 && ox >= 0 && oy % stride == 0 && ox % stride == 0;
+                oy /= stride;
+                ox /= stride;
+            }
+            ok = ok && (unsigned)oy < (unsigned)OH && (unsigned)ox < (unsigned)OW;
+            v[j] = ok ? __ldg(dyn + (k * OH + oy) * OW + ox) : 0.f;
+            rvc_step_crs(k, r, s, R, S);
+        }
+    }
+    __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_rowwalk(S_, v); }
+};
+
+// variant v1: gather form (each dx element owned by one thread, no atomics,
+// no zeroing pass). For stride > 1 the (r, s) taps that do not land on an
+// output pixel are loaded as zeros, i.e. ~(1 - 1/stride^2) of the FMAs are
+// wasted; a per-phase (sub-pixel) decomposition would avoid that in a v2.
+// dx = conv_transpose(dy, w) as a gather: GEMM M = C, Ncols = N*H*W,
+// Kred = K*R*S. Every dx element is written exactly once (no atomics, dx
+// need not be zeroed).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_data_v1(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                       int stride, int pad, int OH, int OW) {
+    if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    const int HW = H * W, ncols = N * HW, krs = K * R * S;
+    const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
+
+    RvcBwdDataA la{w, C, R * S, m0};
+    RvcBwdDataB lb;
+    {
+        const int col = n0 + threadIdx.x % RVC_BN;
+        const int n = col / HW, p = col - n * HW, iy = p / W, ix = p - iy * W;
+        lb.dyn = col < ncols ? dy + (long long)n * K * OH * OW : nullptr;
+        lb.ty0 = iy + pad;
+        lb.tx0 = ix + pad;
+        lb.OH = OH, lb.OW = OW, lb.R = R, lb.S = S, lb.RS = R * S, lb.stride = stride;
+    }
+    float acc[RVC_TM][RVC_TN];
+    rvc_mainloop(la, lb, 0, krs, acc);
+    rvc_store_nchw(dx, nullptr, acc, m0, n0, C, ncols, HW);
+}
+
+// ---------------------------------------------------------- backward weight
+// A[k, kred=(n,p)] = dy[(n*K + k)*P + p]  (k-walk: contiguous along p)
+struct RvcBwdWeightA {
+    const float* dy;
+    int K, P, m0;
+    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int n = kr / P, p = kr - n * P;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int k = m0 + threadIdx.x / RVC_BK + 16 * j;
+            v[j] = (kr < kend && k < K) ? __ldg(dy + ((long long)n * K + k) * P + p) : 0.f;
+        }
+    }
+    __device__ __forceinline__ void store(RvcTile* S, const float v[4]) const { rvc_store_kwalk(S, v); }
+};
+
+// B[kred=(n,oy,ox), col=(c,r,s)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s].
+// k-walk (consecutive threads: consecutive ox, so x reads are coalesced); a
+// thread's four columns are fixed, so their (c, r, s) are decoded once.
+struct RvcBwdWeightB {
+    const float* x;
+    int coff[4], r[4], s[4];  // c*H*W (-1: column past C*R*S), r, s of the 4 columns
+    int C, H, W, P, OW, stride, pad;
+    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int n = kr / P, p = kr - n * P, oy = p / OW, ox = p - oy * OW;
+        const int iyb = oy * stride - pad, ixb = ox * stride - pad;
+        const float* xn = x + (long long)n * C * H * W;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int iy = iyb + r[j], ix = ixb + s[j];
+            const bool ok = kr < kend && coff[j] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+            v[j] = ok ? __ldg(xn + coff[j] + iy * W + ix) : 0.f;
+        }
+    }
+    __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_kwalk(S_, v); }
+};
+
+// variant: split-K over the long N*OH*OW reduction because M x Ncols = K x CRS
+// is often only a few tiles; fixed contiguous ranges + an ordered sum
+// (sum_partials_f32) instead of atomics keep dW bit-reproducible.
+// partial[z][k][crs] = sum over kred in split z's range of dy * x. GEMM M = K,
+// Ncols = C*R*S, Kred = N*OH*OW split into `splits` (= gridDim.z) contiguous
+// ranges of chunk = roundup(ceil(Kred / splits), 16) steps; split z covers
+// [z*chunk, min((z+1)*chunk, Kred)) and writes zeros if that is empty.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_weight_v1(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                         int S, int stride, int pad, int OH, int OW, int splits) {
+    if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    if (splits < 1 || (int)gridDim.z != splits) __trap();
+    const int P = OH * OW, kred = N * P, RS = R * S, crs = C * RS;
+    const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
+    const int chunk = ((kred + splits - 1) / splits + RVC_BK - 1) / RVC_BK * RVC_BK;
+    const long long kb = (long long)blockIdx.z * chunk;  // may pass Kred for trailing splits
+    const int kbeg = (int)(kb < kred ? kb : kred);
+    const int kend = kbeg + chunk < kred ? kbeg + chunk : kred;
+
+    RvcBwdWeightA la{dy, K, P, m0};
+    RvcBwdWeightB lb;
+    lb.x = x;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int col = n0 + threadIdx.x / RVC_BK + 16 * j;
+        const int c = col / RS, rs = col - c * RS, r = rs / S;
+        lb.coff[j] = col < crs ? c * H * W : -1;
+        lb.r[j] = r;
+        lb.s[j] = rs - r * S;
+    }
+    lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
+
+    float acc[RVC_TM][RVC_TN];
+    rvc_mainloop(la, lb, kbeg, kend, acc);
+
+    const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
+    float* out = partial + (long long)blockIdx.z * K * crs;
+#pragma unroll
+    for (int i = 0; i < RVC_TM; ++i) {
+        const int m = m0 + ty * RVC_TM + i;
+        if (m >= K) break;
+#pragma unroll
+        for (int j = 0; j < RVC_TN; ++j) {
+            const int col = n0 + tx * RVC_TN + j;
+            if (col < crs) out[(long long)m * crs + col] = acc[i][j];
+        }
+    }
+}
+
+// out[i] = partial[0*len + i] + partial[1*len + i] + ... in split order.
+// variant: the second half of split-K without float atomics; one thread per
+// element adds the splits left to right, so the bits depend only on `splits`
+// and the data, never on the grid, block or scheduling. Grid-stride; any
+// grid and block size (documented: block 256, grid min(ceil(len/256), 1024)).
+extern "C" __global__ void __launch_bounds__(1024)
+    sum_partials_f32(float* out, const float* partial, int splits, long long len) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
+        float s = __ldg(partial + i);
+        for (int z = 1; z < splits; ++z) s += __ldg(partial + (long long)z * len + i);
+        out[i] = s;
+    }
+}
+
+// ----------------------------------------------------------- bias gradient
+// Block-wide sum; valid in thread 0 only. blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float rvc_block_sum(float v) {
+    __shared__ float warp_sums[32];
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    v = rotvar_warp_sum(v);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    const unsigned nwarps = blockDim.x >> 5;
+    if (warp == 0) {
+        v = lane < nwarps ? warp_sums[lane] : 0.f;
+        v = rotvar_warp_sum(v);
+    }
+    __syncthreads();
+    return v;
+}
+
+// out[c] = sum over n, i of x[(n*C + c)*HW + i]; block c sums channel c.
+// variant: one block per channel keeps the summation order a function of
+// (N, HW, blockDim) only; each thread walks the channel's N*HW elements with a
+// block-sized stride (coalesced within an image), four loads in flight.
+extern "C" __global__ void __launch_bounds__(1024) channel_sum_f32(float* out, const float* x, int N, int C, int HW) {
+    if (blockDim.x % 32 != 0 || blockDim.y != 1 || blockDim.z != 1 || HW < 1) __trap();
+    const int c = blockIdx.x, B = blockDim.x;
+    const long long total = (long long)N * HW, cstride = (long long)C * HW;
+    const float* xc = x + (long long)c * HW;
+    // Element j = n*HW + i; advancing j by B advances (n, i) by (q, rem).
+    const int q = B / HW, rem = B % HW;
+    int n = threadIdx.x / HW, i = threadIdx.x % HW;
+    auto step = [&]() {
+        i += rem;
+        n += q;
+        if (i >= HW) {
+            i -= HW;
+            ++n;
+        }
+    };
+    float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;
+    long long j = threadIdx.x;
+    for (; j + 3LL * B < total; j += 4LL * B) {
+        float v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            v[u] = __ldg(xc + n * cstride + i);
+            step();
+        }
+        acc0 += v[0];
+        acc1 += v[1];
+        acc2 += v[2];
+        acc3 += v[3];
+    }
+    for (; j < total; j += B) {
+        acc0 += __ldg(xc + n * cstride + i);
+        step();
+    }
+    const float s = rvc_block_sum((acc0 + acc1) + (acc2 + acc3));
+    if (threadIdx.x == 0) out[c] = s;
+}

@@ -1,0 +1,529 @@
+//! Parity of the convolution and pooling kernels (kernels/conv.cu,
+//! kernels/pool.cu), run on the host emulator, against naive f64 reference
+//! loops. Outputs are poisoned (NaN) before every launch so a kernel that skips
+//! an element cannot pass by leaving a correct-looking value behind. Launch
+//! configurations are the ones documented at the top of each .cu file.
+
+use rotvar::backend::cuda::emu::{self, KArg};
+
+/// splitmix64: tiny, seedable, good enough for test data.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32(lo, hi)).collect()
+    }
+    /// Small integers in [0, levels): many ties, for the max-pool first-maximum rule.
+    fn ties(&mut self, n: usize, levels: u64) -> Vec<f32> {
+        (0..n).map(|_| (self.next_u64() % levels) as f32).collect()
+    }
+}
+
+const POISON: f32 = f32::NAN;
+const BLOCK: u32 = 256;
+/// Conv GEMM tile (BM = BN) as documented in conv.cu.
+const TILE: usize = 64;
+
+fn launch(name: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) {
+    // SAFETY: every test passes pointers to live Vecs sized for the shapes it launches with.
+    unsafe { emu::launch(name, grid, (block, 1, 1), 0, args) }.unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// Every buffer a kernel sees sits between guard zones as long as itself
+/// (+256): the emulator, like the GPU, does not bounds-check, so an input read
+/// past either end returns NaN (which poisons the result even when the kernel
+/// multiplies it by a zero weight) and an output write past either end changes
+/// a sentinel that `Output::take` checks.
+fn guard(len: usize) -> usize {
+    len + 256
+}
+const SENTINEL: f32 = -12345.5;
+
+struct Input(Vec<f32>, usize);
+impl Input {
+    fn new(data: &[f32]) -> Self {
+        let g = guard(data.len());
+        let mut buf = vec![f32::NAN; data.len() + 2 * g];
+        buf[g..g + data.len()].copy_from_slice(data);
+        Input(buf, g)
+    }
+    fn arg(&self) -> KArg {
+        KArg::slice(&self.0[self.1..])
+    }
+}
+
+/// An output buffer poisoned with NaN inside sentinel guard zones.
+struct Output(Vec<f32>, usize, usize);
+impl Output {
+    fn new(len: usize) -> Self {
+        let g = guard(len);
+        let mut buf = vec![SENTINEL; len + 2 * g];
+        buf[g..g + len].fill(POISON);
+        Output(buf, g, len)
+    }
+    fn arg(&mut self) -> KArg {
+        KArg::slice_mut(&mut self.0[self.1..])
+    }
+    /// The written elements, after checking that nothing outside them changed.
+    fn take(self, what: &str) -> Vec<f32> {
+        let Output(buf, g, len) = self;
+        let outside = buf[..g].iter().chain(&buf[g + len..]);
+        assert!(outside.into_iter().all(|v| v.to_bits() == SENTINEL.to_bits()), "{what}: wrote out of bounds");
+        buf[g..g + len].to_vec()
+    }
+}
+
+fn i32s(xs: &[usize]) -> Vec<KArg> {
+    xs.iter().map(|&x| KArg::I32(x as i32)).collect()
+}
+
+/// max |got - want| / max(1, max |want|) < tol, and no NaN anywhere.
+fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f64, |m, &w| m.max(w.abs()));
+    let (mut worst, mut at) = (0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}[{i}]: NaN (element not written?), want {w}");
+        let err = (g as f64 - w).abs();
+        if err > worst {
+            (worst, at) = (err, i);
+        }
+    }
+    let rel = worst / scale;
+    assert!(
+        rel < tol,
+        "{what}: max err {worst:e} at [{at}] (got {}, want {}), relative {rel:e} >= {tol:e}",
+        got[at],
+        want[at]
+    );
+}
+
+// ---------------------------------------------------------------- conv
+
+#[derive(Clone, Copy, Debug)]
+struct Conv {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    r: usize,
+    s: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv {
+    fn oh(&self) -> usize {
+        (self.h + 2 * self.pad - self.r) / self.stride + 1
+    }
+    fn ow(&self) -> usize {
+        (self.w + 2 * self.pad - self.s) / self.stride + 1
+    }
+    fn x_len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    fn w_len(&self) -> usize {
+        self.k * self.c * self.r * self.s
+    }
+    fn y_len(&self) -> usize {
+        self.n * self.k * self.oh() * self.ow()
+    }
+    /// N, C, H, W, K, R, S, stride, pad, OH, OW as kernel arguments.
+    fn args(&self) -> Vec<KArg> {
+        i32s(&[self.n, self.c, self.h, self.w, self.k, self.r, self.s, self.stride, self.pad, self.oh(), self.ow()])
+    }
+    /// Input coordinate of output `o` and kernel tap `t`, if inside the image.
+    fn input(&self, o: usize, t: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + t) as isize - self.pad as isize;
+        (0..size as isize).contains(&i).then_some(i as usize)
+    }
+    /// Every (n, k, oy, ox, c, r, s, x index) term of the convolution sum.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+        let (oh, ow) = (self.oh(), self.ow());
+        for n in 0..self.n {
+            for k in 0..self.k {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let yi = ((n * self.k + k) * oh + oy) * ow + ox;
+                        for c in 0..self.c {
+                            for r in 0..self.r {
+                                let Some(iy) = self.input(oy, r, self.h) else { continue };
+                                for s in 0..self.s {
+                                    let Some(ix) = self.input(ox, s, self.w) else { continue };
+                                    let xi = ((n * self.c + c) * self.h + iy) * self.w + ix;
+                                    let wi = ((k * self.c + c) * self.r + r) * self.s + s;
+                                    f(yi, xi, wi, k, c);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ref_fwd(g: &Conv, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+    let mut y = vec![0f64; g.y_len()];
+    g.for_each_tap(|yi, xi, wi, _, _| y[yi] += w[wi] as f64 * x[xi] as f64);
+    if let Some(b) = bias {
+        let p = g.oh() * g.ow();
+        for (i, v) in y.iter_mut().enumerate() {
+            *v += b[(i / p) % g.k] as f64;
+        }
+    }
+    y
+}
+
+fn ref_bwd_data(g: &Conv, dy: &[f32], w: &[f32]) -> Vec<f64> {
+    let mut dx = vec![0f64; g.x_len()];
+    g.for_each_tap(|yi, xi, wi, _, _| dx[xi] += w[wi] as f64 * dy[yi] as f64);
+    dx
+}
+
+fn ref_bwd_weight(g: &Conv, x: &[f32], dy: &[f32]) -> Vec<f64> {
+    let mut dw = vec![0f64; g.w_len()];
+    g.for_each_tap(|yi, xi, wi, _, _| dw[wi] += dy[yi] as f64 * x[xi] as f64);
+    dw
+}
+
+fn blocks(n: usize, tile: usize) -> u32 {
+    n.div_ceil(tile) as u32
+}
+
+fn conv_fwd(g: &Conv, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (xi, wi, bi) = (Input::new(x), Input::new(w), bias.map(Input::new));
+    let mut y = Output::new(g.y_len());
+    let mut args = vec![y.arg(), xi.arg(), wi.arg(), bi.as_ref().map_or(KArg::Ptr(0), Input::arg)];
+    args.extend(g.args());
+    let grid = (blocks(g.n * g.oh() * g.ow(), TILE), blocks(g.k, TILE), 1);
+    launch("conv2d_fwd_v1", grid, BLOCK, &args);
+    y.take("conv2d_fwd_v1")
+}
+
+fn conv_bwd_data(g: &Conv, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (dyi, wi) = (Input::new(dy), Input::new(w));
+    let mut dx = Output::new(g.x_len());
+    let mut args = vec![dx.arg(), dyi.arg(), wi.arg()];
+    args.extend(g.args());
+    let grid = (blocks(g.n * g.h * g.w, TILE), blocks(g.c, TILE), 1);
+    launch("conv2d_bwd_data_v1", grid, BLOCK, &args);
+    dx.take("conv2d_bwd_data_v1")
+}
+
+/// Split-K weight gradient followed by the ordered sum of the splits.
+/// `sum_cfg` = Some((grid, block)) overrides the documented sum_partials
+/// launch. Returns (dW, partials).
+fn conv_bwd_weight(
+    g: &Conv,
+    x: &[f32],
+    dy: &[f32],
+    splits: usize,
+    sum_cfg: Option<(u32, u32)>,
+) -> (Vec<f32>, Vec<f32>) {
+    let len = g.w_len();
+    let (xi, dyi) = (Input::new(x), Input::new(dy));
+    let mut partial = Output::new(splits * len);
+    let mut args = vec![partial.arg(), xi.arg(), dyi.arg()];
+    args.extend(g.args());
+    args.push(KArg::I32(splits as i32));
+    let grid = (blocks(g.c * g.r * g.s, TILE), blocks(g.k, TILE), splits as u32);
+    launch("conv2d_bwd_weight_v1", grid, BLOCK, &args);
+    let partial = partial.take("conv2d_bwd_weight_v1");
+
+    let pi = Input::new(&partial);
+    let mut dw = Output::new(len);
+    let (sg, sb) = sum_cfg.unwrap_or((blocks(len, 256).min(1024), 256));
+    let args = [dw.arg(), pi.arg(), KArg::I32(splits as i32), KArg::I64(len as i64)];
+    launch("sum_partials_f32", (sg, 1, 1), sb, &args);
+    (dw.take("sum_partials_f32"), partial)
+}
+
+const fn conv(n: usize, c: usize, hw: (usize, usize), k: usize, rs: (usize, usize), stride: usize, pad: usize) -> Conv {
+    Conv { n, c, h: hw.0, w: hw.1, k, r: rs.0, s: rs.1, stride, pad }
+}
+
+/// Ragged everywhere: no extent is a multiple of the 64x64x16 tiles.
+const CONVS: &[Conv] = &[
+    conv(3, 5, (7, 9), 6, (3, 3), 1, 1),
+    conv(3, 5, (7, 9), 6, (3, 3), 2, 1),
+    // LeNet-style 5x5, pad 2.
+    conv(2, 3, (12, 10), 8, (5, 5), 1, 2),
+    // Pointwise, and pointwise strided (skips inputs).
+    conv(2, 7, (5, 6), 9, (1, 1), 1, 0),
+    conv(2, 7, (5, 6), 9, (1, 1), 2, 0),
+    // K and C*R*S larger than one tile: two row tiles, several K slices.
+    conv(2, 9, (6, 6), 70, (3, 3), 1, 1),
+    // Non-square kernel, stride larger than the kernel (some dx get nothing).
+    conv(2, 4, (9, 8), 5, (3, 2), 3, 1),
+    // Stride 2 without padding, (H - R) not a multiple of the stride.
+    conv(1, 3, (8, 10), 4, (3, 3), 2, 0),
+];
+
+#[test]
+fn conv_fwd_matches_reference() {
+    let mut rng = Rng(0xC0_4F);
+    for g in CONVS {
+        let x = rng.vec(g.x_len(), -1., 1.);
+        let w = rng.vec(g.w_len(), -1., 1.);
+        let bias = rng.vec(g.k, -1., 1.);
+        let y = conv_fwd(g, &x, &w, None);
+        assert_close(&format!("fwd no bias {g:?}"), &y, &ref_fwd(g, &x, &w, None), 1e-4);
+        let y = conv_fwd(g, &x, &w, Some(&bias));
+        assert_close(&format!("fwd bias {g:?}"), &y, &ref_fwd(g, &x, &w, Some(&bias)), 1e-4);
+    }
+}
+
+#[test]
+fn conv_bwd_data_matches_reference() {
+    let mut rng = Rng(0xDA7A);
+    for g in CONVS {
+        let dy = rng.vec(g.y_len(), -1., 1.);
+        let w = rng.vec(g.w_len(), -1., 1.);
+        let dx = conv_bwd_data(g, &dy, &w);
+        assert_close(&format!("bwd data {g:?}"), &dx, &ref_bwd_data(g, &dy, &w), 1e-4);
+    }
+}
+
+#[test]
+fn conv_bwd_weight_matches_reference_for_any_splits() {
+    let mut rng = Rng(0x3E16);
+    for g in CONVS {
+        let x = rng.vec(g.x_len(), -1., 1.);
+        let dy = rng.vec(g.y_len(), -1., 1.);
+        let want = ref_bwd_weight(g, &x, &dy);
+        let kred = g.n * g.oh() * g.ow();
+        // 7 leaves the reduction length undivided (and, with 16-aligned
+        // chunks, some trailing splits empty); a split per 16-step slice too.
+        for splits in [1, 3, 7, kred.div_ceil(16)] {
+            let (dw, partial) = conv_bwd_weight(g, &x, &dy, splits, None);
+            let tag = format!("bwd weight splits={splits} {g:?}");
+            assert_close(&tag, &dw, &want, 1e-4);
+            assert!(partial.iter().all(|v| !v.is_nan()), "{tag}: a split left its partial slice unwritten");
+        }
+    }
+}
+
+#[test]
+fn conv_bwd_weight_is_deterministic() {
+    let mut rng = Rng(0xD37);
+    for g in [&CONVS[0], &CONVS[5]] {
+        let x = rng.vec(g.x_len(), -1., 1.);
+        let dy = rng.vec(g.y_len(), -1., 1.);
+        for splits in [3, 5] {
+            let (a, pa) = conv_bwd_weight(g, &x, &dy, splits, None);
+            // A different sum_partials grid/block must not change the bits either.
+            let (b, pb) = conv_bwd_weight(g, &x, &dy, splits, Some((1, 64)));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&pa), bits(&pb), "partials differ between runs, splits={splits} {g:?}");
+            assert_eq!(bits(&a), bits(&b), "dW differs between runs, splits={splits} {g:?}");
+        }
+    }
+}
+
+#[test]
+fn sum_partials_adds_splits_in_order() {
+    let mut rng = Rng(0x50);
+    for (splits, len, grid, block) in [(1usize, 5usize, 1u32, 32u32), (4, 1000, 2, 64), (9, 777, 4, 256)] {
+        let partial = rng.vec(splits * len, -1., 1.);
+        let pi = Input::new(&partial);
+        let mut out = Output::new(len);
+        let args = [out.arg(), pi.arg(), KArg::I32(splits as i32), KArg::I64(len as i64)];
+        launch("sum_partials_f32", (grid, 1, 1), block, &args);
+        let out = out.take("sum_partials_f32");
+        for (i, &o) in out.iter().enumerate() {
+            // Exactly the f32 left-to-right sum: the order is part of the contract.
+            let want = (1..splits).fold(partial[i], |s, z| s + partial[z * len + i]);
+            assert_eq!(o.to_bits(), want.to_bits(), "sum_partials splits={splits} len={len} [{i}]");
+        }
+    }
+}
+
+#[test]
+fn channel_sum_matches_reference() {
+    let mut rng = Rng(0xB1A5);
+    // (N, C, HW, block): HW below, equal to and above the block size, HW = 1
+    // (bias of a fully connected layer), several block sizes.
+    for (n, c, hw, block) in [
+        (3usize, 5usize, 63usize, 256u32),
+        (4, 3, 1, 256),
+        (2, 2, 700, 256),
+        (3, 4, 77, 64),
+        (1, 1, 5, 32),
+        (5, 2, 256, 256),
+    ] {
+        let x = rng.vec(n * c * hw, -1., 1.);
+        let run = || {
+            let xi = Input::new(&x);
+            let mut out = Output::new(c);
+            let args = [out.arg(), xi.arg(), KArg::I32(n as i32), KArg::I32(c as i32), KArg::I32(hw as i32)];
+            launch("channel_sum_f32", (c as u32, 1, 1), block, &args);
+            out.take("channel_sum_f32")
+        };
+        let out = run();
+        let want: Vec<f64> = (0..c)
+            .map(|ch| (0..n).flat_map(|i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]).map(|&v| v as f64).sum())
+            .collect();
+        assert_close(&format!("channel_sum N={n} C={c} HW={hw} block={block}"), &out, &want, 1e-4);
+        let again = run();
+        assert_eq!(
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            again.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn conv_kernels_reject_other_block_sizes() {
+    let g = CONVS[0];
+    let (x, w) = (vec![0f32; g.x_len()], vec![0f32; g.w_len()]);
+    let mut y = vec![0f32; g.y_len()];
+    let mut args = vec![KArg::slice_mut(&mut y), KArg::slice(&x), KArg::slice(&w), KArg::Ptr(0)];
+    args.extend(g.args());
+    let r = unsafe { emu::launch("conv2d_fwd_v1", (4, 1, 1), (128, 1, 1), 0, &args) };
+    assert!(r.unwrap_err().to_string().contains("__trap"));
+}
+
+// ---------------------------------------------------------------- pooling
+
+#[derive(Clone, Copy, Debug)]
+struct Pool {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Pool {
+    fn oh(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn ow(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn args(&self) -> Vec<KArg> {
+        i32s(&[self.n, self.c, self.h, self.w, self.k, self.stride, self.pad, self.oh(), self.ow()])
+    }
+    /// The in-image input range of output `o`'s window.
+    fn window(&self, o: usize, size: usize) -> std::ops::Range<usize> {
+        let start = (o * self.stride) as isize - self.pad as isize;
+        start.max(0) as usize..((start + self.k as isize).max(0) as usize).min(size)
+    }
+}
+
+const MAX: i32 = 0;
+const AVG: i32 = 1;
+
+/// Forward and backward references, written like the CPU backend (window
+/// scan rows then columns; strict '>' keeps the first maximum), summed in f64.
+fn ref_pool(p: &Pool, kind: i32, x: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (oh, ow, hw) = (p.oh(), p.ow(), p.h * p.w);
+    let area = (p.k * p.k) as f64;
+    let mut y = vec![0f64; p.n * p.c * oh * ow];
+    let mut dx = vec![0f64; p.n * p.c * hw];
+    for plane in 0..p.n * p.c {
+        let xp = &x[plane * hw..(plane + 1) * hw];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let o = (plane * oh + oy) * ow + ox;
+                let mut best: Option<(f32, usize)> = None;
+                let mut sum = 0f64;
+                for iy in p.window(oy, p.h) {
+                    for ix in p.window(ox, p.w) {
+                        let v = xp[iy * p.w + ix];
+                        sum += v as f64;
+                        if best.is_none_or(|(b, _)| v > b) {
+                            best = Some((v, iy * p.w + ix));
+                        }
+                    }
+                }
+                if kind == MAX {
+                    let (v, at) = best.expect("pool window inside the image");
+                    y[o] = v as f64;
+                    dx[plane * hw + at] += dy[o] as f64;
+                } else {
+                    y[o] = sum / area;
+                    for iy in p.window(oy, p.h) {
+                        for ix in p.window(ox, p.w) {
+                            dx[plane * hw + iy * p.w + ix] += dy[o] as f64 / area;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (y, dx)
+}
+
+const fn pool(n: usize, c: usize, h: usize, w: usize, k: usize, stride: usize, pad: usize) -> Pool {
+    Pool { n, c, h, w, k, stride, pad }
+}
+
+const POOLS: &[Pool] = &[
+    pool(2, 3, 8, 10, 2, 2, 0),
+    // Odd sizes: the last row/column of x is in no window.
+    pool(2, 3, 7, 9, 2, 2, 0),
+    pool(2, 3, 7, 9, 3, 2, 1),
+    // Overlapping windows with padding on every side.
+    pool(1, 2, 6, 5, 3, 1, 1),
+    pool(2, 2, 9, 7, 2, 1, 1),
+];
+
+#[test]
+fn pool_fwd_bwd_match_reference() {
+    let mut rng = Rng(0x9001);
+    for p in POOLS {
+        for kind in [MAX, AVG] {
+            // (grid, block): the documented launch, and a tiny grid so each
+            // thread walks several elements of the grid-stride loop.
+            for (ties, (grid_div, block)) in [(false, (256usize, BLOCK)), (true, (usize::MAX, 64))] {
+                // Integer-valued data makes many ties: checks the first-maximum rule.
+                let x = if ties { rng.ties(p.n * p.c * p.h * p.w, 3) } else { rng.vec(p.n * p.c * p.h * p.w, -1., 1.) };
+                let ylen = p.n * p.c * p.oh() * p.ow();
+                let dy = rng.vec(ylen, -1., 1.);
+                let (want_y, want_dx) = ref_pool(p, kind, &x, &dy);
+                let grid =
+                    |total: usize| if grid_div == usize::MAX { 1 } else { total.div_ceil(grid_div).min(4096) as u32 };
+                let tag = format!("pool kind={kind} ties={ties} block={block} {p:?}");
+
+                let (xi, dyi) = (Input::new(&x), Input::new(&dy));
+                let mut y = Output::new(ylen);
+                let mut args = vec![y.arg(), xi.arg(), KArg::I32(kind)];
+                args.extend(p.args());
+                launch("pool2d_fwd_f32", (grid(ylen), 1, 1), block, &args);
+                assert_close(&format!("{tag} fwd"), &y.take("pool2d_fwd_f32"), &want_y, 1e-6);
+
+                let mut dx = Output::new(x.len());
+                let mut args = vec![dx.arg(), xi.arg(), dyi.arg(), KArg::I32(kind)];
+                args.extend(p.args());
+                launch("pool2d_bwd_f32", (grid(x.len()), 1, 1), block, &args);
+                assert_close(&format!("{tag} bwd"), &dx.take("pool2d_bwd_f32"), &want_dx, 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn pool_rejects_unknown_kind() {
+    let p = POOLS[0];
+    let x = vec![0f32; p.n * p.c * p.h * p.w];
+    let mut y = vec![0f32; p.n * p.c * p.oh() * p.ow()];
+    let mut args = vec![KArg::slice_mut(&mut y), KArg::slice(&x), KArg::I32(2)];
+    args.extend(p.args());
+    let r = unsafe { emu::launch("pool2d_fwd_f32", (1, 1, 1), (64, 1, 1), 0, &args) };
+    assert!(r.unwrap_err().to_string().contains("__trap"));
+}
