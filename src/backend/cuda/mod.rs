@@ -179,6 +179,16 @@ impl CudaBackend {
         Ok([i32_of(g.n, "N")?, i32_of(g.c, "C")?, i32_of(g.hw, "HW")?])
     }
 
+    /// One block reduces one channel: as wide as the hardware allows on a GPU; narrow under
+    /// emulation, where every CUDA thread is a host thread.
+    fn channel_block(&self) -> Dim {
+        if self.is_emulated() {
+            BLOCK
+        } else {
+            (1024, 1, 1)
+        }
+    }
+
     /// How many slices the reduction of conv backward-weight is split into: enough blocks to
     /// fill every SM twice, and slices of at least 256 positions.
     fn wgrad_splits(&self, g: &ConvGeom) -> usize {
@@ -450,7 +460,7 @@ impl Backend for CudaBackend {
             KArg::F32(momentum),
             KArg::F32(eps),
         ];
-        self.launch("bn_stats_f32", grid2(g.c, 1), BLOCK, 0, &stats)?;
+        self.launch("bn_stats_f32", grid2(g.c, 1), self.channel_block(), 0, &stats)?;
         let apply = [
             self.arg(y, g.len())?,
             self.arg(x, g.len())?,
@@ -516,7 +526,7 @@ impl Backend for CudaBackend {
             c,
             hw,
         ];
-        self.launch("bn_bwd_reduce_f32", grid2(g.c, 1), BLOCK, 0, &reduce)?;
+        self.launch("bn_bwd_reduce_f32", grid2(g.c, 1), self.channel_block(), 0, &reduce)?;
         let apply = [
             self.arg(dx, g.len())?,
             self.arg(x, g.len())?,
