@@ -6,7 +6,7 @@
 //! `Backend::conv2d_fwd` (backend/cpu or backend/cuda) → kernel.
 
 use crate::autograd::Tape;
-use crate::backend::BackendRef;
+use crate::backend::{BackendRef, Device, Storage};
 use crate::data::{Dataset, Normalization};
 use crate::models::Model;
 use crate::nn::Forward;
@@ -92,13 +92,22 @@ pub struct Evaluation {
     pub per_class: Vec<(usize, usize)>,
 }
 
-/// Predicted classes of a batch of log-probabilities, on the host.
-pub fn predictions(logp: &Tensor) -> Result<Vec<usize>> {
+/// Steps between readbacks of the loss on a GPU (on the CPU a readback costs nothing).
+const READBACK_EVERY: usize = 20;
+
+/// Predicted classes of a batch of log-probabilities, left on the device.
+fn device_predictions(logp: &Tensor) -> Result<Storage> {
     let (rows, cols) = (logp.dim(0), logp.dim(1));
     let b = logp.backend();
     let mut out = b.zeros(rows)?;
     b.argmax_rows(&logp.storage(), &mut out, rows, cols)?;
-    Ok(b.download(&out)?.into_iter().map(|v| v as usize).collect())
+    Ok(out)
+}
+
+/// Predicted classes of a batch of log-probabilities, on the host.
+pub fn predictions(logp: &Tensor) -> Result<Vec<usize>> {
+    let preds = device_predictions(logp)?;
+    Ok(logp.backend().download(&preds)?.into_iter().map(|v| v as usize).collect())
 }
 
 /// Loss and accuracy over a whole dataset, in eval mode (nothing is recorded).
@@ -148,12 +157,19 @@ pub fn fit(
     let mut opt = Optimizer::new(cfg.optim, model.parameters())?;
     let mut shuffle_rng = Rng::derive(cfg.seed, "shuffle");
     let mut history = Vec::new();
+    let readback = match train.images.device() {
+        Device::Cpu => 1,
+        Device::Cuda(_) => READBACK_EVERY,
+    };
     for epoch in 1..=cfg.epochs {
         let steps = train.len().div_ceil(cfg.batch_size);
         let pb = (!quiet).then(|| progress::bar(steps as u64, &format!("epoch {epoch}/{}", cfg.epochs)));
         let mut order: Vec<u32> = (0..train.len() as u32).collect();
         shuffle_rng.shuffle(&mut order);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        // Losses and predictions wait on the device and are read back in groups, so a GPU
+        // never idles on a per-step round trip.
+        let mut pending: Vec<(Tensor, Storage, Vec<u32>)> = Vec::with_capacity(readback);
         let start = Instant::now();
         for (step, idx) in order.chunks(cfg.batch_size).enumerate() {
             // A final batch of one sample cannot be batch-normalized: drop it.
@@ -166,25 +182,33 @@ pub fn fit(
             let logp = model.forward(&x, &mut Forward::train(seed))?;
             let loss = ops::nll_loss(&logp, &y)?;
             let grads = tape.backward(&loss)?;
-            let l = loss.scalar()?;
-            if !l.is_finite() {
-                bail!(
-                    "training diverged: the loss became {l} at epoch {epoch}, step {}. \
-                     Try a lower --lr (now {}); checkpoints of finished epochs are kept.",
-                    step + 1,
-                    cfg.optim.lr
-                );
-            }
             opt.step(&grads)?;
-            loss_sum += l as f64 * idx.len() as f64;
-            seen += idx.len();
-            correct += predictions(&logp)?
-                .into_iter()
-                .zip(idx)
-                .filter(|(p, &i)| *p == train.labels_host[i as usize] as usize)
-                .count();
+            pending.push((loss, device_predictions(&logp)?, idx.to_vec()));
+            let last = (step + 1) * cfg.batch_size >= train.len();
+            if pending.len() < readback && !last {
+                continue;
+            }
+            for (loss, preds, idx) in pending.drain(..) {
+                let l = loss.scalar()?;
+                if !l.is_finite() {
+                    bail!(
+                        "training diverged: the loss became {l} in epoch {epoch} (by step {}). \
+                         Try a lower --lr (now {}); checkpoints of finished epochs are kept.",
+                        step + 1,
+                        cfg.optim.lr
+                    );
+                }
+                loss_sum += l as f64 * idx.len() as f64;
+                seen += idx.len();
+                let preds = loss.backend().download(&preds)?;
+                correct += preds
+                    .iter()
+                    .zip(&idx)
+                    .filter(|(p, &i)| **p as usize == train.labels_host[i as usize] as usize)
+                    .count();
+            }
             if let Some(pb) = &pb {
-                pb.inc(1);
+                pb.set_position(step as u64 + 1);
                 let secs = start.elapsed().as_secs_f64();
                 pb.set_message(format!(
                     "loss {:.4} acc {:.2}% {:.0} img/s",

@@ -296,17 +296,27 @@ impl Exec {
         }
     }
 
-    pub fn upload_indices(&self, idx: &[u32]) -> Result<IdxBuf> {
+    /// Copy batch indices into `slot`, reusing its device buffer when it is large enough, so a
+    /// training step allocates nothing. Reuse is safe: the copy is ordered on the stream after
+    /// the kernel that read the previous indices.
+    pub fn upload_indices(&self, slot: &mut Option<IdxBuf>, idx: &[u32]) -> Result<()> {
         match self {
-            Exec::Emulated => Ok(IdxBuf::Host(idx.to_vec())),
+            Exec::Emulated => *slot = Some(IdxBuf::Host(idx.to_vec())),
             Exec::Gpu(g) => {
-                let s = g
-                    .stream
-                    .clone_htod(if idx.is_empty() { &[0u32][..] } else { idx })
-                    .map_err(|e| driver_err("copying indices to the GPU", e))?;
-                Ok(IdxBuf::Gpu(s))
+                if !matches!(slot, Some(IdxBuf::Gpu(s)) if s.len() >= idx.len().max(1)) {
+                    let s = g
+                        .stream
+                        .alloc_zeros::<u32>(idx.len().max(1))
+                        .map_err(|e| driver_err("allocating an index buffer", e))?;
+                    *slot = Some(IdxBuf::Gpu(s));
+                }
+                if let (Some(IdxBuf::Gpu(s)), false) = (slot.as_mut(), idx.is_empty()) {
+                    let mut view = s.slice_mut(0..idx.len());
+                    g.stream.memcpy_htod(idx, &mut view).map_err(|e| driver_err("copying indices to the GPU", e))?;
+                }
             }
         }
+        Ok(())
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -13,12 +13,14 @@ use super::{AdamParams, Backend, ConvGeom, Device, NormGeom, PoolGeom, PoolKind,
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, Gpu, Pool};
 use emu::KArg;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct CudaBackend {
     exec: Exec,
     ordinal: usize,
     pool: Arc<Pool>,
+    /// The device copy of the last batch's indices (see `gather_rows`).
+    indices: Mutex<Option<device::IdxBuf>>,
 }
 
 type Dim = (u32, u32, u32);
@@ -37,12 +39,17 @@ fn grid2(x: usize, y: usize) -> Dim {
 impl CudaBackend {
     /// The GPU `ordinal`, or an error that says what is missing.
     pub fn open(ordinal: usize) -> Result<Arc<CudaBackend>> {
-        Ok(Arc::new(CudaBackend { exec: Exec::Gpu(Gpu::open(ordinal)?), ordinal, pool: Arc::default() }))
+        Ok(Arc::new(CudaBackend {
+            exec: Exec::Gpu(Gpu::open(ordinal)?),
+            ordinal,
+            pool: Arc::default(),
+            indices: Mutex::default(),
+        }))
     }
 
     /// The same backend with its kernels run by the host emulator (slow; for tests).
     pub fn emulated() -> Arc<CudaBackend> {
-        Arc::new(CudaBackend { exec: Exec::Emulated, ordinal: 0, pool: Arc::default() })
+        Arc::new(CudaBackend { exec: Exec::Emulated, ordinal: 0, pool: Arc::default(), indices: Mutex::default() })
     }
 
     pub fn is_emulated(&self) -> bool {
@@ -228,18 +235,19 @@ impl Backend for CudaBackend {
             bail!("gather_rows: row index {bad} out of range ({rows} rows)");
         }
         let n = idx.len() * row_len;
-        let d = self.exec.upload_indices(idx)?;
+        let mut slot = self.indices.lock().unwrap_or_else(|e| e.into_inner());
+        self.exec.upload_indices(&mut slot, idx)?;
+        let d = slot.as_ref().ok_or_else(|| anyhow::anyhow!("index buffer missing after upload"))?;
         let args = vec![
             self.arg(dst, n)?,
             self.arg(src, rows * row_len)?,
-            self.exec.idx_ptr(&d),
+            self.exec.idx_ptr(d),
             KArg::I64(idx.len() as i64),
             KArg::I64(row_len as i64),
         ];
         if n > 0 {
             self.launch("gather_rows_f32", self.ew_grid(n), BLOCK, 0, &args)?;
         }
-        // The index buffer is freed when `d` drops: the launch above is stream-ordered before it.
         Ok(())
     }
 
