@@ -48,9 +48,9 @@ impl DeviceDataset {
     pub fn batch(&self, idx: &[u32]) -> Result<(Tensor, Tensor)> {
         let b = self.images.backend();
         let [c, h, w] = self.item_shape;
-        let mut xs = b.zeros(idx.len() * c * h * w)?;
+        let mut xs = b.alloc(idx.len() * c * h * w)?;
         b.gather_rows(&self.images.storage(), c * h * w, idx, &mut xs)?;
-        let mut ys = b.zeros(idx.len())?;
+        let mut ys = b.alloc(idx.len())?;
         b.gather_rows(&self.labels.storage(), 1, idx, &mut ys)?;
         Ok((
             Tensor::from_storage(b, &[idx.len(), c, h, w], xs, false)?,
@@ -99,7 +99,7 @@ const READBACK_EVERY: usize = 20;
 fn device_predictions(logp: &Tensor) -> Result<Storage> {
     let (rows, cols) = (logp.dim(0), logp.dim(1));
     let b = logp.backend();
-    let mut out = b.zeros(rows)?;
+    let mut out = b.alloc(rows)?;
     b.argmax_rows(&logp.storage(), &mut out, rows, cols)?;
     Ok(out)
 }

@@ -234,6 +234,9 @@ pub trait Backend: Send + Sync {
 
     // --- memory -------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Result<Storage>;
+    /// A buffer whose contents are unspecified (possibly stale values from an earlier use):
+    /// for op outputs, which every op writes in full, so zeroing them would be wasted work.
+    fn alloc(&self, len: usize) -> Result<Storage>;
     fn upload(&self, host: &[f32]) -> Result<Storage>;
     fn download(&self, s: &Storage) -> Result<Vec<f32>>;
     /// Copy rows `idx[i]` of `src` (rows of `row_len`) into row i of `dst`: batch gathering

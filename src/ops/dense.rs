@@ -21,7 +21,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     inputs.extend(b);
     same_device("linear", &inputs)?;
     let be = x.backend().clone();
-    let mut ys = be.zeros(n * m)?;
+    let mut ys = be.alloc(n * m)?;
     be.linear_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), &mut ys, n, k, m)?;
     let y = output(&inputs, &[n, m], ys)?;
     if y.is_tracked() {
@@ -31,14 +31,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
                 return Ok(());
             };
             if x.is_tracked() {
-                let mut dx = be.zeros(n * k)?;
+                let mut dx = be.alloc(n * k)?;
                 be.linear_bwd_data(&dy.storage(), &w.storage(), &mut dx, n, k, m)?;
                 grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
             }
             let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
             if w.is_tracked() || want_b {
-                let mut dw = be.zeros(m * k)?;
-                let mut db = if want_b { Some(be.zeros(m)?) } else { None };
+                let mut dw = be.alloc(m * k)?;
+                let mut db = if want_b { Some(be.alloc(m)?) } else { None };
                 be.linear_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db.as_mut(), n, k, m)?;
                 grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
                 if let (Some(b), Some(db)) = (&b, db) {
@@ -69,7 +69,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: us
     inputs.extend(b);
     same_device("conv2d", &inputs)?;
     let be = x.backend().clone();
-    let mut ys = be.zeros(g.out_len())?;
+    let mut ys = be.alloc(g.out_len())?;
     be.conv2d_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), &mut ys, &g)?;
     let y = output(&inputs, &[n, g.c_out, g.oh, g.ow], ys)?;
     if y.is_tracked() {
@@ -80,14 +80,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: us
             };
             // The first layer's input is data: skipping its gradient saves a whole GEMM.
             if x.is_tracked() {
-                let mut dx = be.zeros(g.in_len())?;
+                let mut dx = be.alloc(g.in_len())?;
                 be.conv2d_bwd_data(&dy.storage(), &w.storage(), &mut dx, &g)?;
                 grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
             }
             let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
             if w.is_tracked() || want_b {
-                let mut dw = be.zeros(g.weight_len())?;
-                let mut db = if want_b { Some(be.zeros(g.c_out)?) } else { None };
+                let mut dw = be.alloc(g.weight_len())?;
+                let mut db = if want_b { Some(be.alloc(g.c_out)?) } else { None };
                 be.conv2d_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db.as_mut(), &g)?;
                 grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
                 if let (Some(b), Some(db)) = (&b, db) {

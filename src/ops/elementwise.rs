@@ -10,7 +10,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         bail!("add: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
     }
     let be = a.backend().clone();
-    let mut ys = be.zeros(a.numel())?;
+    let mut ys = be.alloc(a.numel())?;
     be.add(&a.storage(), &b.storage(), &mut ys)?;
     let y = output(&[a, b], a.shape(), ys)?;
     if y.is_tracked() {
@@ -21,7 +21,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             };
             // Each input gets its own copy: gradients are accumulated in place later.
             if a.is_tracked() {
-                let mut da = be.zeros(dy.numel())?;
+                let mut da = be.alloc(dy.numel())?;
                 be.scale(&dy.storage(), 1.0, &mut da)?;
                 grads.accumulate(&a, grad(&be, a.shape(), da)?)?;
             }
@@ -37,7 +37,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// alpha · x
 pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
     let be = x.backend().clone();
-    let mut ys = be.zeros(x.numel())?;
+    let mut ys = be.alloc(x.numel())?;
     be.scale(&x.storage(), alpha, &mut ys)?;
     let y = output(&[x], x.shape(), ys)?;
     if y.is_tracked() {
@@ -46,7 +46,7 @@ pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(x.numel())?;
+            let mut dx = be.alloc(x.numel())?;
             be.scale(&dy.storage(), alpha, &mut dx)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));
@@ -56,7 +56,7 @@ pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
 
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     let be = x.backend().clone();
-    let mut ys = be.zeros(x.numel())?;
+    let mut ys = be.alloc(x.numel())?;
     be.relu_fwd(&x.storage(), &mut ys)?;
     let y = output(&[x], x.shape(), ys)?;
     if y.is_tracked() {
@@ -65,7 +65,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
             let Some(dy) = grads.take(&yk) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(x.numel())?;
+            let mut dx = be.alloc(x.numel())?;
             be.relu_bwd(&yk.storage(), &dy.storage(), &mut dx)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));
@@ -75,7 +75,7 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 
 pub fn elu(x: &Tensor, alpha: f32) -> Result<Tensor> {
     let be = x.backend().clone();
-    let mut ys = be.zeros(x.numel())?;
+    let mut ys = be.alloc(x.numel())?;
     be.elu_fwd(&x.storage(), alpha, &mut ys)?;
     let y = output(&[x], x.shape(), ys)?;
     if y.is_tracked() {
@@ -84,7 +84,7 @@ pub fn elu(x: &Tensor, alpha: f32) -> Result<Tensor> {
             let Some(dy) = grads.take(&yk) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(x.numel())?;
+            let mut dx = be.alloc(x.numel())?;
             be.elu_bwd(&x.storage(), &yk.storage(), &dy.storage(), alpha, &mut dx)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));
@@ -101,7 +101,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, seed: u64) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let be = x.backend().clone();
-    let (mut ys, mut mask) = (be.zeros(x.numel())?, be.zeros(x.numel())?);
+    let (mut ys, mut mask) = (be.alloc(x.numel())?, be.alloc(x.numel())?);
     be.dropout_fwd(&x.storage(), p, seed, &mut ys, &mut mask)?;
     let y = output(&[x], x.shape(), ys)?;
     if y.is_tracked() {
@@ -110,7 +110,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, seed: u64) -> Result<Tensor> {
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(x.numel())?;
+            let mut dx = be.alloc(x.numel())?;
             be.mul(&dy.storage(), &mask, &mut dx)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));

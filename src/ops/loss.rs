@@ -8,7 +8,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     expect_rank("log_softmax", "input", x, 2)?;
     let (rows, cols) = (x.dim(0), x.dim(1));
     let be = x.backend().clone();
-    let mut ys = be.zeros(x.numel())?;
+    let mut ys = be.alloc(x.numel())?;
     be.log_softmax_fwd(&x.storage(), &mut ys, rows, cols)?;
     let y = output(&[x], x.shape(), ys)?;
     if y.is_tracked() {
@@ -17,7 +17,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
             let Some(dy) = grads.take(&yk) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(x.numel())?;
+            let mut dx = be.alloc(x.numel())?;
             be.log_softmax_bwd(&yk.storage(), &dy.storage(), &mut dx, rows, cols)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));
@@ -33,7 +33,7 @@ pub fn nll_loss(logp: &Tensor, labels: &Tensor) -> Result<Tensor> {
         bail!("nll_loss: labels have shape {:?}, expected [{rows}]", labels.shape());
     }
     let be = logp.backend().clone();
-    let mut ls = be.zeros(1)?;
+    let mut ls = be.alloc(1)?;
     be.nll_fwd(&logp.storage(), &labels.storage(), &mut ls, rows, cols)?;
     let loss = output(&[logp], &[1], ls)?;
     if loss.is_tracked() {
@@ -42,7 +42,7 @@ pub fn nll_loss(logp: &Tensor, labels: &Tensor) -> Result<Tensor> {
             let Some(dl) = grads.take_id(id) else {
                 return Ok(());
             };
-            let mut d = be.zeros(rows * cols)?;
+            let mut d = be.alloc(rows * cols)?;
             be.nll_bwd(&labels.storage(), &dl.storage(), &mut d, rows, cols)?;
             grads.accumulate(&logp, grad(&be, logp.shape(), d)?)
         }));
@@ -67,7 +67,7 @@ pub fn mean(x: &Tensor) -> Result<Tensor> {
 
 fn reduce(x: &Tensor, alpha: f32) -> Result<Tensor> {
     let be = x.backend().clone();
-    let (mut s, mut ys) = (be.zeros(1)?, be.zeros(1)?);
+    let (mut s, mut ys) = (be.alloc(1)?, be.alloc(1)?);
     be.sum(&x.storage(), &mut s)?;
     be.scale(&s, alpha, &mut ys)?;
     let y = output(&[x], &[1], ys)?;
@@ -77,7 +77,7 @@ fn reduce(x: &Tensor, alpha: f32) -> Result<Tensor> {
             let Some(dy) = grads.take_id(id) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(x.numel())?;
+            let mut dx = be.alloc(x.numel())?;
             be.broadcast_scalar(&dy.storage(), alpha, &mut dx)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));

@@ -33,7 +33,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
         bail!("batch_norm: training needs more than one value per channel, got input {:?}", x.shape());
     }
     let be = x.backend().clone();
-    let mut ys = be.zeros(g.len())?;
+    let mut ys = be.alloc(g.len())?;
     if !train {
         be.batchnorm_fwd_eval(
             &x.storage(),
@@ -49,7 +49,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
         // rotvar (training always uses batch statistics), so eval records nothing.
         return Tensor::from_storage(&be, x.shape(), ys, false);
     }
-    let (mut mean, mut invstd) = (be.zeros(g.c)?, be.zeros(g.c)?);
+    let (mut mean, mut invstd) = (be.alloc(g.c)?, be.alloc(g.c)?);
     be.batchnorm_fwd_train(
         &x.storage(),
         &s.gamma.storage(),
@@ -70,7 +70,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let (mut dx, mut dgamma, mut dbeta) = (be.zeros(g.len())?, be.zeros(g.c)?, be.zeros(g.c)?);
+            let (mut dx, mut dgamma, mut dbeta) = (be.alloc(g.len())?, be.alloc(g.c)?, be.alloc(g.c)?);
             be.batchnorm_bwd(
                 &x.storage(),
                 &gamma.storage(),

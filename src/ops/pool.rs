@@ -8,7 +8,7 @@ pub fn pool2d(kind: PoolKind, x: &Tensor, k: usize, stride: usize, pad: usize) -
     expect_rank("pool2d", "input", x, 4)?;
     let g = PoolGeom::new(x.dim(0), x.dim(1), x.dim(2), x.dim(3), k, stride, pad)?;
     let be = x.backend().clone();
-    let mut ys = be.zeros(g.out_len())?;
+    let mut ys = be.alloc(g.out_len())?;
     be.pool2d_fwd(kind, &x.storage(), &mut ys, &g)?;
     let y = output(&[x], &[g.n, g.c, g.oh, g.ow], ys)?;
     if y.is_tracked() {
@@ -17,7 +17,7 @@ pub fn pool2d(kind: PoolKind, x: &Tensor, k: usize, stride: usize, pad: usize) -
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let mut dx = be.zeros(g.in_len())?;
+            let mut dx = be.alloc(g.in_len())?;
             be.pool2d_bwd(kind, &x.storage(), &dy.storage(), &mut dx, &g)?;
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)
         }));

@@ -23,13 +23,19 @@ static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 
 /// A zero-filled buffer of `len` values, reused when one is idle.
 pub fn zeroed(len: usize) -> Vec<f32> {
+    let mut v = reused(len);
+    v.fill(0.0);
+    v
+}
+
+/// A buffer of `len` values with unspecified contents, reused when one is idle.
+pub fn reused(len: usize) -> Vec<f32> {
     if len >= MIN_LEN {
         let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(cache) = guard.as_mut() {
-            if let Some(mut v) = cache.free.get_mut(&len).and_then(|l| l.pop()) {
+            if let Some(v) = cache.free.get_mut(&len).and_then(|l| l.pop()) {
                 cache.bytes -= len * 4;
                 drop(guard);
-                v.fill(0.0);
                 return v;
             }
         }

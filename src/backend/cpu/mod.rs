@@ -97,8 +97,12 @@ impl Backend for CpuBackend {
         Ok(Storage::Cpu(buffers::zeroed(len)))
     }
 
+    fn alloc(&self, len: usize) -> Result<Storage> {
+        Ok(Storage::Cpu(buffers::reused(len)))
+    }
+
     fn upload(&self, host: &[f32]) -> Result<Storage> {
-        let mut v = buffers::zeroed(host.len());
+        let mut v = buffers::reused(host.len());
         v.copy_from_slice(host);
         Ok(Storage::Cpu(v))
     }

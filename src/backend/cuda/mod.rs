@@ -221,6 +221,10 @@ impl Backend for CudaBackend {
         Ok(s)
     }
 
+    fn alloc(&self, len: usize) -> Result<Storage> {
+        self.new_buf(len)
+    }
+
     fn upload(&self, host: &[f32]) -> Result<Storage> {
         Ok(Storage::Cuda(self.exec.upload(&self.pool, host)?))
     }
