@@ -393,22 +393,6 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
-// ----------------------------------------------------------- bias gradient
-// Block-wide sum; valid in thread 0 only. blockDim.x must be a multiple of 32.
-__device__ __forceinline__ float rvc_block_sum(float v) {
-    __shared__ float warp_sums[32];
-    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    v = rotvar_warp_sum(v);
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    const unsigned nwarps = blockDim.x >> 5;
-    if (warp == 0) {
-        v = lane < nwarps ? warp_sums[lane] : 0.f;
-        v = rotvar_warp_sum(v);
-    }
-    __syncthreads();
-    return v;
-}
 
 // out[c] = sum over n, i of x[(n*C + c)*HW + i]; block c sums channel c.
 // variant: one block per channel keeps the summation order a function of
@@ -448,6 +432,6 @@ extern "C" __global__ void __launch_bounds__(1024) channel_sum_f32(float* out, c
         acc0 += __ldg(xc + n * cstride + i);
         step();
     }
-    const float s = rvc_block_sum((acc0 + acc1) + (acc2 + acc3));
+    const float s = rotvar_block_sum((acc0 + acc1) + (acc2 + acc3));
     if (threadIdx.x == 0) out[c] = s;
 }

@@ -8,23 +8,6 @@
 // bits depend only on (n, grid, block). `scale` turns stage 2 into a mean.
 #include "rotvar_common.cuh"
 
-// Block-wide sum; the result is valid in thread 0 only. blockDim.x must be a
-// multiple of 32 (at most 1024): the warp shuffles assume full warps.
-__device__ __forceinline__ float rv_block_sum(float v) {
-    __shared__ float warp_sums[32];
-    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    v = rotvar_warp_sum(v);
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    const unsigned nwarps = blockDim.x >> 5;
-    if (warp == 0) {
-        v = lane < nwarps ? warp_sums[lane] : 0.f;
-        v = rotvar_warp_sum(v);
-    }
-    // Keeps warp_sums stable if the caller invokes rv_block_sum again.
-    __syncthreads();
-    return v;
-}
 
 // out[blockIdx.x] = scale * sum of this block's grid-stride share of x[0..n).
 extern "C" __global__ void __launch_bounds__(1024) reduce_sum_f32(float* out, const float* __restrict__ x, long long n,
@@ -41,6 +24,6 @@ extern "C" __global__ void __launch_bounds__(1024) reduce_sum_f32(float* out, co
         acc3 += __ldg(x + i + 3 * stride);
     }
     for (; i < n; i += stride) acc0 += __ldg(x + i);
-    float s = rv_block_sum((acc0 + acc1) + (acc2 + acc3));
+    float s = rotvar_block_sum((acc0 + acc1) + (acc2 + acc3));
     if (threadIdx.x == 0) out[blockIdx.x] = s * scale;
 }

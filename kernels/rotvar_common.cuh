@@ -28,3 +28,21 @@ __device__ __forceinline__ float rotvar_warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
 }
+
+// Block-wide sum; the result is valid in thread 0 only. blockDim.x must be a multiple of 32
+// (at most 1024): the warp shuffles assume full warps. Safe to call repeatedly in one kernel.
+__device__ __forceinline__ float rotvar_block_sum(float v) {
+    __shared__ float warp_sums[32];
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    v = rotvar_warp_sum(v);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    const unsigned nwarps = blockDim.x >> 5;
+    if (warp == 0) {
+        v = lane < nwarps ? warp_sums[lane] : 0.f;
+        v = rotvar_warp_sum(v);
+    }
+    // Keeps warp_sums stable if the caller sums again.
+    __syncthreads();
+    return v;
+}

@@ -6,28 +6,8 @@
 
 use rotvar::backend::cuda::emu::{self, KArg};
 
-/// splitmix64: tiny, seedable, good enough for test data.
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [lo, hi).
-    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32(lo, hi)).collect()
-    }
-    /// Small integers in [0, levels): many ties, for the max-pool first-maximum rule.
-    fn ties(&mut self, n: usize, levels: u64) -> Vec<f32> {
-        (0..n).map(|_| (self.next_u64() % levels) as f32).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 const POISON: f32 = f32::NAN;
 const BLOCK: u32 = 256;

@@ -6,20 +6,8 @@ use rotvar::backend::cuda::emu::{self, KArg};
 
 const POISON: f32 = f32::NAN;
 
-/// splitmix64, as in kernels_emulated.rs.
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 #[test]
 fn emu_shuffles_follow_cuda_semantics() {
@@ -96,7 +84,7 @@ fn emu_votes() {
 #[test]
 fn emu_dynamic_shared_memory() {
     let (n, block) = (200usize, 64usize);
-    let x = Rng(23).vec(n);
+    let x = Rng(23).vec(n, -0.5, 0.5);
     let mut out = vec![POISON; n];
     let grid = n.div_ceil(block) as u32;
     unsafe {
