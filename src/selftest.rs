@@ -6,7 +6,9 @@
 //! on a real GPU. The CPU backend is the reference in both.
 
 use crate::autograd::Tape;
-use crate::backend::{AdamParams, BackendRef, ConvGeom, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
+use crate::backend::{
+    AdamParams, BackendRef, ConvGeom, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
+};
 use crate::models::{InputSpec, Model};
 use crate::nn::Forward;
 use crate::ops;
@@ -117,6 +119,14 @@ pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, 
     };
     for g in &pools {
         pool(&mut c, g)?;
+    }
+    let rotations = if scale == Scale::Full {
+        vec![RotateGeom { n: batch, c: 3, h: 32, w: 32 }, RotateGeom { n: batch, c: 1, h: 28, w: 28 }]
+    } else {
+        vec![RotateGeom { n: 8, c: 2, h: 9, w: 9 }, RotateGeom { n: 8, c: 3, h: 7, w: 10 }]
+    };
+    for g in &rotations {
+        rotate(&mut c, g)?;
     }
     let norms = if scale == Scale::Full {
         vec![NormGeom { n: batch, c: 64, hw: 196 }, NormGeom { n: batch, c: 128, hw: 1 }]
@@ -293,6 +303,24 @@ fn pool(c: &mut Ctx, g: &PoolGeom) -> Result<()> {
         r.pool2d_bwd(kind, &rx, &rdy, &mut rdx, g)?;
         t.pool2d_bwd(kind, &tx, &tdy, &mut tdx, g)?;
         c.compare("pool2d_bwd", &shape, &rdx, &tdx, TOL_ELEMENTWISE)?;
+    }
+    Ok(())
+}
+
+fn rotate(c: &mut Ctx, g: &RotateGeom) -> Result<()> {
+    // Identity, exact quarter turns, and arbitrary angles of both signs, cycled over the batch.
+    const ANGLES: [f32; 8] = [0.0, 90.0, 37.5, -123.0, 180.0, 360.0, -90.0, 271.3];
+    let angles: Vec<f32> = (0..g.n).map(|i| ANGLES[i % ANGLES.len()]).collect();
+    let fill: Vec<f32> = (0..g.c).map(|i| -0.4 - 0.3 * i as f32).collect();
+    let x = c.normal(g.len());
+    let (rx, tx) = c.pair(&x)?;
+    let (r, t) = (c.r.clone(), c.t.clone());
+    for interp in [Interp::Nearest, Interp::Bilinear] {
+        let shape = format!("{interp:?} n{} c{} {}x{}", g.n, g.c, g.h, g.w);
+        let (mut ry, mut ty) = c.poisoned(g.len())?;
+        r.rotate(&rx, &angles, interp, &fill, &mut ry, g)?;
+        t.rotate(&tx, &angles, interp, &fill, &mut ty, g)?;
+        c.compare("rotate", &shape, &ry, &ty, TOL_ELEMENTWISE)?;
     }
     Ok(())
 }

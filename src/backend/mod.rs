@@ -205,6 +205,70 @@ impl NormGeom {
     }
 }
 
+/// Sampling of [`Backend::rotate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interp {
+    /// The source pixel nearest the source point (coordinates rounded half to even); `fill` where
+    /// that pixel lies outside the image.
+    Nearest,
+    /// Bilinear blend of the four pixels around the source point; each of the four taps that lies
+    /// outside the image contributes the channel's `fill` value instead (so borders blend toward
+    /// the fill).
+    Bilinear,
+}
+
+/// Layout of an image rotation: `n` NCHW images of `c` channels, `h`×`w`, rotated to the same size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotateGeom {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl RotateGeom {
+    pub fn len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Checks one finite angle per image and one fill value per channel: every backend calls
+    /// this before it reads either slice.
+    pub fn check(&self, angles_deg: &[f32], fill: &[f32]) -> Result<()> {
+        if angles_deg.len() != self.n {
+            bail!("rotate: {} angles for {} images (one angle per image)", angles_deg.len(), self.n);
+        }
+        if fill.len() != self.c {
+            bail!("rotate: {} fill values for {} channels (one per channel)", fill.len(), self.c);
+        }
+        if let Some(a) = angles_deg.iter().find(|a| !a.is_finite()) {
+            bail!("rotate: angle {a} is not finite");
+        }
+        Ok(())
+    }
+}
+
+/// The (cos, sin) pair that [`Backend::rotate`] uses for an angle in degrees: computed in f64
+/// from the angle reduced modulo 360, with exact multiples of 90° snapped to exact values
+/// (so 0°/360° is the identity and 90°/180°/270° are exact transposes/flips), then rounded once
+/// to f32. Every backend uses these f32 values, so CPU and GPU apply identical coefficients.
+pub fn rotation_coeffs(angle_deg: f32) -> (f32, f32) {
+    let a = (angle_deg as f64).rem_euclid(360.0);
+    if a == 0.0 {
+        (1.0, 0.0)
+    } else if a == 90.0 {
+        (0.0, 1.0)
+    } else if a == 180.0 {
+        (-1.0, 0.0)
+    } else if a == 270.0 {
+        (0.0, -1.0)
+    } else {
+        let r = a.to_radians();
+        (r.cos() as f32, r.sin() as f32)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamParams {
     pub lr: f32,
@@ -364,6 +428,35 @@ pub trait Backend: Send + Sync {
     fn broadcast_scalar(&self, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()>;
     /// For each row, the index of the largest value (first on ties), as f32.
     fn argmax_rows(&self, x: &Storage, out: &mut Storage, rows: usize, cols: usize) -> Result<()>;
+
+    // --- data transforms ----------------------------------------------------------------
+    /// Rotate every image of `x` (NCHW, geometry `g`) by its own angle, output the same size.
+    ///
+    /// Convention (torchvision's `rotate`): `angles_deg[i]` in degrees, positive =
+    /// counter-clockwise as the image is displayed (row 0 at the top), about the image centre
+    /// (cx, cy) = ((w−1)/2, (h−1)/2). Inverse mapping: output pixel (ox, oy) reads the source
+    /// point sx = c·(ox−cx) − s·(oy−cy) + cx, sy = s·(ox−cx) + c·(oy−cy) + cy with
+    /// (c, s) = [`rotation_coeffs`]`(angle)` (f32, products and sums each rounded in f32 in this
+    /// order, no fused multiply-add, so every backend gets the same bits). `Nearest` rounds
+    /// (sx, sy) half to even; `Bilinear` blends the four neighbours with weights
+    /// wx = sx − ⌊sx⌋, wy = sy − ⌊sy⌋ as (1−wy)·lerp(row y0) + wy·lerp(row y0+1), where
+    /// lerp(a, b, t) = (1−t)·a + t·b, and a blend whose weight t is exactly 0 returns `a`
+    /// unchanged (so integer source points copy the pixel bit-exactly). Source pixels outside
+    /// the image read `fill[channel]` (per tap for bilinear): with fill = the normalized value
+    /// of raw black (−mean/std) this matches rotating raw images with black fill.
+    /// torchvision differs only at the border of bilinear output, where it also multiplies the
+    /// blended in-image value by the in-image weight. `angles_deg.len() == g.n` (a caller with
+    /// one angle for the batch repeats it), `fill.len() == g.c`. No backward: rotation is
+    /// applied to data.
+    fn rotate(
+        &self,
+        x: &Storage,
+        angles_deg: &[f32],
+        interp: Interp,
+        fill: &[f32],
+        y: &mut Storage,
+        g: &RotateGeom,
+    ) -> Result<()>;
 
     // --- optimizers ---------------------------------------------------------------------
     fn adam_step(

@@ -8,6 +8,7 @@ mod elementwise;
 mod loss;
 mod norm;
 mod pool;
+mod rotate;
 mod shape;
 
 pub use dense::{conv2d, linear};
@@ -15,6 +16,7 @@ pub use elementwise::{add, dropout, elu, relu, scale};
 pub use loss::{cross_entropy, log_softmax, mean, nll_loss, sum};
 pub use norm::{batch_norm, BatchNormState};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d, pool2d};
+pub use rotate::rotate;
 pub use shape::{flatten, reshape};
 
 use crate::autograd::needs_grad;

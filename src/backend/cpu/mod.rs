@@ -9,8 +9,12 @@ pub mod conv;
 pub mod gemm;
 pub mod norm;
 pub mod pool;
+pub mod rotate;
 
-use super::{AdamParams, Backend, BackendRef, ConvGeom, Device, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
+use super::{
+    AdamParams, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams,
+    Storage,
+};
 use crate::rng::{splitmix64, unit_f32};
 use anyhow::{bail, Result};
 use gemm::{sgemm, Mat};
@@ -296,6 +300,24 @@ impl Backend for CpuBackend {
 
     fn pool2d_bwd(&self, kind: PoolKind, x: &Storage, dy: &Storage, dx: &mut Storage, g: &PoolGeom) -> Result<()> {
         pool::backward(kind, host(x)?, host(dy)?, host_mut(dx)?, g);
+        Ok(())
+    }
+
+    fn rotate(
+        &self,
+        x: &Storage,
+        angles_deg: &[f32],
+        interp: Interp,
+        fill: &[f32],
+        y: &mut Storage,
+        g: &RotateGeom,
+    ) -> Result<()> {
+        g.check(angles_deg, fill)?;
+        let (x, y) = (host(x)?, host_mut(y)?);
+        if x.len() < g.len() || y.len() < g.len() {
+            bail!("rotate: buffers of {} and {} values where {} are needed", x.len(), y.len(), g.len());
+        }
+        rotate::rotate(&x[..g.len()], angles_deg, interp, fill, &mut y[..g.len()], g);
         Ok(())
     }
 

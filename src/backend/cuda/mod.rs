@@ -9,7 +9,10 @@ pub mod device;
 pub mod emu;
 pub mod kernels;
 
-use super::{AdamParams, Backend, ConvGeom, Device, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
+use super::{
+    rotation_coeffs, AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom,
+    SgdParams, Storage,
+};
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, Gpu, Pool};
 use emu::KArg;
@@ -443,6 +446,52 @@ impl Backend for CudaBackend {
         let mut args = vec![self.arg(dx, g.in_len())?, self.arg(x, g.in_len())?, self.arg(dy, g.out_len())?];
         args.extend(self.pool_args(kind, g)?);
         self.launch("pool2d_bwd_f32", self.ew_grid(g.in_len()), BLOCK, 0, &args)
+    }
+
+    fn rotate(
+        &self,
+        x: &Storage,
+        angles_deg: &[f32],
+        interp: Interp,
+        fill: &[f32],
+        y: &mut Storage,
+        g: &RotateGeom,
+    ) -> Result<()> {
+        g.check(angles_deg, fill)?;
+        let len = g.len();
+        if len == 0 {
+            return Ok(());
+        }
+        // The kernel indexes within a plane and over planes in 32-bit arithmetic.
+        i32_of(g.h * g.w, "H·W")?;
+        i32_of(g.n * g.c, "N·C")?;
+        // Per-image (cos, sin), computed and rounded on the host exactly as the CPU backend does,
+        // and the per-channel fill: small temporaries from the pool, freed after the launch is
+        // queued (the pool only hands them out again for work queued behind it).
+        let cos_sin: Vec<f32> = angles_deg
+            .iter()
+            .flat_map(|&a| {
+                let (c, s) = rotation_coeffs(a);
+                [c, s]
+            })
+            .collect();
+        let cs = self.upload(&cos_sin)?;
+        let fv = self.upload(fill)?;
+        let args = [
+            self.arg(y, len)?,
+            self.arg(x, len)?,
+            self.arg(&cs, 2 * g.n)?,
+            self.arg(&fv, g.c)?,
+            KArg::I32(match interp {
+                Interp::Nearest => 0,
+                Interp::Bilinear => 1,
+            }),
+            i32_of(g.n, "N")?,
+            i32_of(g.c, "C")?,
+            i32_of(g.h, "H")?,
+            i32_of(g.w, "W")?,
+        ];
+        self.launch("rotate_f32", self.ew_grid(len), BLOCK, 0, &args)
     }
 
     fn batchnorm_fwd_train(

@@ -1,0 +1,70 @@
+// Image rotation (data augmentation and rotated evaluation): inverse mapping
+// with nearest or bilinear sampling, the same size out as in.
+//
+// Bit-compatible with the CPU reference (src/backend/cpu/rotate.rs): the host
+// passes the per-image (cos, sin) already rounded to f32 (snapped at multiples
+// of 90 degrees), and every product and sum below is an explicitly rounded
+// __fmul_rn/__fadd_rn so nvcc cannot contract them into FMAs.
+#include "rotvar_common.cuh"
+
+// Sample of channel plane p (H x W) at integral float coordinates (ix, iy),
+// or the fill value outside the image.
+__device__ __forceinline__ float rv_rot_tap(const float* p, float ix, float iy, int H, int W, float fill) {
+    if (ix >= 0.0f && iy >= 0.0f && ix < (float)W && iy < (float)H) return p[(long long)iy * W + (long long)ix];
+    return fill;
+}
+
+// (1-t)*a + t*b, or a itself when t is exactly 0.
+__device__ __forceinline__ float rv_rot_lerp(float a, float b, float t) {
+    return __fadd_rn(__fmul_rn(1.0f - t, a), __fmul_rn(t, b));
+}
+
+// y[n,c,oy,ox] = x[n,c] sampled at the inverse rotation of (ox-cx, oy-cy)
+// about the centre (cx, cy) = ((W-1)/2, (H-1)/2):
+//   sx = (cos*fx - sin*fy) + cx,  sy = (sin*fx + cos*fy) + cy
+// with cos = cos_sin[2n], sin = cos_sin[2n+1] (positive angle = counter-
+// clockwise as displayed). interp 0: nearest (rintf, half to even); 1:
+// bilinear, each tap outside the image reads fill[c], a zero weight skips its
+// taps so integral source points copy the pixel exactly. y must not alias x.
+// variant: one thread per output element; the plane index is split once per
+// element (32-bit within a plane).
+// Launch: block 256, grid = max(1, min(ceil(N*C*H*W/256), 4*SMs)), no dynamic
+// shared memory; any 1-D grid/block is correct. The host guarantees H*W and
+// N*C fit in int.
+extern "C" __global__ void rotate_f32(float* y, const float* x, const float* cos_sin, const float* fill, int interp,
+                                      int N, int C, int H, int W) {
+    const int hw = H * W;
+    if (hw <= 0) return;
+    const long long total = (long long)N * C * hw;
+    const float cx = 0.5f * (float)(W - 1), cy = 0.5f * (float)(H - 1);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const long long plane = e / hw;
+        const int pix = (int)(e - plane * hw);
+        const int oy = pix / W, ox = pix - oy * W;
+        const int img = (int)(plane / C), ch = (int)(plane - (long long)img * C);
+        const float cs = cos_sin[2 * img], sn = cos_sin[2 * img + 1];
+        const float fv = fill[ch];
+        const float* p = x + plane * hw;
+        const float fx = __fadd_rn((float)ox, -cx), fy = __fadd_rn((float)oy, -cy);
+        const float sx = __fadd_rn(__fadd_rn(__fmul_rn(cs, fx), -__fmul_rn(sn, fy)), cx);
+        const float sy = __fadd_rn(__fadd_rn(__fmul_rn(sn, fx), __fmul_rn(cs, fy)), cy);
+        float v;
+        if (interp == 0) {
+            v = rv_rot_tap(p, rintf(sx), rintf(sy), H, W, fv);
+        } else {
+            const float x0 = floorf(sx), y0 = floorf(sy);
+            const float wx = __fadd_rn(sx, -x0), wy = __fadd_rn(sy, -y0);
+            float top = rv_rot_tap(p, x0, y0, H, W, fv);
+            if (wx != 0.0f) top = rv_rot_lerp(top, rv_rot_tap(p, __fadd_rn(x0, 1.0f), y0, H, W, fv), wx);
+            v = top;
+            if (wy != 0.0f) {
+                const float y1 = __fadd_rn(y0, 1.0f);
+                float bot = rv_rot_tap(p, x0, y1, H, W, fv);
+                if (wx != 0.0f) bot = rv_rot_lerp(bot, rv_rot_tap(p, __fadd_rn(x0, 1.0f), y1, H, W, fv), wx);
+                v = rv_rot_lerp(top, bot, wy);
+            }
+        }
+        y[e] = v;
+    }
+}

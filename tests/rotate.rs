@@ -1,0 +1,273 @@
+//! Image rotation: the convention (counter-clockwise as displayed, about the centre), exact
+//! identity and quarter turns, bilinear and nearest sampling against an independent f64
+//! implementation, per-channel fill, CPU vs emulated CUDA parity, and input errors.
+
+use rotvar::backend::cpu::CpuBackend;
+use rotvar::backend::cuda::CudaBackend;
+use rotvar::backend::{BackendRef, Interp, RotateGeom};
+use rotvar::ops;
+use rotvar::tensor::Tensor;
+
+mod common;
+use common::Rng;
+
+const INTERPS: [Interp; 2] = [Interp::Nearest, Interp::Bilinear];
+
+fn backends() -> Vec<(&'static str, BackendRef)> {
+    let cpu: BackendRef = CpuBackend::shared();
+    let emu: BackendRef = CudaBackend::emulated();
+    vec![("cpu", cpu), ("cuda-emu", emu)]
+}
+
+/// Rotate through the backend directly, into an output poisoned with NaN.
+fn rot(be: &BackendRef, x: &[f32], g: RotateGeom, angles: &[f32], interp: Interp, fill: &[f32]) -> Vec<f32> {
+    let xs = be.upload(x).unwrap();
+    let mut ys = be.upload(&vec![f32::NAN; g.len()]).unwrap();
+    be.rotate(&xs, angles, interp, fill, &mut ys, &g).unwrap();
+    be.download(&ys).unwrap()
+}
+
+fn random_images(seed: u64, g: RotateGeom) -> Vec<f32> {
+    Rng(seed).vec(g.len(), -2.0, 2.0)
+}
+
+fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: got {a}, want {b}");
+    }
+}
+
+/// The same images with each plane transformed by `f(out_y, out_x) -> (in_y, in_x)`.
+fn remap(x: &[f32], g: RotateGeom, f: impl Fn(usize, usize) -> (usize, usize)) -> Vec<f32> {
+    let hw = g.h * g.w;
+    let mut y = vec![0.0; g.len()];
+    for p in 0..g.n * g.c {
+        for oy in 0..g.h {
+            for ox in 0..g.w {
+                let (iy, ix) = f(oy, ox);
+                y[p * hw + oy * g.w + ox] = x[p * hw + iy * g.w + ix];
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn zero_and_full_turns_are_the_identity_bit_exactly() {
+    for (name, be) in backends() {
+        for g in [RotateGeom { n: 3, c: 2, h: 7, w: 7 }, RotateGeom { n: 3, c: 2, h: 6, w: 11 }] {
+            let x = random_images(1, g);
+            for angles in [[0.0f32; 3], [360.0; 3], [-360.0, 720.0, 0.0]] {
+                for interp in INTERPS {
+                    let y = rot(&be, &x, g, &angles, interp, &[-1.0, 5.0]);
+                    assert_bits_eq(&format!("{name} {interp:?} {angles:?} {g:?}"), &y, &x);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quarter_turns_on_square_images_are_exact_transposes_and_flips() {
+    for (name, be) in backends() {
+        for size in [6, 7] {
+            let g = RotateGeom { n: 1, c: 3, h: size, w: size };
+            let x = random_images(2, g);
+            let last = size - 1;
+            let cases: [(f32, Box<dyn Fn(usize, usize) -> (usize, usize)>); 5] = [
+                (90.0, Box::new(move |oy, ox| (ox, last - oy))),
+                (180.0, Box::new(move |oy, ox| (last - oy, last - ox))),
+                (-180.0, Box::new(move |oy, ox| (last - oy, last - ox))),
+                (270.0, Box::new(move |oy, ox| (last - ox, oy))),
+                (-90.0, Box::new(move |oy, ox| (last - ox, oy))),
+            ];
+            for (angle, f) in &cases {
+                let want = remap(&x, g, f);
+                for interp in INTERPS {
+                    let y = rot(&be, &x, g, &[*angle], interp, &[9.0, 9.0, 9.0]);
+                    assert_bits_eq(&format!("{name} {interp:?} {angle}° {size}x{size}"), &y, &want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn positive_angles_turn_counter_clockwise_as_displayed() {
+    // A bright pixel at the top-left (row 0, column 0) turned +90° lands at the bottom-left;
+    // turned −90° (clockwise) it lands at the top-right.
+    for (name, be) in backends() {
+        for size in [4, 5] {
+            let g = RotateGeom { n: 2, c: 1, h: size, w: size };
+            let mut x = vec![0.0f32; g.len()];
+            x[0] = 1.0;
+            x[size * size] = 1.0;
+            for interp in INTERPS {
+                let y = rot(&be, &x, g, &[90.0, -90.0], interp, &[0.0]);
+                let lit = |img: usize| -> Vec<(usize, usize)> {
+                    (0..size * size)
+                        .filter(|&i| y[img * size * size + i] != 0.0)
+                        .map(|i| (i / size, i % size))
+                        .collect()
+                };
+                assert_eq!(lit(0), vec![(size - 1, 0)], "{name} {interp:?} +90°: expected bottom-left");
+                assert_eq!(lit(1), vec![(0, size - 1)], "{name} {interp:?} -90°: expected top-right");
+            }
+        }
+    }
+}
+
+/// Independent f64 rotation from the definition: the inverse rotation of each output pixel's
+/// offset from the centre ((w−1)/2, (h−1)/2), y down, positive = counter-clockwise as displayed.
+/// Returns, per output pixel, the value and whether nearest sampling is near a rounding tie.
+fn reference(x: &[f32], g: RotateGeom, angles: &[f64], interp: Interp, fill: &[f32]) -> (Vec<f64>, Vec<bool>) {
+    let (h, w) = (g.h as i64, g.w as i64);
+    let (cx, cy) = ((w - 1) as f64 / 2.0, (h - 1) as f64 / 2.0);
+    let mut out = Vec::with_capacity(g.len());
+    let mut tie = Vec::with_capacity(g.len());
+    for n in 0..g.n {
+        let t = angles[n].to_radians();
+        let (c, s) = (t.cos(), t.sin());
+        for ch in 0..g.c {
+            let plane = &x[(n * g.c + ch) * g.h * g.w..][..g.h * g.w];
+            let px = |ix: i64, iy: i64| -> f64 {
+                if (0..w).contains(&ix) && (0..h).contains(&iy) {
+                    plane[(iy * w + ix) as usize] as f64
+                } else {
+                    fill[ch] as f64
+                }
+            };
+            for oy in 0..h {
+                for ox in 0..w {
+                    let (dx, dy) = (ox as f64 - cx, oy as f64 - cy);
+                    // Displayed counter-clockwise by t maps a source offset (u, v) to
+                    // (u·c + v·s, −u·s + v·c) in y-down coordinates; invert that.
+                    let sx = c * dx - s * dy + cx;
+                    let sy = s * dx + c * dy + cy;
+                    match interp {
+                        Interp::Nearest => {
+                            let near_tie = |v: f64| ((v - v.floor()) - 0.5).abs() < 1e-3;
+                            tie.push(near_tie(sx) || near_tie(sy));
+                            out.push(px(sx.round() as i64, sy.round() as i64));
+                        }
+                        Interp::Bilinear => {
+                            let (x0, y0) = (sx.floor(), sy.floor());
+                            let (wx, wy) = (sx - x0, sy - y0);
+                            let (x0, y0) = (x0 as i64, y0 as i64);
+                            tie.push(false);
+                            out.push(
+                                (1.0 - wy) * ((1.0 - wx) * px(x0, y0) + wx * px(x0 + 1, y0))
+                                    + wy * ((1.0 - wx) * px(x0, y0 + 1) + wx * px(x0 + 1, y0 + 1)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (out, tie)
+}
+
+#[test]
+fn arbitrary_angles_match_an_independent_f64_rotation() {
+    let angles = [30.0f32, -57.3, 123.4, -181.0];
+    let angles64: Vec<f64> = angles.iter().map(|&a| a as f64).collect();
+    let fill = [-0.42f32, 1.5];
+    for (name, be) in backends() {
+        for g in [RotateGeom { n: 4, c: 2, h: 12, w: 12 }, RotateGeom { n: 4, c: 2, h: 9, w: 14 }] {
+            let x = random_images(3, g);
+            for interp in INTERPS {
+                let y = rot(&be, &x, g, &angles, interp, &fill);
+                let (want, tie) = reference(&x, g, &angles64, interp, &fill);
+                let mut compared = 0;
+                for i in 0..g.len() {
+                    if tie[i] {
+                        continue;
+                    }
+                    compared += 1;
+                    let err = (y[i] as f64 - want[i]).abs() / want[i].abs().max(1.0);
+                    assert!(err <= 1e-5, "{name} {interp:?} {g:?} element {i}: got {}, want {}", y[i], want[i]);
+                }
+                assert!(compared > g.len() * 9 / 10, "{name} {interp:?}: only {compared} elements away from ties");
+            }
+        }
+    }
+}
+
+#[test]
+fn fill_is_per_channel_outside_the_source_image() {
+    for (name, be) in backends() {
+        let g = RotateGeom { n: 2, c: 2, h: 9, w: 9 };
+        let x = vec![1.0f32; g.len()];
+        let fill = [-0.42f32, 0.7];
+        for interp in INTERPS {
+            let y = ops::rotate(&Tensor::from_vec(&be, &[2, 2, 9, 9], &x).unwrap(), &[45.0, 0.0], interp, &fill)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            for ch in 0..2 {
+                let p = &y[ch * 81..(ch + 1) * 81];
+                for (r, c) in [(0, 0), (0, 8), (8, 0), (8, 8)] {
+                    let v = p[r * 9 + c];
+                    assert!((v - fill[ch]).abs() < 1e-6, "{name} {interp:?} channel {ch} corner ({r},{c}): {v}");
+                }
+                assert_eq!(p[4 * 9 + 4], 1.0, "{name} {interp:?} channel {ch} centre");
+                // Inside the inscribed disc every source tap is in the image.
+                assert!((p[4 * 9 + 6] - 1.0).abs() < 1e-6, "{name} {interp:?} channel {ch} near centre");
+                // The second image (0°) has no fill anywhere.
+                assert!(y[(2 + ch) * 81..(3 + ch) * 81].iter().all(|&v| v == 1.0), "{name} {interp:?} 0° image");
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_and_emulated_cuda_agree_on_random_batches() {
+    let cpu: BackendRef = CpuBackend::shared();
+    let emu: BackendRef = CudaBackend::emulated();
+    let mut rng = Rng(11);
+    for g in [
+        RotateGeom { n: 5, c: 3, h: 13, w: 13 },
+        RotateGeom { n: 3, c: 1, h: 28, w: 28 },
+        RotateGeom { n: 4, c: 2, h: 5, w: 17 },
+        RotateGeom { n: 2, c: 3, h: 1, w: 1 },
+    ] {
+        let x = rng.vec(g.len(), -3.0, 3.0);
+        let angles: Vec<f32> = (0..g.n).map(|_| rng.f32(-400.0, 400.0)).collect();
+        let fill: Vec<f32> = rng.vec(g.c, -1.0, 1.0);
+        for interp in INTERPS {
+            let a = rot(&cpu, &x, g, &angles, interp, &fill);
+            let b = rot(&emu, &x, g, &angles, interp, &fill);
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!(p.is_finite() && q.is_finite(), "{g:?} {interp:?} element {i}: {p} vs {q}");
+                assert!((p - q).abs() <= 1e-6 * p.abs().max(1.0), "{g:?} {interp:?} element {i}: cpu {p}, emu {q}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    for (name, be) in backends() {
+        let x = Tensor::from_vec(&be, &[2, 3, 4, 4], &vec![0.5; 96]).unwrap();
+        let fill = [0.0f32; 3];
+        let e = ops::rotate(&x, &[10.0], Interp::Bilinear, &fill).unwrap_err();
+        assert!(format!("{e:#}").contains("angles"), "{name}: {e:#}");
+        let e = ops::rotate(&x, &[10.0, 20.0], Interp::Nearest, &[0.0; 2]).unwrap_err();
+        assert!(format!("{e:#}").contains("fill"), "{name}: {e:#}");
+        assert!(ops::rotate(&x, &[10.0, f32::NAN], Interp::Nearest, &fill).is_err(), "{name}: NaN angle");
+        let flat = Tensor::from_vec(&be, &[3, 4, 4], &[0.5; 48]).unwrap();
+        let e = ops::rotate(&flat, &[10.0; 3], Interp::Nearest, &fill).unwrap_err();
+        assert!(format!("{e:#}").contains("rank 4"), "{name}: {e:#}");
+        // The backend checks too, without the op wrapper in front.
+        let g = RotateGeom { n: 2, c: 3, h: 4, w: 4 };
+        let mut y = be.alloc(96).unwrap();
+        assert!(be.rotate(&x.storage(), &[1.0], Interp::Bilinear, &fill, &mut y, &g).is_err(), "{name}");
+        assert!(be.rotate(&x.storage(), &[1.0, 2.0], Interp::Bilinear, &[0.0], &mut y, &g).is_err(), "{name}");
+        // Good input still works after the errors.
+        let y = ops::rotate(&x, &[10.0, 20.0], Interp::Bilinear, &fill).unwrap();
+        assert_eq!(y.shape(), &[2, 3, 4, 4]);
+        assert!(!y.is_tracked());
+    }
+}
