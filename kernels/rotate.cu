@@ -1,9 +1,10 @@
-// Image rotation (data augmentation and rotated evaluation): inverse mapping
-// with nearest or bilinear sampling, the same size out as in.
+// Image rotation, zoom and flips (data augmentation, rotated evaluation): inverse
+// mapping through a per-image 2x2 sampling matrix, nearest or bilinear sampling,
+// the same size out as in.
 //
 // Bit-compatible with the CPU reference (src/backend/cpu/rotate.rs): the host
-// passes the per-image (cos, sin) already rounded to f32 (snapped at multiples
-// of 90 degrees), and every product and sum below is an explicitly rounded
+// passes the per-image matrices already rounded to f32 (rotations snapped at
+// multiples of 90 degrees), and every product and sum below is an explicitly rounded
 // __fmul_rn/__fadd_rn so nvcc cannot contract them into FMAs.
 #include "rotvar_common.cuh"
 
@@ -19,11 +20,10 @@ __device__ __forceinline__ float rv_rot_lerp(float a, float b, float t) {
     return __fadd_rn(__fmul_rn(1.0f - t, a), __fmul_rn(t, b));
 }
 
-// y[n,c,oy,ox] = x[n,c] sampled at the inverse rotation of (ox-cx, oy-cy)
-// about the centre (cx, cy) = ((W-1)/2, (H-1)/2):
-//   sx = (cos*fx - sin*fy) + cx,  sy = (sin*fx + cos*fy) + cy
-// with cos = cos_sin[2n], sin = cos_sin[2n+1] (positive angle = counter-
-// clockwise as displayed). interp 0: nearest (rintf, half to even); 1:
+// y[n,c,oy,ox] = x[n,c] sampled at the image of (fx, fy) = (ox-cx, oy-cy)
+// under matrix n, about the centre (cx, cy) = ((W-1)/2, (H-1)/2):
+//   sx = (m0*fx + m1*fy) + cx,  sy = (m2*fx + m3*fy) + cy,  m = mats[4n..4n+4]
+// (a rotation by t counter-clockwise as displayed is [cos, -sin, sin, cos]). interp 0: nearest (rintf, half to even); 1:
 // bilinear, each tap outside the image reads fill[c], a zero weight skips its
 // taps so integral source points copy the pixel exactly. y must not alias x.
 // variant: one thread per output element; the plane index is split once per
@@ -31,7 +31,7 @@ __device__ __forceinline__ float rv_rot_lerp(float a, float b, float t) {
 // Launch: block 256, grid = max(1, min(ceil(N*C*H*W/256), 4*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct. The host guarantees H*W and
 // N*C fit in int.
-extern "C" __global__ void rotate_f32(float* y, const float* x, const float* cos_sin, const float* fill, int interp,
+extern "C" __global__ void warp_f32(float* y, const float* x, const float* mats, const float* fill, int interp,
                                       int N, int C, int H, int W) {
     const int hw = H * W;
     if (hw <= 0) return;
@@ -43,12 +43,12 @@ extern "C" __global__ void rotate_f32(float* y, const float* x, const float* cos
         const int pix = (int)(e - plane * hw);
         const int oy = pix / W, ox = pix - oy * W;
         const int img = (int)(plane / C), ch = (int)(plane - (long long)img * C);
-        const float cs = cos_sin[2 * img], sn = cos_sin[2 * img + 1];
+        const float* m = mats + 4 * (long long)img;
         const float fv = fill[ch];
         const float* p = x + plane * hw;
         const float fx = __fadd_rn((float)ox, -cx), fy = __fadd_rn((float)oy, -cy);
-        const float sx = __fadd_rn(__fadd_rn(__fmul_rn(cs, fx), -__fmul_rn(sn, fy)), cx);
-        const float sy = __fadd_rn(__fadd_rn(__fmul_rn(sn, fx), __fmul_rn(cs, fy)), cy);
+        const float sx = __fadd_rn(__fadd_rn(__fmul_rn(m[0], fx), __fmul_rn(m[1], fy)), cx);
+        const float sy = __fadd_rn(__fadd_rn(__fmul_rn(m[2], fx), __fmul_rn(m[3], fy)), cy);
         float v;
         if (interp == 0) {
             v = rv_rot_tap(p, rintf(sx), rintf(sy), H, W, fv);

@@ -1,6 +1,7 @@
 //! Checkpoints: safetensors files with PyTorch-style state-dict names (`conv1.weight`, ...) and
 //! a JSON header entry describing how to rebuild and feed the model.
 
+use crate::augment::Augment;
 use crate::backend::BackendRef;
 use crate::data::Normalization;
 use crate::fsio::write_atomic;
@@ -20,8 +21,8 @@ pub struct CheckpointMeta {
     pub class_names: Vec<String>,
     /// Training-set statistics; inputs are normalized with these at evaluation time too.
     pub normalization: Normalization,
-    /// Training augmentation ("none" or "rotate").
-    pub augment: String,
+    /// Training augmentation (canonical text: "none", "rotate", "rotate,zoom=0.8:1.2", ...).
+    pub augment: Augment,
     pub rotvar_version: String,
     pub epochs_trained: usize,
 }

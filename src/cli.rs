@@ -1,15 +1,17 @@
 //! The `rotvar` command line: argument parsing and one function per command.
 
+use crate::angle_eval;
+use crate::augment::Augment;
 use crate::backend::{self, BackendRef, DeviceRequest};
-use crate::checkpoint::{self, CheckpointMeta};
+use crate::checkpoint;
 use crate::data::{self, Split};
-use crate::fsio::write_json;
-use crate::models::{InputSpec, Model, MODELS};
+use crate::fsio::{write_atomic, write_json};
+use crate::models::MODELS;
 use crate::optim::{OptimConfig, OptimizerKind};
-use crate::train::{self, DeviceDataset, EpochMetrics, TrainConfig};
+use crate::run::{self, DataSource, PairOptions};
+use crate::train::{self, DeviceDataset, TrainConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -27,6 +29,8 @@ struct Cli {
 enum Command {
     /// Train a model and write a checkpoint and metrics.
     Train(TrainArgs),
+    /// Train the unrotated and the rotated model of the reference protocol into one run directory.
+    TrainPair(TrainPairArgs),
     /// Evaluate a checkpoint on a test set.
     Eval(EvalArgs),
     /// Show the build, its features and the devices found.
@@ -102,6 +106,10 @@ struct TrainArgs {
     momentum: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Augmentation drawn per image per step: none, or a comma-separated list of rotate
+    /// (uniform in [-180°, 180°)), rotate=LO:HI, zoom=LO:HI, hflip, vflip.
+    #[arg(long, default_value = "none")]
+    augment: Augment,
     /// auto, cpu, cuda, cuda:N (or cuda-emu: GPU kernels emulated on the host, slow).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
@@ -115,6 +123,44 @@ struct TrainArgs {
     #[arg(long)]
     test_limit: Option<usize>,
     /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct TrainPairArgs {
+    /// Model architecture.
+    #[arg(long, default_value = "simpleconv")]
+    model: String,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Epochs of the unrotated model (default: the reference protocol's, e.g. 5 for SimpleConv on MNIST).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Epochs of the rotated model (default: the reference protocol's, e.g. 15 for SimpleConv on MNIST).
+    #[arg(long)]
+    rotated_epochs: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Learning rate (default: the reference protocol's: 1e-3, or 1e-5 for VGG and ResNet).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// L2 weight decay, applied only to parameters that are not 1-D.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Run directory (default: runs/MODEL-DATASET-pair).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
     #[arg(long)]
     quiet: bool,
 }
@@ -138,6 +184,19 @@ struct EvalArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Evaluate on the test set rotated by each angle: a list (0,90,180,270), a range
+    /// START:STOP:STEP in degrees (0:360:45, STOP excluded) or a count (16, evenly spaced).
+    #[arg(long)]
+    angles: Option<String>,
+    /// With --angles: directory for angles.json, angles.csv and the plots
+    /// (default: beside the checkpoint).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seed of the per-image angles of the randomly rotated test set.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -158,6 +217,7 @@ pub fn run() -> Result<()> {
     }
     match cli.command {
         Command::Train(a) => cmd_train(a),
+        Command::TrainPair(a) => cmd_train_pair(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Info => cmd_info(),
         Command::Fetch(a) => cmd_fetch(a),
@@ -180,102 +240,62 @@ fn load_split(name: &str, dir: Option<&Path>, split: Split, limit: Option<usize>
     })
 }
 
-#[derive(Serialize)]
-struct TrainRecord<'a> {
-    config: &'a TrainConfig,
-    device: String,
-    rotvar_version: &'a str,
-    train_images: usize,
-    test_images: usize,
-    parameters: usize,
-    epochs: &'a [EpochMetrics],
-    total_seconds: f64,
-}
-
 fn cmd_train(a: TrainArgs) -> Result<()> {
-    if !MODELS.contains(&a.model.to_ascii_lowercase().as_str()) {
-        bail!("unknown model '{}': choose one of {}", a.model, MODELS.join(", "));
-    }
-    let train_set = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Train, a.limit)?;
-    let test_set = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Test, a.test_limit)?;
-    let b = open_backend(a.device)?;
-    let norm = train_set.channel_stats();
-    let input = InputSpec {
-        channels: train_set.channels,
-        height: train_set.height,
-        width: train_set.width,
-        classes: train_set.num_classes(),
+    run::check_model(&a.model)?;
+    let source = DataSource {
+        dataset: a.data.dataset.clone(),
+        data_dir: a.data.data_dir.clone(),
+        train_limit: a.limit,
+        test_limit: a.test_limit,
     };
-    let model = Model::build(&a.model, input, &b, a.seed)?;
+    let train_set = source.load(Split::Train)?;
+    let test_set = source.load(Split::Test)?;
+    let b = open_backend(a.device)?;
     let mut optim = OptimConfig::new(a.optimizer, a.lr, a.weight_decay);
     optim.momentum = a.momentum;
     let cfg = TrainConfig {
-        model: model.arch.clone(),
+        model: a.model.to_ascii_lowercase(),
         dataset: train_set.name.clone(),
         epochs: a.epochs,
         batch_size: a.batch_size,
         optim,
         seed: a.seed,
-        augment: "none".into(),
+        augment: a.augment,
     };
     let out = a.out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", cfg.model, cfg.dataset)));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-    eprintln!(
-        "training {} ({} parameters) on {} ({} train / {} test images), {} epochs, batch {}, {:?} lr {}",
-        cfg.model,
-        model.num_parameters(),
-        cfg.dataset,
-        train_set.len(),
-        test_set.len(),
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.optim.kind,
-        cfg.optim.lr
-    );
-    let train_data = DeviceDataset::upload(&train_set, &norm, &b)?;
-    let test_data = DeviceDataset::upload(&test_set, &norm, &b)?;
-    let mut meta = CheckpointMeta {
-        arch: model.arch.clone(),
-        input,
-        dataset: cfg.dataset.clone(),
-        class_names: train_set.class_names.clone(),
-        normalization: norm.clone(),
-        augment: cfg.augment.clone(),
-        rotvar_version: env!("CARGO_PKG_VERSION").into(),
-        epochs_trained: 0,
+    run::train_model(&b, &cfg, &train_set, &test_set, &out, a.quiet)?;
+    Ok(())
+}
+
+fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
+    run::check_model(&a.model)?;
+    let b = open_backend(a.device)?;
+    let opts = PairOptions {
+        model: a.model.to_ascii_lowercase(),
+        data: DataSource {
+            dataset: a.data.dataset.clone(),
+            data_dir: a.data.data_dir.clone(),
+            train_limit: a.limit,
+            test_limit: a.test_limit,
+        },
+        epochs: (a.epochs, a.rotated_epochs),
+        lr: a.lr,
+        batch_size: a.batch_size,
+        optim: OptimConfig::new(OptimizerKind::Adam, 1e-3, a.weight_decay),
+        seed: a.seed,
+        quiet: a.quiet,
     };
-    let ckpt_path = out.join("model.safetensors");
-    let metrics_path = out.join("metrics.json");
-    let start = Instant::now();
-    let mut done: Vec<EpochMetrics> = Vec::new();
-    let device = b.describe();
-    train::fit(&model, &train_data, Some(&test_data), &cfg, a.quiet, |m| {
-        meta.epochs_trained = m.epoch;
-        checkpoint::save(&ckpt_path, &model, &meta)?;
-        done.push(m.clone());
-        let record = TrainRecord {
-            config: &cfg,
-            device: device.clone(),
-            rotvar_version: env!("CARGO_PKG_VERSION"),
-            train_images: train_set.len(),
-            test_images: test_set.len(),
-            parameters: model.num_parameters(),
-            epochs: &done,
-            total_seconds: start.elapsed().as_secs_f64(),
-        };
-        write_json(&metrics_path, &record)
-    })?;
-    eprintln!("wrote {} and {}", ckpt_path.display(), metrics_path.display());
-    if let Some(last) = done.last() {
-        println!(
-            "{} on {}: test accuracy {:.2}% after {} epochs ({:.0} img/s training)",
-            cfg.model,
-            cfg.dataset,
-            100.0 * last.test_accuracy.unwrap_or(f64::NAN),
-            last.epoch,
-            last.images_per_second
-        );
-    }
+    let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-pair", opts.model, a.data.dataset)));
+    let m = run::train_pair(&b, &opts, &dir)?;
+    println!(
+        "pair written to {}: unrotated {:.2}% ({} epochs), rotated {:.2}% ({} epochs), {:.0}s",
+        dir.display(),
+        100.0 * m.unrotated.final_test_accuracy.unwrap_or(f64::NAN),
+        m.unrotated.epochs_trained,
+        100.0 * m.rotated.final_test_accuracy.unwrap_or(f64::NAN),
+        m.rotated.epochs_trained,
+        m.total_seconds
+    );
     Ok(())
 }
 
@@ -298,6 +318,28 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
     }
     let data = DeviceDataset::upload(&test_set, &meta.normalization, &b)?;
+    if let Some(spec) = &a.angles {
+        let angles = angle_eval::parse_angles(spec)?;
+        let ev = angle_eval::evaluate_angles(&model, &data, &angles, a.batch_size, a.seed, &meta.class_names, a.quiet)?;
+        println!(
+            "{} ({}) on {name} test ({} images), {} angles in {:.1}s:",
+            meta.arch,
+            meta.augment,
+            ev.images,
+            angles.len(),
+            ev.seconds
+        );
+        print!("{}", ev.table());
+        let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+        write_json(&out.join("angles.json"), &ev)?;
+        write_atomic(&out.join("angles.csv"), ev.to_csv().as_bytes())?;
+        if let Some(path) = &a.json {
+            write_json(path, &ev)?;
+        }
+        eprintln!("wrote {} and angles.csv", out.join("angles.json").display());
+        return Ok(());
+    }
     let start = Instant::now();
     let e = train::evaluate(&model, &data, a.batch_size)?;
     let secs = start.elapsed().as_secs_f64();

@@ -4,6 +4,8 @@
 //! implementations), `ops` (differentiable ops over the backend), `nn` and `models` (layers and
 //! the networks of SCIENCE.md), `optim`, `data`, `train`, and `cli`.
 
+pub mod angle_eval;
+pub mod augment;
 pub mod autograd;
 pub mod backend;
 pub mod bench;
@@ -17,6 +19,7 @@ pub mod ops;
 pub mod optim;
 pub mod progress;
 pub mod rng;
+pub mod run;
 pub mod selftest;
 pub mod tensor;
 pub mod train;

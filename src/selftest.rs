@@ -308,9 +308,19 @@ fn pool(c: &mut Ctx, g: &PoolGeom) -> Result<()> {
 }
 
 fn rotate(c: &mut Ctx, g: &RotateGeom) -> Result<()> {
-    // Identity, exact quarter turns, and arbitrary angles of both signs, cycled over the batch.
+    // Identity, exact quarter turns, arbitrary angles of both signs, and augmentation matrices
+    // (zoom, flips), cycled over the batch.
     const ANGLES: [f32; 8] = [0.0, 90.0, 37.5, -123.0, 180.0, 360.0, -90.0, 271.3];
-    let angles: Vec<f32> = (0..g.n).map(|i| ANGLES[i % ANGLES.len()]).collect();
+    let mats: Vec<[f32; 4]> = (0..g.n)
+        .map(|i| {
+            let a = ANGLES[i % ANGLES.len()];
+            match i % 3 {
+                0 => crate::backend::rotation_matrix(a),
+                1 => crate::augment::sampling_matrix(Some(a), Some(1.3), true, false),
+                _ => crate::augment::sampling_matrix(Some(a), Some(0.7), false, true),
+            }
+        })
+        .collect();
     let fill: Vec<f32> = (0..g.c).map(|i| -0.4 - 0.3 * i as f32).collect();
     let x = c.normal(g.len());
     let (rx, tx) = c.pair(&x)?;
@@ -318,9 +328,9 @@ fn rotate(c: &mut Ctx, g: &RotateGeom) -> Result<()> {
     for interp in [Interp::Nearest, Interp::Bilinear] {
         let shape = format!("{interp:?} n{} c{} {}x{}", g.n, g.c, g.h, g.w);
         let (mut ry, mut ty) = c.poisoned(g.len())?;
-        r.rotate(&rx, &angles, interp, &fill, &mut ry, g)?;
-        t.rotate(&tx, &angles, interp, &fill, &mut ty, g)?;
-        c.compare("rotate", &shape, &ry, &ty, TOL_ELEMENTWISE)?;
+        r.warp(&rx, &mats, interp, &fill, &mut ry, g)?;
+        t.warp(&tx, &mats, interp, &fill, &mut ty, g)?;
+        c.compare("warp", &shape, &ry, &ty, TOL_ELEMENTWISE)?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! bottom: `train_epoch` → `Model::forward` (models/) → `ops::conv2d` (ops/) →
 //! `Backend::conv2d_fwd` (backend/cpu or backend/cuda) → kernel.
 
+use crate::augment::Augment;
 use crate::autograd::Tape;
 use crate::backend::{BackendRef, Device, Storage};
 use crate::data::{Dataset, Normalization};
@@ -26,6 +27,8 @@ pub struct DeviceDataset {
     pub labels_host: Vec<u8>,
     pub item_shape: [usize; 3],
     pub num_classes: usize,
+    /// Per-channel value of raw black after normalization: the fill of rotations and zooms.
+    pub fill: Vec<f32>,
 }
 
 impl DeviceDataset {
@@ -33,7 +36,14 @@ impl DeviceDataset {
         let item_shape = [ds.channels, ds.height, ds.width];
         let images = Tensor::from_vec(b, &[ds.len(), ds.channels, ds.height, ds.width], &ds.to_f32_normalized(norm))?;
         let labels = Tensor::from_vec(b, &[ds.len()], &ds.labels_f32())?;
-        Ok(DeviceDataset { images, labels, labels_host: ds.labels.clone(), item_shape, num_classes: ds.num_classes() })
+        Ok(DeviceDataset {
+            images,
+            labels,
+            labels_host: ds.labels.clone(),
+            item_shape,
+            num_classes: ds.num_classes(),
+            fill: norm.black(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -67,7 +77,7 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub optim: OptimConfig,
     pub seed: u64,
-    pub augment: String,
+    pub augment: Augment,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -156,6 +166,7 @@ pub fn fit(
     }
     let mut opt = Optimizer::new(cfg.optim, model.parameters())?;
     let mut shuffle_rng = Rng::derive(cfg.seed, "shuffle");
+    let mut augment_rng = Rng::derive(cfg.seed, "augment");
     let mut history = Vec::new();
     let readback = match train.images.device() {
         Device::Cpu => 1,
@@ -177,6 +188,7 @@ pub fn fit(
                 continue;
             }
             let (x, y) = train.batch(idx)?;
+            let x = cfg.augment.apply(&x, &train.fill, &mut augment_rng)?;
             let tape = Tape::start()?;
             let seed = splitmix64(cfg.seed ^ ((epoch as u64) << 32) ^ step as u64);
             let logp = model.forward(&x, &mut Forward::train(seed))?;

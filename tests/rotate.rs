@@ -2,10 +2,12 @@
 //! identity and quarter turns, bilinear and nearest sampling against an independent f64
 //! implementation, per-channel fill, CPU vs emulated CUDA parity, and input errors.
 
+use rotvar::augment::{sampling_matrix, Augment};
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::cuda::CudaBackend;
-use rotvar::backend::{BackendRef, Interp, RotateGeom};
+use rotvar::backend::{rotation_matrix, BackendRef, Interp, RotateGeom};
 use rotvar::ops;
+use rotvar::rng::Rng as EngineRng;
 use rotvar::tensor::Tensor;
 
 mod common;
@@ -21,9 +23,15 @@ fn backends() -> Vec<(&'static str, BackendRef)> {
 
 /// Rotate through the backend directly, into an output poisoned with NaN.
 fn rot(be: &BackendRef, x: &[f32], g: RotateGeom, angles: &[f32], interp: Interp, fill: &[f32]) -> Vec<f32> {
+    let mats: Vec<[f32; 4]> = angles.iter().map(|&a| rotation_matrix(a)).collect();
+    warp(be, x, g, &mats, interp, fill)
+}
+
+/// Warp through the backend directly, into an output poisoned with NaN.
+fn warp(be: &BackendRef, x: &[f32], g: RotateGeom, mats: &[[f32; 4]], interp: Interp, fill: &[f32]) -> Vec<f32> {
     let xs = be.upload(x).unwrap();
     let mut ys = be.upload(&vec![f32::NAN; g.len()]).unwrap();
-    be.rotate(&xs, angles, interp, fill, &mut ys, &g).unwrap();
+    be.warp(&xs, mats, interp, fill, &mut ys, &g).unwrap();
     be.download(&ys).unwrap()
 }
 
@@ -122,13 +130,36 @@ fn positive_angles_turn_counter_clockwise_as_displayed() {
 /// offset from the centre ((w−1)/2, (h−1)/2), y down, positive = counter-clockwise as displayed.
 /// Returns, per output pixel, the value and whether nearest sampling is near a rounding tie.
 fn reference(x: &[f32], g: RotateGeom, angles: &[f64], interp: Interp, fill: &[f32]) -> (Vec<f64>, Vec<bool>) {
+    let forward = |n: usize, u: f64, v: f64| {
+        let t = angles[n].to_radians();
+        let (c, s) = (t.cos(), t.sin());
+        // Displayed counter-clockwise by t maps a source offset (u, v) to
+        // (u·c + v·s, −u·s + v·c) in y-down coordinates.
+        (u * c + v * s, -u * s + v * c)
+    };
+    reference_forward(x, g, &forward, interp, fill)
+}
+
+/// Independent f64 resampling given each image's *forward* transform of offsets from the
+/// centre: the source point of an output pixel is found by inverting `forward` numerically
+/// (it is linear: solve the 2×2 system from the images of the unit vectors).
+fn reference_forward(
+    x: &[f32],
+    g: RotateGeom,
+    forward: &dyn Fn(usize, f64, f64) -> (f64, f64),
+    interp: Interp,
+    fill: &[f32],
+) -> (Vec<f64>, Vec<bool>) {
     let (h, w) = (g.h as i64, g.w as i64);
     let (cx, cy) = ((w - 1) as f64 / 2.0, (h - 1) as f64 / 2.0);
     let mut out = Vec::with_capacity(g.len());
     let mut tie = Vec::with_capacity(g.len());
     for n in 0..g.n {
-        let t = angles[n].to_radians();
-        let (c, s) = (t.cos(), t.sin());
+        let (a, c) = forward(n, 1.0, 0.0);
+        let (b, d) = forward(n, 0.0, 1.0);
+        let det = a * d - b * c;
+        // Inverse of [[a, b], [c, d]] (columns: images of the unit offsets).
+        let inv = |dx: f64, dy: f64| ((d * dx - b * dy) / det, (-c * dx + a * dy) / det);
         for ch in 0..g.c {
             let plane = &x[(n * g.c + ch) * g.h * g.w..][..g.h * g.w];
             let px = |ix: i64, iy: i64| -> f64 {
@@ -141,10 +172,8 @@ fn reference(x: &[f32], g: RotateGeom, angles: &[f64], interp: Interp, fill: &[f
             for oy in 0..h {
                 for ox in 0..w {
                     let (dx, dy) = (ox as f64 - cx, oy as f64 - cy);
-                    // Displayed counter-clockwise by t maps a source offset (u, v) to
-                    // (u·c + v·s, −u·s + v·c) in y-down coordinates; invert that.
-                    let sx = c * dx - s * dy + cx;
-                    let sy = s * dx + c * dy + cy;
+                    let (u, v) = inv(dx, dy);
+                    let (sx, sy) = (u + cx, v + cy);
                     match interp {
                         Interp::Nearest => {
                             let near_tie = |v: f64| ((v - v.floor()) - 0.5).abs() < 1e-3;
@@ -263,11 +292,101 @@ fn bad_inputs_are_errors_not_panics() {
         // The backend checks too, without the op wrapper in front.
         let g = RotateGeom { n: 2, c: 3, h: 4, w: 4 };
         let mut y = be.alloc(96).unwrap();
-        assert!(be.rotate(&x.storage(), &[1.0], Interp::Bilinear, &fill, &mut y, &g).is_err(), "{name}");
-        assert!(be.rotate(&x.storage(), &[1.0, 2.0], Interp::Bilinear, &[0.0], &mut y, &g).is_err(), "{name}");
+        let m = rotation_matrix(1.0);
+        assert!(be.warp(&x.storage(), &[m], Interp::Bilinear, &fill, &mut y, &g).is_err(), "{name}");
+        assert!(be.warp(&x.storage(), &[m, m], Interp::Bilinear, &[0.0], &mut y, &g).is_err(), "{name}");
+        let nan = [f32::NAN, 0.0, 0.0, 1.0];
+        assert!(be.warp(&x.storage(), &[m, nan], Interp::Bilinear, &fill, &mut y, &g).is_err(), "{name}");
         // Good input still works after the errors.
         let y = ops::rotate(&x, &[10.0, 20.0], Interp::Bilinear, &fill).unwrap();
         assert_eq!(y.shape(), &[2, 3, 4, 4]);
         assert!(!y.is_tracked());
+    }
+}
+
+#[test]
+fn flips_are_exact_mirror_images() {
+    for (name, be) in backends() {
+        for g in [RotateGeom { n: 2, c: 2, h: 7, w: 7 }, RotateGeom { n: 2, c: 1, h: 6, w: 9 }] {
+            let x = random_images(21, g);
+            for interp in INTERPS {
+                let h = warp(&be, &x, g, &[sampling_matrix(None, None, true, false); 2], interp, &[0.0; 2][..g.c]);
+                assert_bits_eq(&format!("{name} hflip {interp:?}"), &h, &remap(&x, g, |oy, ox| (oy, g.w - 1 - ox)));
+                let v = warp(&be, &x, g, &[sampling_matrix(None, None, false, true); 2], interp, &[0.0; 2][..g.c]);
+                assert_bits_eq(&format!("{name} vflip {interp:?}"), &v, &remap(&x, g, |oy, ox| (g.h - 1 - oy, ox)));
+            }
+        }
+    }
+}
+
+#[test]
+fn zoom_rotation_and_flips_compose_as_documented() {
+    // Forward transform of an offset (u, v): flip, then rotate counter-clockwise as displayed,
+    // then scale by z. The kernels must sample its inverse.
+    let cases: [(f64, f64, bool, bool); 4] =
+        [(0.0, 2.0, false, false), (30.0, 1.25, true, false), (-75.0, 0.8, false, true), (140.0, 1.6, true, true)];
+    let g = RotateGeom { n: 4, c: 2, h: 12, w: 12 };
+    let mats: Vec<[f32; 4]> =
+        cases.iter().map(|&(a, z, hf, vf)| sampling_matrix(Some(a as f32), Some(z as f32), hf, vf)).collect();
+    let forward = |n: usize, u: f64, v: f64| {
+        let (a, z, hf, vf) = cases[n];
+        let (u, v) = (if hf { -u } else { u }, if vf { -v } else { v });
+        let (c, s) = (a.to_radians().cos(), a.to_radians().sin());
+        let (u, v) = (u * c + v * s, -u * s + v * c);
+        (z * u, z * v)
+    };
+    let fill = [0.3f32, -0.6];
+    for (name, be) in backends() {
+        let x = random_images(5, g);
+        for interp in INTERPS {
+            let y = warp(&be, &x, g, &mats, interp, &fill);
+            let (want, tie) = reference_forward(&x, g, &forward, interp, &fill);
+            let mut compared = 0;
+            for i in 0..g.len() {
+                if tie[i] {
+                    continue;
+                }
+                compared += 1;
+                let err = (y[i] as f64 - want[i]).abs() / want[i].abs().max(1.0);
+                assert!(err <= 1e-5, "{name} {interp:?} element {i}: got {}, want {}", y[i], want[i]);
+            }
+            assert!(compared > g.len() * 8 / 10, "{name} {interp:?}: only {compared} elements away from ties");
+        }
+    }
+}
+
+#[test]
+fn augmentation_specs_parse_draw_and_apply_deterministically() {
+    let a: Augment = "rotate,zoom=0.8:1.2,hflip".parse().unwrap();
+    assert_eq!(a.rotate, Some((-180.0, 180.0)));
+    assert_eq!(a.zoom, Some((0.8, 1.2)));
+    assert!(a.hflip && !a.vflip);
+    assert_eq!(a.to_string().parse::<Augment>().unwrap(), a, "Display round-trips");
+    assert_eq!("none".parse::<Augment>().unwrap(), Augment::NONE);
+    for bad in ["spin", "zoom", "zoom=2:1", "zoom=0:1", "rotate=a:b", "rotate=10"] {
+        let e = bad.parse::<Augment>().unwrap_err();
+        assert!(format!("{e:#}").contains("--augment"), "{bad}: {e:#}");
+    }
+    // Angles uniform over the full turn: both halves and all four quadrants are hit.
+    let mut rng = EngineRng::derive(7, "augment");
+    let mats = Augment::ROTATE.draw(4000, &mut rng);
+    let angles: Vec<f64> = mats.iter().map(|m| (m[2] as f64).atan2(m[0] as f64).to_degrees()).collect();
+    let quadrant = |lo: f64, hi: f64| angles.iter().filter(|&&a| a >= lo && a < hi).count();
+    for q in [(-180.0, -90.0), (-90.0, 0.0), (0.0, 90.0), (90.0, 180.0)] {
+        let c = quadrant(q.0, q.1);
+        assert!((850..=1150).contains(&c), "quadrant {q:?}: {c} of 4000");
+    }
+    // Same seed, same matrices; the images stay on the device and come out the same.
+    let again = Augment::ROTATE.draw(4000, &mut EngineRng::derive(7, "augment"));
+    assert_eq!(mats, again);
+    for (name, be) in backends() {
+        let g = RotateGeom { n: 3, c: 1, h: 10, w: 10 };
+        let x = Tensor::from_vec(&be, &[3, 1, 10, 10], &random_images(9, g)).unwrap();
+        let a1 = a.apply(&x, &[-0.4], &mut EngineRng::derive(3, "augment")).unwrap().to_vec().unwrap();
+        let a2 = a.apply(&x, &[-0.4], &mut EngineRng::derive(3, "augment")).unwrap().to_vec().unwrap();
+        assert_bits_eq(&format!("{name} augment determinism"), &a1, &a2);
+        assert_ne!(a1, x.to_vec().unwrap(), "{name}: augmentation changed nothing");
+        let none = Augment::NONE.apply(&x, &[-0.4], &mut EngineRng::derive(3, "augment")).unwrap();
+        assert_eq!(none.to_vec().unwrap(), x.to_vec().unwrap());
     }
 }

@@ -217,7 +217,7 @@ pub enum Interp {
     Bilinear,
 }
 
-/// Layout of an image rotation: `n` NCHW images of `c` channels, `h`×`w`, rotated to the same size.
+/// Layout of an image warp (rotation, zoom, flips): `n` NCHW images of `c` channels, `h`×`w`, rotated to the same size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RotateGeom {
     pub n: usize,
@@ -233,17 +233,17 @@ impl RotateGeom {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Checks one finite angle per image and one fill value per channel: every backend calls
+    /// Checks one finite matrix per image and one fill value per channel: every backend calls
     /// this before it reads either slice.
-    pub fn check(&self, angles_deg: &[f32], fill: &[f32]) -> Result<()> {
-        if angles_deg.len() != self.n {
-            bail!("rotate: {} angles for {} images (one angle per image)", angles_deg.len(), self.n);
+    pub fn check(&self, mats: &[[f32; 4]], fill: &[f32]) -> Result<()> {
+        if mats.len() != self.n {
+            bail!("warp: {} sampling matrices for {} images (one per image)", mats.len(), self.n);
         }
         if fill.len() != self.c {
-            bail!("rotate: {} fill values for {} channels (one per channel)", fill.len(), self.c);
+            bail!("warp: {} fill values for {} channels (one per channel)", fill.len(), self.c);
         }
-        if let Some(a) = angles_deg.iter().find(|a| !a.is_finite()) {
-            bail!("rotate: angle {a} is not finite");
+        if let Some(m) = mats.iter().find(|m| m.iter().any(|v| !v.is_finite())) {
+            bail!("warp: sampling matrix {m:?} is not finite");
         }
         Ok(())
     }
@@ -267,6 +267,14 @@ pub fn rotation_coeffs(angle_deg: f32) -> (f32, f32) {
         let r = a.to_radians();
         (r.cos() as f32, r.sin() as f32)
     }
+}
+
+/// The sampling matrix of [`Backend::warp`] that rotates an image by `angle_deg` degrees
+/// counter-clockwise as displayed: the inverse rotation [[c, −s], [s, c]] with (c, s) =
+/// [`rotation_coeffs`]. Quarter turns are exact permutations of the pixels.
+pub fn rotation_matrix(angle_deg: f32) -> [f32; 4] {
+    let (c, s) = rotation_coeffs(angle_deg);
+    [c, -s, s, c]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -430,28 +438,29 @@ pub trait Backend: Send + Sync {
     fn argmax_rows(&self, x: &Storage, out: &mut Storage, rows: usize, cols: usize) -> Result<()>;
 
     // --- data transforms ----------------------------------------------------------------
-    /// Rotate every image of `x` (NCHW, geometry `g`) by its own angle, output the same size.
+    /// Resample every image of `x` (NCHW, geometry `g`) through its own 2×2 sampling matrix,
+    /// output the same size: rotation, zoom and flips (and any composition of them) in one pass.
     ///
-    /// Convention (torchvision's `rotate`): `angles_deg[i]` in degrees, positive =
-    /// counter-clockwise as the image is displayed (row 0 at the top), about the image centre
-    /// (cx, cy) = ((w−1)/2, (h−1)/2). Inverse mapping: output pixel (ox, oy) reads the source
-    /// point sx = c·(ox−cx) − s·(oy−cy) + cx, sy = s·(ox−cx) + c·(oy−cy) + cy with
-    /// (c, s) = [`rotation_coeffs`]`(angle)` (f32, products and sums each rounded in f32 in this
-    /// order, no fused multiply-add, so every backend gets the same bits). `Nearest` rounds
-    /// (sx, sy) half to even; `Bilinear` blends the four neighbours with weights
-    /// wx = sx − ⌊sx⌋, wy = sy − ⌊sy⌋ as (1−wy)·lerp(row y0) + wy·lerp(row y0+1), where
-    /// lerp(a, b, t) = (1−t)·a + t·b, and a blend whose weight t is exactly 0 returns `a`
-    /// unchanged (so integer source points copy the pixel bit-exactly). Source pixels outside
-    /// the image read `fill[channel]` (per tap for bilinear): with fill = the normalized value
-    /// of raw black (−mean/std) this matches rotating raw images with black fill.
-    /// torchvision differs only at the border of bilinear output, where it also multiplies the
-    /// blended in-image value by the in-image weight. `angles_deg.len() == g.n` (a caller with
-    /// one angle for the batch repeats it), `fill.len() == g.c`. No backward: rotation is
-    /// applied to data.
-    fn rotate(
+    /// Inverse mapping about the image centre (cx, cy) = ((w−1)/2, (h−1)/2): output pixel
+    /// (ox, oy) of image i reads the source point sx = (m0·fx + m1·fy) + cx,
+    /// sy = (m2·fx + m3·fy) + cy with fx = ox − cx, fy = oy − cy and [m0, m1, m2, m3] =
+    /// `mats[i]` (f32; products and sums each rounded in f32 in this order, no fused multiply-add,
+    /// so every backend gets the same bits). Rotation by θ counter-clockwise as displayed (row 0
+    /// at the top; torchvision's `rotate` convention) is [`rotation_matrix`]`(θ)`; a zoom by z
+    /// divides the matrix by z; a horizontal flip negates m0 and m2. `Nearest` rounds (sx, sy)
+    /// half to even; `Bilinear` blends the four neighbours with weights wx = sx − ⌊sx⌋,
+    /// wy = sy − ⌊sy⌋ as (1−wy)·lerp(row y0) + wy·lerp(row y0+1), where lerp(a, b, t) =
+    /// (1−t)·a + t·b, and a blend whose weight t is exactly 0 returns `a` unchanged (so integer
+    /// source points copy the pixel bit-exactly: the identity and quarter turns are exact).
+    /// Source pixels outside the image read `fill[channel]` (per tap for bilinear): with fill =
+    /// the normalized value of raw black (−mean/std) this matches rotating raw images with black
+    /// fill. torchvision differs only at the border of bilinear output, where it also multiplies
+    /// the blended in-image value by the in-image weight. `mats.len() == g.n`,
+    /// `fill.len() == g.c`. No backward: warps are applied to data.
+    fn warp(
         &self,
         x: &Storage,
-        angles_deg: &[f32],
+        mats: &[[f32; 4]],
         interp: Interp,
         fill: &[f32],
         y: &mut Storage,

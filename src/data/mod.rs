@@ -62,6 +62,14 @@ pub struct Normalization {
     pub std: Vec<f32>,
 }
 
+impl Normalization {
+    /// The normalized value of a raw black pixel, per channel (−mean/std): what rotation and
+    /// zoom fill uncovered pixels with, as if the raw images had been rotated with black fill.
+    pub fn black(&self) -> Vec<f32> {
+        self.mean.iter().zip(&self.std).map(|(m, s)| -m / s).collect()
+    }
+}
+
 impl Dataset {
     pub fn len(&self) -> usize {
         self.n

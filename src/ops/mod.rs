@@ -16,7 +16,7 @@ pub use elementwise::{add, dropout, elu, relu, scale};
 pub use loss::{cross_entropy, log_softmax, mean, nll_loss, sum};
 pub use norm::{batch_norm, BatchNormState};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d, pool2d};
-pub use rotate::rotate;
+pub use rotate::{rotate, warp};
 pub use shape::{flatten, reshape};
 
 use crate::autograd::needs_grad;

@@ -1,11 +1,11 @@
-//! Image rotation of a batch: a data transform, not a layer.
+//! Image rotation, zoom and flips of a batch: data transforms, not layers.
 //!
-//! There is no backward: rotation is applied to input data (training augmentation, rotated
+//! There is no backward: these are applied to input data (training augmentation, rotated
 //! evaluation, the variance measure's transformations), never to something a gradient flows
 //! through, so the output is always untracked.
 
 use super::expect_rank;
-use crate::backend::{Interp, RotateGeom};
+use crate::backend::{rotation_matrix, Interp, RotateGeom};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -13,24 +13,39 @@ use anyhow::{bail, Result};
 /// repeat one angle for the whole batch), counter-clockwise as displayed, about the image
 /// centre, output the same size; `fill[c]` is the value outside the source image for channel c
 /// (for normalized data, the normalized value of raw black: −mean/std). See
-/// [`crate::backend::Backend::rotate`] for the exact convention. The result is not tracked by
+/// [`crate::backend::Backend::warp`] for the exact convention. The result is not tracked by
 /// autograd.
 pub fn rotate(x: &Tensor, angles_deg: &[f32], interp: Interp, fill: &[f32]) -> Result<Tensor> {
-    expect_rank("rotate", "input", x, 4)?;
+    if let Some(a) = angles_deg.iter().find(|a| !a.is_finite()) {
+        bail!("rotate: angle {a} is not finite");
+    }
+    let mats: Vec<[f32; 4]> = angles_deg.iter().map(|&a| rotation_matrix(a)).collect();
+    warp_named("rotate", "angles", x, &mats, interp, fill)
+}
+
+/// Resample each image of `x` [N, C, H, W] through its own 2×2 sampling matrix (see
+/// [`crate::backend::Backend::warp`]; build matrices with [`crate::augment`]), output the same
+/// size and untracked.
+pub fn warp(x: &Tensor, mats: &[[f32; 4]], interp: Interp, fill: &[f32]) -> Result<Tensor> {
+    warp_named("warp", "sampling matrices", x, mats, interp, fill)
+}
+
+fn warp_named(op: &str, what: &str, x: &Tensor, mats: &[[f32; 4]], interp: Interp, fill: &[f32]) -> Result<Tensor> {
+    expect_rank(op, "input", x, 4)?;
     let g = RotateGeom { n: x.dim(0), c: x.dim(1), h: x.dim(2), w: x.dim(3) };
-    if angles_deg.len() != g.n {
+    if mats.len() != g.n {
         bail!(
-            "rotate: got {} angles for a batch of {} images (pass one angle per image; repeat a single angle for \
-             the whole batch)",
-            angles_deg.len(),
+            "{op}: got {} {what} for a batch of {} images (pass one per image; repeat a single one for the whole \
+             batch)",
+            mats.len(),
             g.n
         );
     }
     if fill.len() != g.c {
-        bail!("rotate: got {} fill values for {} channels (pass one per channel)", fill.len(), g.c);
+        bail!("{op}: got {} fill values for {} channels (pass one per channel)", fill.len(), g.c);
     }
     let be = x.backend().clone();
     let mut ys = be.alloc(g.len())?;
-    be.rotate(&x.storage(), angles_deg, interp, fill, &mut ys, &g)?;
+    be.warp(&x.storage(), mats, interp, fill, &mut ys, &g)?;
     Tensor::from_storage(&be, x.shape(), ys, false)
 }

@@ -303,21 +303,21 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rotate(
+    fn warp(
         &self,
         x: &Storage,
-        angles_deg: &[f32],
+        mats: &[[f32; 4]],
         interp: Interp,
         fill: &[f32],
         y: &mut Storage,
         g: &RotateGeom,
     ) -> Result<()> {
-        g.check(angles_deg, fill)?;
+        g.check(mats, fill)?;
         let (x, y) = (host(x)?, host_mut(y)?);
         if x.len() < g.len() || y.len() < g.len() {
-            bail!("rotate: buffers of {} and {} values where {} are needed", x.len(), y.len(), g.len());
+            bail!("warp: buffers of {} and {} values where {} are needed", x.len(), y.len(), g.len());
         }
-        rotate::rotate(&x[..g.len()], angles_deg, interp, fill, &mut y[..g.len()], g);
+        rotate::warp(&x[..g.len()], mats, interp, fill, &mut y[..g.len()], g);
         Ok(())
     }
 

@@ -1,7 +1,8 @@
-//! Image rotation on the CPU, parallel over (image, channel) planes. The arithmetic is spelled
-//! out operation by operation and matches kernels/rotate.cu exactly (see `Backend::rotate`).
+//! Image rotation (and zoom and flips: any 2×2 sampling matrix) on the CPU, parallel over
+//! (image, channel) planes. The arithmetic is spelled out operation by operation and matches
+//! kernels/rotate.cu exactly (see `Backend::warp`).
 
-use crate::backend::{rotation_coeffs, Interp, RotateGeom};
+use crate::backend::{Interp, RotateGeom};
 use rayon::prelude::*;
 
 /// (1−t)·a + t·b, or `a` itself when t is exactly 0.
@@ -14,18 +15,17 @@ fn lerp(a: f32, b: impl FnOnce() -> f32, t: f32) -> f32 {
     }
 }
 
-pub fn rotate(x: &[f32], angles_deg: &[f32], interp: Interp, fill: &[f32], y: &mut [f32], g: &RotateGeom) {
+pub fn warp(x: &[f32], mats: &[[f32; 4]], interp: Interp, fill: &[f32], y: &mut [f32], g: &RotateGeom) {
     let (h, w) = (g.h, g.w);
     let hw = h * w;
     if hw == 0 {
         return;
     }
-    let coeffs: Vec<(f32, f32)> = angles_deg.iter().map(|&a| rotation_coeffs(a)).collect();
     let cx = 0.5f32 * (w - 1) as f32;
     let cy = 0.5f32 * (h - 1) as f32;
     y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
         let (img, ch) = (plane / g.c, plane % g.c);
-        let (c, s) = coeffs[img];
+        let [m0, m1, m2, m3] = mats[img];
         let fv = fill[ch];
         let xp = &x[plane * hw..(plane + 1) * hw];
         let tap = |ix: f32, iy: f32| -> f32 {
@@ -39,8 +39,8 @@ pub fn rotate(x: &[f32], angles_deg: &[f32], interp: Interp, fill: &[f32], y: &m
             let fy = oy as f32 - cy;
             for ox in 0..w {
                 let fx = ox as f32 - cx;
-                let sx = (c * fx - s * fy) + cx;
-                let sy = (s * fx + c * fy) + cy;
+                let sx = (m0 * fx + m1 * fy) + cx;
+                let sy = (m2 * fx + m3 * fy) + cy;
                 yp[oy * w + ox] = match interp {
                     Interp::Nearest => tap(sx.round_ties_even(), sy.round_ties_even()),
                     Interp::Bilinear => {

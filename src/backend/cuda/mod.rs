@@ -10,8 +10,7 @@ pub mod emu;
 pub mod kernels;
 
 use super::{
-    rotation_coeffs, AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom,
-    SgdParams, Storage,
+    AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
 };
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, Gpu, Pool};
@@ -448,16 +447,16 @@ impl Backend for CudaBackend {
         self.launch("pool2d_bwd_f32", self.ew_grid(g.in_len()), BLOCK, 0, &args)
     }
 
-    fn rotate(
+    fn warp(
         &self,
         x: &Storage,
-        angles_deg: &[f32],
+        mats: &[[f32; 4]],
         interp: Interp,
         fill: &[f32],
         y: &mut Storage,
         g: &RotateGeom,
     ) -> Result<()> {
-        g.check(angles_deg, fill)?;
+        g.check(mats, fill)?;
         let len = g.len();
         if len == 0 {
             return Ok(());
@@ -465,22 +464,15 @@ impl Backend for CudaBackend {
         // The kernel indexes within a plane and over planes in 32-bit arithmetic.
         i32_of(g.h * g.w, "H·W")?;
         i32_of(g.n * g.c, "N·C")?;
-        // Per-image (cos, sin), computed and rounded on the host exactly as the CPU backend does,
-        // and the per-channel fill: small temporaries from the pool, freed after the launch is
-        // queued (the pool only hands them out again for work queued behind it).
-        let cos_sin: Vec<f32> = angles_deg
-            .iter()
-            .flat_map(|&a| {
-                let (c, s) = rotation_coeffs(a);
-                [c, s]
-            })
-            .collect();
-        let cs = self.upload(&cos_sin)?;
+        // The per-image matrices and per-channel fill: small temporaries from the pool, freed
+        // after the launch is queued (the pool only hands them out again for work queued
+        // behind it).
+        let ms = self.upload(bytemuck::cast_slice(mats))?;
         let fv = self.upload(fill)?;
         let args = [
             self.arg(y, len)?,
             self.arg(x, len)?,
-            self.arg(&cs, 2 * g.n)?,
+            self.arg(&ms, 4 * g.n)?,
             self.arg(&fv, g.c)?,
             KArg::I32(match interp {
                 Interp::Nearest => 0,
@@ -491,7 +483,7 @@ impl Backend for CudaBackend {
             i32_of(g.h, "H")?,
             i32_of(g.w, "W")?,
         ];
-        self.launch("rotate_f32", self.ew_grid(len), BLOCK, 0, &args)
+        self.launch("warp_f32", self.ew_grid(len), BLOCK, 0, &args)
     }
 
     fn batchnorm_fwd_train(
