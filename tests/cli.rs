@@ -125,3 +125,78 @@ fn fetch_offline_fails_cleanly() {
         assert!(e.contains("mnist") && !e.contains("panicked"), "{e}");
     }
 }
+
+#[test]
+fn train_pair_then_eval_versus_angle() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("pair");
+    let o = rotvar(&[
+        "train-pair",
+        "--model",
+        "lenet",
+        "--dataset",
+        "mnist-sample",
+        "--epochs",
+        "1",
+        "--rotated-epochs",
+        "1",
+        "--limit",
+        "512",
+        "--test-limit",
+        "200",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["kind"], "rotvar-pair");
+    assert_eq!(manifest["unrotated"]["config"]["augment"], "none");
+    assert_eq!(manifest["rotated"]["config"]["augment"], "rotate");
+    assert_eq!(manifest["rotated"]["config"]["optim"]["lr"], 0.001);
+    assert!(manifest["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(!run.join("manifest.partial.json").exists());
+    for m in ["unrotated", "rotated"] {
+        assert!(run.join(m).join("model.safetensors").exists(), "{m}");
+    }
+    let ck = run.join("rotated/model.safetensors");
+    let out = dir.path().join("angles");
+    let o = rotvar(&[
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--angles",
+        "0:360:90",
+        "--limit",
+        "100",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(printed.contains("270°") && printed.contains("group accuracy"), "{printed}");
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("angles.json")).unwrap()).unwrap();
+    assert_eq!(ev["per_angle"].as_array().unwrap().len(), 4);
+    assert_eq!(ev["images"], 100);
+    let csv = std::fs::read_to_string(out.join("angles.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    // Bad specs are errors that name the option.
+    let o = rotvar(&["eval", "--checkpoint", ck.to_str().unwrap(), "--device", "cpu", "--angles", "0:360"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--angles") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_augmentation_is_a_clear_error() {
+    let o = rotvar(&["train", "--dataset", "mnist-sample", "--augment", "rotate,spin"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("unknown item 'spin'") && !e.contains("panicked"), "{e}");
+}
