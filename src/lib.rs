@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod fsio;
+pub mod inspect;
 pub mod models;
 pub mod nn;
 pub mod ops;
