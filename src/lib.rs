@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod fsio;
+pub mod measure;
 pub mod models;
 pub mod nn;
 pub mod ops;
