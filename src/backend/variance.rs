@@ -110,7 +110,7 @@ impl VarianceGeom {
 /// The accumulators of one layer, on the device of the backend that created them.
 pub(crate) enum VarianceData {
     Cpu(cpu::variance::CpuVariance),
-    Cuda(cuda::CudaVariance),
+    Cuda(Box<cuda::CudaVariance>),
 }
 
 /// A batch whose rotations are partly applied: the labels and ranks every later rotation of the

@@ -526,7 +526,7 @@ impl Backend for CudaBackend {
             vals: z(g.vt_len())?,
             class_rank: None,
         };
-        Ok(VarianceState::new(*g, VarianceData::Cuda(data)))
+        Ok(VarianceState::new(*g, VarianceData::Cuda(Box::new(data))))
     }
 
     fn variance_update(
