@@ -95,6 +95,8 @@ struct Param {
 const TYPES: &[(&[&str], &str, &str)] = &[
     (&["float*"], "float*", "PtrF32"),
     (&["const float*"], "const float*", "PtrF32Const"),
+    (&["double*"], "double*", "PtrF64"),
+    (&["const double*"], "const double*", "PtrF64Const"),
     (&["int*"], "int*", "PtrI32"),
     (&["const int*"], "const int*", "PtrI32Const"),
     (&["unsigned*", "unsigned int*"], "unsigned*", "PtrU32"),
@@ -444,6 +446,9 @@ fn build_emu(modules: &[Module], kdir: &Path, out: &Path) {
         .flag("-std=c++20")
         .flag("-pthread")
         .flag("-fno-strict-aliasing")
+        // nvcc never fuses the explicitly rounded intrinsics (__fmul_rn, __dadd_rn, ...); g++
+        // must not contract their emulated twins into FMAs either, on any target.
+        .flag("-ffp-contract=off")
         .flag("-Wno-unknown-pragmas")
         .flag("-Wno-unused-parameter")
         .flag("-include")

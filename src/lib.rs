@@ -14,6 +14,7 @@ pub mod cli;
 pub mod data;
 pub mod fsio;
 pub mod inspect;
+pub mod measure;
 pub mod models;
 pub mod nn;
 pub mod ops;

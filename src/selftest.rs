@@ -7,7 +7,8 @@
 
 use crate::autograd::Tape;
 use crate::backend::{
-    AdamParams, BackendRef, ConvGeom, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
+    AdamParams, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
+    VarianceGeom,
 };
 use crate::models::{InputSpec, Model};
 use crate::nn::Forward;
@@ -137,6 +138,22 @@ pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, 
         batchnorm(&mut c, g)?;
     }
     loss(&mut c, rows, 10)?;
+    let variances = if scale == Scale::Full {
+        vec![
+            // One value per element of a 64-channel 16×16 map, and per feature map of 28×28.
+            (VarianceGeom { batch, units: 64 * 16 * 16, hw: 1, reduce: MapReduce::Sum, classes: 10, rotations: 16 }, 2),
+            (VarianceGeom { batch, units: 32, hw: 28 * 28, reduce: MapReduce::Max, classes: 10, rotations: 16 }, 2),
+        ]
+    } else {
+        vec![
+            (VarianceGeom { batch: 5, units: 37, hw: 1, reduce: MapReduce::Sum, classes: 3, rotations: 4 }, 3),
+            (VarianceGeom { batch: 5, units: 6, hw: 9, reduce: MapReduce::Mean, classes: 3, rotations: 3 }, 3),
+            (VarianceGeom { batch: 4, units: 5, hw: 7, reduce: MapReduce::Max, classes: 2, rotations: 2 }, 2),
+        ]
+    };
+    for (g, batches) in &variances {
+        variance(&mut c, g, *batches)?;
+    }
     Ok(c.checks)
 }
 
@@ -331,6 +348,57 @@ fn rotate(c: &mut Ctx, g: &RotateGeom) -> Result<()> {
         r.warp(&rx, &mats, interp, &fill, &mut ry, g)?;
         t.warp(&tx, &mats, interp, &fill, &mut ty, g)?;
         c.compare("warp", &shape, &ry, &ty, TOL_ELEMENTWISE)?;
+    }
+    Ok(())
+}
+
+/// max |a − b| / max(1, |a|) over f64 values; a NaN anywhere counts as infinite error.
+fn rel_err_f64(reference: &[f64], got: &[f64]) -> f64 {
+    if reference.len() != got.len() {
+        return f64::INFINITY;
+    }
+    reference.iter().zip(got).fold(0.0f64, |w, (&a, &b)| {
+        let e = (a - b).abs() / a.abs().max(1.0);
+        if e.is_nan() {
+            f64::INFINITY
+        } else {
+            w.max(e)
+        }
+    })
+}
+
+/// The variance measure's accumulators after `batches` batches (the last one short, so stale
+/// per-slot moments are left behind) at every rotation. Compared exactly: both backends round
+/// every f64 operation identically and fold each unit's samples in order.
+fn variance(c: &mut Ctx, g: &VarianceGeom, batches: usize) -> Result<()> {
+    let shape = format!("batch{} units{} hw{} {} K{} m{}", g.batch, g.units, g.hw, g.reduce, g.classes, g.rotations);
+    let (r, t) = (c.r.clone(), c.t.clone());
+    let (mut rs, mut ts) = (r.variance_init(g)?, t.variance_init(g)?);
+    let mut seen = vec![0u32; g.classes];
+    for i in 0..batches {
+        let len = if i + 1 == batches { g.batch.div_ceil(2) } else { g.batch };
+        let class: Vec<u32> = (0..len).map(|_| c.rng.below(g.classes as u64) as u32).collect();
+        let rank: Vec<u32> = class
+            .iter()
+            .map(|&k| {
+                seen[k as usize] += 1;
+                seen[k as usize]
+            })
+            .collect();
+        for j in 0..g.rotations {
+            let act = c.normal(g.act_len(len));
+            let (ra, ta) = c.pair(&act)?;
+            r.variance_update(&mut rs, &ra, len, &class, &rank, j)?;
+            t.variance_update(&mut ts, &ta, len, &class, &rank, j)?;
+        }
+    }
+    let (a, b) = (r.variance_read(&rs)?, t.variance_read(&ts)?);
+    for (op, x, y) in [
+        ("variance vx_mean", &a.vx_mean, &b.vx_mean),
+        ("variance vx_m2", &a.vx_m2, &b.vx_m2),
+        ("variance vt_sum_std", &a.vt_sum_std, &b.vt_sum_std),
+    ] {
+        c.checks.push(Check { op: op.into(), shape: shape.clone(), max_rel_err: rel_err_f64(x, y), tolerance: 0.0 });
     }
     Ok(())
 }

@@ -9,6 +9,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod variance;
+
+pub use variance::{MapReduce, VarianceGeom, VarianceMoments, VarianceState};
 
 use anyhow::{bail, Result};
 use std::fmt;
@@ -466,6 +469,41 @@ pub trait Backend: Send + Sync {
         y: &mut Storage,
         g: &RotateGeom,
     ) -> Result<()>;
+
+    // --- variance measure (SCIENCE.md §1.3) ----------------------------------------------
+    /// A fresh running state for one layer of geometry `g` (checked), every accumulator zero,
+    /// on this backend's device.
+    fn variance_init(&self, g: &VarianceGeom) -> Result<VarianceState>;
+    /// Feed one batch of samples at rotation `j` into `st`.
+    ///
+    /// `act` is the layer's activation [n, units, hw] (f32, contiguous; an NCHW map gives
+    /// units = C, hw = H·W per feature map, or units = C·H·W, hw = 1 per element), 1 ≤ n ≤ batch.
+    /// `class[b]` < classes is sample b's label; `rank[b]` is the 1-based running count of
+    /// sample b within its class over the whole pass so far (the same for every j).
+    ///
+    /// Per unit u, for b = 0..n in order: v = the unit's value from its hw values
+    /// ([`variance::reduce_unit`], f64); V_x: Welford step ([`variance::welford_step`]) of the
+    /// (class[b], j, u) moments with count rank[b]; V_t: at j = 0 the (b, u) moments become
+    /// (v, 0), otherwise a Welford step with count j + 1; at j = m − 1 the standard deviation
+    /// [`variance::std_from_m2`]`(M2, m)` of those moments is added to sum_std[class[b], u].
+    /// Each unit's samples are processed in order by one thread, so the result never depends
+    /// on thread counts, and CPU and CUDA agree bit for bit.
+    ///
+    /// Caller contract: for each batch, call with j = 0, 1, …, m − 1 in order, with the same
+    /// `class` and `rank`, before the next batch. Everything is checked first; a violation
+    /// (j out of range or order, n > batch, wrong lengths, a label ≥ classes, a rank that is
+    /// not the running count) is an error and leaves `st` unchanged.
+    fn variance_update(
+        &self,
+        st: &mut VarianceState,
+        act: &Storage,
+        n: usize,
+        class: &[u32],
+        rank: &[u32],
+        j: usize,
+    ) -> Result<()>;
+    /// The accumulators of `st` on the host (an error while a batch is incomplete).
+    fn variance_read(&self, st: &VarianceState) -> Result<VarianceMoments>;
 
     // --- optimizers ---------------------------------------------------------------------
     fn adam_step(

@@ -10,10 +10,12 @@ pub mod gemm;
 pub mod norm;
 pub mod pool;
 pub mod rotate;
+pub mod variance;
 
+use super::variance::VarianceData;
 use super::{
     AdamParams, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams,
-    Storage,
+    Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use crate::rng::{splitmix64, unit_f32};
 use anyhow::{bail, Result};
@@ -319,6 +321,39 @@ impl Backend for CpuBackend {
         }
         rotate::warp(&x[..g.len()], mats, interp, fill, &mut y[..g.len()], g);
         Ok(())
+    }
+
+    fn variance_init(&self, g: &VarianceGeom) -> Result<VarianceState> {
+        g.check()?;
+        Ok(VarianceState::new(*g, VarianceData::Cpu(variance::CpuVariance::zeros(g))))
+    }
+
+    fn variance_update(
+        &self,
+        st: &mut VarianceState,
+        act: &Storage,
+        n: usize,
+        class: &[u32],
+        rank: &[u32],
+        j: usize,
+    ) -> Result<()> {
+        let act = host(act)?;
+        st.check_update(act.len(), n, class, rank, j)?;
+        let g = *st.geom();
+        match &mut st.data {
+            VarianceData::Cpu(v) => v.update(&g, act, n, class, rank, j),
+            _ => bail!("variance_update: the state was created by another backend"),
+        }
+        st.commit_update(class, rank, j);
+        Ok(())
+    }
+
+    fn variance_read(&self, st: &VarianceState) -> Result<VarianceMoments> {
+        st.check_read()?;
+        match &st.data {
+            VarianceData::Cpu(v) => Ok(v.read(st.geom(), st.class_counts().to_vec())),
+            _ => bail!("variance_read: the state was created by another backend"),
+        }
     }
 
     fn batchnorm_fwd_train(

@@ -8,7 +8,7 @@
 use super::emu::{self, KArg, PackedArgs};
 use super::kernels;
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +39,13 @@ pub enum Buf {
 pub enum IdxBuf {
     Gpu(CudaSlice<u32>),
     Host(Vec<u32>),
+}
+
+/// A device buffer of f64: the variance measure's accumulators. Few and long-lived, so they
+/// bypass the f32 pool.
+pub enum F64Buf {
+    Gpu(CudaSlice<f64>),
+    Host(Vec<f64>),
 }
 
 /// A device buffer that returns to its pool when dropped: after the first training step every
@@ -231,6 +238,48 @@ impl Exec {
             (IdxBuf::Host(v), _) => KArg::ptr(v.as_ptr()),
             (IdxBuf::Gpu(s), Exec::Gpu(g)) => KArg::Ptr(s.device_ptr(&g.stream).0),
             (IdxBuf::Gpu(_), Exec::Emulated) => unreachable!("a GPU buffer on the emulated backend"),
+        }
+    }
+
+    /// An f64 buffer of `len` zeros.
+    pub fn zeros_f64(&self, len: usize) -> Result<F64Buf> {
+        match self {
+            Exec::Emulated => Ok(F64Buf::Host(vec![0.0; len])),
+            Exec::Gpu(g) => g.stream.alloc_zeros::<f64>(len.max(1)).map(F64Buf::Gpu).map_err(|e| {
+                anyhow!(
+                    "out of GPU memory allocating {:.1} MiB of f64 on {} ({e:?}); measure fewer layers or \
+                     use one value per feature map",
+                    len as f64 * 8.0 / (1 << 20) as f64,
+                    g.name
+                )
+            }),
+        }
+    }
+
+    /// The kernel-argument form of an f64 buffer the kernel writes.
+    pub fn f64_ptr_mut(&self, b: &mut F64Buf) -> KArg {
+        match (b, self) {
+            (F64Buf::Host(v), _) => KArg::ptr_mut(v.as_mut_ptr()),
+            (F64Buf::Gpu(s), Exec::Gpu(g)) => KArg::Ptr(s.device_ptr_mut(&g.stream).0),
+            (F64Buf::Gpu(_), Exec::Emulated) => unreachable!("a GPU buffer on the emulated backend"),
+        }
+    }
+
+    /// The first `len` values of an f64 buffer, on the host.
+    pub fn download_f64(&self, b: &F64Buf, len: usize) -> Result<Vec<f64>> {
+        match (b, self) {
+            (F64Buf::Host(v), _) => Ok(v[..len].to_vec()),
+            (F64Buf::Gpu(s), Exec::Gpu(g)) => {
+                let mut out = vec![0.0f64; len];
+                if len > 0 {
+                    g.stream
+                        .memcpy_dtoh(&s.slice(0..len), &mut out)
+                        .map_err(|e| driver_err("copying from the GPU", e))?;
+                }
+                g.stream.synchronize().map_err(|e| driver_err("waiting for the GPU", e))?;
+                Ok(out)
+            }
+            (F64Buf::Gpu(_), Exec::Emulated) => unreachable!(),
         }
     }
 

@@ -82,6 +82,8 @@ impl From<u64> for KArg {
 pub enum ParamKind {
     PtrF32,
     PtrF32Const,
+    PtrF64,
+    PtrF64Const,
     PtrI32,
     PtrI32Const,
     PtrU32,
@@ -98,6 +100,8 @@ impl ParamKind {
         match self {
             ParamKind::PtrF32 => "float*",
             ParamKind::PtrF32Const => "const float*",
+            ParamKind::PtrF64 => "double*",
+            ParamKind::PtrF64Const => "const double*",
             ParamKind::PtrI32 => "int*",
             ParamKind::PtrI32Const => "const int*",
             ParamKind::PtrU32 => "unsigned*",

@@ -9,11 +9,13 @@ pub mod device;
 pub mod emu;
 pub mod kernels;
 
+use super::variance::VarianceData;
 use super::{
     AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
+    VarianceGeom, VarianceMoments, VarianceState,
 };
 use anyhow::{bail, Result};
-use device::{DeviceBuffer, Exec, Gpu, Pool};
+use device::{DeviceBuffer, Exec, F64Buf, Gpu, Pool};
 use emu::KArg;
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +25,20 @@ pub struct CudaBackend {
     pool: Arc<Pool>,
     /// The device copy of the last batch's indices (see `gather_rows`).
     indices: Mutex<Option<device::IdxBuf>>,
+}
+
+/// The variance measure's accumulators on the device, in the class-major layout of
+/// [`VarianceMoments`] (adjacent threads handle adjacent units, so accesses coalesce).
+pub struct CudaVariance {
+    vx_mean: F64Buf,
+    vx_m2: F64Buf,
+    vt_mean: F64Buf,
+    vt_m2: F64Buf,
+    sum_std: F64Buf,
+    /// Scratch: the current batch's unit values, [slot][unit].
+    vals: F64Buf,
+    /// The current batch's labels then ranks, reused between updates.
+    class_rank: Option<device::IdxBuf>,
 }
 
 type Dim = (u32, u32, u32);
@@ -484,6 +500,86 @@ impl Backend for CudaBackend {
             i32_of(g.w, "W")?,
         ];
         self.launch("warp_f32", self.ew_grid(len), BLOCK, 0, &args)
+    }
+
+    fn variance_init(&self, g: &VarianceGeom) -> Result<VarianceState> {
+        g.check()?;
+        // The kernels take these as int.
+        i32_of(g.units, "units")?;
+        i32_of(g.hw, "hw")?;
+        i32_of(g.batch, "batch")?;
+        i32_of(g.rotations, "rotations")?;
+        let z = |len| self.exec.zeros_f64(len);
+        let data = CudaVariance {
+            vx_mean: z(g.vx_len())?,
+            vx_m2: z(g.vx_len())?,
+            vt_mean: z(g.vt_len())?,
+            vt_m2: z(g.vt_len())?,
+            sum_std: z(g.sum_len())?,
+            vals: z(g.vt_len())?,
+            class_rank: None,
+        };
+        Ok(VarianceState::new(*g, VarianceData::Cuda(Box::new(data))))
+    }
+
+    fn variance_update(
+        &self,
+        st: &mut VarianceState,
+        act: &Storage,
+        n: usize,
+        class: &[u32],
+        rank: &[u32],
+        j: usize,
+    ) -> Result<()> {
+        st.check_update(self.buf(act)?.len(), n, class, rank, j)?;
+        let g = *st.geom();
+        let VarianceData::Cuda(v) = &mut st.data else {
+            bail!("variance_update: the state was created by another backend");
+        };
+        let rows = n * g.units;
+        let reduce = [
+            self.exec.f64_ptr_mut(&mut v.vals),
+            self.arg(act, g.act_len(n))?,
+            KArg::I64(rows as i64),
+            i32_of(g.hw, "hw")?,
+            KArg::I32(g.reduce.code()),
+        ];
+        self.launch("variance_reduce_f64", self.ew_grid(rows), BLOCK, 0, &reduce)?;
+        let labels: Vec<u32> = class.iter().chain(rank).copied().collect();
+        self.exec.upload_indices(&mut v.class_rank, &labels)?;
+        let cr = v.class_rank.as_ref().ok_or_else(|| anyhow::anyhow!("label buffer missing after upload"))?;
+        let cr = self.exec.idx_ptr(cr);
+        let update = [
+            self.exec.f64_ptr_mut(&mut v.vx_mean),
+            self.exec.f64_ptr_mut(&mut v.vx_m2),
+            self.exec.f64_ptr_mut(&mut v.vt_mean),
+            self.exec.f64_ptr_mut(&mut v.vt_m2),
+            self.exec.f64_ptr_mut(&mut v.sum_std),
+            self.exec.f64_ptr_mut(&mut v.vals),
+            cr,
+            i32_of(n, "n")?,
+            i32_of(g.units, "units")?,
+            i32_of(g.rotations, "rotations")?,
+            i32_of(j, "j")?,
+        ];
+        self.launch("variance_update_f64", self.ew_grid(g.units), BLOCK, 0, &update)?;
+        st.commit_update(class, rank, j);
+        Ok(())
+    }
+
+    fn variance_read(&self, st: &VarianceState) -> Result<VarianceMoments> {
+        st.check_read()?;
+        let g = st.geom();
+        let VarianceData::Cuda(v) = &st.data else {
+            bail!("variance_read: the state was created by another backend");
+        };
+        Ok(VarianceMoments {
+            geom: *g,
+            class_counts: st.class_counts().to_vec(),
+            vx_mean: self.exec.download_f64(&v.vx_mean, g.vx_len())?,
+            vx_m2: self.exec.download_f64(&v.vx_m2, g.vx_len())?,
+            vt_sum_std: self.exec.download_f64(&v.sum_std, g.sum_len())?,
+        })
     }
 
     fn batchnorm_fwd_train(

@@ -1,0 +1,172 @@
+//! The measure over a whole dataset, streamed: each batch of samples is rotated by each angle in
+//! turn and run through the model in eval mode; every named intermediate output feeds its
+//! layer's running state on the device. Nothing grows with n × m: memory is the model's
+//! activations for one batch plus, per layer, moments of size classes × rotations × units.
+
+use super::{finalize, LayerVariance};
+use crate::backend::{Interp, MapReduce, VarianceGeom, VarianceState};
+use crate::models::Model;
+use crate::nn::Forward;
+use crate::ops;
+use crate::tensor::Tensor;
+use crate::train::DeviceDataset;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// What one unit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    /// Every position of every feature map is a unit.
+    Element,
+    /// Each feature map is one unit: its H×W values reduced by [`MapReduce`].
+    Map,
+}
+
+/// Settings of one measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeasureConfig {
+    /// Rotations in degrees (see [`rotation_angles`]), applied with bilinear sampling.
+    pub angles: Vec<f32>,
+    /// Per-channel value outside the rotated image: for normalized data, the normalized value of
+    /// raw black (−mean/std), as SCIENCE.md §1.2 requires.
+    pub fill: Vec<f32>,
+    pub per: Per,
+    /// Reduction of a feature map's H×W values when `per == Map`.
+    pub reduce: MapReduce,
+    /// Samples per forward pass.
+    pub batch: usize,
+}
+
+/// m rotations evenly spaced over 360°, starting at −180°: −180 + 360·j/m for j = 0..m
+/// (16 gives the reference's −180° by 22.5°). Computed in f64, rounded once.
+pub fn rotation_angles(m: usize) -> Vec<f32> {
+    (0..m).map(|j| (-180.0 + 360.0 * j as f64 / m as f64) as f32).collect()
+}
+
+/// One layer being measured.
+struct Layer {
+    name: String,
+    /// The intermediate's shape without the batch dimension, to catch a model that changes it.
+    sample_shape: Vec<usize>,
+    unit_shape: Vec<usize>,
+    state: VarianceState,
+}
+
+/// Units and values per unit of an intermediate of per-sample shape `s`.
+fn layout(name: &str, s: &[usize], per: Per) -> Result<(Vec<usize>, usize)> {
+    match (s, per) {
+        ([c, h, w], Per::Element) => Ok((vec![*c, *h, *w], 1)),
+        ([c, h, w], Per::Map) => Ok((vec![*c], h * w)),
+        ([f], _) => Ok((vec![*f], 1)),
+        _ => bail!(
+            "measure: layer {name} outputs samples of shape {s:?}; the variance measure handles [N, C, H, W] \
+             and [N, F] outputs"
+        ),
+    }
+}
+
+/// Measure every named intermediate of `model` (in its order) over every sample of `data`,
+/// stratified by the dataset's labels. `progress(done, total)` is called after each forward
+/// pass (one batch at one rotation; total = batches × rotations).
+///
+/// For each batch (samples in dataset order, `cfg.batch` at a time) and each rotation j in
+/// order: the batch is rotated by `cfg.angles[j]` ([`ops::rotate`], bilinear, `cfg.fill`),
+/// the model runs in eval mode with an observer, and each intermediate updates its layer's
+/// state (`Backend::variance_update`). Results do not depend on `cfg.batch`.
+pub fn measure(
+    model: &Model,
+    data: &DeviceDataset,
+    cfg: &MeasureConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<LayerVariance>> {
+    let n = data.len();
+    let classes = data.num_classes;
+    if n == 0 {
+        bail!("measure: the dataset is empty");
+    }
+    if cfg.batch == 0 {
+        bail!("measure: the batch size must be at least 1");
+    }
+    if cfg.angles.is_empty() {
+        bail!("measure: no rotation angles given");
+    }
+    if let Some(a) = cfg.angles.iter().find(|a| !a.is_finite()) {
+        bail!("measure: rotation angle {a} is not finite");
+    }
+    if cfg.fill.len() != data.item_shape[0] {
+        bail!("measure: {} fill values for {}-channel images (one per channel)", cfg.fill.len(), data.item_shape[0]);
+    }
+    if let Some((i, &l)) = data.labels_host.iter().enumerate().find(|(_, &l)| l as usize >= classes) {
+        bail!("measure: sample {i} has label {l}, but the dataset has {classes} classes");
+    }
+    let be = data.images.backend().clone();
+    let m = cfg.angles.len();
+    let batch = cfg.batch.min(n);
+    let order: Vec<u32> = (0..n as u32).collect();
+    let total = n.div_ceil(batch) * m;
+    let mut seen = vec![0u32; classes];
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut passes = 0;
+    for idx in order.chunks(batch) {
+        let (x, _) = data.batch(idx)?;
+        let class: Vec<u32> = idx.iter().map(|&i| data.labels_host[i as usize] as u32).collect();
+        let rank: Vec<u32> = class
+            .iter()
+            .map(|&k| {
+                seen[k as usize] += 1;
+                seen[k as usize]
+            })
+            .collect();
+        for (j, &angle) in cfg.angles.iter().enumerate() {
+            let xr = ops::rotate(&x, &vec![angle; idx.len()], Interp::Bilinear, &cfg.fill)?;
+            let first = passes == 0;
+            let mut pos = 0usize;
+            let mut observe = |name: &str, t: &Tensor| -> Result<()> {
+                let sample_shape = &t.shape()[1..];
+                if first {
+                    let (unit_shape, hw) = layout(name, sample_shape, cfg.per)?;
+                    let g = VarianceGeom {
+                        batch,
+                        units: unit_shape.iter().product(),
+                        hw,
+                        reduce: cfg.reduce,
+                        classes,
+                        rotations: m,
+                    };
+                    let state = be.variance_init(&g).with_context(|| format!("measure: layer {name}"))?;
+                    layers.push(Layer {
+                        name: name.to_string(),
+                        sample_shape: sample_shape.to_vec(),
+                        unit_shape,
+                        state,
+                    });
+                }
+                let Some(layer) = layers.get_mut(pos).filter(|l| l.name == name && l.sample_shape == sample_shape)
+                else {
+                    bail!(
+                        "measure: intermediate {pos} is {name} {sample_shape:?}; the first forward pass reported {}",
+                        layers.get(pos).map_or("nothing there".into(), |l| format!("{} {:?}", l.name, l.sample_shape))
+                    );
+                };
+                be.variance_update(&mut layer.state, &t.storage(), idx.len(), &class, &rank, j)
+                    .with_context(|| format!("measure: layer {name}"))?;
+                pos += 1;
+                Ok(())
+            };
+            model.forward(&xr, &mut Forward::observe(&mut observe))?;
+            if pos != layers.len() {
+                bail!("measure: a forward pass reported {pos} intermediates, the first reported {}", layers.len());
+            }
+            passes += 1;
+            progress(passes, total);
+        }
+    }
+    layers
+        .iter()
+        .map(|l| {
+            let moments = be.variance_read(&l.state).with_context(|| format!("measure: layer {}", l.name))?;
+            finalize(&l.name, &l.unit_shape, &moments)
+        })
+        .collect()
+}
