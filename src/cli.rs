@@ -2,10 +2,13 @@
 
 use crate::angle_eval;
 use crate::augment::Augment;
+use crate::backend::MapReduce;
 use crate::backend::{self, BackendRef, DeviceRequest};
 use crate::checkpoint;
 use crate::data::{self, Split};
 use crate::fsio::{write_atomic, write_json};
+use crate::measure::job::{self, MeasureOptions};
+use crate::measure::{output, Per};
 use crate::models::MODELS;
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::run::{self, DataSource, PairOptions};
@@ -33,6 +36,10 @@ enum Command {
     TrainPair(TrainPairArgs),
     /// Evaluate a checkpoint on a test set.
     Eval(EvalArgs),
+    /// Measure V = V_t / V_x for every unit of every layer of a checkpoint (SCIENCE.md §1.3).
+    Measure(MeasureArgs),
+    /// Measure both models of a `train-pair` run directory and compare them.
+    MeasurePair(MeasurePairArgs),
     /// Show the build, its features and the devices found.
     Info,
     /// Download a dataset into the data directory and verify it.
@@ -199,6 +206,68 @@ struct EvalArgs {
     quiet: bool,
 }
 
+#[derive(Args, Clone)]
+struct MeasureOpts {
+    /// Rotations, evenly spaced over 360° from -180° (the reference: 16, i.e. every 22.5°).
+    #[arg(long, default_value_t = 16)]
+    rotations: usize,
+    /// Units: every element of every feature map, or one per feature map (H×W reduced).
+    #[arg(long, value_enum, default_value_t = Per::Map)]
+    per: Per,
+    /// How a feature map is reduced to one value with --per map.
+    #[arg(long, value_enum, default_value_t = MapReduce::Mean)]
+    reduce: MapReduce,
+    /// Test images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Dataset (default: the one the checkpoint was trained on).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Measure on the first N test images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl MeasureOpts {
+    fn options(&self) -> MeasureOptions {
+        MeasureOptions {
+            rotations: self.rotations,
+            per: self.per,
+            reduce: self.reduce,
+            batch: self.batch_size,
+            dataset: self.dataset.clone(),
+            data_dir: self.data_dir.clone(),
+            limit: self.limit,
+            quiet: self.quiet,
+        }
+    }
+}
+
+#[derive(Args)]
+struct MeasureArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Output directory for variance.safetensors, variance.json and plots (default: beside the checkpoint).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    opts: MeasureOpts,
+}
+
+#[derive(Args)]
+struct MeasurePairArgs {
+    /// A run directory written by `rotvar train-pair`.
+    run_dir: PathBuf,
+    #[command(flatten)]
+    opts: MeasureOpts,
+}
+
 #[derive(Args)]
 struct FetchArgs {
     /// Dataset to download (mnist).
@@ -219,6 +288,8 @@ pub fn run() -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::TrainPair(a) => cmd_train_pair(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Measure(a) => cmd_measure(a),
+        Command::MeasurePair(a) => cmd_measure_pair(a),
         Command::Info => cmd_info(),
         Command::Fetch(a) => cmd_fetch(a),
         Command::Bench(a) => cmd_bench(a),
@@ -360,6 +431,39 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         write_json(path, &e)?;
         eprintln!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+fn cmd_measure(a: MeasureArgs) -> Result<()> {
+    let b = open_backend(a.opts.device)?;
+    let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
+    let m = job::measure_checkpoint(&b, &a.checkpoint, &a.opts.options(), &out)?;
+    println!(
+        "{} ({}): V over {} test images x {} rotations, per {} ({}), {:.1}s",
+        m.meta.arch,
+        m.meta.augment,
+        m.summary.samples,
+        m.summary.rotations,
+        format!("{:?}", a.opts.per).to_lowercase(),
+        a.opts.reduce,
+        m.seconds
+    );
+    print!("{}", output::table(&m.summary));
+    eprintln!("wrote {} and {}", out.join(job::TENSORS).display(), out.join(job::SUMMARY).display());
+    Ok(())
+}
+
+fn cmd_measure_pair(a: MeasurePairArgs) -> Result<()> {
+    let manifest = run::read_manifest(&a.run_dir)?;
+    let b = open_backend(a.opts.device)?;
+    let mut summaries = Vec::new();
+    for member in [&manifest.unrotated, &manifest.rotated] {
+        let dir = a.run_dir.join(&member.dir);
+        let m = job::measure_checkpoint(&b, &a.run_dir.join(&member.checkpoint), &a.opts.options(), &dir)?;
+        eprintln!("{}: measured in {:.1}s, wrote {}", member.dir, m.seconds, dir.join(job::TENSORS).display());
+        summaries.push(m.summary);
+    }
+    print!("{}", output::pair_table(&summaries[0], &summaries[1]));
     Ok(())
 }
 

@@ -166,3 +166,37 @@ pub fn table(summary: &Summary) -> String {
     );
     s
 }
+
+/// Per layer, the unrotated and rotated model's mean V side by side (all and stratified), and
+/// the global means: the comparison the pair exists for.
+pub fn pair_table(unrotated: &Summary, rotated: &Summary) -> String {
+    let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    let width = unrotated.layers.iter().map(|l| l.name.len()).max().unwrap_or(0).max("global".len());
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<width$}  {:>12} {:>12}  {:>12} {:>12}",
+        "mean V", "unrot. all", "rot. all", "unrot. strat", "rot. strat"
+    );
+    for (u, r) in unrotated.layers.iter().zip(&rotated.layers) {
+        let _ = writeln!(
+            s,
+            "{:<width$}  {:>12} {:>12}  {:>12} {:>12}",
+            u.name,
+            fmt(u.mean_v_all),
+            fmt(r.mean_v_all),
+            fmt(u.mean_v_stratified),
+            fmt(r.mean_v_stratified)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<width$}  {:>12} {:>12}  {:>12} {:>12}",
+        "global",
+        fmt(unrotated.global_mean_v_all),
+        fmt(rotated.global_mean_v_all),
+        fmt(unrotated.global_mean_v_stratified),
+        fmt(rotated.global_mean_v_stratified)
+    );
+    s
+}
