@@ -19,6 +19,7 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod plot;
 pub mod progress;
 pub mod rng;
 pub mod run;
