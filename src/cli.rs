@@ -6,6 +6,8 @@ use crate::backend::MapReduce;
 use crate::backend::{self, BackendRef, DeviceRequest};
 use crate::checkpoint;
 use crate::data::{self, Split};
+use crate::experiment;
+use crate::figures;
 use crate::fsio::{write_atomic, write_json};
 use crate::measure::job::{self, MeasureOptions};
 use crate::measure::{output, Per};
@@ -40,6 +42,11 @@ enum Command {
     Measure(MeasureArgs),
     /// Measure both models of a `train-pair` run directory and compare them.
     MeasurePair(MeasurePairArgs),
+    /// The whole study in one command: train the pair, accuracy versus angle, V for both models,
+    /// every figure and a report.md.
+    Experiment(ExperimentArgs),
+    /// Write a PNG grid of test images and their rotations.
+    Images(ImagesArgs),
     /// Show the build, its features and the devices found.
     Info,
     /// Download a dataset into the data directory and verify it.
@@ -269,6 +276,73 @@ struct MeasurePairArgs {
 }
 
 #[derive(Args)]
+struct ExperimentArgs {
+    /// LeNet on the bundled MNIST sample with short schedules: the whole study in about a minute
+    /// on a CPU. Other options still apply on top.
+    #[arg(long)]
+    quick: bool,
+    /// Model architecture (default: simpleconv; lenet with --quick).
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset (default: mnist; mnist-sample with --quick).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Run directory; a directory that already holds a trained pair (manifest.json) is reused.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Epochs of the unrotated model (default: the reference protocol's).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Epochs of the rotated model (default: the reference protocol's).
+    #[arg(long)]
+    rotated_epochs: Option<usize>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Angles of the accuracy-versus-angle evaluation (see `eval --angles`).
+    #[arg(long, default_value = "0:360:15")]
+    angles: String,
+    /// Rotations of the variance measure.
+    #[arg(long, default_value_t = 16)]
+    rotations: usize,
+    #[arg(long, value_enum, default_value_t = Per::Map)]
+    per: Per,
+    #[arg(long, value_enum, default_value_t = MapReduce::Mean)]
+    reduce: MapReduce,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Measure V on the first N test images only (default: all; 500 with --quick).
+    #[arg(long)]
+    measure_limit: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ImagesArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Number of test images (rows).
+    #[arg(long, default_value_t = 8)]
+    count: usize,
+    /// Rotations (columns), as `eval --angles`.
+    #[arg(long, default_value = "0:360:45")]
+    angles: String,
+    /// Output PNG.
+    #[arg(long, default_value = "rotations.png")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct FetchArgs {
     /// Dataset to download (mnist).
     dataset: String,
@@ -290,6 +364,8 @@ pub fn run() -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Measure(a) => cmd_measure(a),
         Command::MeasurePair(a) => cmd_measure_pair(a),
+        Command::Experiment(a) => cmd_experiment(a),
+        Command::Images(a) => cmd_images(a),
         Command::Info => cmd_info(),
         Command::Fetch(a) => cmd_fetch(a),
         Command::Bench(a) => cmd_bench(a),
@@ -408,7 +484,18 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         if let Some(path) = &a.json {
             write_json(path, &ev)?;
         }
-        eprintln!("wrote {} and angles.csv", out.join("angles.json").display());
+        let title = format!("{} ({}) on {name}", meta.arch, meta.augment);
+        figures::accuracy_vs_angle(
+            &out.join("accuracy_vs_angle.png"),
+            &format!("{title}: accuracy versus rotation"),
+            &[(&meta.augment.to_string(), &ev, meta.augment.is_none())],
+        )?;
+        figures::class_angle_heatmap(
+            &out.join("class_angle.png"),
+            &format!("{title}: accuracy per class and angle"),
+            &ev,
+        )?;
+        eprintln!("wrote angles.json, angles.csv, accuracy_vs_angle.png and class_angle.png in {}", out.display());
         return Ok(());
     }
     let start = Instant::now();
@@ -449,7 +536,17 @@ fn cmd_measure(a: MeasureArgs) -> Result<()> {
         m.seconds
     );
     print!("{}", output::table(&m.summary));
-    eprintln!("wrote {} and {}", out.join(job::TENSORS).display(), out.join(job::SUMMARY).display());
+    figures::variance_strips(
+        &out.join("variance_strips.png"),
+        &format!("{} ({}): V per unit", m.meta.arch, m.meta.augment),
+        &m.layers,
+        &m.meta.class_names,
+    )?;
+    eprintln!(
+        "wrote {}, {} and variance_strips.png",
+        out.join(job::TENSORS).display(),
+        out.join(job::SUMMARY).display()
+    );
     Ok(())
 }
 
@@ -460,10 +557,66 @@ fn cmd_measure_pair(a: MeasurePairArgs) -> Result<()> {
     for member in [&manifest.unrotated, &manifest.rotated] {
         let dir = a.run_dir.join(&member.dir);
         let m = job::measure_checkpoint(&b, &a.run_dir.join(&member.checkpoint), &a.opts.options(), &dir)?;
+        figures::variance_strips(
+            &dir.join("variance_strips.png"),
+            &format!("{} {}: V per unit", m.meta.arch, member.dir),
+            &m.layers,
+            &m.meta.class_names,
+        )?;
         eprintln!("{}: measured in {:.1}s, wrote {}", member.dir, m.seconds, dir.join(job::TENSORS).display());
         summaries.push(m.summary);
     }
     print!("{}", output::pair_table(&summaries[0], &summaries[1]));
+    let plot = a.run_dir.join("layer_means.png");
+    figures::layer_means(&plot, &format!("{}: mean V per layer", manifest.model), &summaries[0], &summaries[1])?;
+    eprintln!("wrote {}", plot.display());
+    Ok(())
+}
+
+fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
+    let model = a.model.clone().unwrap_or_else(|| if a.quick { "lenet" } else { "simpleconv" }.into());
+    run::check_model(&model)?;
+    let dataset = a.dataset.clone().unwrap_or_else(|| if a.quick { "mnist-sample" } else { "mnist" }.into());
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("runs/{model}-{dataset}-experiment{}", if a.quick { "-quick" } else { "" }))
+    });
+    let mut o = if a.quick {
+        experiment::ExperimentOptions::quick(out)
+    } else {
+        let mut o = experiment::ExperimentOptions::quick(out);
+        o.epochs = (None, None);
+        o.measure_limit = None;
+        o
+    };
+    o.model = model.to_ascii_lowercase();
+    o.data = DataSource { dataset, data_dir: a.data_dir.clone(), train_limit: a.limit, test_limit: a.test_limit };
+    o.epochs = (a.epochs.or(o.epochs.0), a.rotated_epochs.or(o.epochs.1));
+    o.lr = a.lr;
+    o.seed = a.seed;
+    o.angles = a.angles.clone();
+    o.rotations = a.rotations;
+    o.per = a.per;
+    o.reduce = a.reduce;
+    o.measure_limit = a.measure_limit.or(o.measure_limit);
+    o.quiet = a.quiet;
+    angle_eval::parse_angles(&o.angles)?;
+    let b = open_backend(a.device)?;
+    let report = experiment::run(&b, &o)?;
+    println!("report: {}", report.display());
+    Ok(())
+}
+
+fn cmd_images(a: ImagesArgs) -> Result<()> {
+    let angles = angle_eval::parse_angles(&a.angles)?;
+    if a.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let test = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Test, Some(a.count))?;
+    let train = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Train, None)?;
+    let b = backend::cpu::CpuBackend::shared();
+    let data = DeviceDataset::upload(&test, &train.channel_stats(), &b)?;
+    figures::rotation_grid(&a.out, &data, a.count, &angles)?;
+    println!("wrote {} ({} images x {} angles)", a.out.display(), data.len(), angles.len());
     Ok(())
 }
 

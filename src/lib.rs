@@ -12,6 +12,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod experiment;
+pub mod figures;
 pub mod fsio;
 pub mod inspect;
 pub mod measure;
