@@ -200,3 +200,65 @@ fn bad_augmentation_is_a_clear_error() {
     let e = stderr(&o);
     assert!(e.contains("unknown item 'spin'") && !e.contains("panicked"), "{e}");
 }
+
+#[test]
+fn quick_experiment_writes_the_report_and_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("exp");
+    let args = [
+        "experiment",
+        "--quick",
+        "--epochs",
+        "1",
+        "--rotated-epochs",
+        "1",
+        "--limit",
+        "600",
+        "--test-limit",
+        "120",
+        "--measure-limit",
+        "60",
+        "--angles",
+        "0:360:90",
+        "--rotations",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = rotvar(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("group accuracy") && report.contains("mean V"), "{report}");
+    // Every figure the report links to exists and is a PNG.
+    let mut linked = 0;
+    for line in report.lines() {
+        for part in line.split("](").skip(1) {
+            let file = &part[..part.find(')').unwrap()];
+            let bytes = std::fs::read(out.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{file} is not a PNG");
+            linked += 1;
+        }
+    }
+    assert!(linked >= 12, "only {linked} figures linked");
+    for m in ["unrotated", "rotated"] {
+        for f in ["angles.json", "angles.csv", "variance.safetensors", "variance.json", "model.safetensors"] {
+            assert!(out.join(m).join(f).exists(), "{m}/{f}");
+        }
+    }
+    // A second run reuses the trained pair instead of training again.
+    let o = rotvar(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("reusing the trained pair"), "{}", stderr(&o));
+}
+
+#[test]
+fn image_grid_command_writes_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let o = rotvar(&["images", "--dataset", "mnist-sample", "--count", "3", "--angles", "0,90", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
+}
