@@ -28,6 +28,9 @@ impl Png {
     fn count(&self, c: [u8; 3]) -> usize {
         self.rgb.chunks_exact(3).filter(|p| *p == c).count()
     }
+    fn count_in_rows(&self, c: [u8; 3], y0: usize, y1: usize) -> usize {
+        self.rgb[y0 * self.w * 3..y1.min(self.h) * self.w * 3].chunks_exact(3).filter(|p| *p == c).count()
+    }
     /// Mean row of the pixels of colour `c`.
     fn mean_y(&self, c: [u8; 3]) -> f64 {
         let (mut n, mut s) = (0usize, 0usize);
@@ -346,6 +349,7 @@ fn random_strips(panels: usize, layers: usize, infinities: bool) -> Strips {
         value_label: "V = V_t / V_x".into(),
         range: None,
         panel_cols: None,
+        aggregate: StripAggregate::Mean,
     }
 }
 
@@ -374,6 +378,7 @@ fn strips_stretch_units_top_to_bottom_and_clip_at_the_limit() {
         value_label: "V".into(),
         range: Some((0.0, 1.0)),
         panel_cols: None,
+        aggregate: StripAggregate::Max,
     };
     heatmap_strips(&path, &spec).unwrap();
     let png = Png::read(&path);
@@ -382,13 +387,22 @@ fn strips_stretch_units_top_to_bottom_and_clip_at_the_limit() {
     assert!(lo >= 42 * 170 && hi >= 42 * 170, "{lo} {hi}");
     assert!(png.mean_y(inferno(0.0)) < png.mean_y(inferno(1.0)));
 
-    // Many units per pixel row: the max wins, so a single large unit among zeros still shows.
+    // Many units per pixel row with `Max`: a single large unit among zeros still shows.
     let mut units = vec![0.0; 100_000];
     units[50_000] = 3.0;
     let spec = Strips { panels: vec![Panel { title: "big".into(), layers: vec![("conv".into(), units)] }], ..spec };
     heatmap_strips(&path, &spec).unwrap();
     let png = Png::read(&path);
     assert!(png.count(inferno(1.0)) >= 42, "the one large unit vanished");
+    // With `Mean` (the default) it is averaged with its ~280 neighbours in that pixel row, while
+    // a single infinity still paints its row non-finite.
+    let mut spec = Strips { aggregate: StripAggregate::Mean, ..spec };
+    heatmap_strips(&path, &spec).unwrap();
+    assert!(Png::read(&path).count(inferno(1.0)) < 42);
+    spec.panels[0].layers[0].1[70_000] = f64::INFINITY;
+    heatmap_strips(&path, &spec).unwrap();
+    // Strip rows are 70..430 (below the 46-px title band and the 24-px panel title).
+    assert!(Png::read(&path).count_in_rows(NONFINITE_RGB, 70, 430) >= 42);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The one font every figure uses, compiled into the binary.
 //!
-//! plotters is built with its `ab_glyph` text backend only (no `ttf`/font-kit feature), so it never
-//! looks for system fonts: text renders the same on a bare machine. The font is a subset of DejaVu
-//! Sans (Latin-1, Greek, dashes, arrows, a few math signs); see `fonts/LICENSE`.
+//! PNG text is rasterized from it by `text.rs`; plotters (built with its `ab_glyph` text backend
+//! only, no `ttf`/font-kit feature, so it never looks for system fonts) gets it registered for the
+//! text measurements it makes while laying out SVGs. Text therefore renders the same on a bare
+//! machine. The font is a subset of DejaVu Sans (Latin-1, Greek, dashes, arrows, a few math signs);
+//! see `fonts/LICENSE`.
 
 use anyhow::{bail, Result};
 use plotters::style::FontStyle;

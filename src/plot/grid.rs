@@ -1,6 +1,7 @@
 //! Image grids: test images and their rotations, first-layer kernels, feature maps.
 
-use super::{fit_text, font, put_text, text_size, Raster, MAX_SIDE, NONFINITE_RGB};
+use super::text::put_text;
+use super::{fit_text, font, text_size, Raster, MAX_SIDE, NONFINITE_RGB};
 use crate::fsio::write_atomic;
 use anyhow::{bail, Context, Result};
 use plotters::style::text_anchor::{HPos, VPos};
@@ -170,26 +171,28 @@ fn render(s: &ImageGrid) -> Result<Raster> {
     }
 
     if s.title.is_some() || row_labels.is_some() || col_labels.is_some() {
-        img.draw(|root| {
+        {
+            let mut labels = Vec::new();
+            let root = &mut labels;
             let black = [0, 0, 0];
             if let Some(t) = &s.title {
                 let t = fit_text(t, TITLE_SIZE, w as u32 - 10);
-                put_text(root, &t, (w as i32 / 2, 8), TITLE_SIZE, black, HPos::Center, VPos::Top, false)?;
+                put_text(root, &t, (w as i32 / 2, 8), TITLE_SIZE, black, HPos::Center, VPos::Top, false);
             }
             if let Some(l) = &col_labels {
                 for (c, t) in l.iter().enumerate() {
                     let x = (left + SEPARATOR + c * (cw + SEPARATOR) + cw / 2) as i32;
-                    put_text(root, t, (x, top as i32 - 4), LABEL_SIZE, black, HPos::Center, VPos::Bottom, false)?;
+                    put_text(root, t, (x, top as i32 - 4), LABEL_SIZE, black, HPos::Center, VPos::Bottom, false);
                 }
             }
             if let Some(l) = &row_labels {
                 for (r, t) in l.iter().enumerate() {
                     let y = (top + SEPARATOR + r * (ch + SEPARATOR) + ch / 2) as i32;
-                    put_text(root, t, (left as i32 - 8, y), LABEL_SIZE, black, HPos::Right, VPos::Center, false)?;
+                    put_text(root, t, (left as i32 - 8, y), LABEL_SIZE, black, HPos::Right, VPos::Center, false);
                 }
             }
-            Ok(())
-        })?;
+            img.draw_labels(&labels);
+        }
     }
     Ok(img)
 }

@@ -1,9 +1,9 @@
 //! A labelled heatmap with a colour bar: the class × angle accuracy figure.
 
 use super::colormap::luminance;
+use super::text::{self, put_text, Label};
 use super::{
-    fit_text, fmt_tick, fmt_value, font, inferno, nice_ticks, pe, put_text, rgb, svg_path, text_size, Raster,
-    NONFINITE_RGB,
+    fit_text, fmt_tick, fmt_value, font, inferno, nice_ticks, pe, rgb, svg_path, text_size, Raster, NONFINITE_RGB,
 };
 use crate::fsio::write_atomic;
 use anyhow::{bail, Context, Result};
@@ -72,13 +72,17 @@ pub fn heatmap(path: &Path, spec: &Heatmap) -> Result<()> {
         font::ensure()?;
         let p = prepare(spec)?;
         let mut raster = Raster::new(p.w, p.h, [255, 255, 255])?;
-        raster.draw(|root| draw(root, spec, &p))?;
+        let mut labels = Vec::new();
+        raster.draw(|root| draw(root, spec, &p, &mut labels))?;
+        raster.draw_labels(&labels);
         write_atomic(path, &raster.to_png()?)?;
         if spec.svg {
             let mut s = String::new();
             {
                 let root = SVGBackend::with_string(&mut s, (p.w, p.h)).into_drawing_area();
-                draw(&root, spec, &p)?;
+                let mut labels = Vec::new();
+                draw(&root, spec, &p, &mut labels)?;
+                text::emit(&root, &labels)?;
                 root.present().map_err(pe)?;
             }
             write_atomic(&svg_path(path), s.as_bytes())?;
@@ -202,11 +206,16 @@ fn fill_rect<DB: DrawingBackend>(
     area.draw(&Rectangle::new([(x, y), (x + w, y + h)], rgb(c).filled())).map_err(pe)
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &Heatmap, p: &Prepared) -> Result<()> {
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    spec: &Heatmap,
+    p: &Prepared,
+    labels: &mut Vec<Label>,
+) -> Result<()> {
     root.fill(&WHITE).map_err(pe)?;
     let black = [0, 0, 0];
     let title = fit_text(&spec.title, TITLE_SIZE, p.w - 20);
-    put_text(root, &title, (p.w as i32 / 2, 14), TITLE_SIZE, black, HPos::Center, VPos::Top, false)?;
+    put_text(labels, &title, (p.w as i32 / 2, 14), TITLE_SIZE, black, HPos::Center, VPos::Top, false);
     let (x0, y0) = (p.left as i32, TOP as i32);
     let (cw, ch) = (p.cell_w as i32, p.cell_h as i32);
     let (pw, ph) = (cw * p.cols as i32, ch * p.rows as i32);
@@ -221,7 +230,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &Heatmap, p: &P
             if let Some(texts) = &p.annotations {
                 let tc = if luminance(color) > 0.5 { [0, 0, 0] } else { [255, 255, 255] };
                 let t = &texts[r * p.cols + c];
-                put_text(root, t, (x + cw / 2, y + ch / 2), ANNOT_SIZE, tc, HPos::Center, VPos::Center, false)?;
+                put_text(labels, t, (x + cw / 2, y + ch / 2), ANNOT_SIZE, tc, HPos::Center, VPos::Center, false);
             }
         }
     }
@@ -232,21 +241,21 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &Heatmap, p: &P
     for (c, label) in p.x_labels.iter().enumerate() {
         let x = x0 + c as i32 * cw + cw / 2;
         if p.rotate_x {
-            put_text(root, label, (x, y0 + ph + 6), LABEL_SIZE, grey, HPos::Right, VPos::Center, true)?;
+            put_text(labels, label, (x, y0 + ph + 6), LABEL_SIZE, grey, HPos::Right, VPos::Center, true);
         } else {
-            put_text(root, label, (x, y0 + ph + 6), LABEL_SIZE, grey, HPos::Center, VPos::Top, false)?;
+            put_text(labels, label, (x, y0 + ph + 6), LABEL_SIZE, grey, HPos::Center, VPos::Top, false);
         }
     }
     for (r, label) in p.y_labels.iter().enumerate() {
         let y = y0 + r as i32 * ch + ch / 2;
-        put_text(root, label, (x0 - 8, y), LABEL_SIZE, grey, HPos::Right, VPos::Center, false)?;
+        put_text(labels, label, (x0 - 8, y), LABEL_SIZE, grey, HPos::Right, VPos::Center, false);
     }
     let mut y = y0 + ph + p.x_band as i32;
     if !spec.x_label.is_empty() {
-        put_text(root, &spec.x_label, (x0 + pw / 2, y + 4), DESC_SIZE, black, HPos::Center, VPos::Top, false)?;
+        put_text(labels, &spec.x_label, (x0 + pw / 2, y + 4), DESC_SIZE, black, HPos::Center, VPos::Top, false);
         y += 28;
     }
-    put_text(root, &spec.y_label, (16, y0 + ph / 2), DESC_SIZE, black, HPos::Center, VPos::Center, true)?;
+    put_text(labels, &spec.y_label, (16, y0 + ph / 2), DESC_SIZE, black, HPos::Center, VPos::Center, true);
 
     // Legend line for non-finite cells (only when there are any).
     if p.nonfinite > 0 {
@@ -254,7 +263,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &Heatmap, p: &P
         root.draw(&Rectangle::new([(x0, y + 6), (x0 + 14, y + 20)], BLACK.stroke_width(1))).map_err(pe)?;
         let s = if p.nonfinite == 1 { "" } else { "s" };
         let text = format!("non-finite value (inf or NaN): {} cell{s}", p.nonfinite);
-        put_text(root, &text, (x0 + 22, y + 13), LABEL_SIZE, black, HPos::Left, VPos::Center, false)?;
+        put_text(labels, &text, (x0 + 22, y + 13), LABEL_SIZE, black, HPos::Left, VPos::Center, false);
     }
 
     // Colour bar.
@@ -271,9 +280,9 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &Heatmap, p: &P
         let py = y0 + ((1.0 - (v - lo) / (hi - lo)) * (bh - 1) as f64).round() as i32;
         let tx = bx + BAR_W as i32;
         root.draw(&PathElement::new(vec![(tx, py), (tx + 4, py)], BLACK.stroke_width(1))).map_err(pe)?;
-        put_text(root, &fmt_tick(v, p.bar_step), (tx + 7, py), LABEL_SIZE, grey, HPos::Left, VPos::Center, false)?;
+        put_text(labels, &fmt_tick(v, p.bar_step), (tx + 7, py), LABEL_SIZE, grey, HPos::Left, VPos::Center, false);
     }
     let lx = bx + BAR_W as i32 + 7 + p.tick_w as i32 + 16;
-    put_text(root, &spec.value_label, (lx, y0 + bh / 2), DESC_SIZE, black, HPos::Center, VPos::Center, true)?;
+    put_text(labels, &spec.value_label, (lx, y0 + bh / 2), DESC_SIZE, black, HPos::Center, VPos::Center, true);
     Ok(())
 }

@@ -1,8 +1,7 @@
 //! Line charts: accuracy vs angle, training curves, per-layer mean V (categorical x axis).
 
-use super::{
-    fit_text, fmt_tick, font, nice_ticks, pe, put_text, rgb, svg_path, text_size, text_style, Raster, PALETTE,
-};
+use super::text::{self, put_text, Label};
+use super::{fit_text, fmt_tick, font, nice_ticks, pe, rgb, svg_path, text_size, Raster, PALETTE};
 use crate::fsio::write_atomic;
 use anyhow::{bail, Context, Result};
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
@@ -80,13 +79,17 @@ pub fn line_chart(path: &Path, spec: &LineChart) -> Result<()> {
         font::ensure()?;
         let p = prepare(spec)?;
         let mut raster = Raster::new(p.w, p.h, [255, 255, 255])?;
-        raster.draw(|root| draw(root, spec, &p))?;
+        let mut labels = Vec::new();
+        raster.draw(|root| draw(root, spec, &p, &mut labels))?;
+        raster.draw_labels(&labels);
         write_atomic(path, &raster.to_png()?)?;
         if spec.svg {
             let mut s = String::new();
             {
                 let root = SVGBackend::with_string(&mut s, (p.w, p.h)).into_drawing_area();
-                draw(&root, spec, &p)?;
+                let mut labels = Vec::new();
+                draw(&root, spec, &p, &mut labels)?;
+                text::emit(&root, &labels)?;
                 root.present().map_err(pe)?;
             }
             write_atomic(&svg_path(path), s.as_bytes())?;
@@ -197,7 +200,7 @@ fn prepare(spec: &LineChart) -> Result<Prepared> {
         .series
         .iter()
         .filter(|s| !s.name.is_empty())
-        .map(|s| text_size(&s.name, LEGEND_SIZE).0 + 80)
+        .map(|s| text_size(&s.name, LEGEND_SIZE).0 + 92)
         .max()
         .unwrap_or(0)
         .min(340);
@@ -317,10 +320,15 @@ impl Ranged for TickAxis {
     }
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &LineChart, p: &Prepared) -> Result<()> {
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    spec: &LineChart,
+    p: &Prepared,
+    labels: &mut Vec<Label>,
+) -> Result<()> {
     root.fill(&WHITE).map_err(pe)?;
     let title = fit_text(&spec.title, TITLE_SIZE, p.w - 20);
-    put_text(root, &title, (p.w as i32 / 2, 14), TITLE_SIZE, [0, 0, 0], HPos::Center, VPos::Top, false)?;
+    put_text(labels, &title, (p.w as i32 / 2, 14), TITLE_SIZE, [0, 0, 0], HPos::Center, VPos::Top, false);
     let (_, body) = root.split_vertically(TITLE_H);
     let (plot_area, legend_area) = body.split_horizontally(p.w - p.legend_w);
 
@@ -335,34 +343,47 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &LineChart, p: 
         .y_label_area_size(p.y_area)
         .build_cartesian_2d(x_spec, y_spec)
         .map_err(pe)?;
-    let cat = p.cat.is_some();
-    let x_fmt = |v: &f64| if cat { String::new() } else { fmt_tick(*v, p.x_step) };
-    let y_fmt = |v: &f64| fmt_tick(*v, p.y_step);
+    // Grid lines from the mesh; tick labels and captions are placed by hand (as labels).
+    let blank = |_: &f64| String::new();
     chart
         .configure_mesh()
         .bold_line_style(RGBColor(222, 222, 222))
         .light_line_style(TRANSPARENT)
         .axis_style(RGBColor(60, 60, 60))
-        .label_style(text_style(TICK_SIZE, [30, 30, 30], HPos::Center, VPos::Center, false))
-        .axis_desc_style(text_style(DESC_SIZE, [0, 0, 0], HPos::Center, VPos::Center, false))
-        .x_desc(spec.x_label.as_str())
-        .y_desc(spec.y_label.as_str())
-        .x_label_formatter(&x_fmt)
-        .y_label_formatter(&y_fmt)
+        .x_label_formatter(&blank)
+        .y_label_formatter(&blank)
         .draw()
         .map_err(pe)?;
-
-    // Categorical labels, drawn by hand so long names can stand vertically under their position.
+    let (xr, yr) = chart.plotting_area().get_pixel_range();
+    let ink = [30, 30, 30];
+    let in_range = |t: f64, r: (f64, f64)| t >= r.0 && t <= r.1;
     if let Some((names, rotate)) = &p.cat {
+        // Categorical labels; long names stand vertically under their position.
         for (i, name) in names.iter().enumerate() {
-            let (px, py) = chart.backend_coord(&(i as f64, p.y_range.0));
+            let (px, _) = chart.backend_coord(&(i as f64, p.y_range.0));
             if *rotate {
-                put_text(root, name, (px, py + 8), TICK_SIZE, [30, 30, 30], HPos::Right, VPos::Center, true)?;
+                put_text(labels, name, (px, yr.end + 8), TICK_SIZE, ink, HPos::Right, VPos::Center, true);
             } else {
-                put_text(root, name, (px, py + 8), TICK_SIZE, [30, 30, 30], HPos::Center, VPos::Top, false)?;
+                put_text(labels, name, (px, yr.end + 8), TICK_SIZE, ink, HPos::Center, VPos::Top, false);
             }
         }
+    } else {
+        for &t in p.x_ticks.iter().filter(|&&t| in_range(t, p.x_range)) {
+            let (px, _) = chart.backend_coord(&(t, p.y_range.0));
+            let text = fmt_tick(t, p.x_step);
+            put_text(labels, &text, (px, yr.end + 7), TICK_SIZE, ink, HPos::Center, VPos::Top, false);
+        }
     }
+    for &t in p.y_ticks.iter().filter(|&&t| in_range(t, p.y_range)) {
+        let (_, py) = chart.backend_coord(&(p.x_range.0, t));
+        let text = fmt_tick(t, p.y_step);
+        put_text(labels, &text, (xr.start - 8, py), TICK_SIZE, ink, HPos::Right, VPos::Center, false);
+    }
+    let black = [0, 0, 0];
+    let xc = (xr.start + xr.end) / 2;
+    put_text(labels, &spec.x_label, (xc, p.h as i32 - 10), DESC_SIZE, black, HPos::Center, VPos::Bottom, false);
+    let yc = (yr.start + yr.end) / 2;
+    put_text(labels, &spec.y_label, (22, yc), DESC_SIZE, black, HPos::Center, VPos::Center, true);
 
     // Series.
     for (i, (s, runs)) in spec.series.iter().zip(&p.runs).enumerate() {
@@ -387,6 +408,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &LineChart, p: 
     if !entries.is_empty() {
         let row_h = 26;
         let (x0, y0) = (4, 10);
+        let (ox, oy) = ((p.w - p.legend_w) as i32, TITLE_H as i32);
         let box_h = entries.len() as i32 * row_h + 10;
         legend_area
             .draw(&Rectangle::new(
@@ -411,8 +433,8 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, spec: &LineChart, p: 
             if s.markers {
                 legend_area.draw(&Circle::new(((lx0 + lx1) / 2, cy), 3, color.filled())).map_err(pe)?;
             }
-            let name = fit_text(&s.name, LEGEND_SIZE, p.legend_w.saturating_sub(76));
-            put_text(&legend_area, &name, (lx1 + 10, cy), LEGEND_SIZE, [0, 0, 0], HPos::Left, VPos::Center, false)?;
+            let name = fit_text(&s.name, LEGEND_SIZE, p.legend_w.saturating_sub(90));
+            put_text(labels, &name, (ox + lx1 + 10, oy + cy), LEGEND_SIZE, black, HPos::Left, VPos::Center, false);
         }
     }
     Ok(())
@@ -425,7 +447,7 @@ mod tests {
     #[test]
     fn clipping_splits_runs_at_the_range_edges() {
         let r = (0.0, 10.0, 0.0, 1.0);
-        let runs = clip_polyline(&[(0.0, 0.5), (1.0, 2.0), (2.0, 0.5), (3.0, 0.5)], r);
+        let runs = clip_polyline(&[(0.0, 0.5), (1.0, 1.5), (2.0, 0.5), (3.0, 0.5)], r);
         assert_eq!(runs, vec![vec![(0.0, 0.5), (0.5, 1.0)], vec![(1.5, 1.0), (2.0, 0.5), (3.0, 0.5)]]);
         assert!(clip_polyline(&[(0.0, 5.0), (1.0, 6.0)], r).is_empty());
         assert_eq!(clip_polyline(&[(1.0, 0.2)], r), vec![vec![(1.0, 0.2)]]);

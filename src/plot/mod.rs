@@ -19,17 +19,17 @@ mod grid;
 mod heatmap;
 mod line;
 mod strips;
+mod text;
 
 pub use colormap::{inferno, NONFINITE_RGB, PALETTE};
 pub use grid::{image_grid, GridNormalize, ImageGrid};
 pub use heatmap::{heatmap, Heatmap};
 pub use line::{line_chart, LineChart, Series};
-pub use strips::{heatmap_strips, Panel, Strips};
+pub use strips::{heatmap_strips, Panel, StripAggregate, Strips};
 
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::{Path, PathBuf};
 
 /// Quantile of sorted finite data with linear interpolation between order statistics (type 7 of
@@ -74,8 +74,9 @@ pub(crate) fn pe<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing failed: {e}")
 }
 
-/// An RGB8 image in memory: raw pixel work goes straight into `buf`; text goes through plotters'
-/// bitmap backend drawing into the same buffer ([`Raster::draw`]).
+/// An RGB8 image in memory: raw pixel work goes straight into `buf`, shapes through plotters'
+/// bitmap backend drawing into the same buffer ([`Raster::draw`]), text through
+/// [`Raster::draw_labels`].
 pub(crate) struct Raster {
     pub w: u32,
     pub h: u32,
@@ -113,7 +114,7 @@ impl Raster {
         }
     }
 
-    /// Draw on top of the pixels already there with plotters (text, lines); nothing is cleared.
+    /// Draw on top of the pixels already there with plotters (lines, shapes); nothing is cleared.
     pub fn draw(&mut self, f: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>) -> Result<()> {
         let (w, h) = (self.w, self.h);
         let root = BitMapBackend::with_buffer(&mut self.buf, (w, h)).into_drawing_area();
@@ -139,19 +140,9 @@ pub(crate) fn rgb(c: [u8; 3]) -> RGBColor {
     RGBColor(c[0], c[1], c[2])
 }
 
-/// A text style in the bundled font. `rotated`: reads bottom to top (90° counter-clockwise).
-pub(crate) fn text_style(size: f64, color: [u8; 3], h: HPos, v: VPos, rotated: bool) -> TextStyle<'static> {
-    let font = FontDesc::new(FontFamily::Name(font::FAMILY), size, FontStyle::Normal);
-    let font = if rotated { font.transform(FontTransform::Rotate270) } else { font };
-    TextStyle { font, color: rgb(color).to_backend_color(), pos: Pos::new(h, v) }
-}
-
 /// Width and height in pixels of `text` set horizontally at `size`.
 pub(crate) fn text_size(text: &str, size: f64) -> (u32, u32) {
-    if text.is_empty() {
-        return (0, size as u32);
-    }
-    FontDesc::new(FontFamily::Name(font::FAMILY), size, FontStyle::Normal).box_size(text).unwrap_or((0, size as u32))
+    text::measure(text, size)
 }
 
 /// Shorten `text` with a trailing "…" until it is at most `max_w` pixels wide at `size`.
@@ -168,24 +159,6 @@ pub(crate) fn fit_text(text: &str, size: f64, max_w: u32) -> String {
         }
     }
     String::new()
-}
-
-/// Draw `text` anchored at pixel (x, y) of `area`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn put_text<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    text: &str,
-    (x, y): (i32, i32),
-    size: f64,
-    color: [u8; 3],
-    h: HPos,
-    v: VPos,
-    rotated: bool,
-) -> Result<()> {
-    if text.is_empty() {
-        return Ok(());
-    }
-    area.draw_text(text, &text_style(size, color, h, v, rotated), (x, y)).map_err(pe)
 }
 
 /// About `target` "nice" tick values (steps of 1, 2, 2.5 or 5 × 10^k) covering [lo, hi].

@@ -1,9 +1,8 @@
 //! Per-layer heatmap strips of per-unit values (SCIENCE.md §1.4): one panel per class, plus "all"
 //! and "stratified"; in each panel one column per layer, one cell per unit.
 
-use super::{
-    fit_text, fmt_tick, fmt_value, font, inferno, nice_ticks, put_text, robust_upper, text_size, Raster, NONFINITE_RGB,
-};
+use super::text::put_text;
+use super::{fit_text, fmt_tick, fmt_value, font, inferno, nice_ticks, robust_upper, text_size, Raster, NONFINITE_RGB};
 use crate::fsio::write_atomic;
 use anyhow::{bail, Context, Result};
 use plotters::style::text_anchor::{HPos, VPos};
@@ -18,14 +17,32 @@ pub struct Panel {
     pub layers: Vec<(String, Vec<f64>)>,
 }
 
+/// How a pixel row of a strip summarizes the units that fall in it, when a layer has more units
+/// than the strip has pixel rows. (With fewer units every unit gets whole rows: nearest.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StripAggregate {
+    /// Mean of the units in the row (the default): the column's average colour matches the layer's
+    /// mean V, and a 25,088-unit layer does not look less invariant than a 10-unit one merely
+    /// because it has more units per pixel. A row with any non-finite unit is painted non-finite.
+    #[default]
+    Mean,
+    /// Maximum of the units in the row: the least invariant units stand out, but large layers
+    /// look uniformly high (a row of 70 units shows roughly their 99th percentile). A row with any
+    /// non-finite unit is painted non-finite.
+    Max,
+    /// The single unit at the row's centre: every pixel is a real unit value (an even subsample),
+    /// but non-finite units between samples are not shown.
+    Nearest,
+}
+
 /// A figure of heatmap-strip panels sharing one colour scale. PNG only.
 ///
 /// Each layer is a column; its units are stacked top (unit 0) to bottom and stretched to the full
 /// strip height, so every layer spans the same height whatever its unit count: a 10-unit layer has
 /// 10 tall cells (with thin grey separators when cells are at least 8 px tall), a 25,088-unit layer
-/// many thin ones. When a layer has more units than the strip has pixel rows, each pixel row shows
-/// the **maximum** of the units that fall in it, and a row containing any non-finite unit is painted
-/// non-finite: large and infinite values (the least invariant units) are never averaged away.
+/// many thin ones. When a layer has more units than the strip has pixel rows, each pixel row
+/// summarizes its units as `aggregate` says (mean by default; non-finite units are never hidden by
+/// `Mean` or `Max`).
 #[derive(Clone, Debug, Default)]
 pub struct Strips {
     pub title: String,
@@ -37,6 +54,8 @@ pub struct Strips {
     pub range: Option<(f64, f64)>,
     /// Panels per row; `None` picks a balanced grid (e.g. 12 panels → 4 × 3).
     pub panel_cols: Option<usize>,
+    /// How pixel rows summarize several units (see [`StripAggregate`]).
+    pub aggregate: StripAggregate,
 }
 
 const TITLE_SIZE: f64 = 22.0;
@@ -63,21 +82,31 @@ pub fn heatmap_strips(path: &Path, spec: &Strips) -> Result<()> {
     .with_context(|| format!("heatmap strips {}", path.display()))
 }
 
-/// The aggregated value of pixel row `r` of `rows` for a layer's units: the single unit under it
-/// when units are fewer than rows (nearest), else the max over the units it covers, non-finite
-/// winning (NaN is reported as NaN, an infinity as itself).
-fn row_value(units: &[f64], r: usize, rows: usize) -> f64 {
+/// The value shown by pixel row `r` of `rows` for a layer's units: with fewer units than rows the
+/// unit under it (each unit spans whole rows); otherwise the units [r·n/rows, (r+1)·n/rows)
+/// summarized by `agg`, a non-finite unit winning for `Mean` and `Max`.
+fn row_value(units: &[f64], r: usize, rows: usize, agg: StripAggregate) -> f64 {
     let n = units.len();
     let lo = r * n / rows;
     let hi = ((r + 1) * n / rows).max(lo + 1).min(n);
-    let mut m = f64::NEG_INFINITY;
+    if hi - lo == 1 {
+        return units[lo];
+    }
+    if agg == StripAggregate::Nearest {
+        return units[(lo + hi) / 2];
+    }
+    let (mut m, mut sum) = (f64::NEG_INFINITY, 0.0);
     for &v in &units[lo..hi] {
         if !v.is_finite() {
             return v;
         }
         m = m.max(v);
+        sum += v;
     }
-    m
+    match agg {
+        StripAggregate::Max => m,
+        _ => sum / (hi - lo) as f64,
+    }
 }
 
 fn render(spec: &Strips) -> Result<Raster> {
@@ -150,8 +179,13 @@ fn render(spec: &Strips) -> Result<Raster> {
     );
     let nonfinite = n_pinf + n_ninf + n_nan;
     let foot2 = format!(
-        "Columns = layers; units stacked top to bottom and stretched to full height (a pixel row shows the max of its units). \
+        "Columns = layers; units stacked top to bottom and stretched to full height (a pixel row shows the {} of its units). \
          Non-finite: {}",
+        match spec.aggregate {
+            StripAggregate::Mean => "mean",
+            StripAggregate::Max => "max",
+            StripAggregate::Nearest => "middle one",
+        },
         if nonfinite == 0 {
             "none".to_string()
         } else {
@@ -185,7 +219,7 @@ fn render(spec: &Strips) -> Result<Raster> {
             let rows = strip_h as usize;
             let separators = n * 8 <= rows;
             for r in 0..rows {
-                let mut c = color(row_value(units, r, rows));
+                let mut c = color(row_value(units, r, rows, spec.aggregate));
                 if separators && r > 0 && r * n / rows != (r - 1) * n / rows {
                     c = [150, 150, 150];
                 }
@@ -224,16 +258,18 @@ fn render(spec: &Strips) -> Result<Raster> {
     }
 
     // Text.
-    img.draw(|root| {
+    {
+        let mut labels = Vec::new();
+        let root = &mut labels;
         let black = [0, 0, 0];
         let title = fit_text(&spec.title, TITLE_SIZE, w - 20);
-        put_text(root, &title, (w as i32 / 2, 12), TITLE_SIZE, black, HPos::Center, VPos::Top, false)?;
+        put_text(root, &title, (w as i32 / 2, 12), TITLE_SIZE, black, HPos::Center, VPos::Top, false);
         let every = (12 / col_w as usize).max(1);
         for (i, panel) in spec.panels.iter().enumerate() {
             let (px, py) = panel_origin(i);
             let pt = fit_text(&panel.title, PANEL_TITLE_SIZE, panel_w + GAP_X - 4);
             let tx = px as i32 + (panel.layers.len() as u32 * col_w).max(40) as i32 / 2;
-            put_text(root, &pt, (tx, py as i32 - 4), PANEL_TITLE_SIZE, black, HPos::Center, VPos::Bottom, false)?;
+            put_text(root, &pt, (tx, py as i32 - 4), PANEL_TITLE_SIZE, black, HPos::Center, VPos::Bottom, false);
             for (j, (name, _)) in panel.layers.iter().enumerate() {
                 if j % every != 0 {
                     continue;
@@ -241,16 +277,16 @@ fn render(spec: &Strips) -> Result<Raster> {
                 let name = fit_text(name, LAYER_SIZE, LAYER_LABEL_MAX);
                 let x = (px + j as u32 * col_w + (col_w - gap) / 2) as i32;
                 let y = (py + strip_h + 5) as i32;
-                put_text(root, &name, (x, y), LAYER_SIZE, [40, 40, 40], HPos::Right, VPos::Center, true)?;
+                put_text(root, &name, (x, y), LAYER_SIZE, [40, 40, 40], HPos::Right, VPos::Center, true);
             }
         }
         for &v in &bar_ticks {
             let y = tick_y(v) as i32;
             let text = fmt_tick(v, bar_step);
-            put_text(root, &text, (bx as i32 + 28, y), FOOT_SIZE, black, HPos::Left, VPos::Center, false)?;
+            put_text(root, &text, (bx as i32 + 28, y), FOOT_SIZE, black, HPos::Left, VPos::Center, false);
         }
         let lx = (w - 22) as i32;
-        put_text(root, &spec.value_label, (lx, (by + bh / 2) as i32), 16.0, black, HPos::Center, VPos::Center, true)?;
+        put_text(root, &spec.value_label, (lx, (by + bh / 2) as i32), 16.0, black, HPos::Center, VPos::Center, true);
         put_text(
             root,
             "clipped above",
@@ -260,7 +296,7 @@ fn render(spec: &Strips) -> Result<Raster> {
             HPos::Center,
             VPos::Bottom,
             false,
-        )?;
+        );
         put_text(
             root,
             &format!("≥ {}", fmt_value(hi)),
@@ -270,7 +306,7 @@ fn render(spec: &Strips) -> Result<Raster> {
             HPos::Center,
             VPos::Bottom,
             false,
-        )?;
+        );
         if nonfinite > 0 {
             put_text(
                 root,
@@ -281,13 +317,13 @@ fn render(spec: &Strips) -> Result<Raster> {
                 HPos::Center,
                 VPos::Top,
                 false,
-            )?;
+            );
         }
-        put_text(root, &foot1, (LEFT as i32, foot_y as i32 + 8), FOOT_SIZE, black, HPos::Left, VPos::Center, false)?;
+        put_text(root, &foot1, (LEFT as i32, foot_y as i32 + 8), FOOT_SIZE, black, HPos::Left, VPos::Center, false);
         let f2x = if nonfinite > 0 { LEFT as i32 + 20 } else { LEFT as i32 };
-        put_text(root, &foot2, (f2x, foot_y as i32 + 28), FOOT_SIZE, black, HPos::Left, VPos::Center, false)?;
-        Ok(())
-    })?;
+        put_text(root, &foot2, (f2x, foot_y as i32 + 28), FOOT_SIZE, black, HPos::Left, VPos::Center, false);
+        img.draw_labels(&labels);
+    }
     Ok(img)
 }
 
@@ -296,12 +332,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_take_the_nearest_unit_or_the_max_and_keep_non_finite() {
+    fn rows_take_the_nearest_unit_or_summarize_and_keep_non_finite() {
+        use StripAggregate::*;
         let few = [1.0, 2.0];
-        assert_eq!((0..4).map(|r| row_value(&few, r, 4)).collect::<Vec<_>>(), vec![1.0, 1.0, 2.0, 2.0]);
+        assert_eq!((0..4).map(|r| row_value(&few, r, 4, Mean)).collect::<Vec<_>>(), vec![1.0, 1.0, 2.0, 2.0]);
         let many = [1.0, 5.0, 2.0, 3.0, f64::INFINITY, 0.0];
-        assert_eq!((0..3).map(|r| row_value(&many, r, 3)).collect::<Vec<_>>(), vec![5.0, 3.0, f64::INFINITY]);
-        let nan = [f64::NAN, 1.0];
-        assert!(row_value(&nan, 0, 1).is_nan());
+        assert_eq!((0..3).map(|r| row_value(&many, r, 3, Max)).collect::<Vec<_>>(), vec![5.0, 3.0, f64::INFINITY]);
+        assert_eq!((0..3).map(|r| row_value(&many, r, 3, Mean)).collect::<Vec<_>>(), vec![3.0, 2.5, f64::INFINITY]);
+        assert_eq!((0..3).map(|r| row_value(&many, r, 3, Nearest)).collect::<Vec<_>>(), vec![5.0, 3.0, 0.0]);
+        assert!(row_value(&[f64::NAN, 1.0], 0, 1, Mean).is_nan());
     }
 }
