@@ -17,6 +17,17 @@ for r in 1 2 3; do
   "$bin" bench train --device cuda --steps 50 >> "$out/train_rotvar.jsonl" 2>> "$out/train_rotvar.err"
   "$py" benches/torch_reference.py --device cuda --steps 50 >> "$out/train_torch.jsonl" 2>> "$out/train_torch.err"
 done
+# Rotation (issue 4) and the variance measure (issue 5).
+"$bin" bench rotate --device cuda --images 200000 --steps 20 > "$out/rotate_rotvar.jsonl" 2> "$out/rotate_rotvar.err"
+for r in 1 2 3; do
+  "$bin" bench eval-angles --device cuda --models lenet,simpleconv --images 10000 --angles 16 --batch-size 4096 >> "$out/evalangles_rotvar.jsonl" 2>> "$out/evalangles_rotvar.err"
+  (cd benches && "$py" torch_rotated_eval.py --device cuda --images 10000 --angles 16 --batch-size 4096) >> "$out/evalangles_torch.jsonl" 2>> "$out/evalangles_torch.err"
+done
+for per in map element; do
+  "$bin" bench measure --device cuda --models simpleconv --images 10000 --angles 16 --batch-size 256 --per $per >> "$out/measure_rotvar.jsonl" 2>> "$out/measure_rotvar.err"
+  (cd benches && "$py" torch_measure.py --device cuda --models simpleconv --images 10000 --rotations 16 --per $per) >> "$out/measure_torch.jsonl" 2>> "$out/measure_torch.err"
+  (cd benches && "$py" torch_measure.py --device cuda --models simpleconv --images 2000 --rotations 16 --per $per) >> "$out/measure_torch_small.jsonl" 2>> "$out/measure_torch.err"
+done
 "$py" - "$out" <<'PY'
 import json, statistics, sys, os
 d = sys.argv[1]
@@ -32,4 +43,19 @@ for m in ("lenet", "simpleconv"):
     b = [x["images_per_second"] for x in tr if x["model"] == m]
     if a and b:
         print(f"train {m}: rotvar {statistics.median(a):.0f} img/s  pytorch {statistics.median(b):.0f} img/s  ratio {statistics.median(a)/statistics.median(b):.2f}")
+for r in load("rotate_rotvar.jsonl"):
+    print(f"rotate: {r['rotate_gb_per_s']:.0f} GB/s vs device copy {r['copy_gb_per_s']:.0f} GB/s: {100*r['ratio']:.0f}% (target >= 80%)")
+eo, et = load("evalangles_rotvar.jsonl"), load("evalangles_torch.jsonl")
+for m in ("lenet", "simpleconv"):
+    a = [x["seconds"] for x in eo if x["model"] == m]
+    b = [x["seconds"] for x in et if x["model"] == m]
+    if a and b:
+        print(f"eval 10000 x 16 angles {m}: rotvar {statistics.median(a):.3f}s  pytorch {statistics.median(b):.3f}s  speed-up {statistics.median(b)/statistics.median(a):.2f}x (target >= 2 for lenet)")
+mo, mt = load("measure_rotvar.jsonl"), load("measure_torch.jsonl")
+for o in mo:
+    t = next((t for t in mt if t["per"] == o["per"]), None)
+    line = f"measure simpleconv per {o['per']}: forward alone {o['forward_seconds']:.3f}s, measure {o['measure_seconds']:.3f}s, overhead {100*o['overhead']:.0f}% (target <= 25%)"
+    if t:
+        line += f"; pytorch hooks+welford {t['measure_seconds']:.3f}s, speed-up {t['measure_seconds']/o['measure_seconds']:.1f}x (target >= 10)"
+    print(line)
 PY

@@ -140,3 +140,184 @@ pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize) -> Result<Vec<Con
     }
     Ok(out)
 }
+
+/// The rotation kernel's effective bandwidth next to the driver's device-to-device copy of the
+/// same bytes (each reads and writes every value once), on `images` MNIST-sized images.
+#[derive(Debug, Serialize)]
+pub struct RotateBandwidth {
+    pub device: String,
+    pub images: usize,
+    pub megabytes_moved: f64,
+    pub rotate_gb_per_s: f64,
+    pub copy_gb_per_s: f64,
+    /// rotate / copy.
+    pub ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn rotate_bandwidth(b: &BackendRef, images: usize, reps: usize) -> Result<RotateBandwidth> {
+    use crate::backend::{rotation_matrix, Interp, RotateGeom};
+    let g = RotateGeom { n: images, c: 1, h: 28, w: 28 };
+    let mut rng = Rng::new(5);
+    let x = b.upload(&(0..g.len()).map(|_| rng.normal()).collect::<Vec<f32>>())?;
+    let mats: Vec<[f32; 4]> = (0..images).map(|i| rotation_matrix(i as f32 * 7.3)).collect();
+    let mut y = b.alloc(g.len())?;
+    let (mut t_rot, mut t_copy) = (Vec::new(), Vec::new());
+    for i in 0..reps + 2 {
+        b.synchronize()?;
+        let t = Instant::now();
+        b.warp(&x, &mats, Interp::Bilinear, &[-0.42], &mut y, &g)?;
+        b.synchronize()?;
+        let r = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        b.copy(&x, &mut y, g.len())?;
+        b.synchronize()?;
+        let c = t.elapsed().as_secs_f64();
+        if i >= 2 {
+            t_rot.push(r);
+            t_copy.push(c);
+        }
+    }
+    let bytes = 2.0 * 4.0 * g.len() as f64;
+    let (rot, copy) = (bytes / median(t_rot) / 1e9, bytes / median(t_copy) / 1e9);
+    Ok(RotateBandwidth {
+        device: b.describe(),
+        images,
+        megabytes_moved: bytes / 1e6,
+        rotate_gb_per_s: rot,
+        copy_gb_per_s: copy,
+        ratio: rot / copy,
+    })
+}
+
+/// A test set of random MNIST-shaped images with balanced labels, on `b` (benchmarks only).
+fn random_test_set(b: &BackendRef, images: usize) -> Result<crate::train::DeviceDataset> {
+    let mut rng = Rng::new(9);
+    let pixels: Vec<u8> = (0..images * 784).map(|_| (rng.next_u64() >> 56) as u8).collect();
+    let ds = crate::data::Dataset {
+        name: "random".into(),
+        split: crate::data::Split::Test,
+        images: pixels,
+        labels: (0..images).map(|i| (i % 10) as u8).collect(),
+        n: images,
+        channels: 1,
+        height: 28,
+        width: 28,
+        class_names: (0..10).map(|c| c.to_string()).collect(),
+    };
+    crate::train::DeviceDataset::upload(&ds, &ds.channel_stats(), b)
+}
+
+#[derive(Debug, Serialize)]
+pub struct RotatedEval {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub model: String,
+    pub device: String,
+    pub images: usize,
+    pub angles: usize,
+    pub seconds: f64,
+    pub rotated_images_per_second: f64,
+}
+
+/// `eval --angles` of `arch` (random weights) over `images` test images × `angles` angles: the
+/// same work as benches/torch_rotated_eval.py (affine_grid + grid_sample + the same model).
+pub fn rotated_eval(b: &BackendRef, arch: &str, images: usize, angles: usize, batch: usize) -> Result<RotatedEval> {
+    let model = Model::build(arch, InputSpec { channels: 1, height: 28, width: 28, classes: 10 }, b, 0)?;
+    let data = random_test_set(b, images)?;
+    let set: Vec<f32> = (0..angles).map(|i| 360.0 * i as f32 / angles as f32).collect();
+    let names: Vec<String> = (0..10).map(|c| c.to_string()).collect();
+    // Warm-up on a slice, then the timed run.
+    crate::angle_eval::evaluate_angles(&model, &random_test_set(b, batch.min(images))?, &set, batch, 0, &names, true)?;
+    b.synchronize()?;
+    let t = Instant::now();
+    crate::angle_eval::evaluate_angles(&model, &data, &set, batch, 0, &names, true)?;
+    b.synchronize()?;
+    let seconds = t.elapsed().as_secs_f64();
+    Ok(RotatedEval {
+        implementation: "rotvar".into(),
+        model: arch.into(),
+        device: b.describe(),
+        images,
+        angles,
+        seconds,
+        rotated_images_per_second: (images * angles) as f64 / seconds,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct MeasureCost {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub model: String,
+    pub device: String,
+    pub images: usize,
+    pub rotations: usize,
+    pub per: String,
+    /// The rotated forward passes alone (same batches, same rotations, no measure).
+    pub forward_seconds: f64,
+    /// The whole streaming measure, stratified and not.
+    pub measure_seconds: f64,
+    /// measure / forward − 1.
+    pub overhead: f64,
+}
+
+/// The variance measure's cost over the rotated forward passes it rides on.
+pub fn measure_cost(
+    b: &BackendRef,
+    arch: &str,
+    images: usize,
+    rotations: usize,
+    per: crate::measure::Per,
+    batch: usize,
+) -> Result<MeasureCost> {
+    use crate::backend::Interp;
+    let model = Model::build(arch, InputSpec { channels: 1, height: 28, width: 28, classes: 10 }, b, 0)?;
+    let data = random_test_set(b, images)?;
+    let cfg = crate::measure::MeasureConfig {
+        angles: crate::measure::rotation_angles(rotations),
+        fill: data.fill.clone(),
+        per,
+        reduce: crate::backend::MapReduce::Mean,
+        batch,
+    };
+    let forward = || -> Result<f64> {
+        b.synchronize()?;
+        let t = Instant::now();
+        let order: Vec<u32> = (0..images as u32).collect();
+        for idx in order.chunks(batch) {
+            let (x, _) = data.batch(idx)?;
+            for &a in &cfg.angles {
+                let xr = ops::rotate(&x, &vec![a; idx.len()], Interp::Bilinear, &cfg.fill)?;
+                let mut sink = |_: &str, _: &Tensor| -> Result<()> { Ok(()) };
+                model.forward(&xr, &mut Forward::observe(&mut sink))?;
+            }
+        }
+        b.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let measure = || -> Result<f64> {
+        b.synchronize()?;
+        let t = Instant::now();
+        crate::measure::measure(&model, &data, &cfg, &mut |_, _| {})?;
+        b.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    forward()?;
+    let (f, m) = (forward()?, measure()?);
+    Ok(MeasureCost {
+        implementation: "rotvar".into(),
+        model: arch.into(),
+        device: b.describe(),
+        images,
+        rotations,
+        per: format!("{per:?}").to_lowercase(),
+        forward_seconds: f,
+        measure_seconds: m,
+        overhead: m / f - 1.0,
+    })
+}

@@ -71,9 +71,20 @@ struct SelftestArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: train (whole training steps) or conv (each convolution pass).
+    /// What to measure: train (whole training steps), conv (each convolution pass), rotate
+    /// (rotation kernel vs device-to-device copy), eval-angles (rotated evaluation), measure
+    /// (the variance measure's cost over the rotated forward passes).
     #[arg(default_value = "train")]
     what: String,
+    /// Images for rotate, eval-angles and measure.
+    #[arg(long, default_value_t = 10000)]
+    images: usize,
+    /// Angles (eval-angles) or rotations (measure).
+    #[arg(long, default_value_t = 16)]
+    angles: usize,
+    /// Units of the measure benchmark.
+    #[arg(long, value_enum, default_value_t = Per::Map)]
+    per: Per,
     /// Comma-separated models.
     #[arg(long, default_value = "lenet,simpleconv")]
     models: String,
@@ -670,7 +681,26 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             }
             return Ok(());
         }
-        other => bail!("unknown benchmark '{other}': available: train, conv"),
+        "rotate" => {
+            let r = crate::bench::rotate_bandwidth(&b, a.images, a.steps)?;
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+        "eval-angles" => {
+            for arch in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let r = crate::bench::rotated_eval(&b, arch, a.images, a.angles, a.batch_size)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            return Ok(());
+        }
+        "measure" => {
+            for arch in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let r = crate::bench::measure_cost(&b, arch, a.images, a.angles, a.per, a.batch_size)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            return Ok(());
+        }
+        other => bail!("unknown benchmark '{other}': available: train, conv, rotate, eval-angles, measure"),
     }
     for arch in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let r = crate::bench::train_throughput(&b, arch, a.batch_size, a.warmup, a.steps)?;

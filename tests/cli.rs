@@ -258,7 +258,17 @@ fn quick_experiment_writes_the_report_and_every_figure() {
 fn image_grid_command_writes_a_png() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("grid.png");
-    let o = rotvar(&["images", "--dataset", "mnist-sample", "--count", "3", "--angles", "0,90", "--out", out.to_str().unwrap()]);
+    let o = rotvar(&[
+        "images",
+        "--dataset",
+        "mnist-sample",
+        "--count",
+        "3",
+        "--angles",
+        "0,90",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
 }

@@ -317,6 +317,8 @@ pub trait Backend: Send + Sync {
     /// Copy rows `idx[i]` of `src` (rows of `row_len`) into row i of `dst`: batch gathering
     /// from a dataset that stays resident on the device.
     fn gather_rows(&self, src: &Storage, row_len: usize, idx: &[u32], dst: &mut Storage) -> Result<()>;
+    /// y[..len] = x[..len] (on a GPU the driver's device-to-device copy).
+    fn copy(&self, x: &Storage, y: &mut Storage, len: usize) -> Result<()>;
     /// Wait for queued work (a no-op on the CPU); used only at measurement boundaries.
     fn synchronize(&self) -> Result<()> {
         Ok(())

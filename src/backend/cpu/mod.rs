@@ -117,6 +117,15 @@ impl Backend for CpuBackend {
         Ok(host(s)?.to_vec())
     }
 
+    fn copy(&self, x: &Storage, y: &mut Storage, len: usize) -> Result<()> {
+        let (x, y) = (host(x)?, host_mut(y)?);
+        if x.len() < len || y.len() < len {
+            bail!("copy: buffers of {} and {} values where {len} are needed", x.len(), y.len());
+        }
+        y[..len].copy_from_slice(&x[..len]);
+        Ok(())
+    }
+
     fn gather_rows(&self, src: &Storage, row_len: usize, idx: &[u32], dst: &mut Storage) -> Result<()> {
         let (src, dst) = (host(src)?, host_mut(dst)?);
         same_len("gather_rows", dst.len(), idx.len() * row_len)?;

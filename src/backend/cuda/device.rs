@@ -368,6 +368,27 @@ impl Exec {
         Ok(())
     }
 
+    /// dst[..len] = src[..len] on the device: the driver's device-to-device copy (the bandwidth
+    /// baseline of the data kernels' benchmarks).
+    pub fn copy(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer, len: usize) -> Result<()> {
+        if src.len() < len || dst.len() < len {
+            anyhow::bail!("copy: buffers of {} and {} values where {len} are needed", src.len(), dst.len());
+        }
+        match (src.buf(), dst.buf_mut(), self) {
+            (Buf::Host(a), Buf::Host(b), _) => b[..len].copy_from_slice(&a[..len]),
+            (Buf::Gpu(a), Buf::Gpu(b), Exec::Gpu(g)) => {
+                if len > 0 {
+                    let mut view = b.slice_mut(0..len);
+                    g.stream
+                        .memcpy_dtod(&a.slice(0..len), &mut view)
+                        .map_err(|e| driver_err("copying on the GPU", e))?;
+                }
+            }
+            _ => anyhow::bail!("copy: buffers from different executors"),
+        }
+        Ok(())
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Exec::Emulated => Ok(()),

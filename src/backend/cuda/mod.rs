@@ -251,6 +251,14 @@ impl Backend for CudaBackend {
         self.exec.download(self.buf(s)?)
     }
 
+    fn copy(&self, x: &Storage, y: &mut Storage, len: usize) -> Result<()> {
+        let src = self.buf(x)?;
+        let Storage::Cuda(dst) = y else {
+            bail!("a tensor on the CPU was passed to the CUDA backend; move it to the GPU first");
+        };
+        self.exec.copy(src, dst, len)
+    }
+
     fn gather_rows(&self, src: &Storage, row_len: usize, idx: &[u32], dst: &mut Storage) -> Result<()> {
         let rows = self.buf(src)?.len() / row_len.max(1);
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= rows) {
