@@ -390,3 +390,18 @@ fn augmentation_specs_parse_draw_and_apply_deterministically() {
         assert_eq!(none.to_vec().unwrap(), x.to_vec().unwrap());
     }
 }
+
+#[test]
+fn device_copy_copies_exactly_the_requested_prefix() {
+    for (name, be) in backends() {
+        let x = Rng(31).vec(1000, -5.0, 5.0);
+        let xs = be.upload(&x).unwrap();
+        let mut ys = be.upload(&vec![f32::NAN; 1000]).unwrap();
+        be.copy(&xs, &mut ys, 700).unwrap();
+        let y = be.download(&ys).unwrap();
+        assert_bits_eq(&format!("{name} copy"), &y[..700], &x[..700]);
+        assert!(y[700..].iter().all(|v| v.is_nan()), "{name}: copied past the requested length");
+        let mut short = be.alloc(10).unwrap();
+        assert!(be.copy(&xs, &mut short, 700).is_err(), "{name}: short destination");
+    }
+}
