@@ -1,11 +1,10 @@
 //! A labelled heatmap with a colour bar: the class × angle accuracy figure.
 
 use super::colormap::luminance;
-use super::text::{self, put_text, Label};
+use super::text::{put_text, Label};
 use super::{
-    fit_text, fmt_tick, fmt_value, font, inferno, nice_ticks, pe, rgb, svg_path, text_size, Raster, NONFINITE_RGB,
+    fit_text, fmt_tick, fmt_value, inferno, nice_ticks, pe, rgb, text_size, write_figure, Figure, NONFINITE_RGB,
 };
-use crate::fsio::write_atomic;
 use anyhow::{bail, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -69,27 +68,19 @@ struct Prepared {
 /// Draw a heatmap with a colour bar into `path` (PNG, plus SVG beside it if `spec.svg`).
 pub fn heatmap(path: &Path, spec: &Heatmap) -> Result<()> {
     (|| -> Result<()> {
-        font::ensure()?;
         let p = prepare(spec)?;
-        let mut raster = Raster::new(p.w, p.h, [255, 255, 255])?;
-        let mut labels = Vec::new();
-        raster.draw(|root| draw(root, spec, &p, &mut labels))?;
-        raster.draw_labels(&labels);
-        write_atomic(path, &raster.to_png()?)?;
-        if spec.svg {
-            let mut s = String::new();
-            {
-                let root = SVGBackend::with_string(&mut s, (p.w, p.h)).into_drawing_area();
-                let mut labels = Vec::new();
-                draw(&root, spec, &p, &mut labels)?;
-                text::emit(&root, &labels)?;
-                root.present().map_err(pe)?;
-            }
-            write_atomic(&svg_path(path), s.as_bytes())?;
-        }
-        Ok(())
+        write_figure(path, &(spec, &p), spec.svg)
     })()
     .with_context(|| format!("heatmap {}", path.display()))
+}
+
+impl Figure for (&Heatmap, &Prepared) {
+    fn size(&self) -> (u32, u32) {
+        (self.1.w, self.1.h)
+    }
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, labels: &mut Vec<Label>) -> Result<()> {
+        draw(root, self.0, self.1, labels)
+    }
 }
 
 fn prepare(spec: &Heatmap) -> Result<Prepared> {

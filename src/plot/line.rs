@@ -1,8 +1,7 @@
 //! Line charts: accuracy vs angle, training curves, per-layer mean V (categorical x axis).
 
-use super::text::{self, put_text, Label};
-use super::{fit_text, fmt_tick, font, nice_ticks, pe, rgb, svg_path, text_size, Raster, PALETTE};
-use crate::fsio::write_atomic;
+use super::text::{put_text, Label};
+use super::{fit_text, fmt_tick, nice_ticks, pe, rgb, text_size, write_figure, Figure, PALETTE};
 use anyhow::{bail, Context, Result};
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
 use plotters::coord::Shift;
@@ -76,27 +75,19 @@ struct Prepared {
 /// Draw a line chart into `path` (PNG, plus SVG beside it if `spec.svg`). Errors name the path.
 pub fn line_chart(path: &Path, spec: &LineChart) -> Result<()> {
     (|| -> Result<()> {
-        font::ensure()?;
         let p = prepare(spec)?;
-        let mut raster = Raster::new(p.w, p.h, [255, 255, 255])?;
-        let mut labels = Vec::new();
-        raster.draw(|root| draw(root, spec, &p, &mut labels))?;
-        raster.draw_labels(&labels);
-        write_atomic(path, &raster.to_png()?)?;
-        if spec.svg {
-            let mut s = String::new();
-            {
-                let root = SVGBackend::with_string(&mut s, (p.w, p.h)).into_drawing_area();
-                let mut labels = Vec::new();
-                draw(&root, spec, &p, &mut labels)?;
-                text::emit(&root, &labels)?;
-                root.present().map_err(pe)?;
-            }
-            write_atomic(&svg_path(path), s.as_bytes())?;
-        }
-        Ok(())
+        write_figure(path, &(spec, &p), spec.svg)
     })()
     .with_context(|| format!("line chart {}", path.display()))
+}
+
+impl Figure for (&LineChart, &Prepared) {
+    fn size(&self) -> (u32, u32) {
+        (self.1.w, self.1.h)
+    }
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, labels: &mut Vec<Label>) -> Result<()> {
+        draw(root, self.0, self.1, labels)
+    }
 }
 
 fn prepare(spec: &LineChart) -> Result<Prepared> {

@@ -27,6 +27,7 @@ pub use heatmap::{heatmap, Heatmap};
 pub use line::{line_chart, LineChart, Series};
 pub use strips::{heatmap_strips, Panel, StripAggregate, Strips};
 
+use crate::fsio::write_atomic;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -231,6 +232,36 @@ pub(crate) fn fmt_value(v: f64) -> String {
 /// The SVG written beside a PNG: same path, extension `.svg`.
 pub(crate) fn svg_path(path: &Path) -> PathBuf {
     path.with_extension("svg")
+}
+
+/// A chart drawn the same way into a bitmap and an SVG: labels are collected while drawing and
+/// rendered with the bundled font (PNG) or emitted as `<text>` (SVG).
+pub(crate) trait Figure {
+    fn size(&self) -> (u32, u32);
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, labels: &mut Vec<text::Label>) -> Result<()>;
+}
+
+/// Write `fig` as a PNG at `path` and, with `svg`, as an SVG beside it; both atomically.
+pub(crate) fn write_figure(path: &Path, fig: &impl Figure, svg: bool) -> Result<()> {
+    font::ensure()?;
+    let (w, h) = fig.size();
+    let mut raster = Raster::new(w, h, [255, 255, 255])?;
+    let mut labels = Vec::new();
+    raster.draw(|root| fig.draw(root, &mut labels))?;
+    raster.draw_labels(&labels);
+    write_atomic(path, &raster.to_png()?)?;
+    if svg {
+        let mut s = String::new();
+        {
+            let root = SVGBackend::with_string(&mut s, (w, h)).into_drawing_area();
+            let mut labels = Vec::new();
+            fig.draw(&root, &mut labels)?;
+            text::emit(&root, &labels)?;
+            root.present().map_err(pe)?;
+        }
+        write_atomic(&svg_path(path), s.as_bytes())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
