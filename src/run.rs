@@ -175,7 +175,10 @@ pub fn train_model(
         record.total_seconds = start.elapsed().as_secs_f64();
         write_json(&metrics_path, &record)
     })?;
-    eprintln!("wrote {} and {}", ckpt_path.display(), metrics_path.display());
+    // Drawn after the checkpoint and metrics are safely written: a plotting problem loses nothing.
+    let label = if cfg.augment.is_none() { "unrotated".to_string() } else { cfg.augment.to_string() };
+    crate::figures::training_curves(out, &[(&label, &record, false)])?;
+    eprintln!("wrote {}, {} and training_{{accuracy,loss}}.png", ckpt_path.display(), metrics_path.display());
     if let Some(last) = record.epochs.last() {
         println!(
             "{} ({}) on {}: test accuracy {:.2}% after {} epochs ({:.0} img/s training)",

@@ -160,7 +160,9 @@ fn train_pair_then_eval_versus_angle() {
     assert!(manifest["git_commit"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(!run.join("manifest.partial.json").exists());
     for m in ["unrotated", "rotated"] {
-        assert!(run.join(m).join("model.safetensors").exists(), "{m}");
+        for f in ["model.safetensors", "metrics.json", "training_accuracy.png", "training_loss.png"] {
+            assert!(run.join(m).join(f).exists(), "{m}/{f}");
+        }
     }
     let ck = run.join("rotated/model.safetensors");
     let out = dir.path().join("angles");
