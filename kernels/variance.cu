@@ -16,7 +16,7 @@
 // float, the first of equal values wins, as the CPU's reduce_unit).
 // variant: one thread per row, sequential over hw, so the order of the sum is
 // fixed (a tree reduction over hw would need a different CPU twin).
-// Launch: block 256, grid = max(1, min(ceil(rows/1024), 4*SMs)), no shared
+// Launch: block 256, grid = max(1, min(ceil(rows/256), 16*SMs)), no shared
 // memory; any 1-D grid/block is correct (grid-stride). hw >= 1.
 extern "C" __global__ void variance_reduce_f64(double* vals, const float* act, long long rows, int hw, int mode) {
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -56,7 +56,7 @@ __device__ __forceinline__ void rv_welford(double& mean, double& m2, double v, d
 // variant: one thread per unit loops over the batch in order, so no two
 // threads touch the same accumulator and no atomics are needed; a unit's
 // samples must be folded sequentially anyway (Welford is order-dependent).
-// Launch: block 256, grid = max(1, min(ceil(units/1024), 4*SMs)), no shared
+// Launch: block 256, grid = max(1, min(ceil(units/256), 16*SMs)), no shared
 // memory; any 1-D grid/block is correct (grid-stride).
 extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
                                                double* sum_std, const double* vals, const unsigned* class_rank, int n,

@@ -107,6 +107,14 @@ impl CudaBackend {
         (n.div_ceil(1024).clamp(1, cap) as u32, 1, 1)
     }
 
+    /// One thread per item (with `BLOCK`), for kernels whose items are long sequential loops
+    /// (the variance measure folds a whole batch per unit): more threads in flight, up to 16
+    /// blocks per SM before the grid-stride loop takes over.
+    fn thread_per_item_grid(&self, n: usize) -> Dim {
+        let cap = 16 * self.exec.sm_count() as usize;
+        (n.div_ceil(BLOCK.0 as usize).clamp(1, cap) as u32, 1, 1)
+    }
+
     fn launch(&self, name: &str, grid: Dim, block: Dim, shared: u32, args: &[KArg]) -> Result<()> {
         self.exec.launch(name, grid, block, shared, args)
     }
@@ -552,7 +560,7 @@ impl Backend for CudaBackend {
             i32_of(g.hw, "hw")?,
             KArg::I32(g.reduce.code()),
         ];
-        self.launch("variance_reduce_f64", self.ew_grid(rows), BLOCK, 0, &reduce)?;
+        self.launch("variance_reduce_f64", self.thread_per_item_grid(rows), BLOCK, 0, &reduce)?;
         let labels: Vec<u32> = class.iter().chain(rank).copied().collect();
         self.exec.upload_indices(&mut v.class_rank, &labels)?;
         let cr = v.class_rank.as_ref().ok_or_else(|| anyhow::anyhow!("label buffer missing after upload"))?;
@@ -570,7 +578,7 @@ impl Backend for CudaBackend {
             i32_of(g.rotations, "rotations")?,
             i32_of(j, "j")?,
         ];
-        self.launch("variance_update_f64", self.ew_grid(g.units), BLOCK, 0, &update)?;
+        self.launch("variance_update_f64", self.thread_per_item_grid(g.units), BLOCK, 0, &update)?;
         st.commit_update(class, rank, j);
         Ok(())
     }
