@@ -80,6 +80,16 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let manifest: PairManifest = if out.join(run::MANIFEST).exists() {
         let m = run::read_manifest(out)?;
+        if m.model != o.model || m.dataset != o.data.dataset {
+            anyhow::bail!(
+                "{} holds a trained pair of {} on {}, not {} on {}: pass another --out (or remove that directory)",
+                out.display(),
+                m.model,
+                m.dataset,
+                o.model,
+                o.data.dataset
+            );
+        }
         eprintln!("reusing the trained pair in {} ({} on {})", out.display(), m.model, m.dataset);
         m
     } else {

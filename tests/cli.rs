@@ -254,6 +254,12 @@ fn quick_experiment_writes_the_report_and_every_figure() {
     let o = rotvar(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("reusing the trained pair"), "{}", stderr(&o));
+    // ...but not a pair of another model.
+    let mut other: Vec<&str> = args.to_vec();
+    other.extend(["--model", "simpleconv"]);
+    let o = rotvar(&other);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("holds a trained pair of lenet") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
 
 #[test]
