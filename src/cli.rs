@@ -108,6 +108,28 @@ struct DataArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// Smaller runs on the first images of each split.
+#[derive(Args, Clone, Copy)]
+struct SubsetArgs {
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+}
+
+impl SubsetArgs {
+    fn source(self, dataset: &str, data_dir: Option<&Path>) -> DataSource {
+        DataSource {
+            dataset: dataset.into(),
+            data_dir: data_dir.map(Path::to_path_buf),
+            train_limit: self.limit,
+            test_limit: self.test_limit,
+        }
+    }
+}
+
 #[derive(Args)]
 struct TrainArgs {
     /// Model architecture.
@@ -141,12 +163,8 @@ struct TrainArgs {
     /// Output directory for model.safetensors and metrics.json.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Train on the first N training images only.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Evaluate on the first N test images only.
-    #[arg(long)]
-    test_limit: Option<usize>,
+    #[command(flatten)]
+    subset: SubsetArgs,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -180,12 +198,8 @@ struct TrainPairArgs {
     /// Run directory (default: runs/MODEL-DATASET-pair).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Train on the first N training images only.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Evaluate on the first N test images only.
-    #[arg(long)]
-    test_limit: Option<usize>,
+    #[command(flatten)]
+    subset: SubsetArgs,
     #[arg(long)]
     quiet: bool,
 }
@@ -323,12 +337,8 @@ struct ExperimentArgs {
     per: Per,
     #[arg(long, value_enum, default_value_t = MapReduce::Mean)]
     reduce: MapReduce,
-    /// Train on the first N training images only.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Evaluate on the first N test images only.
-    #[arg(long)]
-    test_limit: Option<usize>,
+    #[command(flatten)]
+    subset: SubsetArgs,
     /// Measure V on the first N test images only (default: all; 500 with --quick).
     #[arg(long)]
     measure_limit: Option<usize>,
@@ -400,12 +410,7 @@ fn load_split(name: &str, dir: Option<&Path>, split: Split, limit: Option<usize>
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
     run::check_model(&a.model)?;
-    let source = DataSource {
-        dataset: a.data.dataset.clone(),
-        data_dir: a.data.data_dir.clone(),
-        train_limit: a.limit,
-        test_limit: a.test_limit,
-    };
+    let source = a.subset.source(&a.data.dataset, a.data.data_dir.as_deref());
     let train_set = source.load(Split::Train)?;
     let test_set = source.load(Split::Test)?;
     let b = open_backend(a.device)?;
@@ -430,12 +435,7 @@ fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
     let b = open_backend(a.device)?;
     let opts = PairOptions {
         model: a.model.to_ascii_lowercase(),
-        data: DataSource {
-            dataset: a.data.dataset.clone(),
-            data_dir: a.data.data_dir.clone(),
-            train_limit: a.limit,
-            test_limit: a.test_limit,
-        },
+        data: a.subset.source(&a.data.dataset, a.data.data_dir.as_deref()),
         epochs: (a.epochs, a.rotated_epochs),
         lr: a.lr,
         batch_size: a.batch_size,
@@ -600,7 +600,7 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
         o
     };
     o.model = model.to_ascii_lowercase();
-    o.data = DataSource { dataset, data_dir: a.data_dir.clone(), train_limit: a.limit, test_limit: a.test_limit };
+    o.data = a.subset.source(&dataset, a.data_dir.as_deref());
     o.epochs = (a.epochs.or(o.epochs.0), a.rotated_epochs.or(o.epochs.1));
     o.lr = a.lr;
     o.seed = a.seed;

@@ -145,6 +145,11 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
             &format!("{} {label}: first-layer kernels", manifest.model),
             &model,
         )?;
+        if label == "rotated" {
+            // The test images under rotation: the same for both models (same data, same fill).
+            let grid_angles: Vec<f32> = (0..8).map(|i| i as f32 * 45.0).collect();
+            figures::rotation_grid(&figs.join("rotations.png"), &test, 6, &grid_angles)?;
+        }
         let fm_dir = figs.join(format!("feature_maps_{label}"));
         std::fs::create_dir_all(&fm_dir)?;
         let fm_angles: Vec<f32> = (0..8).map(|i| i as f32 * 45.0).collect();
@@ -185,24 +190,6 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
         &u.difference,
         &r.difference,
     )?;
-    // A shared grid of test images under rotation (the same for both models).
-    {
-        let (_, meta) = checkpoint::load(&out.join(&manifest.rotated.checkpoint), b)?;
-        let test = job::checkpoint_test_data(
-            &meta,
-            &out.join(&manifest.rotated.checkpoint),
-            Some(&manifest.dataset),
-            o.data.data_dir.as_deref(),
-            o.data.test_limit,
-            b,
-        )?;
-        figures::rotation_grid(
-            &figs.join("rotations.png"),
-            &test,
-            6,
-            &(0..8).map(|i| i as f32 * 45.0).collect::<Vec<_>>(),
-        )?;
-    }
     let report = report(&manifest, &members, o, start.elapsed().as_secs_f64());
     let path = out.join("report.md");
     write_atomic(&path, report.as_bytes())?;

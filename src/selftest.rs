@@ -7,8 +7,8 @@
 
 use crate::autograd::Tape;
 use crate::backend::{
-    AdamParams, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
-    VarianceGeom,
+    class_ranks, AdamParams, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom, PoolKind, RotateGeom,
+    SgdParams, Storage, VarianceGeom,
 };
 use crate::models::{InputSpec, Model};
 use crate::nn::Forward;
@@ -378,13 +378,7 @@ fn variance(c: &mut Ctx, g: &VarianceGeom, batches: usize) -> Result<()> {
     for i in 0..batches {
         let len = if i + 1 == batches { g.batch.div_ceil(2) } else { g.batch };
         let class: Vec<u32> = (0..len).map(|_| c.rng.below(g.classes as u64) as u32).collect();
-        let rank: Vec<u32> = class
-            .iter()
-            .map(|&k| {
-                seen[k as usize] += 1;
-                seen[k as usize]
-            })
-            .collect();
+        let rank = class_ranks(&mut seen, &class);
         for j in 0..g.rotations {
             let act = c.normal(g.act_len(len));
             let (ra, ta) = c.pair(&act)?;

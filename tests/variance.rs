@@ -5,7 +5,7 @@
 
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::cuda::CudaBackend;
-use rotvar::backend::{BackendRef, Interp, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
+use rotvar::backend::{class_ranks, BackendRef, Interp, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
 use rotvar::measure::{self, output, reference::reference, LayerVariance, MeasureConfig, Per, VarianceStats};
 use rotvar::models::{InputSpec, Model};
 use rotvar::nn::Forward;
@@ -134,13 +134,7 @@ fn feed(be: &BackendRef, st: &mut VarianceState, case: &Case, chunks: &[usize]) 
         let len = chunks[c % chunks.len()].clamp(1, batch).min(case.n - start);
         c += 1;
         let class = &case.labels[start..start + len];
-        let rank: Vec<u32> = class
-            .iter()
-            .map(|&k| {
-                seen[k as usize] += 1;
-                seen[k as usize]
-            })
-            .collect();
+        let rank = class_ranks(&mut seen, class);
         for j in 0..case.m {
             let act = be.upload(&case.batch_act(start, len, j)).unwrap();
             be.variance_update(st, &act, len, class, &rank, j).unwrap();

@@ -11,7 +11,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod variance;
 
-pub use variance::{MapReduce, VarianceGeom, VarianceMoments, VarianceState};
+pub use variance::{class_ranks, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
 
 use anyhow::{bail, Result};
 use std::fmt;

@@ -257,6 +257,19 @@ pub fn welford_step(mean: &mut f64, m2: &mut f64, v: f64, count: f64) {
     *m2 += d * (v - *mean);
 }
 
+/// The `rank` argument of [`crate::backend::Backend::variance_update`] for a batch with labels
+/// `class`: each sample's 1-based running count within its class, continuing from `seen`
+/// (per-class counts of the earlier batches), which is advanced past this batch.
+pub fn class_ranks(seen: &mut [u32], class: &[u32]) -> Vec<u32> {
+    class
+        .iter()
+        .map(|&k| {
+            seen[k as usize] += 1;
+            seen[k as usize]
+        })
+        .collect()
+}
+
 /// Unbiased standard deviation sqrt(M2 / (count − 1)) of `count` observations; 0 for a single
 /// observation (or none), as the definition requires.
 #[inline]

@@ -4,7 +4,7 @@
 //! activations for one batch plus, per layer, moments of size classes × rotations × units.
 
 use super::{finalize, LayerVariance};
-use crate::backend::{Interp, MapReduce, VarianceGeom, VarianceState};
+use crate::backend::{class_ranks, Interp, MapReduce, VarianceGeom, VarianceState};
 use crate::models::Model;
 use crate::nn::Forward;
 use crate::ops;
@@ -111,13 +111,7 @@ pub fn measure(
     for idx in order.chunks(batch) {
         let (x, _) = data.batch(idx)?;
         let class: Vec<u32> = idx.iter().map(|&i| data.labels_host[i as usize] as u32).collect();
-        let rank: Vec<u32> = class
-            .iter()
-            .map(|&k| {
-                seen[k as usize] += 1;
-                seen[k as usize]
-            })
-            .collect();
+        let rank = class_ranks(&mut seen, &class);
         for (j, &angle) in cfg.angles.iter().enumerate() {
             let xr = ops::rotate(&x, &vec![angle; idx.len()], Interp::Bilinear, &cfg.fill)?;
             let first = passes == 0;
