@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""cuDNN (PyTorch eager) reference for `rotvar bench conv`: the same convolution shapes and passes,
-fp32 with TF32 off, median of CUDA-event timings after warm-up. JSON lines in rotvar's format."""
-import argparse, json
+"""PyTorch eager reference for `rotvar bench conv`: the same convolution shapes and passes, fp32.
+On CUDA: cuDNN, TF32 off, median of CUDA-event timings after warm-up. On the CPU (--device cpu):
+oneDNN, median of wall-clock timings after warm-up. JSON lines in rotvar's format."""
+import argparse, json, time
 import torch
 
 SHAPES = [  # (layer, N, C, H, K, kernel, stride, pad) at batch N, as in src/bench.rs conv_shapes
@@ -10,6 +11,14 @@ SHAPES = [  # (layer, N, C, H, K, kernel, stride, pad) at batch N, as in src/ben
     ("simpleconv.conv5", 64, 7, 128, 3, 1, 1), ("lenet.conv2", 6, 14, 16, 5, 1, 2),
     ("lenet.conv3", 16, 7, 120, 5, 1, 2),
 ]
+
+
+def median_ms_cpu(f, reps):
+    f()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter(); f(); times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def median_ms(f, reps):
@@ -26,15 +35,25 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--layers", default="", help="comma-separated layer names (default: all)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = a.device
+    timer = median_ms if dev == "cuda" else median_ms_cpu
+    impl, device = ("cudnn", torch.cuda.get_device_name()) if dev == "cuda" else ("pytorch-cpu", f"cpu ({torch.get_num_threads()} threads)")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
     n = a.batch_size
     for layer, c, h, k, r, s, p in SHAPES:
-        x = torch.randn(n, c, h, h, device="cuda", requires_grad=True)
-        w = torch.randn(k, c, r, r, device="cuda", requires_grad=True)
-        b = torch.randn(k, device="cuda")
+        if a.layers and layer not in a.layers.split(","):
+            continue
+        x = torch.randn(n, c, h, h, device=dev, requires_grad=True)
+        w = torch.randn(k, c, r, r, device=dev, requires_grad=True)
+        b = torch.randn(k, device=dev)
         y = torch.nn.functional.conv2d(x, w, b, s, p)
         dy = torch.randn_like(y)
         oh = y.shape[2]
@@ -45,9 +64,9 @@ def main():
             "backward_weight": lambda: torch.ops.aten.convolution_backward(dy, x, w, [k], [s, s], [p, p], [1, 1], False, [0, 0], 1, [False, True, True]),
         }
         for name, f in passes.items():
-            ms = median_ms(f, a.reps)
-            print(json.dumps({"impl": "cudnn", "layer": layer, "pass": name, "median_ms": ms,
-                              "gflops": flops / (ms * 1e-3) / 1e9, "device": torch.cuda.get_device_name()}), flush=True)
+            ms = timer(f, a.reps)
+            print(json.dumps({"impl": impl, "layer": layer, "pass": name, "median_ms": ms,
+                              "gflops": flops / (ms * 1e-3) / 1e9, "device": device}), flush=True)
 
 
 if __name__ == "__main__":
