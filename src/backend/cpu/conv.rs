@@ -33,90 +33,105 @@ fn is_pointwise(g: &ConvGeom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
 }
 
-/// The output columns `ox` whose input column `ox*stride - pad + kx` lies inside the image.
-fn valid_cols(g: &ConvGeom, kx: usize) -> (usize, usize) {
-    let s = g.stride;
-    // smallest ox with ox*s + kx >= pad, and first ox with ox*s + kx >= pad + w
-    let lo = g.pad.saturating_sub(kx).div_ceil(s);
-    let hi = (g.pad + g.w).saturating_sub(kx).div_ceil(s).min(g.ow);
-    (lo.min(hi), hi)
+thread_local! {
+    /// Per-thread copy of one input plane with its zero border, for im2col and col2im.
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Spare values after a padded plane, so 8-wide row copies may read past its end.
+const SLACK: usize = 8;
+
+/// Run `f` with this thread's zeroed padded-plane buffer (rows of `g.w + 2·pad`).
+fn with_padded<R>(g: &ConvGeom, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let len = (g.h + 2 * g.pad) * (g.w + 2 * g.pad) + SLACK;
+    PADDED.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        b.resize(len, 0.0);
+        f(&mut b)
+    })
 }
 
 /// col[(ci, ky, kx), (oy, ox)] = x[ci, oy*s - p + ky, ox*s - p + kx] (0 outside the image).
 ///
-/// Each output row splits into a zero prefix, a run of valid columns (a plain copy when the
-/// stride is 1) and a zero suffix, so the inner loops carry no bounds checks per element.
+/// Each input plane is first copied inside a zero border, so every output row becomes a plain
+/// copy with no bounds logic (the window always lies inside the padded plane). Rows shorter than
+/// 16 values (7×7 and 14×14 outputs) go in whole 8-value chunks that may spill into the next
+/// row of the same block, which is written right after: a call to memcpy per 7-value row cost
+/// more than the copy.
 pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
     let p = g.oh * g.ow;
-    for ci in 0..g.c_in {
-        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = (ci * g.kh + ky) * g.kw + kx;
-                let dst = &mut col[row * p..(row + 1) * p];
-                let (lo, hi) = valid_cols(g, kx);
-                for oy in 0..g.oh {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
-                    if iy < 0 || iy >= g.h as isize {
-                        drow.fill(0.0);
-                        continue;
+    let wp = g.w + 2 * g.pad;
+    let chunks = g.ow.div_ceil(8);
+    // Rows whose chunked copy stays inside the block; the rest are copied exactly.
+    let chunked_rows = if g.stride == 1 && g.ow < 16 { (p + 1).saturating_sub(8 * chunks).div_ceil(g.ow).min(g.oh) } else { 0 };
+    with_padded(g, |padded| {
+        for ci in 0..g.c_in {
+            let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for (y, src) in plane.chunks_exact(g.w).enumerate() {
+                let at = (y + g.pad) * wp + g.pad;
+                padded[at..at + g.w].copy_from_slice(src);
+            }
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = (ci * g.kh + ky) * g.kw + kx;
+                    let dst = &mut col[row * p..(row + 1) * p];
+                    for oy in 0..chunked_rows {
+                        let (s0, d0) = ((oy + ky) * wp + kx, oy * g.ow);
+                        for c in 0..chunks {
+                            let s: &[f32; 8] = padded[s0 + 8 * c..s0 + 8 * c + 8].try_into().unwrap();
+                            let d: &mut [f32; 8] = (&mut dst[d0 + 8 * c..d0 + 8 * c + 8]).try_into().unwrap();
+                            *d = *s;
+                        }
                     }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    drow[..lo].fill(0.0);
-                    drow[hi..].fill(0.0);
-                    // A kernel column that sees only padding (kernel wider than the padded
-                    // image reaches) has no valid run.
-                    if lo == hi {
-                        continue;
-                    }
-                    let first = lo * g.stride + kx - g.pad;
-                    if g.stride == 1 {
-                        drow[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
-                    } else {
-                        for (j, d) in drow[lo..hi].iter_mut().enumerate() {
-                            *d = src[first + j * g.stride];
+                    for oy in chunked_rows..g.oh {
+                        let src = &padded[(oy * g.stride + ky) * wp + kx..];
+                        let drow = &mut dst[oy * g.ow..(oy + 1) * g.ow];
+                        if g.stride == 1 {
+                            drow.iter_mut().zip(src).for_each(|(d, s)| *d = *s);
+                        } else {
+                            drow.iter_mut().zip(src.iter().step_by(g.stride)).for_each(|(d, s)| *d = *s);
                         }
                     }
                 }
             }
         }
-    }
+    })
 }
 
 /// The adjoint of im2col: dx[ci, iy, ix] += dcol[...] for every place it was copied from.
+///
+/// Sums into a padded plane (in the same order as a direct scatter would, so the result is the
+/// same to the bit) and keeps its interior.
 pub fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     let p = g.oh * g.ow;
-    dx.fill(0.0);
-    for ci in 0..g.c_in {
-        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = (ci * g.kh + ky) * g.kw + kx;
-                let src = &col[row * p..(row + 1) * p];
-                let (lo, hi) = valid_cols(g, kx);
-                for oy in 0..g.oh {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    if lo == hi {
-                        continue;
-                    }
-                    let drow = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    let srow = &src[oy * g.ow + lo..oy * g.ow + hi];
-                    let first = lo * g.stride + kx - g.pad;
-                    if g.stride == 1 {
-                        drow[first..first + (hi - lo)].iter_mut().zip(srow).for_each(|(d, s)| *d += s);
-                    } else {
-                        for (j, s) in srow.iter().enumerate() {
-                            drow[first + j * g.stride] += s;
+    let wp = g.w + 2 * g.pad;
+    with_padded(g, |padded| {
+        for ci in 0..g.c_in {
+            if ci > 0 {
+                padded.fill(0.0);
+            }
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = (ci * g.kh + ky) * g.kw + kx;
+                    let src = &col[row * p..(row + 1) * p];
+                    for (oy, srow) in src.chunks_exact(g.ow).enumerate() {
+                        let drow = &mut padded[(oy * g.stride + ky) * wp + kx..];
+                        if g.stride == 1 {
+                            drow.iter_mut().zip(srow).for_each(|(d, s)| *d += s);
+                        } else {
+                            drow.iter_mut().step_by(g.stride).zip(srow).for_each(|(d, s)| *d += s);
                         }
                     }
                 }
             }
+            let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for (y, drow) in plane.chunks_exact_mut(g.w).enumerate() {
+                let at = (y + g.pad) * wp + g.pad;
+                drow.copy_from_slice(&padded[at..at + g.w]);
+            }
         }
-    }
+    })
 }
 
 pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], g: &ConvGeom) {
@@ -203,5 +218,60 @@ pub fn backward_weight(x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f
             }
             *d = s as f32;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// im2col and col2im against their definitions, bit for bit, on row widths on both sides of
+    /// the chunked-copy limit, strides 1–3 and paddings up to the kernel size.
+    #[test]
+    fn im2col_and_col2im_match_their_definitions() {
+        let mut rng = Rng::new(11);
+        let mut cases = 0;
+        for &(c, h, w) in &[(2, 7, 7), (1, 5, 9), (3, 14, 13), (1, 28, 28), (2, 3, 20), (1, 1, 6)] {
+            for &(kh, kw) in &[(1, 1), (3, 3), (5, 5), (2, 3)] {
+                for stride in 1..=3 {
+                    for pad in 0..=kh.max(kw) {
+                        let Ok(g) = ConvGeom::new(1, c, h, w, 2, (kh, kw), stride, pad) else { continue };
+                        cases += 1;
+                        let x: Vec<f32> = (0..c * h * w).map(|_| rng.normal()).collect();
+                        let (k, p) = (g.k(), g.oh * g.ow);
+                        let mut col = vec![f32::NAN; k * p];
+                        im2col(&x, &g, &mut col);
+                        let dcol: Vec<f32> = (0..k * p).map(|_| rng.normal()).collect();
+                        let mut want_dx = vec![0.0f32; c * h * w];
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let r = (ci * kh + ky) * kw + kx;
+                                    for oy in 0..g.oh {
+                                        for ox in 0..g.ow {
+                                            let iy = (oy * stride + ky) as isize - pad as isize;
+                                            let ix = (ox * stride + kx) as isize - pad as isize;
+                                            let inside = iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
+                                            let at = ci * h * w + (iy.max(0) as usize) * w + ix.max(0) as usize;
+                                            let want = if inside { x[at] } else { 0.0 };
+                                            assert_eq!(col[r * p + oy * g.ow + ox].to_bits(), want.to_bits(), "{g:?} row {r} ({oy},{ox})");
+                                            if inside {
+                                                want_dx[at] += dcol[r * p + oy * g.ow + ox];
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let mut dx = vec![f32::NAN; c * h * w];
+                        col2im(&dcol, &g, &mut dx);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&dx), bits(&want_dx), "{g:?}");
+                    }
+                }
+            }
+        }
+        assert!(cases > 200, "only {cases} geometries were valid");
     }
 }
