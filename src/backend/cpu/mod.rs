@@ -27,6 +27,8 @@ use std::sync::{Arc, OnceLock};
 const EW_CHUNK: usize = 1 << 14;
 /// Rows per task in the dense layers; fixed so GEMM blocking never depends on thread count.
 const ROW_CHUNK: usize = 32;
+/// Input columns per task in the dense layers' weight gradient.
+const COL_CHUNK: usize = 512;
 
 pub struct CpuBackend;
 
@@ -262,12 +264,24 @@ impl Backend for CpuBackend {
         m: usize,
     ) -> Result<()> {
         let (x, dy, dw) = (host(x)?, host(dy)?, host_mut(dw)?);
-        // Split over output rows (never over the batch), so each row's sum has one fixed order.
-        dw.par_chunks_mut(ROW_CHUNK * k).enumerate().for_each(|(c, dwc)| {
-            let rows = dwc.len() / k;
-            let dyc = &dy[c * ROW_CHUNK..];
-            sgemm(rows, k, n, dyc, Mat::transposed(m), x, Mat::rows(k), dwc, Mat::rows(k), false);
-        });
+        // Split over blocks of input columns (never over the batch), so each weight's sum has one
+        // fixed order. Columns, not output rows: a layer has few outputs (84 in LeNet's fc1,
+        // three row blocks for two threads) but thousands of inputs.
+        let blocks: Vec<Vec<f32>> = (0..k.div_ceil(COL_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let (c0, cols) = (c * COL_CHUNK, COL_CHUNK.min(k - c * COL_CHUNK));
+                let mut block = vec![0.0f32; m * cols];
+                sgemm(m, cols, n, dy, Mat::transposed(m), &x[c0..], Mat::rows(k), &mut block, Mat::rows(cols), false);
+                block
+            })
+            .collect();
+        for (c, block) in blocks.iter().enumerate() {
+            let cols = block.len() / m.max(1);
+            for (dst, src) in dw.chunks_mut(k).zip(block.chunks(cols.max(1))) {
+                dst[c * COL_CHUNK..c * COL_CHUNK + cols].copy_from_slice(src);
+            }
+        }
         if let Some(db) = db {
             let db = host_mut(db)?;
             db.par_iter_mut().enumerate().for_each(|(j, d)| {
