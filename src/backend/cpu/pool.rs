@@ -165,11 +165,17 @@ mod tests {
             let (mut y_fast, mut y_ref) = (vec![f32::NAN; dy.len()], vec![-7.0; dy.len()]);
             forward(PoolKind::Max, &x, &mut y_fast, &g);
             forward_generic(PoolKind::Max, &x, &mut y_ref, &g);
-            assert_eq!(y_fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), y_ref.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                y_fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y_ref.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
             let (mut dx_fast, mut dx_ref) = (vec![f32::NAN; x.len()], vec![-7.0; x.len()]);
             backward(PoolKind::Max, &x, &dy, &mut dx_fast, &g);
             backward_generic(PoolKind::Max, &x, &dy, &mut dx_ref, &g);
-            assert_eq!(dx_fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), dx_ref.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                dx_fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                dx_ref.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }
