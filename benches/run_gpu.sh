@@ -57,5 +57,7 @@ for o in mo:
     line = f"measure simpleconv per {o['per']}: forward alone {o['forward_seconds']:.3f}s, measure {o['measure_seconds']:.3f}s, overhead {100*o['overhead']:.0f}% (target <= 25%)"
     if t:
         line += f"; pytorch hooks+welford {t['measure_seconds']:.3f}s, speed-up {t['measure_seconds']/o['measure_seconds']:.1f}x (target >= 10)"
+    if o.get("peak_extra_bytes") is not None:
+        line += f"; peak extra GPU memory {o['peak_extra_bytes']/2**20:.1f} MiB for {o['images']} images, {o['peak_extra_bytes_quarter']/2**20:.1f} MiB for a quarter (target: equal)"
     print(line)
 PY

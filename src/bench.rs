@@ -95,18 +95,15 @@ pub fn conv_shapes(batch: usize) -> Vec<(&'static str, crate::backend::ConvGeom)
     ]
 }
 
+/// Median over `reps` of the device time of `f` (CUDA events on a GPU), after one warm-up call.
 fn median_ms(b: &BackendRef, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     b.synchronize()?;
     let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let s = Instant::now();
-        f()?;
-        b.synchronize()?;
-        t.push(s.elapsed().as_secs_f64() * 1e3);
+    for _ in 0..reps.max(1) {
+        t.push(b.time_ms(&mut f)?);
     }
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
+    Ok(median(t))
 }
 
 /// Median time and GFLOP/s of each convolution pass at the shapes of `conv_shapes`.
@@ -167,23 +164,17 @@ pub fn rotate_bandwidth(b: &BackendRef, images: usize, reps: usize) -> Result<Ro
     let mats: Vec<[f32; 4]> = (0..images).map(|i| rotation_matrix(i as f32 * 7.3)).collect();
     let mut y = b.alloc(g.len())?;
     let (mut t_rot, mut t_copy) = (Vec::new(), Vec::new());
+    // Alternating, so drift in clocks or load hits both alike; two warm-up rounds.
     for i in 0..reps + 2 {
-        b.synchronize()?;
-        let t = Instant::now();
-        b.warp(&x, &mats, Interp::Bilinear, &[-0.42], &mut y, &g)?;
-        b.synchronize()?;
-        let r = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        b.copy(&x, &mut y, g.len())?;
-        b.synchronize()?;
-        let c = t.elapsed().as_secs_f64();
+        let r = b.time_ms(&mut || b.warp(&x, &mats, Interp::Bilinear, &[-0.42], &mut y, &g))?;
+        let c = b.time_ms(&mut || b.copy(&x, &mut y, g.len()))?;
         if i >= 2 {
             t_rot.push(r);
             t_copy.push(c);
         }
     }
     let bytes = 2.0 * 4.0 * g.len() as f64;
-    let (rot, copy) = (bytes / median(t_rot) / 1e9, bytes / median(t_copy) / 1e9);
+    let (rot, copy) = (bytes / (median(t_rot) * 1e-3) / 1e9, bytes / (median(t_copy) * 1e-3) / 1e9);
     Ok(RotateBandwidth {
         device: b.describe(),
         images,
@@ -264,6 +255,12 @@ pub struct MeasureCost {
     pub measure_seconds: f64,
     /// measure / forward − 1.
     pub overhead: f64,
+    /// Device memory the measure needs on top of what was in use before it started (the model
+    /// and the resident test set), at its peak: over all `images`, and over a quarter of them.
+    /// Equal when the measure's memory does not grow with the number of samples. Absent on the
+    /// CPU, whose memory is not tracked.
+    pub peak_extra_bytes: Option<u64>,
+    pub peak_extra_bytes_quarter: Option<u64>,
 }
 
 /// The variance measure's cost over the rotated forward passes it rides on.
@@ -300,15 +297,21 @@ pub fn measure_cost(
         b.synchronize()?;
         Ok(t.elapsed().as_secs_f64())
     };
-    let measure = || -> Result<f64> {
+    // Seconds and peak extra device bytes of the measure over `data`.
+    let measure = |data: &crate::train::DeviceDataset| -> Result<(f64, Option<u64>)> {
         b.synchronize()?;
+        b.reset_peak_memory();
+        let before = b.memory_stats();
         let t = Instant::now();
-        crate::measure::measure(&model, &data, &cfg, &mut |_, _| {})?;
+        crate::measure::measure(&model, data, &cfg, &mut |_, _| {})?;
         b.synchronize()?;
-        Ok(t.elapsed().as_secs_f64())
+        let secs = t.elapsed().as_secs_f64();
+        let extra = before.zip(b.memory_stats()).map(|(a, z)| z.peak_in_use_bytes.saturating_sub(a.in_use_bytes));
+        Ok((secs, extra))
     };
     forward()?;
-    let (f, m) = (forward()?, measure()?);
+    let (f, (m, peak)) = (forward()?, measure(&data)?);
+    let (_, peak_quarter) = measure(&random_test_set(b, (images / 4).max(1))?)?;
     Ok(MeasureCost {
         implementation: "rotvar".into(),
         model: arch.into(),
@@ -319,5 +322,7 @@ pub fn measure_cost(
         forward_seconds: f,
         measure_seconds: m,
         overhead: m / f - 1.0,
+        peak_extra_bytes: peak,
+        peak_extra_bytes_quarter: peak_quarter,
     })
 }

@@ -31,3 +31,42 @@ fn lenet_training_follows_the_cpu_loss_curve_under_emulation() {
         assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "step {i}: cpu loss {x}, cuda-emu loss {y}");
     }
 }
+
+/// The device-memory counts behind `rotvar bench measure`: buffers handed out and returned,
+/// the peak and its reset, and reuse from the pool (which holds memory without using it).
+#[test]
+fn memory_stats_count_device_buffers() {
+    let emu: BackendRef = CudaBackend::emulated();
+    assert!(CpuBackend::shared().memory_stats().is_none(), "the CPU does not track memory");
+    let s0 = emu.memory_stats().expect("the CUDA backend tracks memory");
+    let a = emu.alloc(1000).unwrap();
+    let b = emu.alloc(2000).unwrap();
+    let s1 = emu.memory_stats().unwrap();
+    assert_eq!(s1.in_use_bytes, s0.in_use_bytes + 12_000);
+    assert_eq!(s1.held_bytes, s0.held_bytes + 12_000);
+    assert!(s1.peak_in_use_bytes >= s1.in_use_bytes);
+    drop(b);
+    let s2 = emu.memory_stats().unwrap();
+    assert_eq!(s2.in_use_bytes, s0.in_use_bytes + 4_000);
+    assert_eq!(s2.peak_in_use_bytes, s1.peak_in_use_bytes, "the peak stays after a free");
+    assert_eq!(s2.held_bytes, s1.held_bytes, "a freed buffer is kept for reuse");
+    emu.reset_peak_memory();
+    assert_eq!(emu.memory_stats().unwrap().peak_in_use_bytes, s2.in_use_bytes);
+    let b = emu.alloc(2000).unwrap();
+    let s3 = emu.memory_stats().unwrap();
+    assert_eq!(s3.held_bytes, s2.held_bytes, "the same length comes back from the pool");
+    assert_eq!(s3.in_use_bytes, s1.in_use_bytes);
+    drop((a, b));
+}
+
+/// The measure streams: its device memory on top of the model and the data is the same for
+/// a test set four times larger (both made of full batches).
+#[test]
+fn measure_memory_does_not_grow_with_the_number_of_samples() {
+    let emu: BackendRef = CudaBackend::emulated();
+    let r = rotvar::bench::measure_cost(&emu, "lenet", 8, 2, rotvar::measure::Per::Map, 2).expect("measure runs");
+    let (all, quarter) = (r.peak_extra_bytes.expect("tracked"), r.peak_extra_bytes_quarter.expect("tracked"));
+    assert!(all > 0, "the measure used no device memory at all?");
+    assert_eq!(all, quarter, "8 images needed {all} extra bytes, 2 images {quarter}");
+    assert!(r.forward_seconds > 0.0 && r.measure_seconds > 0.0);
+}

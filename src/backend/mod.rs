@@ -299,6 +299,17 @@ pub struct SgdParams {
     pub weight_decay: f32,
 }
 
+/// Byte counts of a backend's device buffers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStats {
+    /// In buffers handed out now.
+    pub in_use_bytes: u64,
+    /// The most in use at once since the last `reset_peak_memory`.
+    pub peak_in_use_bytes: u64,
+    /// Allocated from the driver: in use plus idle buffers kept for reuse.
+    pub held_bytes: u64,
+}
+
 /// One method per op. Buffers are checked by the caller (`ops/`) to have the lengths the
 /// geometry implies; a backend may assume it, but must return an error rather than panic when a
 /// storage belongs to another device.
@@ -323,6 +334,24 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    /// Milliseconds the device takes for the work `f` queues, for benchmarks. On a GPU: CUDA
+    /// events recorded on the stream before and after (what the device did, launch gaps
+    /// included; not the host's time to queue it). On the CPU, whose ops finish before they
+    /// return: the wall clock.
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.synchronize()?;
+        let t = std::time::Instant::now();
+        f()?;
+        self.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+    /// Device memory held in the backend's f32 buffers (activations, batches, parameters,
+    /// gradients, datasets), or `None` where it is not tracked (the CPU).
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        None
+    }
+    /// Start a new peak: `peak_in_use_bytes` becomes the bytes in use now.
+    fn reset_peak_memory(&self) {}
 
     // --- elementwise --------------------------------------------------------------------
     fn fill(&self, x: &mut Storage, value: f32) -> Result<()>;

@@ -7,6 +7,7 @@
 
 use super::emu::{self, KArg, PackedArgs};
 use super::kernels;
+use crate::backend::MemoryStats;
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::collections::HashMap;
@@ -79,10 +80,12 @@ impl Drop for DeviceBuffer {
     }
 }
 
-/// Idle buffers by length (a caching allocator in its simplest form).
+/// Idle buffers by length (a caching allocator in its simplest form), and the byte counts
+/// behind `Backend::memory_stats`.
 #[derive(Default)]
 pub struct Pool {
     free: Mutex<HashMap<usize, Vec<Buf>>>,
+    stats: Mutex<MemoryStats>,
 }
 
 impl Pool {
@@ -91,10 +94,30 @@ impl Pool {
     }
     fn put(&self, len: usize, b: Buf) {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).entry(len).or_default().push(b);
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).in_use_bytes -= 4 * len as u64;
+    }
+    /// Count a buffer handed out: `fresh` when it was just allocated from the driver.
+    fn handed_out(&self, len: usize, fresh: bool) {
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.in_use_bytes += 4 * len as u64;
+        st.peak_in_use_bytes = st.peak_in_use_bytes.max(st.in_use_bytes);
+        if fresh {
+            st.held_bytes += 4 * len as u64;
+        }
     }
     /// Release every idle buffer (on out-of-memory, before retrying).
     fn clear(&self) {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let idle: u64 = free.iter().map(|(len, v)| 4 * (*len as u64) * v.len() as u64).sum();
+        free.clear();
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).held_bytes -= idle;
+    }
+    pub fn stats(&self) -> MemoryStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn reset_peak(&self) {
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.peak_in_use_bytes = st.in_use_bytes;
     }
 }
 
@@ -285,7 +308,9 @@ impl Exec {
 
     /// A buffer of `len` values with unspecified contents, from the pool when possible.
     pub fn alloc(&self, pool: &Arc<Pool>, len: usize) -> Result<DeviceBuffer> {
-        let buf = match pool.take(len) {
+        let reused = pool.take(len);
+        let fresh = reused.is_none();
+        let buf = match reused {
             Some(b) => b,
             None => match self {
                 Exec::Emulated => Buf::Host(vec![0.0; len]),
@@ -310,6 +335,7 @@ impl Exec {
                 }
             },
         };
+        pool.handed_out(len, fresh);
         Ok(DeviceBuffer { buf: Some(buf), len, pool: pool.clone() })
     }
 
@@ -387,6 +413,27 @@ impl Exec {
             _ => anyhow::bail!("copy: buffers from different executors"),
         }
         Ok(())
+    }
+
+    /// Milliseconds between two events recorded on the stream around the work `f` queues (wall
+    /// clock on the emulator, whose work is done when `f` returns).
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        match self {
+            Exec::Emulated => {
+                let t = std::time::Instant::now();
+                f()?;
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            }
+            Exec::Gpu(g) => {
+                // Timing events: cudarc's default flags disable timing.
+                let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let start = g.stream.record_event(timed).map_err(|e| driver_err("recording an event", e))?;
+                f()?;
+                let end = g.stream.record_event(timed).map_err(|e| driver_err("recording an event", e))?;
+                let ms = start.elapsed_ms(&end).map_err(|e| driver_err("reading an event timer", e))?;
+                Ok(ms as f64)
+            }
+        }
     }
 
     pub fn synchronize(&self) -> Result<()> {

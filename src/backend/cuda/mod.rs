@@ -293,6 +293,18 @@ impl Backend for CudaBackend {
         self.exec.synchronize()
     }
 
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.exec.time_ms(f)
+    }
+
+    fn memory_stats(&self) -> Option<super::MemoryStats> {
+        Some(self.pool.stats())
+    }
+
+    fn reset_peak_memory(&self) {
+        self.pool.reset_peak()
+    }
+
     fn fill(&self, x: &mut Storage, value: f32) -> Result<()> {
         let n = self.buf(x)?.len();
         self.ew("fill_f32", n, vec![self.arg(x, n)?, KArg::F32(value)])
