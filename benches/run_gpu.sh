@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format
 "$bin" info | tee "$out/info.txt"
 "$bin" selftest --device cuda 2>&1 | tee "$out/selftest.txt"
 echo "selftest exit: ${PIPESTATUS[0]}" | tee -a "$out/selftest.txt"
-"$bin" bench conv --device cuda --steps 50 > "$out/conv_rotvar.jsonl" 2> "$out/conv_rotvar.err"
-"$py" benches/torch_conv_reference.py --reps 50 > "$out/conv_cudnn.jsonl" 2> "$out/conv_cudnn.err"
+"$bin" bench conv --device cuda --steps 50 --models lenet,simpleconv,resnet18 > "$out/conv_rotvar.jsonl" 2> "$out/conv_rotvar.err"
+"$py" benches/torch_conv_reference.py --reps 50 --models lenet,simpleconv,resnet18 > "$out/conv_cudnn.jsonl" 2> "$out/conv_cudnn.err"
 for r in 1 2 3; do
   "$bin" bench train --device cuda --steps 50 >> "$out/train_rotvar.jsonl" 2>> "$out/train_rotvar.err"
   "$py" benches/torch_reference.py --device cuda --steps 50 >> "$out/train_torch.jsonl" 2>> "$out/train_torch.err"
@@ -36,7 +36,8 @@ ours, ref = load("conv_rotvar.jsonl"), load("conv_cudnn.jsonl")
 for o in ours:
     r = next((r for r in ref if r["layer"] == o["layer"] and r["pass"] == o["pass"]), None)
     if r:
-        print(f"{o['layer']:>18} {o['pass']:>16}: rotvar {o['gflops']:8.0f} GFLOP/s  cuDNN {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f}")
+        ceil = f"  ({100*o['fraction_of_ceiling']:.0f}% of the {o['ceiling_gflops']/1e3:.1f} TFLOP/s FMA ceiling)" if o.get("fraction_of_ceiling") else ""
+        print(f"{o['layer']:>24} {o['pass']:>16}: rotvar {o['gflops']:8.0f} GFLOP/s  cuDNN {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f}{ceil}")
 to, tr = load("train_rotvar.jsonl"), load("train_torch.jsonl")
 for m in ("lenet", "simpleconv"):
     a = [x["images_per_second"] for x in to if x["model"] == m]

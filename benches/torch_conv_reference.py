@@ -10,6 +10,10 @@ SHAPES = [  # (layer, N, C, H, K, kernel, stride, pad) at batch N, as in src/ben
     ("simpleconv.conv3", 32, 14, 64, 3, 1, 1), ("simpleconv.conv4", 64, 14, 64, 3, 1, 1),
     ("simpleconv.conv5", 64, 7, 128, 3, 1, 1), ("lenet.conv2", 6, 14, 16, 5, 1, 2),
     ("lenet.conv3", 16, 7, 120, 5, 1, 2),
+    ("resnet18.conv1", 3, 32, 64, 3, 1, 1), ("resnet18.layer1", 64, 32, 64, 3, 1, 1),
+    ("resnet18.layer2.down", 64, 32, 128, 3, 2, 1), ("resnet18.layer2.shortcut", 64, 32, 128, 1, 2, 0),
+    ("resnet18.layer2", 128, 16, 128, 3, 1, 1), ("resnet18.layer3", 256, 8, 256, 3, 1, 1),
+    ("resnet18.layer4", 512, 4, 512, 3, 1, 1),
 ]
 
 
@@ -37,7 +41,7 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--layers", default="", help="comma-separated layer names (default: all)")
+    ap.add_argument("--models", default="lenet,simpleconv", help="comma-separated models whose layers to time (lenet, simpleconv, resnet18), as rotvar bench conv --models")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -49,7 +53,7 @@ def main():
     torch.backends.cudnn.benchmark = True
     n = a.batch_size
     for layer, c, h, k, r, s, p in SHAPES:
-        if a.layers and layer not in a.layers.split(","):
+        if layer.split(".")[0] not in a.models.split(","):
             continue
         x = torch.randn(n, c, h, h, device=dev, requires_grad=True)
         w = torch.randn(k, c, r, r, device=dev, requires_grad=True)

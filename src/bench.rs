@@ -10,7 +10,7 @@ use crate::ops;
 use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -78,9 +78,15 @@ pub struct ConvTiming {
     pub device: String,
     pub median_ms: f64,
     pub gflops: f64,
+    /// The fp32 FMA ceiling measured on the same device in the same run (`Backend::peak_fma`),
+    /// and this pass's share of it; GPU only (the CPU probe is not a meaningful ceiling).
+    pub ceiling_gflops: Option<f64>,
+    pub fraction_of_ceiling: Option<f64>,
 }
 
-/// Convolution shapes of the models rotvar trains (batch 256, MNIST-sized SimpleConv and LeNet).
+/// Convolution shapes of the models rotvar trains (MNIST-sized SimpleConv and LeNet) and of a
+/// CIFAR ResNet-18 (SCIENCE.md: 64/128/256/512 channels at 32/16/8/4 pixels), named
+/// `model.layer`.
 pub fn conv_shapes(batch: usize) -> Vec<(&'static str, crate::backend::ConvGeom)> {
     use crate::backend::ConvGeom;
     let g = |n, c, h, co, k, s, p| ConvGeom::new(n, c, h, h, co, (k, k), s, p).expect("valid shape");
@@ -92,7 +98,23 @@ pub fn conv_shapes(batch: usize) -> Vec<(&'static str, crate::backend::ConvGeom)
         ("simpleconv.conv5", g(batch, 64, 7, 128, 3, 1, 1)),
         ("lenet.conv2", g(batch, 6, 14, 16, 5, 1, 2)),
         ("lenet.conv3", g(batch, 16, 7, 120, 5, 1, 2)),
+        ("resnet18.conv1", g(batch, 3, 32, 64, 3, 1, 1)),
+        ("resnet18.layer1", g(batch, 64, 32, 64, 3, 1, 1)),
+        ("resnet18.layer2.down", g(batch, 64, 32, 128, 3, 2, 1)),
+        ("resnet18.layer2.shortcut", g(batch, 64, 32, 128, 1, 2, 0)),
+        ("resnet18.layer2", g(batch, 128, 16, 128, 3, 1, 1)),
+        ("resnet18.layer3", g(batch, 256, 8, 256, 3, 1, 1)),
+        ("resnet18.layer4", g(batch, 512, 4, 512, 3, 1, 1)),
     ]
+}
+
+/// The fp32 FMA throughput of `b` in GFLOP/s, from `Backend::peak_fma` (2M threads × 16384
+/// steps × 8 chains: about 10 ms on an H100).
+pub fn fma_ceiling_gflops(b: &BackendRef, reps: usize) -> Result<f64> {
+    let (n, iters) = (1usize << 21, 16384usize);
+    let mut out = b.alloc(n)?;
+    let ms = median_ms(b, reps, || b.peak_fma(&mut out, 0.999, 0.001, iters))?;
+    Ok(16.0 * iters as f64 * n as f64 / (ms * 1e-3) / 1e9)
 }
 
 /// Median over `reps` of the device time of `f` (CUDA events on a GPU), after one warm-up call.
@@ -106,11 +128,23 @@ fn median_ms(b: &BackendRef, reps: usize, mut f: impl FnMut() -> Result<()>) -> 
     Ok(median(t))
 }
 
-/// Median time and GFLOP/s of each convolution pass at the shapes of `conv_shapes`.
-pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize) -> Result<Vec<ConvTiming>> {
+/// Median time and GFLOP/s of each convolution pass at the shapes of `conv_shapes` whose model
+/// is one of `models`; on a GPU also the share of the measured FMA ceiling.
+pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize, models: &[&str]) -> Result<Vec<ConvTiming>> {
+    let shapes: Vec<_> = conv_shapes(batch)
+        .into_iter()
+        .filter(|(layer, _)| models.iter().any(|m| layer.split('.').next() == Some(*m)))
+        .collect();
+    if shapes.is_empty() {
+        bail!("no convolution shapes for models {models:?}: available: lenet, simpleconv, resnet18");
+    }
+    let ceiling = match b.device() {
+        crate::backend::Device::Cuda(_) => Some(fma_ceiling_gflops(b, reps)?),
+        crate::backend::Device::Cpu => None,
+    };
     let mut rng = Rng::new(3);
     let mut out = Vec::new();
-    for (layer, g) in conv_shapes(batch) {
+    for (layer, g) in shapes {
         let mut rand = |n: usize| -> Result<crate::backend::Storage> {
             let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
             b.upload(&v)
@@ -132,6 +166,8 @@ pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize) -> Result<Vec<Con
                 device: b.describe(),
                 median_ms: ms,
                 gflops: g.flops() / (ms * 1e-3) / 1e9,
+                ceiling_gflops: ceiling,
+                fraction_of_ceiling: ceiling.map(|c| g.flops() / (ms * 1e-3) / 1e9 / c),
             });
         }
     }

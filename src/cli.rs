@@ -85,7 +85,8 @@ struct BenchArgs {
     /// Units of the measure benchmark.
     #[arg(long, value_enum, default_value_t = Per::Map)]
     per: Per,
-    /// Comma-separated models.
+    /// Comma-separated models (for `conv`: whose layer shapes to time, of lenet, simpleconv,
+    /// resnet18).
     #[arg(long, default_value = "lenet,simpleconv")]
     models: String,
     #[arg(long, default_value_t = 256)]
@@ -676,7 +677,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     match a.what.as_str() {
         "train" => {}
         "conv" => {
-            for t in crate::bench::conv_timings(&b, a.batch_size, a.steps)? {
+            let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            for t in crate::bench::conv_timings(&b, a.batch_size, a.steps, &models)? {
                 println!("{}", serde_json::to_string(&t)?);
             }
             return Ok(());

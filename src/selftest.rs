@@ -193,6 +193,12 @@ fn elementwise(c: &mut Ctx, n: usize) -> Result<()> {
     t.elu_bwd(&ta, &ty, &tb, 1.0, &mut to)?;
     c.compare("elu_bwd", &shape, &ro, &to, TOL_ELEMENTWISE)?;
 
+    // The benchmark's FMA probe: correctly rounded steps on both sides, so exact.
+    let (mut ro, mut to) = c.poisoned(n)?;
+    r.peak_fma(&mut ro, 0.999, 0.001, 37)?;
+    t.peak_fma(&mut to, 0.999, 0.001, 37)?;
+    c.compare("peak_fma", &shape, &ro, &to, 0.0)?;
+
     let (mut ro, mut to) = c.poisoned(n)?;
     r.fill(&mut ro, 0.25)?;
     t.fill(&mut to, 0.25)?;

@@ -353,6 +353,12 @@ pub trait Backend: Send + Sync {
     /// Start a new peak: `peak_in_use_bytes` becomes the bytes in use now.
     fn reset_peak_memory(&self) {}
 
+    // --- benchmark probe (not a model op) -----------------------------------------------
+    /// out[i] = the sum over c < 8 of the chain x ← fma(x, a, b), `iters` steps from
+    /// x = ((i + c) mod 97)·0.01: 16·iters·len FLOPs of pure FMA work, whose throughput is the
+    /// ceiling `rotvar bench conv` reports each pass against (kernels/peak.cu).
+    fn peak_fma(&self, out: &mut Storage, a: f32, b: f32, iters: usize) -> Result<()>;
+
     // --- elementwise --------------------------------------------------------------------
     fn fill(&self, x: &mut Storage, value: f32) -> Result<()>;
     fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()>;

@@ -140,8 +140,10 @@ pub fn col2im(col: &[f32], g: &ConvGeom, dx: &mut [f32], ld: usize) {
 
 /// Images whose im2col matrices share one GEMM. A 7×7 output gives the GEMM only 49 columns,
 /// too few for its micro-kernels to run at speed; eight images side by side give 392 (forward
-/// and backward-data then run about a quarter faster). Larger outputs gain nothing. Fixed by the
-/// geometry alone, so results never depend on the thread count.
+/// and backward-data then run about a quarter faster; backward-weight, whose reduction runs over
+/// the pixels, gains most on 4×4 maps). Larger outputs gain nothing. Fixed by the geometry
+/// alone, so results never depend on the thread count. Equal to `WGRAD_CHUNK` where it is not 1,
+/// so backward-weight's chunks are exactly its groups.
 fn images_per_gemm(g: &ConvGeom) -> usize {
     if is_pointwise(g) || g.oh * g.ow >= 100 {
         1
@@ -239,7 +241,25 @@ pub fn backward_weight(x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0.0f32; g.c_out * k];
-            for n in c * WGRAD_CHUNK..((c + 1) * WGRAD_CHUNK).min(g.n) {
+            let images = c * WGRAD_CHUNK..((c + 1) * WGRAD_CHUNK).min(g.n);
+            if images_per_gemm(g) > 1 {
+                // Small outputs: the chunk's images side by side, one GEMM with a reduction of
+                // imgs·p instead of imgs GEMMs reducing over p (16 values for a 4×4 map).
+                let ld = images.len() * p;
+                with_scratch((g.c_out + k) * ld, |buf| {
+                    let (dyb, col) = buf.split_at_mut(g.c_out * ld);
+                    for (i, n) in images.enumerate() {
+                        for co in 0..g.c_out {
+                            let plane = &dy[n * out_img + co * p..n * out_img + (co + 1) * p];
+                            dyb[co * ld + i * p..co * ld + (i + 1) * p].copy_from_slice(plane);
+                        }
+                        im2col(&x[n * in_img..(n + 1) * in_img], g, &mut col[i * p..], ld);
+                    }
+                    sgemm(g.c_out, k, ld, dyb, Mat::rows(ld), col, Mat::transposed(ld), &mut acc, Mat::rows(k), false);
+                });
+                return acc;
+            }
+            for n in images {
                 let xn = &x[n * in_img..(n + 1) * in_img];
                 let dyn_ = &dy[n * out_img..(n + 1) * out_img];
                 // dw[c_out, k] += dy[c_out, p] · colᵀ[p, k]

@@ -83,6 +83,17 @@ fn map(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
 
 /// The dropout mask value for element `i`: a pure function of (seed, i), shared with the CUDA
 /// kernel so both devices drop the same units.
+/// One thread of kernels/peak.cu `peak_fma_f32`, the same correctly rounded steps.
+pub fn peak_fma_one(i: u64, a: f32, b: f32, iters: usize) -> f32 {
+    let mut x: [f32; 8] = std::array::from_fn(|c| ((i + c as u64) % 97) as f32 * 0.01);
+    for _ in 0..iters {
+        for v in x.iter_mut() {
+            *v = v.mul_add(a, b);
+        }
+    }
+    x.iter().skip(1).fold(x[0], |s, v| s + v)
+}
+
 pub fn dropout_keep_scale(seed: u64, i: u64, p: f32) -> f32 {
     let u = unit_f32(splitmix64(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)));
     if u < p {
@@ -137,6 +148,15 @@ impl Backend for CpuBackend {
         }
         dst.par_chunks_mut(row_len.max(1)).zip(idx.par_iter()).for_each(|(d, &i)| {
             d.copy_from_slice(&src[i as usize * row_len..(i as usize + 1) * row_len]);
+        });
+        Ok(())
+    }
+
+    fn peak_fma(&self, out: &mut Storage, a: f32, b: f32, iters: usize) -> Result<()> {
+        host_mut(out)?.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, o)| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = peak_fma_one((c * EW_CHUNK + j) as u64, a, b, iters);
+            }
         });
         Ok(())
     }

@@ -305,6 +305,16 @@ impl Backend for CudaBackend {
         self.pool.reset_peak()
     }
 
+    fn peak_fma(&self, out: &mut Storage, a: f32, b: f32, iters: usize) -> Result<()> {
+        let n = self.buf(out)?.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let grid = (u32::try_from(n.div_ceil(BLOCK.0 as usize))?, 1, 1);
+        let args = [self.arg(out, n)?, KArg::F32(a), KArg::F32(b), i32_of(iters, "iters")?, KArg::I64(n as i64)];
+        self.launch("peak_fma_f32", grid, BLOCK, 0, &args)
+    }
+
     fn fill(&self, x: &mut Storage, value: f32) -> Result<()> {
         let n = self.buf(x)?.len();
         self.ew("fill_f32", n, vec![self.arg(x, n)?, KArg::F32(value)])
