@@ -3,8 +3,11 @@
 //! Every model ends in log-softmax, so `forward` returns log-probabilities and the loss is the
 //! negative log-likelihood (softmax cross-entropy), as in the reference code.
 
+mod allconv;
 mod lenet;
+mod resnet;
 mod simpleconv;
+mod vgg;
 
 use crate::backend::BackendRef;
 use crate::nn::{Forward, Param, Sequential};
@@ -13,7 +16,7 @@ use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-pub const MODELS: &[&str] = &["lenet", "simpleconv"];
+pub const MODELS: &[&str] = &["lenet", "simpleconv", "allconv", "vgg", "vgg16", "resnet18", "resnet20"];
 
 /// The input a model is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +48,11 @@ impl Model {
         let net = match arch.as_str() {
             "lenet" => lenet::build(backend, &mut rng, &input)?,
             "simpleconv" => simpleconv::build(backend, &mut rng, &input)?,
+            "allconv" => allconv::build(backend, &mut rng, &input)?,
+            "vgg" => vgg::build_like(backend, &mut rng, &input)?,
+            "vgg16" => vgg::build_16(backend, &mut rng, &input)?,
+            "resnet18" => resnet::build(backend, &mut rng, &input, &[64, 128, 256, 512], &[2, 2, 2, 2])?,
+            "resnet20" => resnet::build(backend, &mut rng, &input, &[16, 32, 64], &[3, 3, 3])?,
             other => bail!("unknown model '{other}': choose one of {}", MODELS.join(", ")),
         };
         Ok(Model { arch, input, net })

@@ -91,6 +91,22 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let s = BatchNormState {
+            gamma: &self.weight,
+            beta: &self.bias,
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+            momentum: self.momentum,
+            eps: self.eps,
+        };
+        ops::batch_norm(x, &s, train)
+    }
+
+    fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![("running_mean", &self.running_mean), ("running_var", &self.running_var)]
+    }
+
     pub fn new(b: &BackendRef, c: usize) -> Result<Self> {
         Ok(BatchNorm {
             weight: Tensor::parameter(b, &[c], &vec![1.0; c])?,
@@ -115,6 +131,91 @@ pub enum Layer {
     Flatten,
     Dropout(f32),
     LogSoftmax,
+    /// A ResNet basic block; it reports its own intermediates under `<name>.<part>`.
+    Residual(Box<BasicBlock>),
+}
+
+/// ResNet's basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), the shortcut a
+/// 1×1 convolution + batch norm where the shape changes and the identity elsewhere. Names follow
+/// the usual CIFAR ResNet state dict (`conv1`, `bn1`, `conv2`, `bn2`, `shortcut.0`, `shortcut.1`).
+pub struct BasicBlock {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub conv2: Conv2d,
+    pub bn2: BatchNorm,
+    pub shortcut: Option<(Conv2d, BatchNorm)>,
+}
+
+impl BasicBlock {
+    pub fn new(b: &BackendRef, rng: &mut Rng, c_in: usize, c_out: usize, stride: usize) -> Result<Self> {
+        let conv1 = Conv2d::new(b, rng, c_in, c_out, 3, stride, 1, false)?;
+        let bn1 = BatchNorm::new(b, c_out)?;
+        let conv2 = Conv2d::new(b, rng, c_out, c_out, 3, 1, 1, false)?;
+        let bn2 = BatchNorm::new(b, c_out)?;
+        let shortcut = if stride != 1 || c_in != c_out {
+            Some((Conv2d::new(b, rng, c_in, c_out, 1, stride, 0, false)?, BatchNorm::new(b, c_out)?))
+        } else {
+            None
+        };
+        Ok(BasicBlock { conv1, bn1, conv2, bn2, shortcut })
+    }
+
+    /// The intermediates reported, in order, before the block's output (`<name>` itself).
+    pub fn part_names(&self) -> Vec<&'static str> {
+        let mut v = vec!["conv1", "bn1", "relu1", "conv2", "bn2"];
+        if self.shortcut.is_some() {
+            v.push("shortcut");
+        }
+        v.push("add");
+        v
+    }
+
+    fn forward(&self, x: &Tensor, f: &mut Forward, name: &str) -> Result<Tensor> {
+        let conv = |c: &Conv2d, x: &Tensor| ops::conv2d(x, &c.weight, c.bias.as_ref(), c.stride, c.pad);
+        let emit = |part: &str, t: &Tensor, f: &mut Forward| f.emit(&format!("{name}.{part}"), t);
+        let h = conv(&self.conv1, x)?;
+        emit("conv1", &h, f)?;
+        let h = self.bn1.forward(&h, f.train)?;
+        emit("bn1", &h, f)?;
+        let h = ops::relu(&h)?;
+        emit("relu1", &h, f)?;
+        let h = conv(&self.conv2, &h)?;
+        emit("conv2", &h, f)?;
+        let h = self.bn2.forward(&h, f.train)?;
+        emit("bn2", &h, f)?;
+        let short = match &self.shortcut {
+            Some((c, bn)) => {
+                let s = bn.forward(&conv(c, x)?, f.train)?;
+                emit("shortcut", &s, f)?;
+                s
+            }
+            None => x.clone(),
+        };
+        let sum = ops::add(&h, &short)?;
+        emit("add", &sum, f)?;
+        ops::relu(&sum)
+    }
+
+    /// Parameters (`buffers == false`) or batch-norm running statistics, with state-dict names.
+    fn tensors(&self, buffers: bool) -> Vec<(String, &Tensor)> {
+        let mut parts: Vec<(&str, &Conv2d, &str, &BatchNorm)> =
+            vec![("conv1", &self.conv1, "bn1", &self.bn1), ("conv2", &self.conv2, "bn2", &self.bn2)];
+        if let Some((c, bn)) = &self.shortcut {
+            parts.push(("shortcut.0", c, "shortcut.1", bn));
+        }
+        let mut out = Vec::new();
+        for (conv_name, conv, bn_name, bn) in parts {
+            if buffers {
+                out.extend(bn.buffers().into_iter().map(|(k, t)| (format!("{bn_name}.{k}"), t)));
+            } else {
+                out.push((format!("{conv_name}.weight"), &conv.weight));
+                out.extend(conv.bias.as_ref().map(|t| (format!("{conv_name}.bias"), t)));
+                out.push((format!("{bn_name}.weight"), &bn.weight));
+                out.push((format!("{bn_name}.bias"), &bn.bias));
+            }
+        }
+        out
+    }
 }
 
 impl Layer {
@@ -122,17 +223,7 @@ impl Layer {
         match self {
             Layer::Conv2d(c) => ops::conv2d(x, &c.weight, c.bias.as_ref(), c.stride, c.pad),
             Layer::Linear(l) => ops::linear(x, &l.weight, l.bias.as_ref()),
-            Layer::BatchNorm(bn) => {
-                let s = BatchNormState {
-                    gamma: &bn.weight,
-                    beta: &bn.bias,
-                    running_mean: &bn.running_mean,
-                    running_var: &bn.running_var,
-                    momentum: bn.momentum,
-                    eps: bn.eps,
-                };
-                ops::batch_norm(x, &s, f.train)
-            }
+            Layer::BatchNorm(bn) => bn.forward(x, f.train),
             Layer::Relu => ops::relu(x),
             Layer::Elu(a) => ops::elu(x, *a),
             Layer::MaxPool { k, stride, pad } => ops::max_pool2d(x, *k, *stride, *pad),
@@ -141,26 +232,30 @@ impl Layer {
             Layer::Flatten => ops::flatten(x),
             Layer::Dropout(p) => ops::dropout(x, *p, f.train, crate::rng::splitmix64(f.seed ^ index as u64)),
             Layer::LogSoftmax => ops::log_softmax(x),
+            // Sequential::forward runs blocks itself: they need the name to report their parts.
+            Layer::Residual(block) => block.forward(x, &mut Forward { train: f.train, seed: f.seed, observer: None }, ""),
         }
     }
 
     /// Trainable tensors with their state-dict suffixes.
-    pub fn parameters(&self) -> Vec<(&'static str, &Tensor)> {
+    pub fn parameters(&self) -> Vec<(String, &Tensor)> {
         match self {
             Layer::Conv2d(Conv2d { weight, bias, .. }) | Layer::Linear(Linear { weight, bias }) => {
-                let mut v = vec![("weight", weight)];
-                v.extend(bias.as_ref().map(|b| ("bias", b)));
+                let mut v = vec![("weight".into(), weight)];
+                v.extend(bias.as_ref().map(|b| ("bias".into(), b)));
                 v
             }
-            Layer::BatchNorm(bn) => vec![("weight", &bn.weight), ("bias", &bn.bias)],
+            Layer::BatchNorm(bn) => vec![("weight".into(), &bn.weight), ("bias".into(), &bn.bias)],
+            Layer::Residual(b) => b.tensors(false),
             _ => vec![],
         }
     }
 
     /// Non-trainable state saved with the model (batch-norm running statistics).
-    pub fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+    pub fn buffers(&self) -> Vec<(String, &Tensor)> {
         match self {
-            Layer::BatchNorm(bn) => vec![("running_mean", &bn.running_mean), ("running_var", &bn.running_var)],
+            Layer::BatchNorm(bn) => bn.buffers().into_iter().map(|(k, t)| (k.into(), t)).collect(),
+            Layer::Residual(b) => b.tensors(true),
             _ => vec![],
         }
     }
@@ -198,7 +293,10 @@ impl Sequential {
     pub fn forward(&self, x: &Tensor, f: &mut Forward) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, (name, layer)) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, f, i)?;
+            h = match layer {
+                Layer::Residual(block) => block.forward(&h, f, name)?,
+                _ => layer.forward(&h, f, i)?,
+            };
             if layer.observable() {
                 f.emit(name, &h)?;
             }
@@ -229,7 +327,14 @@ impl Sequential {
 
     /// Names of the intermediates a forward pass reports, in order.
     pub fn intermediate_names(&self) -> Vec<String> {
-        self.layers.iter().filter(|(_, l)| l.observable()).map(|(n, _)| n.clone()).collect()
+        let mut out = Vec::new();
+        for (name, layer) in self.layers.iter().filter(|(_, l)| l.observable()) {
+            if let Layer::Residual(b) = layer {
+                out.extend(b.part_names().into_iter().map(|p| format!("{name}.{p}")));
+            }
+            out.push(name.clone());
+        }
+        out
     }
 }
 
