@@ -606,12 +606,21 @@ fn allconv_gradients_match_finite_differences() -> Result<()> {
 /// A whole model's parameter gradients (Forward::train + nll_loss on the tape) against central
 /// differences of the loss: `per_tensor` entries of each of its `n_params` parameter tensors.
 /// `logits` names the intermediate the f64 loss is computed from.
-fn model_gradients_match_finite_differences(model: &Model, n_params: usize, logits: &str, per_tensor: usize) -> Result<()> {
+fn model_gradients_match_finite_differences(
+    model: &Model,
+    n_params: usize,
+    logits: &str,
+    per_tensor: usize,
+) -> Result<()> {
     let b = cpu();
     let arch = model.arch.as_str();
     let s = model.input;
     let mut rng = Rng::new(113);
-    let x = Tensor::from_vec(&b, &[3, s.channels, s.height, s.width], &randn(&mut rng, 3 * s.channels * s.height * s.width, 1.0))?;
+    let x = Tensor::from_vec(
+        &b,
+        &[3, s.channels, s.height, s.width],
+        &randn(&mut rng, 3 * s.channels * s.height * s.width, 1.0),
+    )?;
     let label_idx = [3usize, 7, 0];
     let labels = Tensor::from_vec(&b, &[3], &label_idx.map(|l| l as f32))?;
 
@@ -637,7 +646,10 @@ fn model_gradients_match_finite_differences(model: &Model, n_params: usize, logi
             };
             model.forward(&x, &mut Forward { train: true, seed: 0, observer: Some(&mut obs) })?;
         }
-        Ok(host_cross_entropy(&logits_seen.with_context(|| format!("{arch}: no {logits} output observed"))?, &label_idx))
+        Ok(host_cross_entropy(
+            &logits_seen.with_context(|| format!("{arch}: no {logits} output observed"))?,
+            &label_idx,
+        ))
     };
     let l0 = loss_f64()?;
     assert!((l0 - loss.scalar()? as f64).abs() < 1e-5, "{arch}: host loss {l0} vs nll_loss {}", loss.scalar()?);

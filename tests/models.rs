@@ -65,7 +65,12 @@ fn every_model_runs_and_reports_its_intermediates() {
                 }
             };
             let n = 2;
-            let x = Tensor::from_vec(&b, &[n, spec.channels, spec.height, spec.width], &randn(&mut rng, n * spec.channels * spec.height * spec.width)).unwrap();
+            let x = Tensor::from_vec(
+                &b,
+                &[n, spec.channels, spec.height, spec.width],
+                &randn(&mut rng, n * spec.channels * spec.height * spec.width),
+            )
+            .unwrap();
             let mut seen = Vec::new();
             let mut obs = |name: &str, t: &Tensor| -> anyhow::Result<()> {
                 assert_eq!(t.dim(0), n, "{name}: batch dimension");

@@ -9,7 +9,13 @@ use crate::nn::{BasicBlock, BatchNorm, Conv2d, Layer, Linear, Sequential};
 use crate::rng::Rng;
 use anyhow::Result;
 
-pub fn build(b: &BackendRef, rng: &mut Rng, input: &InputSpec, widths: &[usize], blocks: &[usize]) -> Result<Sequential> {
+pub fn build(
+    b: &BackendRef,
+    rng: &mut Rng,
+    input: &InputSpec,
+    widths: &[usize],
+    blocks: &[usize],
+) -> Result<Sequential> {
     let mut s = Sequential::new();
     s.push("conv1", Layer::Conv2d(Conv2d::new(b, rng, input.channels, widths[0], 3, 1, 1, false)?))
         .push("bn1", Layer::BatchNorm(BatchNorm::new(b, widths[0])?))
@@ -18,7 +24,10 @@ pub fn build(b: &BackendRef, rng: &mut Rng, input: &InputSpec, widths: &[usize],
     for (stage, (&width, &count)) in widths.iter().zip(blocks).enumerate() {
         for i in 0..count {
             let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-            s.push(format!("layer{}.{i}", stage + 1), Layer::Residual(Box::new(BasicBlock::new(b, rng, c, width, stride)?)));
+            s.push(
+                format!("layer{}.{i}", stage + 1),
+                Layer::Residual(Box::new(BasicBlock::new(b, rng, c, width, stride)?)),
+            );
             c = width;
         }
     }

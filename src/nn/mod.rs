@@ -125,8 +125,16 @@ pub enum Layer {
     BatchNorm(BatchNorm),
     Relu,
     Elu(f32),
-    MaxPool { k: usize, stride: usize, pad: usize },
-    AvgPool { k: usize, stride: usize, pad: usize },
+    MaxPool {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    AvgPool {
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
     GlobalAvgPool,
     Flatten,
     Dropout(f32),
@@ -233,7 +241,9 @@ impl Layer {
             Layer::Dropout(p) => ops::dropout(x, *p, f.train, crate::rng::splitmix64(f.seed ^ index as u64)),
             Layer::LogSoftmax => ops::log_softmax(x),
             // Sequential::forward runs blocks itself: they need the name to report their parts.
-            Layer::Residual(block) => block.forward(x, &mut Forward { train: f.train, seed: f.seed, observer: None }, ""),
+            Layer::Residual(block) => {
+                block.forward(x, &mut Forward { train: f.train, seed: f.seed, observer: None }, "")
+            }
         }
     }
 
