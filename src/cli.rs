@@ -133,7 +133,7 @@ impl SubsetArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model architecture.
+    /// Model architecture: lenet, simpleconv, allconv, vgg (VGG-like), vgg16, resnet18, resnet20.
     #[arg(long, default_value = "simpleconv")]
     model: String,
     #[command(flatten)]
@@ -173,7 +173,7 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct TrainPairArgs {
-    /// Model architecture.
+    /// Model architecture: lenet, simpleconv, allconv, vgg (VGG-like), vgg16, resnet18, resnet20.
     #[arg(long, default_value = "simpleconv")]
     model: String,
     #[command(flatten)]
@@ -307,7 +307,8 @@ struct ExperimentArgs {
     /// on a CPU. Other options still apply on top.
     #[arg(long)]
     quick: bool,
-    /// Model architecture (default: simpleconv; lenet with --quick).
+    /// Model architecture: lenet, simpleconv, allconv, vgg, vgg16, resnet18, resnet20 (default:
+    /// simpleconv; lenet with --quick).
     #[arg(long)]
     model: Option<String>,
     /// Dataset (default: mnist; mnist-sample with --quick).
