@@ -8,6 +8,12 @@ fn rotvar(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rotvar")).args(args).env_remove("ROTVAR_DATA").output().expect("run rotvar")
 }
 
+fn read_json(path: impl AsRef<Path>) -> serde_json::Value {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -75,8 +81,7 @@ fn train_then_eval_on_the_bundled_sample() {
     assert!(o.status.success(), "{}", stderr(&o));
     let ck = out.join("model.safetensors");
     assert!(ck.exists());
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let metrics = read_json(out.join("metrics.json"));
     let epochs = metrics["epochs"].as_array().unwrap();
     assert_eq!(epochs.len(), 2);
     let acc = epochs[1]["test_accuracy"].as_f64().unwrap();
@@ -98,7 +103,7 @@ fn train_then_eval_on_the_bundled_sample() {
         json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let e = read_json(&json);
     // The checkpoint reproduces the accuracy measured at the end of training.
     assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9, "{e} vs {acc}");
     assert_eq!(e["total"].as_u64().unwrap(), 300);
@@ -151,8 +156,7 @@ fn train_pair_then_eval_versus_angle() {
         run.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    let manifest = read_json(run.join("manifest.json"));
     assert_eq!(manifest["kind"], "rotvar-pair");
     assert_eq!(manifest["unrotated"]["config"]["augment"], "none");
     assert_eq!(manifest["rotated"]["config"]["augment"], "rotate");
@@ -183,8 +187,7 @@ fn train_pair_then_eval_versus_angle() {
     assert!(o.status.success(), "{}", stderr(&o));
     let printed = String::from_utf8_lossy(&o.stdout);
     assert!(printed.contains("270°") && printed.contains("group accuracy"), "{printed}");
-    let ev: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("angles.json")).unwrap()).unwrap();
+    let ev = read_json(out.join("angles.json"));
     assert_eq!(ev["per_angle"].as_array().unwrap().len(), 4);
     assert_eq!(ev["images"], 100);
     let csv = std::fs::read_to_string(out.join("angles.csv")).unwrap();
@@ -326,8 +329,7 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let metrics: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let metrics = read_json(out.join("metrics.json"));
     let acc = metrics["epochs"][0]["test_accuracy"].as_f64().unwrap();
     let json = dir.path().join("eval.json");
     let ck = out.join("model.safetensors");
@@ -343,7 +345,7 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
         json.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let e = read_json(&json);
     assert_eq!(e["total"].as_u64().unwrap(), 20);
     assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9, "{e} vs {acc}");
     // The loss too: without the running statistics the same accuracy could happen by chance,
