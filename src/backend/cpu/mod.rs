@@ -81,8 +81,6 @@ fn map(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
     });
 }
 
-/// The dropout mask value for element `i`: a pure function of (seed, i), shared with the CUDA
-/// kernel so both devices drop the same units.
 /// One thread of kernels/peak.cu `peak_fma_f32`, the same correctly rounded steps.
 pub fn peak_fma_one(i: u64, a: f32, b: f32, iters: usize) -> f32 {
     let mut x: [f32; 8] = std::array::from_fn(|c| ((i + c as u64) % 97) as f32 * 0.01);
@@ -94,6 +92,8 @@ pub fn peak_fma_one(i: u64, a: f32, b: f32, iters: usize) -> f32 {
     x.iter().skip(1).fold(x[0], |s, v| s + v)
 }
 
+/// The dropout mask value for element `i`: a pure function of (seed, i), shared with the CUDA
+/// kernel so both devices drop the same units.
 pub fn dropout_keep_scale(seed: u64, i: u64, p: f32) -> f32 {
     let u = unit_f32(splitmix64(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)));
     if u < p {
