@@ -1,32 +1,41 @@
 #!/usr/bin/env bash
 # Everything a GPU session should measure, in one call on the device machine:
-#   selftest, per-kernel conv timings next to cuDNN, training throughput next to PyTorch.
+#   selftest, per-kernel conv timings next to cuDNN, training throughput next to PyTorch,
+#   the rotation kernel, rotated evaluation and the variance measure next to their baselines.
 # Usage (from the repository root, release binary carried along): benches/run_gpu.sh OUTDIR
+# DRY=1 benches/run_gpu.sh OUTDIR checks this script without a GPU, in a few minutes: rotvar
+# on the kernel emulator (cuda-emu), PyTorch on the CPU, tiny sizes. Its figures mean nothing.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/rotvar-gpu}}
 mkdir -p "$out"
 bin=${ROTVAR:-target/release/rotvar}
 py=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
+if [ -n "${DRY:-}" ]; then
+  dev=cuda-emu tdev=cpu steps=1 reps=1 batch=4 images=16 rot_images=64 angles=2 eval_batch=8 measure_batch=4 rounds=1
+  conv_models=lenet models=lenet measure_model=lenet
+else
+  dev=cuda tdev=cuda steps=50 reps=50 batch=256 images=10000 rot_images=200000 angles=16 eval_batch=4096 measure_batch=256 rounds=3
+  conv_models=lenet,simpleconv,resnet18 models=lenet,simpleconv measure_model=simpleconv
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
+fi
 "$bin" info | tee "$out/info.txt"
-"$bin" selftest --device cuda 2>&1 | tee "$out/selftest.txt"
+"$bin" selftest --device "$dev" 2>&1 | tee "$out/selftest.txt"
 echo "selftest exit: ${PIPESTATUS[0]}" | tee -a "$out/selftest.txt"
-"$bin" bench conv --device cuda --steps 50 --models lenet,simpleconv,resnet18 > "$out/conv_rotvar.jsonl" 2> "$out/conv_rotvar.err"
-"$py" benches/torch_conv_reference.py --reps 50 --models lenet,simpleconv,resnet18 > "$out/conv_cudnn.jsonl" 2> "$out/conv_cudnn.err"
-for r in 1 2 3; do
-  "$bin" bench train --device cuda --steps 50 >> "$out/train_rotvar.jsonl" 2>> "$out/train_rotvar.err"
-  "$py" benches/torch_reference.py --device cuda --steps 50 >> "$out/train_torch.jsonl" 2>> "$out/train_torch.err"
+"$bin" bench conv --device "$dev" --steps "$steps" --batch-size "$batch" --models "$conv_models" > "$out/conv_rotvar.jsonl" 2> "$out/conv_rotvar.err"
+"$py" benches/torch_conv_reference.py --device "$tdev" --reps "$reps" --batch-size "$batch" --models "$conv_models" > "$out/conv_cudnn.jsonl" 2> "$out/conv_cudnn.err"
+for r in $(seq "$rounds"); do
+  "$bin" bench train --device "$dev" --models "$models" --steps "$steps" --batch-size "$batch" >> "$out/train_rotvar.jsonl" 2>> "$out/train_rotvar.err"
+  "$py" benches/torch_reference.py --device "$tdev" --models "$models" --steps "$steps" --batch-size "$batch" >> "$out/train_torch.jsonl" 2>> "$out/train_torch.err"
 done
 # Rotation (issue 4) and the variance measure (issue 5).
-"$bin" bench rotate --device cuda --images 200000 --steps 20 > "$out/rotate_rotvar.jsonl" 2> "$out/rotate_rotvar.err"
-for r in 1 2 3; do
-  "$bin" bench eval-angles --device cuda --models lenet,simpleconv --images 10000 --angles 16 --batch-size 4096 >> "$out/evalangles_rotvar.jsonl" 2>> "$out/evalangles_rotvar.err"
-  (cd benches && "$py" torch_rotated_eval.py --device cuda --images 10000 --angles 16 --batch-size 4096) >> "$out/evalangles_torch.jsonl" 2>> "$out/evalangles_torch.err"
+"$bin" bench rotate --device "$dev" --images "$rot_images" --steps "$steps" > "$out/rotate_rotvar.jsonl" 2> "$out/rotate_rotvar.err"
+for r in $(seq "$rounds"); do
+  "$bin" bench eval-angles --device "$dev" --models "$models" --images "$images" --angles "$angles" --batch-size "$eval_batch" >> "$out/evalangles_rotvar.jsonl" 2>> "$out/evalangles_rotvar.err"
+  (cd benches && "$py" torch_rotated_eval.py --device "$tdev" --models "$models" --images "$images" --angles "$angles" --batch-size "$eval_batch") >> "$out/evalangles_torch.jsonl" 2>> "$out/evalangles_torch.err"
 done
 for per in map element; do
-  "$bin" bench measure --device cuda --models simpleconv --images 10000 --angles 16 --batch-size 256 --per $per >> "$out/measure_rotvar.jsonl" 2>> "$out/measure_rotvar.err"
-  (cd benches && "$py" torch_measure.py --device cuda --models simpleconv --images 10000 --rotations 16 --per $per) >> "$out/measure_torch.jsonl" 2>> "$out/measure_torch.err"
-  (cd benches && "$py" torch_measure.py --device cuda --models simpleconv --images 2000 --rotations 16 --per $per) >> "$out/measure_torch_small.jsonl" 2>> "$out/measure_torch.err"
+  "$bin" bench measure --device "$dev" --models "$measure_model" --images "$images" --angles "$angles" --batch-size "$measure_batch" --per $per >> "$out/measure_rotvar.jsonl" 2>> "$out/measure_rotvar.err"
+  (cd benches && "$py" torch_measure.py --device "$tdev" --models "$measure_model" --images "$images" --rotations "$angles" --batch-size "$measure_batch" --per $per) >> "$out/measure_torch.jsonl" 2>> "$out/measure_torch.err"
 done
 "$py" - "$out" <<'PY'
 import json, statistics, sys, os
@@ -51,11 +60,12 @@ for m in ("lenet", "simpleconv"):
     a = [x["seconds"] for x in eo if x["model"] == m]
     b = [x["seconds"] for x in et if x["model"] == m]
     if a and b:
-        print(f"eval 10000 x 16 angles {m}: rotvar {statistics.median(a):.3f}s  pytorch {statistics.median(b):.3f}s  speed-up {statistics.median(b)/statistics.median(a):.2f}x (target >= 2 for lenet)")
+        n, k = eo[0]["images"], eo[0]["angles"]
+        print(f"eval {n} x {k} angles {m}: rotvar {statistics.median(a):.3f}s  pytorch {statistics.median(b):.3f}s  speed-up {statistics.median(b)/statistics.median(a):.2f}x (target >= 2 for lenet)")
 mo, mt = load("measure_rotvar.jsonl"), load("measure_torch.jsonl")
 for o in mo:
     t = next((t for t in mt if t["per"] == o["per"]), None)
-    line = f"measure simpleconv per {o['per']}: forward alone {o['forward_seconds']:.3f}s, measure {o['measure_seconds']:.3f}s, overhead {100*o['overhead']:.0f}% (target <= 25%)"
+    line = f"measure {o['model']} per {o['per']}: forward alone {o['forward_seconds']:.3f}s, measure {o['measure_seconds']:.3f}s, overhead {100*o['overhead']:.0f}% (target <= 25%)"
     if t:
         line += f"; pytorch hooks+welford {t['measure_seconds']:.3f}s, speed-up {t['measure_seconds']/o['measure_seconds']:.1f}x (target >= 10)"
     if o.get("peak_extra_bytes") is not None:

@@ -108,13 +108,26 @@ pub fn conv_shapes(batch: usize) -> Vec<(&'static str, crate::backend::ConvGeom)
     ]
 }
 
-/// The fp32 FMA throughput of `b` in GFLOP/s, from `Backend::peak_fma` (2M threads × 16384
-/// steps × 8 chains: about 10 ms on an H100).
+/// The fp32 FMA throughput of `b` in GFLOP/s, from `Backend::peak_fma`. The probe grows (more
+/// threads, then longer chains) until one run takes at least 5 ms, so that launch overhead is
+/// negligible on a GPU (about 4M threads × 16384 steps on an H100) while the kernel emulator
+/// stops at the first, small size.
 pub fn fma_ceiling_gflops(b: &BackendRef, reps: usize) -> Result<f64> {
-    let (n, iters) = (1usize << 21, 16384usize);
-    let mut out = b.alloc(n)?;
-    let ms = median_ms(b, reps, || b.peak_fma(&mut out, 0.999, 0.001, iters))?;
-    Ok(16.0 * iters as f64 * n as f64 / (ms * 1e-3) / 1e9)
+    let (mut n, mut iters) = (1usize << 12, 256usize);
+    loop {
+        let mut out = b.alloc(n)?;
+        let mut probe = || b.peak_fma(&mut out, 0.999, 0.001, iters);
+        let ms = median_ms(b, 1, &mut probe)?;
+        if ms >= 5.0 || iters >= 1 << 16 {
+            let ms = median_ms(b, reps, probe)?;
+            return Ok(16.0 * iters as f64 * n as f64 / (ms * 1e-3) / 1e9);
+        }
+        if n < 1 << 22 {
+            n *= 4;
+        } else {
+            iters *= 4;
+        }
+    }
 }
 
 /// Median over `reps` of the device time of `f` (CUDA events on a GPU), after one warm-up call.
