@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Convolution passes on the CPU, rotvar vs PyTorch (oneDNN) side by side in one run.
-#   benches/run_conv_cpu.sh [rounds]
+#   [MODELS=lenet,simpleconv,resnet18] benches/run_conv_cpu.sh [rounds]
 # Needs a release build and a python with torch (PYTHON=...). Rounds alternate rotvar and
 # PyTorch so that drift in machine load hits both alike; the table shows medians over rounds.
 set -euo pipefail
@@ -9,10 +9,11 @@ bin=${ROTVAR:-target/release/rotvar}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 threads=${THREADS:-$(nproc)}
+models=${MODELS:-lenet,simpleconv}
 out=$(mktemp)
 for r in $(seq "$rounds"); do
-  "$bin" --threads "$threads" bench conv --device cpu --steps 5 2>/dev/null | sed 's/^{/{"impl":"rotvar",/' >>"$out"
-  "$py" "$here/torch_conv_reference.py" --device cpu --threads "$threads" --reps 5 >>"$out"
+  "$bin" --threads "$threads" bench conv --device cpu --steps 5 --models "$models" 2>/dev/null | sed 's/^{/{"impl":"rotvar",/' >>"$out"
+  "$py" "$here/torch_conv_reference.py" --device cpu --threads "$threads" --reps 5 --models "$models" >>"$out"
 done
 "$py" - "$out" <<'PY'
 import json, statistics, sys
