@@ -8,6 +8,13 @@ fn rotvar(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rotvar")).args(args).env_remove("ROTVAR_DATA").output().expect("run rotvar")
 }
 
+/// Run rotvar and require success, showing its stderr otherwise.
+fn rotvar_ok(args: &[&str]) -> Output {
+    let o = rotvar(args);
+    assert!(o.status.success(), "rotvar {}: {}", args.join(" "), stderr(&o));
+    o
+}
+
 fn read_json(path: impl AsRef<Path>) -> serde_json::Value {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -61,7 +68,7 @@ fn corrupt_checkpoint_is_a_clear_error() {
 fn train_then_eval_on_the_bundled_sample() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let o = rotvar(&[
+    rotvar_ok(&[
         "train",
         "--model",
         "lenet",
@@ -78,7 +85,6 @@ fn train_then_eval_on_the_bundled_sample() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let ck = out.join("model.safetensors");
     assert!(ck.exists());
     let metrics = read_json(out.join("metrics.json"));
@@ -91,7 +97,7 @@ fn train_then_eval_on_the_bundled_sample() {
     assert!(epochs[0]["images_per_second"].as_f64().unwrap() > 0.0);
 
     let json = dir.path().join("eval.json");
-    let o = rotvar(&[
+    rotvar_ok(&[
         "eval",
         "--checkpoint",
         ck.to_str().unwrap(),
@@ -102,7 +108,6 @@ fn train_then_eval_on_the_bundled_sample() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let e = read_json(&json);
     // The checkpoint reproduces the accuracy measured at the end of training.
     assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9, "{e} vs {acc}");
@@ -111,8 +116,7 @@ fn train_then_eval_on_the_bundled_sample() {
 
 #[test]
 fn info_runs_without_a_gpu() {
-    let o = rotvar(&["info"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = rotvar_ok(&["info"]);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("lenet") && s.contains("mnist-sample"), "{s}");
 }
@@ -135,7 +139,7 @@ fn fetch_offline_fails_cleanly() {
 fn train_pair_then_eval_versus_angle() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("pair");
-    let o = rotvar(&[
+    rotvar_ok(&[
         "train-pair",
         "--model",
         "lenet",
@@ -155,7 +159,6 @@ fn train_pair_then_eval_versus_angle() {
         "--out",
         run.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let manifest = read_json(run.join("manifest.json"));
     assert_eq!(manifest["kind"], "rotvar-pair");
     assert_eq!(manifest["unrotated"]["config"]["augment"], "none");
@@ -170,7 +173,7 @@ fn train_pair_then_eval_versus_angle() {
     }
     let ck = run.join("rotated/model.safetensors");
     let out = dir.path().join("angles");
-    let o = rotvar(&[
+    let o = rotvar_ok(&[
         "eval",
         "--checkpoint",
         ck.to_str().unwrap(),
@@ -184,7 +187,6 @@ fn train_pair_then_eval_versus_angle() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let printed = String::from_utf8_lossy(&o.stdout);
     assert!(printed.contains("270°") && printed.contains("group accuracy"), "{printed}");
     let ev = read_json(out.join("angles.json"));
@@ -233,8 +235,7 @@ fn quick_experiment_writes_the_report_and_every_figure() {
         "--out",
         out.to_str().unwrap(),
     ];
-    let o = rotvar(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    rotvar_ok(&args);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("group accuracy") && report.contains("mean V"), "{report}");
     // Every figure the report links to exists and is a PNG.
@@ -254,8 +255,7 @@ fn quick_experiment_writes_the_report_and_every_figure() {
         }
     }
     // A second run reuses the trained pair instead of training again.
-    let o = rotvar(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = rotvar_ok(&args);
     assert!(stderr(&o).contains("reusing the trained pair"), "{}", stderr(&o));
     // ...but not a pair of another model.
     let mut other: Vec<&str> = args.to_vec();
@@ -269,7 +269,7 @@ fn quick_experiment_writes_the_report_and_every_figure() {
 fn image_grid_command_writes_a_png() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("grid.png");
-    let o = rotvar(&[
+    rotvar_ok(&[
         "images",
         "--dataset",
         "mnist-sample",
@@ -280,7 +280,6 @@ fn image_grid_command_writes_a_png() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&out).unwrap().starts_with(b"\x89PNG"));
 }
 
@@ -311,7 +310,7 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
 
     let out = dir.path().join("run");
     let data = dir.path().to_str().unwrap();
-    let o = rotvar(&[
+    rotvar_ok(&[
         "train",
         "--model",
         "resnet20",
@@ -328,12 +327,11 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let metrics = read_json(out.join("metrics.json"));
     let acc = metrics["epochs"][0]["test_accuracy"].as_f64().unwrap();
     let json = dir.path().join("eval.json");
     let ck = out.join("model.safetensors");
-    let o = rotvar(&[
+    rotvar_ok(&[
         "eval",
         "--checkpoint",
         ck.to_str().unwrap(),
@@ -344,7 +342,6 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let e = read_json(&json);
     assert_eq!(e["total"].as_u64().unwrap(), 20);
     assert!((e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9, "{e} vs {acc}");
