@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session should measure, in one call on the device machine:
-#   selftest, per-kernel conv timings next to cuDNN, training throughput next to PyTorch,
-#   the rotation kernel, rotated evaluation and the variance measure next to their baselines.
+#   selftest, per-kernel conv timings next to cuDNN, the GEMM variants, training throughput next
+#   to PyTorch, the rotation kernel, rotated evaluation and the variance measure next to their baselines.
 # Usage (from the repository root, release binary carried along): benches/run_gpu.sh OUTDIR
 # DRY=1 benches/run_gpu.sh OUTDIR checks this script without a GPU, in a few minutes: rotvar
 # on the kernel emulator (cuda-emu), PyTorch on the CPU, tiny sizes. Its figures mean nothing.
@@ -23,6 +23,7 @@ fi
 echo "selftest exit: ${PIPESTATUS[0]}" | tee -a "$out/selftest.txt"
 "$bin" bench conv --device "$dev" --steps "$steps" --batch-size "$batch" --models "$conv_models" > "$out/conv_rotvar.jsonl" 2> "$out/conv_rotvar.err"
 "$py" benches/torch_conv_reference.py --device "$tdev" --reps "$reps" --batch-size "$batch" --models "$conv_models" > "$out/conv_cudnn.jsonl" 2> "$out/conv_cudnn.err"
+"$bin" bench gemm --device "$dev" --steps "$steps" --batch-size "$batch" --models "$models" > "$out/gemm_rotvar.jsonl" 2> "$out/gemm_rotvar.err"
 for r in $(seq "$rounds"); do
   "$bin" bench train --device "$dev" --models "$models" --steps "$steps" --batch-size "$batch" >> "$out/train_rotvar.jsonl" 2>> "$out/train_rotvar.err"
   "$py" benches/torch_reference.py --device "$tdev" --models "$models" --steps "$steps" --batch-size "$batch" >> "$out/train_torch.jsonl" 2>> "$out/train_torch.err"
@@ -47,6 +48,11 @@ for o in ours:
     if r:
         ceil = f"  ({100*o['fraction_of_ceiling']:.0f}% of the {o['ceiling_gflops']/1e3:.1f} TFLOP/s FMA ceiling)" if o.get("fraction_of_ceiling") else ""
         print(f"{o['layer']:>24} {o['pass']:>16}: rotvar {o['gflops']:8.0f} GFLOP/s  cuDNN {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f}{ceil}")
+gemm = load("gemm_rotvar.jsonl")
+for g in gemm:
+    v1 = next((x for x in gemm if x["shape"] == g["shape"] and x["variant"] == "v1"), None)
+    ceil = f"  ({100*g['fraction_of_ceiling']:.0f}% of the FMA ceiling)" if g.get("fraction_of_ceiling") else ""
+    print(f"gemm {g['shape']:>18} {g['m']}x{g['n']}x{g['k']} {g['variant']:>22}: {g['median_ms']*1e3:8.1f} us {g['gflops']:8.0f} GFLOP/s  vs v1 {v1['median_ms']/g['median_ms']:.2f}x{ceil}")
 to, tr = load("train_rotvar.jsonl"), load("train_torch.jsonl")
 for m in ("lenet", "simpleconv"):
     a = [x["images_per_second"] for x in to if x["model"] == m]

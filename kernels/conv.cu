@@ -129,8 +129,8 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
 
 // Writes acc to an NCHW-shaped output out[n, m, p] = out[(n*M + m)*P + p],
 // where GEMM column col = n*P + p (fwd: m = k, P = OH*OW; bwd_data: m = c,
-// P = H*W). bias may be null.
-__device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const float* __restrict__ bias,
+// P = H*W). bias may be null; act (RV_ACT_*) is applied after the bias.
+__device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const float* __restrict__ bias, int act,
                                                const float (&acc)[RVC_TM][RVC_TN], int m0, int n0, int M,
                                                int ncols, int P) {
     const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
@@ -148,7 +148,7 @@ __device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const fl
         const float b = bias ? __ldg(bias + m) : 0.f;
 #pragma unroll
         for (int j = 0; j < RVC_TN; ++j)
-            if (base[j] >= 0) out[base[j] + (long long)m * P] = acc[i][j] + b;
+            if (base[j] >= 0) out[base[j] + (long long)m * P] = rv_act(act, acc[i][j] + b);
     }
 }
 
@@ -191,12 +191,14 @@ struct RvcFwdB {
     __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_rowwalk(S_, v); }
 };
 
-// y = conv(x, w) + bias. GEMM M = K, Ncols = N*OH*OW, Kred = C*R*S.
-// variant v1: see the design note at the top; bias (nullable) fused into the
-// store.
+// y = act(conv(x, w) + bias). GEMM M = K, Ncols = N*OH*OW, Kred = C*R*S.
+// variant v1: see the design note at the top. The epilogue is fused into the
+// store: bias (nullable) and the activation (RV_ACT_*: a conv followed by a
+// ReLU writes its output once instead of writing, re-reading and rewriting
+// it), so training never materializes the pre-activation.
 extern "C" __global__ void __launch_bounds__(256)
     conv2d_fwd_v1(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
-                  int R, int S, int stride, int pad, int OH, int OW) {
+                  int R, int S, int stride, int pad, int OH, int OW, int act) {
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     const int P = OH * OW, ncols = N * P, crs = C * R * S;
     const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
@@ -213,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     float acc[RVC_TM][RVC_TN];
     rvc_mainloop(la, lb, 0, crs, acc);
-    rvc_store_nchw(y, bias, acc, m0, n0, K, ncols, P);
+    rvc_store_nchw(y, bias, act, acc, m0, n0, K, ncols, P);
 }
 
 // ------------------------------------------------------------ backward data
@@ -287,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     float acc[RVC_TM][RVC_TN];
     rvc_mainloop(la, lb, 0, krs, acc);
-    rvc_store_nchw(dx, nullptr, acc, m0, n0, C, ncols, HW);
+    rvc_store_nchw(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
 }
 
 // ---------------------------------------------------------- backward weight

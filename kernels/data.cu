@@ -1,7 +1,8 @@
 // Data movement and small row-wise kernels: minibatch gather, dropout,
-// scalar broadcast, argmax, dense-layer bias add and bias gradient.
+// scalar broadcast, argmax, dense-layer bias gradient (the bias itself is
+// added in the GEMM's epilogue, gemm.cu).
 //
-// Flat kernels (gather_rows, dropout, broadcast_scalar, bias_add_rows) are
+// Flat kernels (gather_rows, dropout, broadcast_scalar) are
 // grid-stride loops: correctness never depends on the grid covering n, so the
 // host may cap the grid (typically block=256, grid=min(ceil(n/256), 4*SMs)).
 // Where a flat index must be split into (row, column), each thread splits its
@@ -122,23 +123,6 @@ extern "C" __global__ void argmax_rows_f32(float* out, const float* x, int rows,
             if (bi >= cols || row[0] != row[0]) bi = 0;
             out[r] = (float)bi;
         }
-    }
-}
-
-// y[i, j] += b[j]  for y [rows, cols] (dense-layer bias).
-// Launch: block 256, grid = max(1, min(ceil(rows*cols/256), 4*SMs)), no
-// dynamic shared memory; any 1-D grid/block is correct.
-extern "C" __global__ void bias_add_rows_f32(float* y, const float* b, int rows, int cols) {
-    const long long n = (long long)rows * cols;
-    long long e = rv_data_tid();
-    if (cols <= 0 || e >= n) return;
-    const long long stride = rv_data_stride();
-    const int step_j = (int)(stride % cols);
-    int j = (int)(e % cols);
-    for (; e < n; e += stride) {
-        y[e] += b[j];
-        j += step_j;
-        if (j >= cols) j -= cols;
     }
 }
 

@@ -87,8 +87,7 @@ extern "C" __global__ void axpy_f32(float* y, const float* x, float alpha, long 
 }
 
 extern "C" __global__ void relu_fwd_f32(float* y, const float* x, long long n) {
-    // x > 0 ? x : 0 rather than fmaxf so NaN propagates like torch.relu.
-    auto op = [](float v) { return v > 0.f ? v : (v == v ? 0.f : v); };
+    auto op = [](float v) { return rv_relu(v); };
     rv_grid_stride(
         n, rv_aligned16(y) && rv_aligned16(x),
         [&](long long i) {

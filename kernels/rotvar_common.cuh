@@ -10,6 +10,16 @@
     T* name = reinterpret_cast<T*>(rotvar_dyn_smem_raw)
 #endif
 
+// torch.relu: x > 0 ? x : 0, except that NaN propagates (fmaxf would drop it).
+// The CPU twin is backend::relu.
+__device__ __forceinline__ float rv_relu(float v) { return v > 0.f ? v : (v == v ? 0.f : v); }
+
+// The activation a fused epilogue applies after the bias; the codes are
+// backend::Activation::code (0 identity, 1 ReLU).
+#define RV_ACT_IDENTITY 0
+#define RV_ACT_RELU 1
+__device__ __forceinline__ float rv_act(int act, float v) { return act == RV_ACT_RELU ? rv_relu(v) : v; }
+
 // nvcc has no float atomicMax; the CAS loop is the portable spelling.
 __device__ __forceinline__ float rotvar_atomic_max_f32(float* addr, float v) {
     int* p = reinterpret_cast<int*>(addr);

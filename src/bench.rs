@@ -3,7 +3,7 @@
 //! side in one run (benches/run_train_throughput.sh).
 
 use crate::autograd::Tape;
-use crate::backend::BackendRef;
+use crate::backend::{Activation, BackendRef};
 use crate::models::{InputSpec, Model};
 use crate::nn::Forward;
 use crate::ops;
@@ -167,7 +167,7 @@ pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize, models: &[&str]) 
             (b.zeros(g.out_len())?, b.zeros(g.in_len())?, b.zeros(g.weight_len())?, b.zeros(g.c_out)?);
         let shape = format!("n{} c{} {}x{} -> {} k{} s{} p{}", g.n, g.c_in, g.h, g.w, g.c_out, g.kh, g.stride, g.pad);
         let passes: [(&str, f64); 3] = [
-            ("forward", median_ms(b, reps, || b.conv2d_fwd(&x, &w, Some(&bias), &mut y, &g))?),
+            ("forward", median_ms(b, reps, || b.conv2d_fwd(&x, &w, Some(&bias), Activation::Identity, &mut y, &g))?),
             ("backward_data", median_ms(b, reps, || b.conv2d_bwd_data(&dy, &w, &mut dx, &g))?),
             ("backward_weight", median_ms(b, reps, || b.conv2d_bwd_weight(&x, &dy, &mut dw, Some(&mut db), &g))?),
         ];
@@ -181,6 +181,88 @@ pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize, models: &[&str]) 
                 gflops: g.flops() / (ms * 1e-3) / 1e9,
                 ceiling_gflops: ceiling,
                 fraction_of_ceiling: ceiling.map(|c| g.flops() / (ms * 1e-3) / 1e9 / c),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One GEMM variant of kernels/gemm.cu at one shape (`rotvar bench gemm`).
+#[derive(Debug, Serialize)]
+pub struct GemmTiming {
+    /// `model.layer` of a dense layer's forward at the batch size, or `square`.
+    pub shape: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// `v1`, `v2`, `v2+bias+relu` (fused epilogue) or `v2+bias, relu kernel` (unfused).
+    pub variant: String,
+    pub device: String,
+    pub median_ms: f64,
+    pub gflops: f64,
+    pub ceiling_gflops: Option<f64>,
+    pub fraction_of_ceiling: Option<f64>,
+}
+
+/// The GEMM variants side by side: v1 against v2 (register prefetch) on the dense layers'
+/// forward shapes of `models` at `batch` rows and on a 2048³ square, and v2's fused bias + ReLU
+/// epilogue against the same GEMM followed by a separate ReLU kernel.
+pub fn gemm_timings(
+    cuda: &std::sync::Arc<crate::backend::cuda::CudaBackend>,
+    batch: usize,
+    reps: usize,
+    models: &[&str],
+) -> Result<Vec<GemmTiming>> {
+    let b: BackendRef = cuda.clone();
+    let mut shapes = Vec::new();
+    for arch in models {
+        let spec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
+        let model = Model::build(arch, spec, &b, 0)?;
+        for (name, layer) in &model.net.layers {
+            if let crate::nn::Layer::Linear(l) = layer {
+                shapes.push((format!("{arch}.{name}"), batch, l.weight.dim(0), l.weight.dim(1)));
+            }
+        }
+    }
+    let square = if cuda.is_emulated() { 96 } else { 2048 };
+    shapes.push(("square".into(), square, square, square));
+    let ceiling = if cuda.is_emulated() { None } else { Some(fma_ceiling_gflops(&b, reps)?) };
+    let mut rng = Rng::new(5);
+    let mut out = Vec::new();
+    for (shape, m, n, k) in shapes {
+        let mut rand = |len: usize| -> Result<crate::backend::Storage> {
+            b.upload(&(0..len).map(|_| rng.normal()).collect::<Vec<f32>>())
+        };
+        let (x, w, bias) = (rand(m * k)?, rand(n * k)?, rand(n)?);
+        let (mut y, mut z) = (b.zeros(m * n)?, b.zeros(m * n)?);
+        let (id, relu) = (Activation::Identity, Activation::Relu);
+        let dims = (m, n, k);
+        let rows: [(&str, f64); 4] = [
+            ("v1", median_ms(&b, reps, || cuda.gemm_variant(1, &x, &w, None, id, &mut y, dims))?),
+            ("v2", median_ms(&b, reps, || cuda.gemm_variant(2, &x, &w, None, id, &mut y, dims))?),
+            ("v2+bias+relu", median_ms(&b, reps, || cuda.gemm_variant(2, &x, &w, Some(&bias), relu, &mut y, dims))?),
+            (
+                "v2+bias, relu kernel",
+                median_ms(&b, reps, || {
+                    cuda.gemm_variant(2, &x, &w, Some(&bias), id, &mut z, dims)?;
+                    b.relu_fwd(&z, &mut y)
+                })?,
+            ),
+        ];
+        let flops = 2.0 * (m * n * k) as f64;
+        for (variant, ms) in rows {
+            let gflops = flops / (ms * 1e-3) / 1e9;
+            out.push(GemmTiming {
+                shape: shape.clone(),
+                m,
+                n,
+                k,
+                variant: variant.into(),
+                device: b.describe(),
+                median_ms: ms,
+                gflops,
+                ceiling_gflops: ceiling,
+                fraction_of_ceiling: ceiling.map(|c| gflops / c),
             });
         }
     }

@@ -71,7 +71,8 @@ struct SelftestArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// What to measure: train (whole training steps), conv (each convolution pass), rotate
+    /// What to measure: train (whole training steps), conv (each convolution pass), gemm (the
+    /// GEMM kernel variants and the fused bias + ReLU epilogue; CUDA only), rotate
     /// (rotation kernel vs device-to-device copy), eval-angles (rotated evaluation), measure
     /// (the variance measure's cost over the rotated forward passes).
     #[arg(default_value = "train")]
@@ -674,6 +675,20 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if a.what == "gemm" {
+        let cuda = match a.device {
+            DeviceRequest::Cuda(i) => backend::cuda::CudaBackend::open(i)?,
+            DeviceRequest::Auto => backend::cuda::CudaBackend::open(0)
+                .context("bench gemm times the CUDA GEMM kernels: no GPU (use --device cuda-emu to try it)")?,
+            DeviceRequest::CudaEmulated => backend::cuda::CudaBackend::emulated(),
+            DeviceRequest::Cpu => bail!("bench gemm times the CUDA GEMM kernels: use --device cuda or cuda-emu"),
+        };
+        let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        for t in crate::bench::gemm_timings(&cuda, a.batch_size, a.steps, &models)? {
+            println!("{}", serde_json::to_string(&t)?);
+        }
+        return Ok(());
+    }
     let b = open_backend(a.device)?;
     match a.what.as_str() {
         "train" => {}
@@ -703,7 +718,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             }
             return Ok(());
         }
-        other => bail!("unknown benchmark '{other}': available: train, conv, rotate, eval-angles, measure"),
+        other => bail!("unknown benchmark '{other}': available: train, conv, gemm, rotate, eval-angles, measure"),
     }
     for arch in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let r = crate::bench::train_throughput(&b, arch, a.batch_size, a.warmup, a.steps)?;

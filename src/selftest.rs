@@ -7,8 +7,8 @@
 
 use crate::autograd::Tape;
 use crate::backend::{
-    class_ranks, AdamParams, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom, PoolKind, RotateGeom,
-    SgdParams, Storage, VarianceGeom,
+    class_ranks, Activation, AdamParams, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom, PoolKind,
+    RotateGeom, SgdParams, Storage, VarianceGeom,
 };
 use crate::models::{InputSpec, Model};
 use crate::nn::Forward;
@@ -268,10 +268,12 @@ fn dense(c: &mut Ctx, n: usize) -> Result<()> {
         let (x, w, b, dy) = (c.normal(n * k), c.normal(m * k), c.normal(m), c.normal(n * m));
         let ((rx, tx), (rw, tw), (rb, tb), (rdy, tdy)) = (c.pair(&x)?, c.pair(&w)?, c.pair(&b)?, c.pair(&dy)?);
         let (r, t) = (c.r.clone(), c.t.clone());
-        let (mut ry, mut ty) = c.poisoned(n * m)?;
-        r.linear_fwd(&rx, &rw, Some(&rb), &mut ry, n, k, m)?;
-        t.linear_fwd(&tx, &tw, Some(&tb), &mut ty, n, k, m)?;
-        c.compare("linear_fwd", &shape, &ry, &ty, TOL_REDUCTION)?;
+        for (op, act) in [("linear_fwd", Activation::Identity), ("linear_fwd+relu", Activation::Relu)] {
+            let (mut ry, mut ty) = c.poisoned(n * m)?;
+            r.linear_fwd(&rx, &rw, Some(&rb), act, &mut ry, n, k, m)?;
+            t.linear_fwd(&tx, &tw, Some(&tb), act, &mut ty, n, k, m)?;
+            c.compare(op, &shape, &ry, &ty, TOL_REDUCTION)?;
+        }
         let (mut rdx, mut tdx) = c.poisoned(n * k)?;
         r.linear_bwd_data(&rdy, &rw, &mut rdx, n, k, m)?;
         t.linear_bwd_data(&tdy, &tw, &mut tdx, n, k, m)?;
@@ -292,10 +294,12 @@ fn conv(c: &mut Ctx, g: &ConvGeom) -> Result<()> {
     let (x, w, b, dy) = (c.normal(g.in_len()), c.normal(g.weight_len()), c.normal(g.c_out), c.normal(g.out_len()));
     let ((rx, tx), (rw, tw), (rb, tb), (rdy, tdy)) = (c.pair(&x)?, c.pair(&w)?, c.pair(&b)?, c.pair(&dy)?);
     let (r, t) = (c.r.clone(), c.t.clone());
-    let (mut ry, mut ty) = c.poisoned(g.out_len())?;
-    r.conv2d_fwd(&rx, &rw, Some(&rb), &mut ry, g)?;
-    t.conv2d_fwd(&tx, &tw, Some(&tb), &mut ty, g)?;
-    c.compare("conv2d_fwd", &shape, &ry, &ty, TOL_REDUCTION)?;
+    for (op, act) in [("conv2d_fwd", Activation::Identity), ("conv2d_fwd+relu", Activation::Relu)] {
+        let (mut ry, mut ty) = c.poisoned(g.out_len())?;
+        r.conv2d_fwd(&rx, &rw, Some(&rb), act, &mut ry, g)?;
+        t.conv2d_fwd(&tx, &tw, Some(&tb), act, &mut ty, g)?;
+        c.compare(op, &shape, &ry, &ty, TOL_REDUCTION)?;
+    }
     let (mut rdx, mut tdx) = c.poisoned(g.in_len())?;
     r.conv2d_bwd_data(&rdy, &rw, &mut rdx, g)?;
     t.conv2d_bwd_data(&tdy, &tw, &mut tdx, g)?;

@@ -350,3 +350,24 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
     let loss = metrics["epochs"][0]["test_loss"].as_f64().unwrap();
     assert!((e["loss"].as_f64().unwrap() - loss).abs() < 1e-6 * loss.abs().max(1.0), "{e} vs loss {loss}");
 }
+
+/// `bench gemm` times the GEMM kernel variants side by side (here through the emulator, where
+/// the figures mean nothing but every row must be there) and refuses the CPU clearly.
+#[test]
+fn bench_gemm_reports_every_variant_and_refuses_the_cpu() {
+    let o = rotvar_ok(&["bench", "gemm", "--device", "cuda-emu", "--steps", "1", "--batch-size", "4", "--models", "lenet"]);
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let shapes = ["lenet.fc1", "lenet.fc2", "square"];
+    let variants = ["v1", "v2", "v2+bias+relu", "v2+bias, relu kernel"];
+    assert_eq!(rows.len(), shapes.len() * variants.len(), "{rows:?}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["shape"], shapes[i / variants.len()]);
+        assert_eq!(r["variant"], variants[i % variants.len()]);
+        assert!(r["median_ms"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(rows[0]["m"], 4);
+    let o = rotvar(&["bench", "gemm", "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("use --device cuda or cuda-emu"), "{}", stderr(&o));
+}

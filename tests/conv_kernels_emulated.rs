@@ -182,11 +182,16 @@ fn blocks(n: usize, tile: usize) -> u32 {
     n.div_ceil(tile) as u32
 }
 
-fn conv_fwd(g: &Conv, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// Activation codes of the fused epilogue (RV_ACT_* in rotvar_common.cuh).
+const IDENTITY: i32 = 0;
+const RELU: i32 = 1;
+
+fn conv_fwd(g: &Conv, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: i32) -> Vec<f32> {
     let (xi, wi, bi) = (Input::new(x), Input::new(w), bias.map(Input::new));
     let mut y = Output::new(g.y_len());
     let mut args = vec![y.arg(), xi.arg(), wi.arg(), bi.as_ref().map_or(KArg::Ptr(0), Input::arg)];
     args.extend(g.args());
+    args.push(KArg::I32(act));
     let grid = (blocks(g.n * g.oh() * g.ow(), TILE), blocks(g.k, TILE), 1);
     launch("conv2d_fwd_v1", grid, BLOCK, &args);
     y.take("conv2d_fwd_v1")
@@ -258,10 +263,23 @@ fn conv_fwd_matches_reference() {
         let x = rng.vec(g.x_len(), -1., 1.);
         let w = rng.vec(g.w_len(), -1., 1.);
         let bias = rng.vec(g.k, -1., 1.);
-        let y = conv_fwd(g, &x, &w, None);
+        let y = conv_fwd(g, &x, &w, None, IDENTITY);
         assert_close(&format!("fwd no bias {g:?}"), &y, &ref_fwd(g, &x, &w, None), 1e-4);
-        let y = conv_fwd(g, &x, &w, Some(&bias));
-        assert_close(&format!("fwd bias {g:?}"), &y, &ref_fwd(g, &x, &w, Some(&bias)), 1e-4);
+        let y = conv_fwd(g, &x, &w, Some(&bias), IDENTITY);
+        let want = ref_fwd(g, &x, &w, Some(&bias));
+        assert_close(&format!("fwd bias {g:?}"), &y, &want, 1e-4);
+        // The fused ReLU: against the reference, and bit for bit the ReLU of the unfused output.
+        let y_relu = conv_fwd(g, &x, &w, Some(&bias), RELU);
+        let want_relu: Vec<f64> = want.iter().map(|v| v.max(0.0)).collect();
+        assert_close(&format!("fwd bias+relu {g:?}"), &y_relu, &want_relu, 1e-4);
+        assert!(y.iter().any(|&v| v < 0.0) && y.iter().any(|&v| v > 0.0), "{g:?}: both signs are exercised");
+        for (i, (&a, &b)) in y.iter().zip(&y_relu).enumerate() {
+            let fused = if a > 0.0 { a } else { 0.0 };
+            assert_eq!(fused.to_bits(), b.to_bits(), "fwd bias+relu {g:?} [{i}]: {b} vs relu({a})");
+        }
+        let y_relu = conv_fwd(g, &x, &w, None, RELU);
+        let want_relu: Vec<f64> = ref_fwd(g, &x, &w, None).iter().map(|v| v.max(0.0)).collect();
+        assert_close(&format!("fwd relu no bias {g:?}"), &y_relu, &want_relu, 1e-4);
     }
 }
 
@@ -371,6 +389,7 @@ fn conv_kernels_reject_other_block_sizes() {
     let mut y = vec![0f32; g.y_len()];
     let mut args = vec![KArg::slice_mut(&mut y), KArg::slice(&x), KArg::slice(&w), KArg::Ptr(0)];
     args.extend(g.args());
+    args.push(KArg::I32(IDENTITY));
     let r = unsafe { emu::launch("conv2d_fwd_v1", (4, 1, 1), (128, 1, 1), 0, &args) };
     assert!(r.unwrap_err().to_string().contains("__trap"));
 }

@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 use rotvar::backend::cpu::CpuBackend;
-use rotvar::backend::{AdamParams, BackendRef, ConvGeom, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
+use rotvar::backend::{Activation, AdamParams, BackendRef, ConvGeom, NormGeom, PoolGeom, PoolKind, SgdParams, Storage};
 use rotvar::rng::Rng;
 
 const POISONS: [f32; 2] = [f32::NAN, 1e30];
@@ -201,13 +201,13 @@ fn conv2d_forward_matches_naive() {
             for poison in POISONS {
                 let mut y = poisoned(&b, g.out_len(), poison);
                 let bs = bias.map(|v| up(&b, v));
-                b.conv2d_fwd(&up(&b, &x), &up(&b, &w), bs.as_ref(), &mut y, &g).unwrap();
-                assert_close_scaled(
-                    &format!("conv fwd {g:?} bias={with_bias} poison={poison}"),
-                    &down(&b, &y),
-                    &want,
-                    1e-4,
-                );
+                b.conv2d_fwd(&up(&b, &x), &up(&b, &w), bs.as_ref(), Activation::Identity, &mut y, &g).unwrap();
+                let y = down(&b, &y);
+                assert_close_scaled(&format!("conv fwd {g:?} bias={with_bias} poison={poison}"), &y, &want, 1e-4);
+                // The fused ReLU: the activation of the same bits.
+                let mut yr = poisoned(&b, g.out_len(), poison);
+                b.conv2d_fwd(&up(&b, &x), &up(&b, &w), bs.as_ref(), Activation::Relu, &mut yr, &g).unwrap();
+                assert_eq!(bits(&down(&b, &yr)), bits(&y.iter().map(|&v| v.max(0.0)).collect::<Vec<_>>()));
             }
         }
     }
@@ -274,7 +274,7 @@ fn conv2d_thin_inputs_match_naive() {
         let dy = randn(&mut rng, g.out_len());
         let what = format!("{g:?}");
         let mut y = poisoned(&b, g.out_len(), f32::NAN);
-        b.conv2d_fwd(&up(&b, &x), &up(&b, &w), Some(&up(&b, &bias)), &mut y, &g).unwrap();
+        b.conv2d_fwd(&up(&b, &x), &up(&b, &w), Some(&up(&b, &bias)), Activation::Identity, &mut y, &g).unwrap();
         assert_close_scaled(&format!("conv fwd {what}"), &down(&b, &y), &naive_conv_fwd(&x, &w, Some(&bias), &g), 1e-4);
         let mut dx = poisoned(&b, g.in_len(), f32::NAN);
         b.conv2d_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, &g).unwrap();
@@ -327,11 +327,21 @@ fn linear_forward_and_backward_match_naive() {
         for poison in POISONS {
             let what = format!("linear n={n} k={k} m={m} poison={poison}");
             let mut y = poisoned(&b, n * m, poison);
-            b.linear_fwd(&up(&b, &x), &up(&b, &w), Some(&up(&b, &bias)), &mut y, n, k, m).unwrap();
+            b.linear_fwd(&up(&b, &x), &up(&b, &w), Some(&up(&b, &bias)), Activation::Identity, &mut y, n, k, m)
+                .unwrap();
             assert_close_scaled(&format!("{what}: y"), &down(&b, &y), &y_ref_b, 1e-4);
             let mut y = poisoned(&b, n * m, poison);
-            b.linear_fwd(&up(&b, &x), &up(&b, &w), None, &mut y, n, k, m).unwrap();
+            b.linear_fwd(&up(&b, &x), &up(&b, &w), None, Activation::Identity, &mut y, n, k, m).unwrap();
             assert_close_scaled(&format!("{what}: y (no bias)"), &down(&b, &y), &y_ref, 1e-4);
+            for bias_arg in [Some(up(&b, &bias)), None] {
+                let mut y = poisoned(&b, n * m, poison);
+                b.linear_fwd(&up(&b, &x), &up(&b, &w), bias_arg.as_ref(), Activation::Identity, &mut y, n, k, m)
+                    .unwrap();
+                let mut yr = poisoned(&b, n * m, poison);
+                b.linear_fwd(&up(&b, &x), &up(&b, &w), bias_arg.as_ref(), Activation::Relu, &mut yr, n, k, m).unwrap();
+                let want: Vec<f32> = down(&b, &y).iter().map(|&v| v.max(0.0)).collect();
+                assert_eq!(bits(&down(&b, &yr)), bits(&want), "{what}: fused relu");
+            }
 
             let mut dx = poisoned(&b, n * k, poison);
             b.linear_bwd_data(&up(&b, &dy), &up(&b, &w), &mut dx, n, k, m).unwrap();
@@ -716,6 +726,16 @@ fn elementwise_ops_match_naive() {
             1e-6,
             1e-6,
         );
+        // NaN propagates (as torch.relu and the kernel): a diverged run must not look healthy.
+        let special = [f32::NAN, -0.0, 0.0, -1.0, 2.0, f32::NEG_INFINITY];
+        let mut o = poisoned(&b, special.len(), 7.0);
+        b.relu_fwd(&up(&b, &special), &mut o).unwrap();
+        let got = down(&b, &o);
+        assert!(got[0].is_nan(), "relu(NaN) = {}", got[0]);
+        assert_eq!(
+            got[1..].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            [0.0f32, 0.0, 0.0, 2.0, 0.0].map(f32::to_bits)
+        );
         let mut o = poisoned(&b, len, poison);
         b.relu_bwd(&up(&b, &relu_y), &up(&b, &dy), &mut o).unwrap();
         let want: Vec<f64> = x.iter().zip(&dy).map(|(&v, &d)| if v > 0.0 { d as f64 } else { 0.0 }).collect();
@@ -952,7 +972,7 @@ fn chunked_results() -> Vec<Vec<u32>> {
         b.zeros(g.weight_len()).unwrap(),
         b.zeros(g.c_out).unwrap(),
     );
-    b.conv2d_fwd(&x, &w, None, &mut y, &g).unwrap();
+    b.conv2d_fwd(&x, &w, None, Activation::Identity, &mut y, &g).unwrap();
     b.conv2d_bwd_data(&dy, &w, &mut dx, &g).unwrap();
     b.conv2d_bwd_weight(&x, &dy, &mut dw, Some(&mut db), &g).unwrap();
 
@@ -968,7 +988,7 @@ fn chunked_results() -> Vec<Vec<u32>> {
     let ldy = up(&b, &randn(&mut rng, n * m));
     let (mut ly, mut ldx, mut ldw, mut ldb) =
         (b.zeros(n * m).unwrap(), b.zeros(n * k).unwrap(), b.zeros(m * k).unwrap(), b.zeros(m).unwrap());
-    b.linear_fwd(&lx, &lw, None, &mut ly, n, k, m).unwrap();
+    b.linear_fwd(&lx, &lw, None, Activation::Identity, &mut ly, n, k, m).unwrap();
     b.linear_bwd_data(&ldy, &lw, &mut ldx, n, k, m).unwrap();
     b.linear_bwd_weight(&lx, &ldy, &mut ldw, Some(&mut ldb), n, k, m).unwrap();
 

@@ -254,6 +254,36 @@ fn linear_gradients() -> Result<()> {
     Ok(())
 }
 
+/// conv2d_act / linear_act with the fused ReLU. Biases of ±3 against small weights keep every
+/// pre-activation far from the kink (so central differences are exact there), with half the
+/// channels on each side: the identity side and the zero side of the ReLU both get checked.
+/// Element-wise mixing at kinks is covered by tests/models.rs (fused = unfused, bit for bit).
+#[test]
+fn fused_relu_conv_and_linear_gradients() -> Result<()> {
+    let b = cpu();
+    let mut rng = Rng::new(106);
+    let signs = |m: usize| (0..m).map(|i| if i % 2 == 0 { 3.0 } else { -3.0 }).collect::<Vec<f32>>();
+    let x = param(&b, &[2, 2, 6, 7], &randn(&mut rng, 168, 1.0));
+    let w = param(&b, &[4, 2, 3, 3], &randn(&mut rng, 72, 0.1));
+    let bias = param(&b, &[4], &signs(4));
+    let inputs = [("x", &x), ("weight", &w), ("bias", &bias)];
+    let relu = rotvar::backend::Activation::Relu;
+    let g = gradcheck("conv2d+relu", &inputs, 1060, &SMOOTH, || ops::conv2d_act(&x, &w, Some(&bias), 1, 1, relu))?;
+    // Channels 1 and 3 are all below zero: no gradient reaches their weights or bias.
+    assert!(g[2][1] == 0.0 && g[2][3] == 0.0 && g[2][0] != 0.0 && g[2][2] != 0.0, "bias gradient {:?}", g[2]);
+    let y = ops::conv2d(&x, &w, Some(&bias), 1, 1)?.to_vec()?;
+    let margin = y.iter().fold(f32::INFINITY, |m, v| m.min(v.abs()));
+    assert!(margin > 0.5, "pre-activations within {margin} of the kink");
+
+    let x = param(&b, &[5, 7], &randn(&mut rng, 35, 1.0));
+    let w = param(&b, &[6, 7], &randn(&mut rng, 42, 0.1));
+    let bias = param(&b, &[6], &signs(6));
+    let inputs = [("x", &x), ("weight", &w), ("bias", &bias)];
+    let g = gradcheck("linear+relu", &inputs, 1061, &SMOOTH, || ops::linear_act(&x, &w, Some(&bias), relu))?;
+    assert!(g[2].iter().enumerate().all(|(i, &v)| (v == 0.0) == (i % 2 == 1)), "bias gradient {:?}", g[2]);
+    Ok(())
+}
+
 // --- pooling ---------------------------------------------------------------------------------
 
 #[test]

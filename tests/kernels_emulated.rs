@@ -243,22 +243,41 @@ struct GemmCase {
     pad: usize,
 }
 
-fn check_gemm(c: &GemmCase, rng: &mut Rng) {
+/// The epilogue of gemm_tiled_v2 (v1 has none): a per-column bias and the activation code.
+#[derive(Clone, Copy)]
+struct Epilogue {
+    bias: bool,
+    relu: bool,
+}
+
+fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
     let (ar, ac) = if c.ta { (c.k, c.m) } else { (c.m, c.k) };
     let (br, bc) = if c.tb { (c.n, c.k) } else { (c.k, c.n) };
     let (lda, ldb, ldc) = (ac + c.pad, bc + c.pad, c.n + c.pad);
     let a = rng.vec(ar * lda, -1., 1.);
     let b = rng.vec(br * ldb, -1., 1.);
+    let bias = rng.vec(c.n.max(1), -1., 1.);
+    let use_bias = e.is_some_and(|e| e.bias);
+    let relu = e.is_some_and(|e| e.relu);
     // beta == 0 must not read C, so poison it; otherwise C carries data.
     let c0 = if c.beta == 0. { vec![POISON; c.m * ldc] } else { rng.vec(c.m * ldc, -1., 1.) };
     let mut cm = c0.clone();
     let grid = (c.n.div_ceil(64) as u32, c.m.div_ceil(64) as u32, 1);
     let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut cm)];
+    if e.is_some() {
+        args.push(if use_bias { KArg::slice(&bias) } else { KArg::Ptr(0) });
+    }
     args.extend(i32s([c.m, c.n, c.k, lda, ldb, ldc, c.ta as usize, c.tb as usize]));
     args.extend(f32s([c.alpha as f64, c.beta as f64]));
-    unsafe { emu::launch("gemm_tiled_v1", grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
-    let tag =
-        format!("gemm {}x{}x{} ta={} tb={} alpha={} beta={} pad={}", c.m, c.n, c.k, c.ta, c.tb, c.alpha, c.beta, c.pad);
+    if e.is_some() {
+        args.push(KArg::I32(relu as i32));
+    }
+    unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
+    let tag = format!(
+        "{kernel} {}x{}x{} ta={} tb={} alpha={} beta={} pad={} bias={use_bias} relu={relu}",
+        c.m, c.n, c.k, c.ta, c.tb, c.alpha, c.beta, c.pad
+    );
+    let (mut negative, mut positive) = (0, 0);
     for i in 0..c.m {
         for j in 0..c.n {
             let (mut acc, mut mag) = (0f64, 0f64);
@@ -274,6 +293,18 @@ fn check_gemm(c: &GemmCase, rng: &mut Rng) {
                 want += c.beta as f64 * c0[i * ldc + j] as f64;
                 scale += (c.beta as f64 * c0[i * ldc + j] as f64).abs();
             }
+            if use_bias {
+                want += bias[j] as f64;
+                scale += (bias[j] as f64).abs();
+            }
+            if want < 0.0 {
+                negative += 1;
+            } else {
+                positive += 1;
+            }
+            if relu {
+                want = want.max(0.0);
+            }
             let got = cm[i * ldc + j] as f64;
             assert!((got - want).abs() <= 1e-5 * scale.max(1e-3), "{tag}: C[{i},{j}] got {got}, want {want}");
         }
@@ -282,15 +313,17 @@ fn check_gemm(c: &GemmCase, rng: &mut Rng) {
             assert_eq!(cm[i * ldc + j].to_bits(), c0[i * ldc + j].to_bits(), "{tag}: wrote C[{i},{j}] in padding");
         }
     }
+    if relu && c.m * c.n >= 100 {
+        assert!(negative > 0 && positive > 0, "{tag}: the ReLU case must see both signs");
+    }
 }
 
-#[test]
-fn gemm_tiled_v1_parity() {
-    let mut rng = Rng(19);
+fn gemm_cases() -> Vec<GemmCase> {
     let case = |(m, n, k), ta, tb, alpha, beta, pad| GemmCase { m, n, k, ta, tb, alpha, beta, pad };
     let mut cases = Vec::new();
-    // Ragged (not multiples of the 64x64x16 tile), degenerate, exact, multi-block.
-    for mnk in [(67, 45, 33), (1, 1, 1), (64, 64, 16), (130, 70, 50), (5, 129, 17)] {
+    // Ragged (not multiples of the 64x64x16 tile), degenerate, exact, multi-block, and K spanning
+    // many slices (v2's register prefetch runs ahead of the shared tiles).
+    for mnk in [(67, 45, 33), (1, 1, 1), (64, 64, 16), (130, 70, 50), (5, 129, 17), (70, 66, 161)] {
         for ta in [false, true] {
             for tb in [false, true] {
                 cases.push(case(mnk, ta, tb, 1., 0., 0));
@@ -300,9 +333,50 @@ fn gemm_tiled_v1_parity() {
     cases.push(case((67, 45, 33), false, true, -0.5, 0.75, 3));
     cases.push(case((33, 70, 65), true, false, 2., 1., 5));
     cases.push(case((3, 2, 0), false, false, 1., 0.5, 0));
-    for c in &cases {
-        check_gemm(c, &mut rng);
+    cases
+}
+
+#[test]
+fn gemm_tiled_v1_parity() {
+    let mut rng = Rng(19);
+    for c in &gemm_cases() {
+        check_gemm("gemm_tiled_v1", c, None, &mut rng);
     }
+}
+
+#[test]
+fn gemm_tiled_v2_parity_with_fused_bias_and_relu() {
+    let mut rng = Rng(23);
+    for c in &gemm_cases() {
+        for (bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
+            check_gemm("gemm_tiled_v2", c, Some(Epilogue { bias, relu }), &mut rng);
+        }
+    }
+}
+
+/// v2 adds only a prefetch and an epilogue: with neither bias nor activation its output is v1's,
+/// bit for bit (same slices, same FMA order).
+#[test]
+fn gemm_tiled_v2_without_epilogue_equals_v1_bitwise() {
+    let mut rng = Rng(29);
+    let (m, n, k) = (70, 66, 161);
+    let (a, b) = (rng.vec(m * k, -1., 1.), rng.vec(k * n, -1., 1.));
+    let run = |kernel: &str| {
+        let mut c = vec![POISON; m * n];
+        let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut c)];
+        if kernel == "gemm_tiled_v2" {
+            args.push(KArg::Ptr(0));
+        }
+        args.extend(i32s([m, n, k, k, n, n, 0, 0]));
+        args.extend(f32s([1., 0.]));
+        if kernel == "gemm_tiled_v2" {
+            args.push(KArg::I32(0));
+        }
+        let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+        unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
+        c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(run("gemm_tiled_v1"), run("gemm_tiled_v2"));
 }
 
 #[test]

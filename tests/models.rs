@@ -205,3 +205,50 @@ fn batch_norm_models_learn_a_small_batch() {
         assert!(losses[19] < 0.7 * losses[0], "{arch}: loss {:.3} -> {:.3} ({losses:?})", losses[0], losses[19]);
     }
 }
+
+/// Without an observer, a conv or linear layer and the ReLU after it run as one fused kernel;
+/// with one, separately (the measure must see the pre-activation). Both give the same bits,
+/// forward and backward, on the CPU and through the emulated CUDA kernels, and the fused path
+/// keeps less memory alive for the backward pass (no pre-activation), which shows it ran.
+#[test]
+fn fused_relu_layers_give_the_unfused_bits() -> anyhow::Result<()> {
+    let emu: BackendRef = rotvar::backend::cuda::CudaBackend::emulated();
+    for (b, arch) in [(cpu(), "lenet"), (cpu(), "simpleconv"), (cpu(), "vgg"), (emu.clone(), "lenet")] {
+        let model = Model::build(arch, MNIST, &b, 7)?;
+        let mut rng = Rng::new(8);
+        let x = Tensor::from_vec(&b, &[3, 1, 28, 28], &randn(&mut rng, 3 * 28 * 28))?;
+        let labels = Tensor::from_vec(&b, &[3], &[1.0, 4.0, 9.0])?;
+        let run = |observe: bool| -> anyhow::Result<(Vec<f32>, Vec<Vec<f32>>, usize, Option<u64>)> {
+            b.reset_peak_memory();
+            let tape = Tape::start()?;
+            let mut seen = 0usize;
+            let mut obs = |_: &str, _: &Tensor| -> anyhow::Result<()> {
+                seen += 1;
+                Ok(())
+            };
+            let observer: Option<&mut dyn FnMut(&str, &Tensor) -> anyhow::Result<()>> =
+                if observe { Some(&mut obs) } else { None };
+            let out = model.forward(&x, &mut Forward { train: true, seed: 3, observer })?;
+            let loss = ops::nll_loss(&out, &labels)?;
+            let peak = b.memory_stats().map(|m| m.peak_in_use_bytes);
+            let grads = tape.backward(&loss)?;
+            let g = model.parameters().iter().map(|p| grads.get(&p.tensor).unwrap().to_vec().unwrap()).collect();
+            Ok((out.to_vec()?, g, seen, peak))
+        };
+        let (out_f, grads_f, seen_f, peak_f) = run(false)?;
+        let (out_u, grads_u, seen_u, peak_u) = run(true)?;
+        assert_eq!(seen_f, 0);
+        assert_eq!(seen_u, model.intermediate_names().len(), "{arch}: every intermediate observed");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out_f), bits(&out_u), "{arch} on {}: outputs differ", b.device());
+        assert!(out_f.iter().all(|v| v.is_finite()));
+        for (p, (gf, gu)) in model.parameters().iter().zip(grads_f.iter().zip(&grads_u)) {
+            assert_eq!(bits(gf), bits(gu), "{arch} on {}: gradient of {} differs", b.device(), p.name);
+            assert!(gf.iter().any(|&v| v != 0.0), "{arch}: gradient of {} is zero", p.name);
+        }
+        if let (Some(f), Some(u)) = (peak_f, peak_u) {
+            assert!(f < u, "{arch} on {}: fused peak {f} bytes, unfused {u}", b.device());
+        }
+    }
+    Ok(())
+}

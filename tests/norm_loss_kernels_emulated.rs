@@ -205,22 +205,6 @@ fn argmax_first_max_wins() {
 }
 
 #[test]
-fn bias_add_rows() {
-    let mut rng = Rng(5);
-    for &(rows, cols) in &[(1usize, 1usize), (37, 10), (100, 1000), (33, 1)] {
-        let y0 = rng.vec(rows * cols, -1., 1.);
-        let b = rng.vec(cols, -1., 1.);
-        let want: Vec<f32> = y0.iter().enumerate().map(|(e, v)| v + b[e % cols]).collect();
-        for (grid, block) in flat_cfgs(rows * cols) {
-            let mut y = y0.clone();
-            let args = [KArg::slice_mut(&mut y), KArg::slice(&b), KArg::I32(rows as i32), KArg::I32(cols as i32)];
-            run("bias_add_rows_f32", grid, block, &args);
-            assert_bits(&format!("bias_add rows={rows} cols={cols} cfg=({grid},{block})"), &y, &want);
-        }
-    }
-}
-
-#[test]
 fn sum_rows() {
     let mut rng = Rng(6);
     for &(rows, cols) in &[(1usize, 1usize), (37, 10), (300, 1000), (257, 33), (2000, 3)] {

@@ -280,6 +280,42 @@ pub fn rotation_matrix(angle_deg: f32) -> [f32; 4] {
     [c, -s, s, c]
 }
 
+/// The elementwise function a conv or dense forward applies after its bias, fused into the
+/// kernel's store: a layer followed by a ReLU writes its output once, and training never keeps
+/// the pre-activation (the ReLU's backward needs only the output's sign).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Identity,
+    Relu,
+}
+
+impl Activation {
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => relu(v),
+        }
+    }
+    /// The `act` argument of the CUDA kernels (`RV_ACT_*` in kernels/rotvar_common.cuh).
+    pub fn code(self) -> i32 {
+        match self {
+            Activation::Identity => 0,
+            Activation::Relu => 1,
+        }
+    }
+}
+
+/// torch.relu on one value: NaN propagates (`f32::max` would turn it into 0 and hide a diverged
+/// run from the NaN check), and −0 becomes +0. The kernels' twin is `rv_relu`.
+pub fn relu(v: f32) -> f32 {
+    if v > 0.0 || v.is_nan() {
+        v
+    } else {
+        0.0
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamParams {
     pub lr: f32,
@@ -376,12 +412,14 @@ pub trait Backend: Send + Sync {
     fn dropout_fwd(&self, x: &Storage, p: f32, seed: u64, y: &mut Storage, mask: &mut Storage) -> Result<()>;
 
     // --- dense layers -------------------------------------------------------------------
-    /// y[n, m] = x[n, k] · w[m, k]ᵀ + b[m]
+    /// y[n, m] = act(x[n, k] · w[m, k]ᵀ + b[m])
+    #[allow(clippy::too_many_arguments)]
     fn linear_fwd(
         &self,
         x: &Storage,
         w: &Storage,
         b: Option<&Storage>,
+        act: Activation,
         y: &mut Storage,
         n: usize,
         k: usize,
@@ -400,7 +438,16 @@ pub trait Backend: Send + Sync {
         k: usize,
         m: usize,
     ) -> Result<()>;
-    fn conv2d_fwd(&self, x: &Storage, w: &Storage, b: Option<&Storage>, y: &mut Storage, g: &ConvGeom) -> Result<()>;
+    /// y = act(conv(x, w) + b)
+    fn conv2d_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        act: Activation,
+        y: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()>;
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()>;
     fn conv2d_bwd_weight(
         &self,

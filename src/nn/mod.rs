@@ -6,7 +6,7 @@
 
 pub mod init;
 
-use crate::backend::BackendRef;
+use crate::backend::{Activation, BackendRef};
 use crate::ops::{self, BatchNormState};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -247,6 +247,15 @@ impl Layer {
         }
     }
 
+    /// This layer followed by `act` as one fused op, where the layer has a fused form.
+    fn forward_fused(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
+        match self {
+            Layer::Conv2d(c) => Some(ops::conv2d_act(x, &c.weight, c.bias.as_ref(), c.stride, c.pad, act)),
+            Layer::Linear(l) => Some(ops::linear_act(x, &l.weight, l.bias.as_ref(), act)),
+            _ => None,
+        }
+    }
+
     /// Trainable tensors with their state-dict suffixes.
     pub fn parameters(&self) -> Vec<(String, &Tensor)> {
         match self {
@@ -302,7 +311,18 @@ impl Sequential {
 
     pub fn forward(&self, x: &Tensor, f: &mut Forward) -> Result<Tensor> {
         let mut h = x.clone();
-        for (i, (name, layer)) in self.layers.iter().enumerate() {
+        let mut i = 0;
+        while i < self.layers.len() {
+            let (name, layer) = &self.layers[i];
+            // A conv or linear layer and the ReLU after it run as one kernel, unless an observer
+            // must see the pre-activation. The result is the same bits either way.
+            if f.observer.is_none() && matches!(self.layers.get(i + 1), Some((_, Layer::Relu))) {
+                if let Some(y) = layer.forward_fused(&h, Activation::Relu) {
+                    h = y?;
+                    i += 2;
+                    continue;
+                }
+            }
             h = match layer {
                 Layer::Residual(block) => block.forward(&h, f, name)?,
                 _ => layer.forward(&h, f, i)?,
@@ -310,6 +330,7 @@ impl Sequential {
             if layer.observable() {
                 f.emit(name, &h)?;
             }
+            i += 1;
         }
         Ok(h)
     }

@@ -1,11 +1,17 @@
 use super::{expect_rank, grad, output, same_device};
 use crate::autograd::push;
-use crate::backend::ConvGeom;
+use crate::backend::{Activation, BackendRef, ConvGeom};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
 /// y[n, m] = x[n, k] · w[m, k]ᵀ + b[m]  (PyTorch's nn.Linear layout).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_act(x, w, b, Activation::Identity)
+}
+
+/// act(linear(x, w, b)) in one kernel: equal, bit for bit, to the activation op applied to
+/// [`linear`]'s output.
+pub fn linear_act(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Activation) -> Result<Tensor> {
     expect_rank("linear", "input", x, 2)?;
     expect_rank("linear", "weight", w, 2)?;
     let (n, k, m) = (x.dim(0), x.dim(1), w.dim(0));
@@ -22,14 +28,17 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     same_device("linear", &inputs)?;
     let be = x.backend().clone();
     let mut ys = be.alloc(n * m)?;
-    be.linear_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), &mut ys, n, k, m)?;
+    be.linear_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), act, &mut ys, n, k, m)?;
     let y = output(&inputs, &[n, m], ys)?;
     if y.is_tracked() {
+        // Identity needs nothing of the output: keeping it would hold its memory until backward.
         let (x, w, b, y_id) = (x.clone(), w.clone(), b.cloned(), y.id());
+        let y_kept = (act != Activation::Identity).then(|| y.clone());
         push(Box::new(move |grads| {
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
+            let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
             if x.is_tracked() {
                 let mut dx = be.alloc(n * k)?;
                 be.linear_bwd_data(&dy.storage(), &w.storage(), &mut dx, n, k, m)?;
@@ -53,6 +62,19 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// 2-D convolution, NCHW input, OIHW weight, square stride and zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    conv2d_act(x, w, b, stride, pad, Activation::Identity)
+}
+
+/// act(conv2d(x, w, b)) in one kernel: equal, bit for bit, to the activation op applied to
+/// [`conv2d`]'s output.
+pub fn conv2d_act(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    act: Activation,
+) -> Result<Tensor> {
     expect_rank("conv2d", "input", x, 4)?;
     expect_rank("conv2d", "weight", w, 4)?;
     let (n, c, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
@@ -70,14 +92,17 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: us
     same_device("conv2d", &inputs)?;
     let be = x.backend().clone();
     let mut ys = be.alloc(g.out_len())?;
-    be.conv2d_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), &mut ys, &g)?;
+    be.conv2d_fwd(&x.storage(), &w.storage(), b.map(|b| b.storage()).as_deref(), act, &mut ys, &g)?;
     let y = output(&inputs, &[n, g.c_out, g.oh, g.ow], ys)?;
     if y.is_tracked() {
+        // Identity needs nothing of the output: keeping it would hold its memory until backward.
         let (x, w, b, y_id) = (x.clone(), w.clone(), b.cloned(), y.id());
+        let y_kept = (act != Activation::Identity).then(|| y.clone());
         push(Box::new(move |grads| {
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
+            let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
             // The first layer's input is data: skipping its gradient saves a whole GEMM.
             if x.is_tracked() {
                 let mut dx = be.alloc(g.in_len())?;
@@ -98,4 +123,18 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, pad: us
         }));
     }
     Ok(y)
+}
+
+/// The gradient at the pre-activation from the gradient at the fused output `y`. ReLU's needs
+/// only y's sign (y > 0 exactly where its input is), so the pre-activation is never kept.
+fn activation_grad(be: &BackendRef, act: Activation, y: Option<&Tensor>, dy: Tensor) -> Result<Tensor> {
+    match (act, y) {
+        (Activation::Identity, _) => Ok(dy),
+        (Activation::Relu, None) => anyhow::bail!("internal: fused ReLU backward without its output"),
+        (Activation::Relu, Some(y)) => {
+            let mut dz = be.alloc(dy.numel())?;
+            be.relu_bwd(&y.storage(), &dy.storage(), &mut dz)?;
+            grad(be, dy.shape(), dz)
+        }
+    }
 }

@@ -11,7 +11,7 @@ mod pool;
 mod rotate;
 mod shape;
 
-pub use dense::{conv2d, linear};
+pub use dense::{conv2d, conv2d_act, linear, linear_act};
 pub use elementwise::{add, dropout, elu, relu, scale};
 pub use loss::{cross_entropy, log_softmax, mean, nll_loss, sum};
 pub use norm::{batch_norm, BatchNormState};

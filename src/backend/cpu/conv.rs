@@ -5,7 +5,7 @@
 //! the result is bit-identical whatever the thread count.
 
 use super::gemm::{sgemm, Mat};
-use crate::backend::ConvGeom;
+use crate::backend::{Activation, ConvGeom};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -152,7 +152,7 @@ fn images_per_gemm(g: &ConvGeom) -> usize {
     }
 }
 
-pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], g: &ConvGeom) {
+pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut [f32], g: &ConvGeom) {
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
     y.par_chunks_mut(out_img * group).enumerate().for_each(|(t, ys)| {
@@ -181,9 +181,12 @@ pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], g: &ConvG
                 }
             });
         }
-        if let Some(b) = b {
-            for (plane, row) in ys.chunks_mut(p).enumerate() {
-                row.iter_mut().for_each(|v| *v += b[plane % g.c_out]);
+        // The epilogue while the chunk is still in cache.
+        for (plane, row) in ys.chunks_mut(p).enumerate() {
+            match b {
+                Some(b) => row.iter_mut().for_each(|v| *v = act.apply(*v + b[plane % g.c_out])),
+                None if act != Activation::Identity => row.iter_mut().for_each(|v| *v = act.apply(*v)),
+                None => {}
             }
         }
     });

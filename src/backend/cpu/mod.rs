@@ -14,8 +14,8 @@ pub mod variance;
 
 use super::variance::VarianceData;
 use super::{
-    AdamParams, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams,
-    Storage, VarianceGeom, VarianceMoments, VarianceState,
+    relu, Activation, AdamParams, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
+    RotateGeom, SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use crate::rng::{splitmix64, unit_f32};
 use anyhow::{bail, Result};
@@ -191,7 +191,7 @@ impl Backend for CpuBackend {
     }
 
     fn relu_fwd(&self, x: &Storage, y: &mut Storage) -> Result<()> {
-        map(host(x)?, host_mut(y)?, |v| v.max(0.0));
+        map(host(x)?, host_mut(y)?, relu);
         Ok(())
     }
 
@@ -234,6 +234,7 @@ impl Backend for CpuBackend {
         x: &Storage,
         w: &Storage,
         b: Option<&Storage>,
+        act: Activation,
         y: &mut Storage,
         n: usize,
         k: usize,
@@ -245,9 +246,12 @@ impl Backend for CpuBackend {
             let rows = yc.len() / m;
             let xc = &x[c * ROW_CHUNK * k..(c * ROW_CHUNK + rows) * k];
             sgemm(rows, m, k, xc, Mat::rows(k), w, Mat::transposed(k), yc, Mat::rows(m), false);
-            if let Some(b) = b {
-                for row in yc.chunks_mut(m) {
-                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            // The epilogue while the chunk is still in cache.
+            for row in yc.chunks_mut(m) {
+                match b {
+                    Some(b) => row.iter_mut().zip(b).for_each(|(v, b)| *v = act.apply(*v + b)),
+                    None if act != Activation::Identity => row.iter_mut().for_each(|v| *v = act.apply(*v)),
+                    None => {}
                 }
             }
         });
@@ -311,9 +315,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn conv2d_fwd(&self, x: &Storage, w: &Storage, b: Option<&Storage>, y: &mut Storage, g: &ConvGeom) -> Result<()> {
+    fn conv2d_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        act: Activation,
+        y: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()> {
         let b = b.map(host).transpose()?;
-        conv::forward(host(x)?, host(w)?, b, host_mut(y)?, g);
+        conv::forward(host(x)?, host(w)?, b, act, host_mut(y)?, g);
         Ok(())
     }
 

@@ -11,8 +11,8 @@ pub mod kernels;
 
 use super::variance::VarianceData;
 use super::{
-    AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams, Storage,
-    VarianceGeom, VarianceMoments, VarianceState,
+    Activation, AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams,
+    Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, F64Buf, Gpu, Pool};
@@ -72,6 +72,41 @@ impl CudaBackend {
 
     pub fn is_emulated(&self) -> bool {
         matches!(self.exec, Exec::Emulated)
+    }
+
+    /// C[m, n] = act(A[m, k] · B[n, k]ᵀ + bias[n]) (the dense layer's forward) with a chosen
+    /// variant of kernels/gemm.cu, for `rotvar bench gemm`; the backend's ops always use v2.
+    /// v1 has no epilogue: it refuses a bias or an activation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_variant(
+        &self,
+        variant: u32,
+        a: &Storage,
+        b: &Storage,
+        bias: Option<&Storage>,
+        act: Activation,
+        c: &mut Storage,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        let (aa, ba, ca) = (self.arg(a, m * k)?, self.arg(b, n * k)?, self.arg(c, m * n)?);
+        match variant {
+            1 => {
+                if bias.is_some() || act != Activation::Identity {
+                    bail!("gemm_tiled_v1 has no epilogue: no bias or activation");
+                }
+                let mut args = vec![aa, ba, ca];
+                args.extend(
+                    [m, n, k, k, k, n, 0, 1]
+                        .iter()
+                        .map(|&v| i32_of(v, "gemm dimension"))
+                        .collect::<Result<Vec<_>>>()?,
+                );
+                args.extend([KArg::F32(1.0), KArg::F32(0.0)]);
+                self.launch("gemm_tiled_v1", grid2(n.div_ceil(TILE), m.div_ceil(TILE)), BLOCK, 0, &args)
+            }
+            2 => self.gemm_epilogue(aa, ba, ca, self.opt_arg(bias, n)?, act, m, n, k, k, k, n, false, true),
+            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1 and v2"),
+        }
     }
 
     fn buf<'a>(&self, s: &'a Storage) -> Result<&'a DeviceBuffer> {
@@ -144,11 +179,33 @@ impl CudaBackend {
         ta: bool,
         tb: bool,
     ) -> Result<()> {
+        self.gemm_epilogue(a, b, c, KArg::Ptr(0), Activation::Identity, m, n, k, lda, ldb, ldc, ta, tb)
+    }
+
+    /// C[M,N] = act(op(A)·op(B) + bias[N]) (`bias` a pointer argument, null for none).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_epilogue(
+        &self,
+        a: KArg,
+        b: KArg,
+        c: KArg,
+        bias: KArg,
+        act: Activation,
+        m: usize,
+        n: usize,
+        k: usize,
+        lda: usize,
+        ldb: usize,
+        ldc: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<()> {
         let grid = grid2(n.div_ceil(TILE), m.div_ceil(TILE));
         let args = [
             a,
             b,
             c,
+            bias,
             i32_of(m, "M")?,
             i32_of(n, "N")?,
             i32_of(k, "K")?,
@@ -159,8 +216,9 @@ impl CudaBackend {
             KArg::I32(tb as i32),
             KArg::F32(1.0),
             KArg::F32(0.0),
+            KArg::I32(act.code()),
         ];
-        self.launch("gemm_tiled_v1", grid, BLOCK, 0, &args)
+        self.launch("gemm_tiled_v2", grid, BLOCK, 0, &args)
     }
 
     fn conv_dims(&self, g: &ConvGeom) -> Result<Vec<KArg>> {
@@ -376,23 +434,15 @@ impl Backend for CudaBackend {
         x: &Storage,
         w: &Storage,
         b: Option<&Storage>,
+        act: Activation,
         y: &mut Storage,
         n: usize,
         k: usize,
         m: usize,
     ) -> Result<()> {
-        // y[n, m] = x[n, k] · w[m, k]ᵀ
-        self.gemm(self.arg(x, n * k)?, self.arg(w, m * k)?, self.arg(y, n * m)?, n, m, k, k, k, m, false, true)?;
-        if let Some(b) = b {
-            self.launch(
-                "bias_add_rows_f32",
-                self.ew_grid(n * m),
-                BLOCK,
-                0,
-                &[self.arg(y, n * m)?, self.arg(b, m)?, i32_of(n, "rows")?, i32_of(m, "cols")?],
-            )?;
-        }
-        Ok(())
+        // y[n, m] = act(x[n, k] · w[m, k]ᵀ + b[m]), bias and activation in the GEMM's store
+        let (xa, wa, ya, ba) = (self.arg(x, n * k)?, self.arg(w, m * k)?, self.arg(y, n * m)?, self.opt_arg(b, m)?);
+        self.gemm_epilogue(xa, wa, ya, ba, act, n, m, k, k, k, m, false, true)
     }
 
     fn linear_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, n: usize, k: usize, m: usize) -> Result<()> {
@@ -424,7 +474,15 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn conv2d_fwd(&self, x: &Storage, w: &Storage, b: Option<&Storage>, y: &mut Storage, g: &ConvGeom) -> Result<()> {
+    fn conv2d_fwd(
+        &self,
+        x: &Storage,
+        w: &Storage,
+        b: Option<&Storage>,
+        act: Activation,
+        y: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<()> {
         let mut args = vec![
             self.arg(y, g.out_len())?,
             self.arg(x, g.in_len())?,
@@ -432,6 +490,7 @@ impl Backend for CudaBackend {
             self.opt_arg(b, g.c_out)?,
         ];
         args.extend(self.conv_dims(g)?);
+        args.push(KArg::I32(act.code()));
         self.launch("conv2d_fwd_v1", grid2((g.n * g.oh * g.ow).div_ceil(TILE), g.c_out.div_ceil(TILE)), BLOCK, 0, &args)
     }
 
