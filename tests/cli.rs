@@ -355,7 +355,8 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
 /// the figures mean nothing but every row must be there) and refuses the CPU clearly.
 #[test]
 fn bench_gemm_reports_every_variant_and_refuses_the_cpu() {
-    let o = rotvar_ok(&["bench", "gemm", "--device", "cuda-emu", "--steps", "1", "--batch-size", "4", "--models", "lenet"]);
+    let o =
+        rotvar_ok(&["bench", "gemm", "--device", "cuda-emu", "--steps", "1", "--batch-size", "4", "--models", "lenet"]);
     let rows: Vec<serde_json::Value> =
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     let shapes = ["lenet.fc1", "lenet.fc2", "square"];

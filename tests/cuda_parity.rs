@@ -70,3 +70,57 @@ fn measure_memory_does_not_grow_with_the_number_of_samples() {
     assert_eq!(all, quarter, "8 images needed {all} extra bytes, 2 images {quarter}");
     assert!(r.forward_seconds > 0.0 && r.measure_seconds > 0.0);
 }
+
+/// A training step takes every buffer from the pool once warmed up: after one epoch, two more
+/// epochs (the whole `fit` loop: gather, augmentation, forward with a fused conv + ReLU, backward,
+/// Adam, the grouped loss readback, evaluation) leave the bytes held from the driver unchanged.
+/// A small network on 10×10 images keeps the emulator fast.
+#[test]
+fn training_steps_allocate_nothing_new_after_warm_up() {
+    use rotvar::data::{Dataset, Split};
+    use rotvar::models::{InputSpec, Model};
+    use rotvar::nn::{Conv2d, Layer, Linear, Sequential};
+    use rotvar::optim::{OptimConfig, OptimizerKind};
+    use rotvar::train::{fit, DeviceDataset, TrainConfig};
+    let emu: BackendRef = CudaBackend::emulated();
+    let n = 24;
+    let mut rng = rotvar::rng::Rng::new(4);
+    let ds = Dataset {
+        name: "synthetic".into(),
+        split: Split::Train,
+        images: (0..n * 100).map(|_| (rng.next_u64() % 256) as u8).collect(),
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        n,
+        channels: 1,
+        height: 10,
+        width: 10,
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    };
+    let data = DeviceDataset::upload(&ds, &ds.channel_stats(), &emu).expect("upload");
+    let mut net = Sequential::new();
+    net.push("conv1", Layer::Conv2d(Conv2d::new(&emu, &mut rng, 1, 4, 3, 1, 1, true).unwrap()))
+        .push("conv1.act", Layer::Relu)
+        .push("pool1", Layer::MaxPool { k: 2, stride: 2, pad: 0 })
+        .push("flatten", Layer::Flatten)
+        .push("fc", Layer::Linear(Linear::new(&emu, &mut rng, 100, 10).unwrap()))
+        .push("log_softmax", Layer::LogSoftmax);
+    let model =
+        Model { arch: "tiny".into(), input: InputSpec { channels: 1, height: 10, width: 10, classes: 10 }, net };
+    let cfg = |epochs| TrainConfig {
+        model: "tiny".into(),
+        dataset: "synthetic".into(),
+        epochs,
+        batch_size: 8,
+        optim: OptimConfig::new(OptimizerKind::Adam, 1e-3, 0.0),
+        seed: 1,
+        augment: "rotate".parse().unwrap(),
+    };
+    fit(&model, &data, Some(&data), &cfg(1), true, |_| Ok(())).expect("warm-up epoch");
+    let warm = emu.memory_stats().expect("tracked");
+    let history = fit(&model, &data, Some(&data), &cfg(2), true, |_| Ok(())).expect("two more epochs");
+    let after = emu.memory_stats().expect("tracked");
+    assert_eq!(history.len(), 2);
+    assert!(history.iter().all(|m| m.train_loss.is_finite()));
+    assert!(warm.held_bytes > 0);
+    assert_eq!(after.held_bytes, warm.held_bytes, "training allocated from the driver after warm-up");
+}
