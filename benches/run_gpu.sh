@@ -22,6 +22,8 @@ fi
 "$bin" selftest --device "$dev" 2>&1 | tee "$out/selftest.txt"
 echo "selftest exit: ${PIPESTATUS[0]}" | tee -a "$out/selftest.txt"
 "$bin" bench conv --device "$dev" --steps "$steps" --batch-size "$batch" --models "$conv_models" > "$out/conv_rotvar.jsonl" 2> "$out/conv_rotvar.err"
+# The same passes with the v1 kernels only: what the narrow v2 tiles gain on layers with few channels.
+ROTVAR_CONV_V1=1 "$bin" bench conv --device "$dev" --steps "$steps" --batch-size "$batch" --models "$conv_models" > "$out/conv_rotvar_v1.jsonl" 2> "$out/conv_rotvar_v1.err"
 "$py" benches/torch_conv_reference.py --device "$tdev" --reps "$reps" --batch-size "$batch" --models "$conv_models" > "$out/conv_cudnn.jsonl" 2> "$out/conv_cudnn.err"
 "$bin" bench gemm --device "$dev" --steps "$steps" --batch-size "$batch" --models "$models" > "$out/gemm_rotvar.jsonl" 2> "$out/gemm_rotvar.err"
 for r in $(seq "$rounds"); do
@@ -42,12 +44,14 @@ done
 import json, statistics, sys, os
 d = sys.argv[1]
 load = lambda f: [json.loads(l) for l in open(os.path.join(d, f)) if l.strip()] if os.path.exists(os.path.join(d, f)) else []
-ours, ref = load("conv_rotvar.jsonl"), load("conv_cudnn.jsonl")
+ours, ref, v1 = load("conv_rotvar.jsonl"), load("conv_cudnn.jsonl"), load("conv_rotvar_v1.jsonl")
 for o in ours:
     r = next((r for r in ref if r["layer"] == o["layer"] and r["pass"] == o["pass"]), None)
+    b = next((b for b in v1 if b["layer"] == o["layer"] and b["pass"] == o["pass"]), None)
     if r:
         ceil = f"  ({100*o['fraction_of_ceiling']:.0f}% of the {o['ceiling_gflops']/1e3:.1f} TFLOP/s FMA ceiling)" if o.get("fraction_of_ceiling") else ""
-        print(f"{o['layer']:>24} {o['pass']:>16}: rotvar {o['gflops']:8.0f} GFLOP/s  cuDNN {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f}{ceil}")
+        vs1 = f"  vs v1 kernels {o['gflops']/b['gflops']:.2f}x" if b else ""
+        print(f"{o['layer']:>24} {o['pass']:>16}: rotvar {o['gflops']:8.0f} GFLOP/s  cuDNN {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f}{ceil}{vs1}")
 gemm = load("gemm_rotvar.jsonl")
 for g in gemm:
     v1 = next((x for x in gemm if x["shape"] == g["shape"] and x["variant"] == "v1"), None)

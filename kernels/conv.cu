@@ -10,9 +10,13 @@
 //
 // ---------------------------------------------------------------- launches
 // Every conv2d_* kernel: block = (256,1,1), no dynamic shared memory
-// (static shared: 2 * 16 * 68 * 4 = 8704 bytes). Other block sizes __trap().
-//   conv2d_fwd_v1:       grid = (ceil(N*OH*OW / 64), ceil(K / 64), 1)
-//   conv2d_bwd_data_v1:  grid = (ceil(N*H*W / 64),   ceil(C / 64), 1)
+// (static shared: 16 * (BM + BN + 8) * 4 bytes, 8704 for v1). Other block
+// sizes __trap(). With (BM, BN) = (64, 64) for v1, (32, 128) for *_v2_bm32
+// and (16, 256) for *_v2_bm16:
+//   conv2d_fwd_*:        grid = (ceil(N*OH*OW / BN), ceil(K / BM), 1)
+//   conv2d_bwd_data_*:   grid = (ceil(N*H*W / BN),   ceil(C / BM), 1)
+// The host uses the narrowest tile with BM >= the GEMM's M (K forward, C
+// backward), v1 above 32 (or always, with ROTVAR_CONV_V1=1 for comparison).
 //   conv2d_bwd_weight_v1 grid = (ceil(C*R*S / 64),   ceil(K / 64), splits)
 //       partial must hold splits * K*C*R*S floats (every split writes its
 //       whole K x CRS slice, zeros for an empty range), then
@@ -48,31 +52,45 @@
 //   incrementally.
 #include "rotvar_common.cuh"
 
-#define RVC_BM 64
-#define RVC_BN 64
 #define RVC_BK 16
 #define RVC_TM 4
 #define RVC_TN 4
 #define RVC_THREADS 256
 #define RVC_PAD 4
 
-typedef float RvcTile[RVC_BM + RVC_PAD];  // one k-row of a shared tile (BM == BN)
+// A block computes a BM x BN output tile with BM * BN = 4096, so each of the
+// 256 threads owns a 4x4 register tile whatever the shape: v1 is 64 x 64, the
+// v2 kernels are 32 x 128 and 16 x 256 (see "variant v2" below).
+template <int BM>
+struct RvcShape {
+    static constexpr int BN = 4096 / BM;
+    static_assert(BM >= 16 && BM <= 256 && BM * BN == 4096, "tile shape");
+};
 
-// Two thread -> tile-element mappings, 4 elements per thread per slice:
+// One k-row of a shared tile of ROWS rows (+ padding: keeps float4 reads
+// aligned and shifts banks between k-rows).
+template <int ROWS>
+using RvcRow = float[ROWS + RVC_PAD];
+
+// Two thread -> tile-element mappings, E = ROWS/16 elements per thread per
+// slice (4 for 64 rows):
 //  * k-walk: kk = t % 16, row = t / 16 + 16*j. Consecutive threads read
 //    consecutive reduction indices (for operands contiguous along Kred).
-//  * row-walk: row = t % 64, kk = 4*(t / 64) + j. Consecutive threads read
-//    consecutive GEMM columns; each thread's 4 kk are consecutive so it
+//  * row-walk: row = t % ROWS, kk = E*(t / ROWS) + j. Consecutive threads read
+//    consecutive GEMM columns; each thread's E kk are consecutive so it
 //    decodes its reduction index once per slice and steps it.
-__device__ __forceinline__ void rvc_store_kwalk(RvcTile* S, const float v[4]) {
+template <int ROWS>
+__device__ __forceinline__ void rvc_store_kwalk(RvcRow<ROWS>* S, const float (&v)[ROWS / 16]) {
     const int kk = threadIdx.x % RVC_BK, r = threadIdx.x / RVC_BK;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) S[kk][r + 16 * j] = v[j];
+    for (int j = 0; j < ROWS / 16; ++j) S[kk][r + 16 * j] = v[j];
 }
-__device__ __forceinline__ void rvc_store_rowwalk(RvcTile* S, const float v[4]) {
-    const int r = threadIdx.x % RVC_BN, kk = 4 * (threadIdx.x / RVC_BN);
+template <int ROWS>
+__device__ __forceinline__ void rvc_store_rowwalk(RvcRow<ROWS>* S, const float (&v)[ROWS / 16]) {
+    constexpr int E = ROWS / 16;
+    const int r = threadIdx.x % ROWS, kk = E * (threadIdx.x / ROWS);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) S[kk + j][r] = v[j];
+    for (int j = 0; j < E; ++j) S[kk + j][r] = v[j];
 }
 
 // Steps (c, r, s) to the next reduction index in row-major (C, R, S) order.
@@ -87,22 +105,24 @@ __device__ __forceinline__ void rvc_step_crs(int& c, int& r, int& s, int R, int 
 }
 
 // acc[i][j] = sum over kred in [kbeg, kend) of A[m0+ty*4+i, kred] * B[kred, n0+tx*4+j].
-// Block-uniform kbeg/kend. LA/LB: fetch(k0, kend, v[4]) loads this thread's
-// four elements of the slice starting at k0 (0 outside [.., kend) or the
-// GEMM), store(S, v) writes them to the shared tile.
-template <class LA, class LB>
+// Block-uniform kbeg/kend. LA/LB (tiles of BM and BN rows): fetch(k0, kend,
+// v[E]) loads this thread's E elements of the slice starting at k0 (0 outside
+// [.., kend) or the GEMM), store(S, v) writes them to the shared tile.
+template <int BM, class LA, class LB>
 __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbeg, int kend,
                                              float (&acc)[RVC_TM][RVC_TN]) {
-    __shared__ __align__(16) float As[RVC_BK][RVC_BM + RVC_PAD];
-    __shared__ __align__(16) float Bs[RVC_BK][RVC_BN + RVC_PAD];
-    const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
+    constexpr int BN = RvcShape<BM>::BN;
+    static_assert(LA::E == BM / 16 && LB::E == BN / 16, "loader tile sizes");
+    __shared__ __align__(16) float As[RVC_BK][BM + RVC_PAD];
+    __shared__ __align__(16) float Bs[RVC_BK][BN + RVC_PAD];
+    const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
 #pragma unroll
     for (int i = 0; i < RVC_TM; ++i)
 #pragma unroll
         for (int j = 0; j < RVC_TN; ++j) acc[i][j] = 0.f;
     if (kbeg >= kend) return;  // block-uniform: an empty split-K range
 
-    float ra[4], rb[4];
+    float ra[LA::E], rb[LB::E];
     la.fetch(kbeg, kend, ra);
     lb.fetch(kbeg, kend, rb);
     for (int k0 = kbeg; k0 < kend; k0 += RVC_BK) {
@@ -130,10 +150,12 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
 // Writes acc to an NCHW-shaped output out[n, m, p] = out[(n*M + m)*P + p],
 // where GEMM column col = n*P + p (fwd: m = k, P = OH*OW; bwd_data: m = c,
 // P = H*W). bias may be null; act (RV_ACT_*) is applied after the bias.
+template <int BM>
 __device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const float* __restrict__ bias, int act,
                                                const float (&acc)[RVC_TM][RVC_TN], int m0, int n0, int M,
                                                int ncols, int P) {
-    const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
+    constexpr int BN = RvcShape<BM>::BN;
+    const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
     long long base[RVC_TN];
 #pragma unroll
     for (int j = 0; j < RVC_TN; ++j) {
@@ -154,32 +176,36 @@ __device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const fl
 
 // ------------------------------------------------------------------ forward
 // A[k, kred] = w[k*CRS + kred]  (k-walk: contiguous along kred)
+template <int ROWS>
 struct RvcWeightRowsA {
+    static constexpr int E = ROWS / 16;
     const float* w;
     int M, ld, m0;
-    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < E; ++j) {
             const int m = m0 + threadIdx.x / RVC_BK + 16 * j;
             v[j] = (kr < kend && m < M) ? __ldg(w + (long long)m * ld + kr) : 0.f;
         }
     }
-    __device__ __forceinline__ void store(RvcTile* S, const float v[4]) const { rvc_store_kwalk(S, v); }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
 };
 
 // B[kred=(c,r,s), col=(n,oy,ox)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s]
 // (row-walk: consecutive threads take consecutive output pixels).
+template <int ROWS>
 struct RvcFwdB {
+    static constexpr int E = ROWS / 16;
     const float* xn;  // x + n*C*H*W for this thread's column; null past the last column
     int iy0, ix0;     // oy*stride - pad, ox*stride - pad
     int H, W, R, S, RS;
-    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
-        const int kr = k0 + 4 * (threadIdx.x / RVC_BN);
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
+        const int kr = k0 + E * (threadIdx.x / ROWS);
         int c = kr / RS, rs = kr - c * RS;
         int r = rs / S, s = rs - r * S;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < E; ++j) {
             const int iy = iy0 + r, ix = ix0 + s;
             float val = 0.f;
             if (xn && kr + j < kend && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W)
@@ -188,25 +214,29 @@ struct RvcFwdB {
             rvc_step_crs(c, r, s, R, S);
         }
     }
-    __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_rowwalk(S_, v); }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
+        rvc_store_rowwalk<ROWS>(S_, v);
+    }
 };
 
 // y = act(conv(x, w) + bias). GEMM M = K, Ncols = N*OH*OW, Kred = C*R*S.
-// variant v1: see the design note at the top. The epilogue is fused into the
-// store: bias (nullable) and the activation (RV_ACT_*: a conv followed by a
-// ReLU writes its output once instead of writing, re-reading and rewriting
-// it), so training never materializes the pre-activation.
-extern "C" __global__ void __launch_bounds__(256)
-    conv2d_fwd_v1(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
-                  int R, int S, int stride, int pad, int OH, int OW, int act) {
+// The epilogue is fused into the store: bias (nullable) and the activation
+// (RV_ACT_*: a conv followed by a ReLU writes its output once instead of
+// writing, re-reading and rewriting it), so training never materializes the
+// pre-activation.
+template <int BM>
+__device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const float* w, const float* bias, int N, int C,
+                                             int H, int W, int K, int R, int S, int stride, int pad, int OH, int OW,
+                                             int act) {
+    constexpr int BN = RvcShape<BM>::BN;
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     const int P = OH * OW, ncols = N * P, crs = C * R * S;
-    const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
-    RvcWeightRowsA la{w, K, crs, m0};
-    RvcFwdB lb;
+    RvcWeightRowsA<BM> la{w, K, crs, m0};
+    RvcFwdB<BN> lb;
     {
-        const int col = n0 + threadIdx.x % RVC_BN;
+        const int col = n0 + threadIdx.x % BN;
         const int n = col / P, p = col - n * P, oy = p / OW, ox = p - oy * OW;
         lb.xn = col < ncols ? x + (long long)n * C * H * W : nullptr;
         lb.iy0 = oy * stride - pad;
@@ -214,40 +244,67 @@ extern "C" __global__ void __launch_bounds__(256)
         lb.H = H, lb.W = W, lb.R = R, lb.S = S, lb.RS = R * S;
     }
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop(la, lb, 0, crs, acc);
-    rvc_store_nchw(y, bias, act, acc, m0, n0, K, ncols, P);
+    rvc_mainloop<BM>(la, lb, 0, crs, acc);
+    rvc_store_nchw<BM>(y, bias, act, acc, m0, n0, K, ncols, P);
+}
+
+// variant v1: 64 x 64 tiles (see the design note at the top).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_fwd_v1(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int OH, int OW, int act) {
+    rvc_conv_fwd<64>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act);
+}
+// variant v2: narrow tiles for layers with few output channels. A 64-row
+// tile over K = 16 (LeNet's conv2) or K = 32 (SimpleConv's conv1/conv2)
+// output channels spends 75% or 50% of its FMAs on rows that do not exist;
+// 16 x 256 and 32 x 128 tiles keep every FMA useful with the same 4x4 per
+// thread, at a slightly higher load/FMA ratio (2560 vs 2048 floats per
+// 16-deep slice for BM = 32). The host picks the narrowest tile that holds K.
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_fwd_v2_bm32(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int OH, int OW, int act) {
+    rvc_conv_fwd<32>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_fwd_v2_bm16(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int OH, int OW, int act) {
+    rvc_conv_fwd<16>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act);
 }
 
 // ------------------------------------------------------------ backward data
 // A[c, kred=(k,rs)] = w[(k*C + c)*RS + rs]  (k-walk: contiguous runs of RS)
+template <int ROWS>
 struct RvcBwdDataA {
+    static constexpr int E = ROWS / 16;
     const float* w;
     int C, RS, m0;
-    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int k = kr / RS, rs = kr - k * RS;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < E; ++j) {
             const int c = m0 + threadIdx.x / RVC_BK + 16 * j;
             v[j] = (kr < kend && c < C) ? __ldg(w + ((long long)k * C + c) * RS + rs) : 0.f;
         }
     }
-    __device__ __forceinline__ void store(RvcTile* S, const float v[4]) const { rvc_store_kwalk(S, v); }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
 };
 
 // B[kred=(k,r,s), col=(n,iy,ix)] = dy[n, k, oy, ox] where iy = oy*stride-pad+r,
 // ix = ox*stride-pad+s; 0 when no such in-range (oy, ox) exists (for
 // stride > 1 the (r, s) that do not divide evenly). Row-walk.
+template <int ROWS>
 struct RvcBwdDataB {
+    static constexpr int E = ROWS / 16;
     const float* dyn;  // dy + n*K*OH*OW; null past the last column
     int ty0, tx0;      // iy + pad, ix + pad
     int OH, OW, R, S, RS, stride;
-    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
-        const int kr = k0 + 4 * (threadIdx.x / RVC_BN);
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
+        const int kr = k0 + E * (threadIdx.x / ROWS);
         int k = kr / RS, rs = kr - k * RS;
         int r = rs / S, s = rs - r * S;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < E; ++j) {
             int oy = ty0 - r, ox = tx0 - s;
             bool ok = dyn && kr + j < kend;
             if (stride != 1) {  // block-uniform branch; stride 1 needs no division
@@ -260,44 +317,66 @@ struct RvcBwdDataB {
             rvc_step_crs(k, r, s, R, S);
         }
     }
-    __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_rowwalk(S_, v); }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
+        rvc_store_rowwalk<ROWS>(S_, v);
+    }
 };
 
-// variant v1: gather form (each dx element owned by one thread, no atomics,
-// no zeroing pass). For stride > 1 the (r, s) taps that do not land on an
-// output pixel are loaded as zeros, i.e. ~(1 - 1/stride^2) of the FMAs are
-// wasted; a per-phase (sub-pixel) decomposition would avoid that in a v2.
+// Gather form (each dx element owned by one thread, no atomics, no zeroing
+// pass). For stride > 1 the (r, s) taps that do not land on an output pixel
+// are loaded as zeros, i.e. ~(1 - 1/stride^2) of the FMAs are wasted; a
+// per-phase (sub-pixel) decomposition would avoid that in a later variant.
 // dx = conv_transpose(dy, w) as a gather: GEMM M = C, Ncols = N*H*W,
 // Kred = K*R*S. Every dx element is written exactly once (no atomics, dx
 // need not be zeroed).
-extern "C" __global__ void __launch_bounds__(256)
-    conv2d_bwd_data_v1(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
-                       int stride, int pad, int OH, int OW) {
+template <int BM>
+__device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, const float* w, int N, int C, int H,
+                                                  int W, int K, int R, int S, int stride, int pad, int OH, int OW) {
+    constexpr int BN = RvcShape<BM>::BN;
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     const int HW = H * W, ncols = N * HW, krs = K * R * S;
-    const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
-    RvcBwdDataA la{w, C, R * S, m0};
-    RvcBwdDataB lb;
+    RvcBwdDataA<BM> la{w, C, R * S, m0};
+    RvcBwdDataB<BN> lb;
     {
-        const int col = n0 + threadIdx.x % RVC_BN;
-        const int n = col / HW, p = col - n * HW, iy = p / W, ix = p - iy * W;
+        const int col = n0 + threadIdx.x % BN;
+        const int n = col / HW, q = col - n * HW, iy = q / W, ix = q - iy * W;
         lb.dyn = col < ncols ? dy + (long long)n * K * OH * OW : nullptr;
         lb.ty0 = iy + pad;
         lb.tx0 = ix + pad;
         lb.OH = OH, lb.OW = OW, lb.R = R, lb.S = S, lb.RS = R * S, lb.stride = stride;
     }
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop(la, lb, 0, krs, acc);
-    rvc_store_nchw(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
+    rvc_mainloop<BM>(la, lb, 0, krs, acc);
+    rvc_store_nchw<BM>(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
+}
+
+// variant v1: 64 x 64 tiles. v2: the narrow tiles of the forward pass, here
+// for few *input* channels (M = C: LeNet's conv2 and conv3, SimpleConv's conv2).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_data_v1(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                  int stride, int pad, int OH, int OW) {
+    rvc_conv_bwd_data<64>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_data_v2_bm32(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                  int stride, int pad, int OH, int OW) {
+    rvc_conv_bwd_data<32>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_data_v2_bm16(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                  int stride, int pad, int OH, int OW) {
+    rvc_conv_bwd_data<16>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
 }
 
 // ---------------------------------------------------------- backward weight
 // A[k, kred=(n,p)] = dy[(n*K + k)*P + p]  (k-walk: contiguous along p)
 struct RvcBwdWeightA {
+    static constexpr int E = 4;
     const float* dy;
     int K, P, m0;
-    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[4]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = kr / P, p = kr - n * P;
 #pragma unroll
@@ -306,17 +385,18 @@ struct RvcBwdWeightA {
             v[j] = (kr < kend && k < K) ? __ldg(dy + ((long long)n * K + k) * P + p) : 0.f;
         }
     }
-    __device__ __forceinline__ void store(RvcTile* S, const float v[4]) const { rvc_store_kwalk(S, v); }
+    __device__ __forceinline__ void store(RvcRow<64>* S, const float (&v)[4]) const { rvc_store_kwalk<64>(S, v); }
 };
 
 // B[kred=(n,oy,ox), col=(c,r,s)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s].
 // k-walk (consecutive threads: consecutive ox, so x reads are coalesced); a
 // thread's four columns are fixed, so their (c, r, s) are decoded once.
 struct RvcBwdWeightB {
+    static constexpr int E = 4;
     const float* x;
     int coff[4], r[4], s[4];  // c*H*W (-1: column past C*R*S), r, s of the 4 columns
     int C, H, W, P, OW, stride, pad;
-    __device__ __forceinline__ void fetch(int k0, int kend, float v[4]) const {
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[4]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = kr / P, p = kr - n * P, oy = p / OW, ox = p - oy * OW;
         const int iyb = oy * stride - pad, ixb = ox * stride - pad;
@@ -328,7 +408,7 @@ struct RvcBwdWeightB {
             v[j] = ok ? __ldg(xn + coff[j] + iy * W + ix) : 0.f;
         }
     }
-    __device__ __forceinline__ void store(RvcTile* S_, const float v[4]) const { rvc_store_kwalk(S_, v); }
+    __device__ __forceinline__ void store(RvcRow<64>* S_, const float (&v)[4]) const { rvc_store_kwalk<64>(S_, v); }
 };
 
 // variant: split-K over the long N*OH*OW reduction because M x Ncols = K x CRS
@@ -344,7 +424,7 @@ extern "C" __global__ void __launch_bounds__(256)
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     if (splits < 1 || (int)gridDim.z != splits) __trap();
     const int P = OH * OW, kred = N * P, RS = R * S, crs = C * RS;
-    const int m0 = blockIdx.y * RVC_BM, n0 = blockIdx.x * RVC_BN;
+    const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
     const int chunk = ((kred + splits - 1) / splits + RVC_BK - 1) / RVC_BK * RVC_BK;
     const long long kb = (long long)blockIdx.z * chunk;  // may pass Kred for trailing splits
     const int kbeg = (int)(kb < kred ? kb : kred);
@@ -364,9 +444,9 @@ extern "C" __global__ void __launch_bounds__(256)
     lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
 
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop(la, lb, kbeg, kend, acc);
+    rvc_mainloop<64>(la, lb, kbeg, kend, acc);
 
-    const int tx = threadIdx.x % (RVC_BN / RVC_TN), ty = threadIdx.x / (RVC_BN / RVC_TN);
+    const int tx = threadIdx.x % (64 / RVC_TN), ty = threadIdx.x / (64 / RVC_TN);
     float* out = partial + (long long)blockIdx.z * K * crs;
 #pragma unroll
     for (int i = 0; i < RVC_TM; ++i) {

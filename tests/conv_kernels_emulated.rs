@@ -11,8 +11,11 @@ use common::Rng;
 
 const POISON: f32 = f32::NAN;
 const BLOCK: u32 = 256;
-/// Conv GEMM tile (BM = BN) as documented in conv.cu.
+/// Conv GEMM tile of the backward-weight kernel as documented in conv.cu.
 const TILE: usize = 64;
+/// The forward and backward-data kernels and their (BM, BN) tiles (conv.cu): every one is
+/// checked on every shape, whatever tile the host would pick for it.
+const TILED: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
 
 fn launch(name: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) {
     // SAFETY: every test passes pointers to live Vecs sized for the shapes it launches with.
@@ -186,25 +189,34 @@ fn blocks(n: usize, tile: usize) -> u32 {
 const IDENTITY: i32 = 0;
 const RELU: i32 = 1;
 
-fn conv_fwd(g: &Conv, x: &[f32], w: &[f32], bias: Option<&[f32]>, act: i32) -> Vec<f32> {
+fn conv_fwd_variant(
+    (variant, bm, bn): (&str, usize, usize),
+    g: &Conv,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: i32,
+) -> Vec<f32> {
     let (xi, wi, bi) = (Input::new(x), Input::new(w), bias.map(Input::new));
     let mut y = Output::new(g.y_len());
     let mut args = vec![y.arg(), xi.arg(), wi.arg(), bi.as_ref().map_or(KArg::Ptr(0), Input::arg)];
     args.extend(g.args());
     args.push(KArg::I32(act));
-    let grid = (blocks(g.n * g.oh() * g.ow(), TILE), blocks(g.k, TILE), 1);
-    launch("conv2d_fwd_v1", grid, BLOCK, &args);
-    y.take("conv2d_fwd_v1")
+    let grid = (blocks(g.n * g.oh() * g.ow(), bn), blocks(g.k, bm), 1);
+    let name = format!("conv2d_fwd_{variant}");
+    launch(&name, grid, BLOCK, &args);
+    y.take(&name)
 }
 
-fn conv_bwd_data(g: &Conv, dy: &[f32], w: &[f32]) -> Vec<f32> {
+fn conv_bwd_data_variant((variant, bm, bn): (&str, usize, usize), g: &Conv, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (dyi, wi) = (Input::new(dy), Input::new(w));
     let mut dx = Output::new(g.x_len());
     let mut args = vec![dx.arg(), dyi.arg(), wi.arg()];
     args.extend(g.args());
-    let grid = (blocks(g.n * g.h * g.w, TILE), blocks(g.c, TILE), 1);
-    launch("conv2d_bwd_data_v1", grid, BLOCK, &args);
-    dx.take("conv2d_bwd_data_v1")
+    let grid = (blocks(g.n * g.h * g.w, bn), blocks(g.c, bm), 1);
+    let name = format!("conv2d_bwd_data_{variant}");
+    launch(&name, grid, BLOCK, &args);
+    dx.take(&name)
 }
 
 /// Split-K weight gradient followed by the ordered sum of the splits.
@@ -254,6 +266,8 @@ const CONVS: &[Conv] = &[
     conv(2, 4, (9, 8), 5, (3, 2), 3, 1),
     // Stride 2 without padding, (H - R) not a multiple of the stride.
     conv(1, 3, (8, 10), 4, (3, 3), 2, 0),
+    // More than one 256-wide column tile, K and C between the narrow tiles' heights.
+    conv(4, 20, (11, 13), 20, (3, 3), 1, 1),
 ];
 
 #[test]
@@ -263,23 +277,26 @@ fn conv_fwd_matches_reference() {
         let x = rng.vec(g.x_len(), -1., 1.);
         let w = rng.vec(g.w_len(), -1., 1.);
         let bias = rng.vec(g.k, -1., 1.);
-        let y = conv_fwd(g, &x, &w, None, IDENTITY);
-        assert_close(&format!("fwd no bias {g:?}"), &y, &ref_fwd(g, &x, &w, None), 1e-4);
-        let y = conv_fwd(g, &x, &w, Some(&bias), IDENTITY);
         let want = ref_fwd(g, &x, &w, Some(&bias));
-        assert_close(&format!("fwd bias {g:?}"), &y, &want, 1e-4);
-        // The fused ReLU: against the reference, and bit for bit the ReLU of the unfused output.
-        let y_relu = conv_fwd(g, &x, &w, Some(&bias), RELU);
         let want_relu: Vec<f64> = want.iter().map(|v| v.max(0.0)).collect();
-        assert_close(&format!("fwd bias+relu {g:?}"), &y_relu, &want_relu, 1e-4);
-        assert!(y.iter().any(|&v| v < 0.0) && y.iter().any(|&v| v > 0.0), "{g:?}: both signs are exercised");
-        for (i, (&a, &b)) in y.iter().zip(&y_relu).enumerate() {
-            let fused = if a > 0.0 { a } else { 0.0 };
-            assert_eq!(fused.to_bits(), b.to_bits(), "fwd bias+relu {g:?} [{i}]: {b} vs relu({a})");
+        let want_relu_nb: Vec<f64> = ref_fwd(g, &x, &w, None).iter().map(|v| v.max(0.0)).collect();
+        for t in TILED {
+            let tag = format!("{} {g:?}", t.0);
+            let y = conv_fwd_variant(t, g, &x, &w, None, IDENTITY);
+            assert_close(&format!("fwd no bias {tag}"), &y, &ref_fwd(g, &x, &w, None), 1e-4);
+            let y = conv_fwd_variant(t, g, &x, &w, Some(&bias), IDENTITY);
+            assert_close(&format!("fwd bias {tag}"), &y, &want, 1e-4);
+            // The fused ReLU: against the reference, and bit for bit the ReLU of the unfused output.
+            let y_relu = conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU);
+            assert_close(&format!("fwd bias+relu {tag}"), &y_relu, &want_relu, 1e-4);
+            assert!(y.iter().any(|&v| v < 0.0) && y.iter().any(|&v| v > 0.0), "{tag}: both signs are exercised");
+            for (i, (&a, &b)) in y.iter().zip(&y_relu).enumerate() {
+                let fused = if a > 0.0 { a } else { 0.0 };
+                assert_eq!(fused.to_bits(), b.to_bits(), "fwd bias+relu {tag} [{i}]: {b} vs relu({a})");
+            }
+            let y_relu = conv_fwd_variant(t, g, &x, &w, None, RELU);
+            assert_close(&format!("fwd relu no bias {tag}"), &y_relu, &want_relu_nb, 1e-4);
         }
-        let y_relu = conv_fwd(g, &x, &w, None, RELU);
-        let want_relu: Vec<f64> = ref_fwd(g, &x, &w, None).iter().map(|v| v.max(0.0)).collect();
-        assert_close(&format!("fwd relu no bias {g:?}"), &y_relu, &want_relu, 1e-4);
     }
 }
 
@@ -289,8 +306,33 @@ fn conv_bwd_data_matches_reference() {
     for g in CONVS {
         let dy = rng.vec(g.y_len(), -1., 1.);
         let w = rng.vec(g.w_len(), -1., 1.);
-        let dx = conv_bwd_data(g, &dy, &w);
-        assert_close(&format!("bwd data {g:?}"), &dx, &ref_bwd_data(g, &dy, &w), 1e-4);
+        let want = ref_bwd_data(g, &dy, &w);
+        for t in TILED {
+            let dx = conv_bwd_data_variant(t, g, &dy, &w);
+            assert_close(&format!("bwd data {} {g:?}", t.0), &dx, &want, 1e-4);
+        }
+    }
+}
+
+/// The v2 kernels only change the tile shape: the same sums in the same order, so the same
+/// bits as v1 (forward with bias and ReLU, and backward data).
+#[test]
+fn narrow_tile_conv_kernels_give_v1_bits() {
+    let mut rng = Rng(0x2B17);
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    for g in CONVS {
+        let (x, w, bias, dy) = (
+            rng.vec(g.x_len(), -1., 1.),
+            rng.vec(g.w_len(), -1., 1.),
+            rng.vec(g.k, -1., 1.),
+            rng.vec(g.y_len(), -1., 1.),
+        );
+        let fwd = |t| bits(conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU));
+        let bwd = |t| bits(conv_bwd_data_variant(t, g, &dy, &w));
+        for t in &TILED[1..] {
+            assert_eq!(fwd(*t), fwd(TILED[0]), "fwd {} {g:?}", t.0);
+            assert_eq!(bwd(*t), bwd(TILED[0]), "bwd data {} {g:?}", t.0);
+        }
     }
 }
 

@@ -25,6 +25,21 @@ pub struct CudaBackend {
     pool: Arc<Pool>,
     /// The device copy of the last batch's indices (see `gather_rows`).
     indices: Mutex<Option<device::IdxBuf>>,
+    /// ROTVAR_CONV_V1=1: every convolution uses the v1 kernels, so `bench conv` can time the
+    /// narrow-tile v2 kernels against them.
+    conv_v1_only: bool,
+}
+
+/// The conv kernel for a GEMM with `m` rows (output channels forward, input channels backward),
+/// and its tile (BM, BN): the narrowest of kernels/conv.cu's tiles that holds `m`, so no FMA is
+/// spent on rows that do not exist, or v1's 64 × 64 above 32 rows.
+fn conv_kernel(pass: &str, m: usize, v1_only: bool) -> (String, usize, usize) {
+    match m {
+        _ if v1_only => (format!("{pass}_v1"), 64, 64),
+        0..=16 => (format!("{pass}_v2_bm16"), 16, 256),
+        17..=32 => (format!("{pass}_v2_bm32"), 32, 128),
+        _ => (format!("{pass}_v1"), 64, 64),
+    }
 }
 
 /// The variance measure's accumulators on the device, in the class-major layout of
@@ -50,6 +65,10 @@ fn i32_of(v: usize, what: &str) -> Result<KArg> {
     i32::try_from(v).map(KArg::I32).map_err(|_| anyhow::anyhow!("{what} = {v} is too large for a 32-bit kernel index"))
 }
 
+fn conv_v1_only() -> bool {
+    std::env::var("ROTVAR_CONV_V1").is_ok_and(|v| v == "1")
+}
+
 fn grid2(x: usize, y: usize) -> Dim {
     (x.max(1) as u32, y.max(1) as u32, 1)
 }
@@ -62,12 +81,19 @@ impl CudaBackend {
             ordinal,
             pool: Arc::default(),
             indices: Mutex::default(),
+            conv_v1_only: conv_v1_only(),
         }))
     }
 
     /// The same backend with its kernels run by the host emulator (slow; for tests).
     pub fn emulated() -> Arc<CudaBackend> {
-        Arc::new(CudaBackend { exec: Exec::Emulated, ordinal: 0, pool: Arc::default(), indices: Mutex::default() })
+        Arc::new(CudaBackend {
+            exec: Exec::Emulated,
+            ordinal: 0,
+            pool: Arc::default(),
+            indices: Mutex::default(),
+            conv_v1_only: conv_v1_only(),
+        })
     }
 
     pub fn is_emulated(&self) -> bool {
@@ -491,19 +517,15 @@ impl Backend for CudaBackend {
         ];
         args.extend(self.conv_dims(g)?);
         args.push(KArg::I32(act.code()));
-        self.launch("conv2d_fwd_v1", grid2((g.n * g.oh * g.ow).div_ceil(TILE), g.c_out.div_ceil(TILE)), BLOCK, 0, &args)
+        let (name, bm, bn) = conv_kernel("conv2d_fwd", g.c_out, self.conv_v1_only);
+        self.launch(&name, grid2((g.n * g.oh * g.ow).div_ceil(bn), g.c_out.div_ceil(bm)), BLOCK, 0, &args)
     }
 
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
         let mut args = vec![self.arg(dx, g.in_len())?, self.arg(dy, g.out_len())?, self.arg(w, g.weight_len())?];
         args.extend(self.conv_dims(g)?);
-        self.launch(
-            "conv2d_bwd_data_v1",
-            grid2((g.n * g.h * g.w).div_ceil(TILE), g.c_in.div_ceil(TILE)),
-            BLOCK,
-            0,
-            &args,
-        )
+        let (name, bm, bn) = conv_kernel("conv2d_bwd_data", g.c_in, self.conv_v1_only);
+        self.launch(&name, grid2((g.n * g.h * g.w).div_ceil(bn), g.c_in.div_ceil(bm)), BLOCK, 0, &args)
     }
 
     fn conv2d_bwd_weight(
@@ -896,5 +918,26 @@ impl Backend for CudaBackend {
             KArg::I32(0),
         ];
         self.ew("sgd_momentum_update_f32", n, args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conv_kernel;
+
+    /// The narrowest tile that holds the channels, v1 above 32 or when forced; every name exists.
+    #[test]
+    fn conv_kernel_choice() {
+        for pass in ["conv2d_fwd", "conv2d_bwd_data"] {
+            for (m, want) in
+                [(1, "v2_bm16"), (16, "v2_bm16"), (17, "v2_bm32"), (32, "v2_bm32"), (33, "v1"), (512, "v1")]
+            {
+                let (name, bm, bn) = conv_kernel(pass, m, false);
+                assert_eq!(name, format!("{pass}_{want}"));
+                assert!(bm >= m.min(64) && bm * bn == 4096, "{name}: {bm} x {bn}");
+                assert!(super::emu::find_kernel(&name).is_some(), "{name} is not a kernel");
+            }
+            assert_eq!(conv_kernel(pass, 6, true), (format!("{pass}_v1"), 64, 64));
+        }
     }
 }
