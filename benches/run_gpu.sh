@@ -62,7 +62,10 @@ for m in ("lenet", "simpleconv"):
     a = [x["images_per_second"] for x in to if x["model"] == m]
     b = [x["images_per_second"] for x in tr if x["model"] == m]
     if a and b:
-        print(f"train {m}: rotvar {statistics.median(a):.0f} img/s  pytorch {statistics.median(b):.0f} img/s  ratio {statistics.median(a)/statistics.median(b):.2f}")
+        ka = [x.get("kernel_launches_per_step") for x in to if x["model"] == m]
+        kb = [x.get("kernel_launches_per_step") for x in tr if x["model"] == m]
+        k = f"; kernels per step rotvar {ka[0]:.0f}, pytorch {kb[0]:.0f}" if ka and kb and ka[0] is not None and kb[0] is not None else ""
+        print(f"train {m}: rotvar {statistics.median(a):.0f} img/s  pytorch {statistics.median(b):.0f} img/s  ratio {statistics.median(a)/statistics.median(b):.2f}{k}")
 for r in load("rotate_rotvar.jsonl"):
     print(f"rotate: {r['rotate_gb_per_s']:.0f} GB/s vs device copy {r['copy_gb_per_s']:.0f} GB/s: {100*r['ratio']:.0f}% (target >= 80%)")
 eo, et = load("evalangles_rotvar.jsonl"), load("evalangles_torch.jsonl")

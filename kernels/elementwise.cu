@@ -179,6 +179,42 @@ extern "C" __global__ void adam_update_f32(float* param, const float* grad, floa
         });
 }
 
+// Every parameter tensor's Adam step in one launch (torch's foreach path does
+// the same for the same reason: a small model has more tensors than its step
+// has other kernels). `table` holds one record of RV_ADAM_REC 32-bit words per
+// tensor:
+//   [0..8)  addresses of param, grad, exp_avg, exp_avg_sq (low word, high word)
+//   [8..10) n (low, high)
+//   [10]    the tensor's first block; its blocks run to the next record's
+//           first block (the last one's to gridDim.x). Non-decreasing.
+//   [11]    its weight decay (float bits): biases and norms have none.
+// The per-element arithmetic is adam_update_f32's, so the bits are the same
+// as one launch per tensor. Launch: block 256 (any), grid = the last tensor's
+// first block + its block count; any number of blocks >= 1 per tensor works.
+#define RV_ADAM_REC 12
+extern "C" __global__ void adam_multi_f32(const unsigned* table, int ntensors, float step_size, float one_minus_beta1,
+                                          float beta2, float one_minus_beta2, float eps, float bias_correction2_sqrt) {
+    int t = 0;  // the last record whose first block is <= this block; few records: a linear scan
+    while (t + 1 < ntensors && table[(t + 1) * RV_ADAM_REC + 10] <= blockIdx.x) ++t;
+    const unsigned* r = table + t * RV_ADAM_REC;
+    auto word64 = [r](int w) { return (unsigned long long)r[w] | ((unsigned long long)r[w + 1] << 32); };
+    float* param = reinterpret_cast<float*>(word64(0));
+    const float* grad = reinterpret_cast<const float*>(word64(2));
+    float* exp_avg = reinterpret_cast<float*>(word64(4));
+    float* exp_avg_sq = reinterpret_cast<float*>(word64(6));
+    const long long n = (long long)word64(8);
+    const unsigned first = r[10], end = t + 1 < ntensors ? table[(t + 1) * RV_ADAM_REC + 10] : gridDim.x;
+    const float weight_decay = __uint_as_float(r[11]);
+    const long long stride = (long long)(end - first) * blockDim.x;
+    for (long long i = (long long)(blockIdx.x - first) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float p = param[i], m = exp_avg[i], v = exp_avg_sq[i];
+        RV_ADAM(p, grad[i], m, v);
+        param[i] = p;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+    }
+}
+
 // torch.optim.SGD with momentum (maximize=False):
 //   g = grad + weight_decay * p
 //   buf = first_step ? g : momentum * buf + (1 - dampening) * g

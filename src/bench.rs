@@ -24,11 +24,16 @@ pub struct TrainThroughput {
     pub batch_size: usize,
     pub steps: usize,
     pub images_per_second: f64,
-    /// Median seconds per training step.
-    pub median_step_seconds: f64,
+    /// Wall-clock seconds of the timed steps divided by their number.
+    pub mean_step_seconds: f64,
+    /// Kernels launched per training step (CUDA backend only).
+    pub kernel_launches_per_step: Option<f64>,
 }
 
-/// Time full training steps (forward, backward, Adam) of `arch` on random MNIST-shaped data.
+/// Time full training steps (forward, backward, Adam) of `arch` on random MNIST-shaped data,
+/// the way `benches/torch_reference.py` times PyTorch: `steps` steps back to back after
+/// `warmup`, one synchronize at the end, so a GPU overlaps a step's launches with the previous
+/// step's kernels (as `rotvar train` does).
 pub fn train_throughput(
     b: &BackendRef,
     arch: &str,
@@ -44,20 +49,23 @@ pub fn train_throughput(
     let ys: Vec<f32> = (0..batch).map(|_| rng.below(10) as f32).collect();
     let x = Tensor::from_vec(b, &[batch, 1, 28, 28], &xs)?;
     let y = Tensor::from_vec(b, &[batch], &ys)?;
-    let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
-        let t = Instant::now();
+    let mut step = |i: usize| -> Result<()> {
         let tape = Tape::start()?;
         let loss = ops::nll_loss(&model.forward(&x, &mut Forward::train(i as u64))?, &y)?;
         let grads = tape.backward(&loss)?;
-        opt.step(&grads)?;
-        b.synchronize()?;
-        if i >= warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
+        opt.step(&grads)
+    };
+    for i in 0..warmup {
+        step(i)?;
     }
-    let total: f64 = times.iter().sum();
-    times.sort_by(|a, b| a.total_cmp(b));
+    b.synchronize()?;
+    let launches = b.kernel_launches();
+    let t = Instant::now();
+    for i in warmup..warmup + steps {
+        step(i)?;
+    }
+    b.synchronize()?;
+    let total = t.elapsed().as_secs_f64();
     Ok(TrainThroughput {
         implementation: "rotvar".into(),
         model: arch.into(),
@@ -66,7 +74,10 @@ pub fn train_throughput(
         batch_size: batch,
         steps,
         images_per_second: (batch * steps) as f64 / total,
-        median_step_seconds: times[times.len() / 2],
+        mean_step_seconds: total / steps as f64,
+        kernel_launches_per_step: launches
+            .zip(b.kernel_launches())
+            .map(|(before, after)| (after - before) as f64 / steps as f64),
     })
 }
 

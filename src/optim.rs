@@ -4,7 +4,7 @@
 //! parameters marked `decay` (those that are not 1-D), as the reference protocol does.
 
 use crate::autograd::Gradients;
-use crate::backend::{AdamParams, SgdParams, Storage};
+use crate::backend::{AdamParams, AdamTensor, SgdParams, Storage};
 use crate::nn::Param;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -58,36 +58,64 @@ impl Optimizer {
         self.step
     }
 
-    /// Apply one update from `grads`; parameters without a gradient are left alone.
+    /// Apply one update from `grads`; parameters without a gradient are left alone. Adam
+    /// updates every tensor in one backend call (one kernel launch on a GPU).
     pub fn step(&mut self, grads: &Gradients) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        for (p, st) in self.params.iter().zip(self.state.iter_mut()) {
+        let mut live = Vec::new();
+        for ((p, st), i) in self.params.iter().zip(self.state.iter_mut()).zip(0..) {
             let Some(g) = grads.get(&p.tensor) else {
                 continue;
             };
-            let be = p.tensor.backend().clone();
-            let (a, b) = match st {
-                Some(s) => s,
-                None => st.insert((be.zeros(p.tensor.numel())?, be.zeros(p.tensor.numel())?)),
-            };
-            let wd = if p.decay { c.weight_decay } else { 0.0 };
-            let mut data = p.tensor.storage_mut();
-            match c.kind {
-                OptimizerKind::Adam => {
-                    let h = AdamParams {
-                        lr: c.lr,
-                        beta1: c.beta1,
-                        beta2: c.beta2,
-                        eps: c.eps,
-                        weight_decay: wd,
-                        step: self.step,
+            if st.is_none() {
+                let be = p.tensor.backend();
+                *st = Some((be.zeros(p.tensor.numel())?, be.zeros(p.tensor.numel())?));
+            }
+            live.push((i, g));
+        }
+        let Some(&(first, _)) = live.first() else {
+            return Ok(());
+        };
+        let be = self.params[first].tensor.backend().clone();
+        if let Some((i, _)) = live.iter().find(|(i, _)| self.params[*i].tensor.device() != be.device()) {
+            bail!(
+                "optimizer: parameter {} is on {}, the others on {}",
+                self.params[*i].name,
+                self.params[*i].tensor.device(),
+                be.device()
+            );
+        }
+        let decay = |i: usize| if self.params[i].decay { c.weight_decay } else { 0.0 };
+        match c.kind {
+            OptimizerKind::Adam => {
+                let mut data: Vec<_> = live.iter().map(|(i, _)| self.params[*i].tensor.storage_mut()).collect();
+                let grad: Vec<_> = live.iter().map(|(_, g)| g.storage()).collect();
+                let mut moments = self.state.iter_mut().enumerate().filter(|(i, _)| live.iter().any(|(j, _)| j == i));
+                let mut tensors = Vec::with_capacity(live.len());
+                for ((d, g), (i, _)) in data.iter_mut().zip(&grad).zip(&live) {
+                    let Some((_, Some((m, v)))) = moments.next() else {
+                        bail!("internal: Adam moments missing");
                     };
-                    be.adam_step(&mut data, &g.storage(), a, b, &h)?;
+                    tensors.push(AdamTensor { param: d, grad: g, m, v, weight_decay: decay(*i) });
                 }
-                OptimizerKind::Sgd => {
-                    let h = SgdParams { lr: c.lr, momentum: c.momentum, weight_decay: wd };
-                    be.sgd_step(&mut data, &g.storage(), a, &h)?;
+                let h = AdamParams {
+                    lr: c.lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: 0.0,
+                    step: self.step,
+                };
+                be.adam_step_many(&mut tensors, &h)?;
+            }
+            OptimizerKind::Sgd => {
+                for (i, g) in &live {
+                    let Some((velocity, _)) = self.state[*i].as_mut() else {
+                        bail!("internal: SGD momentum missing");
+                    };
+                    let h = SgdParams { lr: c.lr, momentum: c.momentum, weight_decay: decay(*i) };
+                    be.sgd_step(&mut self.params[*i].tensor.storage_mut(), &g.storage(), velocity, &h)?;
                 }
             }
         }

@@ -7,8 +7,8 @@
 
 use crate::autograd::Tape;
 use crate::backend::{
-    class_ranks, Activation, AdamParams, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom, PoolKind,
-    RotateGeom, SgdParams, Storage, VarianceGeom,
+    class_ranks, Activation, AdamParams, AdamTensor, BackendRef, ConvGeom, Interp, MapReduce, NormGeom, PoolGeom,
+    PoolKind, RotateGeom, SgdParams, Storage, VarianceGeom,
 };
 use crate::models::{InputSpec, Model};
 use crate::nn::Forward;
@@ -243,6 +243,38 @@ fn elementwise(c: &mut Ctx, n: usize) -> Result<()> {
     }
     c.compare("adam_step param", &shape, &rp, &tp, TOL_ELEMENTWISE)?;
     c.compare("adam_step exp_avg_sq", &shape, &rv1, &tv1, TOL_ELEMENTWISE)?;
+    // All tensors of a model in one call (one launch on a GPU): sizes from many blocks down
+    // to a single value, each with its own weight decay, against one reference step each.
+    let sizes = [n, 5, 1, 300];
+    let mut bufs = Vec::new();
+    for &len in &sizes {
+        let (p0, g0) = (c.normal(len), c.normal(len));
+        let (rp, tp) = c.pair(&p0)?;
+        let (rg, tg) = c.pair(&g0)?;
+        let (rm, tm) = c.pair(&vec![0.0; len])?;
+        let (rv, tv) = c.pair(&vec![0.0; len])?;
+        bufs.push(([rp, rm, rv], rg, [tp, tm, tv], tg));
+    }
+    for step in 1..=3 {
+        let h = AdamParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step };
+        let wd = |i: usize| [1e-4, 0.0, 0.5, 1e-2][i];
+        for (i, (rs, rg, _, _)) in bufs.iter_mut().enumerate() {
+            let [rp, rm, rv] = rs;
+            r.adam_step(rp, rg, rm, rv, &AdamParams { weight_decay: wd(i), ..h })?;
+        }
+        let mut many: Vec<AdamTensor> = bufs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (_, _, [tp, tm, tv], tg))| AdamTensor { param: tp, grad: tg, m: tm, v: tv, weight_decay: wd(i) })
+            .collect();
+        t.adam_step_many(&mut many, &h)?;
+    }
+    for (i, ([rp, rm, rv], _, [tp, tm, tv], _)) in bufs.iter().enumerate() {
+        let shape = format!("tensor {i} of {sizes:?}");
+        c.compare("adam_step_many param", &shape, rp, tp, TOL_ELEMENTWISE)?;
+        c.compare("adam_step_many exp_avg", &shape, rm, tm, TOL_ELEMENTWISE)?;
+        c.compare("adam_step_many exp_avg_sq", &shape, rv, tv, TOL_ELEMENTWISE)?;
+    }
     let (mut rp, mut tp) = c.pair(&a)?;
     let (mut rvel, mut tvel) = c.pair(&vec![0.0; n])?;
     for _ in 0..3 {

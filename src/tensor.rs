@@ -58,7 +58,7 @@ impl Tensor {
     }
 
     pub fn full(backend: &BackendRef, shape: &[usize], value: f32) -> Result<Tensor> {
-        let mut s = backend.zeros(numel(shape))?;
+        let mut s = backend.alloc(numel(shape))?;
         backend.fill(&mut s, value)?;
         Tensor::from_storage(backend, shape, s, false)
     }

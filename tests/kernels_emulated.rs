@@ -162,6 +162,58 @@ fn adam_matches_torch_formula() {
     }
 }
 
+/// adam_multi_f32 (every tensor in one launch, a table of addresses) gives the bits of one
+/// adam_update_f32 launch per tensor, for any split of the blocks among the tensors.
+#[test]
+fn adam_multi_gives_the_per_tensor_bits() {
+    let mut rng = Rng(17);
+    let (step_size, b1, b2, eps, bc2) = (1e-2f32, 0.1f32, 0.999f32, 1e-8f32, 0.05f32);
+    let lens = [1000usize, 3, 77, 1];
+    let wds = [1e-2f32, 0.0, 0.5, 1e-3];
+    let init: Vec<[Vec<f32>; 4]> = lens
+        .iter()
+        .map(|&n| [rng.vec(n, -1., 1.), rng.vec(n, -1., 1.), rng.vec(n, -0.1, 0.1), rng.vec(n, 0., 0.1)])
+        .collect();
+    // One launch per tensor.
+    let mut want = init.clone();
+    for (t, [p, g, m, v]) in want.iter_mut().enumerate() {
+        let mut args = vec![KArg::slice_mut(p), KArg::slice(g), KArg::slice_mut(m), KArg::slice_mut(v)];
+        args.extend(f32s([
+            step_size as f64,
+            b1 as f64,
+            b2 as f64,
+            (1. - b2) as f64,
+            eps as f64,
+            wds[t] as f64,
+            bc2 as f64,
+        ]));
+        args.push(KArg::I64(lens[t] as i64));
+        run("adam_update_f32", 2, 128, &args);
+    }
+    for blocks in [[1u32, 1, 1, 1], [3, 1, 2, 5]] {
+        let mut got = init.clone();
+        let mut table = Vec::new();
+        let mut first = 0u32;
+        for (t, [p, g, m, v]) in got.iter_mut().enumerate() {
+            for a in [p.as_mut_ptr() as u64, g.as_ptr() as u64, m.as_mut_ptr() as u64, v.as_mut_ptr() as u64] {
+                table.extend([a as u32, (a >> 32) as u32]);
+            }
+            table.extend([lens[t] as u32, 0, first, wds[t].to_bits()]);
+            first += blocks[t];
+        }
+        let mut args = vec![KArg::slice(&table), KArg::I32(lens.len() as i32)];
+        args.extend(f32s([step_size as f64, b1 as f64, b2 as f64, (1. - b2) as f64, eps as f64, bc2 as f64]));
+        run("adam_multi_f32", first, 64, &args);
+        for (t, (w, g)) in want.iter().zip(&got).enumerate() {
+            for (k, name) in ["param", "grad", "exp_avg", "exp_avg_sq"].iter().enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&g[k]), bits(&w[k]), "tensor {t} {name}, blocks {blocks:?}");
+            }
+        }
+        assert_ne!(got[0][0], init[0][0], "the parameters moved");
+    }
+}
+
 #[test]
 fn sgd_momentum_matches_torch_formula() {
     let (lr, mom, damp, wd) = (0.1f64, 0.9f64, 0.1f64, 5e-4f64);

@@ -388,6 +388,11 @@ pub trait Backend: Send + Sync {
     }
     /// Start a new peak: `peak_in_use_bytes` becomes the bytes in use now.
     fn reset_peak_memory(&self) {}
+    /// Kernels launched so far, or `None` where there are no kernels (the CPU): `bench train`
+    /// reports launches per step, the cost a small model's GPU step is made of.
+    fn kernel_launches(&self) -> Option<u64> {
+        None
+    }
 
     // --- benchmark probe (not a model op) -----------------------------------------------
     /// out[i] = the sum over c < 8 of the chain x ← fma(x, a, b), `iters` steps from
@@ -598,7 +603,25 @@ pub trait Backend: Send + Sync {
         v: &mut Storage,
         h: &AdamParams,
     ) -> Result<()>;
+    /// Adam on several tensors with the same hyper-parameters but each its own weight decay
+    /// (`h.weight_decay` is not used). By default one `adam_step` per tensor; the CUDA backend
+    /// updates them all in one launch, with the same bits.
+    fn adam_step_many(&self, tensors: &mut [AdamTensor<'_>], h: &AdamParams) -> Result<()> {
+        for t in tensors.iter_mut() {
+            self.adam_step(t.param, t.grad, t.m, t.v, &AdamParams { weight_decay: t.weight_decay, ..*h })?;
+        }
+        Ok(())
+    }
     fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()>;
+}
+
+/// One parameter tensor of [`Backend::adam_step_many`]: its data, gradient and moments.
+pub struct AdamTensor<'a> {
+    pub param: &'a mut Storage,
+    pub grad: &'a Storage,
+    pub m: &'a mut Storage,
+    pub v: &'a mut Storage,
+    pub weight_decay: f32,
 }
 
 pub type BackendRef = Arc<dyn Backend>;

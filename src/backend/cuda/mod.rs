@@ -11,8 +11,8 @@ pub mod kernels;
 
 use super::variance::VarianceData;
 use super::{
-    Activation, AdamParams, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom, SgdParams,
-    Storage, VarianceGeom, VarianceMoments, VarianceState,
+    Activation, AdamParams, AdamTensor, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom,
+    SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, F64Buf, Gpu, Pool};
@@ -28,6 +28,9 @@ pub struct CudaBackend {
     /// ROTVAR_CONV_V1=1: every convolution uses the v1 kernels, so `bench conv` can time the
     /// narrow-tile v2 kernels against them.
     conv_v1_only: bool,
+    launches: std::sync::atomic::AtomicU64,
+    /// The device copy of the last multi-tensor Adam step's table (see `adam_step_many`).
+    adam_table: Mutex<Option<device::IdxBuf>>,
 }
 
 /// The conv kernel for a GEMM with `m` rows (output channels forward, input channels backward),
@@ -65,6 +68,21 @@ fn i32_of(v: usize, what: &str) -> Result<KArg> {
     i32::try_from(v).map(KArg::I32).map_err(|_| anyhow::anyhow!("{what} = {v} is too large for a 32-bit kernel index"))
 }
 
+/// Adam's scalar kernel arguments: step size, 1 − β₁, β₂, 1 − β₂, ε, √(1 − β₂ᵗ), computed in
+/// f64 on the host as torch computes them, then rounded once.
+fn adam_scalars(h: &AdamParams) -> [KArg; 6] {
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+    let bc2_sqrt = (1.0 - (h.beta2 as f64).powi(h.step as i32)).sqrt();
+    [
+        KArg::F32((h.lr as f64 / bc1) as f32),
+        KArg::F32((1.0 - h.beta1 as f64) as f32),
+        KArg::F32(h.beta2),
+        KArg::F32((1.0 - h.beta2 as f64) as f32),
+        KArg::F32(h.eps),
+        KArg::F32(bc2_sqrt as f32),
+    ]
+}
+
 fn conv_v1_only() -> bool {
     std::env::var("ROTVAR_CONV_V1").is_ok_and(|v| v == "1")
 }
@@ -82,6 +100,8 @@ impl CudaBackend {
             pool: Arc::default(),
             indices: Mutex::default(),
             conv_v1_only: conv_v1_only(),
+            launches: Default::default(),
+            adam_table: Mutex::default(),
         }))
     }
 
@@ -93,6 +113,8 @@ impl CudaBackend {
             pool: Arc::default(),
             indices: Mutex::default(),
             conv_v1_only: conv_v1_only(),
+            launches: Default::default(),
+            adam_table: Mutex::default(),
         })
     }
 
@@ -177,6 +199,7 @@ impl CudaBackend {
     }
 
     fn launch(&self, name: &str, grid: Dim, block: Dim, shared: u32, args: &[KArg]) -> Result<()> {
+        self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.exec.launch(name, grid, block, shared, args)
     }
 
@@ -383,6 +406,10 @@ impl Backend for CudaBackend {
 
     fn memory_stats(&self) -> Option<super::MemoryStats> {
         Some(self.pool.stats())
+    }
+
+    fn kernel_launches(&self) -> Option<u64> {
+        Some(self.launches.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn reset_peak_memory(&self) {
@@ -884,23 +911,55 @@ impl Backend for CudaBackend {
         h: &AdamParams,
     ) -> Result<()> {
         let n = self.buf(p)?.len();
-        // Scalars in f64 on the host, as torch computes them, then rounded once.
-        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-        let bc2_sqrt = (1.0 - (h.beta2 as f64).powi(h.step as i32)).sqrt();
+        let [step_size, omb1, beta2, omb2, eps, bc2_sqrt] = adam_scalars(h);
         let args = vec![
             self.arg(p, n)?,
             self.arg(grad, n)?,
             self.arg(m, n)?,
             self.arg(v, n)?,
-            KArg::F32((h.lr as f64 / bc1) as f32),
-            KArg::F32((1.0 - h.beta1 as f64) as f32),
-            KArg::F32(h.beta2),
-            KArg::F32((1.0 - h.beta2 as f64) as f32),
-            KArg::F32(h.eps),
+            step_size,
+            omb1,
+            beta2,
+            omb2,
+            eps,
             KArg::F32(h.weight_decay),
-            KArg::F32(bc2_sqrt as f32),
+            bc2_sqrt,
         ];
         self.ew("adam_update_f32", n, args)
+    }
+
+    fn adam_step_many(&self, tensors: &mut [AdamTensor<'_>], h: &AdamParams) -> Result<()> {
+        // Records of kernels/elementwise.cu's adam_multi_f32: four addresses, n, first block,
+        // weight decay, in 32-bit words.
+        let mut table: Vec<u32> = Vec::with_capacity(12 * tensors.len());
+        let mut blocks = 0u32;
+        for t in tensors.iter() {
+            let n = self.buf(t.param)?.len();
+            let mut words = |k: KArg| match k {
+                KArg::Ptr(a) => {
+                    table.extend([a as u32, (a >> 32) as u32]);
+                    Ok(())
+                }
+                _ => bail!("internal: a buffer argument that is not an address"),
+            };
+            words(self.arg(t.param, n)?)?;
+            words(self.arg(t.grad, n)?)?;
+            words(self.arg(t.m, n)?)?;
+            words(self.arg(t.v, n)?)?;
+            table.extend([n as u32, (n as u64 >> 32) as u32, blocks, t.weight_decay.to_bits()]);
+            // About four elements per thread, at most 512 blocks a tensor: enough to fill the GPU
+            // on the big tensors, one block for a bias.
+            blocks += n.div_ceil(4 * BLOCK.0 as usize).clamp(1, 512) as u32;
+        }
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        let mut slot = self.adam_table.lock().unwrap_or_else(|e| e.into_inner());
+        self.exec.upload_indices(&mut slot, &table)?;
+        let d = slot.as_ref().ok_or_else(|| anyhow::anyhow!("Adam table missing after upload"))?;
+        let mut args = vec![self.exec.idx_ptr(d), i32_of(tensors.len(), "parameter tensors")?];
+        args.extend(adam_scalars(h));
+        self.launch("adam_multi_f32", (blocks, 1, 1), BLOCK, 0, &args)
     }
 
     fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()> {
