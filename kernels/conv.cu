@@ -15,9 +15,9 @@
 // and (16, 256) for *_v2_bm16:
 //   conv2d_fwd_*:        grid = (ceil(N*OH*OW / BN), ceil(K / BM), 1)
 //   conv2d_bwd_data_*:   grid = (ceil(N*H*W / BN),   ceil(C / BM), 1)
-// The host uses the narrowest tile with BM >= the GEMM's M (K forward, C
-// backward), v1 above 32 (or always, with ROTVAR_CONV_V1=1 for comparison).
-//   conv2d_bwd_weight_v1 grid = (ceil(C*R*S / 64),   ceil(K / 64), splits)
+// The host picks the tile by a cost estimate (conv_kernel in
+// src/backend/cuda/mod.rs), or always v1 with ROTVAR_CONV_V1=1 (to compare).
+//   conv2d_bwd_weight_*: grid = (ceil(C*R*S / BN),   ceil(K / BM), splits)
 //       partial must hold splits * K*C*R*S floats (every split writes its
 //       whole K x CRS slice, zeros for an empty range), then
 //   sum_partials_f32:    block = 256, grid = min(ceil(len / 256), 1024),
@@ -25,8 +25,8 @@
 //   channel_sum_f32:     block = 256 (any multiple of 32 up to 1024),
 //       grid = (C,1,1), no dynamic shared memory.
 //
-// Choosing `splits` for conv2d_bwd_weight_v1 (Kred = N*OH*OW):
-//   tiles  = ceil(K/64) * ceil(C*R*S/64)
+// Choosing `splits` for conv2d_bwd_weight_* (Kred = N*OH*OW):
+//   tiles  = ceil(K/BM) * ceil(C*R*S/BN)
 //   splits = clamp(ceil(2*132 / tiles), 1, max(1, Kred / 256))
 // i.e. about two blocks per SM of an H100 (132 SMs), but never a split of
 // fewer than ~256 reduction steps (16 K-tiles), where the extra partial
@@ -372,69 +372,75 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---------------------------------------------------------- backward weight
 // A[k, kred=(n,p)] = dy[(n*K + k)*P + p]  (k-walk: contiguous along p)
+template <int ROWS>
 struct RvcBwdWeightA {
-    static constexpr int E = 4;
+    static constexpr int E = ROWS / 16;
     const float* dy;
     int K, P, m0;
-    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[4]) const {
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = kr / P, p = kr - n * P;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < E; ++j) {
             const int k = m0 + threadIdx.x / RVC_BK + 16 * j;
             v[j] = (kr < kend && k < K) ? __ldg(dy + ((long long)n * K + k) * P + p) : 0.f;
         }
     }
-    __device__ __forceinline__ void store(RvcRow<64>* S, const float (&v)[4]) const { rvc_store_kwalk<64>(S, v); }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
 };
 
 // B[kred=(n,oy,ox), col=(c,r,s)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s].
 // k-walk (consecutive threads: consecutive ox, so x reads are coalesced); a
-// thread's four columns are fixed, so their (c, r, s) are decoded once.
+// thread's E columns are fixed, so their (c, r, s) are decoded once.
+template <int ROWS>
 struct RvcBwdWeightB {
-    static constexpr int E = 4;
+    static constexpr int E = ROWS / 16;
     const float* x;
-    int coff[4], r[4], s[4];  // c*H*W (-1: column past C*R*S), r, s of the 4 columns
+    int coff[E], r[E], s[E];  // c*H*W (-1: column past C*R*S), r, s of the E columns
     int C, H, W, P, OW, stride, pad;
-    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[4]) const {
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = kr / P, p = kr - n * P, oy = p / OW, ox = p - oy * OW;
         const int iyb = oy * stride - pad, ixb = ox * stride - pad;
         const float* xn = x + (long long)n * C * H * W;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < E; ++j) {
             const int iy = iyb + r[j], ix = ixb + s[j];
             const bool ok = kr < kend && coff[j] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
             v[j] = ok ? __ldg(xn + coff[j] + iy * W + ix) : 0.f;
         }
     }
-    __device__ __forceinline__ void store(RvcRow<64>* S_, const float (&v)[4]) const { rvc_store_kwalk<64>(S_, v); }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
+        rvc_store_kwalk<ROWS>(S_, v);
+    }
 };
 
-// variant: split-K over the long N*OH*OW reduction because M x Ncols = K x CRS
-// is often only a few tiles; fixed contiguous ranges + an ordered sum
+// split-K over the long N*OH*OW reduction because M x Ncols = K x CRS is
+// often only a few tiles; fixed contiguous ranges + an ordered sum
 // (sum_partials_f32) instead of atomics keep dW bit-reproducible.
 // partial[z][k][crs] = sum over kred in split z's range of dy * x. GEMM M = K,
 // Ncols = C*R*S, Kred = N*OH*OW split into `splits` (= gridDim.z) contiguous
 // ranges of chunk = roundup(ceil(Kred / splits), 16) steps; split z covers
 // [z*chunk, min((z+1)*chunk, Kred)) and writes zeros if that is empty.
-extern "C" __global__ void __launch_bounds__(256)
-    conv2d_bwd_weight_v1(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
-                         int S, int stride, int pad, int OH, int OW, int splits) {
+template <int BM>
+__device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float* x, const float* dy, int N, int C,
+                                                    int H, int W, int K, int R, int S, int stride, int pad, int OH,
+                                                    int OW, int splits) {
+    constexpr int BN = RvcShape<BM>::BN;
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     if (splits < 1 || (int)gridDim.z != splits) __trap();
     const int P = OH * OW, kred = N * P, RS = R * S, crs = C * RS;
-    const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int chunk = ((kred + splits - 1) / splits + RVC_BK - 1) / RVC_BK * RVC_BK;
     const long long kb = (long long)blockIdx.z * chunk;  // may pass Kred for trailing splits
     const int kbeg = (int)(kb < kred ? kb : kred);
     const int kend = kbeg + chunk < kred ? kbeg + chunk : kred;
 
-    RvcBwdWeightA la{dy, K, P, m0};
-    RvcBwdWeightB lb;
+    RvcBwdWeightA<BM> la{dy, K, P, m0};
+    RvcBwdWeightB<BN> lb;
     lb.x = x;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < RvcBwdWeightB<BN>::E; ++j) {
         const int col = n0 + threadIdx.x / RVC_BK + 16 * j;
         const int c = col / RS, rs = col - c * RS, r = rs / S;
         lb.coff[j] = col < crs ? c * H * W : -1;
@@ -444,9 +450,9 @@ extern "C" __global__ void __launch_bounds__(256)
     lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
 
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop<64>(la, lb, kbeg, kend, acc);
+    rvc_mainloop<BM>(la, lb, kbeg, kend, acc);
 
-    const int tx = threadIdx.x % (64 / RVC_TN), ty = threadIdx.x / (64 / RVC_TN);
+    const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
     float* out = partial + (long long)blockIdx.z * K * crs;
 #pragma unroll
     for (int i = 0; i < RVC_TM; ++i) {
@@ -458,6 +464,26 @@ extern "C" __global__ void __launch_bounds__(256)
             if (col < crs) out[(long long)m * crs + col] = acc[i][j];
         }
     }
+}
+
+// variant v1: 64 x 64 tiles. v2: the narrow tiles, chosen by the host where
+// they compute fewer padding outputs of the K x CRS gradient (LeNet's conv2:
+// 16 x 150 in one 16 x 256 tile instead of 64 x 192; SimpleConv's conv2:
+// 32 x 288 in 32 x 384 instead of 64 x 320).
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_weight_v1(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int OH, int OW, int splits) {
+    rvc_conv_bwd_weight<64>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_weight_v2_bm32(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int OH, int OW, int splits) {
+    rvc_conv_bwd_weight<32>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
+}
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_weight_v2_bm16(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                  int S, int stride, int pad, int OH, int OW, int splits) {
+    rvc_conv_bwd_weight<16>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
 }
 
 // out[i] = partial[0*len + i] + partial[1*len + i] + ... in split order.

@@ -11,10 +11,8 @@ use common::Rng;
 
 const POISON: f32 = f32::NAN;
 const BLOCK: u32 = 256;
-/// Conv GEMM tile of the backward-weight kernel as documented in conv.cu.
-const TILE: usize = 64;
-/// The forward and backward-data kernels and their (BM, BN) tiles (conv.cu): every one is
-/// checked on every shape, whatever tile the host would pick for it.
+/// The conv kernels' variants and their (BM, BN) tiles (conv.cu): every one is checked on every
+/// shape, whatever tile the host would pick for it.
 const TILED: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
 
 fn launch(name: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) {
@@ -223,6 +221,7 @@ fn conv_bwd_data_variant((variant, bm, bn): (&str, usize, usize), g: &Conv, dy: 
 /// `sum_cfg` = Some((grid, block)) overrides the documented sum_partials
 /// launch. Returns (dW, partials).
 fn conv_bwd_weight(
+    (variant, bm, bn): (&str, usize, usize),
     g: &Conv,
     x: &[f32],
     dy: &[f32],
@@ -235,9 +234,10 @@ fn conv_bwd_weight(
     let mut args = vec![partial.arg(), xi.arg(), dyi.arg()];
     args.extend(g.args());
     args.push(KArg::I32(splits as i32));
-    let grid = (blocks(g.c * g.r * g.s, TILE), blocks(g.k, TILE), splits as u32);
-    launch("conv2d_bwd_weight_v1", grid, BLOCK, &args);
-    let partial = partial.take("conv2d_bwd_weight_v1");
+    let grid = (blocks(g.c * g.r * g.s, bn), blocks(g.k, bm), splits as u32);
+    let name = format!("conv2d_bwd_weight_{variant}");
+    launch(&name, grid, BLOCK, &args);
+    let partial = partial.take(&name);
 
     let pi = Input::new(&partial);
     let mut dw = Output::new(len);
@@ -315,7 +315,7 @@ fn conv_bwd_data_matches_reference() {
 }
 
 /// The v2 kernels only change the tile shape: the same sums in the same order, so the same
-/// bits as v1 (forward with bias and ReLU, and backward data).
+/// bits as v1 (forward with bias and ReLU, backward data, backward weight).
 #[test]
 fn narrow_tile_conv_kernels_give_v1_bits() {
     let mut rng = Rng(0x2B17);
@@ -329,9 +329,11 @@ fn narrow_tile_conv_kernels_give_v1_bits() {
         );
         let fwd = |t| bits(conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU));
         let bwd = |t| bits(conv_bwd_data_variant(t, g, &dy, &w));
+        let wgrad = |t| bits(conv_bwd_weight(t, g, &x, &dy, 3, None).0);
         for t in &TILED[1..] {
             assert_eq!(fwd(*t), fwd(TILED[0]), "fwd {} {g:?}", t.0);
             assert_eq!(bwd(*t), bwd(TILED[0]), "bwd data {} {g:?}", t.0);
+            assert_eq!(wgrad(*t), wgrad(TILED[0]), "bwd weight {} {g:?}", t.0);
         }
     }
 }
@@ -347,10 +349,12 @@ fn conv_bwd_weight_matches_reference_for_any_splits() {
         // 7 leaves the reduction length undivided (and, with 16-aligned
         // chunks, some trailing splits empty); a split per 16-step slice too.
         for splits in [1, 3, 7, kred.div_ceil(16)] {
-            let (dw, partial) = conv_bwd_weight(g, &x, &dy, splits, None);
-            let tag = format!("bwd weight splits={splits} {g:?}");
-            assert_close(&tag, &dw, &want, 1e-4);
-            assert!(partial.iter().all(|v| !v.is_nan()), "{tag}: a split left its partial slice unwritten");
+            for t in TILED {
+                let (dw, partial) = conv_bwd_weight(t, g, &x, &dy, splits, None);
+                let tag = format!("bwd weight {} splits={splits} {g:?}", t.0);
+                assert_close(&tag, &dw, &want, 1e-4);
+                assert!(partial.iter().all(|v| !v.is_nan()), "{tag}: a split left its partial slice unwritten");
+            }
         }
     }
 }
@@ -362,9 +366,9 @@ fn conv_bwd_weight_is_deterministic() {
         let x = rng.vec(g.x_len(), -1., 1.);
         let dy = rng.vec(g.y_len(), -1., 1.);
         for splits in [3, 5] {
-            let (a, pa) = conv_bwd_weight(g, &x, &dy, splits, None);
+            let (a, pa) = conv_bwd_weight(TILED[0], g, &x, &dy, splits, None);
             // A different sum_partials grid/block must not change the bits either.
-            let (b, pb) = conv_bwd_weight(g, &x, &dy, splits, Some((1, 64)));
+            let (b, pb) = conv_bwd_weight(TILED[0], g, &x, &dy, splits, Some((1, 64)));
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&pa), bits(&pb), "partials differ between runs, splits={splits} {g:?}");
             assert_eq!(bits(&a), bits(&b), "dW differs between runs, splits={splits} {g:?}");

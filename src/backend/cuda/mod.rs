@@ -33,16 +33,21 @@ pub struct CudaBackend {
     adam_table: Mutex<Option<device::IdxBuf>>,
 }
 
-/// The conv kernel for a GEMM with `m` rows (output channels forward, input channels backward),
-/// and its tile (BM, BN): the narrowest of kernels/conv.cu's tiles that holds `m`, so no FMA is
-/// spent on rows that do not exist, or v1's 64 × 64 above 32 rows.
-fn conv_kernel(pass: &str, m: usize, v1_only: bool) -> (String, usize, usize) {
-    match m {
-        _ if v1_only => (format!("{pass}_v1"), 64, 64),
-        0..=16 => (format!("{pass}_v2_bm16"), 16, 256),
-        17..=32 => (format!("{pass}_v2_bm32"), 32, 128),
-        _ => (format!("{pass}_v1"), 64, 64),
-    }
+/// The conv kernel of `pass` for an `m` × `n` GEMM result, and its tile (BM, BN), of
+/// kernels/conv.cu's 64 × 64 (v1), 32 × 128 and 16 × 256 (v2); always v1 with `v1_only`.
+/// Per reduction step a tiling costs the outputs it computes (padding included) plus the
+/// operand values its blocks load, each load weighted as 24 FMAs (an H100 issues ~33 T fp32
+/// FMA/s against ~1.4 T floats/s from L2): narrow tiles waste no rows on few channels but reload
+/// the activations once per row tile. An estimate, to be checked with `bench conv`; v1 on ties.
+fn conv_kernel(pass: &str, m: usize, n: usize, v1_only: bool) -> (String, usize, usize) {
+    const TILES: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
+    const LOAD_COST: usize = 24;
+    let cost = |&(_, bm, bn): &(&str, usize, usize)| {
+        let (rows, cols) = (m.div_ceil(bm), n.div_ceil(bn));
+        rows * bm * cols * bn + LOAD_COST * rows * cols * (bm + bn)
+    };
+    let best = if v1_only { TILES[0] } else { TILES.into_iter().min_by_key(cost).unwrap_or(TILES[0]) };
+    (format!("{pass}_{}", best.0), best.1, best.2)
 }
 
 /// The variance measure's accumulators on the device, in the class-major layout of
@@ -331,8 +336,8 @@ impl CudaBackend {
 
     /// How many slices the reduction of conv backward-weight is split into: enough blocks to
     /// fill every SM twice, and slices of at least 256 positions.
-    fn wgrad_splits(&self, g: &ConvGeom) -> usize {
-        let tiles = g.c_out.div_ceil(TILE) * g.k().div_ceil(TILE);
+    fn wgrad_splits(&self, g: &ConvGeom, bm: usize, bn: usize) -> usize {
+        let tiles = g.c_out.div_ceil(bm) * g.k().div_ceil(bn);
         let want = (2 * self.exec.sm_count() as usize).div_ceil(tiles);
         let red = g.n * g.oh * g.ow;
         want.clamp(1, red.div_ceil(256).clamp(1, 64))
@@ -544,14 +549,14 @@ impl Backend for CudaBackend {
         ];
         args.extend(self.conv_dims(g)?);
         args.push(KArg::I32(act.code()));
-        let (name, bm, bn) = conv_kernel("conv2d_fwd", g.c_out, self.conv_v1_only);
+        let (name, bm, bn) = conv_kernel("conv2d_fwd", g.c_out, g.n * g.oh * g.ow, self.conv_v1_only);
         self.launch(&name, grid2((g.n * g.oh * g.ow).div_ceil(bn), g.c_out.div_ceil(bm)), BLOCK, 0, &args)
     }
 
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
         let mut args = vec![self.arg(dx, g.in_len())?, self.arg(dy, g.out_len())?, self.arg(w, g.weight_len())?];
         args.extend(self.conv_dims(g)?);
-        let (name, bm, bn) = conv_kernel("conv2d_bwd_data", g.c_in, self.conv_v1_only);
+        let (name, bm, bn) = conv_kernel("conv2d_bwd_data", g.c_in, g.n * g.h * g.w, self.conv_v1_only);
         self.launch(&name, grid2((g.n * g.h * g.w).div_ceil(bn), g.c_in.div_ceil(bm)), BLOCK, 0, &args)
     }
 
@@ -563,14 +568,15 @@ impl Backend for CudaBackend {
         db: Option<&mut Storage>,
         g: &ConvGeom,
     ) -> Result<()> {
-        let splits = self.wgrad_splits(g);
+        let (name, bm, bn) = conv_kernel("conv2d_bwd_weight", g.c_out, g.k(), self.conv_v1_only);
+        let splits = self.wgrad_splits(g, bm, bn);
         let len = g.weight_len();
         let partial = self.new_buf(splits * len)?;
         let mut args = vec![self.arg(&partial, splits * len)?, self.arg(x, g.in_len())?, self.arg(dy, g.out_len())?];
         args.extend(self.conv_dims(g)?);
         args.push(i32_of(splits, "splits")?);
-        let grid = (g.k().div_ceil(TILE) as u32, g.c_out.div_ceil(TILE) as u32, splits as u32);
-        self.launch("conv2d_bwd_weight_v1", grid, BLOCK, 0, &args)?;
+        let grid = (g.k().div_ceil(bn) as u32, g.c_out.div_ceil(bm) as u32, splits as u32);
+        self.launch(&name, grid, BLOCK, 0, &args)?;
         self.launch(
             "sum_partials_f32",
             self.ew_grid(len),
@@ -984,19 +990,29 @@ impl Backend for CudaBackend {
 mod tests {
     use super::conv_kernel;
 
-    /// The narrowest tile that holds the channels, v1 above 32 or when forced; every name exists.
+    /// Narrow tiles for few channels, v1 for many or when forced; every name exists.
     #[test]
     fn conv_kernel_choice() {
-        for pass in ["conv2d_fwd", "conv2d_bwd_data"] {
-            for (m, want) in
-                [(1, "v2_bm16"), (16, "v2_bm16"), (17, "v2_bm32"), (32, "v2_bm32"), (33, "v1"), (512, "v1")]
-            {
-                let (name, bm, bn) = conv_kernel(pass, m, false);
-                assert_eq!(name, format!("{pass}_{want}"));
-                assert!(bm >= m.min(64) && bm * bn == 4096, "{name}: {bm} x {bn}");
+        let big = 256 * 28 * 28;
+        for pass in ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"] {
+            for ((m, n), want) in [
+                ((6, big), "v2_bm16"),
+                ((16, big), "v2_bm16"),
+                ((32, big), "v2_bm32"),
+                ((64, big), "v1"),
+                ((120, big), "v1"),
+                ((70, big), "v2_bm32"),
+                ((6, 25), "v1"),
+                ((16, 150), "v2_bm16"),
+                ((32, 288), "v2_bm32"),
+                ((64, 576), "v1"),
+            ] {
+                let (name, bm, bn) = conv_kernel(pass, m, n, false);
+                assert_eq!(name, format!("{pass}_{want}"), "{m} x {n}");
+                assert_eq!(bm * bn, 4096, "{name}");
                 assert!(super::emu::find_kernel(&name).is_some(), "{name} is not a kernel");
+                assert_eq!(conv_kernel(pass, m, n, true), (format!("{pass}_v1"), 64, 64));
             }
-            assert_eq!(conv_kernel(pass, 6, true), (format!("{pass}_v1"), 64, 64));
         }
     }
 }
