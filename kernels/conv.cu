@@ -15,6 +15,8 @@
 // and (16, 256) for *_v2_bm16:
 //   conv2d_fwd_*:        grid = (ceil(N*OH*OW / BN), ceil(K / BM), 1)
 //   conv2d_bwd_data_*:   grid = (ceil(N*H*W / BN),   ceil(C / BM), 1)
+//   conv2d_bwd_data_v3:  (stride > 1) grid = (ceil(N*ceil(H/stride)*ceil(W/stride) / 64),
+//                        ceil(C / 64), stride*stride)
 // The host picks the tile by a cost estimate (conv_kernel in
 // src/backend/cuda/mod.rs), or always v1 with ROTVAR_CONV_V1=1 (to compare).
 //   conv2d_bwd_weight_*: grid = (ceil(C*R*S / BN),   ceil(K / BM), splits)
@@ -324,8 +326,8 @@ struct RvcBwdDataB {
 
 // Gather form (each dx element owned by one thread, no atomics, no zeroing
 // pass). For stride > 1 the (r, s) taps that do not land on an output pixel
-// are loaded as zeros, i.e. ~(1 - 1/stride^2) of the FMAs are wasted; a
-// per-phase (sub-pixel) decomposition would avoid that in a later variant.
+// are loaded as zeros, i.e. ~(1 - 1/stride^2) of the FMAs are wasted; v3
+// below avoids that with a per-phase (sub-pixel) decomposition.
 // dx = conv_transpose(dy, w) as a gather: GEMM M = C, Ncols = N*H*W,
 // Kred = K*R*S. Every dx element is written exactly once (no atomics, dx
 // need not be zeroed).
@@ -368,6 +370,123 @@ extern "C" __global__ void __launch_bounds__(256)
     conv2d_bwd_data_v2_bm16(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
                   int stride, int pad, int OH, int OW) {
     rvc_conv_bwd_data<16>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
+}
+
+// -------------------------------------------- backward data, strided: v3
+// variant v3 (stride > 1): the sub-pixel (phase) decomposition v1 lacks. dx
+// pixel (iy, ix) receives tap (r, s) only if (iy + pad - r) and (ix + pad - s)
+// are multiples of the stride, i.e. r = qy (mod stride) with
+// qy = (iy + pad) mod stride (same for x). So the pixels split into stride^2
+// phases (qy, qx) (grid.z), each a GEMM over only its valid taps:
+//   M = C, Ncols = N * Hq * Wq (the phase's pixels iy = iy0 + stride*ty with
+//   iy0 = (qy - pad) mod stride, Hq = ceil((H - iy0) / stride)),
+//   Kred = K * Ry * Sx (r = qy + stride*tr, tr < Ry = ceil((R - qy) / stride)).
+// v1 loads a zero for every tap that misses (3/4 of its FMAs at stride 2);
+// here none is. A phase with no taps (1x1 kernels at stride 2: 3 of 4
+// phases) writes zeros. The nonzero products are summed in v1's order.
+// Launch: block 256, grid = (ceil(N*ceil(H/stride)*ceil(W/stride) / 64),
+// ceil(C / 64), stride*stride); blocks past their phase's columns exit.
+struct RvcPhase {
+    int qy, qx, iy0, ix0, Hq, Wq, Ry, Sx;
+    __device__ RvcPhase(int ph, int stride, int pad, int H, int W, int R, int S) {
+        qy = ph / stride;
+        qx = ph % stride;
+        iy0 = ((qy - pad) % stride + stride) % stride;
+        ix0 = ((qx - pad) % stride + stride) % stride;
+        Hq = iy0 < H ? (H - iy0 + stride - 1) / stride : 0;
+        Wq = ix0 < W ? (W - ix0 + stride - 1) / stride : 0;
+        Ry = qy < R ? (R - qy + stride - 1) / stride : 0;
+        Sx = qx < S ? (S - qx + stride - 1) / stride : 0;
+    }
+};
+
+// A[c, kred=(k,tr,ts)] = w[k, c, qy + stride*tr, qx + stride*ts]  (k-walk)
+struct RvcBwdDataPhaseA {
+    static constexpr int E = 4;
+    const float* w;
+    int C, R, S, RySx, Sx, qy, qx, stride, m0;
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int k = kr / RySx, t = kr - k * RySx, tr = t / Sx, ts = t - tr * Sx;
+        const int r = qy + stride * tr, s = qx + stride * ts;
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const int c = m0 + threadIdx.x / RVC_BK + 16 * j;
+            v[j] = (kr < kend && c < C) ? __ldg(w + (((long long)k * C + c) * R + r) * S + s) : 0.f;
+        }
+    }
+    __device__ __forceinline__ void store(RvcRow<64>* S_, const float (&v)[E]) const { rvc_store_kwalk<64>(S_, v); }
+};
+
+// B[kred=(k,tr,ts), col=(n,ty,tx)] = dy[n, k, oy0 - tr, ox0 - ts] with
+// oy0 = (iy + pad - qy) / stride (exact) for iy = iy0 + stride*ty; 0 out of
+// range. Row-walk: consecutive threads take consecutive phase pixels.
+struct RvcBwdDataPhaseB {
+    static constexpr int E = 4;
+    const float* dyn;  // dy + n*K*OH*OW; null past the phase's last column
+    int oy0, ox0, OH, OW, RySx, Sx;
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
+        const int kr = k0 + E * (threadIdx.x / 64);
+        int k = kr / RySx, t = kr - k * RySx, tr = t / Sx, ts = t - tr * Sx;
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const int oy = oy0 - tr, ox = ox0 - ts;
+            const bool ok = dyn && kr + j < kend && (unsigned)oy < (unsigned)OH && (unsigned)ox < (unsigned)OW;
+            v[j] = ok ? __ldg(dyn + (k * OH + oy) * OW + ox) : 0.f;
+            if (++ts == Sx) {
+                ts = 0;
+                if (++tr == RySx / Sx) {
+                    tr = 0;
+                    ++k;
+                }
+            }
+        }
+    }
+    __device__ __forceinline__ void store(RvcRow<64>* S_, const float (&v)[E]) const {
+        rvc_store_rowwalk<64>(S_, v);
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_data_v3(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                       int stride, int pad, int OH, int OW) {
+    if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    if ((int)gridDim.z != stride * stride) __trap();
+    const RvcPhase ph(blockIdx.z, stride, pad, H, W, R, S);
+    const int PQ = ph.Hq * ph.Wq, ncols = N * PQ, krs = K * ph.Ry * ph.Sx;
+    const int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
+    if (n0 >= ncols) return;  // block-uniform: this phase has fewer pixels than the grid covers
+
+    RvcBwdDataPhaseA la{w, C, R, S, ph.Ry * ph.Sx, ph.Sx, ph.qy, ph.qx, stride, m0};
+    RvcBwdDataPhaseB lb;
+    {
+        const int col = n0 + threadIdx.x % 64;
+        const int n = col / PQ, q = col - n * PQ, ty = q / ph.Wq, tx = q - ty * ph.Wq;
+        lb.dyn = col < ncols ? dy + (long long)n * K * OH * OW : nullptr;
+        lb.oy0 = (ph.iy0 + stride * ty + pad - ph.qy) / stride;
+        lb.ox0 = (ph.ix0 + stride * tx + pad - ph.qx) / stride;
+        lb.OH = OH, lb.OW = OW, lb.RySx = ph.Ry * ph.Sx, lb.Sx = ph.Sx;
+    }
+    float acc[RVC_TM][RVC_TN];
+    rvc_mainloop<64>(la, lb, 0, krs, acc);
+
+    // dx[n, c, iy0 + stride*ty, ix0 + stride*tx]
+    const int tx4 = threadIdx.x % (64 / RVC_TN), ty4 = threadIdx.x / (64 / RVC_TN);
+    long long base[RVC_TN];
+#pragma unroll
+    for (int j = 0; j < RVC_TN; ++j) {
+        const int col = n0 + tx4 * RVC_TN + j;
+        const int n = col / PQ, q = col - n * PQ, ty = q / ph.Wq, tx = q - ty * ph.Wq;
+        base[j] = col < ncols ? (long long)n * C * H * W + (ph.iy0 + stride * ty) * W + ph.ix0 + stride * tx : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < RVC_TM; ++i) {
+        const int c = m0 + ty4 * RVC_TM + i;
+        if (c >= C) break;
+#pragma unroll
+        for (int j = 0; j < RVC_TN; ++j)
+            if (base[j] >= 0) dx[base[j] + (long long)c * H * W] = acc[i][j];
+    }
 }
 
 // ---------------------------------------------------------- backward weight

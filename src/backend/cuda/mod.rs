@@ -556,6 +556,12 @@ impl Backend for CudaBackend {
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
         let mut args = vec![self.arg(dx, g.in_len())?, self.arg(dy, g.out_len())?, self.arg(w, g.weight_len())?];
         args.extend(self.conv_dims(g)?);
+        if g.stride > 1 && !self.conv_v1_only {
+            // One GEMM per sub-pixel phase over its valid taps only (kernels/conv.cu, v3).
+            let phase_cols = g.n * g.h.div_ceil(g.stride) * g.w.div_ceil(g.stride);
+            let grid = (phase_cols.div_ceil(TILE) as u32, g.c_in.div_ceil(TILE) as u32, (g.stride * g.stride) as u32);
+            return self.launch("conv2d_bwd_data_v3", grid, BLOCK, 0, &args);
+        }
         let (name, bm, bn) = conv_kernel("conv2d_bwd_data", g.c_in, g.n * g.h * g.w, self.conv_v1_only);
         self.launch(&name, grid2((g.n * g.h * g.w).div_ceil(bn), g.c_in.div_ceil(bm)), BLOCK, 0, &args)
     }
