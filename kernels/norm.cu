@@ -129,25 +129,29 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
 }
 
-// y = (x - mean[c]) * (gamma[c] * invstd[c]) + beta[c]   (training-mode output,
-// from bn_stats' save_mean / save_invstd). y may alias x.
+// y = act((x - mean[c]) * (gamma[c] * invstd[c]) + beta[c])   (training-mode
+// output, from bn_stats' save_mean / save_invstd; act RV_ACT_*: a batch norm
+// followed by a ReLU in one pass). y may alias x.
 // Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 4*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct.
 extern "C" __global__ void bn_apply_f32(float* y, const float* x, const float* mean, const float* invstd,
-                                        const float* gamma, const float* beta, int N, int C, int HW) {
-    rv_norm_flat_for(N, C, HW, [&](long long e, int c) { y[e] = (x[e] - mean[c]) * (gamma[c] * invstd[c]) + beta[c]; });
+                                        const float* gamma, const float* beta, int N, int C, int HW, int act) {
+    rv_norm_flat_for(N, C, HW, [&](long long e, int c) {
+        y[e] = rv_act(act, (x[e] - mean[c]) * (gamma[c] * invstd[c]) + beta[c]);
+    });
 }
 
 // Inference mode: scale = gamma[c] / sqrtf(running_var[c] + eps) (IEEE sqrt and
-// division, the CPU's bits); y = (x - running_mean[c]) * scale + beta[c].
+// division, the CPU's bits); y = act((x - running_mean[c]) * scale + beta[c]).
 // y may alias x.
 // Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 4*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct.
 extern "C" __global__ void bn_eval_f32(float* y, const float* x, const float* running_mean, const float* running_var,
-                                       const float* gamma, const float* beta, float eps, int N, int C, int HW) {
+                                       const float* gamma, const float* beta, float eps, int N, int C, int HW,
+                                       int act) {
     rv_norm_flat_for(N, C, HW, [&](long long e, int c) {
         const float scale = gamma[c] / sqrtf(running_var[c] + eps);
-        y[e] = (x[e] - running_mean[c]) * scale + beta[c];
+        y[e] = rv_act(act, (x[e] - running_mean[c]) * scale + beta[c]);
     });
 }
 

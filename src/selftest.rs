@@ -451,17 +451,29 @@ fn batchnorm(c: &mut Ctx, g: &NormGeom) -> Result<()> {
     let (mut rinv, mut tinv) = c.poisoned(g.c)?;
     let (mut rrm, mut trm) = c.pair(&vec![0.5; g.c])?;
     let (mut rrv, mut trv) = c.pair(&vec![2.0; g.c])?;
-    r.batchnorm_fwd_train(&rx, &rg, &rb, &mut ry, &mut rmean, &mut rinv, &mut rrm, &mut rrv, 0.1, 1e-5, g)?;
-    t.batchnorm_fwd_train(&tx, &tg, &tb, &mut ty, &mut tmean, &mut tinv, &mut trm, &mut trv, 0.1, 1e-5, g)?;
+    let id = Activation::Identity;
+    r.batchnorm_fwd_train(&rx, &rg, &rb, id, &mut ry, &mut rmean, &mut rinv, &mut rrm, &mut rrv, 0.1, 1e-5, g)?;
+    t.batchnorm_fwd_train(&tx, &tg, &tb, id, &mut ty, &mut tmean, &mut tinv, &mut trm, &mut trv, 0.1, 1e-5, g)?;
     c.compare("batchnorm_fwd_train y", &shape, &ry, &ty, TOL_REDUCTION)?;
     c.compare("batchnorm_fwd_train mean", &shape, &rmean, &tmean, TOL_REDUCTION)?;
     c.compare("batchnorm_fwd_train invstd", &shape, &rinv, &tinv, TOL_REDUCTION)?;
     c.compare("batchnorm running_mean", &shape, &rrm, &trm, TOL_REDUCTION)?;
     c.compare("batchnorm running_var", &shape, &rrv, &trv, TOL_REDUCTION)?;
     let (mut ry2, mut ty2) = c.poisoned(g.len())?;
-    r.batchnorm_fwd_eval(&rx, &rg, &rb, &rrm, &rrv, &mut ry2, 1e-5, g)?;
-    t.batchnorm_fwd_eval(&tx, &tg, &tb, &trm, &trv, &mut ty2, 1e-5, g)?;
+    r.batchnorm_fwd_eval(&rx, &rg, &rb, &rrm, &rrv, id, &mut ry2, 1e-5, g)?;
+    t.batchnorm_fwd_eval(&tx, &tg, &tb, &trm, &trv, id, &mut ty2, 1e-5, g)?;
     c.compare("batchnorm_fwd_eval", &shape, &ry2, &ty2, TOL_REDUCTION)?;
+    // With the ReLU fused into the normalizing pass (the running statistics move on both sides
+    // alike).
+    let relu = Activation::Relu;
+    let (mut ry3, mut ty3) = c.poisoned(g.len())?;
+    r.batchnorm_fwd_train(&rx, &rg, &rb, relu, &mut ry3, &mut rmean, &mut rinv, &mut rrm, &mut rrv, 0.1, 1e-5, g)?;
+    t.batchnorm_fwd_train(&tx, &tg, &tb, relu, &mut ty3, &mut tmean, &mut tinv, &mut trm, &mut trv, 0.1, 1e-5, g)?;
+    c.compare("batchnorm_fwd_train+relu", &shape, &ry3, &ty3, TOL_REDUCTION)?;
+    let (mut ry4, mut ty4) = c.poisoned(g.len())?;
+    r.batchnorm_fwd_eval(&rx, &rg, &rb, &rrm, &rrv, relu, &mut ry4, 1e-5, g)?;
+    t.batchnorm_fwd_eval(&tx, &tg, &tb, &trm, &trv, relu, &mut ty4, 1e-5, g)?;
+    c.compare("batchnorm_fwd_eval+relu", &shape, &ry4, &ty4, TOL_REDUCTION)?;
     let (mut rdx, mut tdx) = c.poisoned(g.len())?;
     let (mut rdg, mut tdg) = c.poisoned(g.c)?;
     let (mut rdb, mut tdb) = c.poisoned(g.c)?;

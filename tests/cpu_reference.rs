@@ -537,6 +537,7 @@ fn batchnorm_train_and_eval_match_naive() {
                 &up(&b, &x),
                 &up(&b, &gamma),
                 &up(&b, &beta),
+                Activation::Identity,
                 &mut y,
                 &mut sm,
                 &mut si,
@@ -563,9 +564,34 @@ fn batchnorm_train_and_eval_match_naive() {
                         + beta[ci] as f64
                 })
                 .collect();
+            let (xs, gs, bs) = (up(&b, &x), up(&b, &gamma), up(&b, &beta));
             let mut ye = poisoned(&b, g.len(), poison);
-            b.batchnorm_fwd_eval(&up(&b, &x), &up(&b, &gamma), &up(&b, &beta), &rm, &rv, &mut ye, eps, &g).unwrap();
+            b.batchnorm_fwd_eval(&xs, &gs, &bs, &rm, &rv, Activation::Identity, &mut ye, eps, &g).unwrap();
             assert_close_scaled(&format!("{what}: eval y"), &down(&b, &ye), &y_eval_ref, 1e-5);
+            // The fused ReLU, in both modes: the activation of the same bits.
+            let relu_of = |v: Vec<f32>| bits(&v.iter().map(|&v| v.max(0.0)).collect::<Vec<_>>());
+            let mut yr = poisoned(&b, g.len(), poison);
+            b.batchnorm_fwd_eval(&xs, &gs, &bs, &rm, &rv, Activation::Relu, &mut yr, eps, &g).unwrap();
+            assert_eq!(bits(&down(&b, &yr)), relu_of(down(&b, &ye)), "{what}: eval y + relu");
+            let (mut rm2, mut rv2) = (up(&b, &rm0), up(&b, &rv0));
+            let (mut sm2, mut si2) = (poisoned(&b, c, poison), poisoned(&b, c, poison));
+            let mut yr = poisoned(&b, g.len(), poison);
+            b.batchnorm_fwd_train(
+                &xs,
+                &gs,
+                &bs,
+                Activation::Relu,
+                &mut yr,
+                &mut sm2,
+                &mut si2,
+                &mut rm2,
+                &mut rv2,
+                momentum,
+                eps,
+                &g,
+            )
+            .unwrap();
+            assert_eq!(bits(&down(&b, &yr)), relu_of(down(&b, &y)), "{what}: train y + relu");
         }
     }
 }

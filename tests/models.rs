@@ -206,14 +206,23 @@ fn batch_norm_models_learn_a_small_batch() {
     }
 }
 
-/// Without an observer, a conv or linear layer and the ReLU after it run as one fused kernel;
+/// Without an observer, a conv, linear or batch-norm layer and the ReLU after it run as one fused kernel;
 /// with one, separately (the measure must see the pre-activation). Both give the same bits,
 /// forward and backward, on the CPU and through the emulated CUDA kernels, and the fused path
 /// keeps less memory alive for the backward pass (no pre-activation), which shows it ran.
 #[test]
 fn fused_relu_layers_give_the_unfused_bits() -> anyhow::Result<()> {
     let emu: BackendRef = rotvar::backend::cuda::CudaBackend::emulated();
-    for (b, arch) in [(cpu(), "lenet"), (cpu(), "simpleconv"), (cpu(), "vgg"), (emu.clone(), "lenet")] {
+    // AllConv and ResNet-20 fuse batch norm with the ReLU after it (in blocks: bn1 + relu1).
+    let cases = [
+        (cpu(), "lenet"),
+        (cpu(), "simpleconv"),
+        (cpu(), "vgg"),
+        (cpu(), "allconv"),
+        (cpu(), "resnet20"),
+        (emu.clone(), "lenet"),
+    ];
+    for (b, arch) in cases {
         let model = Model::build(arch, MNIST, &b, 7)?;
         let mut rng = Rng::new(8);
         let x = Tensor::from_vec(&b, &[3, 1, 28, 28], &randn(&mut rng, 3 * 28 * 28))?;

@@ -538,15 +538,37 @@ fn bn_apply_and_eval() {
                 .collect();
             for (grid, block) in flat_cfgs(x.len()) {
                 let tag = format!("N={n} C={c} HW={hw} big_mean={big_mean} cfg=({grid},{block})");
-                let mut y = vec![POISON; x.len()];
-                run("bn_apply_f32", grid, block, &bn_flat_args(&mut y, &x, &[&mean, &invstd, &gamma, &beta], &dims));
+                // act 0 (identity) and 1 (the fused ReLU: the ReLU of the identity's bits).
+                let relu_bits =
+                    |v: &[f32]| v.iter().map(|&v| if v > 0.0 { v } else { 0.0 }.to_bits()).collect::<Vec<_>>();
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let apply = |act: i32| {
+                    let mut y = vec![POISON; x.len()];
+                    let mut tail = dims.to_vec();
+                    tail.push(KArg::I32(act));
+                    run(
+                        "bn_apply_f32",
+                        grid,
+                        block,
+                        &bn_flat_args(&mut y, &x, &[&mean, &invstd, &gamma, &beta], &tail),
+                    );
+                    y
+                };
+                let y = apply(0);
                 assert_close(&format!("bn_apply {tag}"), &y, &want, ELEMENTWISE, 1.);
+                assert_eq!(bits(&apply(1)), relu_bits(&y), "bn_apply+relu {tag}");
 
-                let mut y = vec![POISON; x.len()];
-                let mut tail = vec![KArg::F32(eps)];
-                tail.extend_from_slice(&dims);
-                run("bn_eval_f32", grid, block, &bn_flat_args(&mut y, &x, &[&mean, &rv, &gamma, &beta], &tail));
+                let eval = |act: i32| {
+                    let mut y = vec![POISON; x.len()];
+                    let mut tail = vec![KArg::F32(eps)];
+                    tail.extend_from_slice(&dims);
+                    tail.push(KArg::I32(act));
+                    run("bn_eval_f32", grid, block, &bn_flat_args(&mut y, &x, &[&mean, &rv, &gamma, &beta], &tail));
+                    y
+                };
+                let y = eval(0);
                 assert_close(&format!("bn_eval {tag}"), &y, &want_eval, ELEMENTWISE, 1.);
+                assert_eq!(bits(&eval(1)), relu_bits(&y), "bn_eval+relu {tag}");
             }
         }
     }
@@ -638,7 +660,8 @@ fn bn_chain_matches_f64() {
 
         let st = bn_stats(&x, &vec![0.0; c], &vec![1.0; c], n, c, hw, mom, eps, (c as u32, 1024));
         let mut y = vec![POISON; len];
-        run("bn_apply_f32", flat.0, flat.1, &bn_flat_args(&mut y, &x, &[&st.mean, &st.invstd, &gamma, &beta], &dims));
+        let tail = [dims[0], dims[1], dims[2], KArg::I32(0)];
+        run("bn_apply_f32", flat.0, flat.1, &bn_flat_args(&mut y, &x, &[&st.mean, &st.invstd, &gamma, &beta], &tail));
         let (mut dg, mut db) = (vec![POISON; c], vec![POISON; c]);
         let mut args = vec![KArg::slice_mut(&mut dg), KArg::slice_mut(&mut db), KArg::slice(&x), KArg::slice(&dy)];
         args.extend([KArg::slice(&st.mean), KArg::slice(&st.invstd)]);

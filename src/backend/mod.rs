@@ -474,11 +474,13 @@ pub trait Backend: Send + Sync {
     /// 1/sqrt(var+eps) for backward, and updates running stats with the unbiased variance as
     /// PyTorch does: r = (1-momentum)·r + momentum·batch.
     #[allow(clippy::too_many_arguments)]
+    /// y = act(batch-normalized x): the activation fused into the normalizing pass.
     fn batchnorm_fwd_train(
         &self,
         x: &Storage,
         gamma: &Storage,
         beta: &Storage,
+        act: Activation,
         y: &mut Storage,
         save_mean: &mut Storage,
         save_invstd: &mut Storage,
@@ -496,6 +498,7 @@ pub trait Backend: Send + Sync {
         beta: &Storage,
         running_mean: &Storage,
         running_var: &Storage,
+        act: Activation,
         y: &mut Storage,
         eps: f32,
         g: &NormGeom,

@@ -91,7 +91,7 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
         let s = BatchNormState {
             gamma: &self.weight,
             beta: &self.bias,
@@ -100,7 +100,7 @@ impl BatchNorm {
             momentum: self.momentum,
             eps: self.eps,
         };
-        ops::batch_norm(x, &s, train)
+        ops::batch_norm_act(x, &s, train, act)
     }
 
     fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
@@ -183,17 +183,23 @@ impl BasicBlock {
         let emit = |part: &str, t: &Tensor, f: &mut Forward| f.emit(&format!("{name}.{part}"), t);
         let h = conv(&self.conv1, x)?;
         emit("conv1", &h, f)?;
-        let h = self.bn1.forward(&h, f.train)?;
-        emit("bn1", &h, f)?;
-        let h = ops::relu(&h)?;
-        emit("relu1", &h, f)?;
+        // bn1 and relu1 in one pass unless an observer must see bn1's output.
+        let h = if f.observer.is_none() {
+            self.bn1.forward(&h, f.train, Activation::Relu)?
+        } else {
+            let h = self.bn1.forward(&h, f.train, Activation::Identity)?;
+            emit("bn1", &h, f)?;
+            let h = ops::relu(&h)?;
+            emit("relu1", &h, f)?;
+            h
+        };
         let h = conv(&self.conv2, &h)?;
         emit("conv2", &h, f)?;
-        let h = self.bn2.forward(&h, f.train)?;
+        let h = self.bn2.forward(&h, f.train, Activation::Identity)?;
         emit("bn2", &h, f)?;
         let short = match &self.shortcut {
             Some((c, bn)) => {
-                let s = bn.forward(&conv(c, x)?, f.train)?;
+                let s = bn.forward(&conv(c, x)?, f.train, Activation::Identity)?;
                 emit("shortcut", &s, f)?;
                 s
             }
@@ -231,7 +237,7 @@ impl Layer {
         match self {
             Layer::Conv2d(c) => ops::conv2d(x, &c.weight, c.bias.as_ref(), c.stride, c.pad),
             Layer::Linear(l) => ops::linear(x, &l.weight, l.bias.as_ref()),
-            Layer::BatchNorm(bn) => bn.forward(x, f.train),
+            Layer::BatchNorm(bn) => bn.forward(x, f.train, Activation::Identity),
             Layer::Relu => ops::relu(x),
             Layer::Elu(a) => ops::elu(x, *a),
             Layer::MaxPool { k, stride, pad } => ops::max_pool2d(x, *k, *stride, *pad),
@@ -248,8 +254,9 @@ impl Layer {
     }
 
     /// This layer followed by `act` as one fused op, where the layer has a fused form.
-    fn forward_fused(&self, x: &Tensor, act: Activation) -> Option<Result<Tensor>> {
+    fn forward_fused(&self, x: &Tensor, act: Activation, train: bool) -> Option<Result<Tensor>> {
         match self {
+            Layer::BatchNorm(bn) => Some(bn.forward(x, train, act)),
             Layer::Conv2d(c) => Some(ops::conv2d_act(x, &c.weight, c.bias.as_ref(), c.stride, c.pad, act)),
             Layer::Linear(l) => Some(ops::linear_act(x, &l.weight, l.bias.as_ref(), act)),
             _ => None,
@@ -314,10 +321,10 @@ impl Sequential {
         let mut i = 0;
         while i < self.layers.len() {
             let (name, layer) = &self.layers[i];
-            // A conv or linear layer and the ReLU after it run as one kernel, unless an observer
-            // must see the pre-activation. The result is the same bits either way.
+            // A conv, linear or batch-norm layer and the ReLU after it run as one kernel, unless
+            // an observer must see the pre-activation. The result is the same bits either way.
             if f.observer.is_none() && matches!(self.layers.get(i + 1), Some((_, Layer::Relu))) {
-                if let Some(y) = layer.forward_fused(&h, Activation::Relu) {
+                if let Some(y) = layer.forward_fused(&h, Activation::Relu, f.train) {
                     h = y?;
                     i += 2;
                     continue;

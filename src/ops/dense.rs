@@ -1,6 +1,6 @@
-use super::{expect_rank, grad, output, same_device};
+use super::{activation_grad, expect_rank, grad, output, same_device};
 use crate::autograd::push;
-use crate::backend::{Activation, BackendRef, ConvGeom};
+use crate::backend::{Activation, ConvGeom};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -123,18 +123,4 @@ pub fn conv2d_act(
         }));
     }
     Ok(y)
-}
-
-/// The gradient at the pre-activation from the gradient at the fused output `y`. ReLU's needs
-/// only y's sign (y > 0 exactly where its input is), so the pre-activation is never kept.
-fn activation_grad(be: &BackendRef, act: Activation, y: Option<&Tensor>, dy: Tensor) -> Result<Tensor> {
-    match (act, y) {
-        (Activation::Identity, _) => Ok(dy),
-        (Activation::Relu, None) => anyhow::bail!("internal: fused ReLU backward without its output"),
-        (Activation::Relu, Some(y)) => {
-            let mut dz = be.alloc(dy.numel())?;
-            be.relu_bwd(&y.storage(), &dy.storage(), &mut dz)?;
-            grad(be, dy.shape(), dz)
-        }
-    }
 }

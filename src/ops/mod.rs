@@ -14,13 +14,13 @@ mod shape;
 pub use dense::{conv2d, conv2d_act, linear, linear_act};
 pub use elementwise::{add, dropout, elu, relu, scale};
 pub use loss::{cross_entropy, log_softmax, mean, nll_loss, sum};
-pub use norm::{batch_norm, BatchNormState};
+pub use norm::{batch_norm, batch_norm_act, BatchNormState};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d, pool2d};
 pub use rotate::{rotate, warp};
 pub use shape::{flatten, reshape};
 
 use crate::autograd::needs_grad;
-use crate::backend::{BackendRef, Storage};
+use crate::backend::{Activation, BackendRef, Storage};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -48,4 +48,18 @@ fn expect_rank(op: &str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
         bail!("{op}: {what} must have rank {rank}, got shape {:?}", t.shape());
     }
     Ok(())
+}
+
+/// The gradient at the pre-activation from the gradient at the fused output `y`. ReLU's needs
+/// only y's sign (y > 0 exactly where its input is), so the pre-activation is never kept.
+pub(crate) fn activation_grad(be: &BackendRef, act: Activation, y: Option<&Tensor>, dy: Tensor) -> Result<Tensor> {
+    match (act, y) {
+        (Activation::Identity, _) => Ok(dy),
+        (Activation::Relu, None) => bail!("internal: fused ReLU backward without its output"),
+        (Activation::Relu, Some(y)) => {
+            let mut dz = be.alloc(dy.numel())?;
+            be.relu_bwd(&y.storage(), &dy.storage(), &mut dz)?;
+            grad(be, dy.shape(), dz)
+        }
+    }
 }

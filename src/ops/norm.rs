@@ -1,6 +1,6 @@
-use super::{grad, output};
+use super::{activation_grad, grad, output};
 use crate::autograd::push;
-use crate::backend::NormGeom;
+use crate::backend::{Activation, NormGeom};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -17,6 +17,12 @@ pub struct BatchNormState<'a> {
 /// Batch norm over [N, C] (1d) or [N, C, H, W] (2d). Training mode normalizes with batch
 /// statistics and updates the running ones; eval mode uses the running statistics.
 pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor> {
+    batch_norm_act(x, s, train, Activation::Identity)
+}
+
+/// act(batch_norm(x)) in one pass: equal, bit for bit, to the activation op applied to
+/// [`batch_norm`]'s output.
+pub fn batch_norm_act(x: &Tensor, s: &BatchNormState, train: bool, act: Activation) -> Result<Tensor> {
     let g = match x.shape() {
         [n, c] => NormGeom { n: *n, c: *c, hw: 1 },
         [n, c, h, w] => NormGeom { n: *n, c: *c, hw: h * w },
@@ -41,6 +47,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
             &s.beta.storage(),
             &s.running_mean.storage(),
             &s.running_var.storage(),
+            act,
             &mut ys,
             s.eps,
             &g,
@@ -54,6 +61,7 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
         &x.storage(),
         &s.gamma.storage(),
         &s.beta.storage(),
+        act,
         &mut ys,
         &mut mean,
         &mut invstd,
@@ -66,10 +74,12 @@ pub fn batch_norm(x: &Tensor, s: &BatchNormState, train: bool) -> Result<Tensor>
     let y = output(&[x, s.gamma, s.beta], x.shape(), ys)?;
     if y.is_tracked() {
         let (x, gamma, beta, y_id) = (x.clone(), s.gamma.clone(), s.beta.clone(), y.id());
+        let y_kept = (act != Activation::Identity).then(|| y.clone());
         push(Box::new(move |grads| {
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
+            let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
             let (mut dx, mut dgamma, mut dbeta) = (be.alloc(g.len())?, be.alloc(g.c)?, be.alloc(g.c)?);
             be.batchnorm_bwd(
                 &x.storage(),

@@ -416,6 +416,7 @@ impl Backend for CpuBackend {
         x: &Storage,
         gamma: &Storage,
         beta: &Storage,
+        act: Activation,
         y: &mut Storage,
         save_mean: &mut Storage,
         save_invstd: &mut Storage,
@@ -440,7 +441,7 @@ impl Backend for CpuBackend {
             rm[c] = (1.0 - momentum) * rm[c] + momentum * mean as f32;
             rv[c] = (1.0 - momentum) * rv[c] + momentum * unbiased as f32;
         }
-        norm::normalize(x, sm, &scale, beta, host_mut(y)?, g);
+        norm::normalize(x, sm, &scale, beta, act, host_mut(y)?, g);
         Ok(())
     }
 
@@ -451,13 +452,14 @@ impl Backend for CpuBackend {
         beta: &Storage,
         running_mean: &Storage,
         running_var: &Storage,
+        act: Activation,
         y: &mut Storage,
         eps: f32,
         g: &NormGeom,
     ) -> Result<()> {
         let (gamma, rm, rv) = (host(gamma)?, host(running_mean)?, host(running_var)?);
         let scale: Vec<f32> = (0..g.c).map(|c| gamma[c] / (rv[c] + eps).sqrt()).collect();
-        norm::normalize(host(x)?, rm, &scale, host(beta)?, host_mut(y)?, g);
+        norm::normalize(host(x)?, rm, &scale, host(beta)?, act, host_mut(y)?, g);
         Ok(())
     }
 

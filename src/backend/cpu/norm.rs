@@ -3,7 +3,7 @@
 //! Statistics are two-pass in f64 (mean first, then the mean of squared deviations), never
 //! E[x²] − E[x]², which cancels catastrophically when the mean is large against the spread.
 
-use crate::backend::NormGeom;
+use crate::backend::{Activation, NormGeom};
 use rayon::prelude::*;
 
 /// Channel `c`'s values, sample by sample, as slices of the NCHW buffer.
@@ -37,8 +37,8 @@ pub fn stats(x: &[f32], g: &NormGeom) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// y = (x - mean[c]) · scale[c] + shift[c] for per-channel mean, scale (γ/σ) and shift (β).
-pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32], g: &NormGeom) {
+/// y = act((x - mean[c]) · scale[c] + shift[c]) for per-channel mean, scale (γ/σ) and shift (β).
+pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], act: Activation, y: &mut [f32], g: &NormGeom) {
     let (cs, hw) = (g.c * g.hw, g.hw);
     let out = SharedOut(y.as_mut_ptr());
     (0..g.c).into_par_iter().for_each(|c| {
@@ -46,7 +46,7 @@ pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], y: &mut 
             let base = n * cs + c * hw;
             for i in base..base + hw {
                 // SAFETY: channel c's positions are written by this task only.
-                unsafe { out.write(i, (x[i] - mean[c]) * scale[c] + shift[c]) };
+                unsafe { out.write(i, act.apply((x[i] - mean[c]) * scale[c] + shift[c])) };
             }
         }
     });

@@ -745,6 +745,7 @@ impl Backend for CudaBackend {
         x: &Storage,
         gamma: &Storage,
         beta: &Storage,
+        act: Activation,
         y: &mut Storage,
         save_mean: &mut Storage,
         save_invstd: &mut Storage,
@@ -778,6 +779,7 @@ impl Backend for CudaBackend {
             n,
             c,
             hw,
+            KArg::I32(act.code()),
         ];
         self.launch("bn_apply_f32", self.ew_grid(g.len()), BLOCK, 0, &apply)
     }
@@ -789,6 +791,7 @@ impl Backend for CudaBackend {
         beta: &Storage,
         running_mean: &Storage,
         running_var: &Storage,
+        act: Activation,
         y: &mut Storage,
         eps: f32,
         g: &NormGeom,
@@ -805,6 +808,7 @@ impl Backend for CudaBackend {
             n,
             c,
             hw,
+            KArg::I32(act.code()),
         ];
         self.launch("bn_eval_f32", self.ew_grid(g.len()), BLOCK, 0, &args)
     }
