@@ -38,9 +38,9 @@ extern "C" __global__ void fill_f32(float* y, float value, long long n) {
         [&](long long i) { y[i] = value; });
 }
 
-// out = a + b
-extern "C" __global__ void add_f32(float* out, const float* a, const float* b, long long n) {
-    auto op = [](float x, float y) { return x + y; };
+// out = act(a + b)   (act RV_ACT_*: a residual sum and the ReLU after it in one pass)
+extern "C" __global__ void add_f32(float* out, const float* a, const float* b, int act, long long n) {
+    auto op = [act](float x, float y) { return rv_act(act, x + y); };
     rv_grid_stride(
         n, rv_aligned16(out) && rv_aligned16(a) && rv_aligned16(b),
         [&](long long i) {

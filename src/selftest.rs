@@ -164,8 +164,9 @@ fn elementwise(c: &mut Ctx, n: usize) -> Result<()> {
     let (rb, tb) = c.pair(&b)?;
     let (r, t) = (c.r.clone(), c.t.clone());
     type Binary = fn(&BackendRef, &Storage, &Storage, &mut Storage) -> Result<()>;
-    let binaries: [(&str, Binary); 3] = [
-        ("add", |be, a, b, o| be.add(a, b, o)),
+    let binaries: [(&str, Binary); 4] = [
+        ("add", |be, a, b, o| be.add(a, b, Activation::Identity, o)),
+        ("add+relu", |be, a, b, o| be.add(a, b, Activation::Relu, o)),
         ("mul", |be, a, b, o| be.mul(a, b, o)),
         ("relu_bwd", |be, a, b, o| be.relu_bwd(a, b, o)),
     ];

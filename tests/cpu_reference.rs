@@ -730,9 +730,13 @@ fn elementwise_ops_match_naive() {
     let f = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     for poison in POISONS {
         let mut o = poisoned(&b, len, poison);
-        b.add(&up(&b, &x), &up(&b, &y2), &mut o).unwrap();
+        b.add(&up(&b, &x), &up(&b, &y2), Activation::Identity, &mut o).unwrap();
         let want: Vec<f64> = x.iter().zip(&y2).map(|(&a, &c)| (a + c) as f64).collect();
         assert_close_elementwise("add", &down(&b, &o), &want, 1e-6, 1e-6);
+        let sum = down(&b, &o);
+        let mut o = poisoned(&b, len, poison);
+        b.add(&up(&b, &x), &up(&b, &y2), Activation::Relu, &mut o).unwrap();
+        assert_eq!(bits(&down(&b, &o)), bits(&sum.iter().map(|&v| v.max(0.0)).collect::<Vec<_>>()), "add + relu");
         let mut o = poisoned(&b, len, poison);
         b.mul(&up(&b, &x), &up(&b, &y2), &mut o).unwrap();
         let want: Vec<f64> = x.iter().zip(&y2).map(|(&a, &c)| a as f64 * c as f64).collect();

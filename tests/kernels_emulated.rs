@@ -73,7 +73,9 @@ fn fill() {
 #[test]
 fn add_mul_scale() {
     let binary = |o, i: &[KArg], n| vec![o, i[0], i[1], KArg::I64(n)];
-    check_map("add_f32", 2, (-2., 2.), binary, |x| x[0] + x[1]);
+    let add = |act: i32| move |o, i: &[KArg], n| vec![o, i[0], i[1], KArg::I32(act), KArg::I64(n)];
+    check_map("add_f32", 2, (-2., 2.), add(0), |x| x[0] + x[1]);
+    check_map("add_f32", 2, (-2., 2.), add(1), |x| (x[0] + x[1]).max(0.));
     check_map("mul_f32", 2, (-2., 2.), binary, |x| x[0] * x[1]);
     let make = |o, i: &[KArg], n| vec![o, i[0], KArg::F32(0.3), KArg::I64(n)];
     check_map("scale_f32", 1, (-2., 2.), make, |x| 0.3f32 as f64 * x[0]);

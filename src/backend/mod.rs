@@ -402,7 +402,8 @@ pub trait Backend: Send + Sync {
 
     // --- elementwise --------------------------------------------------------------------
     fn fill(&self, x: &mut Storage, value: f32) -> Result<()>;
-    fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()>;
+    /// out = act(a + b)
+    fn add(&self, a: &Storage, b: &Storage, act: Activation, out: &mut Storage) -> Result<()>;
     fn mul(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()>;
     fn scale(&self, x: &Storage, alpha: f32, out: &mut Storage) -> Result<()>;
     /// acc += x

@@ -1,24 +1,33 @@
-use super::{grad, output, same_device};
+use super::{activation_grad, grad, output, same_device};
 use crate::autograd::push;
+use crate::backend::Activation;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
 /// a + b (same shapes): residual connections.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    add_act(a, b, Activation::Identity)
+}
+
+/// act(a + b) in one pass: a residual block's sum and its ReLU; the same bits as the activation
+/// op applied to [`add`]'s output.
+pub fn add_act(a: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
     same_device("add", &[a, b])?;
     if a.shape() != b.shape() {
         bail!("add: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
     }
     let be = a.backend().clone();
     let mut ys = be.alloc(a.numel())?;
-    be.add(&a.storage(), &b.storage(), &mut ys)?;
+    be.add(&a.storage(), &b.storage(), act, &mut ys)?;
     let y = output(&[a, b], a.shape(), ys)?;
     if y.is_tracked() {
         let (a, b, y_id) = (a.clone(), b.clone(), y.id());
+        let y_kept = (act != Activation::Identity).then(|| y.clone());
         push(Box::new(move |grads| {
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
+            let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
             // Each input gets its own copy: gradients are accumulated in place later.
             if a.is_tracked() {
                 let mut da = be.alloc(dy.numel())?;

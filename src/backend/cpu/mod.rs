@@ -166,8 +166,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
-        zip_map(host(a)?, host(b)?, host_mut(out)?, |a, b| a + b);
+    fn add(&self, a: &Storage, b: &Storage, act: Activation, out: &mut Storage) -> Result<()> {
+        zip_map(host(a)?, host(b)?, host_mut(out)?, |a, b| act.apply(a + b));
         Ok(())
     }
 

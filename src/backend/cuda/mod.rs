@@ -436,9 +436,9 @@ impl Backend for CudaBackend {
         self.ew("fill_f32", n, vec![self.arg(x, n)?, KArg::F32(value)])
     }
 
-    fn add(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
+    fn add(&self, a: &Storage, b: &Storage, act: Activation, out: &mut Storage) -> Result<()> {
         let n = self.buf(out)?.len();
-        self.ew("add_f32", n, vec![self.arg(out, n)?, self.arg(a, n)?, self.arg(b, n)?])
+        self.ew("add_f32", n, vec![self.arg(out, n)?, self.arg(a, n)?, self.arg(b, n)?, KArg::I32(act.code())])
     }
 
     fn mul(&self, a: &Storage, b: &Storage, out: &mut Storage) -> Result<()> {
