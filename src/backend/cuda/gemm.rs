@@ -176,7 +176,7 @@ mod tests {
                 let (name, bm, bn) = conv_kernel(pass, m, n, false);
                 assert_eq!(name, format!("{pass}_{want}"), "{m} x {n}");
                 assert_eq!(bm * bn, 4096, "{name}");
-                assert!(super::emu::find_kernel(&name).is_some(), "{name} is not a kernel");
+                assert!(crate::backend::cuda::emu::find_kernel(&name).is_some(), "{name} is not a kernel");
                 assert_eq!(conv_kernel(pass, m, n, true), (format!("{pass}_v1"), 64, 64));
             }
         }
