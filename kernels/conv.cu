@@ -424,7 +424,7 @@ struct RvcBwdDataPhaseA {
 struct RvcBwdDataPhaseB {
     static constexpr int E = 4;
     const float* dyn;  // dy + n*K*OH*OW; null past the phase's last column
-    int oy0, ox0, OH, OW, RySx, Sx;
+    int oy0, ox0, OH, OW, Ry, Sx, RySx;
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + E * (threadIdx.x / 64);
         int k = kr / RySx, t = kr - k * RySx, tr = t / Sx, ts = t - tr * Sx;
@@ -435,7 +435,7 @@ struct RvcBwdDataPhaseB {
             v[j] = ok ? __ldg(dyn + (k * OH + oy) * OW + ox) : 0.f;
             if (++ts == Sx) {
                 ts = 0;
-                if (++tr == RySx / Sx) {
+                if (++tr == Ry) {
                     tr = 0;
                     ++k;
                 }
@@ -465,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(256)
         lb.dyn = col < ncols ? dy + (long long)n * K * OH * OW : nullptr;
         lb.oy0 = (ph.iy0 + stride * ty + pad - ph.qy) / stride;
         lb.ox0 = (ph.ix0 + stride * tx + pad - ph.qx) / stride;
-        lb.OH = OH, lb.OW = OW, lb.RySx = ph.Ry * ph.Sx, lb.Sx = ph.Sx;
+        lb.OH = OH, lb.OW = OW, lb.Ry = ph.Ry, lb.Sx = ph.Sx, lb.RySx = ph.Ry * ph.Sx;
     }
     float acc[RVC_TM][RVC_TN];
     rvc_mainloop<64>(la, lb, 0, krs, acc);

@@ -91,14 +91,20 @@ impl Optimizer {
             OptimizerKind::Adam => {
                 let mut data: Vec<_> = live.iter().map(|(i, _)| self.params[*i].tensor.storage_mut()).collect();
                 let grad: Vec<_> = live.iter().map(|(_, g)| g.storage()).collect();
-                let mut moments = self.state.iter_mut().enumerate().filter(|(i, _)| live.iter().any(|(j, _)| j == i));
-                let mut tensors = Vec::with_capacity(live.len());
-                for ((d, g), (i, _)) in data.iter_mut().zip(&grad).zip(&live) {
-                    let Some((_, Some((m, v)))) = moments.next() else {
-                        bail!("internal: Adam moments missing");
-                    };
-                    tensors.push(AdamTensor { param: d, grad: g, m, v, weight_decay: decay(*i) });
-                }
+                // `live` is in parameter order and every live parameter has its moments by now.
+                let moments = self
+                    .state
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| live.binary_search_by_key(i, |(j, _)| *j).is_ok())
+                    .filter_map(|(_, st)| st.as_mut());
+                let mut tensors: Vec<_> = data
+                    .iter_mut()
+                    .zip(&grad)
+                    .zip(moments)
+                    .zip(&live)
+                    .map(|(((d, g), (m, v)), (i, _))| AdamTensor { param: d, grad: g, m, v, weight_decay: decay(*i) })
+                    .collect();
                 let h = AdamParams {
                     lr: c.lr,
                     beta1: c.beta1,

@@ -55,33 +55,15 @@ impl CudaBackend {
                 args.extend([KArg::F32(1.0), KArg::F32(0.0)]);
                 self.launch("gemm_tiled_v1", grid2(n.div_ceil(TILE), m.div_ceil(TILE)), BLOCK, 0, &args)
             }
-            2 => self.gemm_epilogue(aa, ba, ca, self.opt_arg(bias, n)?, act, m, n, k, k, k, n, false, true),
+            2 => self.gemm(aa, ba, ca, self.opt_arg(bias, n)?, act, m, n, k, k, k, n, false, true),
             v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1 and v2"),
         }
     }
 
-    /// C[M,N] = op(A)·op(B) with the tiled GEMM kernel (row-major, leading dimensions given).
+    /// C[M,N] = act(op(A)·op(B) + bias[N]) with gemm_tiled_v2 (row-major, leading dimensions
+    /// given; `bias` a pointer argument, `KArg::Ptr(0)` for none).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
-        &self,
-        a: KArg,
-        b: KArg,
-        c: KArg,
-        m: usize,
-        n: usize,
-        k: usize,
-        lda: usize,
-        ldb: usize,
-        ldc: usize,
-        ta: bool,
-        tb: bool,
-    ) -> Result<()> {
-        self.gemm_epilogue(a, b, c, KArg::Ptr(0), Activation::Identity, m, n, k, lda, ldb, ldc, ta, tb)
-    }
-
-    /// C[M,N] = act(op(A)·op(B) + bias[N]) (`bias` a pointer argument, null for none).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_epilogue(
         &self,
         a: KArg,
         b: KArg,

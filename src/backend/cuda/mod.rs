@@ -359,12 +359,13 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         // y[n, m] = act(x[n, k] · w[m, k]ᵀ + b[m]), bias and activation in the GEMM's store
         let (xa, wa, ya, ba) = (self.arg(x, n * k)?, self.arg(w, m * k)?, self.arg(y, n * m)?, self.opt_arg(b, m)?);
-        self.gemm_epilogue(xa, wa, ya, ba, act, n, m, k, k, k, m, false, true)
+        self.gemm(xa, wa, ya, ba, act, n, m, k, k, k, m, false, true)
     }
 
     fn linear_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, n: usize, k: usize, m: usize) -> Result<()> {
         // dx[n, k] = dy[n, m] · w[m, k]
-        self.gemm(self.arg(dy, n * m)?, self.arg(w, m * k)?, self.arg(dx, n * k)?, n, k, m, m, k, k, false, false)
+        let (dya, wa, dxa) = (self.arg(dy, n * m)?, self.arg(w, m * k)?, self.arg(dx, n * k)?);
+        self.gemm(dya, wa, dxa, KArg::Ptr(0), Activation::Identity, n, k, m, m, k, k, false, false)
     }
 
     fn linear_bwd_weight(
@@ -378,7 +379,8 @@ impl Backend for CudaBackend {
         m: usize,
     ) -> Result<()> {
         // dw[m, k] = dy[n, m]ᵀ · x[n, k]
-        self.gemm(self.arg(dy, n * m)?, self.arg(x, n * k)?, self.arg(dw, m * k)?, m, k, n, m, k, k, true, false)?;
+        let (dya, xa, dwa) = (self.arg(dy, n * m)?, self.arg(x, n * k)?, self.arg(dw, m * k)?);
+        self.gemm(dya, xa, dwa, KArg::Ptr(0), Activation::Identity, m, k, n, m, k, k, true, false)?;
         if let Some(db) = db {
             self.launch(
                 "sum_rows_f32",
