@@ -115,8 +115,8 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
                                              float (&acc)[RVC_TM][RVC_TN]) {
     constexpr int BN = RvcShape<BM>::BN;
     static_assert(LA::E == BM / 16 && LB::E == BN / 16, "loader tile sizes");
-    __shared__ __align__(16) float As[RVC_BK][BM + RVC_PAD];
-    __shared__ __align__(16) float Bs[RVC_BK][BN + RVC_PAD];
+    ROTVAR_SHARED(float, As, [RVC_BK][BM + RVC_PAD]);
+    ROTVAR_SHARED(float, Bs, [RVC_BK][BN + RVC_PAD]);
     const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
 #pragma unroll
     for (int i = 0; i < RVC_TM; ++i)

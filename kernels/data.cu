@@ -136,7 +136,7 @@ extern "C" __global__ void argmax_rows_f32(float* out, const float* x, int rows,
 // ceil(cols/32) (blocks stride over column tiles, so a smaller grid is also
 // correct), no dynamic shared memory (8 KiB static).
 extern "C" __global__ void __launch_bounds__(1024) sum_rows_f32(float* out, const float* x, int rows, int cols) {
-    __shared__ double part[32][32];
+    ROTVAR_SHARED(double, part, [32][32]);
     if ((blockDim.x & 31u) != 0) __trap();
     const int lane = threadIdx.x & 31, g = threadIdx.x >> 5, groups = blockDim.x >> 5;
     for (long long j0 = (long long)blockIdx.x * 32; j0 < cols; j0 += (long long)gridDim.x * 32) {

@@ -62,7 +62,7 @@ extern "C" __global__ void selftest_atomics(int* counter, float* fsum, unsigned*
 // exited threads, and the emulator copies that so an early `return` in a
 // bounds check cannot deadlock a test. Run on a GPU to confirm.
 extern "C" __global__ void selftest_early_exit_sync(float* out, int live) {
-    __shared__ float s[1024];
+    ROTVAR_SHARED(float, s, [1024]);
     const int t = threadIdx.x;
     if (t >= live) return;
     s[t] = (float)(t + 1000 * blockIdx.x);

@@ -100,8 +100,8 @@ __device__ __forceinline__ void rv_tile_fma(const float (*As)[RV_BM + RV_PAD], c
 extern "C" __global__ void __launch_bounds__(RV_THREADS)
     gemm_tiled_v1(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C, int M, int N, int K,
                   int lda, int ldb, int ldc, int transA, int transB, float alpha, float beta) {
-    __shared__ __align__(16) float As[RV_BK][RV_BM + RV_PAD];
-    __shared__ __align__(16) float Bs[RV_BK][RV_BN + RV_PAD];
+    ROTVAR_SHARED(float, As, [RV_BK][RV_BM + RV_PAD]);
+    ROTVAR_SHARED(float, Bs, [RV_BK][RV_BN + RV_PAD]);
     if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
 
     const int m0 = blockIdx.y * RV_BM, n0 = blockIdx.x * RV_BN;
@@ -155,8 +155,8 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     gemm_tiled_v2(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
                   const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA,
                   int transB, float alpha, float beta, int act) {
-    __shared__ __align__(16) float As[RV_BK][RV_BM + RV_PAD];
-    __shared__ __align__(16) float Bs[RV_BK][RV_BN + RV_PAD];
+    ROTVAR_SHARED(float, As, [RV_BK][RV_BM + RV_PAD]);
+    ROTVAR_SHARED(float, Bs, [RV_BK][RV_BN + RV_PAD]);
     if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
 
     const int m0 = blockIdx.y * RV_BM, n0 = blockIdx.x * RV_BN;

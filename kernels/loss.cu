@@ -78,7 +78,7 @@ extern "C" __global__ void log_softmax_bwd_f32(float* dx, const float* dy, const
 // blocks other than 0 do nothing), no dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(1024) nll_fwd_f32(float* loss, const float* logp, const float* labels,
                                                                int rows, int cols) {
-    __shared__ double warp_sums[32];
+    ROTVAR_SHARED(double, warp_sums, [32]);
     if ((blockDim.x & 31u) != 0) __trap();
     if (blockIdx.x != 0) return;
     const double nan = (double)__int_as_float(0x7fc00000);

@@ -31,7 +31,8 @@ __device__ __forceinline__ double rv_norm_warp_sum(double v) {
 // same 32 per-warp partials in the same order, and a xor butterfly gives all
 // lanes the same bits. blockDim.x must be a multiple of 32.
 __device__ __forceinline__ void rv_norm_block_sum2(double& a, double& b) {
-    __shared__ double sa[32], sb[32];
+    ROTVAR_SHARED(double, sa, [32]);
+    ROTVAR_SHARED(double, sb, [32]);
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     a = rv_norm_warp_sum(a);
     b = rv_norm_warp_sum(b);

@@ -8,6 +8,9 @@
 #define ROTVAR_DYN_SHARED(T, name)                                      \
     extern __shared__ __align__(16) unsigned char rotvar_dyn_smem_raw[]; \
     T* name = reinterpret_cast<T*>(rotvar_dyn_smem_raw)
+// Static shared memory: `ROTVAR_SHARED(float, tile, [16][65]);`, 16-byte aligned. The
+// emulator gives each concurrently running block its own copy, poisoned per block.
+#define ROTVAR_SHARED(T, name, dims) __shared__ __align__(16) T name dims
 #endif
 
 // torch.relu: x > 0 ? x : 0, except that NaN propagates (fmaxf would drop it).
@@ -42,7 +45,7 @@ __device__ __forceinline__ float rotvar_warp_sum(float v) {
 // Block-wide sum; the result is valid in thread 0 only. blockDim.x must be a multiple of 32
 // (at most 1024): the warp shuffles assume full warps. Safe to call repeatedly in one kernel.
 __device__ __forceinline__ float rotvar_block_sum(float v) {
-    __shared__ float warp_sums[32];
+    ROTVAR_SHARED(float, warp_sums, [32]);
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     v = rotvar_warp_sum(v);
     if (lane == 0) warp_sums[warp] = v;

@@ -5,7 +5,7 @@
 //! list), so every launch the backend makes on a GPU is also made, unchanged, by the emulated
 //! parity tests that run in CI without a GPU.
 
-use super::emu::{self, KArg, PackedArgs};
+use super::emu::{self, DeviceMem, KArg, PackedArgs};
 use super::kernels;
 use crate::backend::MemoryStats;
 use anyhow::{anyhow, bail, Result};
@@ -33,20 +33,20 @@ pub struct Gpu {
 /// A device buffer of f32.
 pub enum Buf {
     Gpu(CudaSlice<f32>),
-    Host(Vec<f32>),
+    Host(DeviceMem<f32>),
 }
 
 /// A device buffer of u32 (batch indices).
 pub enum IdxBuf {
     Gpu(CudaSlice<u32>),
-    Host(Vec<u32>),
+    Host(DeviceMem<u32>),
 }
 
 /// A device buffer of f64: the variance measure's accumulators. Few and long-lived, so they
 /// bypass the f32 pool.
 pub enum F64Buf {
     Gpu(CudaSlice<f64>),
-    Host(Vec<f64>),
+    Host(DeviceMem<f64>),
 }
 
 /// A device buffer that returns to its pool when dropped: after the first training step every
@@ -267,7 +267,7 @@ impl Exec {
     /// An f64 buffer of `len` zeros.
     pub fn zeros_f64(&self, len: usize) -> Result<F64Buf> {
         match self {
-            Exec::Emulated => Ok(F64Buf::Host(vec![0.0; len])),
+            Exec::Emulated => Ok(F64Buf::Host(DeviceMem::filled(len, 0.0))),
             Exec::Gpu(g) => g.stream.alloc_zeros::<f64>(len.max(1)).map(F64Buf::Gpu).map_err(|e| {
                 anyhow!(
                     "out of GPU memory allocating {:.1} MiB of f64 on {} ({e:?}); measure fewer layers or \
@@ -311,9 +311,15 @@ impl Exec {
         let reused = pool.take(len);
         let fresh = reused.is_none();
         let buf = match reused {
+            // Emulated: a reused buffer is poisoned again, so a kernel that reads an output
+            // before writing it sees NaN, not the previous owner's values.
+            Some(Buf::Host(mut m)) => {
+                m.poison();
+                Buf::Host(m)
+            }
             Some(b) => b,
             None => match self {
-                Exec::Emulated => Buf::Host(vec![0.0; len]),
+                Exec::Emulated => Buf::Host(DeviceMem::poisoned(len)),
                 Exec::Gpu(g) => {
                     // SAFETY: every op writes its whole output before anything reads it.
                     let first = unsafe { g.stream.alloc::<f32>(len.max(1)) };
@@ -376,7 +382,7 @@ impl Exec {
     /// the kernel that read the previous indices.
     pub fn upload_indices(&self, slot: &mut Option<IdxBuf>, idx: &[u32]) -> Result<()> {
         match self {
-            Exec::Emulated => *slot = Some(IdxBuf::Host(idx.to_vec())),
+            Exec::Emulated => *slot = Some(IdxBuf::Host(DeviceMem::from_slice(idx))),
             Exec::Gpu(g) => {
                 if !matches!(slot, Some(IdxBuf::Gpu(s)) if s.len() >= idx.len().max(1)) {
                     let s = g

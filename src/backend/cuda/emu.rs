@@ -177,6 +177,11 @@ mod table {
     use std::ffi::CStr;
     include!(concat!(env!("OUT_DIR"), "/emu_table.rs"));
 
+    unsafe extern "C" {
+        pub(super) fn rotvar_emu_mem_alloc(bytes: usize) -> *mut ::std::ffi::c_void;
+        pub(super) fn rotvar_emu_mem_free(p: *mut ::std::ffi::c_void);
+    }
+
     pub(super) fn last_error() -> String {
         // SAFETY: returns a pointer to a thread-local std::string's buffer
         // that stays valid until the next launch on this thread.
@@ -195,6 +200,81 @@ pub fn kernels() -> &'static [EmuKernel] {
 
 pub fn find_kernel(name: &str) -> Option<&'static EmuKernel> {
     table::EMU_KERNELS.iter().find(|k| k.name == name)
+}
+
+/// The deliberately broken kernels of tests/emu_fixtures/*.cu, which prove that the
+/// sanitizer catches each class of bug. Emulator only; not part of [`kernels`].
+pub fn fixtures() -> &'static [EmuKernel] {
+    table::EMU_FIXTURES
+}
+
+/// Emulated device memory: the only memory an emulated kernel may be given. Each buffer lies
+/// between guard pages and red zones, starts 256-byte aligned like `cudaMalloc`'s, and is
+/// registered with the sanitizer, which checks every access a kernel makes against its bounds
+/// (memcheck) and for races. A fresh buffer holds 0xff bytes (NaN as f32/f64), since device
+/// memory is never zeroed for you (initcheck).
+pub struct DeviceMem<T: bytemuck::Pod> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+}
+
+// SAFETY: DeviceMem owns its mapping exclusively, like a Vec.
+unsafe impl<T: bytemuck::Pod + Send> Send for DeviceMem<T> {}
+unsafe impl<T: bytemuck::Pod + Sync> Sync for DeviceMem<T> {}
+
+impl<T: bytemuck::Pod> DeviceMem<T> {
+    /// `len` values of poison (all bits set).
+    pub fn poisoned(len: usize) -> Self {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).expect("emulated buffer size overflows usize");
+        // SAFETY: the runtime returns a mapping of at least `bytes` bytes, 256-aligned, or null.
+        let p = unsafe { table::rotvar_emu_mem_alloc(bytes) };
+        let Some(ptr) = std::ptr::NonNull::new(p.cast::<T>()) else {
+            panic!("the CUDA emulator could not map {bytes} bytes of device memory")
+        };
+        DeviceMem { ptr, len }
+    }
+    pub fn from_slice(v: &[T]) -> Self {
+        let mut m = Self::poisoned(v.len());
+        m.copy_from_slice(v);
+        m
+    }
+    pub fn filled(len: usize, v: T) -> Self {
+        let mut m = Self::poisoned(len);
+        m.fill(v);
+        m
+    }
+    /// Back to all bits set, as a fresh allocation.
+    pub fn poison(&mut self) {
+        bytemuck::cast_slice_mut::<T, u8>(self).fill(0xff);
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::Deref for DeviceMem<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr is valid for len values for the lifetime of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::DerefMut for DeviceMem<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as above, and &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: bytemuck::Pod> Drop for DeviceMem<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by rotvar_emu_mem_alloc and freed once.
+        unsafe { table::rotvar_emu_mem_free(self.ptr.as_ptr().cast()) }
+    }
+}
+
+impl<T: bytemuck::Pod + fmt::Debug> fmt::Debug for DeviceMem<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// Checks `args` against the kernel's signature.
@@ -285,14 +365,15 @@ impl PackedArgs {
 
 /// Runs kernel `name` on the host emulator; blocks until the grid finished.
 ///
-/// Unknown kernels, argument count/type mismatches and invalid launch
-/// dimensions return an error without running anything. Launches are
-/// serialised process-wide (emulated `__shared__` memory is static).
+/// Unknown kernels, argument count/type mismatches, invalid launch dimensions and pointer
+/// arguments that are not [`DeviceMem`] return an error without running anything. Launches are
+/// serialised process-wide; within one, blocks run concurrently in a varying order. Any
+/// sanitizer finding (out-of-bounds access, uninitialised shared read, race, divergent or
+/// deadlocked barrier) makes the launch return an error that names the kernel.
 ///
 /// # Safety
-/// Every `KArg::Ptr` must point to host memory valid for everything the
-/// kernel reads or writes through it for these sizes, exactly as device
-/// pointers must for a real launch; the emulator cannot check bounds.
+/// Every `KArg::Ptr` must be null or point into a live [`DeviceMem`]; accesses beyond its
+/// bounds are caught and reported, but accesses that land in another live buffer are not.
 pub unsafe fn launch(
     name: &str,
     grid: (u32, u32, u32),
@@ -300,7 +381,7 @@ pub unsafe fn launch(
     shared_bytes: u32,
     args: &[KArg],
 ) -> Result<()> {
-    let Some(kernel) = find_kernel(name) else {
+    let Some(kernel) = find_kernel(name).or_else(|| fixtures().iter().find(|k| k.name == name)) else {
         let names: Vec<&str> = kernels().iter().map(|k| k.name).collect();
         bail!("unknown kernel `{name}`; kernels: {}", names.join(", "));
     };

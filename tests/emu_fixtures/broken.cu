@@ -1,0 +1,124 @@
+// Deliberately broken kernels, one per class of bug the emulator's sanitizer
+// must catch (tests/sanitizer.rs launches each and checks the report). Built
+// into the emulator only (build.rs), never into PTX or the backend's table.
+// Each is written the way the bug shows up in real code. Launch contract for
+// all: blocks of 256 threads, n = 256 * gridDim.x unless stated.
+#include "rotvar_common.cuh"
+
+// A tile is filled and read back transposed, but nobody waits for the fill.
+extern "C" __global__ void broken_missing_barrier(float* out, const float* in) {
+    ROTVAR_SHARED(float, tile, [256]);
+    const int t = threadIdx.x, base = blockIdx.x * 256;
+    tile[t] = in[base + t];
+    // __syncthreads() belongs here.
+    out[base + t] = tile[255 - t];
+}
+
+// A weight loader whose row offset is off by one: the last thread reads one
+// value past the end of `w` (n values).
+extern "C" __global__ void broken_read_past_end(float* out, const float* w, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = w[i + 1] * 2.f;
+}
+
+// `<=` where `<` was meant: writes out[n].
+extern "C" __global__ void broken_write_past_end(float* out, const float* in, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i] = in[i < n ? i : 0] + 1.f;
+}
+
+// A halo read one element before the start of `in` for the first thread.
+extern "C" __global__ void broken_read_before_start(float* out, const float* in, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = in[i - 1] + in[i];
+}
+
+// An offset computed in the wrong unit: the last thread writes 3 KiB past the
+// end of `out` (n = 256), beyond the red zone, into the guard page.
+extern "C" __global__ void broken_write_far_past_end(float* out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int j = i == n - 1 ? n + 767 : i;
+    out[j] = 1.f;
+}
+
+// Only half the block fills the tile; everyone reads its own slot.
+extern "C" __global__ void broken_uninit_shared(float* out, const float* in) {
+    ROTVAR_SHARED(float, tile, [256]);
+    const int t = threadIdx.x, base = blockIdx.x * 256;
+    if (t < 128) tile[t] = in[base + t];
+    __syncthreads();
+    out[base + t] = tile[t];
+}
+
+// The batch-norm mean/variance merge: a block reduction used twice in a row,
+// missing its trailing barrier, so warp 0 may still read warp_sums from the
+// first sum while other warps overwrite it for the second.
+__device__ float broken_block_sum(float v) {
+    ROTVAR_SHARED(float, warp_sums, [32]);
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    v = rotvar_warp_sum(v);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (blockDim.x >> 5) ? warp_sums[lane] : 0.f;
+        v = rotvar_warp_sum(v);
+    }
+    return v;  // a __syncthreads() belongs before this return
+}
+extern "C" __global__ void broken_reduction_no_trailing_barrier(float* mean_var, const float* x) {
+    const float v = x[blockIdx.x * 256 + threadIdx.x];
+    const float s = broken_block_sum(v);
+    const float s2 = broken_block_sum(v * v);
+    if (threadIdx.x == 0) {
+        mean_var[2 * blockIdx.x] = s / 256.f;
+        mean_var[2 * blockIdx.x + 1] = s2 / 256.f - (s / 256.f) * (s / 256.f);
+    }
+}
+
+// atomicAdd replaced by +=: every thread of every block adds into one total.
+extern "C" __global__ void broken_nonatomic_sum(float* total, const float* x, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) *total += x[i];
+}
+
+// A barrier inside a branch that only some threads take; the rest meet them
+// at a different barrier.
+extern "C" __global__ void broken_divergent_barrier(float* out) {
+    ROTVAR_SHARED(float, tile, [256]);
+    const int t = threadIdx.x;
+    tile[t] = (float)t;
+    if (t < 64) __syncthreads();
+    __syncthreads();
+    out[blockIdx.x * 256 + t] = tile[(t + 1) & 255];
+}
+
+// A full-mask shuffle that only half of each warp reaches, while the other
+// half waits at __syncthreads: hangs on a GPU.
+extern "C" __global__ void broken_partial_shuffle(float* out) {
+    float v = (float)threadIdx.x;
+    if ((threadIdx.x & 31u) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+    out[blockIdx.x * 256 + threadIdx.x] = v;
+}
+
+// The same kernels written correctly: the sanitizer must stay silent.
+extern "C" __global__ void fixed_transpose_tile(float* out, const float* in) {
+    ROTVAR_SHARED(float, tile, [256]);
+    const int t = threadIdx.x, base = blockIdx.x * 256;
+    tile[t] = in[base + t];
+    __syncthreads();
+    out[base + t] = tile[255 - t];
+}
+extern "C" __global__ void fixed_atomic_sum(float* total, const float* x, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(total, x[i]);
+}
+extern "C" __global__ void fixed_reduction(float* mean_var, const float* x) {
+    const float v = x[blockIdx.x * 256 + threadIdx.x];
+    const float s = rotvar_block_sum(v);
+    const float s2 = rotvar_block_sum(v * v);
+    if (threadIdx.x == 0) {
+        mean_var[2 * blockIdx.x] = s / 256.f;
+        mean_var[2 * blockIdx.x + 1] = s2 / 256.f - (s / 256.f) * (s / 256.f);
+    }
+}

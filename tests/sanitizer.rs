@@ -1,0 +1,203 @@
+//! The emulator's sanitizer catches each class of kernel bug (tests/emu_fixtures/broken.cu),
+//! names the kernel and what went wrong, and stays silent on the same kernels written
+//! correctly. Every emulated launch runs under these checks, the backend's included.
+
+use rotvar::backend::cuda::emu::{self, DeviceMem, KArg};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::Rng;
+
+const BLOCK: (u32, u32, u32) = (256, 1, 1);
+
+fn input(n: usize, seed: u64) -> DeviceMem<f32> {
+    DeviceMem::from_slice(&Rng(seed).vec(n, -1.0, 1.0))
+}
+
+/// Launches fixture `name` over `blocks` blocks of 256 threads and returns its error.
+fn caught(name: &str, blocks: u32, args: &[KArg]) -> String {
+    let r = unsafe { emu::launch(name, (blocks, 1, 1), BLOCK, 0, args) };
+    match r {
+        Ok(()) => panic!("the sanitizer did not catch {name}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn assert_names(msg: &str, kernel: &str, words: &[&str]) {
+    assert!(msg.contains(kernel), "report does not name the kernel {kernel}:\n{msg}");
+    for w in words {
+        assert!(msg.contains(w), "report for {kernel} lacks `{w}`:\n{msg}");
+    }
+}
+
+#[test]
+fn fixtures_are_not_backend_kernels() {
+    assert!(emu::fixtures().len() >= 10);
+    for f in emu::fixtures() {
+        assert!(emu::find_kernel(f.name).is_none(), "{} is in the backend's kernel table", f.name);
+    }
+}
+
+#[test]
+fn missing_barrier_is_a_race() {
+    let (n, blocks) = (512, 2);
+    let (mut out, x) = (DeviceMem::<f32>::poisoned(n), input(n, 1));
+    let msg = caught("broken_missing_barrier", blocks, &[KArg::slice_mut(&mut out), KArg::slice(&x)]);
+    // Depending on who runs first the reader finds the slot unwritten (initcheck) or written by
+    // another thread in the same barrier interval (racecheck): both are reported as such.
+    assert_names(&msg, "broken_missing_barrier", &["shared `tile`"]);
+    assert!(msg.contains("racecheck") || msg.contains("initcheck"), "{msg}");
+}
+
+#[test]
+fn read_one_past_the_end_is_caught() {
+    let n = 300;
+    let (mut out, w) = (DeviceMem::<f32>::poisoned(n), input(n, 2));
+    let msg = caught("broken_read_past_end", 2, &[KArg::slice_mut(&mut out), KArg::slice(&w), KArg::I32(n as i32)]);
+    assert_names(
+        &msg,
+        "broken_read_past_end",
+        &["memcheck", "read 4 bytes past the end of argument `w`", "1200 bytes"],
+    );
+}
+
+#[test]
+fn write_one_past_the_end_is_caught() {
+    let n = 300;
+    let (mut out, x) = (DeviceMem::<f32>::poisoned(n), input(n, 3));
+    let msg = caught("broken_write_past_end", 2, &[KArg::slice_mut(&mut out), KArg::slice(&x), KArg::I32(n as i32)]);
+    assert_names(&msg, "broken_write_past_end", &["memcheck", "wrote 4 bytes past the end of argument `out`"]);
+}
+
+#[test]
+fn read_before_the_start_is_caught() {
+    let n = 256;
+    let (mut out, x) = (DeviceMem::<f32>::poisoned(n), input(n, 4));
+    let msg = caught("broken_read_before_start", 1, &[KArg::slice_mut(&mut out), KArg::slice(&x), KArg::I32(n as i32)]);
+    assert_names(&msg, "broken_read_before_start", &["memcheck", "before the start of argument `in`"]);
+}
+
+#[test]
+fn write_into_the_guard_page_is_caught() {
+    let n = 256;
+    let mut out = DeviceMem::<f32>::poisoned(n);
+    let msg = caught("broken_write_far_past_end", 1, &[KArg::slice_mut(&mut out), KArg::I32(n as i32)]);
+    assert_names(
+        &msg,
+        "broken_write_far_past_end",
+        &["memcheck", "trailing guard page", "past the end of argument `out`"],
+    );
+    // The guard page is armed again: the same bug is caught on the next launch too.
+    let again = caught("broken_write_far_past_end", 1, &[KArg::slice_mut(&mut out), KArg::I32(n as i32)]);
+    assert!(again.contains("memcheck"), "{again}");
+}
+
+#[test]
+fn uninitialised_shared_read_is_caught() {
+    let n = 256;
+    let (mut out, x) = (DeviceMem::<f32>::poisoned(n), input(n, 5));
+    let msg = caught("broken_uninit_shared", 1, &[KArg::slice_mut(&mut out), KArg::slice(&x)]);
+    assert_names(
+        &msg,
+        "broken_uninit_shared",
+        &["initcheck", "shared `tile`", "before any thread of its block wrote it"],
+    );
+    // Shared memory is poisoned: what the threads read is NaN, never a stale or zero value.
+    assert!(out[128..].iter().all(|v| v.is_nan()), "unwritten shared memory was not poisoned");
+}
+
+#[test]
+fn reduction_missing_its_trailing_barrier_is_a_race() {
+    let blocks = 3;
+    let (mut mv, x) = (DeviceMem::<f32>::poisoned(2 * blocks), input(256 * blocks, 6));
+    let msg =
+        caught("broken_reduction_no_trailing_barrier", blocks as u32, &[KArg::slice_mut(&mut mv), KArg::slice(&x)]);
+    assert_names(&msg, "broken_reduction_no_trailing_barrier", &["racecheck", "shared `warp_sums`"]);
+}
+
+#[test]
+fn non_atomic_read_modify_write_is_a_race() {
+    let n = 1024;
+    let (mut total, x) = (DeviceMem::filled(1, 0.0f32), input(n, 7));
+    let msg = caught("broken_nonatomic_sum", 4, &[KArg::slice_mut(&mut total), KArg::slice(&x), KArg::I32(n as i32)]);
+    assert_names(&msg, "broken_nonatomic_sum", &["racecheck", "argument `total`"]);
+}
+
+#[test]
+fn divergent_barrier_is_caught() {
+    let mut out = DeviceMem::<f32>::poisoned(256);
+    let msg = caught("broken_divergent_barrier", 1, &[KArg::slice_mut(&mut out)]);
+    assert_names(&msg, "broken_divergent_barrier", &["synccheck", "divergent __syncthreads", "broken.cu:"]);
+}
+
+#[test]
+fn partial_full_mask_shuffle_fails_within_seconds() {
+    let mut out = DeviceMem::<f32>::poisoned(512);
+    let t = Instant::now();
+    let msg = caught("broken_partial_shuffle", 2, &[KArg::slice_mut(&mut out)]);
+    let took = t.elapsed();
+    assert_names(&msg, "broken_partial_shuffle", &["synccheck", "deadlocked"]);
+    assert!(took < Duration::from_secs(10), "deadlock found only after {took:?}");
+    // The emulator is usable again after an aborted launch.
+    let x = input(256, 8);
+    unsafe { emu::launch("fixed_transpose_tile", (1, 1, 1), BLOCK, 0, &[KArg::slice_mut(&mut out), KArg::slice(&x)]) }
+        .unwrap();
+    for t in 0..256 {
+        assert_eq!(out[t].to_bits(), x[255 - t].to_bits());
+    }
+}
+
+#[test]
+fn correct_kernels_pass_clean() {
+    let blocks = 4usize;
+    let n = 256 * blocks;
+    let x = input(n, 9);
+    let mut out = DeviceMem::<f32>::poisoned(n);
+    unsafe {
+        emu::launch(
+            "fixed_transpose_tile",
+            (blocks as u32, 1, 1),
+            BLOCK,
+            0,
+            &[KArg::slice_mut(&mut out), KArg::slice(&x)],
+        )
+    }
+    .unwrap();
+    for i in 0..n {
+        assert_eq!(out[i].to_bits(), x[i / 256 * 256 + 255 - i % 256].to_bits());
+    }
+    let mut total = DeviceMem::filled(1, 0.0f32);
+    unsafe {
+        emu::launch(
+            "fixed_atomic_sum",
+            (blocks as u32, 1, 1),
+            BLOCK,
+            0,
+            &[KArg::slice_mut(&mut total), KArg::slice(&x), KArg::I32(n as i32)],
+        )
+    }
+    .unwrap();
+    let want: f64 = x.iter().map(|&v| v as f64).sum();
+    assert!((total[0] as f64 - want).abs() < 1e-3, "{} vs {want}", total[0]);
+    let mut mv = DeviceMem::<f32>::poisoned(2 * blocks);
+    unsafe {
+        emu::launch("fixed_reduction", (blocks as u32, 1, 1), BLOCK, 0, &[KArg::slice_mut(&mut mv), KArg::slice(&x)])
+    }
+    .unwrap();
+    for b in 0..blocks {
+        let xs = &x[b * 256..(b + 1) * 256];
+        let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / 256.0;
+        assert!((mv[2 * b] as f64 - mean).abs() < 1e-5, "block {b}: mean {} vs {mean}", mv[2 * b]);
+    }
+}
+
+#[test]
+fn host_memory_is_refused() {
+    let mut out = vec![0.0f32; 256];
+    let x = vec![0.0f32; 256];
+    let e = unsafe {
+        emu::launch("fixed_transpose_tile", (1, 1, 1), BLOCK, 0, &[KArg::slice_mut(&mut out), KArg::slice(&x)])
+    }
+    .unwrap_err();
+    assert!(format!("{e}").contains("argument `out`") && format!("{e}").contains("DeviceMem"), "{e}");
+}
