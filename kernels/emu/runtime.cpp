@@ -429,6 +429,15 @@ void access(const void* p, size_t n, bool write, bool atomic) {
 
 struct sigaction g_old_segv;
 
+// Guard pages the SIGSEGV handler opened during the current launch.
+struct Opened {
+    void* page;
+    uintptr_t data;
+};
+constexpr unsigned kMaxOpened = 64;
+Opened g_opened[kMaxOpened];
+std::atomic<unsigned> g_opened_n{0};
+
 void on_segv(int sig, siginfo_t* info, void* uctx) {
     Runtime* rt = g_rt.load(std::memory_order_acquire);
     const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
@@ -446,8 +455,12 @@ void on_segv(int sig, siginfo_t* info, void* uctx) {
                    before ? "before" : "past", before ? "the start" : "the end", buffer_name(*rt, *al).c_str()));
         // Let the access complete inside the guard page; the launch fails afterwards and the
         // page is protected again.
-        mprotect(reinterpret_cast<void*>(a & ~(kPage - 1)), kPage, PROT_READ | PROT_WRITE);
-        return;
+        void* page = reinterpret_cast<void*>(a & ~(kPage - 1));
+        const unsigned k = g_opened_n.fetch_add(1, std::memory_order_acq_rel);
+        if (k < kMaxOpened && mprotect(page, kPage, PROT_READ | PROT_WRITE) == 0) {
+            g_opened[k] = {page, al->data};
+            return;
+        }
     }
     // Not ours (e.g. Rust's stack-overflow guard): hand it on.
     if (g_old_segv.sa_flags & SA_SIGINFO) {
@@ -471,11 +484,15 @@ void install_segv_handler() {
     });
 }
 
-void reprotect_guards(const Runtime& rt) {
-    for (const Alloc& al : rt.allocs) {
-        mprotect(reinterpret_cast<void*>(al.map_lo), kPage, PROT_NONE);
-        mprotect(reinterpret_cast<void*>(al.map_hi - kPage), kPage, PROT_NONE);
-    }
+// Closes the guard pages the handler opened, where their buffer still exists (another thread
+// may have freed it, and the address range may belong to a new mapping by now).
+void reprotect_guards() {
+    std::lock_guard<std::mutex> l(g_alloc_m);
+    const unsigned n = std::min(g_opened_n.load(std::memory_order_acquire), kMaxOpened);
+    for (unsigned k = 0; k < n; ++k)
+        if (g_opened[k].page && g_allocs.count(g_opened[k].data)) mprotect(g_opened[k].page, kPage, PROT_NONE);
+    for (unsigned k = 0; k < n; ++k) g_opened[k] = {};
+    g_opened_n.store(0, std::memory_order_release);
 }
 
 // ------------------------------------------------------------ thread pool
@@ -854,7 +871,7 @@ int launch(const EmuLaunch* cfg, const char* name, const char* const* ptr_names,
             }
         }
         g_rt.store(nullptr, std::memory_order_release);
-        reprotect_guards(rt);
+        reprotect_guards();
         std::string err;
         if (!deadlock.empty()) err += deadlock + "\n";
         if (rt.trapped.load()) err += "executed __trap() (unsupported launch configuration?)\n";
