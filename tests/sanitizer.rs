@@ -192,11 +192,32 @@ fn correct_kernels_pass_clean() {
 }
 
 #[test]
-fn host_memory_is_refused() {
-    let mut out = vec![0.0f32; 256];
-    let x = vec![0.0f32; 256];
+fn host_slices_are_checked_against_their_own_bounds() {
+    // A test may pass plain slices: they are staged into device memory of exactly their size,
+    // so reading one past the slice is caught even though the Vec behind it is longer.
+    let w = Rng(10).vec(301, -1.0, 1.0);
+    let mut out = vec![f32::NAN; 300];
     let e = unsafe {
-        emu::launch("fixed_transpose_tile", (1, 1, 1), BLOCK, 0, &[KArg::slice_mut(&mut out), KArg::slice(&x)])
+        emu::launch(
+            "broken_read_past_end",
+            (2, 1, 1),
+            BLOCK,
+            0,
+            &[KArg::slice_mut(&mut out), KArg::slice(&w[..300]), KArg::I32(300)],
+        )
+    }
+    .unwrap_err();
+    assert_names(&format!("{e:#}"), "broken_read_past_end", &["memcheck", "past the end of argument `w`"]);
+    // What the kernel wrote comes back; the slice after the bad read still holds real values.
+    assert_eq!(out[10], w[11] * 2.0);
+}
+
+#[test]
+fn raw_host_pointers_are_refused() {
+    let mut out = vec![0.0f32; 256];
+    let x = DeviceMem::<f32>::poisoned(256);
+    let e = unsafe {
+        emu::launch("fixed_transpose_tile", (1, 1, 1), BLOCK, 0, &[KArg::ptr_mut(out.as_mut_ptr()), KArg::slice(&x)])
     }
     .unwrap_err();
     assert!(format!("{e}").contains("argument `out`") && format!("{e}").contains("DeviceMem"), "{e}");

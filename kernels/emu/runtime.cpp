@@ -348,7 +348,8 @@ void race(ThreadCtx& c, const char* what, const Stamp& other, const std::string&
 
 // One granule's hazard check and update. `init` (shared memory only): a read
 // of a granule no thread of this block wrote is an uninitialised read.
-void check_cell(ThreadCtx& c, Cell* cell, bool write, bool shared, const std::function<std::string()>& where) {
+template <class Where>  // a template, not std::function: this runs on every access
+void check_cell(ThreadCtx& c, Cell* cell, bool write, bool shared, const Where& where) {
     CellLock l(cell);
     const Stamp me = stamp(c);
     if (write) {
@@ -897,9 +898,10 @@ extern "C" const char* rotvar_emu_last_error() { return rotvar_emu::last_error_s
 
 // Device memory: [guard page | red zone | data (256-aligned) | red zone | guard page], poisoned
 // with 0xff bytes (NaN as float), like cudaMalloc's memory never zeroed.
-extern "C" void* rotvar_emu_mem_alloc(size_t bytes) {
+extern "C" void* rotvar_emu_mem_alloc(size_t bytes, size_t misalign) {
     using namespace rotvar_emu;
-    const size_t body = round_up(kRedZone + bytes + kRedZone, kPage);
+    misalign %= kRedZone;
+    const size_t body = round_up(kRedZone + misalign + bytes + kRedZone, kPage);
     auto* m = static_cast<unsigned char*>(map_or_null(body + 2 * kPage, PROT_NONE, false));
     if (!m) return nullptr;
     if (mprotect(m + kPage, body, PROT_READ | PROT_WRITE) != 0) {
@@ -911,7 +913,7 @@ extern "C" void* rotvar_emu_mem_alloc(size_t bytes) {
     a.map_hi = a.map_lo + body + 2 * kPage;
     a.zone_lo = a.map_lo + kPage;
     a.zone_hi = a.map_hi - kPage;
-    a.data = a.zone_lo + kRedZone;
+    a.data = a.zone_lo + kRedZone + misalign;
     a.bytes = bytes;
     a.shadow_bytes = round_up((bytes + 3) / 4 * sizeof(Cell), kPage);
     a.shadow = a.shadow_bytes ? static_cast<Cell*>(map_or_null(a.shadow_bytes, PROT_READ | PROT_WRITE, true))

@@ -218,6 +218,9 @@ impl Exec {
             Exec::Gpu(g) => {
                 let kernel = emu::find_kernel(name).ok_or_else(|| anyhow!("unknown kernel `{name}`"))?;
                 emu::check_args(kernel, args)?;
+                if args.iter().any(|a| matches!(a, KArg::Host { .. })) {
+                    bail!("kernel {name}: a host slice was passed to a GPU launch; pass device buffers");
+                }
                 emu::check_launch_dims(grid, block, shared)
                     .map_err(|e| anyhow!("kernel {name}: invalid launch: {e}"))?;
                 let f = g.function(name)?;

@@ -17,6 +17,14 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KArg {
     Ptr(u64),
+    /// A host slice (tests of single kernels): the emulator copies it into a [`DeviceMem`] at
+    /// the same address modulo 256 for the launch, so the sanitizer checks accesses against
+    /// the slice's own bounds, and copies it back after (`write`).
+    Host {
+        addr: u64,
+        bytes: u64,
+        write: bool,
+    },
     I32(i32),
     U32(u32),
     F32(f32),
@@ -31,17 +39,17 @@ impl KArg {
     pub fn ptr_mut<T>(p: *mut T) -> Self {
         KArg::Ptr(p as usize as u64)
     }
-    /// Address of a host slice (emulator only).
+    /// A host slice the kernel reads (emulator only).
     pub fn slice<T>(s: &[T]) -> Self {
-        Self::ptr(s.as_ptr())
+        KArg::Host { addr: s.as_ptr() as usize as u64, bytes: std::mem::size_of_val(s) as u64, write: false }
     }
-    /// Address of a mutable host slice (emulator only).
+    /// A host slice the kernel may write (emulator only).
     pub fn slice_mut<T>(s: &mut [T]) -> Self {
-        Self::ptr_mut(s.as_mut_ptr())
+        KArg::Host { addr: s.as_mut_ptr() as usize as u64, bytes: std::mem::size_of_val(s) as u64, write: true }
     }
     fn type_name(&self) -> &'static str {
         match self {
-            KArg::Ptr(_) => "pointer",
+            KArg::Ptr(_) | KArg::Host { .. } => "pointer",
             KArg::I32(_) => "I32 (int)",
             KArg::U32(_) => "U32 (unsigned)",
             KArg::F32(_) => "F32 (float)",
@@ -121,7 +129,7 @@ impl ParamKind {
     pub fn accepts(self, a: &KArg) -> bool {
         matches!(
             (self, a),
-            (k, KArg::Ptr(_)) if k.is_ptr()
+            (k, KArg::Ptr(_) | KArg::Host { .. }) if k.is_ptr()
         ) || matches!(
             (self, a),
             (ParamKind::I32, KArg::I32(_))
@@ -178,7 +186,7 @@ mod table {
     include!(concat!(env!("OUT_DIR"), "/emu_table.rs"));
 
     unsafe extern "C" {
-        pub(super) fn rotvar_emu_mem_alloc(bytes: usize) -> *mut ::std::ffi::c_void;
+        pub(super) fn rotvar_emu_mem_alloc(bytes: usize, misalign: usize) -> *mut ::std::ffi::c_void;
         pub(super) fn rotvar_emu_mem_free(p: *mut ::std::ffi::c_void);
     }
 
@@ -225,9 +233,13 @@ unsafe impl<T: bytemuck::Pod + Sync> Sync for DeviceMem<T> {}
 impl<T: bytemuck::Pod> DeviceMem<T> {
     /// `len` values of poison (all bits set).
     pub fn poisoned(len: usize) -> Self {
+        Self::poisoned_at(len, 0)
+    }
+    /// `len` values of poison starting `misalign` bytes (< 256) past a 256-byte boundary.
+    fn poisoned_at(len: usize, misalign: usize) -> Self {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).expect("emulated buffer size overflows usize");
-        // SAFETY: the runtime returns a mapping of at least `bytes` bytes, 256-aligned, or null.
-        let p = unsafe { table::rotvar_emu_mem_alloc(bytes) };
+        // SAFETY: the runtime returns a mapping of at least `bytes` bytes at the asked alignment, or null.
+        let p = unsafe { table::rotvar_emu_mem_alloc(bytes, misalign % 256) };
         let Some(ptr) = std::ptr::NonNull::new(p.cast::<T>()) else {
             panic!("the CUDA emulator could not map {bytes} bytes of device memory")
         };
@@ -340,7 +352,7 @@ impl PackedArgs {
             // SAFETY: every value is at most 8 bytes and u64 slots are 8-aligned.
             unsafe {
                 match *a {
-                    KArg::Ptr(v) | KArg::U64(v) => s.write(v),
+                    KArg::Ptr(v) | KArg::U64(v) | KArg::Host { addr: v, .. } => s.write(v),
                     KArg::I64(v) => s.cast::<i64>().write(v),
                     KArg::I32(v) => s.cast::<i32>().write(v),
                     KArg::U32(v) => s.cast::<u32>().write(v),
@@ -389,11 +401,68 @@ pub unsafe fn launch(
     check_launch_dims(grid, block, shared_bytes)
         .map_err(|e| anyhow::anyhow!("kernel {}: invalid launch: {e}", kernel.name))?;
     let cfg = EmuLaunch { grid: [grid.0, grid.1, grid.2], block: [block.0, block.1, block.2], shared_bytes };
-    let packed = PackedArgs::new(args);
+    let (args, staged) = stage_host_slices(args);
+    let packed = PackedArgs::new(&args);
     // SAFETY: signature checked above; pointer validity is the caller's contract.
     let rc = unsafe { (kernel.func)(&cfg, packed.as_ptr()) };
+    for s in &staged {
+        if s.write {
+            // SAFETY: the caller's slices are valid for `bytes` (their KArg::Host came from them).
+            unsafe { std::ptr::copy_nonoverlapping(s.mem.as_ptr(), s.lo as usize as *mut u8, s.mem.len()) };
+        }
+    }
     if rc != 0 {
         bail!("{}", table::last_error());
     }
     Ok(())
+}
+
+/// One device copy of a group of overlapping host slices.
+struct Staged {
+    lo: u64,
+    write: bool,
+    mem: DeviceMem<u8>,
+}
+
+/// Replaces every `KArg::Host` by a pointer into a device copy. Slices that overlap share one
+/// copy, so arguments that alias on the host alias in the kernel too.
+fn stage_host_slices(args: &[KArg]) -> (Vec<KArg>, Vec<Staged>) {
+    let mut spans: Vec<(u64, u64, bool)> = args
+        .iter()
+        .filter_map(|a| match *a {
+            KArg::Host { addr, bytes, write } => Some((addr, addr + bytes, write)),
+            _ => None,
+        })
+        .collect();
+    spans.sort_by_key(|s| s.0);
+    let mut groups: Vec<(u64, u64, bool)> = Vec::new();
+    for (lo, hi, w) in spans {
+        match groups.last_mut() {
+            Some(g) if lo < g.1 || (lo == g.0 && lo == hi) => {
+                g.1 = g.1.max(hi);
+                g.2 |= w;
+            }
+            _ => groups.push((lo, hi, w)),
+        }
+    }
+    let staged: Vec<Staged> = groups
+        .into_iter()
+        .map(|(lo, hi, write)| {
+            let mut mem = DeviceMem::<u8>::poisoned_at((hi - lo) as usize, (lo % 256) as usize);
+            // SAFETY: [lo, hi) is covered by the caller's live slices.
+            unsafe { std::ptr::copy_nonoverlapping(lo as usize as *const u8, mem.as_mut_ptr(), mem.len()) };
+            Staged { lo, write, mem }
+        })
+        .collect();
+    let out = args
+        .iter()
+        .map(|a| match *a {
+            KArg::Host { addr, .. } => {
+                let s = staged.iter().rev().find(|s| s.lo <= addr).expect("every host slice is staged");
+                KArg::Ptr(s.mem.as_ptr() as usize as u64 + (addr - s.lo))
+            }
+            a => a,
+        })
+        .collect();
+    (out, staged)
 }
