@@ -20,11 +20,11 @@ fn launch(name: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) {
     unsafe { emu::launch(name, grid, (block, 1, 1), 0, args) }.unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
-/// Every buffer a kernel sees sits between guard zones as long as itself
-/// (+256): the emulator, like the GPU, does not bounds-check, so an input read
-/// past either end returns NaN (which poisons the result even when the kernel
-/// multiplies it by a zero weight) and an output write past either end changes
-/// a sentinel that `Output::take` checks.
+/// Every buffer sits between guard zones as long as itself (+256), and the
+/// kernel is given exactly the data between them, so the emulator's memcheck
+/// reports any access outside it. The zones are a second line: an input read
+/// past either end would return NaN, and an output write past either end would
+/// change a sentinel that `Output::take` checks.
 fn guard(len: usize) -> usize {
     len + 256
 }
@@ -38,8 +38,9 @@ impl Input {
         buf[g..g + data.len()].copy_from_slice(data);
         Input(buf, g)
     }
+    /// Exactly the data: the sanitizer checks every access against these bounds.
     fn arg(&self) -> KArg {
-        KArg::slice(&self.0[self.1..])
+        KArg::slice(&self.0[self.1..self.0.len() - self.1])
     }
 }
 
@@ -52,8 +53,9 @@ impl Output {
         buf[g..g + len].fill(POISON);
         Output(buf, g, len)
     }
+    /// Exactly the output: the sanitizer checks every access against these bounds.
     fn arg(&mut self) -> KArg {
-        KArg::slice_mut(&mut self.0[self.1..])
+        KArg::slice_mut(&mut self.0[self.1..self.1 + self.2])
     }
     /// The written elements, after checking that nothing outside them changed.
     fn take(self, what: &str) -> Vec<f32> {

@@ -222,3 +222,35 @@ fn raw_host_pointers_are_refused() {
     .unwrap_err();
     assert!(format!("{e}").contains("argument `out`") && format!("{e}").contains("DeviceMem"), "{e}");
 }
+
+#[test]
+fn blocks_run_concurrently_in_a_varying_order() {
+    let blocks = 24usize;
+    let mut orders = Vec::new();
+    for _ in 0..3 {
+        let mut order = DeviceMem::<u32>::poisoned(blocks);
+        let mut saw = DeviceMem::<u32>::poisoned(blocks);
+        let mut counter = DeviceMem::filled(1, 0u32);
+        unsafe {
+            emu::launch(
+                "probe_block_schedule",
+                (blocks as u32, 1, 1),
+                (32, 1, 1),
+                0,
+                &[KArg::slice_mut(&mut order), KArg::slice_mut(&mut saw), KArg::slice_mut(&mut counter)],
+            )
+        }
+        .unwrap();
+        let mut sorted = order.to_vec();
+        sorted.sort();
+        assert_eq!(sorted, (0..blocks as u32).collect::<Vec<_>>(), "every block ran once");
+        // Every block but the last to start saw another block start while it was running.
+        let last = order[blocks - 1] as usize;
+        for b in (0..blocks).filter(|&b| b != last) {
+            assert_eq!(saw[b], 1, "block {b} ran alone: blocks are not concurrent");
+        }
+        orders.push(order.to_vec());
+    }
+    assert!(orders.iter().any(|o| o.windows(2).any(|w| w[1] != w[0] + 1)), "blocks ran in index order: {orders:?}");
+    assert!(orders.windows(2).any(|w| w[0] != w[1]), "every launch ran the blocks in the same order: {orders:?}");
+}
