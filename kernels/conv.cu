@@ -10,29 +10,31 @@
 //
 // ---------------------------------------------------------------- launches
 // Every conv2d_* kernel: block = (256,1,1), no dynamic shared memory
-// (static shared: 16 * (BM + BN + 8) * 4 bytes, 8704 for v1). Other block
-// sizes __trap(). With (BM, BN) = (64, 64) for v1, (32, 128) for *_v2_bm32
+// (static shared: 16 * (BM + BN + 8) * 4 bytes, 8704 for v1, and 8 * BN
+// bytes more for conv2d_bwd_weight_*'s column table). Other block sizes
+// __trap(); conv2d_bwd_weight_* also traps on R or S over 32767. With (BM, BN) = (64, 64) for v1, (32, 128) for *_v2_bm32
 // and (16, 256) for *_v2_bm16:
 //   conv2d_fwd_*:        grid = (ceil(N*OH*OW / BN), ceil(K / BM), 1)
 //   conv2d_bwd_data_*:   grid = (ceil(N*H*W / BN),   ceil(C / BM), 1)
 //   conv2d_bwd_data_v3:  (stride > 1) grid = (ceil(N*ceil(H/stride)*ceil(W/stride) / 64),
 //                        ceil(C / 64), stride*stride)
-// The host picks the tile by a cost estimate (conv_kernel in
-// src/backend/cuda/mod.rs), or always v1 with ROTVAR_CONV_V1=1 (to compare).
+// The host picks the tile by a cost estimate that counts the GPU's SMs
+// (conv_plan in src/backend/cuda/gemm.rs), or always v1 with ROTVAR_CONV_V1=1
+// (to compare).
 //   conv2d_bwd_weight_*: grid = (ceil(C*R*S / BN),   ceil(K / BM), splits)
 //       partial must hold splits * K*C*R*S floats (every split writes its
 //       whole K x CRS slice, zeros for an empty range), then
-//   sum_partials_f32:    block = 256, grid = min(ceil(len / 256), 1024),
+//   sum_partials_f32:    block = 256, grid-stride (the backend's elementwise grid),
 //       len = K*C*R*S, out = dW (may not alias partial).
 //   channel_sum_f32:     block = 256 (any multiple of 32 up to 1024),
 //       grid = (C,1,1), no dynamic shared memory.
 //
 // Choosing `splits` for conv2d_bwd_weight_* (Kred = N*OH*OW):
 //   tiles  = ceil(K/BM) * ceil(C*R*S/BN)
-//   splits = clamp(ceil(2*132 / tiles), 1, max(1, Kred / 256))
-// i.e. about two blocks per SM of an H100 (132 SMs), but never a split of
-// fewer than ~256 reduction steps (16 K-tiles), where the extra partial
-// traffic would outweigh the parallelism. Any splits in 1..=65535 is
+//   splits = clamp(ceil(2*SMs / tiles), 1, max(1, ceil(Kred / 256)))
+// i.e. two blocks per SM (264 on an H100), but never a split of fewer than
+// ~256 reduction steps (16 K-tiles), where the extra partial traffic would
+// outweigh the parallelism (wgrad_splits). Any splits in 1..=65535 is
 // correct; the result depends (bitwise) only on the shapes and `splits`.
 //
 // ---------------------------------------------------------------- design
@@ -509,28 +511,44 @@ struct RvcBwdWeightA {
 };
 
 // B[kred=(n,oy,ox), col=(c,r,s)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s].
-// k-walk (consecutive threads: consecutive ox, so x reads are coalesced); a
-// thread's E columns are fixed, so their (c, r, s) are decoded once.
+// k-walk along the reduction (consecutive threads: consecutive ox, so x reads
+// are coalesced); a thread's E columns are E adjacent ones, E*(t/16) + j.
+// Each column's decode (its offset in an image of x, and its r, s) is made
+// once per block into a shared table, which fetch reads four columns at a
+// time. Held in registers, the 16 x 256 tile's 48 decoded values kept that
+// kernel at 127 registers, 2 blocks per SM. The E values of a fetch go to the
+// shared tile as float4s.
 template <int ROWS>
 struct RvcBwdWeightB {
     static constexpr int E = ROWS / 16;
+    static_assert(E % 4 == 0, "whole int4 / float4 accesses");
     const float* x;
-    int coff[E], r[E], s[E];  // c*H*W (-1: column past C*R*S), r, s of the E columns
+    const int* off;  // shared, per tile column: c*H*W + r*W + s
+    const int* rs;   // shared, per tile column: r | s << 16; -1 past C*R*S
     int C, H, W, P, OW, stride, pad;
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = kr / P, p = kr - n * P, oy = p / OW, ox = p - oy * OW;
-        const int iyb = oy * stride - pad, ixb = ox * stride - pad;
+        const int iyb = oy * stride - pad, ixb = ox * stride - pad, base = iyb * W + ixb;
         const float* xn = x + (long long)n * C * H * W;
+        const int j0 = E * (threadIdx.x / RVC_BK);
 #pragma unroll
-        for (int j = 0; j < E; ++j) {
-            const int iy = iyb + r[j], ix = ixb + s[j];
-            const bool ok = kr < kend && coff[j] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
-            v[j] = ok ? __ldg(xn + coff[j] + iy * W + ix) : 0.f;
+        for (int q = 0; q < E / 4; ++q) {
+            const int4 o4 = *reinterpret_cast<const int4*>(off + j0 + 4 * q);
+            const int4 p4 = *reinterpret_cast<const int4*>(rs + j0 + 4 * q);
+            const int o[4] = {o4.x, o4.y, o4.z, o4.w}, pr[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int iy = iyb + (pr[u] & 0xffff), ix = ixb + (pr[u] >> 16);
+                const bool ok = kr < kend && pr[u] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+                v[4 * q + u] = ok ? __ldg(xn + (o[u] + base)) : 0.f;
+            }
         }
     }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
-        rvc_store_kwalk<ROWS>(S_, v);
+        float4* row = reinterpret_cast<float4*>(&S_[threadIdx.x % RVC_BK][E * (threadIdx.x / RVC_BK)]);
+#pragma unroll
+        for (int q = 0; q < E / 4; ++q) row[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
     }
 };
 
@@ -548,6 +566,7 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     constexpr int BN = RvcShape<BM>::BN;
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     if (splits < 1 || (int)gridDim.z != splits) __trap();
+    if (R > 0x7fff || S > 0x7fff) __trap();  // r | s << 16 in the column table
     const int P = OH * OW, kred = N * P, RS = R * S, crs = C * RS;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int chunk = ((kred + splits - 1) / splits + RVC_BK - 1) / RVC_BK * RVC_BK;
@@ -556,16 +575,19 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     const int kend = kbeg + chunk < kred ? kbeg + chunk : kred;
 
     RvcBwdWeightA<BM> la{dy, K, P, m0};
+    // The B loader's column table (see RvcBwdWeightB); r and s share one int.
+    __shared__ __align__(16) int col_off[BN];
+    __shared__ __align__(16) int col_rs[BN];
+    for (int j = threadIdx.x; j < BN; j += RVC_THREADS) {
+        const int col = n0 + j, c = col / RS, rs = col - c * RS, r = rs / S;
+        col_off[j] = c * H * W + r * W + (rs - r * S);
+        col_rs[j] = col < crs ? r | (rs - r * S) << 16 : -1;
+    }
+    __syncthreads();
     RvcBwdWeightB<BN> lb;
     lb.x = x;
-#pragma unroll
-    for (int j = 0; j < RvcBwdWeightB<BN>::E; ++j) {
-        const int col = n0 + threadIdx.x / RVC_BK + 16 * j;
-        const int c = col / RS, rs = col - c * RS, r = rs / S;
-        lb.coff[j] = col < crs ? c * H * W : -1;
-        lb.r[j] = r;
-        lb.s[j] = rs - r * S;
-    }
+    lb.off = col_off;
+    lb.rs = col_rs;
     lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
 
     float acc[RVC_TM][RVC_TN];
@@ -599,7 +621,7 @@ extern "C" __global__ void __launch_bounds__(256)
                   int S, int stride, int pad, int OH, int OW, int splits) {
     rvc_conv_bwd_weight<32>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
 }
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 4)
     conv2d_bwd_weight_v2_bm16(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
                   int S, int stride, int pad, int OH, int OW, int splits) {
     rvc_conv_bwd_weight<16>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
@@ -609,7 +631,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // variant: the second half of split-K without float atomics; one thread per
 // element adds the splits left to right, so the bits depend only on `splits`
 // and the data, never on the grid, block or scheduling. Grid-stride; any
-// grid and block size (documented: block 256, grid min(ceil(len/256), 1024)).
+// grid and block size (the host uses block 256 and its elementwise grid).
 extern "C" __global__ void __launch_bounds__(1024)
     sum_partials_f32(float* out, const float* partial, int splits, long long len) {
     const long long stride = (long long)gridDim.x * blockDim.x;

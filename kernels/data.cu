@@ -4,7 +4,7 @@
 //
 // Flat kernels (gather_rows, dropout, broadcast_scalar) are
 // grid-stride loops: correctness never depends on the grid covering n, so the
-// host may cap the grid (typically block=256, grid=min(ceil(n/256), 4*SMs)).
+// host may cap the grid (typically block=256, grid=min(ceil(n/256), 32*SMs)).
 // Where a flat index must be split into (row, column), each thread splits its
 // first index once and then advances both parts by the constant grid stride,
 // so the loop has no 64-bit division.
@@ -17,7 +17,7 @@ __device__ __forceinline__ long long rv_data_stride() { return (long long)gridDi
 
 // dst[i*row_len + j] = src[idx[i]*row_len + j]  (dst is [rows, row_len]).
 // variant: the minibatch gather from the device-resident dataset.
-// Launch: block 256, grid = max(1, min(ceil(rows*row_len / 256), 4*SMs)), no
+// Launch: block 256, grid = max(1, min(ceil(rows*row_len / 256), 32*SMs)), no
 // dynamic shared memory; any 1-D grid/block is correct.
 // Every idx[i] must be < the number of rows of src: the host validates the
 // indices before upload, as the CPU backend does (the kernel has no bound).
@@ -60,7 +60,7 @@ __device__ __forceinline__ float rv_data_unit_f32(rv_data_u64 bits) {
 // keep scale has the CPU's bits; y may alias x.
 // variant: counter-based, so the mask depends only on (seed, i), never on the
 // launch configuration.
-// Launch: block 256, grid = max(1, min(ceil(n/256), 4*SMs)), no dynamic shared
+// Launch: block 256, grid = max(1, min(ceil(n/256), 32*SMs)), no dynamic shared
 // memory; any 1-D grid/block is correct.
 extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x, float p, unsigned long long seed,
                                            long long n) {
@@ -75,7 +75,7 @@ extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x
 }
 
 // dx[i] = dy[0] * alpha  (backward of a full sum / mean). dx must not alias dy.
-// Launch: block 256, grid = max(1, min(ceil(n/256), 4*SMs)), no dynamic shared
+// Launch: block 256, grid = max(1, min(ceil(n/256), 32*SMs)), no dynamic shared
 // memory; any 1-D grid/block is correct.
 extern "C" __global__ void broadcast_scalar_f32(float* dx, const float* dy, float alpha, long long n) {
     const float v = dy[0] * alpha;

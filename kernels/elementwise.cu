@@ -1,7 +1,7 @@
 // Elementwise kernels and fused optimizer updates.
 //
 // Launch: any 1-D grid/block (typically block=256, grid=min(ceil(n/1024),
-// 4*SMs)); every kernel is a grid-stride loop, so correctness never depends on
+// 32*SMs)); every kernel is a grid-stride loop, so correctness never depends on
 // the grid covering n. Outputs may alias inputs (in-place use is expected), so
 // no __restrict__ and no __ldg here.
 //

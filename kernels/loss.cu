@@ -101,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(1024) nll_fwd_f32(float* loss, cons
 // dlogp[i, j] = j == labels[i] ? -dloss[0] / rows : 0; writes every element
 // (rows with an invalid label get all zeros; the forward pass already
 // reported them as a NaN loss).
-// Launch: block 256, grid = max(1, min(ceil(rows*cols/256), 4*SMs)), no
+// Launch: block 256, grid = max(1, min(ceil(rows*cols/256), 32*SMs)), no
 // dynamic shared memory; any 1-D grid/block is correct.
 extern "C" __global__ void nll_bwd_f32(float* dlogp, const float* labels, const float* dloss, int rows, int cols) {
     const long long n = (long long)rows * cols;

@@ -133,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // y = act((x - mean[c]) * (gamma[c] * invstd[c]) + beta[c])   (training-mode
 // output, from bn_stats' save_mean / save_invstd; act RV_ACT_*: a batch norm
 // followed by a ReLU in one pass). y may alias x.
-// Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 4*SMs)), no dynamic
+// Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 32*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct.
 extern "C" __global__ void bn_apply_f32(float* y, const float* x, const float* mean, const float* invstd,
                                         const float* gamma, const float* beta, int N, int C, int HW, int act) {
@@ -145,7 +145,7 @@ extern "C" __global__ void bn_apply_f32(float* y, const float* x, const float* m
 // Inference mode: scale = gamma[c] / sqrtf(running_var[c] + eps) (IEEE sqrt and
 // division, the CPU's bits); y = act((x - running_mean[c]) * scale + beta[c]).
 // y may alias x.
-// Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 4*SMs)), no dynamic
+// Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 32*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct.
 extern "C" __global__ void bn_eval_f32(float* y, const float* x, const float* running_mean, const float* running_var,
                                        const float* gamma, const float* beta, float eps, int N, int C, int HW,
@@ -186,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 // Input gradient of training-mode batch norm, after bn_bwd_reduce:
 //   dx = gamma[c]*invstd[c] * (dy - dbeta[c]/cnt - xhat*dgamma[c]/cnt),  cnt = N*HW
 // (/cnt is a multiply by the fp32 reciprocal.) dx may alias dy.
-// Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 4*SMs)), no dynamic
+// Launch: block 256, grid = max(1, min(ceil(N*C*HW/256), 32*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct.
 extern "C" __global__ void bn_bwd_apply_f32(float* dx, const float* x, const float* dy, const float* gamma,
                                             const float* mean, const float* invstd, const float* dgamma,

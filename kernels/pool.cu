@@ -7,7 +7,7 @@
 // OH = (H + 2*pad - k) / stride + 1 (same for OW), passed by the host.
 //
 // Launch (both kernels): block = (256,1,1) (any size works), grid =
-//   min(ceil(total / 256), 4096) with total = N*C*OH*OW (fwd) or N*C*H*W
+//   min(ceil(total / 256), 32*SMs) with total = N*C*OH*OW (fwd) or N*C*H*W
 //   (bwd); grid-stride loops cover any grid. No shared memory.
 //
 // variant f32 (the only one): one thread per output element, summing in the

@@ -28,7 +28,7 @@ __device__ __forceinline__ float rv_rot_lerp(float a, float b, float t) {
 // taps so integral source points copy the pixel exactly. y must not alias x.
 // variant: one thread per output element; the plane index is split once per
 // element (32-bit within a plane).
-// Launch: block 256, grid = max(1, min(ceil(N*C*H*W/256), 4*SMs)), no dynamic
+// Launch: block 256, grid = max(1, min(ceil(N*C*H*W/256), 32*SMs)), no dynamic
 // shared memory; any 1-D grid/block is correct. The host guarantees H*W and
 // N*C fit in int.
 extern "C" __global__ void warp_f32(float* y, const float* x, const float* mats, const float* fill, int interp,

@@ -67,6 +67,10 @@ struct SelftestArgs {
     steps: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The emulated run's small problems and batch on a GPU too: for compute-sanitizer, which
+    /// checks every access and would take minutes over the full sizes.
+    #[arg(long)]
+    small: bool,
 }
 
 #[derive(Args)]
@@ -732,10 +736,13 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     if a.device == DeviceRequest::Cpu || a.device == DeviceRequest::Auto {
         bail!("selftest checks a GPU backend against the CPU reference: use --device cuda, cuda:N or cuda-emu");
     }
+    if a.steps == 0 {
+        bail!("--steps must be at least 1: the training curves are compared step by step");
+    }
     let target = open_backend(a.device)?;
     let cpu = backend::cpu::CpuBackend::shared();
     let emulated = a.device == DeviceRequest::CudaEmulated;
-    let scale = if emulated { Scale::Small } else { Scale::Full };
+    let scale = if emulated || a.small { Scale::Small } else { Scale::Full };
     let start = Instant::now();
     let checks = kernel_checks(&cpu, &target, scale, a.seed ^ 0x5E1F)?;
     println!("{:<28} {:<40} {:>10} {:>9}  result", "op", "shape", "rel.error", "tolerance");
@@ -746,7 +753,11 @@ fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} kernel checks, {failed} mismatches ({:.1}s)", checks.len(), start.elapsed().as_secs_f64());
 
-    let (steps, batch) = if emulated { (a.steps.min(5), 8) } else { (a.steps, 64) };
+    let (steps, batch) = match (emulated, a.small) {
+        (true, _) => (a.steps.min(5), 8),
+        (false, true) => (a.steps, 8),
+        (false, false) => (a.steps, 64),
+    };
     let (reference, got) = training_curves(&cpu, &target, steps, batch)?;
     // Rounding differences compound over Adam steps: the first steps must agree tightly, the
     // end of the run only on average.

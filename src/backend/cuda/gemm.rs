@@ -7,21 +7,81 @@ use crate::backend::cuda::emu::KArg;
 use crate::backend::{Activation, ConvGeom, Storage};
 use anyhow::{bail, Result};
 
-/// The conv kernel of `pass` for an `m` × `n` GEMM result, and its tile (BM, BN), of
-/// kernels/conv.cu's 64 × 64 (v1), 32 × 128 and 16 × 256 (v2); always v1 with `v1_only`.
-/// Per reduction step a tiling costs the outputs it computes (padding included) plus the
-/// operand values its blocks load, each load weighted as 24 FMAs (an H100 issues ~33 T fp32
-/// FMA/s against ~1.4 T floats/s from L2): narrow tiles waste no rows on few channels but reload
-/// the activations once per row tile. An estimate, to be checked with `bench conv`; v1 on ties.
-pub(super) fn conv_kernel(pass: &str, m: usize, n: usize, v1_only: bool) -> (String, usize, usize) {
-    const TILES: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
-    const LOAD_COST: usize = 24;
-    let cost = |&(_, bm, bn): &(&str, usize, usize)| {
-        let (rows, cols) = (m.div_ceil(bm), n.div_ceil(bn));
-        rows * bm * cols * bn + LOAD_COST * rows * cols * (bm + bn)
+/// A convolution launch: the kernel of kernels/conv.cu, its tile (BM, BN) and, for the weight
+/// gradient, how many slices its reduction is split into (1 otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ConvPlan {
+    pub name: String,
+    pub bm: usize,
+    pub bn: usize,
+    pub splits: usize,
+}
+
+#[cfg(test)]
+impl ConvPlan {
+    /// Blocks of the conv launch itself.
+    pub fn blocks(&self, m: usize, n: usize) -> usize {
+        m.div_ceil(self.bm) * n.div_ceil(self.bn) * self.splits
+    }
+}
+
+/// kernels/conv.cu's tiles: 64 × 64 (v1), 32 × 128 and 16 × 256 (v2); 4096 outputs each.
+const CONV_TILES: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
+/// An operand value loaded costs as much as 24 FMAs: an H100 issues ~33 T fp32 FMA/s against
+/// ~1.4 T floats/s from L2.
+const LOAD_COST: usize = 24;
+/// Resident 256-thread conv blocks an SM needs before its FMA pipes are busy: the conv kernels'
+/// registers allow 3 or 4 per SM, and with 1 one block's loads and barriers leave the pipes
+/// idle. So a launch of fewer than 2 blocks per SM takes about as long as one block does.
+const SAT_BLOCKS: usize = 2;
+/// The fewest reduction steps a split-K slice gets: below this the partials' extra traffic
+/// outweighs the parallelism gained.
+const MIN_SLICE: usize = 256;
+
+/// How many slices a split-K reduction of `red` steps over `tiles` output tiles is cut into:
+/// enough blocks for `SAT_BLOCKS` per SM, none shorter than `MIN_SLICE` steps.
+pub(super) fn wgrad_splits(tiles: usize, red: usize, sm_count: u32) -> usize {
+    let want = (SAT_BLOCKS * (sm_count as usize).max(1)).div_ceil(tiles.max(1));
+    want.clamp(1, red.div_ceil(MIN_SLICE).max(1))
+}
+
+/// The conv kernel of `pass` for an `m` × `n` GEMM result over `red` reduction steps on
+/// `sm_count` SMs, split-K when `split_k` (the weight gradient); always v1 with `v1_only`.
+///
+/// Estimated time of a tiling: one block costs, per reduction step, its 4096 outputs plus the
+/// operand values it loads (each weighted `LOAD_COST`); the launch takes that block cost times
+/// its steps times max(blocks / SMs, `SAT_BLOCKS`). With many blocks this is the total work over
+/// the SMs: narrow tiles win on few channels, as they waste no rows on padding. With fewer blocks
+/// than `SAT_BLOCKS` per SM the GPU is part idle, and the tile that gives more, cheaper blocks wins
+/// (LeNet's conv3 backward-data: 196 v1 blocks rather than 49 of 16 × 256 on 132 SMs). An
+/// estimate, checked by `bench conv` (which times v1 beside the choice); v1 on ties.
+pub(super) fn conv_plan(
+    pass: &str,
+    m: usize,
+    n: usize,
+    red: usize,
+    sm_count: u32,
+    v1_only: bool,
+    split_k: bool,
+) -> ConvPlan {
+    let sms = (sm_count as usize).max(1) as f64;
+    let plan = |&(tag, bm, bn): &(&str, usize, usize)| {
+        let tiles = m.div_ceil(bm) * n.div_ceil(bn);
+        let splits = if split_k { wgrad_splits(tiles, red, sm_count) } else { 1 };
+        let steps = red.div_ceil(splits).max(1);
+        let block_cost = (bm * bn + LOAD_COST * (bm + bn)) * steps;
+        let time = block_cost as f64 * ((tiles * splits) as f64 / sms).max(SAT_BLOCKS as f64);
+        (ConvPlan { name: format!("{pass}_{tag}"), bm, bn, splits }, time)
     };
-    let best = if v1_only { TILES[0] } else { TILES.into_iter().min_by_key(cost).unwrap_or(TILES[0]) };
-    (format!("{pass}_{}", best.0), best.1, best.2)
+    let tiles: &[_] = if v1_only { &CONV_TILES[..1] } else { &CONV_TILES };
+    let mut best = plan(&tiles[0]);
+    for t in &tiles[1..] {
+        let p = plan(t);
+        if p.1 < best.1 {
+            best = p;
+        }
+    }
+    best.0
 }
 
 impl CudaBackend {
@@ -123,44 +183,85 @@ impl CudaBackend {
         .map(|(n, v)| i32_of(*v, n))
         .collect()
     }
-
-    /// How many slices the reduction of conv backward-weight is split into: enough blocks to
-    /// fill every SM twice, and slices of at least 256 positions.
-    pub(super) fn wgrad_splits(&self, g: &ConvGeom, bm: usize, bn: usize) -> usize {
-        let tiles = g.c_out.div_ceil(bm) * g.k().div_ceil(bn);
-        let want = (2 * self.exec.sm_count() as usize).div_ceil(tiles);
-        let red = g.n * g.oh * g.ow;
-        want.clamp(1, red.div_ceil(256).clamp(1, 64))
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::conv_kernel;
+    use super::{conv_plan, ConvPlan, SAT_BLOCKS};
 
-    /// Narrow tiles for few channels, v1 for many or when forced; every name exists.
+    const H200_SMS: u32 = 132;
+    const PASSES: [&str; 3] = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];
+
+    fn plan(pass: &str, m: usize, n: usize, red: usize) -> ConvPlan {
+        conv_plan(pass, m, n, red, H200_SMS, false, pass == "conv2d_bwd_weight")
+    }
+
+    /// With work to fill the GPU many times over, the cheapest total work wins: narrow tiles for
+    /// few channels, v1 for many or when forced; every name exists.
     #[test]
-    fn conv_kernel_choice() {
+    fn conv_tile_choice_on_large_problems() {
         let big = 256 * 28 * 28;
-        for pass in ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"] {
-            for ((m, n), want) in [
-                ((6, big), "v2_bm16"),
-                ((16, big), "v2_bm16"),
-                ((32, big), "v2_bm32"),
-                ((64, big), "v1"),
-                ((120, big), "v1"),
-                ((70, big), "v2_bm32"),
-                ((6, 25), "v1"),
-                ((16, 150), "v2_bm16"),
-                ((32, 288), "v2_bm32"),
-                ((64, 576), "v1"),
-            ] {
-                let (name, bm, bn) = conv_kernel(pass, m, n, false);
-                assert_eq!(name, format!("{pass}_{want}"), "{m} x {n}");
-                assert_eq!(bm * bn, 4096, "{name}");
-                assert!(crate::backend::cuda::emu::find_kernel(&name).is_some(), "{name} is not a kernel");
-                assert_eq!(conv_kernel(pass, m, n, true), (format!("{pass}_v1"), 64, 64));
+        for pass in PASSES {
+            for (m, want) in
+                [(6, "v2_bm16"), (16, "v2_bm16"), (32, "v2_bm32"), (64, "v1"), (120, "v1"), (70, "v2_bm32")]
+            {
+                let p = conv_plan(pass, m, big, 150, H200_SMS, false, false);
+                assert_eq!(p.name, format!("{pass}_{want}"), "{m} x {big}");
+                assert_eq!(p.bm * p.bn, 4096, "{}", p.name);
+                assert!(crate::backend::cuda::emu::find_kernel(&p.name).is_some(), "{} is not a kernel", p.name);
+                let v1 = conv_plan(pass, m, big, 150, H200_SMS, true, false);
+                assert_eq!((v1.name, v1.bm, v1.bn), (format!("{pass}_v1"), 64, 64));
             }
+        }
+    }
+
+    /// The LeNet and SimpleConv layers at batch 256 (as `bench conv` times them; c_in, hw, c_out,
+    /// kernel, pad, stride 1) on an H200: every pass launches more blocks than there are SMs (the
+    /// weight gradient through split-K, in slices of at least 256 steps).
+    #[test]
+    fn conv_plans_fill_an_h200() {
+        let layers = [
+            ("lenet.conv1", 1, 28, 6, 5, 2),
+            ("lenet.conv2", 6, 14, 16, 5, 2),
+            ("lenet.conv3", 16, 7, 120, 5, 2),
+            ("simpleconv.conv1", 1, 28, 32, 3, 1),
+            ("simpleconv.conv2", 32, 28, 32, 3, 1),
+            ("simpleconv.conv3", 32, 14, 64, 3, 1),
+            ("simpleconv.conv5", 64, 7, 128, 3, 1),
+        ];
+        let n = 256;
+        for (layer, c, hw, k, r, _pad) in layers {
+            let pixels = n * hw * hw;
+            let fwd = plan("conv2d_fwd", k, pixels, c * r * r);
+            assert!(fwd.blocks(k, pixels) > H200_SMS as usize, "{layer} forward: {fwd:?}");
+            let bwd = plan("conv2d_bwd_data", c, pixels, k * r * r);
+            assert!(bwd.blocks(c, pixels) > H200_SMS as usize, "{layer} backward data: {bwd:?}");
+            let wg = plan("conv2d_bwd_weight", k, c * r * r, pixels);
+            let blocks = wg.blocks(k, c * r * r);
+            assert!(blocks > H200_SMS as usize, "{layer} backward weight: {wg:?}, {blocks} blocks");
+            assert!(pixels.div_ceil(wg.splits) >= 256, "{layer}: slices of fewer than 256 steps");
+        }
+        // The case of issue 11: 49 blocks of 16 x 256 before, on 132 SMs.
+        let p = plan("conv2d_bwd_data", 16, 256 * 7 * 7, 120 * 25);
+        assert_eq!(p.name, "conv2d_bwd_data_v1");
+        assert_eq!(p.blocks(16, 256 * 7 * 7), 196);
+    }
+
+    /// Split-K never cuts a reduction into slices shorter than 256 steps, and adds no slices
+    /// when the tiles alone fill the GPU.
+    #[test]
+    fn split_k_bounds() {
+        let p = plan("conv2d_bwd_weight", 16, 150, 300);
+        assert_eq!(p.splits, 2, "{p:?}");
+        let p = plan("conv2d_bwd_weight", 16, 150, 100);
+        assert_eq!(p.splits, 1, "{p:?}");
+        let p = plan("conv2d_bwd_weight", 512, 512 * 9, 256 * 16);
+        assert_eq!(p.splits, 1, "{p:?}: {} tiles fill the GPU", p.blocks(512, 512 * 9));
+        // A long reduction: split until every SM has `SAT_BLOCKS` blocks.
+        let p = plan("conv2d_bwd_weight", 16, 150, 1 << 20);
+        assert!(p.blocks(16, 150) >= SAT_BLOCKS * H200_SMS as usize, "{p:?}");
+        for pass in ["conv2d_fwd", "conv2d_bwd_data"] {
+            assert_eq!(plan(pass, 16, 150, 1 << 20).splits, 1, "{pass} has no split-K");
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod device;
 pub mod emu;
 mod gemm;
 pub mod kernels;
+mod launch;
 
 use super::variance::VarianceData;
 use super::{
@@ -18,7 +19,8 @@ use super::{
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, F64Buf, Gpu, Pool};
 use emu::KArg;
-use gemm::conv_kernel;
+use gemm::conv_plan;
+use launch::{ew_blocks, sum_rows_blocks};
 use std::sync::{Arc, Mutex};
 
 pub struct CudaBackend {
@@ -31,8 +33,18 @@ pub struct CudaBackend {
     /// narrow-tile v2 kernels against them.
     conv_v1_only: bool,
     launches: std::sync::atomic::AtomicU64,
-    /// The device copy of the last multi-tensor Adam step's table (see `adam_step_many`).
-    adam_table: Mutex<Option<device::IdxBuf>>,
+    /// The multi-tensor Adam step's table (see `adam_step_many`).
+    adam_table: Mutex<AdamTable>,
+}
+
+/// The device copy of multi-tensor Adam's table and the host table it holds. The parameters,
+/// gradients and moments stay at the same addresses from step to step, so the table is sent again
+/// only when the parameter set changes, not once per step from pageable memory.
+#[derive(Default)]
+struct AdamTable {
+    host: Vec<u32>,
+    dev: Option<device::IdxBuf>,
+    uploads: u64,
 }
 
 /// The variance measure's accumulators on the device, in the class-major layout of
@@ -108,6 +120,11 @@ impl CudaBackend {
         })
     }
 
+    /// How often the multi-tensor Adam table was sent to the device (once per parameter set).
+    pub fn adam_table_uploads(&self) -> u64 {
+        self.adam_table.lock().unwrap_or_else(|e| e.into_inner()).uploads
+    }
+
     pub fn is_emulated(&self) -> bool {
         matches!(self.exec, Exec::Emulated)
     }
@@ -139,10 +156,10 @@ impl CudaBackend {
         Ok(Storage::Cuda(self.exec.alloc(&self.pool, len)?))
     }
 
-    /// Grid for the grid-stride elementwise kernels: enough blocks to fill the GPU, no more.
+    /// Grid for a grid-stride kernel that handles one of `n` values per thread and step (see
+    /// [`ew_blocks`]).
     fn ew_grid(&self, n: usize) -> Dim {
-        let cap = 4 * self.exec.sm_count() as usize;
-        (n.div_ceil(1024).clamp(1, cap) as u32, 1, 1)
+        (ew_blocks(n, 1, self.exec.sm_count()), 1, 1)
     }
 
     /// One thread per item (with `BLOCK`), for kernels whose items are long sequential loops
@@ -158,13 +175,23 @@ impl CudaBackend {
         self.exec.launch(name, grid, block, shared, args)
     }
 
-    /// An elementwise kernel over `n` values; `args` end with the length.
-    fn ew(&self, name: &str, n: usize, mut args: Vec<KArg>) -> Result<()> {
+    /// A kernel of kernels/elementwise.cu over `n` values; `args` end with the length. Each thread
+    /// moves a float4 per step where the buffers are aligned.
+    fn ew(&self, name: &str, n: usize, args: Vec<KArg>) -> Result<()> {
+        self.ew_launch(name, n, 4, args)
+    }
+
+    /// A scalar grid-stride kernel (kernels/data.cu) over `n` values; `args` end with the length.
+    fn flat(&self, name: &str, n: usize, args: Vec<KArg>) -> Result<()> {
+        self.ew_launch(name, n, 1, args)
+    }
+
+    fn ew_launch(&self, name: &str, n: usize, per_thread: usize, mut args: Vec<KArg>) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         args.push(KArg::I64(n as i64));
-        self.launch(name, self.ew_grid(n), BLOCK, 0, &args)
+        self.launch(name, (ew_blocks(n, per_thread, self.exec.sm_count()), 1, 1), BLOCK, 0, &args)
     }
 
     fn pool_args(&self, kind: PoolKind, g: &PoolGeom) -> Result<Vec<KArg>> {
@@ -339,7 +366,7 @@ impl Backend for CudaBackend {
 
     fn dropout_fwd(&self, x: &Storage, p: f32, seed: u64, y: &mut Storage, mask: &mut Storage) -> Result<()> {
         let n = self.buf(y)?.len();
-        self.ew(
+        self.flat(
             "dropout_fwd_f32",
             n,
             vec![self.arg(y, n)?, self.arg(mask, n)?, self.arg(x, n)?, KArg::F32(p), KArg::U64(seed)],
@@ -382,9 +409,11 @@ impl Backend for CudaBackend {
         let (dya, xa, dwa) = (self.arg(dy, n * m)?, self.arg(x, n * k)?, self.arg(dw, m * k)?);
         self.gemm(dya, xa, dwa, KArg::Ptr(0), Activation::Identity, m, k, n, m, k, k, true, false)?;
         if let Some(db) = db {
+            // One block per 32-column tile (kernels/data.cu): every column gets a lane and every
+            // warp of the block a share of the n rows.
             self.launch(
                 "sum_rows_f32",
-                grid2(m.div_ceil(256), 1),
+                grid2(sum_rows_blocks(m), 1),
                 BLOCK,
                 0,
                 &[self.arg(db, m)?, self.arg(dy, n * m)?, i32_of(n, "rows")?, i32_of(m, "cols")?],
@@ -410,8 +439,9 @@ impl Backend for CudaBackend {
         ];
         args.extend(self.conv_dims(g)?);
         args.push(KArg::I32(act.code()));
-        let (name, bm, bn) = conv_kernel("conv2d_fwd", g.c_out, g.n * g.oh * g.ow, self.conv_v1_only);
-        self.launch(&name, grid2((g.n * g.oh * g.ow).div_ceil(bn), g.c_out.div_ceil(bm)), BLOCK, 0, &args)
+        let cols = g.n * g.oh * g.ow;
+        let p = conv_plan("conv2d_fwd", g.c_out, cols, g.k(), self.exec.sm_count(), self.conv_v1_only, false);
+        self.launch(&p.name, grid2(cols.div_ceil(p.bn), g.c_out.div_ceil(p.bm)), BLOCK, 0, &args)
     }
 
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
@@ -423,8 +453,9 @@ impl Backend for CudaBackend {
             let grid = (phase_cols.div_ceil(TILE) as u32, g.c_in.div_ceil(TILE) as u32, (g.stride * g.stride) as u32);
             return self.launch("conv2d_bwd_data_v3", grid, BLOCK, 0, &args);
         }
-        let (name, bm, bn) = conv_kernel("conv2d_bwd_data", g.c_in, g.n * g.h * g.w, self.conv_v1_only);
-        self.launch(&name, grid2((g.n * g.h * g.w).div_ceil(bn), g.c_in.div_ceil(bm)), BLOCK, 0, &args)
+        let (cols, red) = (g.n * g.h * g.w, g.c_out * g.kh * g.kw);
+        let p = conv_plan("conv2d_bwd_data", g.c_in, cols, red, self.exec.sm_count(), self.conv_v1_only, false);
+        self.launch(&p.name, grid2(cols.div_ceil(p.bn), g.c_in.div_ceil(p.bm)), BLOCK, 0, &args)
     }
 
     fn conv2d_bwd_weight(
@@ -435,8 +466,12 @@ impl Backend for CudaBackend {
         db: Option<&mut Storage>,
         g: &ConvGeom,
     ) -> Result<()> {
-        let (name, bm, bn) = conv_kernel("conv2d_bwd_weight", g.c_out, g.k(), self.conv_v1_only);
-        let splits = self.wgrad_splits(g, bm, bn);
+        if g.kh > 0x7fff || g.kw > 0x7fff {
+            bail!("conv2d backward weight: a {}x{} kernel is larger than the CUDA kernels allow (32767)", g.kh, g.kw);
+        }
+        let red = g.n * g.oh * g.ow;
+        let p = conv_plan("conv2d_bwd_weight", g.c_out, g.k(), red, self.exec.sm_count(), self.conv_v1_only, true);
+        let (name, bm, bn, splits) = (p.name, p.bm, p.bn, p.splits);
         let len = g.weight_len();
         let partial = self.new_buf(splits * len)?;
         let mut args = vec![self.arg(&partial, splits * len)?, self.arg(x, g.in_len())?, self.arg(dy, g.out_len())?];
@@ -771,12 +806,13 @@ impl Backend for CudaBackend {
 
     fn broadcast_scalar(&self, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()> {
         let n = self.buf(dx)?.len();
-        self.ew("broadcast_scalar_f32", n, vec![self.arg(dx, n)?, self.arg(dy, 1)?, KArg::F32(alpha)])
+        self.flat("broadcast_scalar_f32", n, vec![self.arg(dx, n)?, self.arg(dy, 1)?, KArg::F32(alpha)])
     }
 
     fn argmax_rows(&self, x: &Storage, out: &mut Storage, rows: usize, cols: usize) -> Result<()> {
         let args = [self.arg(out, rows)?, self.arg(x, rows * cols)?, i32_of(rows, "rows")?, i32_of(cols, "cols")?];
-        self.launch("argmax_rows_f32", self.ew_grid(rows), BLOCK, 0, &args)
+        // One warp per row (kernels/data.cu), as log_softmax.
+        self.launch("argmax_rows_f32", grid2(rows.div_ceil(8), 1), BLOCK, 0, &args)
     }
 
     fn adam_step(
@@ -832,8 +868,12 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut slot = self.adam_table.lock().unwrap_or_else(|e| e.into_inner());
-        self.exec.upload_indices(&mut slot, &table)?;
-        let d = slot.as_ref().ok_or_else(|| anyhow::anyhow!("Adam table missing after upload"))?;
+        if slot.dev.is_none() || slot.host != table {
+            self.exec.upload_indices(&mut slot.dev, &table)?;
+            slot.host = table;
+            slot.uploads += 1;
+        }
+        let d = slot.dev.as_ref().ok_or_else(|| anyhow::anyhow!("Adam table missing after upload"))?;
         let mut args = vec![self.exec.idx_ptr(d), i32_of(tensors.len(), "parameter tensors")?];
         args.extend(adam_scalars(h));
         self.launch("adam_multi_f32", (blocks, 1, 1), BLOCK, 0, &args)
