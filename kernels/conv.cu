@@ -576,8 +576,8 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
 
     RvcBwdWeightA<BM> la{dy, K, P, m0};
     // The B loader's column table (see RvcBwdWeightB); r and s share one int.
-    __shared__ __align__(16) int col_off[BN];
-    __shared__ __align__(16) int col_rs[BN];
+    ROTVAR_SHARED(int, col_off, [BN]);
+    ROTVAR_SHARED(int, col_rs, [BN]);
     for (int j = threadIdx.x; j < BN; j += RVC_THREADS) {
         const int col = n0 + j, c = col / RS, rs = col - c * RS, r = rs / S;
         col_off[j] = c * H * W + r * W + (rs - r * S);

@@ -117,15 +117,9 @@ fn dropout_matches_cpu_bits() {
     let x0 = rng.vec(n, -1., 1.);
     let mut x = x0.clone();
     let mut mask = vec![POISON; n];
-    let xp = x.as_mut_ptr();
-    let args = [
-        KArg::ptr_mut(xp),
-        KArg::slice_mut(&mut mask),
-        KArg::ptr(xp),
-        KArg::F32(p),
-        KArg::U64(seed),
-        KArg::I64(n as i64),
-    ];
+    // Both arguments name the same host slice; the emulator stages it once, so they alias.
+    let xs = KArg::Host { addr: x.as_mut_ptr() as u64, bytes: 4 * n as u64, write: true };
+    let args = [xs, KArg::slice_mut(&mut mask), xs, KArg::F32(p), KArg::U64(seed), KArg::I64(n as i64)];
     run("dropout_fwd_f32", 4, 256, &args);
     let want: Vec<f32> = (0..n).map(|i| x0[i] * dropout_keep_scale(seed, i as u64, p)).collect();
     assert_bits("dropout in place", &x, &want);
@@ -262,13 +256,8 @@ fn log_softmax_forward() {
         }
         // In place.
         let mut y = x.clone();
-        let p = y.as_mut_ptr();
-        run(
-            "log_softmax_fwd_f32",
-            ceil_div(rows, 8),
-            256,
-            &[KArg::ptr_mut(p), KArg::ptr(p), KArg::I32(rows as i32), KArg::I32(cols as i32)],
-        );
+        let ys = KArg::Host { addr: y.as_mut_ptr() as u64, bytes: 4 * (rows * cols) as u64, write: true };
+        run("log_softmax_fwd_f32", ceil_div(rows, 8), 256, &[ys, ys, KArg::I32(rows as i32), KArg::I32(cols as i32)]);
         assert_close(&format!("log_softmax in place rows={rows} cols={cols}"), &y, &want, ELEMENTWISE, 1.);
     }
 }
