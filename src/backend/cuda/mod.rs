@@ -9,6 +9,7 @@ pub mod device;
 pub mod emu;
 mod gemm;
 pub mod kernels;
+pub mod launch_log;
 
 use super::variance::VarianceData;
 use super::{
