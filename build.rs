@@ -1,5 +1,6 @@
 //! Builds the CUDA kernels in kernels/*.cu two ways:
-//!  * PTX via nvcc (OUT_DIR/ptx.rs), for the real GPU backend, when nvcc exists;
+//!  * PTX and sm_90 cubin (OUT_DIR/ptx.rs), for the real GPU backend: by nvcc when it exists
+//!    (build/nvcc.rs), else from the committed kernels/generated/ when they match the sources;
 //!  * a host emulation static library via g++ (OUT_DIR/emu_table.rs), always,
 //!    so every kernel's logic is tested on machines without a GPU.
 //!
@@ -11,13 +12,10 @@ use std::env;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const PIP_HINT: &str = "pip install nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
      nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88 (or `export NVCC=$(bash .ci/install-nvcc.sh)`), \
      then set NVCC=<site-packages>/nvidia/cu13/bin/nvcc";
-/// The H100 driver in use (CUDA 13.0) rejects newer PTX ISA versions.
-const MAX_PTX_VERSION: (u32, u32) = (9, 0);
 
 fn fail(msg: &str) -> ! {
     eprintln!("\nerror: {msg}\n");
@@ -336,133 +334,164 @@ fn parse_params(toks: &[Tok]) -> Result<Vec<Param>, String> {
 
 // ------------------------------------------------------------------ nvcc/PTX
 
-fn find_nvcc() -> Result<Option<PathBuf>, String> {
-    if let Some(p) = env::var_os("NVCC").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        return if p.is_file() { Ok(Some(p)) } else { Err(format!("NVCC={} does not exist", p.display())) };
-    }
-    if let Some(home) = env::var_os("CUDA_HOME").filter(|p| !p.is_empty()) {
-        let p = Path::new(&home).join("bin").join("nvcc");
-        if p.is_file() {
-            return Ok(Some(p));
-        }
-    }
-    Ok(env::var_os("PATH").and_then(|path| env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file())))
+#[path = "build/nvcc.rs"]
+mod nvcc;
+
+/// Where the embedded GPU kernels come from, for ptx.rs.
+enum Origin {
+    Nvcc(String),
+    Committed(String),
+    None,
 }
 
-fn ptx_version(ptx: &str) -> Option<(u32, u32)> {
-    let line = ptx.lines().find(|l| l.trim_start().starts_with(".version"))?;
-    let v = line.split_whitespace().nth(1)?;
-    let (a, b) = v.split_once('.')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
-/// Compiles one module to PTX and assembles it with ptxas (when present) so
-/// errors the driver's JIT would hit at load time surface at build time.
-fn compile_ptx(nvcc: &Path, m: &Module, kdir: &Path, ptx_dir: &Path) -> Result<(PathBuf, String), String> {
-    let ptx = ptx_dir.join(format!("{}.ptx", m.name));
-    let mut cmd = Command::new(nvcc);
-    cmd.args(["-ptx", "-arch=compute_90", "-O3", "--std=c++17", "-lineinfo"]).arg("-I").arg(kdir);
-    if let Some(inc) = nvcc.parent().and_then(|b| b.parent()).map(|r| r.join("include")).filter(|p| p.is_dir()) {
-        cmd.arg("-I").arg(inc);
-    }
-    cmd.arg("-o").arg(&ptx).arg(&m.path);
-    let o = cmd.output().map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
-    let mut msgs = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
-    if !o.status.success() {
-        return Err(format!("nvcc failed on {}.cu:\n{msgs}", m.name));
-    }
-    let text = fs::read_to_string(&ptx).map_err(|e| format!("reading {}: {e}", ptx.display()))?;
-    match ptx_version(&text) {
-        Some(v) if v <= MAX_PTX_VERSION => {}
-        Some((a, b)) => {
-            return Err(format!(
-                "{}.ptx has PTX ISA .version {a}.{b}, newer than {}.{} which the CUDA 13.0 driver on the \
-                 target accepts. Pin the compiler: pip install nvidia-nvvm==13.0.88 \
-                 nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88",
-                m.name, MAX_PTX_VERSION.0, MAX_PTX_VERSION.1
-            ))
-        }
-        None => return Err(format!("{}.ptx has no .version line", m.name)),
-    }
-    for k in &m.kernels {
-        if !text.contains(&format!(".entry {}(", k.name)) {
-            return Err(format!("{}.ptx lacks entry `{}`; was it compiled out by #ifdef?", m.name, k.name));
-        }
-    }
-    let ptxas = nvcc.with_file_name("ptxas");
-    if ptxas.is_file() {
-        let o = Command::new(&ptxas)
-            .args(["-arch=sm_90", "-O3", "--warn-on-spills"])
-            .arg("-o")
-            .arg(ptx_dir.join(format!("{}.cubin", m.name)))
-            .arg(&ptx)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
-        let s = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
-        if !o.status.success() {
-            return Err(format!("ptxas rejected {}.ptx:\n{s}", m.name));
-        }
-        msgs += &s;
-    }
-    Ok((ptx, msgs))
-}
-
+/// Embeds, per module, the PTX (any GPU of compute capability >= 9.0, JIT-compiled) and the
+/// sm_90 cubin (H100/H200, no JIT): compiled now when nvcc is found, else the committed
+/// kernels/generated/ files when they were made from the current sources.
 fn build_ptx(modules: &[Module], kdir: &Path, out: &Path) {
+    println!("cargo:rerun-if-changed=build/nvcc.rs");
+    println!("cargo:rerun-if-env-changed=CUDA_PATH");
     let require = env::var("ROTVAR_REQUIRE_NVCC").is_ok_and(|v| v == "1");
-    let write = |have: bool, entries: &[(String, PathBuf)]| {
-        let mut s = format!(
-            "/// Whether nvcc compiled every kernel module at build time.\npub const HAVE_PTX: bool = {have};\n"
-        );
-        s += "/// (module name = kernels/<name>.cu stem, PTX text), compute_90.\npub const PTX_MODULES: &[(&str, &str)] = &[\n";
-        for (name, path) in entries {
-            let _ = writeln!(s, "    ({name:?}, include_str!({:?})),", path.display().to_string());
-        }
-        s += "];\n";
-        fs::write(out.join("ptx.rs"), s).unwrap_or_else(|e| fail(&format!("writing ptx.rs: {e}")));
-    };
-    let nvcc = match find_nvcc() {
-        Ok(Some(n)) => n,
-        found => {
-            let why = found.err().unwrap_or_else(|| "nvcc not found ($NVCC, $CUDA_HOME/bin, PATH)".into());
-            if require {
-                fail(&format!("ROTVAR_REQUIRE_NVCC=1 but {why}. Get it with: {PIP_HINT}"));
+    let source_sha256 = nvcc::source_hash(kdir).unwrap_or_else(|e| fail(&e));
+    let why = match nvcc::find_nvcc() {
+        Ok(Some((nvcc_path, from))) => match compile_all(&nvcc_path, modules, kdir, out) {
+            Ok(entries) => {
+                let version = nvcc::nvcc_version(&nvcc_path).unwrap_or_else(|e| fail(&e));
+                warn(&format!("GPU kernels compiled by {} (found via {from}; {version})", nvcc_path.display()));
+                let origin = format!("compiled at build time by nvcc ({version})");
+                return write_ptx_rs(out, Origin::Nvcc(origin), &source_sha256, &entries);
             }
+            Err(all) if require => fail(&format!("kernel compilation failed (ROTVAR_REQUIRE_NVCC=1):\n{all}")),
+            Err(all) => format!("kernel compilation failed:\n{all}"),
+        },
+        Ok(None) => "nvcc not found ($NVCC, $CUDA_PATH/bin, $CUDA_HOME/bin, /usr/local/cuda/bin, PATH)".into(),
+        Err(e) => e,
+    };
+    if require {
+        fail(&format!("ROTVAR_REQUIRE_NVCC=1 but {why}. Get nvcc with: {PIP_HINT}"));
+    }
+    match committed_kernels(modules, kdir, &source_sha256) {
+        Ok((entries, version)) => {
+            warn(&format!("{why}\nGPU kernels: using the committed kernels/generated/ (compiled by nvcc {version})"));
+            let origin = format!("committed kernels/generated/ (compiled by nvcc {version})");
+            write_ptx_rs(out, Origin::Committed(origin), &source_sha256, &entries);
+        }
+        Err(e) => {
             warn(&format!(
-                "{why}: GPU kernels not compiled to PTX (emulated tests still run). Get nvcc with: {PIP_HINT}. \
+                "{why}\nThe committed kernels/generated/ cannot stand in: {e}.\nThis build has NO GPU kernels \
+                 (emulated tests still run). Get nvcc with: {PIP_HINT}, or regenerate with .ci/gen-kernels.sh. \
                  PATH changes alone do not re-run this build script; set NVCC."
             ));
-            write(false, &[]);
-            return;
+            write_ptx_rs(out, Origin::None, &source_sha256, &[]);
         }
-    };
+    }
+}
+
+/// (module, PTX file, cubin file) to embed.
+type Entry = (String, PathBuf, PathBuf);
+
+fn compile_all(nvcc_path: &Path, modules: &[Module], kdir: &Path, out: &Path) -> Result<Vec<Entry>, String> {
     let ptx_dir = out.join("ptx");
-    fs::create_dir_all(&ptx_dir).unwrap_or_else(|e| fail(&format!("creating {}: {e}", ptx_dir.display())));
     let results: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = modules.iter().map(|m| s.spawn(|| compile_ptx(&nvcc, m, kdir, &ptx_dir))).collect();
+        let hs: Vec<_> = modules
+            .iter()
+            .map(|m| {
+                let work = ptx_dir.join(&m.name);
+                s.spawn(move || nvcc::compile_module(nvcc_path, kdir, &m.name, &work))
+            })
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("nvcc worker panicked".into()))).collect()
     });
     let mut entries = Vec::new();
     let mut errors = Vec::new();
     for (m, r) in modules.iter().zip(results) {
-        match r {
-            Ok((path, msgs)) => {
-                warn(&msgs);
-                entries.push((m.name.clone(), path));
+        match r.and_then(|c| check_entries(m, &c.ptx).map(|_| c)) {
+            Ok(c) => {
+                warn(&c.messages);
+                let (ptx, cubin) =
+                    (ptx_dir.join(format!("{}.ptx", m.name)), ptx_dir.join(format!("{}.sm_90.cubin", m.name)));
+                fs::write(&ptx, &c.ptx).unwrap_or_else(|e| fail(&format!("writing {}: {e}", ptx.display())));
+                fs::write(&cubin, &c.cubin).unwrap_or_else(|e| fail(&format!("writing {}: {e}", cubin.display())));
+                entries.push((m.name.clone(), ptx, cubin));
             }
             Err(e) => errors.push(e),
         }
     }
-    if !errors.is_empty() {
-        let all = errors.join("\n");
-        if require {
-            fail(&format!("kernel compilation failed (ROTVAR_REQUIRE_NVCC=1):\n{all}"));
-        }
-        warn(&format!("kernel compilation failed; GPU backend disabled (HAVE_PTX=false):\n{all}"));
-        write(false, &[]);
-        return;
+    if errors.is_empty() {
+        Ok(entries)
+    } else {
+        Err(errors.join("\n"))
     }
-    write(true, &entries);
+}
+
+fn check_entries(m: &Module, ptx: &str) -> Result<(), String> {
+    for k in &m.kernels {
+        if !ptx.contains(&format!(".entry {}(", k.name)) {
+            return Err(format!("{}.ptx lacks entry `{}`; was it compiled out by #ifdef?", m.name, k.name));
+        }
+    }
+    Ok(())
+}
+
+/// The committed kernels/generated/ files, when their manifest says they were compiled from
+/// the current sources with the current flags and every file has the bytes it records.
+fn committed_kernels(modules: &[Module], kdir: &Path, source_sha256: &str) -> Result<(Vec<Entry>, String), String> {
+    let gen = kdir.join("generated");
+    let text = fs::read_to_string(gen.join(nvcc::MANIFEST)).map_err(|e| format!("no {}: {e}", nvcc::MANIFEST))?;
+    let manifest = nvcc::Manifest::parse(&text).map_err(|e| format!("{}: {e}", nvcc::MANIFEST))?;
+    if let Some(why) = manifest.stale_because(source_sha256) {
+        return Err(why);
+    }
+    let mut entries = Vec::new();
+    for m in modules {
+        let (_, ptx_sha, cubin_sha) = manifest
+            .modules
+            .iter()
+            .find(|(n, _, _)| *n == m.name)
+            .ok_or_else(|| format!("module {} is not in the manifest", m.name))?;
+        let (ptx, cubin) = (gen.join(format!("{}.ptx", m.name)), gen.join(format!("{}.sm_90.cubin", m.name)));
+        for (path, want) in [(&ptx, ptx_sha), (&cubin, cubin_sha)] {
+            let bytes = fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            if nvcc::sha256_hex(&bytes) != *want {
+                return Err(format!("{} does not have the sha256 its manifest records", path.display()));
+            }
+        }
+        check_entries(m, &fs::read_to_string(&ptx).map_err(|e| format!("reading {}: {e}", ptx.display()))?)?;
+        entries.push((m.name.clone(), ptx, cubin));
+    }
+    Ok((entries, manifest.nvcc_version))
+}
+
+fn write_ptx_rs(out: &Path, origin: Origin, source_sha256: &str, entries: &[Entry]) {
+    let (have, origin) = match origin {
+        Origin::Nvcc(s) | Origin::Committed(s) => (true, s),
+        Origin::None => (false, "none (no nvcc at build time and no usable kernels/generated/)".to_string()),
+    };
+    let mut s = String::from("// Generated by build.rs.\n");
+    let _ = writeln!(
+        s,
+        "/// Whether every kernel module is embedded (PTX and sm_90 cubin).\npub const HAVE_PTX: bool = {have};"
+    );
+    let _ = writeln!(s, "/// Where the embedded kernels come from.\npub const KERNEL_ORIGIN: &str = {origin:?};");
+    let _ = writeln!(
+        s,
+        "/// sha256 of the kernel sources (kernels/*.cu, *.cuh) the embedded kernels were compiled from.\n\
+         pub const SOURCE_SHA256: &str = {source_sha256:?};"
+    );
+    let _ = writeln!(
+        s,
+        "/// Compute capability the embedded cubins are for.\npub const CUBIN_CC: (u32, u32) = {:?};",
+        nvcc::CUBIN_CC
+    );
+    s += "/// (module name = kernels/<name>.cu stem, PTX text), compute_90.\npub const PTX_MODULES: &[(&str, &str)] = &[\n";
+    for (name, ptx, _) in entries {
+        let _ = writeln!(s, "    ({name:?}, include_str!({:?})),", ptx.display().to_string());
+    }
+    s += "];\n/// (module name, sm_90 cubin).\npub const CUBIN_MODULES: &[(&str, &[u8])] = &[\n";
+    for (name, _, cubin) in entries {
+        let _ = writeln!(s, "    ({name:?}, include_bytes!({:?})),", cubin.display().to_string());
+    }
+    s += "];\n";
+    fs::write(out.join("ptx.rs"), s).unwrap_or_else(|e| fail(&format!("writing ptx.rs: {e}")));
 }
 
 // ------------------------------------------------------------- emulation lib

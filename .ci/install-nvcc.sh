@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs (or reuses) a pip-packaged nvcc pinned to CUDA 13.0 and prints the
-# path of nvcc on stdout, and nothing else, so CI can do:
+# Installs (or reuses) a pip-packaged nvcc pinned to CUDA 13.0, with ptxas and cuobjdump beside
+# it, and prints the path of nvcc on stdout, and nothing else, so CI can do:
 #     export NVCC=$(bash .ci/install-nvcc.sh)
 # Everything else (pip output, hints) goes to stderr.
 #
@@ -14,7 +14,10 @@ exec 3>&1 1>&2
 
 VENV="${ROTVAR_NVCC_VENV:-$HOME/.cache/rotvar/nvcc-venv}"
 PY="${PYTHON:-python3}"
-PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88)
+# cuobjdump (SASS for benches/kernel_report.py) only disassembles: PyPI has no 13.0 build, the
+# oldest, 13.2.51, is pinned; it reads the cubins of ptxas 13.0 unchanged.
+PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88
+      nvidia-cuda-cuobjdump==13.2.51)
 
 find_nvcc() {
     local p

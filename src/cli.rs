@@ -641,14 +641,9 @@ fn cmd_images(a: ImagesArgs) -> Result<()> {
 fn cmd_info() -> Result<()> {
     println!("rotvar {}", env!("CARGO_PKG_VERSION"));
     println!("cpu backend: {} (rayon threads)", rayon::current_num_threads());
-    println!(
-        "cuda kernels: {}",
-        if backend::cuda::kernels::HAVE_PTX {
-            "compiled to PTX (compute_90)"
-        } else {
-            "not compiled (no nvcc at build time)"
-        }
-    );
+    for (i, line) in backend::cuda::kernels::describe().iter().enumerate() {
+        println!("{}{line}", if i == 0 { "cuda kernels: " } else { "  " });
+    }
     match backend::cuda_devices() {
         Ok(gpus) => gpus.iter().for_each(|g| println!("gpu: {g}")),
         Err(why) => println!("gpu: none ({why})"),

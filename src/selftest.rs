@@ -108,6 +108,8 @@ pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, 
             ConvGeom::new(batch, 4, 8, 8, 7, (3, 3), 2, 1)?,
             ConvGeom::new(2, 3, 6, 6, 5, (5, 5), 1, 2)?,
             ConvGeom::new(batch, 9, 5, 5, 70, (1, 1), 1, 0)?,
+            // 64 input channels: backward-data takes the 64 × 64 tile (v1), as at full scale.
+            ConvGeom::new(1, 64, 8, 8, 8, (1, 1), 1, 0)?,
         ]
     };
     for g in &convs {

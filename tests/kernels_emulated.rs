@@ -509,3 +509,30 @@ fn ptx_modules_match_emulated_kernels() {
         assert!(ptx.contains(".target sm_90"), "{name}.ptx target");
     }
 }
+
+/// Every embedded module has an sm_90 cubin beside its PTX (an ELF image, loaded on H100/H200
+/// without JIT), and the source hash `rotvar info` reports is a sha256.
+#[test]
+fn every_ptx_module_has_an_sm90_cubin() {
+    if !kernels::HAVE_PTX {
+        eprintln!("no GPU kernels in this build: cubin checks skipped");
+        return;
+    }
+    assert_eq!(kernels::CUBIN_CC, (9, 0));
+    let ptx: Vec<&str> = kernels::PTX_MODULES.iter().map(|(n, _)| *n).collect();
+    let cubin: Vec<&str> = kernels::CUBIN_MODULES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(ptx, cubin);
+    for (name, image) in kernels::CUBIN_MODULES {
+        assert!(image.starts_with(b"\x7fELF"), "{name}: not an ELF image");
+        for k in emu::kernels().iter().filter(|k| k.module == *name) {
+            let sym = format!("{}\0", k.name);
+            assert!(
+                image.windows(sym.len()).any(|w| w == sym.as_bytes()),
+                "{} missing from {name}.sm_90.cubin",
+                k.name
+            );
+        }
+    }
+    assert_eq!(kernels::SOURCE_SHA256.len(), 64);
+    assert!(kernels::SOURCE_SHA256.chars().all(|c| c.is_ascii_hexdigit()));
+}

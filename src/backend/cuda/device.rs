@@ -25,6 +25,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub sm_count: u32,
+    /// Compute capability (major, minor): picks the embedded cubin or the PTX.
+    pub cc: (i32, i32),
     /// Lazily loaded PTX modules and functions (a module is loaded on first use of any kernel).
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
@@ -131,9 +133,10 @@ impl Gpu {
     pub fn open(ordinal: usize) -> Result<Gpu> {
         if !kernels::HAVE_PTX {
             bail!(
-                "this build of rotvar has no GPU kernels: nvcc was not found when it was built. \
-                 Install nvcc (pip install nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
-                 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88), set NVCC to its path and rebuild"
+                "this build of rotvar has no GPU kernels ({}): nvcc was not found when it was built and the \
+                 committed kernels/generated/ did not match the sources. Install nvcc (pip install nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+                 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88), set NVCC to its path and rebuild",
+                kernels::KERNEL_ORIGIN
             );
         }
         // SAFETY: only probes whether the driver library can be loaded.
@@ -159,7 +162,8 @@ impl Gpu {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_err("querying the SM count", e))? as u32;
-        Ok(Gpu { ctx, stream, name, sm_count, modules: Mutex::default(), functions: Mutex::default() })
+        let cc = ctx.compute_capability().map_err(|e| driver_err("querying the compute capability", e))?;
+        Ok(Gpu { ctx, stream, name, sm_count, cc, modules: Mutex::default(), functions: Mutex::default() })
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
@@ -172,15 +176,7 @@ impl Gpu {
             match modules.get(module_name) {
                 Some(m) => m.clone(),
                 None => {
-                    let ptx = kernels::ptx_module(module_name)
-                        .ok_or_else(|| anyhow!("no PTX for kernel module `{module_name}` in this build"))?;
-                    let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| {
-                        anyhow!(
-                            "CUDA: loading kernel module `{module_name}` failed ({e:?}). The PTX targets \
-                             compute_90 with PTX ISA 9.0 (CUDA 13.0): the GPU must be sm_90 or newer and \
-                             the driver must support CUDA 13.0"
-                        )
-                    })?;
+                    let m = self.load_module(module_name)?;
                     modules.insert(module_name, m.clone());
                     m
                 }
@@ -189,6 +185,34 @@ impl Gpu {
         let f = module.load_function(name).map_err(|e| driver_err(&format!("loading kernel `{name}`"), e))?;
         self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// The embedded sm_90 cubin on a device of exactly that compute capability (no JIT delay),
+    /// else the PTX, which the driver JIT-compiles for this device; also the PTX when the driver
+    /// refuses the cubin, so a cubin problem costs load time, never the run.
+    fn load_module(&self, module_name: &str) -> Result<Arc<CudaModule>> {
+        let cubin_cc = (kernels::CUBIN_CC.0 as i32, kernels::CUBIN_CC.1 as i32);
+        if let (Some(cubin), true) = (kernels::cubin_module(module_name), self.cc == cubin_cc) {
+            match self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec())) {
+                Ok(m) => return Ok(m),
+                Err(e) => eprintln!(
+                    "warning: the driver refused the sm_{}{} cubin of kernel module `{module_name}` ({e:?}); \
+                     JIT-compiling its PTX instead",
+                    cubin_cc.0, cubin_cc.1
+                ),
+            }
+        }
+        let ptx = kernels::ptx_module(module_name)
+            .ok_or_else(|| anyhow!("no PTX for kernel module `{module_name}` in this build"))?;
+        self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| {
+            anyhow!(
+                "CUDA: loading kernel module `{module_name}` failed ({e:?}). The PTX targets compute_90 with \
+                 PTX ISA 9.0 (CUDA 13.0): the GPU must be of compute capability 9.0 or newer (this one is {}.{}) \
+                 and the driver must support CUDA 13.0",
+                self.cc.0,
+                self.cc.1
+            )
+        })
     }
 }
 
@@ -211,6 +235,7 @@ impl Exec {
         shared: u32,
         args: &[KArg],
     ) -> Result<()> {
+        super::launch_log::record(name, block, shared);
         match self {
             // SAFETY: every pointer argument comes from a live `Buf::Host` of the length the
             // op's geometry implies (checked by the caller in ops/).

@@ -10,6 +10,7 @@ pub mod emu;
 mod gemm;
 pub mod kernels;
 mod launch;
+pub mod launch_log;
 
 use super::variance::VarianceData;
 use super::{
