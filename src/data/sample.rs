@@ -12,8 +12,8 @@
 //! cargo test --test data_loaders -- --ignored regenerate_mnist_sample
 //! ```
 //!
-//! which reads the real files from `$ROTVAR_MNIST_SOURCE`, else `../shared/datasets/mnist`
-//! relative to the crate, else `/work/shared/datasets/mnist`, and calls [`write_sample_files`].
+//! which reads the real files from `$ROTVAR_MNIST_SOURCE`, else from the MNIST folder the test
+//! suite uses (see `tests/data_loaders.rs`), and calls [`write_sample_files`].
 
 use super::mnist::{build_dataset, decode_maybe_gzip, parse_idx_images, parse_idx_labels};
 use super::{Dataset, Split};
