@@ -178,7 +178,6 @@ struct StaticVar {
 
 // One block in flight: its threads, barriers, collectives and shared memory.
 struct Slot {
-    unsigned index = 0;
     uint64_t block = 0;  // linear block index now running
     Barrier block_bar, end_bar;
     std::unique_ptr<Barrier[]> warp_bar;
@@ -369,12 +368,11 @@ void check_cell(ThreadCtx& c, Cell* cell, bool write, bool shared, const Where& 
     else cell->r = me;
 }
 
-std::string shared_name(const Slot& s, size_t off, const Runtime& rt) {
+std::string shared_name(const Slot& s, size_t off) {
     if (off >= kStaticShared) return fmt("dynamic shared memory, byte %zu", off - kStaticShared);
     for (const StaticVar& v : s.statics)
         if (off >= v.offset && off < v.offset + v.bytes)
             return fmt("shared `%s`, byte %zu", v.name, off - v.offset);
-    (void)rt;
     return fmt("static shared memory, byte %zu", off);
 }
 
@@ -400,7 +398,7 @@ void access(const void* p, size_t n, bool write, bool atomic) {
         }
         if (!rt.racecheck || atomic) return;
         for (size_t g = off / 4; g <= (off + n - 1) / 4; ++g)
-            check_cell(*c, &s.arena_shadow[g], write, true, [&] { return shared_name(s, g * 4, rt); });
+            check_cell(*c, &s.arena_shadow[g], write, true, [&] { return shared_name(s, g * 4); });
         return;
     }
     const Alloc* al = c->last;
@@ -813,7 +811,6 @@ int launch(const EmuLaunch* cfg, const char* name, const char* const* ptr_names,
         rt.slots = std::vector<Slot>(rt.nslots);
         for (unsigned si = 0; si < rt.nslots; ++si) {
             Slot& s = rt.slots[si];
-            s.index = si;
             s.warp_bar.reset(new Barrier[rt.nwarps]);
             s.warp_exited.reset(new std::atomic<unsigned>[rt.nwarps]);
             s.gather.assign(size_t(rt.nwarps) * 2 * 32 * kGatherBytes, 0);

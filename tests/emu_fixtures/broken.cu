@@ -65,14 +65,19 @@ __device__ float broken_block_sum(float v) {
     }
     return v;  // a __syncthreads() belongs before this return
 }
-extern "C" __global__ void broken_reduction_no_trailing_barrier(float* mean_var, const float* x) {
+// Mean and variance of each block's 256 values, with the block sum `Sum`.
+template <float (*Sum)(float)>
+__device__ void block_mean_var(float* mean_var, const float* x) {
     const float v = x[blockIdx.x * 256 + threadIdx.x];
-    const float s = broken_block_sum(v);
-    const float s2 = broken_block_sum(v * v);
+    const float s = Sum(v);
+    const float s2 = Sum(v * v);
     if (threadIdx.x == 0) {
         mean_var[2 * blockIdx.x] = s / 256.f;
         mean_var[2 * blockIdx.x + 1] = s2 / 256.f - (s / 256.f) * (s / 256.f);
     }
+}
+extern "C" __global__ void broken_reduction_no_trailing_barrier(float* mean_var, const float* x) {
+    block_mean_var<broken_block_sum>(mean_var, x);
 }
 
 // atomicAdd replaced by +=: every thread of every block adds into one total.
@@ -113,12 +118,8 @@ extern "C" __global__ void fixed_atomic_sum(float* total, const float* x, int n)
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) atomicAdd(total, x[i]);
 }
+// rotvar_block_sum is __forceinline__; a plain wrapper gives the template an address.
+__device__ float fixed_block_sum(float v) { return rotvar_block_sum(v); }
 extern "C" __global__ void fixed_reduction(float* mean_var, const float* x) {
-    const float v = x[blockIdx.x * 256 + threadIdx.x];
-    const float s = rotvar_block_sum(v);
-    const float s2 = rotvar_block_sum(v * v);
-    if (threadIdx.x == 0) {
-        mean_var[2 * blockIdx.x] = s / 256.f;
-        mean_var[2 * blockIdx.x + 1] = s2 / 256.f - (s / 256.f) * (s / 256.f);
-    }
+    block_mean_var<fixed_block_sum>(mean_var, x);
 }
