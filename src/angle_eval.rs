@@ -7,6 +7,7 @@
 
 use crate::augment::FULL_TURN;
 use crate::backend::{rotation_matrix, Interp};
+use crate::limits;
 use crate::models::Model;
 use crate::nn::Forward;
 use crate::ops;
@@ -39,22 +40,29 @@ pub fn parse_angles(spec: &str) -> Result<Vec<f32>> {
         if step <= 0.0 {
             bail!("--angles {spec}: STEP must be positive");
         }
-        let count = ((stop - start) / step - 1e-9).ceil().max(0.0) as usize;
-        (0..count).map(|i| (start + step * i as f64) as f32).collect()
+        // Counted in f64 and bounded before anything is allocated: a step of 1e-300 asks for
+        // more angles than there are atoms.
+        let count = ((stop - start) / step - 1e-9).ceil().max(0.0);
+        if count > limits::ANGLES.hi {
+            bail!(
+                "--angles {spec}: that range holds {count:.3e} angles; at most {} are allowed (use a larger STEP)",
+                limits::ANGLES.hi
+            );
+        }
+        (0..count as usize).map(|i| (start + step * i as f64) as f32).collect()
     } else if spec.contains(',') {
         spec.split(',').map(|s| num(s).map(|v| v as f32)).collect::<Result<_>>()?
     } else {
         let n: usize = spec.parse().ok().filter(|&n| n > 0).with_context(|| {
             format!("--angles {spec}: expected a list (0,90,180), a range (0:360:45) or a count (16)")
         })?;
+        limits::ANGLES.check_usize(n)?;
         (0..n).map(|i| (360.0 * i as f64 / n as f64) as f32).collect()
     };
     if angles.is_empty() {
         bail!("--angles {spec}: the set of angles is empty");
     }
-    if angles.len() > 3600 {
-        bail!("--angles {spec}: {} angles is more than 3600", angles.len());
-    }
+    limits::ANGLES.check_usize(angles.len()).with_context(|| format!("--angles {spec}"))?;
     Ok(angles)
 }
 

@@ -8,7 +8,8 @@ use crate::checkpoint;
 use crate::data::{self, Split};
 use crate::experiment;
 use crate::figures;
-use crate::fsio::{write_atomic, write_json};
+use crate::fsio::{self, write_atomic, write_json};
+use crate::limits;
 use crate::measure::job::{self, MeasureOptions};
 use crate::measure::{output, Per};
 use crate::models::MODELS;
@@ -23,8 +24,8 @@ use std::time::Instant;
 #[derive(Parser)]
 #[command(name = "rotvar", version, about = "How invariant to rotation is a CNN, and where inside it?")]
 struct Cli {
-    /// CPU threads for the CPU backend (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, allow_hyphen_values = true, value_parser = limits::THREADS.usize_parser(),
+          help = limits::THREADS.help("CPU threads for the CPU backend (default: all cores)"))]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -62,8 +63,8 @@ struct SelftestArgs {
     /// The device to check: cuda, cuda:N, or cuda-emu (emulated kernels, small problems).
     #[arg(long, default_value = "cuda")]
     device: DeviceRequest,
-    /// LeNet training steps compared between the CPU and the device.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, allow_hyphen_values = true, value_parser = limits::SELFTEST_STEPS.usize_parser(),
+          help = limits::SELFTEST_STEPS.help("LeNet training steps compared between the CPU and the device"))]
     steps: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -81,11 +82,11 @@ struct BenchArgs {
     /// (the variance measure's cost over the rotated forward passes).
     #[arg(default_value = "train")]
     what: String,
-    /// Images for rotate, eval-angles and measure.
-    #[arg(long, default_value_t = 10000)]
+    #[arg(long, default_value_t = 10000, allow_hyphen_values = true, value_parser = limits::BENCH_IMAGES.usize_parser(),
+          help = limits::BENCH_IMAGES.help("Images for rotate, eval-angles and measure"))]
     images: usize,
-    /// Angles (eval-angles) or rotations (measure).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_hyphen_values = true, value_parser = limits::BENCH_ANGLES.usize_parser(),
+          help = limits::BENCH_ANGLES.help("Angles (eval-angles) or rotations (measure)"))]
     angles: usize,
     /// Units of the measure benchmark.
     #[arg(long, value_enum, default_value_t = Per::Map)]
@@ -94,11 +95,14 @@ struct BenchArgs {
     /// resnet18).
     #[arg(long, default_value = "lenet,simpleconv")]
     models: String,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_hyphen_values = true, value_parser = limits::TRAIN_BATCH.usize_parser(),
+          help = limits::TRAIN_BATCH.help("Images per step"))]
     batch_size: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_hyphen_values = true, value_parser = limits::BENCH_STEPS.usize_parser(),
+          help = limits::BENCH_STEPS.help("Timed steps"))]
     steps: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_hyphen_values = true, value_parser = limits::BENCH_WARMUP.usize_parser(),
+          help = limits::BENCH_WARMUP.help("Untimed steps first"))]
     warmup: usize,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
@@ -117,11 +121,11 @@ struct DataArgs {
 /// Smaller runs on the first images of each split.
 #[derive(Args, Clone, Copy)]
 struct SubsetArgs {
-    /// Train on the first N training images only.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::TRAIN_LIMIT.usize_parser(),
+          help = limits::TRAIN_LIMIT.help("Train on the first N training images only"))]
     limit: Option<usize>,
-    /// Evaluate on the first N test images only.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::TEST_LIMIT.usize_parser(),
+          help = limits::TEST_LIMIT.help("Evaluate on the first N test images only"))]
     test_limit: Option<usize>,
 }
 
@@ -143,19 +147,22 @@ struct TrainArgs {
     model: String,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser(),
+          help = limits::EPOCHS.help("Epochs to train (with --resume: the total, counting those already done)"))]
     epochs: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_hyphen_values = true, value_parser = limits::TRAIN_BATCH.usize_parser(),
+          help = limits::TRAIN_BATCH.help("Images per training step"))]
     batch_size: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true, value_parser = limits::LR.f32_parser(),
+          help = limits::LR.help("Learning rate"))]
     lr: f32,
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
     optimizer: OptimizerKind,
-    /// L2 weight decay, applied only to parameters that are not 1-D (not biases or norms).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, value_parser = limits::WEIGHT_DECAY.f32_parser(),
+          help = limits::WEIGHT_DECAY.help("L2 weight decay, applied only to parameters that are not 1-D (not biases or norms)"))]
     weight_decay: f32,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_hyphen_values = true, value_parser = limits::MOMENTUM.f32_parser(),
+          help = limits::MOMENTUM.help("SGD momentum"))]
     momentum: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -166,9 +173,19 @@ struct TrainArgs {
     /// auto, cpu, cuda, cuda:N (or cuda-emu: GPU kernels emulated on the host, slow).
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
-    /// Output directory for model.safetensors and metrics.json.
+    /// Output directory for model.safetensors and metrics.json (default: runs/MODEL-DATASET).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run in this directory up to --epochs in total, with its saved configuration
+    /// (weights, optimizer moments, random streams and metrics are restored: the result is the
+    /// same as an uninterrupted run's).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = [
+        "model", "dataset", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "seed",
+        "augment", "out", "limit", "test_limit", "overwrite"])]
+    resume: Option<PathBuf>,
+    /// Replace the checkpoint already in --out (without it, rotvar refuses to overwrite a run).
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     subset: SubsetArgs,
     /// No progress bar.
@@ -183,27 +200,32 @@ struct TrainPairArgs {
     model: String,
     #[command(flatten)]
     data: DataArgs,
-    /// Epochs of the unrotated model (default: the reference protocol's, e.g. 5 for SimpleConv on MNIST).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser(),
+          help = limits::EPOCHS.help("Epochs of the unrotated model (default: the reference protocol's, e.g. 5 for SimpleConv on MNIST)"))]
     epochs: Option<usize>,
-    /// Epochs of the rotated model (default: the reference protocol's, e.g. 15 for SimpleConv on MNIST).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::ROTATED_EPOCHS.usize_parser(),
+          help = limits::ROTATED_EPOCHS.help("Epochs of the rotated model (default: the reference protocol's, e.g. 15 for SimpleConv on MNIST)"))]
     rotated_epochs: Option<usize>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_hyphen_values = true, value_parser = limits::TRAIN_BATCH.usize_parser(),
+          help = limits::TRAIN_BATCH.help("Images per training step"))]
     batch_size: usize,
-    /// Learning rate (default: the reference protocol's: 1e-3, or 1e-5 for VGG and ResNet).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::LR.f32_parser(),
+          help = limits::LR.help("Learning rate (default: the reference protocol's: 1e-3, or 1e-5 for VGG and ResNet)"))]
     lr: Option<f32>,
-    /// L2 weight decay, applied only to parameters that are not 1-D.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true, value_parser = limits::WEIGHT_DECAY.f32_parser(),
+          help = limits::WEIGHT_DECAY.help("L2 weight decay, applied only to parameters that are not 1-D"))]
     weight_decay: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
-    /// Run directory (default: runs/MODEL-DATASET-pair).
+    /// Run directory (default: runs/MODEL-DATASET-pair). A member already there with the same
+    /// configuration is continued (or reused, when finished).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Retrain members already in the run directory instead of continuing them.
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     subset: SubsetArgs,
     #[arg(long)]
@@ -219,12 +241,13 @@ struct EvalArgs {
     dataset: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, allow_hyphen_values = true, value_parser = limits::EVAL_BATCH.usize_parser(),
+          help = limits::EVAL_BATCH.help("Images per forward pass"))]
     batch_size: usize,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
-    /// Evaluate on the first N test images only.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::EVAL_LIMIT.usize_parser(),
+          help = limits::EVAL_LIMIT.help("Evaluate on the first N test images only"))]
     limit: Option<usize>,
     /// Also write the results as JSON here.
     #[arg(long)]
@@ -246,8 +269,8 @@ struct EvalArgs {
 
 #[derive(Args, Clone)]
 struct MeasureOpts {
-    /// Rotations, evenly spaced over 360° from -180° (the reference: 16, i.e. every 22.5°).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_hyphen_values = true, value_parser = limits::ROTATIONS.usize_parser(),
+          help = limits::ROTATIONS.help("Rotations, evenly spaced over 360° from -180° (the reference: 16, i.e. every 22.5°)"))]
     rotations: usize,
     /// Units: every element of every feature map, or one per feature map (H×W reduced).
     #[arg(long, value_enum, default_value_t = Per::Map)]
@@ -255,16 +278,16 @@ struct MeasureOpts {
     /// How a feature map is reduced to one value with --per map.
     #[arg(long, value_enum, default_value_t = MapReduce::Mean)]
     reduce: MapReduce,
-    /// Test images per forward pass.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_hyphen_values = true, value_parser = limits::EVAL_BATCH.usize_parser(),
+          help = limits::EVAL_BATCH.help("Test images per forward pass"))]
     batch_size: usize,
     /// Dataset (default: the one the checkpoint was trained on).
     #[arg(long)]
     dataset: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Measure on the first N test images only.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::EVAL_LIMIT.usize_parser(),
+          help = limits::EVAL_LIMIT.help("Measure on the first N test images only"))]
     limit: Option<usize>,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
@@ -321,24 +344,29 @@ struct ExperimentArgs {
     dataset: Option<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Run directory; a directory that already holds a trained pair (manifest.json) is reused.
+    /// Run directory; models already trained there with the same configuration are reused, and
+    /// an interrupted one continues where it stopped.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Epochs of the unrotated model (default: the reference protocol's).
+    /// Retrain the models already in the run directory instead of reusing or continuing them.
     #[arg(long)]
+    overwrite: bool,
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser(),
+          help = limits::EPOCHS.help("Epochs of the unrotated model (default: the reference protocol's)"))]
     epochs: Option<usize>,
-    /// Epochs of the rotated model (default: the reference protocol's).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::ROTATED_EPOCHS.usize_parser(),
+          help = limits::ROTATED_EPOCHS.help("Epochs of the rotated model (default: the reference protocol's)"))]
     rotated_epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::LR.f32_parser(),
+          help = limits::LR.help("Learning rate (default: the reference protocol's)"))]
     lr: Option<f32>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Angles of the accuracy-versus-angle evaluation (see `eval --angles`).
     #[arg(long, default_value = "0:360:15")]
     angles: String,
-    /// Rotations of the variance measure.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_hyphen_values = true, value_parser = limits::ROTATIONS.usize_parser(),
+          help = limits::ROTATIONS.help("Rotations of the variance measure"))]
     rotations: usize,
     #[arg(long, value_enum, default_value_t = Per::Map)]
     per: Per,
@@ -346,8 +374,8 @@ struct ExperimentArgs {
     reduce: MapReduce,
     #[command(flatten)]
     subset: SubsetArgs,
-    /// Measure V on the first N test images only (default: all; 500 with --quick).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = limits::MEASURE_LIMIT.usize_parser(),
+          help = limits::MEASURE_LIMIT.help("Measure V on the first N test images only (default: all; 500 with --quick)"))]
     measure_limit: Option<usize>,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
@@ -359,8 +387,8 @@ struct ExperimentArgs {
 struct ImagesArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// Number of test images (rows).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_hyphen_values = true, value_parser = limits::IMAGES_COUNT.usize_parser(),
+          help = limits::IMAGES_COUNT.help("Number of test images (rows)"))]
     count: usize,
     /// Rotations (columns), as `eval --angles`.
     #[arg(long, default_value = "0:360:45")]
@@ -382,7 +410,7 @@ pub fn run() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
+            .num_threads(n)
             .build_global()
             .context("cannot configure the CPU thread pool")?;
     }
@@ -416,24 +444,41 @@ fn load_split(name: &str, dir: Option<&Path>, split: Split, limit: Option<usize>
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
-    run::check_model(&a.model)?;
-    let source = a.subset.source(&a.data.dataset, a.data.data_dir.as_deref());
+    let (cfg, source, out, existing) = if let Some(dir) = &a.resume {
+        // The saved run decides everything but the epoch count; the data is cut to the sizes
+        // it was trained on (the check against the record then catches changed files).
+        let saved = run::saved_record(&dir.join("model.safetensors"))?;
+        let mut cfg = saved.config.clone();
+        cfg.epochs = a.epochs;
+        let source = DataSource {
+            dataset: cfg.dataset.clone(),
+            data_dir: a.data.data_dir.clone(),
+            train_limit: Some(saved.train_images),
+            test_limit: Some(saved.test_images),
+        };
+        (cfg, source, dir.clone(), run::Existing::Resume)
+    } else {
+        run::check_model(&a.model)?;
+        let mut optim = OptimConfig::new(a.optimizer, a.lr, a.weight_decay);
+        optim.momentum = a.momentum;
+        let cfg = TrainConfig {
+            model: a.model.to_ascii_lowercase(),
+            dataset: a.data.dataset.clone(),
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            optim,
+            seed: a.seed,
+            augment: a.augment,
+        };
+        let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", cfg.model, cfg.dataset)));
+        let existing = if a.overwrite { run::Existing::Overwrite } else { run::Existing::Refuse };
+        (cfg, a.subset.source(&a.data.dataset, a.data.data_dir.as_deref()), out, existing)
+    };
     let train_set = source.load(Split::Train)?;
     let test_set = source.load(Split::Test)?;
     let b = open_backend(a.device)?;
-    let mut optim = OptimConfig::new(a.optimizer, a.lr, a.weight_decay);
-    optim.momentum = a.momentum;
-    let cfg = TrainConfig {
-        model: a.model.to_ascii_lowercase(),
-        dataset: train_set.name.clone(),
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        optim,
-        seed: a.seed,
-        augment: a.augment,
-    };
-    let out = a.out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}", cfg.model, cfg.dataset)));
-    run::train_model(&b, &cfg, &train_set, &test_set, &out, a.quiet)?;
+    let cfg = TrainConfig { dataset: train_set.name.clone(), ..cfg };
+    run::train_model(&b, &cfg, &train_set, &test_set, &out, a.quiet, existing)?;
     Ok(())
 }
 
@@ -448,6 +493,7 @@ fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
         batch_size: a.batch_size,
         optim: OptimConfig::new(OptimizerKind::Adam, 1e-3, a.weight_decay),
         seed: a.seed,
+        overwrite: a.overwrite,
         quiet: a.quiet,
     };
     let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-pair", opts.model, a.data.dataset)));
@@ -465,23 +511,14 @@ fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
+    if let Some(json) = &a.json {
+        fsio::check_output(json, &[&a.checkpoint])?;
+    }
     let b = open_backend(a.device)?;
     let (model, meta) = checkpoint::load(&a.checkpoint, &b)?;
     let name = a.dataset.clone().unwrap_or_else(|| meta.dataset.clone());
     let test_set = load_split(&name, a.data_dir.as_deref(), Split::Test, a.limit)?;
-    let spec = [test_set.channels, test_set.height, test_set.width];
-    if spec != [meta.input.channels, meta.input.height, meta.input.width] {
-        bail!(
-            "{} expects {}x{}x{} images but {name} has {}x{}x{}",
-            a.checkpoint.display(),
-            meta.input.channels,
-            meta.input.height,
-            meta.input.width,
-            spec[0],
-            spec[1],
-            spec[2]
-        );
-    }
+    meta.check_dataset(&test_set, &a.checkpoint)?;
     let data = DeviceDataset::upload(&test_set, &meta.normalization, &b)?;
     if let Some(spec) = &a.angles {
         let angles = angle_eval::parse_angles(spec)?;
@@ -616,6 +653,7 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
     o.per = a.per;
     o.reduce = a.reduce;
     o.measure_limit = a.measure_limit.or(o.measure_limit);
+    o.overwrite = a.overwrite;
     o.quiet = a.quiet;
     angle_eval::parse_angles(&o.angles)?;
     let b = open_backend(a.device)?;
@@ -626,9 +664,7 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
 
 fn cmd_images(a: ImagesArgs) -> Result<()> {
     let angles = angle_eval::parse_angles(&a.angles)?;
-    if a.count == 0 {
-        bail!("--count must be at least 1");
-    }
+    fsio::check_output(&a.out, &[])?;
     let test = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Test, Some(a.count))?;
     let train = load_split(&a.data.dataset, a.data.data_dir.as_deref(), Split::Train, None)?;
     let b = backend::cpu::CpuBackend::shared();

@@ -8,6 +8,7 @@ use crate::checkpoint;
 use crate::figures;
 use crate::fsio::{write_atomic, write_json};
 use crate::inspect;
+use crate::limits;
 use crate::measure::job::{self, MeasureOptions, Measured};
 use crate::measure::output;
 use crate::measure::Per;
@@ -35,6 +36,8 @@ pub struct ExperimentOptions {
     pub reduce: MapReduce,
     /// Test images the variance measure runs over (None: all).
     pub measure_limit: Option<usize>,
+    /// Retrain models already in `out` instead of reusing or continuing them.
+    pub overwrite: bool,
     pub quiet: bool,
 }
 
@@ -55,6 +58,7 @@ impl ExperimentOptions {
             per: Per::Map,
             reduce: MapReduce::Mean,
             measure_limit: Some(500),
+            overwrite: false,
             quiet: false,
         }
     }
@@ -78,36 +82,29 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
     let start = Instant::now();
     let out = &o.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let manifest: PairManifest = if out.join(run::MANIFEST).exists() {
-        let m = run::read_manifest(out)?;
-        if m.model != o.model || m.dataset != o.data.dataset {
-            anyhow::bail!(
-                "{} holds a trained pair of {} on {}, not {} on {}: pass another --out (or remove that directory)",
-                out.display(),
-                m.model,
-                m.dataset,
-                o.model,
-                o.data.dataset
-            );
-        }
-        eprintln!("reusing the trained pair in {} ({} on {})", out.display(), m.model, m.dataset);
-        m
-    } else {
-        let opts = PairOptions {
-            model: o.model.clone(),
-            data: o.data.clone(),
-            epochs: o.epochs,
-            lr: o.lr,
-            batch_size: o.batch_size,
-            optim: OptimConfig::new(OptimizerKind::Adam, 1e-3, 0.0),
-            seed: o.seed,
-            quiet: o.quiet,
-        };
-        run::train_pair(b, &opts, out)?
+    // Every argument is checked before the first epoch: a typo must not cost a training run.
+    let angles = angle_eval::parse_angles(&o.angles)?;
+    limits::ROTATIONS.check_usize(o.rotations)?;
+    if let Some(n) = o.measure_limit {
+        limits::MEASURE_LIMIT.check_usize(n)?;
+    }
+    // Models already in `out` are reused when finished and continued when not, provided they
+    // were trained with this configuration (train_pair checks every field and names the first
+    // that differs).
+    let opts = PairOptions {
+        model: o.model.clone(),
+        data: o.data.clone(),
+        epochs: o.epochs,
+        lr: o.lr,
+        batch_size: o.batch_size,
+        optim: OptimConfig::new(OptimizerKind::Adam, 1e-3, 0.0),
+        seed: o.seed,
+        overwrite: o.overwrite,
+        quiet: o.quiet,
     };
+    let manifest: PairManifest = run::train_pair(b, &opts, out)?;
     let figs = out.join("figures");
     std::fs::create_dir_all(&figs).with_context(|| format!("cannot create {}", figs.display()))?;
-    let angles = angle_eval::parse_angles(&o.angles)?;
     let measure_opts = MeasureOptions {
         rotations: o.rotations,
         per: o.per,

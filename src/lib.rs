@@ -16,6 +16,7 @@ pub mod experiment;
 pub mod figures;
 pub mod fsio;
 pub mod inspect;
+pub mod limits;
 pub mod measure;
 pub mod models;
 pub mod nn;

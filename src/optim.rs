@@ -34,6 +34,15 @@ impl OptimConfig {
     }
 }
 
+/// An optimizer's state on the host: what a checkpoint needs for `--resume` to continue
+/// bit for bit.
+#[derive(Debug, Clone)]
+pub struct OptimizerState {
+    pub step: u32,
+    /// Per parameter that has been updated: (name, first moment or velocity, second moment).
+    pub moments: Vec<(String, Vec<f32>, Vec<f32>)>,
+}
+
 pub struct Optimizer {
     pub config: OptimConfig,
     params: Vec<Param>,
@@ -56,6 +65,43 @@ impl Optimizer {
 
     pub fn steps_taken(&self) -> u32 {
         self.step
+    }
+
+    pub fn export_state(&self) -> Result<OptimizerState> {
+        let mut moments = Vec::new();
+        for (p, st) in self.params.iter().zip(&self.state) {
+            if let Some((m, v)) = st {
+                let be = p.tensor.backend();
+                moments.push((p.name.clone(), be.download(m)?, be.download(v)?));
+            }
+        }
+        Ok(OptimizerState { step: self.step, moments })
+    }
+
+    /// Restore a saved state; every name and length must match this optimizer's parameters.
+    pub fn import_state(&mut self, saved: &OptimizerState) -> Result<()> {
+        let mut state: Vec<Option<(Storage, Storage)>> = self.params.iter().map(|_| None).collect();
+        for (name, m, v) in &saved.moments {
+            let Some(i) = self.params.iter().position(|p| &p.name == name) else {
+                bail!("optimizer state for '{name}', which the model does not have");
+            };
+            let p = &self.params[i].tensor;
+            if m.len() != p.numel() || v.len() != p.numel() {
+                bail!(
+                    "optimizer state for '{name}' has {} and {} values, the parameter has {}",
+                    m.len(),
+                    v.len(),
+                    p.numel()
+                );
+            }
+            if state[i].is_some() {
+                bail!("optimizer state for '{name}' appears twice");
+            }
+            state[i] = Some((p.backend().upload(m)?, p.backend().upload(v)?));
+        }
+        self.state = state;
+        self.step = saved.step;
+        Ok(())
     }
 
     /// Apply one update from `grads`; parameters without a gradient are left alone. Adam

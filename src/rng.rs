@@ -44,6 +44,18 @@ impl Rng {
         Rng::new(h)
     }
 
+    /// The generator's position, to be saved with a checkpoint so a resumed run draws the
+    /// numbers an uninterrupted one would have drawn.
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
+    /// A generator at a saved position. All-zero is xoshiro's one fixed point (it would only
+    /// ever return 0), so it can only come from a corrupt file.
+    pub fn from_state(s: [u64; 4]) -> Option<Self> {
+        (s != [0; 4]).then_some(Rng { s })
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;

@@ -12,7 +12,7 @@ use crate::data::{Dataset, Normalization};
 use crate::models::Model;
 use crate::nn::Forward;
 use crate::ops;
-use crate::optim::{OptimConfig, Optimizer};
+use crate::optim::{OptimConfig, Optimizer, OptimizerState};
 use crate::progress;
 use crate::rng::{splitmix64, Rng};
 use crate::tensor::Tensor;
@@ -148,35 +148,106 @@ pub fn evaluate(model: &Model, data: &DeviceDataset, batch_size: usize) -> Resul
     })
 }
 
-/// Train `model` for `cfg.epochs`, evaluating on `test` after each epoch and calling
-/// `after_epoch` (which saves a checkpoint) so an interrupted run keeps its finished epochs.
+/// Everything that changes as training goes on, besides the weights: an uninterrupted run and
+/// one resumed from a checkpoint of this state draw the same batches, augmentations and updates.
+pub struct Session {
+    pub optimizer: Optimizer,
+    pub shuffle_rng: Rng,
+    pub augment_rng: Rng,
+    pub epochs_done: usize,
+    /// The first training loss of the run, the yardstick of the divergence warning.
+    pub first_loss: Option<f32>,
+}
+
+/// The part of a [`Session`] that is not a tensor, as a checkpoint stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionPosition {
+    pub epochs_done: usize,
+    pub shuffle_rng: [u64; 4],
+    pub augment_rng: [u64; 4],
+    pub optimizer_step: u32,
+    pub first_loss: Option<f32>,
+}
+
+impl Session {
+    pub fn new(model: &Model, cfg: &TrainConfig) -> Result<Self> {
+        Ok(Session {
+            optimizer: Optimizer::new(cfg.optim, model.parameters())?,
+            shuffle_rng: Rng::derive(cfg.seed, "shuffle"),
+            augment_rng: Rng::derive(cfg.seed, "augment"),
+            epochs_done: 0,
+            first_loss: None,
+        })
+    }
+
+    pub fn position(&self) -> SessionPosition {
+        SessionPosition {
+            epochs_done: self.epochs_done,
+            shuffle_rng: self.shuffle_rng.state(),
+            augment_rng: self.augment_rng.state(),
+            optimizer_step: self.optimizer.steps_taken(),
+            first_loss: self.first_loss,
+        }
+    }
+
+    /// A session at a saved position, its optimizer moments restored from `optim`.
+    pub fn restore(model: &Model, cfg: &TrainConfig, pos: &SessionPosition, optim: &OptimizerState) -> Result<Self> {
+        let mut s = Session::new(model, cfg)?;
+        let bad_rng = || anyhow::anyhow!("the saved random-number state is all zeros (corrupt)");
+        s.shuffle_rng = Rng::from_state(pos.shuffle_rng).ok_or_else(bad_rng)?;
+        s.augment_rng = Rng::from_state(pos.augment_rng).ok_or_else(bad_rng)?;
+        if optim.step != pos.optimizer_step {
+            bail!("the saved optimizer took {} steps but the run records {}", optim.step, pos.optimizer_step);
+        }
+        s.optimizer.import_state(optim)?;
+        s.epochs_done = pos.epochs_done;
+        s.first_loss = pos.first_loss;
+        Ok(s)
+    }
+}
+
+/// The flag most likely behind a diverging run, for the hint: weight decay when it is large
+/// enough to dominate the gradient, else the learning rate.
+pub fn divergence_hint(o: &OptimConfig) -> String {
+    if o.weight_decay >= 0.1 {
+        format!("try a lower --weight-decay (now {}) or --lr (now {})", o.weight_decay, o.lr)
+    } else {
+        format!("try a lower --lr (now {})", o.lr)
+    }
+}
+
+/// How far the loss may grow over its first value before the run is warned about.
+const DIVERGENCE_FACTOR: f32 = 1000.0;
+
+/// Train `model` from `session` up to `cfg.epochs`, evaluating on `test` after each epoch and
+/// calling `after_epoch` (which saves a checkpoint of the session) so an interrupted run keeps
+/// its finished epochs and can continue from them.
 pub fn fit(
     model: &Model,
     train: &DeviceDataset,
     test: Option<&DeviceDataset>,
     cfg: &TrainConfig,
     quiet: bool,
-    mut after_epoch: impl FnMut(&EpochMetrics) -> Result<()>,
+    session: &mut Session,
+    mut after_epoch: impl FnMut(&EpochMetrics, &Session) -> Result<()>,
 ) -> Result<Vec<EpochMetrics>> {
     if cfg.batch_size < 2 {
         bail!("--batch-size must be at least 2 (batch statistics need two samples), got {}", cfg.batch_size);
     }
-    if train.is_empty() {
-        bail!("the training set is empty");
+    if train.len() < 2 {
+        bail!("the training set has {} image(s); a training step needs at least 2 (raise --limit)", train.len());
     }
-    let mut opt = Optimizer::new(cfg.optim, model.parameters())?;
-    let mut shuffle_rng = Rng::derive(cfg.seed, "shuffle");
-    let mut augment_rng = Rng::derive(cfg.seed, "augment");
+    let mut warned = false;
     let mut history = Vec::new();
     let readback = match train.images.device() {
         Device::Cpu => 1,
         Device::Cuda(_) => READBACK_EVERY,
     };
-    for epoch in 1..=cfg.epochs {
+    for epoch in session.epochs_done + 1..=cfg.epochs {
         let steps = train.len().div_ceil(cfg.batch_size);
         let pb = (!quiet).then(|| progress::bar(steps as u64, &format!("epoch {epoch}/{}", cfg.epochs)));
         let mut order: Vec<u32> = (0..train.len() as u32).collect();
-        shuffle_rng.shuffle(&mut order);
+        session.shuffle_rng.shuffle(&mut order);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         // Losses and predictions wait on the device and are read back in groups, so a GPU
         // never idles on a per-step round trip.
@@ -188,13 +259,13 @@ pub fn fit(
                 continue;
             }
             let (x, y) = train.batch(idx)?;
-            let x = cfg.augment.apply(&x, &train.fill, &mut augment_rng)?;
+            let x = cfg.augment.apply(&x, &train.fill, &mut session.augment_rng)?;
             let tape = Tape::start()?;
             let seed = splitmix64(cfg.seed ^ ((epoch as u64) << 32) ^ step as u64);
             let logp = model.forward(&x, &mut Forward::train(seed))?;
             let loss = ops::nll_loss(&logp, &y)?;
             let grads = tape.backward(&loss)?;
-            opt.step(&grads)?;
+            session.optimizer.step(&grads)?;
             pending.push((loss, device_predictions(&logp)?, idx.to_vec()));
             let last = (step + 1) * cfg.batch_size >= train.len();
             if pending.len() < readback && !last {
@@ -204,10 +275,23 @@ pub fn fit(
                 let l = loss.scalar()?;
                 if !l.is_finite() {
                     bail!(
-                        "training diverged: the loss became {l} in epoch {epoch} (by step {}). \
-                         Try a lower --lr (now {}); checkpoints of finished epochs are kept.",
+                        "training diverged: the loss became {l} in epoch {epoch} (by step {}): {}; \
+                         checkpoints of finished epochs are kept.",
                         step + 1,
-                        cfg.optim.lr
+                        divergence_hint(&cfg.optim)
+                    );
+                }
+                let first = *session.first_loss.get_or_insert(l);
+                if !warned && l > DIVERGENCE_FACTOR * first.max(1e-3) {
+                    warned = true;
+                    progress::note(
+                        pb.as_ref(),
+                        &format!(
+                            "warning: the training loss grew from {first:.4} to {l:.4e} (over {DIVERGENCE_FACTOR}x) \
+                             by step {} of epoch {epoch}: training is diverging; {}",
+                            step + 1,
+                            divergence_hint(&cfg.optim)
+                        ),
                     );
                 }
                 loss_sum += l as f64 * idx.len() as f64;
@@ -260,7 +344,8 @@ pub fn fit(
                 m.images_per_second
             ),
         );
-        after_epoch(&m)?;
+        session.epochs_done = epoch;
+        after_epoch(&m, session)?;
         history.push(m);
     }
     Ok(history)

@@ -81,7 +81,7 @@ fn training_steps_allocate_nothing_new_after_warm_up() {
     use rotvar::models::{InputSpec, Model};
     use rotvar::nn::{Conv2d, Layer, Linear, Sequential};
     use rotvar::optim::{OptimConfig, OptimizerKind};
-    use rotvar::train::{fit, DeviceDataset, TrainConfig};
+    use rotvar::train::{fit, DeviceDataset, Session, TrainConfig};
     let emu: BackendRef = CudaBackend::emulated();
     let n = 24;
     let mut rng = rotvar::rng::Rng::new(4);
@@ -115,9 +115,10 @@ fn training_steps_allocate_nothing_new_after_warm_up() {
         seed: 1,
         augment: "rotate".parse().unwrap(),
     };
-    fit(&model, &data, Some(&data), &cfg(1), true, |_| Ok(())).expect("warm-up epoch");
+    let mut session = Session::new(&model, &cfg(1)).expect("session");
+    fit(&model, &data, Some(&data), &cfg(1), true, &mut session, |_, _| Ok(())).expect("warm-up epoch");
     let warm = emu.memory_stats().expect("tracked");
-    let history = fit(&model, &data, Some(&data), &cfg(2), true, |_| Ok(())).expect("two more epochs");
+    let history = fit(&model, &data, Some(&data), &cfg(3), true, &mut session, |_, _| Ok(())).expect("two more epochs");
     let after = emu.memory_stats().expect("tracked");
     assert_eq!(history.len(), 2);
     assert!(history.iter().all(|m| m.train_loss.is_finite()));

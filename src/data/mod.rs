@@ -221,6 +221,15 @@ pub fn resolve_data_dir(cli: Option<&Path>) -> PathBuf {
 
 pub const DATASETS: &[&str] = &["mnist", "mnist-sample", "cifar10"];
 
+/// Channels, height and width of a named dataset's images.
+pub fn known_shape(name: &str) -> Option<[usize; 3]> {
+    match name {
+        "mnist" | "mnist-sample" => Some([1, 28, 28]),
+        "cifar10" => Some([3, 32, 32]),
+        _ => None,
+    }
+}
+
 /// Loads dataset `name` (one of [`DATASETS`]) from `data_dir`; `mnist-sample` is built in and
 /// ignores `data_dir`.
 pub fn load(name: &str, split: Split, data_dir: &Path) -> Result<Dataset> {

@@ -6,10 +6,11 @@ use super::{measure, rotation_angles, LayerVariance, MeasureConfig, Per};
 use crate::backend::{BackendRef, MapReduce};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{self, Split};
+use crate::limits;
 use crate::models::Model;
 use crate::progress;
 use crate::train::DeviceDataset;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -52,27 +53,14 @@ pub fn checkpoint_test_data(
     if let Some(n) = limit {
         ds = ds.take(n);
     }
-    let shape = [ds.channels, ds.height, ds.width];
-    if shape != [meta.input.channels, meta.input.height, meta.input.width] {
-        bail!(
-            "{} expects {}x{}x{} images but {name} has {}x{}x{}",
-            ckpt.display(),
-            meta.input.channels,
-            meta.input.height,
-            meta.input.width,
-            shape[0],
-            shape[1],
-            shape[2]
-        );
-    }
+    meta.check_dataset(&ds, ckpt)?;
     DeviceDataset::upload(&ds, &meta.normalization, b)
 }
 
 /// Measure V for every intermediate of the checkpoint's model and write the results into `out`.
 pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: &Path) -> Result<Measured> {
-    if o.rotations == 0 {
-        bail!("--rotations must be at least 1");
-    }
+    limits::ROTATIONS.check_usize(o.rotations)?;
+    limits::EVAL_BATCH.check_usize(o.batch)?;
     let (model, meta) = checkpoint::load(ckpt, b)?;
     let data = checkpoint_test_data(&meta, ckpt, o.dataset.as_deref(), o.data_dir.as_deref(), o.limit, b)?;
     let cfg = MeasureConfig {
