@@ -7,7 +7,7 @@
 //! tests and hand-made subsets can use small files, but rejects a length that is not a multiple
 //! of the record size, since that means truncation or a different format.
 
-use super::{read_file, Dataset, Split, DATA_DIR_HINT};
+use super::{dir_note, not_a_file, read_file, Dataset, Split, DATA_DIR_HINT};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
@@ -42,13 +42,21 @@ pub fn split_files(split: Split) -> Vec<&'static str> {
 pub fn load_cifar10(data_dir: &Path, split: Split) -> Result<Dataset> {
     let names = split_files(split);
     let primary = data_dir.join(CIFAR_SUBDIR);
-    let in_primary = names.iter().any(|f| primary.join(f).is_file());
+    let in_primary = names.iter().any(|f| primary.join(f).is_file() || not_a_file(&primary.join(f)).is_some());
     let in_parent = names.iter().all(|f| data_dir.join(f).is_file());
     let dir = if !in_primary && in_parent { data_dir.to_path_buf() } else { primary };
 
+    if let Some((path, what)) = names.iter().find_map(|f| not_a_file(&dir.join(f)).map(|w| (dir.join(f), w))) {
+        bail!(
+            "CIFAR-10 {split} data: {} {what}; rotvar expects a CIFAR-10 binary batch there. \
+             Remove or rename it, then re-extract the binary version ({DOWNLOAD_URL}) inside the \
+             data directory.\n{DATA_DIR_HINT}",
+            path.display()
+        );
+    }
     let missing: Vec<&str> = names.iter().copied().filter(|f| !dir.join(f).is_file()).collect();
     if !missing.is_empty() {
-        let dir_note = if dir.is_dir() { "" } else { " (the directory does not exist)" };
+        let dir_note = dir_note(&dir);
         bail!(
             "CIFAR-10 {split} data not found: missing {} in {}{dir_note}.\n\
              To fix: download the binary version ({DOWNLOAD_URL}) and extract it inside the data \
@@ -126,6 +134,13 @@ fn append_batch(
 /// Class names from `batches.meta.txt` (one per line, blank lines ignored), or the standard
 /// names if the file is absent.
 pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
+    if let Some(what) = not_a_file(path) {
+        bail!(
+            "{} {what}; it should be a text file with the 10 class names, one per line. Remove or \
+             rename it (without it the standard names are used)",
+            path.display()
+        );
+    }
     if !path.exists() {
         return Ok(DEFAULT_CLASS_NAMES.iter().map(|s| s.to_string()).collect());
     }

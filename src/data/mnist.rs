@@ -6,7 +6,7 @@
 //! baffling accuracy number. Nothing indexes unchecked into file contents, and header dimensions
 //! are multiplied with overflow checks before anything is allocated.
 
-use super::{read_file, Dataset, Split, DATA_DIR_HINT};
+use super::{dir_note, not_a_file, read_file, Dataset, Split, DATA_DIR_HINT};
 use anyhow::{anyhow, bail, Result};
 use byteorder::{BigEndian, ReadBytesExt};
 use std::io::Read;
@@ -47,6 +47,12 @@ pub fn locate(dir: &Path, base: &str) -> Option<PathBuf> {
     raw.is_file().then_some(raw)
 }
 
+/// The first of `<base>.gz` and `<base>` in `dir` that exists but is not a regular file (a
+/// directory, say), with what it is instead. Only consulted when [`locate`] finds no file.
+fn blocker(dir: &Path, base: &str) -> Option<(PathBuf, &'static str)> {
+    [dir.join(format!("{base}.gz")), dir.join(base)].into_iter().find_map(|p| not_a_file(&p).map(|what| (p, what)))
+}
+
 pub fn class_names() -> Vec<String> {
     (0..NUM_CLASSES).map(|d| d.to_string()).collect()
 }
@@ -58,7 +64,8 @@ pub fn class_names() -> Vec<String> {
 pub fn load_mnist(data_dir: &Path, split: Split) -> Result<Dataset> {
     let (images_name, labels_name) = split_files(split);
     let primary = data_dir.join(MNIST_SUBDIR);
-    let in_primary = [images_name, labels_name].iter().any(|b| locate(&primary, b).is_some());
+    let in_primary =
+        [images_name, labels_name].iter().any(|b| locate(&primary, b).is_some() || blocker(&primary, b).is_some());
     let in_parent = [images_name, labels_name].iter().all(|b| locate(data_dir, b).is_some());
     let dir = if !in_primary && in_parent { data_dir.to_path_buf() } else { primary };
 
@@ -67,6 +74,16 @@ pub fn load_mnist(data_dir: &Path, split: Split) -> Result<Dataset> {
     let (images_path, labels_path) = match (images_path, labels_path) {
         (Some(i), Some(l)) => (i, l),
         (i, l) => {
+            let absent = [(i.is_none(), images_name), (l.is_none(), labels_name)];
+            if let Some((path, what)) = absent.iter().filter(|(a, _)| *a).find_map(|(_, b)| blocker(&dir, b)) {
+                bail!(
+                    "MNIST {split} data: {} {what}; rotvar expects the IDX file {} there. Remove or \
+                     rename it, then run `rotvar fetch mnist` (with the same --data-dir) to download \
+                     the files, or copy them there by hand.\n{DATA_DIR_HINT}",
+                    path.display(),
+                    path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                );
+            }
             let mut missing = Vec::new();
             if i.is_none() {
                 missing.push(images_name);
@@ -128,7 +145,7 @@ pub(crate) fn build_dataset(
 
 fn missing_files_error(dir: &Path, split: Split, missing: &[&str]) -> anyhow::Error {
     let list: Vec<String> = missing.iter().map(|b| format!("{b}.gz")).collect();
-    let dir_note = if dir.is_dir() { "" } else { " (the directory does not exist)" };
+    let dir_note = dir_note(dir);
     anyhow!(
         "MNIST {split} data not found: missing {} in {}{dir_note}. Each file may also be \
          stored uncompressed, without the .gz suffix.\n\

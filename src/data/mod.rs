@@ -246,6 +246,36 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
 }
 
+/// If something exists at `path` but is not a regular file (a directory, a dangling symbolic
+/// link, a FIFO or device), says what it is, e.g. "is a directory, not a file". `None` when the
+/// path is a regular file (or a link to one) or nothing is there at all.
+///
+/// Loaders check this before calling a data file "missing": a directory where a file belongs
+/// needs a different fix (remove it) than an absent file (download it), and reading a FIFO would
+/// block forever.
+pub(crate) fn not_a_file(path: &Path) -> Option<&'static str> {
+    let link = std::fs::symlink_metadata(path).ok()?;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => None,
+        Ok(m) if m.is_dir() => Some("is a directory, not a file"),
+        Ok(_) => Some("is not a regular file (a FIFO, socket or device)"),
+        Err(_) if link.file_type().is_symlink() => Some("is a symbolic link to a path that does not exist"),
+        Err(_) => Some("exists but cannot be inspected (check its permissions)"),
+    }
+}
+
+/// " (the directory does not exist)" or " (it is a file, not a directory)" for a data directory
+/// that is not a directory; "" when it is one. Appended to "files are missing" errors.
+pub(crate) fn dir_note(dir: &Path) -> &'static str {
+    if dir.is_dir() {
+        ""
+    } else if dir.exists() {
+        " (that path is a file, not a directory)"
+    } else {
+        " (the directory does not exist)"
+    }
+}
+
 /// The advice appended to every "files are missing" error.
 pub(crate) const DATA_DIR_HINT: &str =
     "The data directory is chosen by --data-dir, else the ROTVAR_DATA environment variable, \
