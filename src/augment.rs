@@ -5,6 +5,7 @@
 //! travel to the device; the images never leave it.
 
 use crate::backend::{rotation_matrix, Interp};
+use crate::limits;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use anyhow::{bail, Context, Result};
@@ -114,14 +115,8 @@ impl FromStr for Augment {
             };
             match (key, value) {
                 ("rotate", None) => a.rotate = Some(FULL_TURN),
-                ("rotate", Some(v)) => a.rotate = Some(parse_range("rotate", v)?),
-                ("zoom", Some(v)) => {
-                    let (lo, hi) = parse_range("zoom", v)?;
-                    if lo <= 0.0 {
-                        bail!("--augment zoom: factors must be positive, got {lo}:{hi}");
-                    }
-                    a.zoom = Some((lo, hi));
-                }
+                ("rotate", Some(v)) => a.rotate = Some(bounded(parse_range("rotate", v)?, limits::AUGMENT_DEGREES)?),
+                ("zoom", Some(v)) => a.zoom = Some(bounded(parse_range("zoom", v)?, limits::AUGMENT_ZOOM)?),
                 ("zoom", None) => bail!("--augment zoom needs a range, e.g. zoom=0.8:1.2"),
                 ("hflip", None) => a.hflip = true,
                 ("vflip", None) => a.vflip = true,
@@ -158,6 +153,13 @@ impl fmt::Display for Augment {
             write!(f, "{}", parts.join(","))
         }
     }
+}
+
+fn bounded((lo, hi): (f32, f32), b: limits::Bound) -> Result<(f32, f32)> {
+    if !(b.contains(lo as f64) && b.contains(hi as f64)) {
+        bail!("{} {lo}:{hi} is out of range: both ends must be within {}", b.name, b.range());
+    }
+    Ok((lo, hi))
 }
 
 // Stored as its canonical text (`rotate,zoom=0.8:1.2`) in configs, manifests and checkpoints.

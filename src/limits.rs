@@ -49,6 +49,11 @@ pub const BENCH_STEPS: Bound = closed("--steps", 1.0, 1_000_000.0);
 pub const BENCH_WARMUP: Bound = closed("--warmup", 0.0, 100_000.0);
 pub const SELFTEST_STEPS: Bound = closed("--steps", 1.0, 1_000_000.0);
 
+/// `--augment rotate=LO:HI` in degrees: ten turns either way is already more than anyone means.
+pub const AUGMENT_DEGREES: Bound = closed("--augment rotate", -3600.0, 3600.0);
+/// `--augment zoom=LO:HI`: a factor; 0 would collapse the image to a point.
+pub const AUGMENT_ZOOM: Bound = Bound { name: "--augment zoom", lo: 0.0, hi: 100.0, lo_open: true, hi_open: false };
+
 /// Sizes in a checkpoint's metadata. The largest model at the largest input stays within a few
 /// GB of parameters, so a corrupt header cannot ask for more than the machine has.
 pub const INPUT_CHANNELS: Bound = closed("input channels", 1.0, 16.0);

@@ -133,6 +133,9 @@ fn numeric_flags_are_bounded_and_say_the_bounds() {
         (&["bench", "--steps", "0"], &["--steps 0"]),
         (&["bench", "--images", "99999999999"], &["--images 99999999999"]),
         (&["selftest", "--steps", "0"], &["--steps 0"]),
+        (&["train", "--augment", "rotate=-1e38:1e38"], &["--augment rotate -100000000000000000000000000000000000000:"]),
+        (&["train", "--augment", "zoom=0:1"], &["--augment zoom 0:1", "0 < value ≤ 100"]),
+        (&["train", "--augment", "zoom=1:NaN"], &["zoom"]),
     ];
     for (args, needles) in cases {
         refused(args, needles);
