@@ -12,7 +12,7 @@ use crate::fsio::{self, write_atomic, write_json};
 use crate::limits;
 use crate::measure::job::{self, MeasureOptions};
 use crate::measure::{output, Per};
-use crate::models::MODELS;
+use crate::models::{InputSpec, MODELS};
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::run::{self, DataSource, PairOptions};
 use crate::train::{self, DeviceDataset, TrainConfig};
@@ -50,6 +50,8 @@ enum Command {
     Images(ImagesArgs),
     /// Show the build, its features and the devices found.
     Info,
+    /// Every model: parameters and per-layer output shapes for MNIST and CIFAR-10 inputs.
+    Models(ModelsArgs),
     /// Download a dataset into the data directory and verify it.
     Fetch(FetchArgs),
     /// Check every GPU kernel against the CPU reference and compare LeNet training curves.
@@ -399,6 +401,15 @@ struct ImagesArgs {
 }
 
 #[derive(Args)]
+struct ModelsArgs {
+    /// Only this model (default: all).
+    model: Option<String>,
+    /// Print JSON (one object per model and input) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct FetchArgs {
     /// Dataset to download (mnist).
     dataset: String,
@@ -423,6 +434,7 @@ pub fn run() -> Result<()> {
         Command::Experiment(a) => cmd_experiment(a),
         Command::Images(a) => cmd_images(a),
         Command::Info => cmd_info(),
+        Command::Models(a) => cmd_models(a),
         Command::Fetch(a) => cmd_fetch(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Selftest(a) => cmd_selftest(a),
@@ -688,6 +700,79 @@ fn cmd_info() -> Result<()> {
     println!("datasets: {}", data::DATASETS.join(", "));
     println!("data directory: {}", data::resolve_data_dir(None).display());
     Ok(())
+}
+
+fn cmd_models(a: ModelsArgs) -> Result<()> {
+    let names: Vec<String> = match &a.model {
+        Some(m) => {
+            run::check_model(m)?;
+            vec![m.to_ascii_lowercase()]
+        }
+        None => MODELS.iter().map(|m| m.to_string()).collect(),
+    };
+    let b = backend::cpu::CpuBackend::shared();
+    let inputs = [("MNIST", [1, 28, 28]), ("CIFAR-10", [3, 32, 32])];
+    for name in &names {
+        // A model that cannot take an input (VGG16's five poolings on 28x28) gets an empty
+        // table for it and the reason.
+        let results: Vec<Result<Vec<_>>> = inputs
+            .iter()
+            .map(|(_, [c, h, w])| {
+                crate::models::summary(name, InputSpec { channels: *c, height: *h, width: *w, classes: 10 }, &b)
+            })
+            .collect();
+        let totals: Vec<String> = results
+            .iter()
+            .map(|r| match r {
+                Ok(rows) => format!("{} parameters", group(rows.iter().map(|r| r.parameters).sum())),
+                Err(e) => format!("not buildable ({e})"),
+            })
+            .collect();
+        if a.json {
+            for ((label, _), r) in inputs.iter().zip(&results) {
+                let v = match r {
+                    Ok(rows) => serde_json::json!({ "model": name, "input": label,
+                        "parameters": rows.iter().map(|r| r.parameters).sum::<usize>(), "layers": rows }),
+                    Err(e) => serde_json::json!({ "model": name, "input": label, "error": format!("{e}") }),
+                };
+                println!("{v}");
+            }
+            continue;
+        }
+        println!("{name}: MNIST {}; CIFAR-10 {}", totals[0], totals[1]);
+        let tables: Vec<&[crate::models::LayerSummary]> =
+            results.iter().map(|r| r.as_ref().map_or(&[][..], |v| v.as_slice())).collect();
+        let all = if tables[0].is_empty() { tables[1] } else { tables[0] };
+        println!("  {:<22} {:>11} {:>14} {:>11} {:>14}", "layer", "MNIST par.", "MNIST out", "CIFAR par.", "CIFAR out");
+        let shape = |v: &[usize]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        // Both inputs give the same layers in the same order; zip by name to be safe.
+        for r in all {
+            let cols: Vec<(String, String)> = tables
+                .iter()
+                .map(|t| {
+                    t.iter()
+                        .find(|x| x.name == r.name)
+                        .map_or(("-".into(), "-".into()), |x| (group(x.parameters), shape(&x.output)))
+                })
+                .collect();
+            println!("  {:<22} {:>11} {:>14} {:>11} {:>14}", r.name, cols[0].0, cols[0].1, cols[1].0, cols[1].1);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// 1234567 → "1,234,567".
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 fn cmd_fetch(a: FetchArgs) -> Result<()> {

@@ -6,7 +6,7 @@ use crate::augment::Augment;
 use crate::backend::BackendRef;
 use crate::checkpoint::{self, CheckpointMeta, TrainingState};
 use crate::data::{self, Dataset, Split};
-use crate::fsio::{self, write_json};
+use crate::fsio::write_json;
 use crate::models::{InputSpec, Model, MODELS};
 use crate::nn::Forward;
 use crate::optim::{OptimConfig, OptimizerState};
@@ -283,7 +283,6 @@ pub fn train_model(
         (Existing::Overwrite | Existing::Continue | Existing::Refuse, false) | (Existing::Overwrite, true) => false,
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-    fsio::remove_stale_temps(out);
     let (model, mut session, mut record, mut meta) = if resume {
         let loaded = checkpoint::load_full(&ckpt_path, b)?;
         let Some(training) = &loaded.training else {

@@ -255,14 +255,17 @@ fn quick_experiment_writes_the_report_and_every_figure() {
         }
     }
     // A second run reuses the trained pair instead of training again.
+    let ck = std::fs::read(out.join("rotated/model.safetensors")).unwrap();
     let o = rotvar_ok(&args);
-    assert!(stderr(&o).contains("reusing the trained pair"), "{}", stderr(&o));
-    // ...but not a pair of another model.
+    assert_eq!(stderr(&o).matches("nothing to do").count(), 2, "{}", stderr(&o));
+    assert!(std::fs::read(out.join("rotated/model.safetensors")).unwrap() == ck, "the reused model was rewritten");
+    // ...but not a pair of another model: refused, naming the difference.
     let mut other: Vec<&str> = args.to_vec();
     other.extend(["--model", "simpleconv"]);
     let o = rotvar(&other);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("holds a trained pair of lenet") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains(r#"model: "lenet" in the saved run, "simpleconv" now"#) && !e.contains("panicked"), "{e}");
 }
 
 #[test]
@@ -371,4 +374,46 @@ fn bench_gemm_reports_every_variant_and_refuses_the_cpu() {
     let o = rotvar(&["bench", "gemm", "--device", "cpu"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("use --device cuda or cuda-emu"), "{}", stderr(&o));
+}
+
+#[test]
+fn models_lists_every_model_with_shapes_and_parameter_counts() {
+    let o = rotvar_ok(&["models", "--json"]);
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2 * rotvar::models::MODELS.len());
+    let cpu = rotvar::backend::cpu::CpuBackend::shared();
+    for v in &lines {
+        let (model, input) = (v["model"].as_str().unwrap(), v["input"].as_str().unwrap());
+        let shape = if input == "MNIST" { (1, 28) } else { (3, 32) };
+        let spec = rotvar::models::InputSpec { channels: shape.0, height: shape.1, width: shape.1, classes: 10 };
+        match rotvar::models::Model::build(model, spec, &cpu, 0) {
+            Ok(m) => {
+                let rows = v["layers"].as_array().unwrap();
+                let sum: u64 = rows.iter().map(|r| r["parameters"].as_u64().unwrap()).sum();
+                assert_eq!(sum, m.num_parameters() as u64, "{model} {input}: rows do not add up");
+                assert_eq!(v["parameters"].as_u64().unwrap(), sum);
+                assert_eq!(rows.last().unwrap()["output"], serde_json::json!([10]), "{model} {input}");
+            }
+            Err(_) => assert!(v["error"].as_str().is_some_and(|e| e.contains(model)), "{v}"),
+        }
+    }
+    // LeNet on MNIST by hand: 5x5 convs with padding 2, pools to 7x7, fc 120*7*7 -> 84 -> 10.
+    let lenet = lines.iter().find(|v| v["model"] == "lenet" && v["input"] == "MNIST").unwrap();
+    let rows: Vec<(String, u64, serde_json::Value)> = lenet["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_string(), r["parameters"].as_u64().unwrap(), r["output"].clone()))
+        .collect();
+    let get = |n: &str| rows.iter().find(|r| r.0 == n).unwrap_or_else(|| panic!("{n}")).clone();
+    assert_eq!(get("conv1").1, 6 * 25 + 6);
+    assert_eq!(get("conv3").1, 16 * 120 * 25 + 120);
+    assert_eq!(get("fc1").1, 120 * 49 * 84 + 84);
+    assert_eq!(get("pool2").2, serde_json::json!([16, 7, 7]));
+    // Text mode names both inputs; an unknown model is a clear error.
+    let text = String::from_utf8_lossy(&rotvar_ok(&["models", "vgg16"]).stdout).into_owned();
+    assert!(text.contains("MNIST not buildable") && text.contains("14,728,266 parameters"), "{text}");
+    let o = rotvar(&["models", "alexnet"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown model 'alexnet'"));
 }

@@ -85,6 +85,45 @@ impl Model {
     }
 }
 
+/// One row of a model summary: an intermediate the forward pass reports, its output shape for
+/// one image, and the parameters of the layer that produced it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    pub name: String,
+    pub output: Vec<usize>,
+    pub parameters: usize,
+}
+
+/// Every intermediate of `arch` built for `input`, in order, from a forward pass of one blank
+/// image. Each parameter is counted at the intermediate whose name is the longest prefix of its
+/// own (`layer1.0.conv1.weight` at `layer1.0.conv1`); any left over go in a last "(other)" row,
+/// so the rows always add up to the model's parameter count.
+pub fn summary(arch: &str, input: InputSpec, b: &BackendRef) -> Result<Vec<LayerSummary>> {
+    let model = Model::build(arch, input, b, 0)?;
+    let mut rows: Vec<LayerSummary> = Vec::new();
+    let mut observe = |name: &str, t: &Tensor| -> Result<()> {
+        rows.push(LayerSummary { name: name.to_string(), output: t.shape()[1..].to_vec(), parameters: 0 });
+        Ok(())
+    };
+    let x = Tensor::zeros(b, &[1, input.channels, input.height, input.width])?;
+    model.forward(&x, &mut Forward::observe(&mut observe))?;
+    let mut other = 0;
+    for p in model.parameters() {
+        let owner = rows
+            .iter_mut()
+            .filter(|r| p.name.strip_prefix(r.name.as_str()).is_some_and(|rest| rest.starts_with('.')))
+            .max_by_key(|r| r.name.len());
+        match owner {
+            Some(r) => r.parameters += p.tensor.numel(),
+            None => other += p.tensor.numel(),
+        }
+    }
+    if other > 0 {
+        rows.push(LayerSummary { name: "(other)".into(), output: Vec::new(), parameters: other });
+    }
+    Ok(rows)
+}
+
 /// Spatial size after a stride-2, kernel-2 max-pool (floor, as PyTorch).
 fn halved(x: usize) -> usize {
     x / 2
