@@ -11,7 +11,7 @@ use crate::figures;
 use crate::fsio::{self, write_atomic, write_json};
 use crate::limits;
 use crate::measure::job::{self, MeasureOptions};
-use crate::measure::{output, Per};
+use crate::measure::{self, output, Per};
 use crate::models::{InputSpec, MODELS};
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::run::{self, DataSource, PairOptions};
@@ -43,6 +43,8 @@ enum Command {
     Measure(MeasureArgs),
     /// Measure both models of a `train-pair` run directory and compare them.
     MeasurePair(MeasurePairArgs),
+    /// Combine the shard files of `measure --shard K/N` into the result of one whole run.
+    MeasureMerge(MeasureMergeArgs),
     /// The whole study in one command: train the pair, accuracy versus angle, V for both models,
     /// every figure and a report.md.
     Experiment(ExperimentArgs),
@@ -319,8 +321,23 @@ struct MeasureArgs {
     /// Output directory for variance.safetensors, variance.json and plots (default: beside the checkpoint).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure only the K-th of N slices of the test set (K from 1; whole batches of
+    /// --batch-size) and write its moments to variance.shard-K-of-N.safetensors; `rotvar
+    /// measure-merge` combines the N shards into what one run with the same --batch-size gives.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<measure::shard::Shard>,
     #[command(flatten)]
     opts: MeasureOpts,
+}
+
+#[derive(Args)]
+struct MeasureMergeArgs {
+    /// Shard files (variance.shard-K-of-N.safetensors), all N of one measurement, in any order.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// Output directory for variance.safetensors, variance.json and variance_strips.png.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -431,6 +448,7 @@ pub fn run() -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Measure(a) => cmd_measure(a),
         Command::MeasurePair(a) => cmd_measure_pair(a),
+        Command::MeasureMerge(a) => cmd_measure_merge(a),
         Command::Experiment(a) => cmd_experiment(a),
         Command::Images(a) => cmd_images(a),
         Command::Info => cmd_info(),
@@ -591,6 +609,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 fn cmd_measure(a: MeasureArgs) -> Result<()> {
     let b = open_backend(a.opts.device)?;
     let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
+    if let Some(which) = a.shard {
+        let path = job::measure_shard(&b, &a.checkpoint, &a.opts.options(), which, &out)?;
+        println!("wrote shard {which}: {}", path.display());
+        return Ok(());
+    }
     let m = job::measure_checkpoint(&b, &a.checkpoint, &a.opts.options(), &out)?;
     println!(
         "{} ({}): V over {} test images x {} rotations, per {} ({}), {:.1}s",
@@ -614,6 +637,27 @@ fn cmd_measure(a: MeasureArgs) -> Result<()> {
         out.join(job::TENSORS).display(),
         out.join(job::SUMMARY).display()
     );
+    Ok(())
+}
+
+fn cmd_measure_merge(a: MeasureMergeArgs) -> Result<()> {
+    let (layers, summary, source) = job::merge_shards(&a.shards, &a.out)?;
+    println!(
+        "{} ({}): V over {} test images x {} rotations, merged from {} shards",
+        source.arch,
+        source.augment,
+        summary.samples,
+        summary.rotations,
+        a.shards.len()
+    );
+    print!("{}", output::table(&summary));
+    figures::variance_strips(
+        &a.out.join("variance_strips.png"),
+        &format!("{} ({}): V per unit", source.arch, source.augment),
+        &layers,
+        &source.class_names,
+    )?;
+    eprintln!("wrote {} and {}", a.out.join(job::TENSORS).display(), a.out.join(job::SUMMARY).display());
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! streaming measure, write `variance.safetensors` and `variance.json`.
 
 use super::output::{self, Summary};
-use super::{measure, rotation_angles, LayerVariance, MeasureConfig, Per};
+use super::shard::{self, Shard, ShardSource};
+use super::{finalize, measure, measure_moments, rotation_angles, LayerVariance, MeasureConfig, Per};
 use crate::backend::{BackendRef, MapReduce};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{self, Split};
@@ -86,4 +87,69 @@ pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: 
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     output::write(&out.join(TENSORS), &out.join(SUMMARY), &layers, &summary)?;
     Ok(Measured { model, meta, layers, summary, seconds })
+}
+
+/// `measure --shard K/N`: the moments of the K-th slice of the test set, written to
+/// `out/variance.shard-K-of-N.safetensors` for `measure-merge`.
+pub fn measure_shard(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, which: Shard, out: &Path) -> Result<PathBuf> {
+    limits::ROTATIONS.check_usize(o.rotations)?;
+    limits::EVAL_BATCH.check_usize(o.batch)?;
+    let (model, meta) = checkpoint::load(ckpt, b)?;
+    let data = checkpoint_test_data(&meta, ckpt, o.dataset.as_deref(), o.data_dir.as_deref(), o.limit, b)?;
+    let range = which.range(data.len(), o.batch);
+    if range.is_empty() {
+        anyhow::bail!(
+            "shard {which} is empty: {} test images make {} batches of {}, fewer than {} shards; \
+             use fewer shards or a smaller --batch-size",
+            data.len(),
+            data.len().div_ceil(o.batch),
+            o.batch,
+            which.n
+        );
+    }
+    let cfg = MeasureConfig {
+        angles: rotation_angles(o.rotations),
+        fill: data.fill.clone(),
+        per: o.per,
+        reduce: o.reduce,
+        batch: o.batch,
+    };
+    let passes = range.len().div_ceil(o.batch.max(1)) * o.rotations;
+    let pb = (!o.quiet).then(|| progress::bar(passes as u64, &format!("measuring shard {which} of {}", meta.arch)));
+    let layers = measure_moments(&model, &data, range, &cfg, &mut |done, _| {
+        if let Some(pb) = &pb {
+            pb.set_position(done as u64);
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let source = ShardSource {
+        checkpoint_sha256: data::fetch::sha256_hex(&data::read_file(ckpt)?),
+        arch: meta.arch.clone(),
+        augment: meta.augment.to_string(),
+        dataset: o.dataset.clone().unwrap_or_else(|| meta.dataset.clone()),
+        class_names: meta.class_names.clone(),
+        total_samples: data.len(),
+        batch: o.batch,
+        angles: cfg.angles.clone(),
+        fill: cfg.fill.clone(),
+        per: cfg.per,
+        reduce: cfg.reduce,
+    };
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    let path = out.join(which.file_name());
+    shard::write(&path, &source, which, &layers)?;
+    Ok(path)
+}
+
+/// `measure-merge`: V from a complete set of shards, written into `out` as `measure` writes it.
+pub fn merge_shards(shards: &[PathBuf], out: &Path) -> Result<(Vec<LayerVariance>, output::Summary, ShardSource)> {
+    let merged = shard::merge(shards)?;
+    let layers =
+        merged.layers.iter().map(|l| finalize(&l.name, &l.unit_shape, &l.moments)).collect::<Result<Vec<_>>>()?;
+    let summary = output::summarize(&layers, Some(&merged.config));
+    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    output::write(&out.join(TENSORS), &out.join(SUMMARY), &layers, &summary)?;
+    Ok((layers, summary, merged.source))
 }

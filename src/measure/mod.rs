@@ -18,9 +18,10 @@
 pub mod job;
 pub mod output;
 pub mod reference;
+pub mod shard;
 pub mod stream;
 
-pub use stream::{measure, rotation_angles, MeasureConfig, Per};
+pub use stream::{measure, measure_moments, rotation_angles, LayerMoments, MeasureConfig, Per};
 
 use crate::backend::variance::std_from_m2;
 use crate::backend::{MapReduce, VarianceMoments};
@@ -116,6 +117,44 @@ pub fn finite_mean(v: &[f64]) -> (Option<f64>, usize) {
 pub fn global_mean(layer_means: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
     let means: Vec<f64> = layer_means.into_iter().flatten().collect();
     (!means.is_empty()).then(|| means.iter().sum::<f64>() / means.len() as f64)
+}
+
+/// Add the moments of `b` (other samples of the same layer, geometry and rotations) into `a`:
+/// counts and Σ std add; each (class, rotation, unit) mean and M2 combine with Chan et al.'s
+/// pairwise formula, the same one [`finalize`] uses across classes. A side without samples of a
+/// class leaves the other's moments as they are, bit for bit.
+pub fn merge_moments(a: &mut VarianceMoments, b: &VarianceMoments) -> Result<()> {
+    let (ga, gb) = (&a.geom, &b.geom);
+    if (ga.units, ga.hw, ga.reduce, ga.classes, ga.rotations) != (gb.units, gb.hw, gb.reduce, gb.classes, gb.rotations)
+        || a.vx_mean.len() != b.vx_mean.len()
+        || a.vt_sum_std.len() != b.vt_sum_std.len()
+    {
+        bail!("cannot merge moments of different layouts ({ga:?} and {gb:?})");
+    }
+    let (units, m) = (ga.units, ga.rotations);
+    for k in 0..ga.classes {
+        let (na, nb) = (a.class_counts[k] as f64, b.class_counts[k] as f64);
+        if nb == 0.0 {
+            continue;
+        }
+        let span = k * m * units..(k + 1) * m * units;
+        if na == 0.0 {
+            a.vx_mean[span.clone()].copy_from_slice(&b.vx_mean[span.clone()]);
+            a.vx_m2[span.clone()].copy_from_slice(&b.vx_m2[span]);
+        } else {
+            let nab = na + nb;
+            for i in span {
+                let d = b.vx_mean[i] - a.vx_mean[i];
+                a.vx_mean[i] += d * nb / nab;
+                a.vx_m2[i] += b.vx_m2[i] + d * d * na * nb / nab;
+            }
+        }
+        for u in 0..units {
+            a.vt_sum_std[k * units + u] += b.vt_sum_std[k * units + u];
+        }
+        a.class_counts[k] += b.class_counts[k];
+    }
+    Ok(())
 }
 
 /// V_t, V_x and V of one layer from the moments its running state accumulated.

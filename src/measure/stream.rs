@@ -4,7 +4,7 @@
 //! activations for one batch plus, per layer, moments of size classes × rotations × units.
 
 use super::{finalize, LayerVariance};
-use crate::backend::{class_ranks, Interp, MapReduce, VarianceGeom, VarianceState};
+use crate::backend::{class_ranks, Interp, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
 use crate::models::Model;
 use crate::nn::Forward;
 use crate::ops;
@@ -80,7 +80,32 @@ pub fn measure(
     cfg: &MeasureConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerVariance>> {
-    let n = data.len();
+    measure_moments(model, data, 0..data.len(), cfg, progress)?
+        .iter()
+        .map(|l| finalize(&l.name, &l.unit_shape, &l.moments))
+        .collect()
+}
+
+/// One layer's accumulated moments, before they become V: what a shard stores and a merge adds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerMoments {
+    pub name: String,
+    pub unit_shape: Vec<usize>,
+    pub moments: VarianceMoments,
+}
+
+/// The moments of [`measure`] over the samples `range` of `data` only (a shard of the test set).
+pub fn measure_moments(
+    model: &Model,
+    data: &DeviceDataset,
+    range: std::ops::Range<usize>,
+    cfg: &MeasureConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<LayerMoments>> {
+    if range.end > data.len() || range.start > range.end {
+        bail!("measure: samples {range:?} are outside the {} of the dataset", data.len());
+    }
+    let n = range.len();
     let classes = data.num_classes;
     if n == 0 {
         bail!("measure: the dataset is empty");
@@ -103,7 +128,7 @@ pub fn measure(
     let be = data.images.backend().clone();
     let m = cfg.angles.len();
     let batch = cfg.batch.min(n);
-    let order: Vec<u32> = (0..n as u32).collect();
+    let order: Vec<u32> = (range.start as u32..range.end as u32).collect();
     let total = n.div_ceil(batch) * m;
     let mut seen = vec![0u32; classes];
     let mut layers: Vec<Layer> = Vec::new();
@@ -157,10 +182,10 @@ pub fn measure(
         }
     }
     layers
-        .iter()
+        .into_iter()
         .map(|l| {
             let moments = be.variance_read(&l.state).with_context(|| format!("measure: layer {}", l.name))?;
-            finalize(&l.name, &l.unit_shape, &moments)
+            Ok(LayerMoments { name: l.name, unit_shape: l.unit_shape, moments })
         })
         .collect()
 }
