@@ -1,4 +1,4 @@
-// The streaming variance measure (SCIENCE.md 1.3): per-layer f64 accumulators
+// The streaming variance measure (docs/measure.md): per-layer f64 accumulators
 // updated once per (batch, rotation). See Backend::variance_update for the
 // exact semantics.
 //

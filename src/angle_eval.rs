@@ -1,5 +1,6 @@
-//! Accuracy and loss versus rotation (SCIENCE.md §1.2): the test set rotated by each angle of a
-//! set, per-class × per-angle accuracy, group accuracy, and accuracy on a randomly rotated copy.
+//! Accuracy and loss versus rotation (docs/protocol.md, step 2): the test set rotated by each
+//! angle of a set, per-class × per-angle accuracy, group accuracy, and accuracy on a randomly
+//! rotated copy.
 //!
 //! Each forward pass carries several angles of the same images: the batch is gathered once per
 //! angle on the device and every copy gets its own rotation matrix, so one pass and one small

@@ -24,7 +24,7 @@ pub struct Augment {
     pub vflip: bool,
 }
 
-/// The reference protocol's rotation range (SCIENCE.md §1.1).
+/// The reference protocol's rotation range (docs/protocol.md, docs/transformations.md).
 pub const FULL_TURN: (f32, f32) = (-180.0, 180.0);
 
 impl Augment {

@@ -96,7 +96,7 @@ pub struct ConvTiming {
 }
 
 /// Convolution shapes of the models rotvar trains (MNIST-sized SimpleConv and LeNet) and of a
-/// CIFAR ResNet-18 (SCIENCE.md: 64/128/256/512 channels at 32/16/8/4 pixels), named
+/// CIFAR ResNet-18 (docs/protocol.md: 64/128/256/512 channels at 32/16/8/4 pixels), named
 /// `model.layer`.
 pub fn conv_shapes(batch: usize) -> Vec<(&'static str, crate::backend::ConvGeom)> {
     use crate::backend::ConvGeom;

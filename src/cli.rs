@@ -22,7 +22,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "rotvar", version, about = "How invariant to rotation is a CNN, and where inside it?")]
+#[command(
+    name = "rotvar",
+    version,
+    about = "How invariant to rotation is a CNN, and where inside it?",
+    after_help = "Documentation: docs/ in the rotvar source tree: docs/protocol.md (the study and its \
+                  defaults), docs/measure.md (V = V_t / V_x and its output files), docs/transformations.md \
+                  (rotation convention, --augment), docs/reproduce.md (commands and published numbers)."
+)]
 struct Cli {
     #[arg(long, global = true, allow_hyphen_values = true, value_parser = limits::THREADS.usize_parser(),
           help = limits::THREADS.help("CPU threads for the CPU backend (default: all cores)"))]
@@ -39,7 +46,7 @@ enum Command {
     TrainPair(TrainPairArgs),
     /// Evaluate a checkpoint on a test set.
     Eval(EvalArgs),
-    /// Measure V = V_t / V_x for every unit of every layer of a checkpoint (SCIENCE.md §1.3).
+    /// Measure V = V_t / V_x for every unit of every layer of a checkpoint (see docs/measure.md).
     Measure(MeasureArgs),
     /// Measure both models of a `train-pair` run directory and compare them.
     MeasurePair(MeasurePairArgs),
@@ -171,7 +178,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Augmentation drawn per image per step: none, or a comma-separated list of rotate
-    /// (uniform in [-180°, 180°)), rotate=LO:HI, zoom=LO:HI, hflip, vflip.
+    /// (uniform in [-180°, 180°)), rotate=LO:HI, zoom=LO:HI, hflip, vflip (see
+    /// docs/transformations.md).
     #[arg(long, default_value = "none")]
     augment: Augment,
     /// auto, cpu, cuda, cuda:N (or cuda-emu: GPU kernels emulated on the host, slow).

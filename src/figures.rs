@@ -1,4 +1,4 @@
-//! rotvar's results drawn as the figures users expect (SCIENCE.md §1.4–1.5), on top of the
+//! rotvar's results drawn as the figures users expect (docs/reproduce.md lists them), on top of the
 //! generic `plot` module: accuracy versus angle, the class × angle heatmap, training curves,
 //! V heatmap strips, per-layer mean V, and the image grids of rotations, kernels and feature maps.
 

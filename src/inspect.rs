@@ -1,4 +1,4 @@
-//! Looking inside (SCIENCE.md §1.5, the earlier course-work views): the first layer's kernels,
+//! Looking inside (docs/protocol.md, the earlier course-work views): the first layer's kernels,
 //! the feature maps of every conv layer for one image and its rotations, and per layer the
 //! mean absolute difference between an image's activations and those of its rotated copies.
 

@@ -2,7 +2,8 @@
 //!
 //! Read top to bottom: `tensor` and `autograd` (the engine), `backend` (one trait, CPU and CUDA
 //! implementations), `ops` (differentiable ops over the backend), `nn` and `models` (layers and
-//! the networks of SCIENCE.md), `optim`, `data`, `train`, and `cli`.
+//! the networks of docs/protocol.md), `optim`, `data`, `train`, and `cli`. The science behind
+//! it (protocol, the measure V, rotation conventions, reproduction guide) is in docs/.
 
 pub mod angle_eval;
 pub mod augment;

@@ -40,7 +40,7 @@ impl DataSource {
     }
 }
 
-/// The reference protocol (SCIENCE.md §1.1): epochs of the unrotated and rotated model.
+/// The reference protocol (docs/protocol.md, step 1): epochs of the unrotated and rotated model.
 /// LeNet is not in the published table; it gets SimpleConv's schedule.
 pub fn reference_epochs(model: &str, dataset: &str) -> (usize, usize) {
     let cifar = dataset.starts_with("cifar");

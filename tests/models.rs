@@ -1,4 +1,4 @@
-//! The model zoo of SCIENCE.md §2 beyond LeNet and SimpleConv: AllConv, VGG-like, VGG16,
+//! The model zoo of docs/protocol.md beyond LeNet and SimpleConv: AllConv, VGG-like, VGG16,
 //! ResNet-18/20. Shapes, parameter counts against PyTorch's for the identical definitions,
 //! state-dict names, the intermediates the measure sees, the residual wiring, and training.
 

@@ -563,7 +563,7 @@ pub trait Backend: Send + Sync {
         g: &RotateGeom,
     ) -> Result<()>;
 
-    // --- variance measure (SCIENCE.md §1.3) ----------------------------------------------
+    // --- variance measure (docs/measure.md) ----------------------------------------------
     /// A fresh running state for one layer of geometry `g` (checked), every accumulator zero,
     /// on this backend's device.
     fn variance_init(&self, g: &VarianceGeom) -> Result<VarianceState>;

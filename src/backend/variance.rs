@@ -1,4 +1,4 @@
-//! Types of the streaming variance measure's backend ops (SCIENCE.md §1.3): the layout of one
+//! Types of the streaming variance measure's backend ops (docs/measure.md): the layout of one
 //! layer's units, its running state, and the moments read back from it.
 //!
 //! The state keeps, for one layer, only what the definition needs and nothing that grows with

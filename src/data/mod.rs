@@ -3,7 +3,7 @@
 //!
 //! Pixels stay `u8` until [`Dataset::to_f32_normalized`] so that a 60,000-image training set costs
 //! 47 MB instead of 188 MB, and so that normalization can use statistics chosen by the caller
-//! (rotvar normalizes both splits with the *training* statistics; see SCIENCE.md section 3).
+//! (rotvar normalizes both splits with the *training* statistics; see docs/protocol.md).
 //!
 //! Where the files go: `<data_dir>/mnist/` and `<data_dir>/cifar-10-batches-bin/`, with
 //! `data_dir` from [`resolve_data_dir`].

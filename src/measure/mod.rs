@@ -1,4 +1,4 @@
-//! The variance measure of Quiroga et al. (SCIENCE.md §1.3): how much each unit of a network
+//! The variance measure of Quiroga et al. (docs/measure.md): how much each unit of a network
 //! varies under rotation, relative to how much it varies across samples.
 //!
 //! For one unit a, samples x_1..x_n and rotations t_1..t_m, A[i][j] = a(t_j(x_i)):

@@ -29,7 +29,7 @@ pub struct MeasureConfig {
     /// Rotations in degrees (see [`rotation_angles`]), applied with bilinear sampling.
     pub angles: Vec<f32>,
     /// Per-channel value outside the rotated image: for normalized data, the normalized value of
-    /// raw black (−mean/std), as SCIENCE.md §1.2 requires.
+    /// raw black (−mean/std), as docs/transformations.md explains.
     pub fill: Vec<f32>,
     pub per: Per,
     /// Reduction of a feature map's H×W values when `per == Map`.

@@ -1,4 +1,4 @@
-//! The networks of SCIENCE.md §2, each a `Sequential` with PyTorch-style names.
+//! The networks of docs/protocol.md ("Models"), each a `Sequential` with PyTorch-style names.
 //!
 //! Every model ends in log-softmax, so `forward` returns log-probabilities and the loss is the
 //! negative log-likelihood (softmax cross-entropy), as in the reference code.
@@ -28,7 +28,7 @@ pub struct InputSpec {
 }
 
 impl InputSpec {
-    /// MNIST-sized models are the narrower variants in SCIENCE.md's table.
+    /// MNIST-sized models are the narrower variants in docs/protocol.md's table.
     pub fn is_grayscale(&self) -> bool {
         self.channels == 1
     }

@@ -1,5 +1,6 @@
-//! VGG-like (SCIENCE.md): four blocks of [conv3×3 → ELU → batch norm] ×2 + max-pool, channels
-//! f, 2f, 4f, 8f; fc, batch norm 1-d, ReLU, fc classes. f/fc = 16/64 grayscale, 64/128 colour.
+//! VGG-like (docs/protocol.md): four blocks of [conv3×3 → ELU → batch norm] ×2 + max-pool,
+//! channels f, 2f, 4f, 8f; fc, batch norm 1-d, ReLU, fc classes. f/fc = 16/64 grayscale, 64/128
+//! colour.
 //!
 //! VGG16: the usual CIFAR form (five blocks of 2, 2, 3, 3, 3 convolutions with 64–512 channels,
 //! each conv → batch norm → ReLU, max-pool after each block, one fc to the classes). Its five

@@ -1,4 +1,4 @@
-//! Figures: line charts, heatmaps, per-layer heatmap strips and image grids (SCIENCE.md §1.2–1.5).
+//! Figures: line charts, heatmaps, per-layer heatmap strips and image grids (docs/reproduce.md).
 //!
 //! Pure Rust: plotters draws into an in-memory RGB buffer (or an SVG string), the `png` crate
 //! encodes it, and [`crate::fsio::write_atomic`] writes it, so a reader never sees a torn file.

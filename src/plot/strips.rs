@@ -1,4 +1,4 @@
-//! Per-layer heatmap strips of per-unit values (SCIENCE.md §1.4): one panel per class, plus "all"
+//! Per-layer heatmap strips of per-unit values (docs/measure.md): one panel per class, plus "all"
 //! and "stratified"; in each panel one column per layer, one cell per unit.
 
 use super::text::put_text;
