@@ -5,6 +5,8 @@
 //! read `../shared/datasets/mnist` (relative to the crate) or `/work/shared/datasets/mnist` and
 //! print a note and return when neither exists.
 
+mod formats;
+use formats::{gzip, idx_images, idx_labels};
 use rotvar::data::cifar::{load_cifar10, write_cifar_batch};
 use rotvar::data::fetch::{fetch_mnist_from, sha256_hex, verify_mnist, MNIST_SHA256};
 use rotvar::data::mnist::{load_mnist, parse_idx_images, parse_idx_labels};
@@ -30,30 +32,6 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
             (s >> 24) as u8
         })
         .collect()
-}
-
-fn idx_images(n: u32, rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in [0x0803u32, n, rows, cols] {
-        out.extend_from_slice(&v.to_be_bytes());
-    }
-    out.extend_from_slice(pixels);
-    out
-}
-
-fn idx_labels(labels: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in [0x0801u32, labels.len() as u32] {
-        out.extend_from_slice(&v.to_be_bytes());
-    }
-    out.extend_from_slice(labels);
-    out
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(bytes).unwrap();
-    enc.finish().unwrap()
 }
 
 fn gunzip(bytes: &[u8]) -> Vec<u8> {

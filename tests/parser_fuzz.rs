@@ -19,6 +19,8 @@
 //! file; `corpus_files_are_rejected_with_errors_naming_the_file` runs them. They are written by
 //! `write_corpus` below (`cargo test --test parser_fuzz -- --ignored write_corpus`).
 
+mod formats;
+use formats::{gzip, idx_images, idx_labels};
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::checkpoint::{self, CheckpointMeta};
 use rotvar::data::mnist::{decode_maybe_gzip, parse_idx_images, parse_idx_labels};
@@ -128,30 +130,6 @@ fn short(bytes: &[u8]) -> String {
 
 fn random_bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
     (0..len).map(|_| rng.next_u64() as u8).collect()
-}
-
-fn idx_images(n: u32, rows: u32, cols: u32, pixels: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in [0x0803u32, n, rows, cols] {
-        out.extend_from_slice(&v.to_be_bytes());
-    }
-    out.extend_from_slice(pixels);
-    out
-}
-
-fn idx_labels(labels: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for v in [0x0801u32, labels.len() as u32] {
-        out.extend_from_slice(&v.to_be_bytes());
-    }
-    out.extend_from_slice(labels);
-    out
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(bytes).unwrap();
-    enc.finish().unwrap()
 }
 
 /// Valid MNIST files for one split: (images file, labels file), `n` images of 28x28.

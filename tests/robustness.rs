@@ -4,6 +4,8 @@
 //! and leave every file saved earlier byte for byte as it was. Resumed runs must end with the
 //! same bits as uninterrupted ones.
 
+mod formats;
+use formats::{idx_images, idx_labels};
 use rotvar::checkpoint::CheckpointMeta;
 use rotvar::data::Normalization;
 use rotvar::models::{InputSpec, Model};
@@ -320,7 +322,7 @@ fn tamper(src: &Path, dst: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 fn write_header(dst: &Path, header: &serde_json::Value, data: &[u8]) {
     let mut text = header.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -476,26 +478,15 @@ fn the_dataset_must_fit_the_checkpoint() {
     refused(&["train", "--resume", s(&run5)], &["without a training state"]);
 }
 
-/// An IDX file of `n` images of `rows`×`cols`, or of `n` labels.
-fn idx(path: &Path, dims: &[u32], data: &[u8]) {
-    let magic: u32 = 0x0800 | dims.len() as u32;
-    let mut out = magic.to_be_bytes().to_vec();
-    for d in dims {
-        out.extend_from_slice(&d.to_be_bytes());
-    }
-    out.extend_from_slice(data);
-    std::fs::write(path, out).unwrap();
-}
-
 fn mnist_like(dir: &Path, train_side: u32, test_side: u32) {
     let m = dir.join("mnist");
     std::fs::create_dir_all(&m).unwrap();
     let n = 16u32;
     for (split, side) in [("train", train_side), ("t10k", test_side)] {
         let px: Vec<u8> = (0..n * side * side).map(|i| (i * 37 % 256) as u8).collect();
-        idx(&m.join(format!("{split}-images-idx3-ubyte")), &[n, side, side], &px);
+        std::fs::write(m.join(format!("{split}-images-idx3-ubyte")), idx_images(n, side, side, &px)).unwrap();
         let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-        idx(&m.join(format!("{split}-labels-idx1-ubyte")), &[n], &labels);
+        std::fs::write(m.join(format!("{split}-labels-idx1-ubyte")), idx_labels(&labels)).unwrap();
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::output::{self, Summary};
 use super::shard::{self, Shard, ShardSource};
-use super::{finalize, measure, measure_moments, rotation_angles, LayerVariance, MeasureConfig, Per};
+use super::{finalize, measure_moments, rotation_angles, LayerMoments, LayerVariance, MeasureConfig, Per};
 use crate::backend::{BackendRef, MapReduce};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::data::{self, Split};
@@ -58,8 +58,12 @@ pub fn checkpoint_test_data(
     DeviceDataset::upload(&ds, &meta.normalization, b)
 }
 
-/// Measure V for every intermediate of the checkpoint's model and write the results into `out`.
-pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: &Path) -> Result<Measured> {
+/// The checkpoint's model, its test set and the measure's settings, all checked.
+fn prepare(
+    b: &BackendRef,
+    ckpt: &Path,
+    o: &MeasureOptions,
+) -> Result<(Model, CheckpointMeta, DeviceDataset, MeasureConfig)> {
     limits::ROTATIONS.check_usize(o.rotations)?;
     limits::EVAL_BATCH.check_usize(o.batch)?;
     let (model, meta) = checkpoint::load(ckpt, b)?;
@@ -71,10 +75,21 @@ pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: 
         reduce: o.reduce,
         batch: o.batch,
     };
-    let start = Instant::now();
-    let passes = data.len().div_ceil(o.batch.max(1)) * o.rotations;
-    let pb = (!o.quiet).then(|| progress::bar(passes as u64, &format!("measuring {} ({})", meta.arch, meta.augment)));
-    let layers = measure(&model, &data, &cfg, &mut |done, _| {
+    Ok((model, meta, data, cfg))
+}
+
+/// [`measure_moments`] over `range` with a progress bar (unless `quiet`).
+fn moments_with_bar(
+    model: &Model,
+    data: &DeviceDataset,
+    range: std::ops::Range<usize>,
+    cfg: &MeasureConfig,
+    quiet: bool,
+    label: &str,
+) -> Result<Vec<LayerMoments>> {
+    let passes = range.len().div_ceil(cfg.batch.max(1)) * cfg.angles.len();
+    let pb = (!quiet).then(|| progress::bar(passes as u64, label));
+    let layers = measure_moments(model, data, range, cfg, &mut |done, _| {
         if let Some(pb) = &pb {
             pb.set_position(done as u64);
         }
@@ -82,6 +97,18 @@ pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: 
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
+    Ok(layers)
+}
+
+/// Measure V for every intermediate of the checkpoint's model and write the results into `out`.
+pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: &Path) -> Result<Measured> {
+    let (model, meta, data, cfg) = prepare(b, ckpt, o)?;
+    let start = Instant::now();
+    let label = format!("measuring {} ({})", meta.arch, meta.augment);
+    let layers = moments_with_bar(&model, &data, 0..data.len(), &cfg, o.quiet, &label)?
+        .iter()
+        .map(|l| finalize(&l.name, &l.unit_shape, &l.moments))
+        .collect::<Result<Vec<_>>>()?;
     let seconds = start.elapsed().as_secs_f64();
     let summary = output::summarize(&layers, Some(&cfg));
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
@@ -92,10 +119,7 @@ pub fn measure_checkpoint(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, out: 
 /// `measure --shard K/N`: the moments of the K-th slice of the test set, written to
 /// `out/variance.shard-K-of-N.safetensors` for `measure-merge`.
 pub fn measure_shard(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, which: Shard, out: &Path) -> Result<PathBuf> {
-    limits::ROTATIONS.check_usize(o.rotations)?;
-    limits::EVAL_BATCH.check_usize(o.batch)?;
-    let (model, meta) = checkpoint::load(ckpt, b)?;
-    let data = checkpoint_test_data(&meta, ckpt, o.dataset.as_deref(), o.data_dir.as_deref(), o.limit, b)?;
+    let (model, meta, data, cfg) = prepare(b, ckpt, o)?;
     let range = which.range(data.len(), o.batch);
     if range.is_empty() {
         anyhow::bail!(
@@ -107,23 +131,8 @@ pub fn measure_shard(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, which: Sha
             which.n
         );
     }
-    let cfg = MeasureConfig {
-        angles: rotation_angles(o.rotations),
-        fill: data.fill.clone(),
-        per: o.per,
-        reduce: o.reduce,
-        batch: o.batch,
-    };
-    let passes = range.len().div_ceil(o.batch.max(1)) * o.rotations;
-    let pb = (!o.quiet).then(|| progress::bar(passes as u64, &format!("measuring shard {which} of {}", meta.arch)));
-    let layers = measure_moments(&model, &data, range, &cfg, &mut |done, _| {
-        if let Some(pb) = &pb {
-            pb.set_position(done as u64);
-        }
-    })?;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    let label = format!("measuring shard {which} of {}", meta.arch);
+    let layers = moments_with_bar(&model, &data, range, &cfg, o.quiet, &label)?;
     let source = ShardSource {
         checkpoint_sha256: data::fetch::sha256_hex(&data::read_file(ckpt)?),
         arch: meta.arch.clone(),
