@@ -9,6 +9,7 @@
 use crate::augment::FULL_TURN;
 use crate::backend::{rotation_matrix, Interp};
 use crate::limits;
+use crate::measure::shard::{self, Shard};
 use crate::models::Model;
 use crate::nn::Forward;
 use crate::ops;
@@ -149,6 +150,36 @@ fn rotated_logp(model: &Model, data: &DeviceDataset, idx: &[u32], mats: &[[f32; 
     model.forward(&x, &mut Forward::eval())?.to_vec()
 }
 
+/// The additive part of an angle evaluation: sums and counts over a set of test images, so the
+/// tallies of shards of the test set add up to the whole one's ([`AngleTally::merge`]) and
+/// [`AngleTally::finish`] divides once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AngleTally {
+    /// The requested angles (angle 0 is evaluated too, as an extra column when absent).
+    pub angles: Vec<f32>,
+    pub classes: usize,
+    pub images: usize,
+    /// Per evaluated angle: summed loss, correct predictions; per (angle, class): correct.
+    pub loss: Vec<f64>,
+    pub correct: Vec<u64>,
+    pub class_correct: Vec<u64>,
+    pub class_counts: Vec<u64>,
+    /// Σ over images of how many of its copies under the requested angles were right.
+    pub group_hits: u64,
+    pub random_loss: f64,
+    pub random_correct: u64,
+}
+
+/// The angles evaluated for a request: the request, plus 0° when it is absent; and where 0° is.
+fn with_zero(angles: &[f32]) -> (Vec<f32>, usize) {
+    let zero = angles.iter().position(|&a| rotation_matrix(a) == rotation_matrix(0.0));
+    let mut all = angles.to_vec();
+    if zero.is_none() {
+        all.push(0.0);
+    }
+    (all, zero.unwrap_or(angles.len()))
+}
+
 /// Evaluate `model` on `data` rotated by every angle of `angles` (bilinear, fill = raw black),
 /// with at most `batch` rotated images per forward pass.
 pub fn evaluate_angles(
@@ -160,74 +191,129 @@ pub fn evaluate_angles(
     class_names: &[String],
     quiet: bool,
 ) -> Result<AngleEvaluation> {
-    let n = data.len();
-    let k = data.num_classes;
-    if n == 0 {
-        bail!("the test set is empty");
-    }
     let start = std::time::Instant::now();
-    // Angle 0 is always evaluated too (original accuracy), as an extra column when absent.
-    let zero = angles.iter().position(|&a| rotation_matrix(a) == rotation_matrix(0.0));
-    let mut all: Vec<f32> = angles.to_vec();
-    if zero.is_none() {
-        all.push(0.0);
+    let tally = tally_angles(model, data, angles, batch, random_seed, 0..data.len(), quiet)?;
+    tally.finish(class_names, random_seed, start.elapsed().as_secs_f64())
+}
+
+/// The tally of [`evaluate_angles`] over the images `range` of `data` only (a shard).
+///
+/// Images go in blocks of `batch` counted from the first test image: each block's rotated
+/// copies in passes of at most `batch` images, then the block once more under its random
+/// angles. A shard made of whole blocks therefore runs exactly the forward passes of the whole
+/// evaluation (a GEMM's rounding depends on how many images share it).
+pub fn tally_angles(
+    model: &Model,
+    data: &DeviceDataset,
+    angles: &[f32],
+    batch: usize,
+    random_seed: u64,
+    range: std::ops::Range<usize>,
+    quiet: bool,
+) -> Result<AngleTally> {
+    let (n, k, batch) = (data.len(), data.num_classes, batch.max(1));
+    if range.is_empty() || range.end > n {
+        bail!("evaluate: images {range:?} of a test set of {n}");
     }
-    let zero = zero.unwrap_or(angles.len());
+    let (all, _) = with_zero(angles);
     let mats: Vec<[f32; 4]> = all.iter().map(|&a| rotation_matrix(a)).collect();
     let per_pass = (batch / all.len()).max(1);
-    let order: Vec<u32> = (0..n as u32).collect();
-    let chunks = n.div_ceil(per_pass);
-    let pb = (!quiet).then(|| progress::bar(chunks as u64 + 1, &format!("{} angles", angles.len())));
+    // One angle per image of the whole test set, drawn in image order, so a shard sees the
+    // angles the whole evaluation gives its images.
+    let mut rng = Rng::derive(random_seed, "random-rotation");
+    let random: Vec<[f32; 4]> = (0..n).map(|_| rotation_matrix(rng.uniform(FULL_TURN.0, FULL_TURN.1))).collect();
+    let blocks = range.len().div_ceil(batch);
+    let pb = (!quiet).then(|| progress::bar(blocks as u64, &format!("{} angles", angles.len())));
     let mut tally = Tally::new(n, all.len(), angles.len(), k);
-    for idx in order.chunks(per_pass) {
-        let copies: Vec<[f32; 4]> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, idx.len())).collect();
-        let angle_of: Vec<usize> = (0..all.len()).flat_map(|a| std::iter::repeat_n(a, idx.len())).collect();
-        tally.add(&rotated_logp(model, data, idx, &copies)?, idx, &angle_of, data);
+    let mut rand_tally = Tally::new(n, 1, 1, k);
+    let order: Vec<u32> = (range.start as u32..range.end as u32).collect();
+    for block in order.chunks(batch) {
+        for idx in block.chunks(per_pass) {
+            let copies: Vec<[f32; 4]> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, idx.len())).collect();
+            let angle_of: Vec<usize> = (0..all.len()).flat_map(|a| std::iter::repeat_n(a, idx.len())).collect();
+            tally.add(&rotated_logp(model, data, idx, &copies)?, idx, &angle_of, data);
+        }
+        let mats: Vec<[f32; 4]> = block.iter().map(|&i| random[i as usize]).collect();
+        rand_tally.add(&rotated_logp(model, data, block, &mats)?, block, &vec![0; block.len()], data);
         if let Some(pb) = &pb {
             pb.inc(1);
         }
     }
-    // The randomly rotated test set: one angle per image, drawn in image order.
-    let mut rng = Rng::derive(random_seed, "random-rotation");
-    let random: Vec<[f32; 4]> = (0..n).map(|_| rotation_matrix(rng.uniform(FULL_TURN.0, FULL_TURN.1))).collect();
-    let mut rand_tally = Tally::new(n, 1, 1, k);
-    for (c, idx) in order.chunks(batch.max(1)).enumerate() {
-        let first = c * batch.max(1);
-        let logp = rotated_logp(model, data, idx, &random[first..first + idx.len()])?;
-        rand_tally.add(&logp, idx, &vec![0; idx.len()], data);
-    }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    let class_counts: Vec<usize> =
-        (0..k).map(|c| data.labels_host.iter().filter(|&&l| l as usize == c).count()).collect();
-    let result = |a: usize| AngleResult {
-        angle: all[a],
-        loss: tally.loss[a] / n as f64,
-        accuracy: tally.correct[a] as f64 / n as f64,
-        class_accuracy: (0..k)
-            .map(|c| {
-                if class_counts[c] == 0 {
-                    f64::NAN
-                } else {
-                    tally.class_correct[a * k + c] as f64 / class_counts[c] as f64
-                }
-            })
-            .collect(),
-    };
-    let group_hits: f64 = tally.image_correct.iter().map(|&h| h as f64).sum();
-    Ok(AngleEvaluation {
-        images: n,
-        class_names: class_names.to_vec(),
-        per_angle: (0..angles.len()).map(result).collect(),
-        group_accuracy: group_hits / (n * angles.len()) as f64,
-        original_accuracy: tally.correct[zero] as f64 / n as f64,
-        original_loss: tally.loss[zero] / n as f64,
-        random_rotation_accuracy: rand_tally.correct[0] as f64 / n as f64,
-        random_rotation_loss: rand_tally.loss[0] / n as f64,
-        random_seed,
-        seconds: start.elapsed().as_secs_f64(),
+    let mut class_counts = vec![0u64; k];
+    for &i in &order {
+        class_counts[data.labels_host[i as usize] as usize] += 1;
+    }
+    Ok(AngleTally {
+        angles: angles.to_vec(),
+        classes: k,
+        images: order.len(),
+        loss: tally.loss,
+        correct: tally.correct.iter().map(|&c| c as u64).collect(),
+        class_correct: tally.class_correct.iter().map(|&c| c as u64).collect(),
+        class_counts,
+        group_hits: tally.image_correct.iter().map(|&h| h as u64).sum(),
+        random_loss: rand_tally.loss[0],
+        random_correct: rand_tally.correct[0] as u64,
     })
+}
+
+impl AngleTally {
+    /// Add the tally of other images of the same evaluation.
+    pub fn merge(&mut self, o: &AngleTally) -> Result<()> {
+        if o.angles != self.angles || o.classes != self.classes || o.loss.len() != self.loss.len() {
+            bail!("cannot merge tallies of different angles or classes");
+        }
+        let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        self.images += o.images;
+        self.loss.iter_mut().zip(&o.loss).for_each(|(x, y)| *x += y);
+        add(&mut self.correct, &o.correct);
+        add(&mut self.class_correct, &o.class_correct);
+        add(&mut self.class_counts, &o.class_counts);
+        self.group_hits += o.group_hits;
+        self.random_loss += o.random_loss;
+        self.random_correct += o.random_correct;
+        Ok(())
+    }
+
+    /// Means and accuracies from the sums.
+    pub fn finish(&self, class_names: &[String], random_seed: u64, seconds: f64) -> Result<AngleEvaluation> {
+        let (all, zero) = with_zero(&self.angles);
+        let (n, k) = (self.images as f64, self.classes);
+        let consistent = self.loss.len() == all.len()
+            && self.correct.len() == all.len()
+            && self.class_correct.len() == all.len() * k
+            && self.class_counts.len() == k
+            && self.images > 0;
+        if !consistent {
+            bail!("an angle tally of inconsistent lengths (a corrupt shard?)");
+        }
+        let result = |a: usize| AngleResult {
+            angle: all[a],
+            loss: self.loss[a] / n,
+            accuracy: self.correct[a] as f64 / n,
+            class_accuracy: (0..k)
+                .map(|c| match self.class_counts[c] {
+                    0 => f64::NAN,
+                    count => self.class_correct[a * k + c] as f64 / count as f64,
+                })
+                .collect(),
+        };
+        Ok(AngleEvaluation {
+            images: self.images,
+            class_names: class_names.to_vec(),
+            per_angle: (0..self.angles.len()).map(result).collect(),
+            group_accuracy: self.group_hits as f64 / (n * self.angles.len() as f64),
+            original_accuracy: self.correct[zero] as f64 / n,
+            original_loss: self.loss[zero] / n,
+            random_rotation_accuracy: self.random_correct as f64 / n,
+            random_rotation_loss: self.random_loss / n,
+            random_seed,
+            seconds,
+        })
+    }
 }
 
 impl AngleEvaluation {
@@ -264,4 +350,71 @@ impl AngleEvaluation {
         );
         out
     }
+}
+
+/// `eval --angles ... --shard K/N`: one shard's tally and what every shard of the evaluation
+/// must agree on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AngleShard {
+    pub kind: String,
+    pub checkpoint_sha256: String,
+    pub arch: String,
+    pub augment: String,
+    pub dataset: String,
+    pub class_names: Vec<String>,
+    pub total_images: usize,
+    pub batch: usize,
+    pub random_seed: u64,
+    pub shard: Shard,
+    pub tally: AngleTally,
+}
+
+pub const SHARD_KIND: &str = "rotvar-angles-shard";
+
+impl AngleShard {
+    pub fn file_name(shard: Shard) -> String {
+        format!("angles.shard-{}-of-{}.json", shard.k, shard.n)
+    }
+
+    /// Whether `o` is another shard of the same evaluation (all but the shard and its tally).
+    fn same_evaluation(&self, o: &AngleShard) -> bool {
+        self.checkpoint_sha256 == o.checkpoint_sha256
+            && self.dataset == o.dataset
+            && self.class_names == o.class_names
+            && self.total_images == o.total_images
+            && self.batch == o.batch
+            && self.random_seed == o.random_seed
+            && self.tally.angles == o.tally.angles
+    }
+}
+
+/// Read and add a complete set of `eval --angles --shard` files (any order).
+pub fn merge_shards(paths: &[std::path::PathBuf]) -> Result<(AngleShard, AngleTally)> {
+    let mut shards = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read shard {}", p.display()))?;
+        let s: AngleShard = serde_json::from_str(&text)
+            .ok()
+            .filter(|s: &AngleShard| s.kind == SHARD_KIND)
+            .with_context(|| format!("{} is not a shard written by `rotvar eval --angles ... --shard`", p.display()))?;
+        shards.push((s, p.as_path()));
+    }
+    shards.sort_by_key(|(s, _)| s.shard.k);
+    let Some((first, first_path)) = shards.first() else {
+        bail!("eval-merge: no shard files given");
+    };
+    if let Some((_, p)) = shards.iter().find(|(s, _)| !s.same_evaluation(first)) {
+        bail!(
+            "{} and {} come from different evaluations (checkpoint, dataset, images, --batch-size, --seed or angles)",
+            first_path.display(),
+            p.display()
+        );
+    }
+    let set: Vec<(Shard, &std::path::Path)> = shards.iter().map(|(s, p)| (s.shard, *p)).collect();
+    shard::check_complete(&set, "eval")?;
+    let mut tally = first.tally.clone();
+    for (s, p) in &shards[1..] {
+        tally.merge(&s.tally).with_context(|| format!("{}", p.display()))?;
+    }
+    Ok((first.clone(), tally))
 }

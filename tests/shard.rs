@@ -1,6 +1,7 @@
-//! The measure split across machines: shards merged with the pairwise update equal one whole
-//! run to 1e-12 relative, and shards that do not belong together are refused.
+//! The measure and the evaluation versus angle split across machines: shards merged equal one
+//! whole run to 1e-12 relative, and shards that do not belong together are refused.
 
+use rotvar::angle_eval::{evaluate_angles, tally_angles, AngleEvaluation, AngleTally};
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::MapReduce;
 use rotvar::data::{Dataset, Split};
@@ -123,7 +124,7 @@ fn shards_that_do_not_belong_together_are_refused() {
         let p: Vec<PathBuf> = paths.iter().map(|p| p.to_path_buf()).collect();
         format!("{:#}", shard::merge(&p).err().expect("merge should refuse"))
     };
-    assert!(err(&[&a]).contains("2/2 of this measurement are missing"));
+    assert!(err(&[&a]).contains("2/2 of this measure are missing"));
     assert!(err(&[&a, &a, &b2]).contains("are the same shard 1/2"));
     let mut other = src.clone();
     other.checkpoint_sha256 = "1".repeat(64);
@@ -131,7 +132,7 @@ fn shards_that_do_not_belong_together_are_refused() {
     let e = err(&[&a, &c]);
     assert!(e.contains("another checkpoint") && e.contains("c.safetensors"), "{e}");
     let d = write(2, 3, &src, "d.safetensors");
-    assert!(err(&[&a, &d]).contains("not 2"));
+    assert!(err(&[&a, &d]).contains("3 shards, not 2"));
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"not a shard").unwrap();
     assert!(err(&[&a, &junk]).contains("junk.safetensors"));
@@ -202,4 +203,87 @@ fn the_command_line_round_trip_matches_a_whole_measure() {
         }
     }
     assert!(Path::new(&d("merged/variance_strips.png")).exists());
+}
+
+/// Loss sums to 1e-12 relative; every count (accuracies) exactly.
+fn assert_same_evaluation(a: &AngleEvaluation, b: &AngleEvaluation, what: &str) {
+    let close = |x: f64, y: f64| x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs());
+    assert_eq!(a.images, b.images, "{what}");
+    assert_eq!(a.per_angle.len(), b.per_angle.len(), "{what}");
+    for (ra, rb) in a.per_angle.iter().zip(&b.per_angle) {
+        assert_eq!(ra.angle, rb.angle, "{what}");
+        assert!(close(ra.loss, rb.loss), "{what}: loss at {}°: {} vs {}", ra.angle, ra.loss, rb.loss);
+        assert_eq!(ra.accuracy, rb.accuracy, "{what}");
+        let same = ra.class_accuracy.iter().zip(&rb.class_accuracy).all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
+        assert!(same, "{what}: {:?} vs {:?}", ra.class_accuracy, rb.class_accuracy);
+    }
+    assert_eq!(
+        (a.group_accuracy, a.original_accuracy, a.random_rotation_accuracy),
+        (b.group_accuracy, b.original_accuracy, b.random_rotation_accuracy),
+        "{what}"
+    );
+    assert!(close(a.original_loss, b.original_loss) && close(a.random_rotation_loss, b.random_rotation_loss), "{what}");
+}
+
+#[test]
+fn merged_angle_shards_equal_the_whole_evaluation() {
+    let b = CpuBackend::shared();
+    let ds = synthetic();
+    let data = DeviceDataset::upload(&ds, &ds.channel_stats(), &b).unwrap();
+    let model = Model::build("lenet", InputSpec { channels: 1, height: 16, width: 16, classes: 10 }, &b, 3).unwrap();
+    let names = ds.class_names.clone();
+    for (angles, batch) in [(vec![0.0f32, 90.0, 180.0, 270.0], 8usize), (vec![10.0, 45.0, 200.0], 5)] {
+        let whole = evaluate_angles(&model, &data, &angles, batch, 4, &names, true).unwrap();
+        for n in [2, 3] {
+            let mut merged: Option<AngleTally> = None;
+            for k in (1..=n).rev() {
+                let range = Shard { k, n }.range(data.len(), batch);
+                let t = tally_angles(&model, &data, &angles, batch, 4, range, true).unwrap();
+                match merged.as_mut() {
+                    Some(m) => m.merge(&t).unwrap(),
+                    None => merged = Some(t),
+                }
+            }
+            let got = merged.unwrap().finish(&names, 4, 0.0).unwrap();
+            assert_same_evaluation(&whole, &got, &format!("{angles:?}, batch {batch}, {n} shards"));
+        }
+    }
+}
+
+#[test]
+fn eval_shards_round_trip_through_the_command_line() {
+    let rotvar = |args: &[&str]| -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_rotvar")).args(args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "rotvar {}: {e}", args.join(" "));
+        e
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    let run = d("run");
+    let mut train = vec!["train", "--model", "lenet", "--dataset", "mnist-sample", "--epochs", "1", "--limit", "300"];
+    train.extend(["--test-limit", "90", "--device", "cpu", "--quiet", "--out", &run]);
+    rotvar(&train);
+    let ck = format!("{run}/model.safetensors");
+    let common = ["eval", "--checkpoint", &ck, "--limit", "90", "--angles", "0:360:45", "--batch-size", "24"];
+    let (whole, shards, merged) = (d("whole"), d("shards"), d("merged"));
+    rotvar(&[&common[..], &["--device", "cpu", "--quiet", "--out", &whole]].concat());
+    let mut files = Vec::new();
+    for k in 1..=3 {
+        let spec = format!("{k}/3");
+        rotvar(&[&common[..], &["--device", "cpu", "--quiet", "--out", &shards, "--shard", &spec]].concat());
+        files.push(format!("{shards}/angles.shard-{k}-of-3.json"));
+    }
+    let mut merge = vec!["eval-merge", "--out", merged.as_str()];
+    merge.extend(files.iter().map(String::as_str));
+    rotvar(&merge);
+    let read = |p: &str| -> AngleEvaluation {
+        serde_json::from_str(&std::fs::read_to_string(format!("{p}/angles.json")).unwrap()).unwrap()
+    };
+    assert_same_evaluation(&read(&whole), &read(&merged), "command line");
+    assert!(Path::new(&format!("{merged}/class_angle.png")).exists());
+    // A missing shard is named.
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_rotvar")).args(["eval-merge", "--out", &merged, &files[0]]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("2/3, 3/3 of this eval are missing"));
 }

@@ -53,6 +53,8 @@ enum Command {
     MeasurePair(MeasurePairArgs),
     /// Combine the shard files of `measure --shard K/N` into the result of one whole run.
     MeasureMerge(MeasureMergeArgs),
+    /// Combine the shard files of `eval --angles ... --shard K/N` into one evaluation.
+    EvalMerge(MeasureMergeArgs),
     /// The whole study in one command: train the pair, accuracy versus angle, V for both models,
     /// every figure and a report.md.
     Experiment(ExperimentArgs),
@@ -276,6 +278,10 @@ struct EvalArgs {
     /// Seed of the per-image angles of the randomly rotated test set.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// With --angles: evaluate only the K-th of N slices of the test set (whole batches of
+    /// --batch-size) and write angles.shard-K-of-N.json; `rotvar eval-merge` combines them.
+    #[arg(long, value_name = "K/N", requires = "angles")]
+    shard: Option<measure::shard::Shard>,
     #[arg(long)]
     quiet: bool,
 }
@@ -341,10 +347,11 @@ struct MeasureArgs {
 
 #[derive(Args)]
 struct MeasureMergeArgs {
-    /// Shard files (variance.shard-K-of-N.safetensors), all N of one measurement, in any order.
+    /// Shard files, all N of one run, in any order (variance.shard-K-of-N.safetensors from
+    /// `measure`, angles.shard-K-of-N.json from `eval --angles`).
     #[arg(required = true)]
     shards: Vec<PathBuf>,
-    /// Output directory for variance.safetensors, variance.json and variance_strips.png.
+    /// Output directory for the merged results (those of the unsharded command, and its figures).
     #[arg(long)]
     out: PathBuf,
 }
@@ -458,6 +465,7 @@ pub fn run() -> Result<()> {
         Command::Measure(a) => cmd_measure(a),
         Command::MeasurePair(a) => cmd_measure_pair(a),
         Command::MeasureMerge(a) => cmd_measure_merge(a),
+        Command::EvalMerge(a) => cmd_eval_merge(a),
         Command::Experiment(a) => cmd_experiment(a),
         Command::Images(a) => cmd_images(a),
         Command::Info => tools::cmd_info(),
@@ -561,6 +569,36 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let data = DeviceDataset::upload(&test_set, &meta.normalization, &b)?;
     if let Some(spec) = &a.angles {
         let angles = angle_eval::parse_angles(spec)?;
+        let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
+        if let Some(which) = a.shard {
+            let range = which.range(data.len(), a.batch_size);
+            if range.is_empty() {
+                bail!(
+                    "shard {which} is empty: {} test images make fewer than {} batches of {}; use fewer shards or a smaller --batch-size",
+                    data.len(),
+                    which.n,
+                    a.batch_size
+                );
+            }
+            let tally = angle_eval::tally_angles(&model, &data, &angles, a.batch_size, a.seed, range, a.quiet)?;
+            let shard = angle_eval::AngleShard {
+                kind: angle_eval::SHARD_KIND.into(),
+                checkpoint_sha256: data::fetch::sha256_hex(&std::fs::read(&a.checkpoint)?),
+                arch: meta.arch.clone(),
+                augment: meta.augment.to_string(),
+                dataset: name.clone(),
+                class_names: meta.class_names.clone(),
+                total_images: data.len(),
+                batch: a.batch_size,
+                random_seed: a.seed,
+                shard: which,
+                tally,
+            };
+            let path = out.join(angle_eval::AngleShard::file_name(which));
+            write_json(&path, &shard)?;
+            println!("wrote shard {which}: {}", path.display());
+            return Ok(());
+        }
         let ev = angle_eval::evaluate_angles(&model, &data, &angles, a.batch_size, a.seed, &meta.class_names, a.quiet)?;
         println!(
             "{} ({}) on {name} test ({} images), {} angles in {:.1}s:",
@@ -571,26 +609,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             ev.seconds
         );
         print!("{}", ev.table());
-        let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-        write_json(&out.join("angles.json"), &ev)?;
-        write_atomic(&out.join("angles.csv"), ev.to_csv().as_bytes())?;
         if let Some(path) = &a.json {
             write_json(path, &ev)?;
         }
         let title = format!("{} ({}) on {name}", meta.arch, meta.augment);
-        figures::accuracy_vs_angle(
-            &out.join("accuracy_vs_angle.png"),
-            &format!("{title}: accuracy versus rotation"),
-            &[(&meta.augment.to_string(), &ev, meta.augment.is_none())],
-        )?;
-        figures::class_angle_heatmap(
-            &out.join("class_angle.png"),
-            &format!("{title}: accuracy per class and angle"),
-            &ev,
-        )?;
-        eprintln!("wrote angles.json, angles.csv, accuracy_vs_angle.png and class_angle.png in {}", out.display());
-        return Ok(());
+        return write_angle_outputs(&out, &title, &meta.augment.to_string(), &ev);
     }
     let start = Instant::now();
     let e = train::evaluate(&model, &data, a.batch_size)?;
@@ -647,6 +670,38 @@ fn cmd_measure(a: MeasureArgs) -> Result<()> {
         out.join(job::SUMMARY).display()
     );
     Ok(())
+}
+
+/// angles.json, angles.csv and the two figures of an evaluation versus angle, in `out`.
+fn write_angle_outputs(out: &Path, title: &str, augment: &str, ev: &angle_eval::AngleEvaluation) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_json(&out.join("angles.json"), ev)?;
+    write_atomic(&out.join("angles.csv"), ev.to_csv().as_bytes())?;
+    figures::accuracy_vs_angle(
+        &out.join("accuracy_vs_angle.png"),
+        &format!("{title}: accuracy versus rotation"),
+        &[(augment, ev, augment == "none")],
+    )?;
+    figures::class_angle_heatmap(&out.join("class_angle.png"), &format!("{title}: accuracy per class and angle"), ev)?;
+    eprintln!("wrote angles.json, angles.csv, accuracy_vs_angle.png and class_angle.png in {}", out.display());
+    Ok(())
+}
+
+fn cmd_eval_merge(a: MeasureMergeArgs) -> Result<()> {
+    let (first, tally) = angle_eval::merge_shards(&a.shards)?;
+    let ev = tally.finish(&first.class_names, first.random_seed, 0.0)?;
+    println!(
+        "{} ({}) on {} test ({} images), {} angles, merged from {} shards:",
+        first.arch,
+        first.augment,
+        first.dataset,
+        ev.images,
+        ev.per_angle.len(),
+        a.shards.len()
+    );
+    print!("{}", ev.table());
+    let title = format!("{} ({}) on {}", first.arch, first.augment, first.dataset);
+    write_angle_outputs(&a.out, &title, &first.augment, &ev)
 }
 
 fn cmd_measure_merge(a: MeasureMergeArgs) -> Result<()> {

@@ -211,6 +211,32 @@ fn read(path: &Path) -> Result<ShardFile> {
     Ok(ShardFile { path: path.to_path_buf(), header, layers })
 }
 
+/// `shards`, sorted by K, are each of 1/N … N/N exactly once; the errors name the files and
+/// the `rotvar COMMAND --shard` runs still to do.
+pub fn check_complete(shards: &[(Shard, &Path)], command: &str) -> Result<()> {
+    let Some(&(first, first_path)) = shards.first() else {
+        bail!("no shard files given");
+    };
+    let n = first.n;
+    if let Some((s, p)) = shards.iter().find(|(s, _)| s.n != n) {
+        bail!("{} and {} come from different splits: {} shards, not {n}", first_path.display(), p.display(), s.n);
+    }
+    for w in shards.windows(2) {
+        if w[0].0.k == w[1].0.k {
+            bail!("{} and {} are the same shard {}", w[0].1.display(), w[1].1.display(), w[0].0);
+        }
+    }
+    let have: Vec<usize> = shards.iter().map(|(s, _)| s.k).collect();
+    let missing: Vec<String> = (1..=n).filter(|k| !have.contains(k)).map(|k| format!("{k}/{n}")).collect();
+    if !missing.is_empty() {
+        bail!(
+            "shard(s) {} of this {command} are missing; run `rotvar {command} --shard K/{n}` for them",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// A merged measurement: the source every shard shared and each layer's total moments.
 pub struct Merged {
     pub source: ShardSource,
@@ -227,32 +253,18 @@ pub fn merge(paths: &[PathBuf]) -> Result<Merged> {
     let mut files = paths.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?;
     files.sort_by_key(|f| f.header.shard.k);
     let first = &files[0];
-    let n = first.header.shard.n;
     for f in &files[1..] {
-        if f.header.source != first.header.source || f.header.shard.n != n {
+        if f.header.source != first.header.source {
             let what = if f.header.source.checkpoint_sha256 != first.header.source.checkpoint_sha256 {
-                "another checkpoint".to_string()
-            } else if f.header.shard.n != n {
-                format!("a split into {} shards, not {n}", f.header.shard.n)
+                "another checkpoint"
             } else {
-                "other measure settings (dataset, images, --batch-size, rotations, --per or --reduce)".to_string()
+                "other measure settings (dataset, images, --batch-size, rotations, --per or --reduce)"
             };
             bail!("{} and {} come from different measurements: {what}", first.path.display(), f.path.display());
         }
     }
-    for w in files.windows(2) {
-        if w[0].header.shard.k == w[1].header.shard.k {
-            bail!("{} and {} are the same shard {}", w[0].path.display(), w[1].path.display(), w[0].header.shard);
-        }
-    }
-    let have: Vec<usize> = files.iter().map(|f| f.header.shard.k).collect();
-    let missing: Vec<String> = (1..=n).filter(|k| !have.contains(k)).map(|k| format!("{k}/{n}")).collect();
-    if !missing.is_empty() {
-        bail!(
-            "measure-merge: shard(s) {} of this measurement are missing; run `rotvar measure --shard K/{n}` for them",
-            missing.join(", ")
-        );
-    }
+    let set: Vec<(Shard, &Path)> = files.iter().map(|f| (f.header.shard, f.path.as_path())).collect();
+    check_complete(&set, "measure")?;
     let mut layers = files[0].layers.clone();
     for f in &files[1..] {
         if f.layers.len() != layers.len() {
