@@ -96,8 +96,9 @@ impl CheckpointMeta {
         if let Some(v) = n.mean.iter().chain(&n.std).find(|v| !v.is_finite()) {
             return Err(format!("its normalization holds {v}"));
         }
-        if let Some(s) = n.std.iter().find(|&&s| s <= 0.0) {
-            return Err(format!("its normalization has a standard deviation of {s}; it must be positive"));
+        // 0 is what a constant training channel gives (it is then only centred); below 0 is corrupt.
+        if let Some(s) = n.std.iter().find(|&&s| s < 0.0) {
+            return Err(format!("its normalization has a standard deviation of {s}; it must be ≥ 0"));
         }
         if self.epochs_trained as f64 > limits::EPOCHS.hi {
             return Err(format!("it records {} epochs of training", self.epochs_trained));

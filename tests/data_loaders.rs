@@ -952,3 +952,21 @@ fn fetch_from_local_mirror_falls_back_verifies_and_skips_present_files() {
     fetch_mnist_from(tmp.path(), &[&bad_mirror, &good_mirror]).unwrap();
     assert_eq!(hits.load(Ordering::SeqCst), 6);
 }
+
+#[test]
+fn a_constant_channel_is_centred_and_its_fill_stays_finite() {
+    let norm = Normalization { mean: vec![0.5, 0.25], std: vec![0.0, 0.5] };
+    assert_eq!(norm.black(), vec![-0.5, -0.5]);
+    let ds = Dataset {
+        name: "constant".into(),
+        split: Split::Train,
+        images: vec![255, 0, 255, 0],
+        labels: vec![0],
+        n: 1,
+        channels: 2,
+        height: 1,
+        width: 2,
+        class_names: vec!["a".into()],
+    };
+    assert_eq!(ds.to_f32_normalized(&norm), vec![0.5, -0.5, 1.5, -0.5]);
+}

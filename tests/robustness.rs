@@ -350,7 +350,7 @@ fn checkpoint_metadata_is_checked_before_it_is_trusted() {
             |m| m["normalization"]["mean"] = serde_json::json!([0.1, 0.2, 0.3]),
             &["normalization"],
         ),
-        ("zero std", |m| m["normalization"]["std"] = serde_json::json!([0.0]), &["standard deviation of 0"]),
+        ("negative std", |m| m["normalization"]["std"] = serde_json::json!([-0.5]), &["standard deviation of -0.5"]),
         ("class names", |m| m["class_names"] = serde_json::json!(["a", "b"]), &["names 2 classes"]),
         ("unknown model", |m| m["arch"] = "alexnet".into(), &["unknown model 'alexnet'"]),
         ("shape vs dataset", |m| m["input"]["height"] = 32.into(), &["28x28", "1x32x28"]),

@@ -543,7 +543,8 @@ pub trait Backend: Send + Sync {
     /// `mats[i]` (f32; products and sums each rounded in f32 in this order, no fused multiply-add,
     /// so every backend gets the same bits). Rotation by θ counter-clockwise as displayed (row 0
     /// at the top; torchvision's `rotate` convention) is [`rotation_matrix`]`(θ)`; a zoom by z
-    /// divides the matrix by z; a horizontal flip negates m0 and m2. `Nearest` rounds (sx, sy)
+    /// divides the matrix by z; flipping the source horizontally before the rest negates the
+    /// first row (m0, m1), vertically the second (m2, m3). `Nearest` rounds (sx, sy)
     /// half to even; `Bilinear` blends the four neighbours with weights wx = sx − ⌊sx⌋,
     /// wy = sy − ⌊sy⌋ as (1−wy)·lerp(row y0) + wy·lerp(row y0+1), where lerp(a, b, t) =
     /// (1−t)·a + t·b, and a blend whose weight t is exactly 0 returns `a` unchanged (so integer

@@ -66,7 +66,13 @@ impl Normalization {
     /// The normalized value of a raw black pixel, per channel (−mean/std): what rotation and
     /// zoom fill uncovered pixels with, as if the raw images had been rotated with black fill.
     pub fn black(&self) -> Vec<f32> {
-        self.mean.iter().zip(&self.std).map(|(m, s)| -m / s).collect()
+        self.mean.iter().zip(self.divisors()).map(|(m, s)| -m / s).collect()
+    }
+
+    /// What each channel is divided by: its std, or 1 for a constant channel (std 0), which is
+    /// only centred, so nothing downstream meets inf or NaN.
+    pub fn divisors(&self) -> Vec<f32> {
+        self.std.iter().map(|&s| if s > 0.0 && s.is_finite() { s } else { 1.0 }).collect()
     }
 }
 
@@ -162,7 +168,7 @@ impl Dataset {
         if self.images.len() < total {
             bail!("dataset '{}' holds {} pixel bytes but n*c*h*w = {}", self.name, self.images.len(), total);
         }
-        let std: Vec<f32> = norm.std.iter().map(|&s| if s > 0.0 && s.is_finite() { s } else { 1.0 }).collect();
+        let std = norm.divisors();
         let mut out = Vec::with_capacity(total);
         if plane > 0 && c > 0 {
             for image in self.images[..total].chunks_exact(c * plane) {
