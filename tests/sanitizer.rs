@@ -254,3 +254,37 @@ fn blocks_run_concurrently_in_a_varying_order() {
     assert!(orders.iter().any(|o| o.windows(2).any(|w| w[1] != w[0] + 1)), "blocks ran in index order: {orders:?}");
     assert!(orders.windows(2).any(|w| w[0] != w[1]), "every launch ran the blocks in the same order: {orders:?}");
 }
+
+/// A launch checks every access against the buffers that were live when it started. Freeing one
+/// of those from another thread mid-launch once left a stale entry whose shadow was unmapped; a
+/// pool thread's new stack could then take over its addresses and the next check crashed the
+/// process (a rare SIGSEGV in a parallel test run). A free now waits for the launch in progress.
+#[test]
+fn a_free_during_a_launch_waits_for_it_to_end() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let flags = DeviceMem::filled(2, 0u32);
+    let victim = input(4096, 7); // live when the launch starts, freed while it runs
+                                 // SAFETY: the kernel only touches `flags` with atomics; the host does too, below.
+    let flag = |i: usize| unsafe { &*(flags.as_ptr().add(i) as *const AtomicU32) };
+    let flags_arg = KArg::ptr(flags.as_ptr());
+    let freed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let launch = s.spawn(|| unsafe { emu::launch("probe_wait_for_host", (1, 1, 1), (32, 1, 1), 0, &[flags_arg]) });
+        let started = Instant::now();
+        while flag(1).load(Ordering::SeqCst) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(60), "the probe kernel never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let freer = s.spawn(|| {
+            drop(victim);
+            freed.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let early = freed.load(Ordering::SeqCst);
+        flag(0).store(1, Ordering::SeqCst); // let the kernel finish
+        launch.join().unwrap().unwrap();
+        freer.join().unwrap();
+        assert!(!early, "a buffer was freed while a launch that may check accesses against it was running");
+        assert!(freed.load(Ordering::SeqCst));
+    });
+}

@@ -927,6 +927,12 @@ extern "C" void* rotvar_emu_mem_alloc(size_t bytes, size_t misalign) {
 
 extern "C" void rotvar_emu_mem_free(void* p) {
     using namespace rotvar_emu;
+    // A launch checks its accesses against the allocations live when it started (rt.allocs). A
+    // buffer another host thread freed mid-launch would stay in that list with its shadow
+    // unmapped, while a new mapping (the stack of a pool thread the launch starts, another
+    // buffer) may take over its addresses: an access there would write to the unmapped shadow
+    // and crash the process. So a free waits for the launch in progress.
+    std::lock_guard<std::mutex> serial(launch_mutex());
     Alloc a;
     {
         std::lock_guard<std::mutex> l(g_alloc_m);

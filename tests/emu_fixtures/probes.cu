@@ -16,3 +16,13 @@ extern "C" __global__ void probe_block_schedule(unsigned* order, unsigned* saw_o
     }
     saw_other[blockIdx.x] = atomicAdd(counter, 0u) > k + 1 ? 1u : 0u;
 }
+
+// Thread 0 sets flags[1] (it has started), then waits, bounded, until the host
+// sets flags[0]: a launch that stays in progress for as long as a test needs.
+extern "C" __global__ void probe_wait_for_host(unsigned* flags) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    atomicExch(&flags[1], 1u);
+    unsigned spins = 0;
+    while (atomicAdd(&flags[0], 0u) == 0u && ++spins < 200000000u) {
+    }
+}
