@@ -1,6 +1,6 @@
-// Image rotation, zoom and flips (data augmentation, rotated evaluation): inverse
-// mapping through a per-image 2x2 sampling matrix, nearest or bilinear sampling,
-// the same size out as in.
+// Image rotation, zoom, flips and translation (data augmentation, transformed
+// evaluation, the measure): inverse mapping through a per-image affine sampling
+// matrix, nearest or bilinear sampling, the same size out as in.
 //
 // Bit-compatible with the CPU reference (src/backend/cpu/rotate.rs): the host
 // passes the per-image matrices already rounded to f32 (rotations snapped at
@@ -20,9 +20,11 @@ __device__ __forceinline__ float rv_rot_lerp(float a, float b, float t) {
     return __fadd_rn(__fmul_rn(1.0f - t, a), __fmul_rn(t, b));
 }
 
-// y[n,c,oy,ox] = x[n,c] sampled at the image of (fx, fy) = (ox-cx, oy-cy)
+// y[n,c,oy,ox] = x[n,c] sampled at the image of (fx, fy) = ((ox-cx)-tx, (oy-cy)-ty)
 // under matrix n, about the centre (cx, cy) = ((W-1)/2, (H-1)/2):
-//   sx = (m0*fx + m1*fy) + cx,  sy = (m2*fx + m3*fy) + cy,  m = mats[4n..4n+4]
+//   sx = (m0*fx + m1*fy) + cx,  sy = (m2*fx + m3*fy) + cy,  [m0..m3, tx, ty] = mats[6n..6n+6]
+// (a translation by (tx, ty) moves the content right and down; tx = ty = 0 leaves
+// every bit as without it)
 // (a rotation by t counter-clockwise as displayed is [cos, -sin, sin, cos]). interp 0: nearest (rintf, half to even); 1:
 // bilinear, each tap outside the image reads fill[c], a zero weight skips its
 // taps so integral source points copy the pixel exactly. y must not alias x.
@@ -43,10 +45,11 @@ extern "C" __global__ void warp_f32(float* y, const float* x, const float* mats,
         const int pix = (int)(e - plane * hw);
         const int oy = pix / W, ox = pix - oy * W;
         const int img = (int)(plane / C), ch = (int)(plane - (long long)img * C);
-        const float* m = mats + 4 * (long long)img;
+        const float* m = mats + 6 * (long long)img;
         const float fv = fill[ch];
         const float* p = x + plane * hw;
-        const float fx = __fadd_rn((float)ox, -cx), fy = __fadd_rn((float)oy, -cy);
+        const float fx = __fadd_rn(__fadd_rn((float)ox, -cx), -m[4]);
+        const float fy = __fadd_rn(__fadd_rn((float)oy, -cy), -m[5]);
         const float sx = __fadd_rn(__fadd_rn(__fmul_rn(m[0], fx), __fmul_rn(m[1], fy)), cx);
         const float sy = __fadd_rn(__fadd_rn(__fmul_rn(m[2], fx), __fmul_rn(m[3], fy)), cy);
         float v;

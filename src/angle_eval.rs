@@ -1,14 +1,14 @@
-//! Accuracy and loss versus rotation (docs/protocol.md, step 2): the test set rotated by each
-//! angle of a set, per-class × per-angle accuracy, group accuracy, and accuracy on a randomly
-//! rotated copy.
+//! Accuracy and loss versus a transformation (docs/protocol.md, step 2): the test set under
+//! each point of a set of transformations (rotation angles by default; zoom, translation,
+//! flips and their grids with `--transform`), per-class × per-point accuracy, group accuracy,
+//! and accuracy on a randomly transformed copy.
 //!
-//! Each forward pass carries several angles of the same images: the batch is gathered once per
-//! angle on the device and every copy gets its own rotation matrix, so one pass and one small
+//! Each forward pass carries several points of the same images: the batch is gathered once per
+//! point on the device and every copy gets its own sampling matrix, so one pass and one small
 //! readback (the log-probabilities) serve them all.
 
 use crate::augment::FULL_TURN;
-use crate::backend::{rotation_matrix, Interp};
-use crate::limits;
+use crate::backend::{rotation_matrix, Affine, Interp, IDENTITY};
 use crate::measure::shard::{self, Shard};
 use crate::models::Model;
 use crate::nn::Forward;
@@ -17,80 +17,48 @@ use crate::progress;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::train::DeviceDataset;
+use crate::transform::{Transform, TransformSet};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
-/// A set of test angles in degrees, parsed from `--angles`: a list `0,90,180,270`, a range
-/// `START:STOP:STEP` (STOP excluded, as Python's range: `0:360:45` is 0, 45, …, 315), or a count
-/// `16` (evenly spaced over 360° from 0°).
-pub fn parse_angles(spec: &str) -> Result<Vec<f32>> {
-    let spec = spec.trim();
-    let num = |s: &str| -> Result<f64> {
-        s.trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-            .with_context(|| format!("--angles {spec}: '{s}' is not a number"))
-    };
-    let angles: Vec<f32> = if spec.contains(':') {
-        let parts: Vec<&str> = spec.split(':').collect();
-        let [start, stop, step] = parts[..] else {
-            bail!("--angles {spec}: a range is START:STOP:STEP, e.g. 0:360:45");
-        };
-        let (start, stop, step) = (num(start)?, num(stop)?, num(step)?);
-        if step <= 0.0 {
-            bail!("--angles {spec}: STEP must be positive");
-        }
-        // Counted in f64 and bounded before anything is allocated: a step of 1e-300 asks for
-        // more angles than there are atoms.
-        let count = ((stop - start) / step - 1e-9).ceil().max(0.0);
-        if count > limits::ANGLES.hi {
-            bail!(
-                "--angles {spec}: that range holds {count:.3e} angles; at most {} are allowed (use a larger STEP)",
-                limits::ANGLES.hi
-            );
-        }
-        (0..count as usize).map(|i| (start + step * i as f64) as f32).collect()
-    } else if spec.contains(',') {
-        spec.split(',').map(|s| num(s).map(|v| v as f32)).collect::<Result<_>>()?
-    } else {
-        let n: usize = spec.parse().ok().filter(|&n| n > 0).with_context(|| {
-            format!("--angles {spec}: expected a list (0,90,180), a range (0:360:45) or a count (16)")
-        })?;
-        limits::ANGLES.check_usize(n)?;
-        (0..n).map(|i| (360.0 * i as f64 / n as f64) as f32).collect()
-    };
-    if angles.is_empty() {
-        bail!("--angles {spec}: the set of angles is empty");
-    }
-    limits::ANGLES.check_usize(angles.len()).with_context(|| format!("--angles {spec}"))?;
-    Ok(angles)
-}
+pub use crate::transform::parse_angles;
 
+/// The evaluation at one point of the set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AngleResult {
-    pub angle: f32,
+pub struct PointResult {
+    pub transform: Transform,
+    /// How tables and heatmaps name the point (`30°`, `0.5`, `hflip, zoom 0.5`).
+    pub label: String,
+    /// Where plots put it: the axis's value for a one-axis set (the angle, the zoom factor, ...),
+    /// else the point's index.
+    pub x: f64,
     pub loss: f64,
     pub accuracy: f64,
-    /// Per class: accuracy on that class's images at this angle.
+    /// Per class: accuracy on that class's images at this point.
     pub class_accuracy: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AngleEvaluation {
+pub struct TransformEvaluation {
     pub images: usize,
     pub class_names: Vec<String>,
-    pub per_angle: Vec<AngleResult>,
-    /// Mean over images of the fraction of its rotated copies classified correctly.
+    /// The set, as `--transform` text (`rotate=0,90,180,270` for `--angles`).
+    pub transforms: String,
+    /// What `x` of each point measures, for a plot's axis.
+    pub quantity: String,
+    pub per_point: Vec<PointResult>,
+    /// Mean over images of the fraction of its transformed copies classified correctly.
     pub group_accuracy: f64,
-    /// Accuracy on the unrotated test set (the "original accuracy" next to group accuracy).
+    /// Accuracy on the untransformed test set (the "original accuracy" next to group accuracy).
     pub original_accuracy: f64,
     pub original_loss: f64,
-    /// Accuracy and loss on a copy of the test set where each image is rotated by its own angle,
-    /// uniform in [−180°, 180°), drawn from `random_seed`.
-    pub random_rotation_accuracy: f64,
-    pub random_rotation_loss: f64,
+    /// Accuracy and loss on a copy of the test set where each image gets its own random
+    /// transformation, drawn from `random_seed`: for a set of rotations, an angle uniform in
+    /// [−180°, 180°) (the protocol's randomly rotated test set); otherwise a point of the set,
+    /// each equally likely.
+    pub random_accuracy: f64,
+    pub random_loss: f64,
     pub random_seed: u64,
     pub seconds: f64,
 }
@@ -102,37 +70,37 @@ struct Tally {
     loss: Vec<f64>,
     correct: Vec<usize>,
     class_correct: Vec<usize>,
-    /// Per image: how many of its copies under the first `group_angles` angles were right.
+    /// Per image: how many of its copies under the first `group_points` points were right.
     image_correct: Vec<u32>,
-    group_angles: usize,
+    group_points: usize,
 }
 
 impl Tally {
-    fn new(images: usize, angles: usize, group_angles: usize, classes: usize) -> Tally {
+    fn new(images: usize, points: usize, group_points: usize, classes: usize) -> Tally {
         Tally {
-            group_angles,
+            group_points,
             classes,
-            loss: vec![0.0; angles],
-            correct: vec![0; angles],
-            class_correct: vec![0; angles * classes],
+            loss: vec![0.0; points],
+            correct: vec![0; points],
+            class_correct: vec![0; points * classes],
             image_correct: vec![0; images],
         }
     }
 
-    /// Row r of `logp` is image `idx[r % idx.len()]` under angle `angle_of[r]`.
-    fn add(&mut self, logp: &[f32], idx: &[u32], angle_of: &[usize], data: &DeviceDataset) {
+    /// Row r of `logp` is image `idx[r % idx.len()]` under angle `point_of[r]`.
+    fn add(&mut self, logp: &[f32], idx: &[u32], point_of: &[usize], data: &DeviceDataset) {
         let k = self.classes;
         for (r, row) in logp.chunks_exact(k).enumerate() {
             let image = idx[r % idx.len()] as usize;
             let label = data.labels_host[image] as usize;
-            let a = angle_of[r];
+            let a = point_of[r];
             // First maximum on ties, as argmax_rows.
             let pred = row.iter().enumerate().fold(0, |best, (j, &v)| if v > row[best] { j } else { best });
             self.loss[a] -= row[label] as f64;
             if pred == label {
                 self.correct[a] += 1;
                 self.class_correct[a * k + label] += 1;
-                if a < self.group_angles {
+                if a < self.group_points {
                     self.image_correct[image] += 1;
                 }
             }
@@ -140,9 +108,9 @@ impl Tally {
     }
 }
 
-/// Log-probabilities of the images `idx` under per-copy rotation matrices: copy r is image
+/// Log-probabilities of the images `idx` under per-copy sampling matrices: copy r is image
 /// `idx[r % idx.len()]`, so `mats.len()` must be a multiple of `idx.len()`.
-fn rotated_logp(model: &Model, data: &DeviceDataset, idx: &[u32], mats: &[[f32; 4]]) -> Result<Vec<f32>> {
+fn transformed_logp(model: &Model, data: &DeviceDataset, idx: &[u32], mats: &[Affine]) -> Result<Vec<f32>> {
     let copies = mats.len() / idx.len();
     let rows: Vec<u32> = (0..copies).flat_map(|_| idx.iter().copied()).collect();
     let (x, _) = data.batch(&rows)?;
@@ -150,38 +118,39 @@ fn rotated_logp(model: &Model, data: &DeviceDataset, idx: &[u32], mats: &[[f32; 
     model.forward(&x, &mut Forward::eval())?.to_vec()
 }
 
-/// The additive part of an angle evaluation: sums and counts over a set of test images, so the
-/// tallies of shards of the test set add up to the whole one's ([`AngleTally::merge`]) and
-/// [`AngleTally::finish`] divides once.
+/// The additive part of an evaluation: sums and counts over a set of test images, so the
+/// tallies of shards of the test set add up to the whole one's ([`TransformTally::merge`]) and
+/// [`TransformTally::finish`] divides once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AngleTally {
-    /// The requested angles (angle 0 is evaluated too, as an extra column when absent).
-    pub angles: Vec<f32>,
+pub struct TransformTally {
+    /// The requested set (the identity is evaluated too, as an extra column when absent).
+    pub set: TransformSet,
     pub classes: usize,
     pub images: usize,
-    /// Per evaluated angle: summed loss, correct predictions; per (angle, class): correct.
+    /// Per evaluated point: summed loss, correct predictions; per (point, class): correct.
     pub loss: Vec<f64>,
     pub correct: Vec<u64>,
     pub class_correct: Vec<u64>,
     pub class_counts: Vec<u64>,
-    /// Σ over images of how many of its copies under the requested angles were right.
+    /// Σ over images of how many of its copies under the requested points were right.
     pub group_hits: u64,
     pub random_loss: f64,
     pub random_correct: u64,
 }
 
-/// The angles evaluated for a request: the request, plus 0° when it is absent; and where 0° is.
-fn with_zero(angles: &[f32]) -> (Vec<f32>, usize) {
-    let zero = angles.iter().position(|&a| rotation_matrix(a) == rotation_matrix(0.0));
-    let mut all = angles.to_vec();
-    if zero.is_none() {
-        all.push(0.0);
+/// The matrices evaluated for a request: the set's, plus the identity when no point of it is
+/// one; and where the identity is.
+fn with_identity(set: &TransformSet) -> (Vec<Affine>, usize) {
+    let mut all = set.matrices();
+    let identity = all.iter().position(|m| *m == IDENTITY);
+    if identity.is_none() {
+        all.push(IDENTITY);
     }
-    (all, zero.unwrap_or(angles.len()))
+    (all, identity.unwrap_or(set.len()))
 }
 
-/// Evaluate `model` on `data` rotated by every angle of `angles` (bilinear, fill = raw black),
-/// with at most `batch` rotated images per forward pass.
+/// Evaluate `model` on `data` rotated by every angle of `angles`: [`evaluate`] over
+/// [`TransformSet::rotations`].
 pub fn evaluate_angles(
     model: &Model,
     data: &DeviceDataset,
@@ -190,51 +159,74 @@ pub fn evaluate_angles(
     random_seed: u64,
     class_names: &[String],
     quiet: bool,
-) -> Result<AngleEvaluation> {
+) -> Result<TransformEvaluation> {
+    evaluate(model, data, &TransformSet::rotations(angles), batch, random_seed, class_names, quiet)
+}
+
+/// Evaluate `model` on `data` under every point of `set` (bilinear, fill = raw black), with at
+/// most `batch` transformed images per forward pass.
+pub fn evaluate(
+    model: &Model,
+    data: &DeviceDataset,
+    set: &TransformSet,
+    batch: usize,
+    random_seed: u64,
+    class_names: &[String],
+    quiet: bool,
+) -> Result<TransformEvaluation> {
     let start = std::time::Instant::now();
-    let tally = tally_angles(model, data, angles, batch, random_seed, 0..data.len(), quiet)?;
+    let tally = tally_transforms(model, data, set, batch, random_seed, 0..data.len(), quiet)?;
     tally.finish(class_names, random_seed, start.elapsed().as_secs_f64())
 }
 
-/// The tally of [`evaluate_angles`] over the images `range` of `data` only (a shard).
+/// The tally of [`evaluate`] over the images `range` of `data` only (a shard).
 ///
-/// Images go in blocks of `batch` counted from the first test image: each block's rotated
+/// Images go in blocks of `batch` counted from the first test image: each block's transformed
 /// copies in passes of at most `batch` images, then the block once more under its random
-/// angles. A shard made of whole blocks therefore runs exactly the forward passes of the whole
+/// transformations. A shard made of whole blocks therefore runs exactly the forward passes of the whole
 /// evaluation (a GEMM's rounding depends on how many images share it).
-pub fn tally_angles(
+pub fn tally_transforms(
     model: &Model,
     data: &DeviceDataset,
-    angles: &[f32],
+    set: &TransformSet,
     batch: usize,
     random_seed: u64,
     range: std::ops::Range<usize>,
     quiet: bool,
-) -> Result<AngleTally> {
+) -> Result<TransformTally> {
     let (n, k, batch) = (data.len(), data.num_classes, batch.max(1));
     if range.is_empty() || range.end > n {
         bail!("evaluate: images {range:?} of a test set of {n}");
     }
-    let (all, _) = with_zero(angles);
-    let mats: Vec<[f32; 4]> = all.iter().map(|&a| rotation_matrix(a)).collect();
-    let per_pass = (batch / all.len()).max(1);
-    // One angle per image of the whole test set, drawn in image order, so a shard sees the
-    // angles the whole evaluation gives its images.
-    let mut rng = Rng::derive(random_seed, "random-rotation");
-    let random: Vec<[f32; 4]> = (0..n).map(|_| rotation_matrix(rng.uniform(FULL_TURN.0, FULL_TURN.1))).collect();
+    if set.is_empty() {
+        bail!("evaluate: the set of transformations is empty");
+    }
+    let (mats, _) = with_identity(set);
+    let per_pass = (batch / mats.len()).max(1);
+    // One transformation per image of the whole test set, drawn in image order, so a shard
+    // sees the ones the whole evaluation gives its images.
+    let random: Vec<Affine> = if set.rotation_only() {
+        let mut rng = Rng::derive(random_seed, "random-rotation");
+        (0..n).map(|_| rotation_matrix(rng.uniform(FULL_TURN.0, FULL_TURN.1))).collect()
+    } else {
+        let mut rng = Rng::derive(random_seed, "random-transform");
+        let points = set.matrices();
+        (0..n).map(|_| points[rng.below(points.len() as u64) as usize]).collect()
+    };
     let blocks = range.len().div_ceil(batch);
-    let pb = (!quiet).then(|| progress::bar(blocks as u64, &format!("{} angles", angles.len())));
-    let mut tally = Tally::new(n, all.len(), angles.len(), k);
+    let what = if set.rotation_only() { "angles" } else { "transformations" };
+    let pb = (!quiet).then(|| progress::bar(blocks as u64, &format!("{} {what}", set.len())));
+    let mut tally = Tally::new(n, mats.len(), set.len(), k);
     let mut rand_tally = Tally::new(n, 1, 1, k);
     let order: Vec<u32> = (range.start as u32..range.end as u32).collect();
     for block in order.chunks(batch) {
         for idx in block.chunks(per_pass) {
-            let copies: Vec<[f32; 4]> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, idx.len())).collect();
-            let angle_of: Vec<usize> = (0..all.len()).flat_map(|a| std::iter::repeat_n(a, idx.len())).collect();
-            tally.add(&rotated_logp(model, data, idx, &copies)?, idx, &angle_of, data);
+            let copies: Vec<Affine> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, idx.len())).collect();
+            let point_of: Vec<usize> = (0..mats.len()).flat_map(|a| std::iter::repeat_n(a, idx.len())).collect();
+            tally.add(&transformed_logp(model, data, idx, &copies)?, idx, &point_of, data);
         }
-        let mats: Vec<[f32; 4]> = block.iter().map(|&i| random[i as usize]).collect();
-        rand_tally.add(&rotated_logp(model, data, block, &mats)?, block, &vec![0; block.len()], data);
+        let drawn: Vec<Affine> = block.iter().map(|&i| random[i as usize]).collect();
+        rand_tally.add(&transformed_logp(model, data, block, &drawn)?, block, &vec![0; block.len()], data);
         if let Some(pb) = &pb {
             pb.inc(1);
         }
@@ -246,8 +238,8 @@ pub fn tally_angles(
     for &i in &order {
         class_counts[data.labels_host[i as usize] as usize] += 1;
     }
-    Ok(AngleTally {
-        angles: angles.to_vec(),
+    Ok(TransformTally {
+        set: set.clone(),
         classes: k,
         images: order.len(),
         loss: tally.loss,
@@ -260,11 +252,11 @@ pub fn tally_angles(
     })
 }
 
-impl AngleTally {
+impl TransformTally {
     /// Add the tally of other images of the same evaluation.
-    pub fn merge(&mut self, o: &AngleTally) -> Result<()> {
-        if o.angles != self.angles || o.classes != self.classes || o.loss.len() != self.loss.len() {
-            bail!("cannot merge tallies of different angles or classes");
+    pub fn merge(&mut self, o: &TransformTally) -> Result<()> {
+        if o.set != self.set || o.classes != self.classes || o.loss.len() != self.loss.len() {
+            bail!("cannot merge tallies of different transformations or classes");
         }
         let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
         self.images += o.images;
@@ -279,8 +271,8 @@ impl AngleTally {
     }
 
     /// Means and accuracies from the sums.
-    pub fn finish(&self, class_names: &[String], random_seed: u64, seconds: f64) -> Result<AngleEvaluation> {
-        let (all, zero) = with_zero(&self.angles);
+    pub fn finish(&self, class_names: &[String], random_seed: u64, seconds: f64) -> Result<TransformEvaluation> {
+        let (all, zero) = with_identity(&self.set);
         let (n, k) = (self.images as f64, self.classes);
         let consistent = self.loss.len() == all.len()
             && self.correct.len() == all.len()
@@ -288,10 +280,13 @@ impl AngleTally {
             && self.class_counts.len() == k
             && self.images > 0;
         if !consistent {
-            bail!("an angle tally of inconsistent lengths (a corrupt shard?)");
+            bail!("a tally of inconsistent lengths (a corrupt shard?)");
         }
-        let result = |a: usize| AngleResult {
-            angle: all[a],
+        let (xs, labels) = (self.set.xs(), self.set.labels());
+        let result = |a: usize| PointResult {
+            transform: self.set.points[a],
+            label: labels[a].clone(),
+            x: xs[a],
             loss: self.loss[a] / n,
             accuracy: self.correct[a] as f64 / n,
             class_accuracy: (0..k)
@@ -301,31 +296,70 @@ impl AngleTally {
                 })
                 .collect(),
         };
-        Ok(AngleEvaluation {
+        Ok(TransformEvaluation {
             images: self.images,
             class_names: class_names.to_vec(),
-            per_angle: (0..self.angles.len()).map(result).collect(),
-            group_accuracy: self.group_hits as f64 / (n * self.angles.len() as f64),
+            transforms: self.set.spec(),
+            quantity: self.set.quantity(),
+            per_point: (0..self.set.len()).map(result).collect(),
+            group_accuracy: self.group_hits as f64 / (n * self.set.len() as f64),
             original_accuracy: self.correct[zero] as f64 / n,
             original_loss: self.loss[zero] / n,
-            random_rotation_accuracy: self.random_correct as f64 / n,
-            random_rotation_loss: self.random_loss / n,
+            random_accuracy: self.random_correct as f64 / n,
+            random_loss: self.random_loss / n,
             random_seed,
             seconds,
         })
     }
 }
 
-impl AngleEvaluation {
-    /// One row per angle: angle, loss, accuracy, then accuracy per class.
+impl TransformEvaluation {
+    /// Whether every point is a rotation (then the outputs speak of angles).
+    pub fn rotations(&self) -> bool {
+        self.transforms.split(';').all(|axis| axis.starts_with("rotate="))
+    }
+
+    /// What the random copy of the test set is called in legends and tables.
+    pub fn random_name(&self) -> &'static str {
+        if self.rotations() {
+            "random rotation"
+        } else {
+            "random transformation"
+        }
+    }
+
+    /// One row per point: for rotations `angle_deg`, otherwise the point's label and every
+    /// parameter; then loss, accuracy and accuracy per class.
     pub fn to_csv(&self) -> String {
-        let mut out = String::from("angle_deg,loss,accuracy");
+        let rotations = self.rotations();
+        let mut out = String::from(if rotations {
+            "angle_deg"
+        } else {
+            "transform,rotate_deg,zoom,translate_x,translate_y,hflip,vflip"
+        });
+        out.push_str(",loss,accuracy");
         for name in &self.class_names {
             let _ = write!(out, ",acc_{}", name.replace([',', '"'], "_"));
         }
         out.push('\n');
-        for r in &self.per_angle {
-            let _ = write!(out, "{},{:.6},{:.6}", r.angle, r.loss, r.accuracy);
+        for r in &self.per_point {
+            let t = &r.transform;
+            if rotations {
+                let _ = write!(out, "{}", t.rotate);
+            } else {
+                let _ = write!(
+                    out,
+                    "\"{}\",{},{},{},{},{},{}",
+                    r.label.replace('"', "'"),
+                    t.rotate,
+                    t.zoom,
+                    t.translate[0],
+                    t.translate[1],
+                    t.hflip as u8,
+                    t.vflip as u8
+                );
+            }
+            let _ = write!(out, ",{:.6},{:.6}", r.loss, r.accuracy);
             for a in &r.class_accuracy {
                 let _ = write!(out, ",{a:.6}");
             }
@@ -334,28 +368,33 @@ impl AngleEvaluation {
         out
     }
 
-    /// The short table printed at the end of `rotvar eval --angles`.
+    /// The short table printed at the end of `rotvar eval --angles` / `--transform`.
     pub fn table(&self) -> String {
-        let mut out = format!("{:>9} {:>9} {:>9}\n", "angle", "loss", "accuracy");
-        for r in &self.per_angle {
-            let _ = writeln!(out, "{:>8}° {:>9.4} {:>8.2}%", r.angle, r.loss, 100.0 * r.accuracy);
+        let rotations = self.rotations();
+        let width = self.per_point.iter().map(|r| r.label.chars().count()).max().unwrap_or(0).max(9);
+        let head = if rotations { "angle" } else { "transform" };
+        let mut out = format!("{head:>width$} {:>9} {:>9}\n", "loss", "accuracy");
+        for r in &self.per_point {
+            let _ = writeln!(out, "{:>width$} {:>9.4} {:>8.2}%", r.label, r.loss, 100.0 * r.accuracy);
         }
+        let (points, random) =
+            if rotations { ("angles", "randomly rotated") } else { ("transformations", "randomly transformed") };
         let _ = writeln!(
             out,
-            "original accuracy {:.2}%, group accuracy {:.2}% ({} angles), randomly rotated test set {:.2}%",
+            "original accuracy {:.2}%, group accuracy {:.2}% ({} {points}), {random} test set {:.2}%",
             100.0 * self.original_accuracy,
             100.0 * self.group_accuracy,
-            self.per_angle.len(),
-            100.0 * self.random_rotation_accuracy
+            self.per_point.len(),
+            100.0 * self.random_accuracy
         );
         out
     }
 }
 
-/// `eval --angles ... --shard K/N`: one shard's tally and what every shard of the evaluation
+/// `eval --angles/--transform ... --shard K/N`: one shard's tally and what every shard of the evaluation
 /// must agree on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AngleShard {
+pub struct TransformShard {
     pub kind: String,
     pub checkpoint_sha256: String,
     pub arch: String,
@@ -366,37 +405,39 @@ pub struct AngleShard {
     pub batch: usize,
     pub random_seed: u64,
     pub shard: Shard,
-    pub tally: AngleTally,
+    pub tally: TransformTally,
 }
 
 pub const SHARD_KIND: &str = "rotvar-angles-shard";
 
-impl AngleShard {
-    pub fn file_name(shard: Shard) -> String {
-        format!("angles.shard-{}-of-{}.json", shard.k, shard.n)
+impl TransformShard {
+    /// `angles.shard-K-of-N.json` for rotations, `transform.shard-K-of-N.json` otherwise.
+    pub fn file_name(set: &TransformSet, shard: Shard) -> String {
+        let stem = if set.rotation_only() { "angles" } else { "transform" };
+        format!("{stem}.shard-{}-of-{}.json", shard.k, shard.n)
     }
 
     /// Whether `o` is another shard of the same evaluation (all but the shard and its tally).
-    fn same_evaluation(&self, o: &AngleShard) -> bool {
+    fn same_evaluation(&self, o: &TransformShard) -> bool {
         self.checkpoint_sha256 == o.checkpoint_sha256
             && self.dataset == o.dataset
             && self.class_names == o.class_names
             && self.total_images == o.total_images
             && self.batch == o.batch
             && self.random_seed == o.random_seed
-            && self.tally.angles == o.tally.angles
+            && self.tally.set == o.tally.set
     }
 }
 
-/// Read and add a complete set of `eval --angles --shard` files (any order).
-pub fn merge_shards(paths: &[std::path::PathBuf]) -> Result<(AngleShard, AngleTally)> {
+/// Read and add a complete set of `eval --angles/--transform --shard` files (any order).
+pub fn merge_shards(paths: &[std::path::PathBuf]) -> Result<(TransformShard, TransformTally)> {
     let mut shards = Vec::new();
     for p in paths {
         let text = std::fs::read_to_string(p).with_context(|| format!("cannot read shard {}", p.display()))?;
-        let s: AngleShard = serde_json::from_str(&text)
-            .ok()
-            .filter(|s: &AngleShard| s.kind == SHARD_KIND)
-            .with_context(|| format!("{} is not a shard written by `rotvar eval --angles ... --shard`", p.display()))?;
+        let s: TransformShard =
+            serde_json::from_str(&text).ok().filter(|s: &TransformShard| s.kind == SHARD_KIND).with_context(|| {
+                format!("{} is not a shard written by `rotvar eval --angles/--transform ... --shard`", p.display())
+            })?;
         shards.push((s, p.as_path()));
     }
     shards.sort_by_key(|(s, _)| s.shard.k);
@@ -405,7 +446,7 @@ pub fn merge_shards(paths: &[std::path::PathBuf]) -> Result<(AngleShard, AngleTa
     };
     if let Some((_, p)) = shards.iter().find(|(s, _)| !s.same_evaluation(first)) {
         bail!(
-            "{} and {} come from different evaluations (checkpoint, dataset, images, --batch-size, --seed or angles)",
+            "{} and {} come from different evaluations (checkpoint, dataset, images, --batch-size, --seed or transformations)",
             first_path.display(),
             p.display()
         );

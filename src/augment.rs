@@ -4,7 +4,7 @@
 //! Only the per-image parameters (four floats per image, drawn from the seeded RNG on the host)
 //! travel to the device; the images never leave it.
 
-use crate::backend::{rotation_matrix, Interp};
+use crate::backend::{rotation_matrix, Affine, Interp};
 use crate::limits;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -37,7 +37,7 @@ impl Augment {
 
     /// One sampling matrix per image, drawn from `rng` in a fixed order (angle, zoom, hflip,
     /// vflip for image 0, then image 1, ...), so a seed gives the same augmentation everywhere.
-    pub fn draw(&self, n: usize, rng: &mut Rng) -> Vec<[f32; 4]> {
+    pub fn draw(&self, n: usize, rng: &mut Rng) -> Vec<Affine> {
         (0..n)
             .map(|_| {
                 let angle = self.rotate.map(|(lo, hi)| rng.uniform(lo, hi));
@@ -63,13 +63,16 @@ impl Augment {
 /// The sampling matrix of an image flipped, then rotated by `angle` degrees (counter-clockwise
 /// as displayed), then zoomed by `zoom` about its centre. Sampling inverts the forward
 /// transform: source offset = F · R(angle)⁻¹ · (1/zoom) · output offset (a flip is its own
-/// inverse). A pure rotation is exactly [`rotation_matrix`], so quarter turns stay exact.
-pub fn sampling_matrix(angle: Option<f32>, zoom: Option<f32>, hflip: bool, vflip: bool) -> [f32; 4] {
+/// inverse). A pure rotation is exactly [`rotation_matrix`], so quarter turns stay exact. No
+/// translation.
+pub fn sampling_matrix(angle: Option<f32>, zoom: Option<f32>, hflip: bool, vflip: bool) -> Affine {
     let mut m = rotation_matrix(angle.unwrap_or(0.0));
     if let Some(z) = zoom {
         // The division is applied to the f32 rotation entries (exact for quarter turns when z is
         // a power of two); each entry is rounded once.
-        m = m.map(|v| (v as f64 / z as f64) as f32);
+        for v in &mut m[..4] {
+            *v = (*v as f64 / z as f64) as f32;
+        }
     }
     if hflip {
         m[0] = -m[0];

@@ -303,7 +303,7 @@ pub fn rotate_bandwidth(b: &BackendRef, images: usize, reps: usize) -> Result<Ro
     let g = RotateGeom { n: images, c: 1, h: 28, w: 28 };
     let mut rng = Rng::new(5);
     let x = b.upload(&(0..g.len()).map(|_| rng.normal()).collect::<Vec<f32>>())?;
-    let mats: Vec<[f32; 4]> = (0..images).map(|i| rotation_matrix(i as f32 * 7.3)).collect();
+    let mats: Vec<crate::backend::Affine> = (0..images).map(|i| rotation_matrix(i as f32 * 7.3)).collect();
     let mut y = b.alloc(g.len())?;
     let (mut t_rot, mut t_copy) = (Vec::new(), Vec::new());
     // Alternating, so drift in clocks or load hits both alike; two warm-up rounds.
@@ -418,7 +418,7 @@ pub fn measure_cost(
     let model = Model::build(arch, InputSpec { channels: 1, height: 28, width: 28, classes: 10 }, b, 0)?;
     let data = random_test_set(b, images)?;
     let cfg = crate::measure::MeasureConfig {
-        angles: crate::measure::rotation_angles(rotations),
+        transforms: crate::transform::TransformSet::rotations(&crate::measure::rotation_angles(rotations)),
         fill: data.fill.clone(),
         per,
         reduce: crate::backend::MapReduce::Mean,
@@ -430,8 +430,8 @@ pub fn measure_cost(
         let order: Vec<u32> = (0..images as u32).collect();
         for idx in order.chunks(batch) {
             let (x, _) = data.batch(idx)?;
-            for &a in &cfg.angles {
-                let xr = ops::rotate(&x, &vec![a; idx.len()], Interp::Bilinear, &cfg.fill)?;
+            for m in cfg.transforms.matrices() {
+                let xr = ops::warp(&x, &vec![m; idx.len()], Interp::Bilinear, &cfg.fill)?;
                 let mut sink = |_: &str, _: &Tensor| -> Result<()> { Ok(()) };
                 model.forward(&xr, &mut Forward::observe(&mut sink))?;
             }

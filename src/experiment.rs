@@ -2,7 +2,7 @@
 //! reuse a run directory), evaluate both versus angle, measure V for both, draw every figure,
 //! and write `report.md` with the key numbers beside the figures.
 
-use crate::angle_eval::{self, AngleEvaluation};
+use crate::angle_eval::{self, TransformEvaluation};
 use crate::backend::{BackendRef, MapReduce};
 use crate::checkpoint;
 use crate::figures;
@@ -67,7 +67,7 @@ impl ExperimentOptions {
 struct Member {
     label: &'static str,
     record: TrainRecord,
-    angles: AngleEvaluation,
+    angles: TransformEvaluation,
     measured: Measured,
     difference: inspect::RotationDifference,
 }
@@ -107,6 +107,7 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(&figs).with_context(|| format!("cannot create {}", figs.display()))?;
     let measure_opts = MeasureOptions {
         rotations: o.rotations,
+        transforms: None,
         per: o.per,
         reduce: o.reduce,
         batch: 256,
@@ -228,15 +229,15 @@ fn report(manifest: &PairManifest, members: &[Member], o: &ExperimentOptions, se
     let _ = writeln!(s, "| model | original | group accuracy | randomly rotated | worst angle |");
     let _ = writeln!(s, "|---|---|---|---|---|");
     for m in [u, r] {
-        let worst = m.angles.per_angle.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy));
+        let worst = m.angles.per_point.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy));
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} |",
             m.label,
             pct(m.angles.original_accuracy),
             pct(m.angles.group_accuracy),
-            pct(m.angles.random_rotation_accuracy),
-            worst.map_or("-".into(), |w| format!("{} at {}°", pct(w.accuracy), w.angle))
+            pct(m.angles.random_accuracy),
+            worst.map_or("-".into(), |w| format!("{} at {}", pct(w.accuracy), w.label))
         );
     }
     let _ = writeln!(

@@ -2,7 +2,7 @@
 //! generic `plot` module: accuracy versus angle, the class × angle heatmap, training curves,
 //! V heatmap strips, per-layer mean V, and the image grids of rotations, kernels and feature maps.
 
-use crate::angle_eval::AngleEvaluation;
+use crate::angle_eval::TransformEvaluation;
 use crate::inspect::{self, RotationDifference};
 use crate::measure::output::Summary;
 use crate::measure::LayerVariance;
@@ -17,30 +17,32 @@ fn degrees(a: f32) -> String {
     format!("{a}°")
 }
 
-/// Accuracy (%) versus rotation angle, one curve per model: the rotated model solid, the
-/// unrotated dashed (`dashed` per curve), with the randomly-rotated accuracy in the legend.
-pub fn accuracy_vs_angle(path: &Path, title: &str, curves: &[(&str, &AngleEvaluation, bool)]) -> Result<()> {
+/// Accuracy (%) versus rotation angle (or the point of any set of transformations), one curve
+/// per model: the rotated model solid, the unrotated dashed (`dashed` per curve), with the
+/// accuracy on the randomly rotated (transformed) test set in the legend.
+pub fn accuracy_vs_angle(path: &Path, title: &str, curves: &[(&str, &TransformEvaluation, bool)]) -> Result<()> {
     let series = curves
         .iter()
         .enumerate()
         .map(|(i, (name, ev, dashed))| Series {
-            name: format!("{name} (random rotation: {:.1}%)", 100.0 * ev.random_rotation_accuracy),
-            xs: ev.per_angle.iter().map(|r| r.angle as f64).collect(),
-            ys: ev.per_angle.iter().map(|r| 100.0 * r.accuracy).collect(),
+            name: format!("{name} ({}: {:.1}%)", ev.random_name(), 100.0 * ev.random_accuracy),
+            xs: ev.per_point.iter().map(|r| r.x).collect(),
+            ys: ev.per_point.iter().map(|r| 100.0 * r.accuracy).collect(),
             dashed: *dashed,
             color: Some(i),
             markers: true,
         })
         .collect();
+    let x_label = curves.first().map_or(String::new(), |(_, ev, _)| ev.quantity.clone());
     let ticks = curves.first().map(|(_, ev, _)| {
-        let step = if ev.per_angle.len() > 12 { ev.per_angle.len().div_ceil(12) } else { 1 };
-        ev.per_angle.iter().step_by(step).map(|r| r.angle as f64).collect()
+        let step = if ev.per_point.len() > 12 { ev.per_point.len().div_ceil(12) } else { 1 };
+        ev.per_point.iter().step_by(step).map(|r| r.x).collect()
     });
     plot::line_chart(
         path,
         &LineChart {
             title: title.into(),
-            x_label: "rotation angle (°, counter-clockwise)".into(),
+            x_label,
             y_label: "test accuracy (%)".into(),
             series,
             y_range: Some((0.0, 100.0)),
@@ -52,14 +54,14 @@ pub fn accuracy_vs_angle(path: &Path, title: &str, curves: &[(&str, &AngleEvalua
 }
 
 /// Loss versus rotation angle, like [`accuracy_vs_angle`].
-pub fn loss_vs_angle(path: &Path, title: &str, curves: &[(&str, &AngleEvaluation, bool)]) -> Result<()> {
+pub fn loss_vs_angle(path: &Path, title: &str, curves: &[(&str, &TransformEvaluation, bool)]) -> Result<()> {
     let series = curves
         .iter()
         .enumerate()
         .map(|(i, (name, ev, dashed))| Series {
             name: name.to_string(),
-            xs: ev.per_angle.iter().map(|r| r.angle as f64).collect(),
-            ys: ev.per_angle.iter().map(|r| r.loss).collect(),
+            xs: ev.per_point.iter().map(|r| r.x).collect(),
+            ys: ev.per_point.iter().map(|r| r.loss).collect(),
             dashed: *dashed,
             color: Some(i),
             markers: true,
@@ -69,7 +71,7 @@ pub fn loss_vs_angle(path: &Path, title: &str, curves: &[(&str, &AngleEvaluation
         path,
         &LineChart {
             title: title.into(),
-            x_label: "rotation angle (°, counter-clockwise)".into(),
+            x_label: curves.first().map_or(String::new(), |(_, ev, _)| ev.quantity.clone()),
             y_label: "test loss (mean NLL, nats)".into(),
             series,
             svg: true,
@@ -78,25 +80,25 @@ pub fn loss_vs_angle(path: &Path, title: &str, curves: &[(&str, &AngleEvaluation
     )
 }
 
-/// Accuracy (%) per class (rows) and angle (columns).
-pub fn class_angle_heatmap(path: &Path, title: &str, ev: &AngleEvaluation) -> Result<()> {
+/// Accuracy (%) per class (rows) and angle, or point of the set (columns).
+pub fn class_angle_heatmap(path: &Path, title: &str, ev: &TransformEvaluation) -> Result<()> {
     let classes = ev.class_names.len();
-    let mut values = Vec::with_capacity(classes * ev.per_angle.len());
+    let mut values = Vec::with_capacity(classes * ev.per_point.len());
     for c in 0..classes {
-        values.extend(ev.per_angle.iter().map(|r| 100.0 * r.class_accuracy[c]));
+        values.extend(ev.per_point.iter().map(|r| 100.0 * r.class_accuracy[c]));
     }
     plot::heatmap(
         path,
         &Heatmap {
             title: title.into(),
-            x_label: "rotation angle (°)".into(),
+            x_label: ev.quantity.clone(),
             y_label: "class".into(),
-            x_labels: ev.per_angle.iter().map(|r| degrees(r.angle)).collect(),
+            x_labels: ev.per_point.iter().map(|r| r.label.clone()).collect(),
             y_labels: ev.class_names.clone(),
             values,
             value_label: "accuracy (%)".into(),
             range: Some((0.0, 100.0)),
-            annotate: ev.per_angle.len() <= 16,
+            annotate: ev.per_point.len() <= 16,
             svg: true,
         },
     )

@@ -30,3 +30,4 @@ pub mod run;
 pub mod selftest;
 pub mod tensor;
 pub mod train;
+pub mod transform;

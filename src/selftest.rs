@@ -373,7 +373,7 @@ fn rotate(c: &mut Ctx, g: &RotateGeom) -> Result<()> {
     // Identity, exact quarter turns, arbitrary angles of both signs, and augmentation matrices
     // (zoom, flips), cycled over the batch.
     const ANGLES: [f32; 8] = [0.0, 90.0, 37.5, -123.0, 180.0, 360.0, -90.0, 271.3];
-    let mats: Vec<[f32; 4]> = (0..g.n)
+    let mats: Vec<crate::backend::Affine> = (0..g.n)
         .map(|i| {
             let a = ANGLES[i % ANGLES.len()];
             match i % 3 {

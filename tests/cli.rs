@@ -190,7 +190,7 @@ fn train_pair_then_eval_versus_angle() {
     let printed = String::from_utf8_lossy(&o.stdout);
     assert!(printed.contains("270°") && printed.contains("group accuracy"), "{printed}");
     let ev = read_json(out.join("angles.json"));
-    assert_eq!(ev["per_angle"].as_array().unwrap().len(), 4);
+    assert_eq!(ev["per_point"].as_array().unwrap().len(), 4);
     assert_eq!(ev["images"], 100);
     let csv = std::fs::read_to_string(out.join("angles.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");

@@ -5,10 +5,11 @@
 use rotvar::augment::{sampling_matrix, Augment};
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::cuda::CudaBackend;
-use rotvar::backend::{rotation_matrix, BackendRef, Interp, RotateGeom};
+use rotvar::backend::{rotation_matrix, Affine, BackendRef, Interp, RotateGeom};
 use rotvar::ops;
 use rotvar::rng::Rng as EngineRng;
 use rotvar::tensor::Tensor;
+use rotvar::transform::{Transform, TransformSet};
 
 mod common;
 use common::Rng;
@@ -23,12 +24,12 @@ fn backends() -> Vec<(&'static str, BackendRef)> {
 
 /// Rotate through the backend directly, into an output poisoned with NaN.
 fn rot(be: &BackendRef, x: &[f32], g: RotateGeom, angles: &[f32], interp: Interp, fill: &[f32]) -> Vec<f32> {
-    let mats: Vec<[f32; 4]> = angles.iter().map(|&a| rotation_matrix(a)).collect();
+    let mats: Vec<Affine> = angles.iter().map(|&a| rotation_matrix(a)).collect();
     warp(be, x, g, &mats, interp, fill)
 }
 
 /// Warp through the backend directly, into an output poisoned with NaN.
-fn warp(be: &BackendRef, x: &[f32], g: RotateGeom, mats: &[[f32; 4]], interp: Interp, fill: &[f32]) -> Vec<f32> {
+fn warp(be: &BackendRef, x: &[f32], g: RotateGeom, mats: &[Affine], interp: Interp, fill: &[f32]) -> Vec<f32> {
     let xs = be.upload(x).unwrap();
     let mut ys = be.upload(&vec![f32::NAN; g.len()]).unwrap();
     be.warp(&xs, mats, interp, fill, &mut ys, &g).unwrap();
@@ -142,7 +143,7 @@ fn reference(x: &[f32], g: RotateGeom, angles: &[f64], interp: Interp, fill: &[f
 
 /// Independent f64 resampling given each image's *forward* transform of offsets from the
 /// centre: the source point of an output pixel is found by inverting `forward` numerically
-/// (it is linear: solve the 2×2 system from the images of the unit vectors).
+/// (it is affine: solve the 2×2 system from the images of the origin and the unit vectors).
 fn reference_forward(
     x: &[f32],
     g: RotateGeom,
@@ -155,11 +156,16 @@ fn reference_forward(
     let mut out = Vec::with_capacity(g.len());
     let mut tie = Vec::with_capacity(g.len());
     for n in 0..g.n {
+        let (tx, ty) = forward(n, 0.0, 0.0);
         let (a, c) = forward(n, 1.0, 0.0);
         let (b, d) = forward(n, 0.0, 1.0);
+        let (a, b, c, d) = (a - tx, b - tx, c - ty, d - ty);
         let det = a * d - b * c;
-        // Inverse of [[a, b], [c, d]] (columns: images of the unit offsets).
-        let inv = |dx: f64, dy: f64| ((d * dx - b * dy) / det, (-c * dx + a * dy) / det);
+        // Inverse of [[a, b], [c, d]] (columns: images of the unit offsets) after the shift.
+        let inv = |dx: f64, dy: f64| {
+            let (dx, dy) = (dx - tx, dy - ty);
+            ((d * dx - b * dy) / det, (-c * dx + a * dy) / det)
+        };
         for ch in 0..g.c {
             let plane = &x[(n * g.c + ch) * g.h * g.w..][..g.h * g.w];
             let px = |ix: i64, iy: i64| -> f64 {
@@ -301,7 +307,7 @@ fn bad_inputs_are_errors_not_panics() {
         let m = rotation_matrix(1.0);
         assert!(be.warp(&x.storage(), &[m], Interp::Bilinear, &fill, &mut y, &g).is_err(), "{name}");
         assert!(be.warp(&x.storage(), &[m, m], Interp::Bilinear, &[0.0], &mut y, &g).is_err(), "{name}");
-        let nan = [f32::NAN, 0.0, 0.0, 1.0];
+        let nan = [f32::NAN, 0.0, 0.0, 1.0, 0.0, 0.0];
         assert!(be.warp(&x.storage(), &[m, nan], Interp::Bilinear, &fill, &mut y, &g).is_err(), "{name}");
         // Good input still works after the errors.
         let y = ops::rotate(&x, &[10.0, 20.0], Interp::Bilinear, &fill).unwrap();
@@ -326,20 +332,39 @@ fn flips_are_exact_mirror_images() {
 }
 
 #[test]
-fn zoom_rotation_and_flips_compose_as_documented() {
+fn zoom_rotation_flips_and_translation_compose_as_documented() {
     // Forward transform of an offset (u, v): flip, then rotate counter-clockwise as displayed,
-    // then scale by z. The kernels must sample its inverse.
-    let cases: [(f64, f64, bool, bool); 4] =
-        [(0.0, 2.0, false, false), (30.0, 1.25, true, false), (-75.0, 0.8, false, true), (140.0, 1.6, true, true)];
-    let g = RotateGeom { n: 4, c: 2, h: 12, w: 12 };
-    let mats: Vec<[f32; 4]> =
-        cases.iter().map(|&(a, z, hf, vf)| sampling_matrix(Some(a as f32), Some(z as f32), hf, vf)).collect();
+    // then scale by z, then move by (tx, ty) (right, down). The kernels must sample its inverse.
+    type Case = (f64, f64, bool, bool, f64, f64);
+    let cases: [Case; 5] = [
+        (0.0, 2.0, false, false, 0.0, 0.0),
+        (30.0, 1.25, true, false, 1.5, -2.25),
+        (-75.0, 0.8, false, true, -3.0, 0.5),
+        (140.0, 1.6, true, true, 0.25, 4.0),
+        (0.0, 1.0, false, false, 2.7, -1.3),
+    ];
+    let g = RotateGeom { n: 5, c: 2, h: 12, w: 12 };
+    let transform = |&(a, z, hf, vf, tx, ty): &Case| Transform {
+        rotate: a as f32,
+        zoom: z as f32,
+        translate: [tx as f32, ty as f32],
+        hflip: hf,
+        vflip: vf,
+    };
+    let mats: Vec<Affine> = cases.iter().map(|c| transform(c).matrix()).collect();
+    // Without a shift, a Transform's matrix is the augmentation's.
+    for c in &cases {
+        let (a, z, hf, vf, _, _) = *c;
+        let m = transform(&(a, z, hf, vf, 0.0, 0.0)).matrix();
+        let want = sampling_matrix(Some(a as f32), (z != 1.0).then_some(z as f32), hf, vf);
+        assert_eq!(m.map(f32::to_bits), want.map(f32::to_bits), "{c:?}");
+    }
     let forward = |n: usize, u: f64, v: f64| {
-        let (a, z, hf, vf) = cases[n];
+        let (a, z, hf, vf, tx, ty) = cases[n];
         let (u, v) = (if hf { -u } else { u }, if vf { -v } else { v });
         let (c, s) = (a.to_radians().cos(), a.to_radians().sin());
         let (u, v) = (u * c + v * s, -u * s + v * c);
-        (z * u, z * v)
+        (z * u + tx, z * v + ty)
     };
     let fill = [0.3f32, -0.6];
     for (name, be) in backends() {
@@ -348,6 +373,58 @@ fn zoom_rotation_and_flips_compose_as_documented() {
             let y = warp(&be, &x, g, &mats, interp, &fill);
             let (want, tie) = reference_forward(&x, g, &forward, interp, &fill);
             assert_close_away_from_ties(&format!("{name} {interp:?}"), &y, &want, &tie, 0.8);
+        }
+    }
+}
+
+#[test]
+fn integer_translations_are_exact_shifts_with_fill() {
+    for (name, be) in backends() {
+        for g in [RotateGeom { n: 3, c: 2, h: 7, w: 7 }, RotateGeom { n: 3, c: 1, h: 6, w: 9 }] {
+            let x = random_images(31, g);
+            let fill = [-0.75f32, 0.5];
+            for (tx, ty) in [(2i64, 0i64), (-3, 1), (0, -2), (9, 0), (1, 6)] {
+                let m = Transform { translate: [tx as f32, ty as f32], ..Transform::default() }.matrix();
+                // Output (ox, oy) shows the source pixel (ox − tx, oy − ty), or the fill.
+                let hw = g.h * g.w;
+                let mut want = vec![0.0f32; g.len()];
+                for p in 0..g.n * g.c {
+                    for oy in 0..g.h as i64 {
+                        for ox in 0..g.w as i64 {
+                            let (sx, sy) = (ox - tx, oy - ty);
+                            want[p * hw + (oy * g.w as i64 + ox) as usize] =
+                                if (0..g.w as i64).contains(&sx) && (0..g.h as i64).contains(&sy) {
+                                    x[p * hw + (sy * g.w as i64 + sx) as usize]
+                                } else {
+                                    fill[p % g.c]
+                                };
+                        }
+                    }
+                }
+                for interp in INTERPS {
+                    let y = warp(&be, &x, g, &vec![m; g.n], interp, &fill[..g.c]);
+                    assert_bits_eq(&format!("{name} {g:?} shift ({tx}, {ty}) {interp:?}"), &y, &want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn identity_points_of_every_axis_change_no_bit() {
+    // zoom 1, shift 0, rotation 0 and 360, alone and composed: the input, bit for bit.
+    let set = TransformSet::parse(&["zoom=0.5,1".into(), "translate=0,3".into(), "rotate=0,360".into()]).unwrap();
+    let ids: Vec<&Transform> = set.points.iter().filter(|t| t.zoom == 1.0 && t.translate[0] == 0.0).collect();
+    assert_eq!(ids.len(), 2);
+    let g = RotateGeom { n: 2, c: 3, h: 9, w: 8 };
+    for (name, be) in backends() {
+        let x = random_images(41, g);
+        for t in &ids {
+            assert!(t.is_identity(), "{t}");
+            for interp in INTERPS {
+                let y = warp(&be, &x, g, &[t.matrix(); 2], interp, &[0.1, 0.2, 0.3]);
+                assert_bits_eq(&format!("{name} {t} {interp:?}"), &y, &x);
+            }
         }
     }
 }

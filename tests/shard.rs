@@ -1,7 +1,7 @@
 //! The measure and the evaluation versus angle split across machines: shards merged equal one
 //! whole run to 1e-12 relative, and shards that do not belong together are refused.
 
-use rotvar::angle_eval::{evaluate_angles, tally_angles, AngleEvaluation, AngleTally};
+use rotvar::angle_eval::{evaluate, tally_transforms, TransformEvaluation, TransformTally};
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::MapReduce;
 use rotvar::data::{Dataset, Split};
@@ -10,6 +10,7 @@ use rotvar::measure::shard::{self, Shard, ShardSource};
 use rotvar::measure::{finalize, measure, measure_moments, rotation_angles, LayerVariance, MeasureConfig, Per};
 use rotvar::models::{InputSpec, Model};
 use rotvar::train::DeviceDataset;
+use rotvar::transform::TransformSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -60,7 +61,7 @@ fn source(total: usize, cfg: &MeasureConfig) -> ShardSource {
         class_names: (0..10).map(|i| i.to_string()).collect(),
         total_samples: total,
         batch: cfg.batch,
-        angles: cfg.angles.clone(),
+        transforms: cfg.transforms.clone(),
         fill: cfg.fill.clone(),
         per: cfg.per,
         reduce: cfg.reduce,
@@ -75,7 +76,13 @@ fn merged_shards_equal_the_whole_run() {
     let model = Model::build("lenet", InputSpec { channels: 1, height: 16, width: 16, classes: 10 }, &b, 3).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (per, reduce) in [(Per::Map, MapReduce::Mean), (Per::Element, MapReduce::Mean), (Per::Map, MapReduce::Max)] {
-        let cfg = MeasureConfig { angles: rotation_angles(5), fill: data.fill.clone(), per, reduce, batch: 8 };
+        let cfg = MeasureConfig {
+            transforms: TransformSet::rotations(&rotation_angles(5)),
+            fill: data.fill.clone(),
+            per,
+            reduce,
+            batch: 8,
+        };
         let whole = measure(&model, &data, &cfg, &mut |_, _| {}).unwrap();
         for n in [2, 3, 6] {
             let mut paths: Vec<PathBuf> = Vec::new();
@@ -104,7 +111,7 @@ fn shards_that_do_not_belong_together_are_refused() {
     let data = DeviceDataset::upload(&ds, &ds.channel_stats(), &b).unwrap();
     let model = Model::build("lenet", InputSpec { channels: 1, height: 16, width: 16, classes: 10 }, &b, 3).unwrap();
     let cfg = MeasureConfig {
-        angles: rotation_angles(3),
+        transforms: TransformSet::rotations(&rotation_angles(3)),
         fill: data.fill.clone(),
         per: Per::Map,
         reduce: MapReduce::Mean,
@@ -206,46 +213,52 @@ fn the_command_line_round_trip_matches_a_whole_measure() {
 }
 
 /// Loss sums to 1e-12 relative; every count (accuracies) exactly.
-fn assert_same_evaluation(a: &AngleEvaluation, b: &AngleEvaluation, what: &str) {
+fn assert_same_evaluation(a: &TransformEvaluation, b: &TransformEvaluation, what: &str) {
     let close = |x: f64, y: f64| x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs());
     assert_eq!(a.images, b.images, "{what}");
-    assert_eq!(a.per_angle.len(), b.per_angle.len(), "{what}");
-    for (ra, rb) in a.per_angle.iter().zip(&b.per_angle) {
-        assert_eq!(ra.angle, rb.angle, "{what}");
-        assert!(close(ra.loss, rb.loss), "{what}: loss at {}°: {} vs {}", ra.angle, ra.loss, rb.loss);
+    assert_eq!(a.per_point.len(), b.per_point.len(), "{what}");
+    for (ra, rb) in a.per_point.iter().zip(&b.per_point) {
+        assert_eq!(ra.transform, rb.transform, "{what}");
+        assert!(close(ra.loss, rb.loss), "{what}: loss at {}: {} vs {}", ra.label, ra.loss, rb.loss);
         assert_eq!(ra.accuracy, rb.accuracy, "{what}");
         let same = ra.class_accuracy.iter().zip(&rb.class_accuracy).all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
         assert!(same, "{what}: {:?} vs {:?}", ra.class_accuracy, rb.class_accuracy);
     }
     assert_eq!(
-        (a.group_accuracy, a.original_accuracy, a.random_rotation_accuracy),
-        (b.group_accuracy, b.original_accuracy, b.random_rotation_accuracy),
+        (a.group_accuracy, a.original_accuracy, a.random_accuracy),
+        (b.group_accuracy, b.original_accuracy, b.random_accuracy),
         "{what}"
     );
-    assert!(close(a.original_loss, b.original_loss) && close(a.random_rotation_loss, b.random_rotation_loss), "{what}");
+    assert!(close(a.original_loss, b.original_loss) && close(a.random_loss, b.random_loss), "{what}");
 }
 
 #[test]
-fn merged_angle_shards_equal_the_whole_evaluation() {
+fn merged_evaluation_shards_equal_the_whole_evaluation() {
     let b = CpuBackend::shared();
     let ds = synthetic();
     let data = DeviceDataset::upload(&ds, &ds.channel_stats(), &b).unwrap();
     let model = Model::build("lenet", InputSpec { channels: 1, height: 16, width: 16, classes: 10 }, &b, 3).unwrap();
     let names = ds.class_names.clone();
-    for (angles, batch) in [(vec![0.0f32, 90.0, 180.0, 270.0], 8usize), (vec![10.0, 45.0, 200.0], 5)] {
-        let whole = evaluate_angles(&model, &data, &angles, batch, 4, &names, true).unwrap();
+    let zoom_flip = TransformSet::parse(&["zoom=0.5:1.5:3".into(), "hflip".into()]).unwrap();
+    for (set, batch) in [
+        (TransformSet::rotations(&[0.0, 90.0, 180.0, 270.0]), 8usize),
+        (TransformSet::rotations(&[10.0, 45.0, 200.0]), 5),
+        (zoom_flip, 7),
+    ] {
+        let angles = set.spec();
+        let whole = evaluate(&model, &data, &set, batch, 4, &names, true).unwrap();
         for n in [2, 3] {
-            let mut merged: Option<AngleTally> = None;
+            let mut merged: Option<TransformTally> = None;
             for k in (1..=n).rev() {
                 let range = Shard { k, n }.range(data.len(), batch);
-                let t = tally_angles(&model, &data, &angles, batch, 4, range, true).unwrap();
+                let t = tally_transforms(&model, &data, &set, batch, 4, range, true).unwrap();
                 match merged.as_mut() {
                     Some(m) => m.merge(&t).unwrap(),
                     None => merged = Some(t),
                 }
             }
             let got = merged.unwrap().finish(&names, 4, 0.0).unwrap();
-            assert_same_evaluation(&whole, &got, &format!("{angles:?}, batch {batch}, {n} shards"));
+            assert_same_evaluation(&whole, &got, &format!("{angles}, batch {batch}, {n} shards"));
         }
     }
 }
@@ -277,7 +290,7 @@ fn eval_shards_round_trip_through_the_command_line() {
     let mut merge = vec!["eval-merge", "--out", merged.as_str()];
     merge.extend(files.iter().map(String::as_str));
     rotvar(&merge);
-    let read = |p: &str| -> AngleEvaluation {
+    let read = |p: &str| -> TransformEvaluation {
         serde_json::from_str(&std::fs::read_to_string(format!("{p}/angles.json")).unwrap()).unwrap()
     };
     assert_same_evaluation(&read(&whole), &read(&merged), "command line");

@@ -12,6 +12,11 @@ use rotvar::nn::Forward;
 use rotvar::ops;
 use rotvar::tensor::Tensor;
 use rotvar::train::DeviceDataset;
+use rotvar::transform::TransformSet;
+
+fn rotations(angles: &[f32]) -> TransformSet {
+    TransformSet::rotations(angles)
+}
 
 mod common;
 use common::Rng;
@@ -430,13 +435,13 @@ fn tiny_dataset(be: &BackendRef, n: usize, classes: usize, seed: u64) -> DeviceD
 /// A for every intermediate, materialized by running the same forward passes the streaming
 /// measure runs (same batches, same rotations), with each unit reduced in f64 by the test.
 fn materialize(model: &Model, data: &DeviceDataset, cfg: &MeasureConfig) -> Vec<(String, usize, Vec<f64>)> {
-    let (n, m) = (data.len(), cfg.angles.len());
+    let (n, m) = (data.len(), cfg.transforms.len());
     let mut layers: Vec<(String, usize, Vec<f64>)> = Vec::new();
     let order: Vec<u32> = (0..n as u32).collect();
     for idx in order.chunks(cfg.batch) {
         let (x, _) = data.batch(idx).unwrap();
-        for (j, &angle) in cfg.angles.iter().enumerate() {
-            let xr = ops::rotate(&x, &vec![angle; idx.len()], Interp::Bilinear, &cfg.fill).unwrap();
+        for (j, mat) in cfg.transforms.matrices().into_iter().enumerate() {
+            let xr = ops::warp(&x, &vec![mat; idx.len()], Interp::Bilinear, &cfg.fill).unwrap();
             let mut pos = 0;
             let mut observe = |name: &str, t: &Tensor| -> anyhow::Result<()> {
                 let s = t.shape().to_vec();
@@ -467,14 +472,16 @@ fn materialize(model: &Model, data: &DeviceDataset, cfg: &MeasureConfig) -> Vec<
 }
 
 #[test]
-fn lenet_measure_matches_the_definition_on_materialized_activations() {
+fn lenet_measure_over_rotation_and_zoom_matches_the_definition_on_materialized_activations() {
     let be: BackendRef = CpuBackend::shared();
     let classes = 3;
     let model = Model::build("lenet", InputSpec { channels: 1, height: 28, width: 28, classes }, &be, 7).unwrap();
     let data = tiny_dataset(&be, 7, classes, 0xE2E);
     let labels: Vec<u32> = data.labels_host.iter().map(|&l| l as u32).collect();
+    // Any set of transformations, not only rotations: V over rotation × zoom.
+    let rotate_and_zoom = TransformSet::parse(&["rotate=0,90".into(), "zoom=0.7,1.3".into()]).unwrap();
     for (per, reduce) in [(Per::Element, MapReduce::Sum), (Per::Map, MapReduce::Mean), (Per::Map, MapReduce::Max)] {
-        let cfg = MeasureConfig { angles: measure::rotation_angles(4), fill: vec![-0.42], per, reduce, batch: 3 };
+        let cfg = MeasureConfig { transforms: rotate_and_zoom.clone(), fill: vec![-0.42], per, reduce, batch: 3 };
         let mut calls = Vec::new();
         let got = measure::measure(&model, &data, &cfg, &mut |done, total| calls.push((done, total))).unwrap();
         assert_eq!(calls.last(), Some(&(12, 12)), "progress: 3 batches × 4 rotations");
@@ -502,7 +509,8 @@ fn measure_on_emulated_cuda_matches_the_cpu() {
     let classes = 2;
     let spec = InputSpec { channels: 1, height: 28, width: 28, classes };
     let cfg = MeasureConfig {
-        angles: vec![-90.0, 30.0, 135.0],
+        // Rotation, and translation by whole and fractional pixels.
+        transforms: TransformSet::parse(&["rotate=-90,30,135".into(), "translate=0,1.5".into()]).unwrap(),
         fill: vec![-0.42],
         per: Per::Map,
         reduce: MapReduce::Mean,
@@ -529,11 +537,17 @@ fn measure_rejects_bad_configurations() {
     let be: BackendRef = CpuBackend::shared();
     let model = Model::build("lenet", InputSpec { channels: 1, height: 28, width: 28, classes: 2 }, &be, 1).unwrap();
     let data = tiny_dataset(&be, 3, 2, 1);
-    let good =
-        MeasureConfig { angles: vec![0.0, 90.0], fill: vec![0.0], per: Per::Map, reduce: MapReduce::Max, batch: 2 };
+    let good = MeasureConfig {
+        transforms: rotations(&[0.0, 90.0]),
+        fill: vec![0.0],
+        per: Per::Map,
+        reduce: MapReduce::Max,
+        batch: 2,
+    };
     let cases = [
-        (MeasureConfig { angles: vec![], ..good.clone() }, "no rotation angles"),
-        (MeasureConfig { angles: vec![f32::NAN], ..good.clone() }, "not finite"),
+        (MeasureConfig { transforms: rotations(&[]), ..good.clone() }, "at least two"),
+        (MeasureConfig { transforms: rotations(&[30.0]), ..good.clone() }, "at least two"),
+        (MeasureConfig { transforms: rotations(&[f32::NAN, 0.0]), ..good.clone() }, "not finite"),
         (MeasureConfig { fill: vec![0.0, 0.0], ..good.clone() }, "fill"),
         (MeasureConfig { batch: 0, ..good.clone() }, "batch size"),
     ];
@@ -568,7 +582,7 @@ fn results_are_written_and_read_back() {
     l2.name = "fc1.act".into();
     let layers = vec![l, l2];
     let cfg = MeasureConfig {
-        angles: measure::rotation_angles(5),
+        transforms: rotations(&measure::rotation_angles(5)),
         fill: vec![0.0],
         per: Per::Element,
         reduce: MapReduce::Sum,

@@ -238,7 +238,7 @@ impl RotateGeom {
     }
     /// Checks one finite matrix per image and one fill value per channel: every backend calls
     /// this before it reads either slice.
-    pub fn check(&self, mats: &[[f32; 4]], fill: &[f32]) -> Result<()> {
+    pub fn check(&self, mats: &[Affine], fill: &[f32]) -> Result<()> {
         if mats.len() != self.n {
             bail!("warp: {} sampling matrices for {} images (one per image)", mats.len(), self.n);
         }
@@ -272,12 +272,19 @@ pub fn rotation_coeffs(angle_deg: f32) -> (f32, f32) {
     }
 }
 
+/// A sampling matrix of [`Backend::warp`]: the 2×2 linear part [m0, m1, m2, m3] (row major)
+/// and the translation [tx, ty] in pixels, `[m0, m1, m2, m3, tx, ty]`.
+pub type Affine = [f32; 6];
+
+/// The identity [`Affine`]: every pixel is copied bit for bit.
+pub const IDENTITY: Affine = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+
 /// The sampling matrix of [`Backend::warp`] that rotates an image by `angle_deg` degrees
 /// counter-clockwise as displayed: the inverse rotation [[c, −s], [s, c]] with (c, s) =
-/// [`rotation_coeffs`]. Quarter turns are exact permutations of the pixels.
-pub fn rotation_matrix(angle_deg: f32) -> [f32; 4] {
+/// [`rotation_coeffs`], no translation. Quarter turns are exact permutations of the pixels.
+pub fn rotation_matrix(angle_deg: f32) -> Affine {
     let (c, s) = rotation_coeffs(angle_deg);
-    [c, -s, s, c]
+    [c, -s, s, c, 0.0, 0.0]
 }
 
 /// The elementwise function a conv or dense forward applies after its bias, fused into the
@@ -534,17 +541,19 @@ pub trait Backend: Send + Sync {
     fn argmax_rows(&self, x: &Storage, out: &mut Storage, rows: usize, cols: usize) -> Result<()>;
 
     // --- data transforms ----------------------------------------------------------------
-    /// Resample every image of `x` (NCHW, geometry `g`) through its own 2×2 sampling matrix,
-    /// output the same size: rotation, zoom and flips (and any composition of them) in one pass.
+    /// Resample every image of `x` (NCHW, geometry `g`) through its own affine sampling matrix,
+    /// output the same size: rotation, zoom, flips and translation (and any composition of them)
+    /// in one pass.
     ///
     /// Inverse mapping about the image centre (cx, cy) = ((w−1)/2, (h−1)/2): output pixel
     /// (ox, oy) of image i reads the source point sx = (m0·fx + m1·fy) + cx,
-    /// sy = (m2·fx + m3·fy) + cy with fx = ox − cx, fy = oy − cy and [m0, m1, m2, m3] =
-    /// `mats[i]` (f32; products and sums each rounded in f32 in this order, no fused multiply-add,
+    /// sy = (m2·fx + m3·fy) + cy with fx = (ox − cx) − tx, fy = (oy − cy) − ty and
+    /// [m0, m1, m2, m3, tx, ty] = `mats[i]` (f32; products and sums each rounded in f32 in this order, no fused multiply-add,
     /// so every backend gets the same bits). Rotation by θ counter-clockwise as displayed (row 0
     /// at the top; torchvision's `rotate` convention) is [`rotation_matrix`]`(θ)`; a zoom by z
     /// divides the matrix by z; flipping the source horizontally before the rest negates the
-    /// first row (m0, m1), vertically the second (m2, m3). `Nearest` rounds (sx, sy)
+    /// first row (m0, m1), vertically the second (m2, m3); (tx, ty) moves the result right and
+    /// down by that many pixels (integer shifts are exact, and a zero shift changes no bit). `Nearest` rounds (sx, sy)
     /// half to even; `Bilinear` blends the four neighbours with weights wx = sx − ⌊sx⌋,
     /// wy = sy − ⌊sy⌋ as (1−wy)·lerp(row y0) + wy·lerp(row y0+1), where lerp(a, b, t) =
     /// (1−t)·a + t·b, and a blend whose weight t is exactly 0 returns `a` unchanged (so integer
@@ -557,7 +566,7 @@ pub trait Backend: Send + Sync {
     fn warp(
         &self,
         x: &Storage,
-        mats: &[[f32; 4]],
+        mats: &[Affine],
         interp: Interp,
         fill: &[f32],
         y: &mut Storage,

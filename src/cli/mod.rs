@@ -17,6 +17,7 @@ use crate::measure::{self, output, Per};
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::run::{self, DataSource, PairOptions};
 use crate::train::{self, DeviceDataset, TrainConfig};
+use crate::transform::TransformSet;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -269,18 +270,26 @@ struct EvalArgs {
     json: Option<PathBuf>,
     /// Evaluate on the test set rotated by each angle: a list (0,90,180,270), a range
     /// START:STOP:STEP in degrees (0:360:45, STOP excluded) or a count (16, evenly spaced).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "transform")]
     angles: Option<String>,
-    /// With --angles: directory for angles.json, angles.csv and the plots
-    /// (default: beside the checkpoint).
+    /// Evaluate on the test set under each point of a grid of transformations. One axis per
+    /// flag; repeat it for every combination of several: rotate=SPEC (as --angles),
+    /// zoom=LO:HI:N (N factors from LO to HI; > 1 enlarges), translate=LO:HI:N (pixels right),
+    /// translate-y=LO:HI:N (pixels down), hflip, vflip. Lists work too: zoom=0.5,1,2.
+    #[arg(long, value_name = "AXIS", allow_hyphen_values = true)]
+    transform: Vec<String>,
+    /// With --angles or --transform: directory for the JSON, CSV and plots (angles.* for
+    /// rotations, transform.* otherwise; default: beside the checkpoint).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Seed of the per-image angles of the randomly rotated test set.
+    /// Seed of the randomly transformed test set: a random angle per image for rotations, a
+    /// random point of the grid otherwise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// With --angles: evaluate only the K-th of N slices of the test set (whole batches of
-    /// --batch-size) and write angles.shard-K-of-N.json; `rotvar eval-merge` combines them.
-    #[arg(long, value_name = "K/N", requires = "angles")]
+    /// With --angles or --transform: evaluate only the K-th of N slices of the test set (whole
+    /// batches of --batch-size) and write angles.shard-K-of-N.json (transform.shard-K-of-N.json);
+    /// `rotvar eval-merge` combines them.
+    #[arg(long, value_name = "K/N")]
     shard: Option<measure::shard::Shard>,
     #[arg(long)]
     quiet: bool,
@@ -288,9 +297,14 @@ struct EvalArgs {
 
 #[derive(Args, Clone)]
 struct MeasureOpts {
-    #[arg(long, default_value_t = 16, allow_hyphen_values = true, value_parser = limits::ROTATIONS.usize_parser(),
+    #[arg(long, default_value_t = 16, conflicts_with = "transform", allow_hyphen_values = true, value_parser = limits::ROTATIONS.usize_parser(),
           help = limits::ROTATIONS.help("Rotations, evenly spaced over 360° from -180° (the reference: 16, i.e. every 22.5°)"))]
     rotations: usize,
+    /// Measure V over a grid of transformations instead of rotations, as `eval --transform`:
+    /// one axis per flag (rotate=SPEC, zoom=LO:HI:N, translate=LO:HI:N, translate-y=LO:HI:N,
+    /// hflip, vflip), every combination of several.
+    #[arg(long, value_name = "AXIS", allow_hyphen_values = true)]
+    transform: Vec<String>,
     /// Units: every element of every feature map, or one per feature map (H×W reduced).
     #[arg(long, value_enum, default_value_t = Per::Map)]
     per: Per,
@@ -315,9 +329,11 @@ struct MeasureOpts {
 }
 
 impl MeasureOpts {
-    fn options(&self) -> MeasureOptions {
-        MeasureOptions {
+    fn options(&self) -> Result<MeasureOptions> {
+        let transforms = (!self.transform.is_empty()).then(|| TransformSet::parse(&self.transform)).transpose()?;
+        Ok(MeasureOptions {
             rotations: self.rotations,
+            transforms,
             per: self.per,
             reduce: self.reduce,
             batch: self.batch_size,
@@ -325,7 +341,7 @@ impl MeasureOpts {
             data_dir: self.data_dir.clone(),
             limit: self.limit,
             quiet: self.quiet,
-        }
+        })
     }
 }
 
@@ -567,8 +583,15 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let test_set = load_split(&name, a.data_dir.as_deref(), Split::Test, a.limit)?;
     meta.check_dataset(&test_set, &a.checkpoint)?;
     let data = DeviceDataset::upload(&test_set, &meta.normalization, &b)?;
-    if let Some(spec) = &a.angles {
-        let angles = angle_eval::parse_angles(spec)?;
+    let set = match (&a.angles, a.transform.is_empty()) {
+        (Some(spec), _) => Some(TransformSet::rotations(&angle_eval::parse_angles(spec)?)),
+        (None, false) => Some(TransformSet::parse(&a.transform)?),
+        (None, true) => None,
+    };
+    if set.is_none() && a.shard.is_some() {
+        bail!("--shard splits an evaluation over a set of transformations: give --angles or --transform too");
+    }
+    if let Some(set) = &set {
         let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
         if let Some(which) = a.shard {
             let range = which.range(data.len(), a.batch_size);
@@ -580,8 +603,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                     a.batch_size
                 );
             }
-            let tally = angle_eval::tally_angles(&model, &data, &angles, a.batch_size, a.seed, range, a.quiet)?;
-            let shard = angle_eval::AngleShard {
+            let tally = angle_eval::tally_transforms(&model, &data, set, a.batch_size, a.seed, range, a.quiet)?;
+            let shard = angle_eval::TransformShard {
                 kind: angle_eval::SHARD_KIND.into(),
                 checkpoint_sha256: data::fetch::sha256_hex(&std::fs::read(&a.checkpoint)?),
                 arch: meta.arch.clone(),
@@ -594,18 +617,19 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 shard: which,
                 tally,
             };
-            let path = out.join(angle_eval::AngleShard::file_name(which));
+            let path = out.join(angle_eval::TransformShard::file_name(set, which));
             write_json(&path, &shard)?;
             println!("wrote shard {which}: {}", path.display());
             return Ok(());
         }
-        let ev = angle_eval::evaluate_angles(&model, &data, &angles, a.batch_size, a.seed, &meta.class_names, a.quiet)?;
+        let ev = angle_eval::evaluate(&model, &data, set, a.batch_size, a.seed, &meta.class_names, a.quiet)?;
         println!(
-            "{} ({}) on {name} test ({} images), {} angles in {:.1}s:",
+            "{} ({}) on {name} test ({} images), {} {} in {:.1}s:",
             meta.arch,
             meta.augment,
             ev.images,
-            angles.len(),
+            set.len(),
+            if ev.rotations() { "angles" } else { "transformations" },
             ev.seconds
         );
         print!("{}", ev.table());
@@ -642,17 +666,18 @@ fn cmd_measure(a: MeasureArgs) -> Result<()> {
     let b = open_backend(a.opts.device)?;
     let out = a.out.clone().unwrap_or_else(|| a.checkpoint.parent().map(Path::to_path_buf).unwrap_or_default());
     if let Some(which) = a.shard {
-        let path = job::measure_shard(&b, &a.checkpoint, &a.opts.options(), which, &out)?;
+        let path = job::measure_shard(&b, &a.checkpoint, &a.opts.options()?, which, &out)?;
         println!("wrote shard {which}: {}", path.display());
         return Ok(());
     }
-    let m = job::measure_checkpoint(&b, &a.checkpoint, &a.opts.options(), &out)?;
+    let m = job::measure_checkpoint(&b, &a.checkpoint, &a.opts.options()?, &out)?;
     println!(
-        "{} ({}): V over {} test images x {} rotations, per {} ({}), {:.1}s",
+        "{} ({}): V over {} test images x {} {}, per {} ({}), {:.1}s",
         m.meta.arch,
         m.meta.augment,
         m.summary.samples,
         m.summary.rotations,
+        transformations_noun(&m.summary),
         format!("{:?}", a.opts.per).to_lowercase(),
         a.opts.reduce,
         m.seconds
@@ -672,18 +697,37 @@ fn cmd_measure(a: MeasureArgs) -> Result<()> {
     Ok(())
 }
 
-/// angles.json, angles.csv and the two figures of an evaluation versus angle, in `out`.
-fn write_angle_outputs(out: &Path, title: &str, augment: &str, ev: &angle_eval::AngleEvaluation) -> Result<()> {
+/// "rotations" or "transformations": what a measurement varied.
+fn transformations_noun(s: &output::Summary) -> &'static str {
+    match &s.config {
+        Some(c) if !c.transforms.rotation_only() => "transformations",
+        _ => "rotations",
+    }
+}
+
+/// The JSON, CSV and two figures of an evaluation over a set of transformations, in `out`:
+/// angles.json, angles.csv, accuracy_vs_angle.png and class_angle.png for rotations,
+/// transform.json, ... accuracy_vs_transform.png and class_transform.png otherwise.
+fn write_angle_outputs(out: &Path, title: &str, augment: &str, ev: &angle_eval::TransformEvaluation) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    write_json(&out.join("angles.json"), ev)?;
-    write_atomic(&out.join("angles.csv"), ev.to_csv().as_bytes())?;
+    let (stem, noun, what) = if ev.rotations() {
+        ("angles", "angle", "rotation")
+    } else {
+        ("transform", "transform", ev.transforms.as_str())
+    };
+    write_json(&out.join(format!("{stem}.json")), ev)?;
+    write_atomic(&out.join(format!("{stem}.csv")), ev.to_csv().as_bytes())?;
     figures::accuracy_vs_angle(
-        &out.join("accuracy_vs_angle.png"),
-        &format!("{title}: accuracy versus rotation"),
+        &out.join(format!("accuracy_vs_{noun}.png")),
+        &format!("{title}: accuracy versus {what}"),
         &[(augment, ev, augment == "none")],
     )?;
-    figures::class_angle_heatmap(&out.join("class_angle.png"), &format!("{title}: accuracy per class and angle"), ev)?;
-    eprintln!("wrote angles.json, angles.csv, accuracy_vs_angle.png and class_angle.png in {}", out.display());
+    figures::class_angle_heatmap(
+        &out.join(format!("class_{noun}.png")),
+        &format!("{title}: accuracy per class and {}", if ev.rotations() { "angle" } else { "transformation" }),
+        ev,
+    )?;
+    eprintln!("wrote {stem}.json, {stem}.csv, accuracy_vs_{noun}.png and class_{noun}.png in {}", out.display());
     Ok(())
 }
 
@@ -691,12 +735,13 @@ fn cmd_eval_merge(a: MeasureMergeArgs) -> Result<()> {
     let (first, tally) = angle_eval::merge_shards(&a.shards)?;
     let ev = tally.finish(&first.class_names, first.random_seed, 0.0)?;
     println!(
-        "{} ({}) on {} test ({} images), {} angles, merged from {} shards:",
+        "{} ({}) on {} test ({} images), {} {}, merged from {} shards:",
         first.arch,
         first.augment,
         first.dataset,
         ev.images,
-        ev.per_angle.len(),
+        ev.per_point.len(),
+        if ev.rotations() { "angles" } else { "transformations" },
         a.shards.len()
     );
     print!("{}", ev.table());
@@ -707,11 +752,12 @@ fn cmd_eval_merge(a: MeasureMergeArgs) -> Result<()> {
 fn cmd_measure_merge(a: MeasureMergeArgs) -> Result<()> {
     let (layers, summary, source) = job::merge_shards(&a.shards, &a.out)?;
     println!(
-        "{} ({}): V over {} test images x {} rotations, merged from {} shards",
+        "{} ({}): V over {} test images x {} {}, merged from {} shards",
         source.arch,
         source.augment,
         summary.samples,
         summary.rotations,
+        transformations_noun(&summary),
         a.shards.len()
     );
     print!("{}", output::table(&summary));
@@ -731,7 +777,7 @@ fn cmd_measure_pair(a: MeasurePairArgs) -> Result<()> {
     let mut summaries = Vec::new();
     for member in [&manifest.unrotated, &manifest.rotated] {
         let dir = a.run_dir.join(&member.dir);
-        let m = job::measure_checkpoint(&b, &a.run_dir.join(&member.checkpoint), &a.opts.options(), &dir)?;
+        let m = job::measure_checkpoint(&b, &a.run_dir.join(&member.checkpoint), &a.opts.options()?, &dir)?;
         figures::variance_strips(
             &dir.join("variance_strips.png"),
             &format!("{} {}: V per unit", m.meta.arch, member.dir),

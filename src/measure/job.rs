@@ -11,6 +11,7 @@ use crate::limits;
 use crate::models::Model;
 use crate::progress;
 use crate::train::DeviceDataset;
+use crate::transform::TransformSet;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,6 +19,8 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct MeasureOptions {
     pub rotations: usize,
+    /// Measure over these transformations instead of `rotations` rotations.
+    pub transforms: Option<TransformSet>,
     pub per: Per,
     pub reduce: MapReduce,
     pub batch: usize,
@@ -69,7 +72,7 @@ fn prepare(
     let (model, meta) = checkpoint::load(ckpt, b)?;
     let data = checkpoint_test_data(&meta, ckpt, o.dataset.as_deref(), o.data_dir.as_deref(), o.limit, b)?;
     let cfg = MeasureConfig {
-        angles: rotation_angles(o.rotations),
+        transforms: o.transforms.clone().unwrap_or_else(|| TransformSet::rotations(&rotation_angles(o.rotations))),
         fill: data.fill.clone(),
         per: o.per,
         reduce: o.reduce,
@@ -87,7 +90,7 @@ fn moments_with_bar(
     quiet: bool,
     label: &str,
 ) -> Result<Vec<LayerMoments>> {
-    let passes = range.len().div_ceil(cfg.batch.max(1)) * cfg.angles.len();
+    let passes = range.len().div_ceil(cfg.batch.max(1)) * cfg.transforms.len();
     let pb = (!quiet).then(|| progress::bar(passes as u64, label));
     let layers = measure_moments(model, data, range, cfg, &mut |done, _| {
         if let Some(pb) = &pb {
@@ -141,7 +144,7 @@ pub fn measure_shard(b: &BackendRef, ckpt: &Path, o: &MeasureOptions, which: Sha
         class_names: meta.class_names.clone(),
         total_samples: data.len(),
         batch: o.batch,
-        angles: cfg.angles.clone(),
+        transforms: cfg.transforms.clone(),
         fill: cfg.fill.clone(),
         per: cfg.per,
         reduce: cfg.reduce,

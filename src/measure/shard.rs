@@ -72,7 +72,7 @@ pub struct ShardSource {
     /// Test images the N slices divide, and the batch they are divided in.
     pub total_samples: usize,
     pub batch: usize,
-    pub angles: Vec<f32>,
+    pub transforms: crate::transform::TransformSet,
     pub fill: Vec<f32>,
     pub per: super::Per,
     pub reduce: MapReduce,
@@ -285,7 +285,12 @@ pub fn merge(paths: &[PathBuf]) -> Result<Merged> {
         }
     }
     let s = first.header.source.clone();
-    let config =
-        MeasureConfig { angles: s.angles.clone(), fill: s.fill.clone(), per: s.per, reduce: s.reduce, batch: s.batch };
+    let config = MeasureConfig {
+        transforms: s.transforms.clone(),
+        fill: s.fill.clone(),
+        per: s.per,
+        reduce: s.reduce,
+        batch: s.batch,
+    };
     Ok(Merged { source: s, config, layers })
 }

@@ -10,6 +10,7 @@ use crate::nn::Forward;
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::train::DeviceDataset;
+use crate::transform::TransformSet;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +27,9 @@ pub enum Per {
 /// Settings of one measurement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MeasureConfig {
-    /// Rotations in degrees (see [`rotation_angles`]), applied with bilinear sampling.
-    pub angles: Vec<f32>,
+    /// The transformations t_1..t_m (by default the rotations of [`rotation_angles`]), applied
+    /// with bilinear sampling.
+    pub transforms: TransformSet,
     /// Per-channel value outside the rotated image: for normalized data, the normalized value of
     /// raw black (−mean/std), as docs/transformations.md explains.
     pub fill: Vec<f32>,
@@ -71,7 +73,7 @@ fn layout(name: &str, s: &[usize], per: Per) -> Result<(Vec<usize>, usize)> {
 /// pass (one batch at one rotation; total = batches × rotations).
 ///
 /// For each batch (samples in dataset order, `cfg.batch` at a time) and each rotation j in
-/// order: the batch is rotated by `cfg.angles[j]` ([`ops::rotate`], bilinear, `cfg.fill`),
+/// order: the batch is transformed by point j of `cfg.transforms` ([`ops::warp`], bilinear, `cfg.fill`),
 /// the model runs in eval mode with an observer, and each intermediate updates its layer's
 /// state (`Backend::variance_update`). Results do not depend on `cfg.batch`.
 pub fn measure(
@@ -113,11 +115,15 @@ pub fn measure_moments(
     if cfg.batch == 0 {
         bail!("measure: the batch size must be at least 1");
     }
-    if cfg.angles.is_empty() {
-        bail!("measure: no rotation angles given");
+    if cfg.transforms.len() < 2 {
+        bail!(
+            "measure: {} transformation(s) given; V_t needs at least two (the variation over one is zero)",
+            cfg.transforms.len()
+        );
     }
-    if let Some(a) = cfg.angles.iter().find(|a| !a.is_finite()) {
-        bail!("measure: rotation angle {a} is not finite");
+    let mats = cfg.transforms.matrices();
+    if let Some(m) = mats.iter().find(|m| m.iter().any(|v| !v.is_finite())) {
+        bail!("measure: sampling matrix {m:?} is not finite");
     }
     if cfg.fill.len() != data.item_shape[0] {
         bail!("measure: {} fill values for {}-channel images (one per channel)", cfg.fill.len(), data.item_shape[0]);
@@ -126,7 +132,7 @@ pub fn measure_moments(
         bail!("measure: sample {i} has label {l}, but the dataset has {classes} classes");
     }
     let be = data.images.backend().clone();
-    let m = cfg.angles.len();
+    let m = mats.len();
     let batch = cfg.batch.min(n);
     let order: Vec<u32> = (range.start as u32..range.end as u32).collect();
     let total = n.div_ceil(batch) * m;
@@ -137,8 +143,8 @@ pub fn measure_moments(
         let (x, _) = data.batch(idx)?;
         let class: Vec<u32> = idx.iter().map(|&i| data.labels_host[i as usize] as u32).collect();
         let rank = class_ranks(&mut seen, &class);
-        for (j, &angle) in cfg.angles.iter().enumerate() {
-            let xr = ops::rotate(&x, &vec![angle; idx.len()], Interp::Bilinear, &cfg.fill)?;
+        for (j, mat) in mats.iter().enumerate() {
+            let xr = ops::warp(&x, &vec![*mat; idx.len()], Interp::Bilinear, &cfg.fill)?;
             let first = passes == 0;
             let mut pos = 0usize;
             let mut observe = |name: &str, t: &Tensor| -> Result<()> {

@@ -1,11 +1,11 @@
-//! Image rotation, zoom and flips of a batch: data transforms, not layers.
+//! Image rotation, zoom, flips and translation of a batch: data transforms, not layers.
 //!
 //! There is no backward: these are applied to input data (training augmentation, rotated
 //! evaluation, the variance measure's transformations), never to something a gradient flows
 //! through, so the output is always untracked.
 
 use super::expect_rank;
-use crate::backend::{rotation_matrix, Interp, RotateGeom};
+use crate::backend::{rotation_matrix, Affine, Interp, RotateGeom};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -19,18 +19,18 @@ pub fn rotate(x: &Tensor, angles_deg: &[f32], interp: Interp, fill: &[f32]) -> R
     if let Some(a) = angles_deg.iter().find(|a| !a.is_finite()) {
         bail!("rotate: angle {a} is not finite");
     }
-    let mats: Vec<[f32; 4]> = angles_deg.iter().map(|&a| rotation_matrix(a)).collect();
+    let mats: Vec<Affine> = angles_deg.iter().map(|&a| rotation_matrix(a)).collect();
     warp_named("rotate", "angles", x, &mats, interp, fill)
 }
 
-/// Resample each image of `x` [N, C, H, W] through its own 2×2 sampling matrix (see
-/// [`crate::backend::Backend::warp`]; build matrices with [`crate::augment`]), output the same
-/// size and untracked.
-pub fn warp(x: &Tensor, mats: &[[f32; 4]], interp: Interp, fill: &[f32]) -> Result<Tensor> {
+/// Resample each image of `x` [N, C, H, W] through its own affine sampling matrix (see
+/// [`crate::backend::Backend::warp`]; build matrices with [`crate::transform`] or
+/// [`crate::augment`]), output the same size and untracked.
+pub fn warp(x: &Tensor, mats: &[Affine], interp: Interp, fill: &[f32]) -> Result<Tensor> {
     warp_named("warp", "sampling matrices", x, mats, interp, fill)
 }
 
-fn warp_named(op: &str, what: &str, x: &Tensor, mats: &[[f32; 4]], interp: Interp, fill: &[f32]) -> Result<Tensor> {
+fn warp_named(op: &str, what: &str, x: &Tensor, mats: &[Affine], interp: Interp, fill: &[f32]) -> Result<Tensor> {
     expect_rank(op, "input", x, 4)?;
     let g = RotateGeom { n: x.dim(0), c: x.dim(1), h: x.dim(2), w: x.dim(3) };
     if mats.len() != g.n {

@@ -14,7 +14,7 @@ pub mod variance;
 
 use super::variance::VarianceData;
 use super::{
-    relu, Activation, AdamParams, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
+    relu, Activation, AdamParams, Affine, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
     RotateGeom, SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use crate::rng::{splitmix64, unit_f32};
@@ -363,7 +363,7 @@ impl Backend for CpuBackend {
     fn warp(
         &self,
         x: &Storage,
-        mats: &[[f32; 4]],
+        mats: &[Affine],
         interp: Interp,
         fill: &[f32],
         y: &mut Storage,

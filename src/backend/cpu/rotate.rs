@@ -1,8 +1,8 @@
-//! Image rotation (and zoom and flips: any 2×2 sampling matrix) on the CPU, parallel over
+//! Image rotation (and zoom, flips and translation: any affine sampling matrix) on the CPU, parallel over
 //! (image, channel) planes. The arithmetic is spelled out operation by operation and matches
 //! kernels/rotate.cu exactly (see `Backend::warp`).
 
-use crate::backend::{Interp, RotateGeom};
+use crate::backend::{Affine, Interp, RotateGeom};
 use rayon::prelude::*;
 
 /// (1−t)·a + t·b, or `a` itself when t is exactly 0.
@@ -15,7 +15,7 @@ fn lerp(a: f32, b: impl FnOnce() -> f32, t: f32) -> f32 {
     }
 }
 
-pub fn warp(x: &[f32], mats: &[[f32; 4]], interp: Interp, fill: &[f32], y: &mut [f32], g: &RotateGeom) {
+pub fn warp(x: &[f32], mats: &[Affine], interp: Interp, fill: &[f32], y: &mut [f32], g: &RotateGeom) {
     let (h, w) = (g.h, g.w);
     let hw = h * w;
     if hw == 0 {
@@ -25,7 +25,7 @@ pub fn warp(x: &[f32], mats: &[[f32; 4]], interp: Interp, fill: &[f32], y: &mut 
     let cy = 0.5f32 * (h - 1) as f32;
     y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
         let (img, ch) = (plane / g.c, plane % g.c);
-        let [m0, m1, m2, m3] = mats[img];
+        let [m0, m1, m2, m3, tx, ty] = mats[img];
         let fv = fill[ch];
         let xp = &x[plane * hw..(plane + 1) * hw];
         let tap = |ix: f32, iy: f32| -> f32 {
@@ -36,9 +36,9 @@ pub fn warp(x: &[f32], mats: &[[f32; 4]], interp: Interp, fill: &[f32], y: &mut 
             }
         };
         for oy in 0..h {
-            let fy = oy as f32 - cy;
+            let fy = (oy as f32 - cy) - ty;
             for ox in 0..w {
-                let fx = ox as f32 - cx;
+                let fx = (ox as f32 - cx) - tx;
                 let sx = (m0 * fx + m1 * fy) + cx;
                 let sy = (m2 * fx + m3 * fy) + cy;
                 yp[oy * w + ox] = match interp {

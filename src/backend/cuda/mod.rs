@@ -14,8 +14,8 @@ pub mod launch_log;
 
 use super::variance::VarianceData;
 use super::{
-    Activation, AdamParams, AdamTensor, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind, RotateGeom,
-    SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
+    Activation, AdamParams, AdamTensor, Affine, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
+    RotateGeom, SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, F64Buf, Gpu, Pool};
@@ -521,7 +521,7 @@ impl Backend for CudaBackend {
     fn warp(
         &self,
         x: &Storage,
-        mats: &[[f32; 4]],
+        mats: &[Affine],
         interp: Interp,
         fill: &[f32],
         y: &mut Storage,
@@ -543,7 +543,7 @@ impl Backend for CudaBackend {
         let args = [
             self.arg(y, len)?,
             self.arg(x, len)?,
-            self.arg(&ms, 4 * g.n)?,
+            self.arg(&ms, 6 * g.n)?,
             self.arg(&fv, g.c)?,
             KArg::I32(match interp {
                 Interp::Nearest => 0,
