@@ -198,6 +198,71 @@ fn train_pair_then_eval_versus_angle() {
     let o = rotvar(&["eval", "--checkpoint", ck.to_str().unwrap(), "--device", "cpu", "--angles", "0:360"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--angles") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+
+    // Any grid of transformations: zoom × horizontal mirror, then V over a zoom grid.
+    let zoom_out = dir.path().join("zoom");
+    let o = rotvar_ok(&[
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--transform",
+        "zoom=0.5:1.5:5",
+        "--transform",
+        "hflip",
+        "--limit",
+        "60",
+        "--quiet",
+        "--out",
+        zoom_out.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(printed.contains("10 transformations") && printed.contains("randomly transformed"), "{printed}");
+    let ev = read_json(zoom_out.join("transform.json"));
+    assert_eq!(ev["per_point"].as_array().unwrap().len(), 10);
+    assert_eq!(ev["per_point"][3]["transform"]["zoom"], 0.75);
+    assert_eq!(ev["per_point"][3]["transform"]["hflip"], true);
+    for f in ["transform.csv", "accuracy_vs_transform.png", "class_transform.png"] {
+        assert!(zoom_out.join(f).exists(), "{f}");
+    }
+    let o = rotvar_ok(&[
+        "measure",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--transform",
+        "zoom=0.5:1.5:3",
+        "--limit",
+        "40",
+        "--quiet",
+        "--out",
+        zoom_out.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(printed.contains("x 3 transformations"), "{printed}");
+    let v = read_json(zoom_out.join("variance.json"));
+    assert_eq!(v["rotations"], 3);
+    assert_eq!(v["config"]["transforms"][0]["zoom"].as_array().unwrap().len(), 3);
+    for (args, needle) in [
+        (vec!["eval", "--transform", "shear=0.2"], "unknown transformation 'shear=0.2'"),
+        (vec!["eval", "--transform", "zoom=0:1:3"], "out of range"),
+        (vec!["eval", "--angles", "4", "--transform", "hflip"], "cannot be used with"),
+        (vec!["measure", "--transform", "zoom=1,1.5", "--rotations", "4"], "cannot be used with"),
+        (vec!["measure", "--transform", "hflip", "--transform", "vflip", "--limit", "4", "--transform", "zoom=2"], ""),
+        (vec!["eval", "--shard", "1/2"], "give --angles or --transform"),
+    ] {
+        let mut full = args.clone();
+        full.extend(["--checkpoint", ck.to_str().unwrap(), "--device", "cpu", "--quiet", "--out", zoom_out.to_str().unwrap()]);
+        let o = rotvar(&full);
+        if needle.is_empty() {
+            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+            continue;
+        }
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(stderr(&o).contains(needle) && !stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+    }
 }
 
 #[test]
