@@ -36,6 +36,8 @@ pub struct ExperimentOptions {
     pub reduce: MapReduce,
     /// Test images the variance measure runs over (None: all).
     pub measure_limit: Option<usize>,
+    /// Measure V every N epochs while training, too (`--measure-every`).
+    pub measure_every: Option<usize>,
     /// Retrain models already in `out` instead of reusing or continuing them.
     pub overwrite: bool,
     pub quiet: bool,
@@ -58,6 +60,7 @@ impl ExperimentOptions {
             per: Per::Map,
             reduce: MapReduce::Mean,
             measure_limit: Some(500),
+            measure_every: None,
             overwrite: false,
             quiet: false,
         }
@@ -102,20 +105,24 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
         overwrite: o.overwrite,
         quiet: o.quiet,
     };
-    let manifest: PairManifest = run::train_pair(b, &opts, out)?;
-    let figs = out.join("figures");
-    std::fs::create_dir_all(&figs).with_context(|| format!("cannot create {}", figs.display()))?;
-    let measure_opts = MeasureOptions {
+    let mut measure_opts = MeasureOptions {
         rotations: o.rotations,
         transforms: None,
         per: o.per,
         reduce: o.reduce,
         batch: 256,
-        dataset: Some(manifest.dataset.clone()),
+        dataset: None,
         data_dir: o.data.data_dir.clone(),
         limit: o.measure_limit.or(o.data.test_limit),
         quiet: o.quiet,
     };
+    // V during training uses the final measure's settings and images, so its last point is
+    // the final measure.
+    let mut probe = o.measure_every.map(|every| job::epoch_probe(every, &measure_opts)).transpose()?;
+    let manifest: PairManifest = run::train_pair(b, &opts, out, probe.as_mut())?;
+    measure_opts.dataset = Some(manifest.dataset.clone());
+    let figs = out.join("figures");
+    std::fs::create_dir_all(&figs).with_context(|| format!("cannot create {}", figs.display()))?;
     let mut members = Vec::new();
     for (label, m) in [("unrotated", &manifest.unrotated), ("rotated", &manifest.rotated)] {
         let dir = out.join(&m.dir);
@@ -161,7 +168,15 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
             &measured.layers,
             &meta.class_names,
         )?;
-        members.push(Member { label, record: read_record(&out.join(&m.dir))?, angles: ev, measured, difference });
+        let record = read_record(&out.join(&m.dir))?;
+        if !record.variance.is_empty() {
+            figures::variance_during_training(
+                &figs.join(format!("variance_during_training_{label}.png")),
+                &format!("{} {label}: V per layer during training", manifest.model),
+                &record.variance,
+            )?;
+        }
+        members.push(Member { label, record, angles: ev, measured, difference });
     }
     let (u, r) = (&members[0], &members[1]);
     let name = &manifest.model;

@@ -104,6 +104,48 @@ pub fn class_angle_heatmap(path: &Path, title: &str, ev: &TransformEvaluation) -
     )
 }
 
+/// Mean V per layer (stratified; over all samples where that is missing) against the epoch, one
+/// curve per layer, from `train --measure-every`.
+pub fn variance_during_training(path: &Path, title: &str, track: &[crate::run::VarianceSnapshot]) -> Result<()> {
+    let Some(first) = track.first() else {
+        anyhow::bail!("no measurement during training to draw");
+    };
+    let series = first
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let points: Vec<(f64, f64)> = track
+                .iter()
+                .filter_map(|s| {
+                    let l = s.layers.iter().find(|l| l.name == layer.name)?;
+                    Some((s.epoch as f64, l.mean_v_stratified.or(l.mean_v_all)?))
+                })
+                .collect();
+            Series {
+                name: layer.name.clone(),
+                xs: points.iter().map(|p| p.0).collect(),
+                ys: points.iter().map(|p| p.1).collect(),
+                dashed: false,
+                color: Some(i),
+                markers: true,
+            }
+        })
+        .collect();
+    plot::line_chart(
+        path,
+        &LineChart {
+            title: title.into(),
+            x_label: "epoch".into(),
+            y_label: format!("mean V per layer (stratified; {} test images)", first.samples),
+            series,
+            x_ticks: Some(track.iter().map(|s| s.epoch as f64).collect()),
+            svg: true,
+            ..Default::default()
+        },
+    )
+}
+
 /// Test accuracy and training loss per epoch, one pair of curves per run (dashed = unrotated).
 pub fn training_curves(dir: &Path, runs: &[(&str, &TrainRecord, bool)]) -> Result<()> {
     let mut acc = Vec::new();

@@ -10,6 +10,7 @@ use crate::fsio::write_json;
 use crate::models::{InputSpec, Model, MODELS};
 use crate::nn::Forward;
 use crate::optim::{OptimConfig, OptimizerState};
+use crate::progress;
 use crate::tensor::Tensor;
 use crate::train::{self, DeviceDataset, EpochMetrics, Session, SessionPosition, TrainConfig};
 use anyhow::{bail, Context, Result};
@@ -75,6 +76,44 @@ pub struct TrainRecord {
     pub parameters: usize,
     pub epochs: Vec<EpochMetrics>,
     pub total_seconds: f64,
+    /// V per layer after the measured epochs (`train --measure-every`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variance: Vec<VarianceSnapshot>,
+}
+
+/// The variance measure's per-layer means after one epoch of training, on a fixed subset of the
+/// test set (`train --measure-every`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VarianceSnapshot {
+    pub epoch: usize,
+    /// The first `samples` test images, under `transforms` transformations.
+    pub samples: usize,
+    pub transforms: usize,
+    pub layers: Vec<LayerMeans>,
+    pub global_mean_v_all: Option<f64>,
+    pub global_mean_v_stratified: Option<f64>,
+}
+
+/// One layer's mean V over its units (finite values only), over all samples and stratified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerMeans {
+    pub name: String,
+    pub mean_v_all: Option<f64>,
+    pub mean_v_stratified: Option<f64>,
+}
+
+/// Measures the model between epochs. The measure lives on the study floor above this module,
+/// so the caller hands it in as a closure over (model, test set, epoch).
+pub struct EpochProbe<'a> {
+    /// Measure after every `every`-th epoch, and after the last.
+    pub every: usize,
+    pub measure: Box<dyn FnMut(&Model, &DeviceDataset, usize) -> Result<VarianceSnapshot> + 'a>,
+}
+
+impl EpochProbe<'_> {
+    fn due(&self, epoch: usize, last: usize) -> bool {
+        epoch % self.every.max(1) == 0 || epoch == last
+    }
 }
 
 /// The commit of the source tree this binary was built from, when that tree is still there
@@ -259,6 +298,7 @@ pub fn train_model(
     out: &Path,
     quiet: bool,
     existing: Existing,
+    mut probe: Option<&mut EpochProbe>,
 ) -> Result<TrainRecord> {
     let input = preflight(b, cfg, train_set, test_set)?;
     let ckpt_path = out.join("model.safetensors");
@@ -331,6 +371,7 @@ pub fn train_model(
             parameters: model.num_parameters(),
             epochs: Vec::new(),
             total_seconds: 0.0,
+            variance: Vec::new(),
         };
         let meta = CheckpointMeta {
             arch: model.arch.clone(),
@@ -372,6 +413,22 @@ pub fn train_model(
     train::fit(&model, &train_data, Some(&test_data), cfg, quiet, &mut session, |m, session| {
         meta.epochs_trained = m.epoch;
         record.epochs.push(m.clone());
+        if let Some(p) = probe.as_mut().filter(|p| p.due(m.epoch, cfg.epochs)) {
+            let snapshot = (p.measure)(&model, &test_data, m.epoch)?;
+            progress::note(
+                None,
+                &format!(
+                    "epoch {}: mean V over layers {} (stratified {}), {} test images x {} transformations",
+                    m.epoch,
+                    snapshot.global_mean_v_all.map_or("-".into(), |v| format!("{v:.4}")),
+                    snapshot.global_mean_v_stratified.map_or("-".into(), |v| format!("{v:.4}")),
+                    snapshot.samples,
+                    snapshot.transforms
+                ),
+            );
+            record.variance.retain(|v| v.epoch != m.epoch);
+            record.variance.push(snapshot);
+        }
         record.total_seconds = seconds_before + start.elapsed().as_secs_f64();
         // The checkpoint carries the record: it is the one consistent copy of the epoch, and
         // metrics.json a readable view of it written right after.
@@ -443,7 +500,12 @@ pub struct PairOptions {
 /// Train the unrotated model (no augmentation) and the rotated model (random rotation in
 /// [−180°, 180°)) with the same seed into `dir/unrotated` and `dir/rotated`; write
 /// `dir/manifest.json` after each member so an interrupted pair keeps what finished.
-pub fn train_pair(b: &BackendRef, o: &PairOptions, dir: &Path) -> Result<PairManifest> {
+pub fn train_pair(
+    b: &BackendRef,
+    o: &PairOptions,
+    dir: &Path,
+    mut probe: Option<&mut EpochProbe>,
+) -> Result<PairManifest> {
     check_model(&o.model)?;
     let model = o.model.to_ascii_lowercase();
     let train_set = o.data.load(Split::Train)?;
@@ -483,7 +545,8 @@ pub fn train_pair(b: &BackendRef, o: &PairOptions, dir: &Path) -> Result<PairMan
     let existing = if o.overwrite { Existing::Overwrite } else { Existing::Continue };
     let mut members = Vec::new();
     for (name, cfg) in configs {
-        let record = train_model(b, &cfg, &train_set, &test_set, &dir.join(name), o.quiet, existing)?;
+        let record =
+            train_model(b, &cfg, &train_set, &test_set, &dir.join(name), o.quiet, existing, probe.as_deref_mut())?;
         members.push(PairMember {
             dir: name.into(),
             checkpoint: format!("{name}/model.safetensors"),

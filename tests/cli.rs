@@ -115,6 +115,94 @@ fn train_then_eval_on_the_bundled_sample() {
 }
 
 #[test]
+fn measure_every_records_what_a_separate_measure_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let train = |epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            "lenet",
+            "--dataset",
+            "mnist-sample",
+            "--epochs",
+            epochs,
+            "--limit",
+            "600",
+            "--test-limit",
+            "200",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--measure-every",
+            "2",
+            "--measure-limit",
+            "60",
+        ];
+        args.extend_from_slice(extra);
+        rotvar_ok(&args)
+    };
+    train("3", &["--out", out.to_str().unwrap()]);
+    let metrics = read_json(out.join("metrics.json"));
+    let track = metrics["variance"].as_array().unwrap();
+    // Every 2nd epoch and the last.
+    assert_eq!(track.iter().map(|s| s["epoch"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!((track[1]["samples"].as_u64(), track[1]["transforms"].as_u64()), (Some(60), Some(16)));
+    assert!(out.join("variance_during_training.png").exists());
+    // The last snapshot is V of the saved checkpoint: `measure` on the same 60 images agrees
+    // to the last bit.
+    let m = dir.path().join("measure");
+    let ck = out.join("model.safetensors");
+    rotvar_ok(&[
+        "measure",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--limit",
+        "60",
+        "--quiet",
+        "--out",
+        m.to_str().unwrap(),
+    ]);
+    let v = read_json(m.join("variance.json"));
+    let layers = v["layers"].as_array().unwrap();
+    let snap = track[1]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), snap.len());
+    assert!(layers.len() >= 5, "{layers:?}");
+    for (l, s) in layers.iter().zip(snap) {
+        assert_eq!(l["name"], s["name"]);
+        for key in ["mean_v_all", "mean_v_stratified"] {
+            assert_eq!(l[key], s[key], "{} {key}", l["name"]);
+            assert!(l[key].as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "{} {key}: {}", l["name"], l[key]);
+        }
+    }
+    assert_eq!(v["global_mean_v_stratified"], track[1]["global_mean_v_stratified"]);
+    // Resuming keeps the earlier snapshots and adds the new epochs'.
+    rotvar_ok(&[
+        "train",
+        "--resume",
+        out.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--measure-every",
+        "2",
+        "--measure-limit",
+        "60",
+    ]);
+    let metrics = read_json(out.join("metrics.json"));
+    let epochs: Vec<u64> =
+        metrics["variance"].as_array().unwrap().iter().map(|s| s["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs, vec![2, 3, 4]);
+    // --measure-limit alone is a usage error.
+    let o = rotvar(&["train", "--dataset", "mnist-sample", "--measure-limit", "10"]);
+    assert!(!o.status.success() && stderr(&o).contains("--measure-every"), "{}", stderr(&o));
+}
+
+#[test]
 fn info_runs_without_a_gpu() {
     let o = rotvar_ok(&["info"]);
     let s = String::from_utf8_lossy(&o.stdout);
@@ -254,7 +342,15 @@ fn train_pair_then_eval_versus_angle() {
         (vec!["eval", "--shard", "1/2"], "give --angles or --transform"),
     ] {
         let mut full = args.clone();
-        full.extend(["--checkpoint", ck.to_str().unwrap(), "--device", "cpu", "--quiet", "--out", zoom_out.to_str().unwrap()]);
+        full.extend([
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            zoom_out.to_str().unwrap(),
+        ]);
         let o = rotvar(&full);
         if needle.is_empty() {
             assert!(o.status.success(), "{args:?}: {}", stderr(&o));

@@ -203,10 +203,59 @@ struct TrainArgs {
     #[arg(long)]
     overwrite: bool,
     #[command(flatten)]
+    track: TrackArgs,
+    #[command(flatten)]
     subset: SubsetArgs,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// V during training (`--measure-every`), for train and train-pair.
+#[derive(Args, Clone)]
+struct TrackArgs {
+    /// Measure V per layer every N epochs (and after the last) on the first --measure-limit test
+    /// images, with `measure`'s defaults (16 rotations, per map, mean): recorded in
+    /// metrics.json ("variance") and drawn in variance_during_training.png.
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser())]
+    measure_every: Option<usize>,
+    #[arg(long, value_name = "N", requires = "measure_every", allow_hyphen_values = true,
+          value_parser = limits::MEASURE_LIMIT.usize_parser(),
+          help = limits::MEASURE_LIMIT.help("With --measure-every: test images measured, the first N (default 1000)"))]
+    measure_limit: Option<usize>,
+}
+
+impl TrackArgs {
+    fn probe(&self, quiet: bool) -> Result<Option<run::EpochProbe<'static>>> {
+        let Some(every) = self.measure_every else { return Ok(None) };
+        job::epoch_probe(every, &measure_defaults(self.measure_limit.or(Some(1000)), quiet)).map(Some)
+    }
+}
+
+/// `measure`'s default settings on the first `limit` test images.
+fn measure_defaults(limit: Option<usize>, quiet: bool) -> MeasureOptions {
+    MeasureOptions {
+        rotations: 16,
+        transforms: None,
+        per: Per::Map,
+        reduce: MapReduce::Mean,
+        batch: 256,
+        dataset: None,
+        data_dir: None,
+        limit,
+        quiet,
+    }
+}
+
+/// variance_during_training.png in `out`, when the run measured V between epochs.
+fn draw_variance_track(out: &Path, title: &str, record: &run::TrainRecord) -> Result<()> {
+    if record.variance.is_empty() {
+        return Ok(());
+    }
+    let path = out.join("variance_during_training.png");
+    figures::variance_during_training(&path, title, &record.variance)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 #[derive(Args)]
@@ -242,6 +291,8 @@ struct TrainPairArgs {
     /// Retrain members already in the run directory instead of continuing them.
     #[arg(long)]
     overwrite: bool,
+    #[command(flatten)]
+    track: TrackArgs,
     #[command(flatten)]
     subset: SubsetArgs,
     #[arg(long)]
@@ -428,6 +479,10 @@ struct ExperimentArgs {
     #[arg(long, allow_hyphen_values = true, value_parser = limits::MEASURE_LIMIT.usize_parser(),
           help = limits::MEASURE_LIMIT.help("Measure V on the first N test images only (default: all; 500 with --quick)"))]
     measure_limit: Option<usize>,
+    /// Also measure V every N epochs while each model trains (same settings and images as the
+    /// final measure): metrics.json of each model and figures/variance_during_training_*.png.
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser())]
+    measure_every: Option<usize>,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
     #[arg(long)]
@@ -541,8 +596,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let test_set = source.load(Split::Test)?;
     let b = open_backend(a.device)?;
     let cfg = TrainConfig { dataset: train_set.name.clone(), ..cfg };
-    run::train_model(&b, &cfg, &train_set, &test_set, &out, a.quiet, existing)?;
-    Ok(())
+    let mut probe = a.track.probe(a.quiet)?;
+    let record = run::train_model(&b, &cfg, &train_set, &test_set, &out, a.quiet, existing, probe.as_mut())?;
+    draw_variance_track(&out, &format!("{} ({}) on {}", cfg.model, cfg.augment, cfg.dataset), &record)
 }
 
 fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
@@ -560,7 +616,13 @@ fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
         quiet: a.quiet,
     };
     let dir = a.out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-pair", opts.model, a.data.dataset)));
-    let m = run::train_pair(&b, &opts, &dir)?;
+    let mut probe = a.track.probe(a.quiet)?;
+    let m = run::train_pair(&b, &opts, &dir, probe.as_mut())?;
+    for member in [&m.unrotated, &m.rotated] {
+        let record = run::saved_record(&dir.join(&member.checkpoint))?;
+        let title = format!("{} ({}) on {}", m.model, member.config.augment, m.dataset);
+        draw_variance_track(&dir.join(&member.dir), &title, &record)?;
+    }
     println!(
         "pair written to {}: unrotated {:.2}% ({} epochs), rotated {:.2}% ({} epochs), {:.0}s",
         dir.display(),
@@ -819,6 +881,7 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
     o.per = a.per;
     o.reduce = a.reduce;
     o.measure_limit = a.measure_limit.or(o.measure_limit);
+    o.measure_every = a.measure_every;
     o.overwrite = a.overwrite;
     o.quiet = a.quiet;
     angle_eval::parse_angles(&o.angles)?;

@@ -10,6 +10,7 @@ use crate::data::{self, Split};
 use crate::limits;
 use crate::models::Model;
 use crate::progress;
+use crate::run::{EpochProbe, LayerMeans, VarianceSnapshot};
 use crate::train::DeviceDataset;
 use crate::transform::TransformSet;
 use anyhow::Result;
@@ -79,6 +80,54 @@ fn prepare(
         batch: o.batch,
     };
     Ok((model, meta, data, cfg))
+}
+
+/// `train --measure-every N`: after every N-th epoch (and the last), V per layer on the first
+/// `o.limit` test images (all of them when `None`) with `measure`'s settings, so each snapshot
+/// equals what `measure --limit` reports for the checkpoint of that epoch.
+pub fn epoch_probe(every: usize, o: &MeasureOptions) -> Result<EpochProbe<'static>> {
+    limits::ROTATIONS.check_usize(o.rotations)?;
+    limits::EVAL_BATCH.check_usize(o.batch)?;
+    if every == 0 {
+        anyhow::bail!("--measure-every must be at least 1 (epochs between measurements)");
+    }
+    let o = o.clone();
+    let transforms = o.transforms.clone().unwrap_or_else(|| TransformSet::rotations(&rotation_angles(o.rotations)));
+    Ok(EpochProbe {
+        every,
+        measure: Box::new(move |model, test, epoch| {
+            let n = o.limit.unwrap_or(test.len()).min(test.len());
+            let cfg = MeasureConfig {
+                transforms: transforms.clone(),
+                fill: test.fill.clone(),
+                per: o.per,
+                reduce: o.reduce,
+                batch: o.batch,
+            };
+            let label = format!("measuring V after epoch {epoch}");
+            let layers = moments_with_bar(model, test, 0..n, &cfg, o.quiet, &label)?
+                .iter()
+                .map(|l| finalize(&l.name, &l.unit_shape, &l.moments))
+                .collect::<Result<Vec<_>>>()?;
+            let summary = output::summarize(&layers, None);
+            Ok(VarianceSnapshot {
+                epoch,
+                samples: n,
+                transforms: cfg.transforms.len(),
+                layers: summary
+                    .layers
+                    .iter()
+                    .map(|l| LayerMeans {
+                        name: l.name.clone(),
+                        mean_v_all: l.mean_v_all,
+                        mean_v_stratified: l.mean_v_stratified,
+                    })
+                    .collect(),
+                global_mean_v_all: summary.global_mean_v_all,
+                global_mean_v_stratified: summary.global_mean_v_stratified,
+            })
+        }),
+    })
 }
 
 /// [`measure_moments`] over `range` with a progress bar (unless `quiet`).
