@@ -104,6 +104,49 @@ pub fn class_angle_heatmap(path: &Path, title: &str, ev: &TransformEvaluation) -
     )
 }
 
+/// Ranking accuracy (%) per backbone layer, one curve per backbone, with chance (50%) dashed:
+/// the augmentation-encoding study (`rotvar rank`).
+pub fn rank_accuracy(path: &Path, report: &crate::rank::RankReport) -> Result<()> {
+    let Some(first) = report.backbones.first() else {
+        anyhow::bail!("no backbone to draw");
+    };
+    let n = first.layers.len();
+    let mut series: Vec<Series> = report
+        .backbones
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Series {
+            name: format!("{} (trained with {})", b.label, b.augment),
+            xs: (0..b.layers.len()).map(|x| x as f64).collect(),
+            ys: b.layers.iter().map(|l| 100.0 * l.accuracy).collect(),
+            dashed: false,
+            color: Some(i),
+            markers: true,
+        })
+        .collect();
+    series.push(Series {
+        name: "chance".into(),
+        xs: vec![0.0, (n.max(2) - 1) as f64],
+        ys: vec![100.0 * report.chance; 2],
+        dashed: true,
+        color: Some(report.backbones.len()),
+        markers: false,
+    });
+    plot::line_chart(
+        path,
+        &LineChart {
+            title: "Which copy is zoomed more? Ranking accuracy of a head on each layer".into(),
+            x_label: "backbone layer (frozen features)".into(),
+            y_label: "ranking accuracy on test pairs (%)".into(),
+            series,
+            y_range: Some((0.0, 100.0)),
+            categorical_x: Some(first.layers.iter().map(|l| l.layer.clone()).collect()),
+            svg: true,
+            ..Default::default()
+        },
+    )
+}
+
 /// Mean V per layer (stratified; over all samples where that is missing) against the epoch, one
 /// curve per layer, from `train --measure-every`.
 pub fn variance_during_training(path: &Path, title: &str, track: &[crate::run::VarianceSnapshot]) -> Result<()> {

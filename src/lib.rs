@@ -25,6 +25,7 @@ pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod progress;
+pub mod rank;
 pub mod rng;
 pub mod run;
 pub mod selftest;

@@ -42,6 +42,8 @@ pub const MEASURE_LIMIT: Bound = closed("--measure-limit", 1.0, 100_000_000.0);
 pub const ROTATIONS: Bound = closed("--rotations", 2.0, 4096.0);
 /// Evaluation angles (`--angles`, `images --angles`).
 pub const ANGLES: Bound = closed("--angles", 1.0, 3600.0);
+/// `rank --pairs`: pairs drawn per image.
+pub const RANK_PAIRS: Bound = closed("--pairs", 1.0, 100.0);
 pub const IMAGES_COUNT: Bound = closed("--count", 1.0, 1024.0);
 pub const BENCH_IMAGES: Bound = closed("--images", 1.0, 10_000_000.0);
 pub const BENCH_ANGLES: Bound = closed("--angles", 1.0, 4096.0);

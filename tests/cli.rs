@@ -203,6 +203,68 @@ fn measure_every_records_what_a_separate_measure_reports() {
 }
 
 #[test]
+fn rank_runs_from_the_command_line_and_refuses_a_backbone_without_held_out_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |name: &str, limit: &str| {
+        let out = dir.path().join(name);
+        rotvar_ok(&[
+            "train",
+            "--model",
+            "lenet",
+            "--dataset",
+            "mnist-sample",
+            "--epochs",
+            "1",
+            "--limit",
+            limit,
+            "--test-limit",
+            "50",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        out.join("model.safetensors")
+    };
+    let held = train("held", "4900");
+    let all = train("all", "5000");
+    let out = dir.path().join("rank");
+    let o = rotvar_ok(&[
+        "rank",
+        "--backbone",
+        held.to_str().unwrap(),
+        "--layers",
+        "pool1,fc1.act",
+        "--head-epochs",
+        "1",
+        "--test-limit",
+        "40",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(printed.contains("chance is 50%") && printed.contains("| pool1 (1176 features) |"), "{printed}");
+    let r = read_json(out.join("rank.json"));
+    assert_eq!(r["backbones"][0]["head_train_pairs"], 400, "100 held-out images x 4 pairs");
+    assert_eq!(r["backbones"][0]["test_pairs"], 160);
+    assert_eq!(r["backbones"][0]["layers"].as_array().unwrap().len(), 2);
+    for f in ["rank.csv", "rank.md", "rank_accuracy.png"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let o = rotvar(&["rank", "--backbone", all.to_str().unwrap(), "--device", "cpu", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("none are held out") && stderr(&o).contains("--limit 4000"), "{}", stderr(&o));
+    let o = rotvar(&["rank", "--backbone", held.to_str().unwrap(), "--factors", "0.5,0.5", "--device", "cpu"]);
+    assert!(!o.status.success() && stderr(&o).contains("repeats a factor"), "{}", stderr(&o));
+    let o = rotvar(&["rank", "--device", "cpu"]);
+    assert!(!o.status.success() && stderr(&o).contains("--backbone"), "{}", stderr(&o));
+}
+
+#[test]
 fn info_runs_without_a_gpu() {
     let o = rotvar_ok(&["info"]);
     let s = String::from_utf8_lossy(&o.stdout);

@@ -1,6 +1,8 @@
 //! The `rotvar` command line: argument parsing and one function per command.
 
+mod rank;
 mod tools;
+mod track;
 
 use crate::angle_eval;
 use crate::augment::Augment;
@@ -59,6 +61,9 @@ enum Command {
     /// The whole study in one command: train the pair, accuracy versus angle, V for both models,
     /// every figure and a report.md.
     Experiment(ExperimentArgs),
+    /// Does a network encode zoom? A RankNet head per layer of frozen backbones ranks two
+    /// zoomed copies of an image (docs/rank-study.md).
+    Rank(rank::RankArgs),
     /// Write a PNG grid of test images and their rotations.
     Images(ImagesArgs),
     /// Show the build, its features and the devices found.
@@ -157,7 +162,7 @@ impl SubsetArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model architecture: lenet, simpleconv, allconv, vgg (VGG-like), vgg16, resnet18, resnet20.
+    /// Model architecture: lenet, simpleconv, allconv, vgg (VGG-like), vgg16, resnet18, resnet20, convbn.
     #[arg(long, default_value = "simpleconv")]
     model: String,
     #[command(flatten)]
@@ -203,7 +208,7 @@ struct TrainArgs {
     #[arg(long)]
     overwrite: bool,
     #[command(flatten)]
-    track: TrackArgs,
+    track: track::TrackArgs,
     #[command(flatten)]
     subset: SubsetArgs,
     /// No progress bar.
@@ -211,56 +216,9 @@ struct TrainArgs {
     quiet: bool,
 }
 
-/// V during training (`--measure-every`), for train and train-pair.
-#[derive(Args, Clone)]
-struct TrackArgs {
-    /// Measure V per layer every N epochs (and after the last) on the first --measure-limit test
-    /// images, with `measure`'s defaults (16 rotations, per map, mean): recorded in
-    /// metrics.json ("variance") and drawn in variance_during_training.png.
-    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser())]
-    measure_every: Option<usize>,
-    #[arg(long, value_name = "N", requires = "measure_every", allow_hyphen_values = true,
-          value_parser = limits::MEASURE_LIMIT.usize_parser(),
-          help = limits::MEASURE_LIMIT.help("With --measure-every: test images measured, the first N (default 1000)"))]
-    measure_limit: Option<usize>,
-}
-
-impl TrackArgs {
-    fn probe(&self, quiet: bool) -> Result<Option<run::EpochProbe<'static>>> {
-        let Some(every) = self.measure_every else { return Ok(None) };
-        job::epoch_probe(every, &measure_defaults(self.measure_limit.or(Some(1000)), quiet)).map(Some)
-    }
-}
-
-/// `measure`'s default settings on the first `limit` test images.
-fn measure_defaults(limit: Option<usize>, quiet: bool) -> MeasureOptions {
-    MeasureOptions {
-        rotations: 16,
-        transforms: None,
-        per: Per::Map,
-        reduce: MapReduce::Mean,
-        batch: 256,
-        dataset: None,
-        data_dir: None,
-        limit,
-        quiet,
-    }
-}
-
-/// variance_during_training.png in `out`, when the run measured V between epochs.
-fn draw_variance_track(out: &Path, title: &str, record: &run::TrainRecord) -> Result<()> {
-    if record.variance.is_empty() {
-        return Ok(());
-    }
-    let path = out.join("variance_during_training.png");
-    figures::variance_during_training(&path, title, &record.variance)?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
-}
-
 #[derive(Args)]
 struct TrainPairArgs {
-    /// Model architecture: lenet, simpleconv, allconv, vgg (VGG-like), vgg16, resnet18, resnet20.
+    /// Model architecture: lenet, simpleconv, allconv, vgg (VGG-like), vgg16, resnet18, resnet20, convbn.
     #[arg(long, default_value = "simpleconv")]
     model: String,
     #[command(flatten)]
@@ -292,7 +250,7 @@ struct TrainPairArgs {
     #[arg(long)]
     overwrite: bool,
     #[command(flatten)]
-    track: TrackArgs,
+    track: track::TrackArgs,
     #[command(flatten)]
     subset: SubsetArgs,
     #[arg(long)]
@@ -437,7 +395,7 @@ struct ExperimentArgs {
     /// on a CPU. Other options still apply on top.
     #[arg(long)]
     quick: bool,
-    /// Model architecture: lenet, simpleconv, allconv, vgg, vgg16, resnet18, resnet20 (default:
+    /// Model architecture: lenet, simpleconv, allconv, vgg, vgg16, resnet18, resnet20, convbn (default:
     /// simpleconv; lenet with --quick).
     #[arg(long)]
     model: Option<String>,
@@ -538,6 +496,7 @@ pub fn run() -> Result<()> {
         Command::MeasureMerge(a) => cmd_measure_merge(a),
         Command::EvalMerge(a) => cmd_eval_merge(a),
         Command::Experiment(a) => cmd_experiment(a),
+        Command::Rank(a) => rank::cmd_rank(a),
         Command::Images(a) => cmd_images(a),
         Command::Info => tools::cmd_info(),
         Command::Models(a) => tools::cmd_models(a),
@@ -598,7 +557,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let cfg = TrainConfig { dataset: train_set.name.clone(), ..cfg };
     let mut probe = a.track.probe(a.quiet)?;
     let record = run::train_model(&b, &cfg, &train_set, &test_set, &out, a.quiet, existing, probe.as_mut())?;
-    draw_variance_track(&out, &format!("{} ({}) on {}", cfg.model, cfg.augment, cfg.dataset), &record)
+    track::draw_variance_track(&out, &format!("{} ({}) on {}", cfg.model, cfg.augment, cfg.dataset), &record)
 }
 
 fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
@@ -621,7 +580,7 @@ fn cmd_train_pair(a: TrainPairArgs) -> Result<()> {
     for member in [&m.unrotated, &m.rotated] {
         let record = run::saved_record(&dir.join(&member.checkpoint))?;
         let title = format!("{} ({}) on {}", m.model, member.config.augment, m.dataset);
-        draw_variance_track(&dir.join(&member.dir), &title, &record)?;
+        track::draw_variance_track(&dir.join(&member.dir), &title, &record)?;
     }
     println!(
         "pair written to {}: unrotated {:.2}% ({} epochs), rotated {:.2}% ({} epochs), {:.0}s",

@@ -4,6 +4,7 @@
 //! negative log-likelihood (softmax cross-entropy), as in the reference code.
 
 mod allconv;
+mod convbn;
 mod lenet;
 mod resnet;
 mod simpleconv;
@@ -16,7 +17,7 @@ use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-pub const MODELS: &[&str] = &["lenet", "simpleconv", "allconv", "vgg", "vgg16", "resnet18", "resnet20"];
+pub const MODELS: &[&str] = &["lenet", "simpleconv", "allconv", "vgg", "vgg16", "resnet18", "resnet20", "convbn"];
 
 /// The input a model is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +54,7 @@ impl Model {
             "vgg16" => vgg::build_16(backend, &mut rng, &input)?,
             "resnet18" => resnet::build(backend, &mut rng, &input, &[64, 128, 256, 512], &[2, 2, 2, 2])?,
             "resnet20" => resnet::build(backend, &mut rng, &input, &[16, 32, 64], &[3, 3, 3])?,
+            "convbn" => convbn::build(backend, &mut rng, &input)?,
             other => bail!("unknown model '{other}': choose one of {}", MODELS.join(", ")),
         };
         Ok(Model { arch, input, net })
