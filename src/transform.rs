@@ -380,7 +380,7 @@ impl TransformSet {
         match &self.axes[..] {
             [Axis::Rotate(v)] => v.iter().map(|a| format!("{a}°")).collect(),
             [Axis::HFlip | Axis::VFlip] => vec!["no".into(), "yes".into()],
-            [axis] => axis.values().iter().map(|v| format!("{v}")).collect(),
+            [Axis::Zoom(v) | Axis::TranslateX(v) | Axis::TranslateY(v)] => v.iter().map(|x| x.to_string()).collect(),
             _ => self.points.iter().map(|t| t.to_string()).collect(),
         }
     }
