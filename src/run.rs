@@ -102,17 +102,20 @@ pub struct LayerMeans {
     pub mean_v_stratified: Option<f64>,
 }
 
+/// (model, test set, epoch) → the snapshot.
+pub type MeasureFn<'a> = dyn FnMut(&Model, &DeviceDataset, usize) -> Result<VarianceSnapshot> + 'a;
+
 /// Measures the model between epochs. The measure lives on the study floor above this module,
 /// so the caller hands it in as a closure over (model, test set, epoch).
 pub struct EpochProbe<'a> {
     /// Measure after every `every`-th epoch, and after the last.
     pub every: usize,
-    pub measure: Box<dyn FnMut(&Model, &DeviceDataset, usize) -> Result<VarianceSnapshot> + 'a>,
+    pub measure: Box<MeasureFn<'a>>,
 }
 
 impl EpochProbe<'_> {
     fn due(&self, epoch: usize, last: usize) -> bool {
-        epoch % self.every.max(1) == 0 || epoch == last
+        epoch.is_multiple_of(self.every.max(1)) || epoch == last
     }
 }
 
@@ -289,7 +292,8 @@ pub fn preflight(b: &BackendRef, cfg: &TrainConfig, train_set: &Dataset, test_se
 }
 
 /// Train one model into `out` (model.safetensors and metrics.json, rewritten after every
-/// epoch). `data` is the training and test set already loaded.
+/// epoch). `data` is the training and test set already loaded; `probe` measures V between epochs.
+#[allow(clippy::too_many_arguments)] // each is a distinct setting; a struct would only rename them
 pub fn train_model(
     b: &BackendRef,
     cfg: &TrainConfig,

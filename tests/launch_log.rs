@@ -4,7 +4,7 @@
 
 use rotvar::backend::cuda::launch_log::ENV;
 use rotvar::backend::cuda::CudaBackend;
-use rotvar::backend::{Backend, BackendRef};
+use rotvar::backend::BackendRef;
 
 #[test]
 fn backend_launches_are_logged_once_per_configuration() {
