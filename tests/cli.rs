@@ -456,6 +456,8 @@ fn quick_experiment_writes_the_report_and_every_figure() {
         "cpu",
         "--quiet",
         "--out",
+        "--measure-every",
+        "1",
         out.to_str().unwrap(),
     ];
     rotvar_ok(&args);
@@ -476,6 +478,13 @@ fn quick_experiment_writes_the_report_and_every_figure() {
         for f in ["angles.json", "angles.csv", "variance.safetensors", "variance.json", "model.safetensors"] {
             assert!(out.join(m).join(f).exists(), "{m}/{f}");
         }
+        // V during training (--measure-every 1): one snapshot per epoch, the last one the
+        // final measure itself (same images, same settings).
+        let track = read_json(out.join(m).join("metrics.json"))["variance"].clone();
+        assert_eq!(track.as_array().unwrap().len(), 1, "{m}: {track}");
+        let v = read_json(out.join(m).join("variance.json"));
+        assert_eq!(track[0]["global_mean_v_stratified"], v["global_mean_v_stratified"], "{m}");
+        assert!(out.join(format!("figures/variance_during_training_{m}.png")).exists(), "{m}");
     }
     // A second run reuses the trained pair instead of training again.
     let ck = std::fs::read(out.join("rotated/model.safetensors")).unwrap();
