@@ -157,8 +157,8 @@ pub struct BackboneRank {
     pub layers: Vec<LayerRank>,
 }
 
-/// The scores of every chosen layer's head for a batch of pairs, and the backbone features they
-/// came from: one warp of the 2P copies, one backbone pass.
+/// Every chosen layer's features for a batch of P pairs, flattened to [2P, F] in the order
+/// (a₀, b₀, a₁, b₁, …): one warp of the 2P copies, one backbone pass in eval mode.
 fn layer_features(
     model: &Model,
     data: &DeviceDataset,

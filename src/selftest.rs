@@ -370,16 +370,18 @@ fn pool(c: &mut Ctx, g: &PoolGeom) -> Result<()> {
 }
 
 fn rotate(c: &mut Ctx, g: &RotateGeom) -> Result<()> {
-    // Identity, exact quarter turns, arbitrary angles of both signs, and augmentation matrices
-    // (zoom, flips), cycled over the batch.
+    // Identity, exact quarter turns, arbitrary angles of both signs, and augmentation and
+    // test-time matrices (zoom, flips, shifts), cycled over the batch.
     const ANGLES: [f32; 8] = [0.0, 90.0, 37.5, -123.0, 180.0, 360.0, -90.0, 271.3];
     let mats: Vec<crate::backend::Affine> = (0..g.n)
         .map(|i| {
             let a = ANGLES[i % ANGLES.len()];
-            match i % 3 {
+            match i % 4 {
                 0 => crate::backend::rotation_matrix(a),
                 1 => crate::augment::sampling_matrix(Some(a), Some(1.3), true, false),
-                _ => crate::augment::sampling_matrix(Some(a), Some(0.7), false, true),
+                2 => crate::augment::sampling_matrix(Some(a), Some(0.7), false, true),
+                _ => crate::transform::Transform { rotate: a, zoom: 0.9, translate: [1.5, -2.0], ..Default::default() }
+                    .matrix(),
             }
         })
         .collect();

@@ -277,9 +277,20 @@ fn cpu_and_emulated_cuda_agree_on_random_batches() {
         let x = rng.vec(g.len(), -3.0, 3.0);
         let angles: Vec<f32> = (0..g.n).map(|_| rng.f32(-400.0, 400.0)).collect();
         let fill: Vec<f32> = rng.vec(g.c, -1.0, 1.0);
-        for interp in INTERPS {
-            let a = rot(&cpu, &x, g, &angles, interp, &fill);
-            let b = rot(&emu, &x, g, &angles, interp, &fill);
+        // Rotations alone, and every transformation at once with fractional and whole shifts.
+        let rotations: Vec<Affine> = angles.iter().map(|&a| rotation_matrix(a)).collect();
+        let general: Vec<Affine> = angles
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                let shift = if i % 2 == 0 { [rng.f32(-3.0, 3.0), rng.f32(-3.0, 3.0)] } else { [2.0, -1.0] };
+                Transform { rotate: a, zoom: rng.f32(0.5, 1.6), translate: shift, hflip: i % 3 == 0, vflip: i % 4 == 1 }
+                    .matrix()
+            })
+            .collect();
+        for (interp, mats) in INTERPS.iter().flat_map(|&i| [(i, &rotations), (i, &general)]) {
+            let a = warp(&cpu, &x, g, mats, interp, &fill);
+            let b = warp(&emu, &x, g, mats, interp, &fill);
             for (i, (p, q)) in a.iter().zip(&b).enumerate() {
                 assert!(p.is_finite() && q.is_finite(), "{g:?} {interp:?} element {i}: {p} vs {q}");
                 assert!((p - q).abs() <= 1e-6 * p.abs().max(1.0), "{g:?} {interp:?} element {i}: cpu {p}, emu {q}");
