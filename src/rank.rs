@@ -1,15 +1,17 @@
 //! Do CNNs encode the augmentation they saw? (docs/rank-study.md; Yan & Huang, IJCNN 2021.)
 //!
-//! A frozen backbone sees two copies of one image at two zoom factors. For each chosen layer, a
-//! small head scores each copy from that layer's features and learns, with the RankNet loss, to
-//! score the copy with the larger factor higher. Its ranking accuracy on pairs made from the test
-//! set says how explicitly the layer still carries the zoom; chance is 50%.
+//! A frozen backbone sees two copies of one image at two strengths of one augmentation (zoom
+//! factors, rotation angles or brightness factors). For each chosen layer, a small head scores
+//! each copy from that layer's features and learns, with the RankNet loss, to score the copy
+//! with the larger strength higher. Its ranking accuracy on pairs made from the test set says
+//! how explicitly the layer still carries the augmentation; chance is 50%.
 //!
 //! One backbone forward pass per batch of pairs serves the heads of every layer; the backbone
 //! runs in eval mode outside any tape, so nothing of it is recorded or updated.
 
 use crate::autograd::Tape;
-use crate::backend::{Affine, BackendRef, Interp};
+use crate::backend::{Affine, BackendRef, Interp, IDENTITY};
+use crate::data::Normalization;
 use crate::models::Model;
 use crate::nn::{Forward, Layer, Linear, Sequential};
 use crate::ops;
@@ -23,10 +25,54 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
+/// The augmentation whose strength the heads rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Augmentation {
+    /// Zoom about the centre by a factor (> 1 enlarges), through the resampling of every other
+    /// transformation.
+    Zoom,
+    /// Rotation by an angle in degrees, counter-clockwise as displayed.
+    Rotate,
+    /// Raw pixel values multiplied by a factor and clipped to [0, 255].
+    Brightness,
+}
+
+impl Augmentation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Augmentation::Zoom => "zoom",
+            Augmentation::Rotate => "rotate",
+            Augmentation::Brightness => "brightness",
+        }
+    }
+
+    /// The strengths a pair's copies are drawn from by default: the notebook's zoom factors,
+    /// rotations up to 60°, brightness from half to one and a half.
+    pub fn default_levels(self) -> Vec<f32> {
+        match self {
+            Augmentation::Zoom => vec![0.5, 0.6, 0.7, 0.8, 0.9],
+            Augmentation::Rotate => vec![0.0, 15.0, 30.0, 45.0, 60.0],
+            Augmentation::Brightness => vec![0.5, 0.75, 1.0, 1.25, 1.5],
+        }
+    }
+
+    /// The sampling matrix of a copy at strength `s` (the identity for brightness).
+    fn matrix(self, s: f32) -> Affine {
+        match self {
+            Augmentation::Zoom => Transform { zoom: s, ..Transform::default() }.matrix(),
+            Augmentation::Rotate => Transform::rotation(s).matrix(),
+            Augmentation::Brightness => IDENTITY,
+        }
+    }
+}
+
 /// Settings of the study (the defaults follow the student reimplementation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankOptions {
-    /// The zoom factors a pair's two copies are drawn from (two different ones per pair).
+    pub augmentation: Augmentation,
+    /// The strengths a pair's two copies are drawn from (two different ones per pair): zoom
+    /// factors, angles in degrees or brightness factors.
     pub factors: Vec<f32>,
     /// Pairs drawn per image.
     pub pairs_per_image: usize,
@@ -44,7 +90,8 @@ pub struct RankOptions {
 impl Default for RankOptions {
     fn default() -> Self {
         RankOptions {
-            factors: vec![0.5, 0.6, 0.7, 0.8, 0.9],
+            augmentation: Augmentation::Zoom,
+            factors: Augmentation::Zoom.default_levels(),
             pairs_per_image: 4,
             layers: None,
             head_epochs: 3,
@@ -157,19 +204,46 @@ pub struct BackboneRank {
     pub layers: Vec<LayerRank>,
 }
 
+/// Multiply the raw pixel values of each image (row) of the normalized batch `x` by its factor,
+/// clipped to raw [0, 255], and normalize again. On the host: the images make one round trip
+/// per batch of pairs, which the study can afford (training never uses this).
+pub fn brighten(x: &Tensor, factors: &[f32], norm: &Normalization) -> Result<Tensor> {
+    let (n, c) = (x.dim(0), x.dim(1));
+    if factors.len() != n || norm.mean.len() != c {
+        bail!("brighten: {} factors for {n} images, {} means for {c} channels", factors.len(), norm.mean.len());
+    }
+    let d = norm.divisors();
+    let mut v = x.to_vec()?;
+    let plane = v.len() / (n * c).max(1);
+    for (i, image) in v.chunks_mut(c * plane).enumerate() {
+        for (ch, p) in image.chunks_mut(plane).enumerate() {
+            let (m, s) = (norm.mean[ch], d[ch]);
+            p.iter_mut().for_each(|x| *x = (((*x * s + m) * factors[i]).clamp(0.0, 1.0) - m) / s);
+        }
+    }
+    Tensor::from_vec(x.backend(), x.shape(), &v)
+}
+
 /// Every chosen layer's features for a batch of P pairs, flattened to [2P, F] in the order
-/// (a₀, b₀, a₁, b₁, …): one warp of the 2P copies, one backbone pass in eval mode.
+/// (a₀, b₀, a₁, b₁, …): the 2P copies made in one pass, one backbone pass in eval mode.
 fn layer_features(
     model: &Model,
     data: &DeviceDataset,
+    norm: &Normalization,
     pairs: &[Pair],
-    mats: &[Affine],
+    o: &RankOptions,
     layers: &[String],
 ) -> Result<Vec<Tensor>> {
     let rows: Vec<u32> = pairs.iter().flat_map(|p| [p.image, p.image]).collect();
-    let copies: Vec<Affine> = pairs.iter().flat_map(|p| [mats[p.a], mats[p.b]]).collect();
+    let strength: Vec<f32> = pairs.iter().flat_map(|p| [o.factors[p.a], o.factors[p.b]]).collect();
     let (x, _) = data.batch(&rows)?;
-    let x = ops::warp(&x, &copies, Interp::Bilinear, &data.fill)?;
+    let x = match o.augmentation {
+        Augmentation::Brightness => brighten(&x, &strength, norm)?,
+        a => {
+            let copies: Vec<Affine> = strength.iter().map(|&s| a.matrix(s)).collect();
+            ops::warp(&x, &copies, Interp::Bilinear, &data.fill)?
+        }
+    };
     let mut found: Vec<Option<Tensor>> = vec![None; layers.len()];
     let mut observe = |name: &str, t: &Tensor| -> Result<()> {
         if let Some(i) = layers.iter().position(|l| l == name) {
@@ -190,10 +264,11 @@ fn layer_features(
 }
 
 /// Train one head per layer on `train` pairs of `data_train`, then measure them on `test`
-/// pairs of `data_test`.
+/// pairs of `data_test` (both normalized with `norm`, the backbone's statistics).
 #[allow(clippy::too_many_arguments)]
 pub fn rank_backbone(
     model: &Model,
+    norm: &Normalization,
     data_train: &DeviceDataset,
     train_pairs: &[Pair],
     data_test: &DeviceDataset,
@@ -210,11 +285,10 @@ pub fn rank_backbone(
     if let Some(bad) = layers.iter().find(|l| !names.contains(l)) {
         bail!("rank: the backbone has no layer '{bad}'; its layers are {}", names.join(", "));
     }
-    let mats: Vec<Affine> = o.factors.iter().map(|&z| Transform { zoom: z, ..Transform::default() }.matrix()).collect();
     let larger = |p: &Pair| o.factors[p.a] > o.factors[p.b];
     // Each head's input width, from one pair.
     let widths: Vec<usize> =
-        layer_features(model, data_train, &train_pairs[..1], &mats, &layers)?.iter().map(|t| t.dim(1)).collect();
+        layer_features(model, data_train, norm, &train_pairs[..1], o, &layers)?.iter().map(|t| t.dim(1)).collect();
     let mut rng = Rng::derive(o.seed, "rank-heads");
     let mut heads = Vec::new();
     for &w in &widths {
@@ -233,7 +307,7 @@ pub fn rank_backbone(
             *loss_sum = 0.0;
         }
         for chunk in order.chunks(o.batch) {
-            let feats = layer_features(model, data_train, chunk, &mats, &layers)?;
+            let feats = layer_features(model, data_train, norm, chunk, o, &layers)?;
             let target: Vec<bool> = chunk.iter().map(larger).collect();
             for (li, ((h, opt, loss_sum), x)) in heads.iter_mut().zip(&feats).enumerate() {
                 let tape = Tape::start()?;
@@ -261,7 +335,7 @@ pub fn rank_backbone(
     let mut hits = vec![[0usize; 2]; layers.len()];
     let mut test_loss = vec![0.0f64; layers.len()];
     for chunk in test_pairs.chunks(o.batch.max(256)) {
-        let feats = layer_features(model, data_test, chunk, &mats, &layers)?;
+        let feats = layer_features(model, data_test, norm, chunk, o, &layers)?;
         let target: Vec<bool> = chunk.iter().map(larger).collect();
         for (li, ((h, _, _), x)) in heads.iter().zip(&feats).enumerate() {
             let scores = h.forward(x, &mut Forward::eval())?;
@@ -333,12 +407,13 @@ impl RankReport {
     /// The report's section: a table of ranking accuracy per layer, one column per backbone.
     pub fn markdown(&self) -> String {
         let factors: Vec<String> = self.options.factors.iter().map(|f| f.to_string()).collect();
+        let aug = self.options.augmentation.name();
         let mut out = format!(
-            "## Does the backbone encode zoom? (ranking accuracy per layer)\n\n\
+            "## Does the backbone encode {aug}? (ranking accuracy per layer)\n\n\
              A head on each layer's frozen features learns which of two copies of an image has the larger \
-             zoom factor (factors {}, {} pairs per image, RankNet loss, {} head epochs). Accuracy on pairs made \
+             {aug} strength (levels {}, {} pairs per image, RankNet loss, {} head epochs). Accuracy on pairs made \
              from test images; **chance is {:.0}%**. The columns in brackets split the pairs by which copy had \
-             the larger factor.\n\n| layer |",
+             the larger strength (a / b).\n\n| layer |",
             factors.join(", "),
             self.options.pairs_per_image,
             self.options.head_epochs,
@@ -412,8 +487,16 @@ pub fn run_study(
     if backbones.is_empty() {
         bail!("rank: give at least one --backbone checkpoint (or --quick)");
     }
-    if o.factors.len() < 2 || o.factors.iter().any(|&f| !(f > 0.0 && f <= 100.0)) {
-        bail!("rank: --factors needs at least two zoom factors, each in (0, 100]; got {:?}", o.factors);
+    let (lo, hi) = match o.augmentation {
+        Augmentation::Rotate => (-3600.0, 3600.0),
+        Augmentation::Zoom | Augmentation::Brightness => (f32::MIN_POSITIVE, 100.0),
+    };
+    if o.factors.len() < 2 || o.factors.iter().any(|&f| !(lo..=hi).contains(&f)) {
+        bail!(
+            "rank: --levels needs at least two {} strengths, each within [{lo}, {hi}]; got {:?}",
+            o.augmentation.name(),
+            o.factors
+        );
     }
     let mut distinct = o.factors.clone();
     distinct.sort_by(f32::total_cmp);
@@ -461,7 +544,17 @@ pub fn run_study(
             held_out.len(),
             test.len()
         );
-        let layers = rank_backbone(&model, &train_data, &train_pairs, &test_data, &test_pairs, o, &bb.label, quiet)?;
+        let layers = rank_backbone(
+            &model,
+            &meta.normalization,
+            &train_data,
+            &train_pairs,
+            &test_data,
+            &test_pairs,
+            o,
+            &bb.label,
+            quiet,
+        )?;
         for l in &layers {
             eprintln!("  {:<12} ranking accuracy {:.1}%", l.layer, 100.0 * l.accuracy);
         }
@@ -477,7 +570,7 @@ pub fn run_study(
     }
     let report = RankReport {
         kind: KIND.into(),
-        augmentation: "zoom".into(),
+        augmentation: o.augmentation.name().into(),
         options: o.clone(),
         chance: 0.5,
         backbones: results,

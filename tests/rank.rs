@@ -7,7 +7,8 @@ use rotvar::backend::BackendRef;
 use rotvar::data::{Dataset, Split};
 use rotvar::models::{InputSpec, Model};
 use rotvar::nn::Forward;
-use rotvar::rank::{default_layers, draw_pairs, head, rank_backbone, ranknet_loss, RankOptions};
+use rotvar::data::Normalization;
+use rotvar::rank::{brighten, default_layers, draw_pairs, head, rank_backbone, ranknet_loss, Augmentation, RankOptions};
 use rotvar::rng::Rng;
 use rotvar::tensor::Tensor;
 use rotvar::train::DeviceDataset;
@@ -140,7 +141,8 @@ fn heads_learn_which_copy_is_zoomed_more_from_a_frozen_backbone() {
     };
     let train_pairs = draw_pairs(&(0..96).collect::<Vec<_>>(), 3, 2, &mut Rng::new(5)).unwrap();
     let test_pairs = draw_pairs(&(0..48).collect::<Vec<_>>(), 3, 2, &mut Rng::new(6)).unwrap();
-    let layers = rank_backbone(&model, &train_data, &train_pairs, &test_data, &test_pairs, &o, "test", true).unwrap();
+    let layers =
+        rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "test", true).unwrap();
     assert_eq!(layers.iter().map(|l| l.layer.as_str()).collect::<Vec<_>>(), ["pool1", "fc1.act"]);
     assert_eq!(layers[0].features, 6 * 14 * 14);
     for l in &layers {
@@ -155,6 +157,55 @@ fn heads_learn_which_copy_is_zoomed_more_from_a_frozen_backbone() {
     let after: Vec<Vec<f32>> = model.parameters().iter().map(|p| p.tensor.to_vec().unwrap()).collect();
     assert_eq!(before, after);
     let o = RankOptions { layers: Some(vec!["conv9".into()]), ..o };
-    let e = rank_backbone(&model, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap_err();
+    let e = rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap_err();
     assert!(format!("{e:#}").contains("no layer 'conv9'"), "{e:#}");
+}
+
+#[test]
+fn rotation_and_brightness_are_ranked_too() {
+    let b = cpu();
+    let (train, test) = (blobs(64, 3), blobs(32, 4));
+    let norm = train.channel_stats();
+    let (train_data, test_data) =
+        (DeviceDataset::upload(&train, &norm, &b).unwrap(), DeviceDataset::upload(&test, &norm, &b).unwrap());
+    let model = Model::build("lenet", InputSpec { channels: 1, height: 28, width: 28, classes: 2 }, &b, 4).unwrap();
+    let train_pairs = draw_pairs(&(0..64).collect::<Vec<_>>(), 3, 2, &mut Rng::new(5)).unwrap();
+    let test_pairs = draw_pairs(&(0..32).collect::<Vec<_>>(), 3, 2, &mut Rng::new(6)).unwrap();
+    // Brightness is detectable from any layer; a blob is round, so rotating it changes little
+    // besides its corners, and the test only asks that rotation runs and stays a probability.
+    for (aug, levels, floor) in [(Augmentation::Brightness, vec![0.5, 1.0, 1.5], 0.75), (Augmentation::Rotate, vec![0.0, 30.0, 60.0], 0.0)] {
+        let o = RankOptions {
+            augmentation: aug,
+            factors: levels,
+            pairs_per_image: 2,
+            layers: Some(vec!["pool1".into()]),
+            head_epochs: 3,
+            batch: 32,
+            hidden: 32,
+            ..RankOptions::default()
+        };
+        let l = rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap();
+        assert!((floor..=1.0).contains(&l[0].accuracy), "{aug:?}: {}", l[0].accuracy);
+    }
+}
+
+#[test]
+fn brightness_scales_raw_pixels_and_clips_them() {
+    let b = cpu();
+    // Raw values 0, 51, 204, 255 in one 2×2 image, normalized with mean 0.2, std 0.5.
+    let norm = Normalization { mean: vec![0.2], std: vec![0.5] };
+    let raw = [0.0f32, 0.2, 0.8, 1.0];
+    let x: Vec<f32> = raw.iter().map(|r| (r - 0.2) / 0.5).collect();
+    let x = Tensor::from_vec(&b, &[2, 1, 1, 2], &x).unwrap();
+    let y = brighten(&x, &[1.5, 0.5], &norm).unwrap().to_vec().unwrap();
+    let want_raw = [0.0f32, 0.3, 0.4, 0.5]; // image 0 ×1.5, image 1 ×0.5 (1.2 clipped would not arise)
+    for (i, (&g, &w)) in y.iter().zip(&want_raw).enumerate() {
+        assert!((g * 0.5 + 0.2 - w).abs() < 1e-6, "pixel {i}: raw {} vs {w}", g * 0.5 + 0.2);
+    }
+    let y = brighten(&x, &[2.0, 1.0], &norm).unwrap().to_vec().unwrap();
+    assert!((y[1] * 0.5 + 0.2 - 0.4).abs() < 1e-6);
+    assert!((y[3] * 0.5 + 0.2 - 1.0).abs() < 1e-6, "255 stays 255 at factor 1");
+    let y = brighten(&Tensor::from_vec(&b, &[1, 1, 1, 2], &[(0.8 - 0.2) / 0.5, 0.0]).unwrap(), &[2.0], &norm).unwrap();
+    assert!((y.to_vec().unwrap()[0] * 0.5 + 0.2 - 1.0).abs() < 1e-6, "0.8 × 2 clips to 1");
+    assert!(brighten(&x, &[1.0], &norm).is_err(), "one factor per image");
 }

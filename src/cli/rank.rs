@@ -6,7 +6,7 @@ use crate::backend::DeviceRequest;
 use crate::data::{self, Split};
 use crate::limits;
 use crate::optim::{OptimConfig, OptimizerKind};
-use crate::rank::{self, Backbone, RankData, RankOptions};
+use crate::rank::{self, Augmentation, Backbone, RankData, RankOptions};
 use crate::run::{self, DataSource};
 use crate::train::TrainConfig;
 use anyhow::{bail, Result};
@@ -20,13 +20,19 @@ pub(super) struct RankArgs {
     /// --augment zoom=0.5:1 and one without.
     #[arg(long, value_name = "CHECKPOINT")]
     backbone: Vec<PathBuf>,
-    /// Train two ConvBN backbones on 80% of the bundled MNIST sample first (with and without
-    /// zoom augmentation), then rank them: the whole study in a few minutes on a CPU.
+    /// Train ConvBN backbones on 80% of the bundled MNIST sample first (without augmentation, and
+    /// with the ranked one where training has it: zoom=0.5:1 or rotate=0:60), then rank them:
+    /// the whole study in a few minutes on a CPU.
     #[arg(long, conflicts_with = "backbone")]
     quick: bool,
-    /// Zoom factors the two copies of a pair are drawn from (two different ones).
-    #[arg(long, default_value = "0.5,0.6,0.7,0.8,0.9", value_delimiter = ',')]
-    factors: Vec<f32>,
+    /// The augmentation whose strength is ranked.
+    #[arg(long, value_enum, default_value_t = Augmentation::Zoom)]
+    augmentation: Augmentation,
+    /// Strengths the two copies of a pair are drawn from (two different ones): zoom factors
+    /// (default 0.5,0.6,0.7,0.8,0.9), angles in degrees (0,15,30,45,60) or brightness factors
+    /// (0.5,0.75,1,1.25,1.5).
+    #[arg(long, alias = "factors", value_delimiter = ',', allow_hyphen_values = true)]
+    levels: Option<Vec<f32>>,
     /// Pairs per image.
     #[arg(long, default_value_t = 4, allow_hyphen_values = true, value_parser = limits::RANK_PAIRS.usize_parser())]
     pairs: usize,
@@ -66,7 +72,8 @@ pub(super) struct RankArgs {
 pub(super) fn cmd_rank(a: RankArgs) -> Result<()> {
     let b = open_backend(a.device)?;
     let mut o = RankOptions {
-        factors: a.factors.clone(),
+        augmentation: a.augmentation,
+        factors: a.levels.clone().unwrap_or_else(|| a.augmentation.default_levels()),
         pairs_per_image: a.pairs,
         layers: a.layers.clone(),
         head_epochs: a.head_epochs,
@@ -105,8 +112,9 @@ pub(super) fn cmd_rank(a: RankArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--quick`: ConvBN on the first 80% of the bundled sample, 2 epochs, with and without zoom
-/// augmentation (continued or reused when already in the output directory).
+/// `--quick`: ConvBN on the first 80% of the bundled sample, 2 epochs, without augmentation and
+/// with the ranked one where training has it (continued or reused when already in the output
+/// directory).
 fn quick_backbones(b: &crate::backend::BackendRef, a: &RankArgs) -> Result<Vec<Backbone>> {
     let n = data::sample::SAMPLE_TRAIN_LEN * 4 / 5;
     let source =
@@ -114,7 +122,14 @@ fn quick_backbones(b: &crate::backend::BackendRef, a: &RankArgs) -> Result<Vec<B
     let train_set = source.load(Split::Train)?;
     let test_set = source.load(Split::Test)?;
     let mut out = Vec::new();
-    for (label, augment) in [("unaugmented", Augment::NONE), ("zoom-augmented", "zoom=0.5:1".parse()?)] {
+    let mut members = vec![("unaugmented".to_string(), Augment::NONE)];
+    match a.augmentation {
+        Augmentation::Zoom => members.push(("zoom-augmented".into(), "zoom=0.5:1".parse()?)),
+        Augmentation::Rotate => members.push(("rotate-augmented".into(), "rotate=0:60".parse()?)),
+        // Training has no photometric augmentation (yet): only the unaugmented backbone.
+        Augmentation::Brightness => {}
+    }
+    for (label, augment) in members {
         let cfg = TrainConfig {
             model: "convbn".into(),
             dataset: train_set.name.clone(),
@@ -127,7 +142,7 @@ fn quick_backbones(b: &crate::backend::BackendRef, a: &RankArgs) -> Result<Vec<B
         let dir = a.out.join(format!("backbone-{label}"));
         run::check_continuable(&dir, &cfg, train_set.len(), test_set.len())?;
         run::train_model(b, &cfg, &train_set, &test_set, &dir, a.quiet, run::Existing::Continue, None)?;
-        out.push(Backbone { label: label.into(), checkpoint: dir.join("model.safetensors") });
+        out.push(Backbone { label, checkpoint: dir.join("model.safetensors") });
     }
     Ok(out)
 }
