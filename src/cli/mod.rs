@@ -693,14 +693,16 @@ fn cmd_measure(a: MeasureArgs) -> Result<()> {
     }
     let m = job::measure_checkpoint(&b, &a.checkpoint, &a.opts.options()?, &out)?;
     println!(
-        "{} ({}): V over {} test images x {} {}, per {} ({}), {:.1}s",
+        "{} ({}): V over {} test images x {} {}, per {}, {:.1}s",
         m.meta.arch,
         m.meta.augment,
         m.summary.samples,
         m.summary.rotations,
         transformations_noun(&m.summary),
-        format!("{:?}", a.opts.per).to_lowercase(),
-        a.opts.reduce,
+        match a.opts.per {
+            Per::Element => "element".to_string(),
+            Per::Map => format!("map ({})", a.opts.reduce),
+        },
         m.seconds
     );
     print!("{}", output::table(&m.summary));
