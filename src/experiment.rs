@@ -14,6 +14,7 @@ use crate::measure::output;
 use crate::measure::Per;
 use crate::optim::{OptimConfig, OptimizerKind};
 use crate::run::{self, DataSource, PairManifest, PairOptions, TrainRecord};
+use crate::transform::TransformSet;
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,9 @@ pub struct ExperimentOptions {
     pub measure_limit: Option<usize>,
     /// Measure V every N epochs while training, too (`--measure-every`).
     pub measure_every: Option<usize>,
+    /// Also evaluate both models over this set of transformations (`--transform`): its own
+    /// figure and report section.
+    pub transforms: Option<TransformSet>,
     /// Retrain models already in `out` instead of reusing or continuing them.
     pub overwrite: bool,
     pub quiet: bool,
@@ -61,6 +65,7 @@ impl ExperimentOptions {
             reduce: MapReduce::Mean,
             measure_limit: Some(500),
             measure_every: None,
+            transforms: None,
             overwrite: false,
             quiet: false,
         }
@@ -71,6 +76,7 @@ struct Member {
     label: &'static str,
     record: TrainRecord,
     angles: TransformEvaluation,
+    transformed: Option<TransformEvaluation>,
     measured: Measured,
     difference: inspect::RotationDifference,
 }
@@ -176,7 +182,17 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
                 &record.variance,
             )?;
         }
-        members.push(Member { label, record, angles: ev, measured, difference });
+        let transformed = match &o.transforms {
+            Some(set) => {
+                eprintln!("{label}: accuracy under {} ({} transformations)", set.spec(), set.len());
+                let ev = angle_eval::evaluate(&model, &test, set, 4096, o.seed, &meta.class_names, o.quiet)?;
+                write_json(&dir.join("transform.json"), &ev)?;
+                write_atomic(&dir.join("transform.csv"), ev.to_csv().as_bytes())?;
+                Some(ev)
+            }
+            None => None,
+        };
+        members.push(Member { label, record, angles: ev, transformed, measured, difference });
     }
     let (u, r) = (&members[0], &members[1]);
     let name = &manifest.model;
@@ -190,6 +206,13 @@ pub fn run(b: &BackendRef, o: &ExperimentOptions) -> Result<PathBuf> {
         &format!("{name} on {}: loss versus rotation", manifest.dataset),
         &[("rotated", &r.angles, false), ("unrotated", &u.angles, true)],
     )?;
+    if let (Some(ut), Some(rt)) = (&u.transformed, &r.transformed) {
+        figures::accuracy_vs_angle(
+            &figs.join("accuracy_vs_transform.png"),
+            &format!("{name} on {}: accuracy under {}", manifest.dataset, rt.transforms),
+            &[("rotated", rt, false), ("unrotated", ut, true)],
+        )?;
+    }
     figures::training_curves(&figs, &[("rotated", &r.record, false), ("unrotated", &u.record, true)])?;
     figures::layer_means(
         &figs.join("layer_means.png"),
@@ -264,6 +287,28 @@ fn report(manifest: &PairManifest, members: &[Member], o: &ExperimentOptions, se
     let _ = writeln!(s, "![accuracy versus angle](figures/accuracy_vs_angle.png)\n");
     let _ = writeln!(s, "![loss versus angle](figures/loss_vs_angle.png)\n");
     let _ = writeln!(s, "![class x angle, unrotated](figures/class_angle_unrotated.png)\n![class x angle, rotated](figures/class_angle_rotated.png)\n");
+    if let (Some(ut), Some(rt)) = (&u.transformed, &r.transformed) {
+        let _ = writeln!(s, "## Accuracy under `{}`\n", rt.transforms);
+        let _ = writeln!(s, "| model | original | group accuracy | {} | worst point |", rt.random_name());
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for (m, ev) in [(u, ut), (r, rt)] {
+            let worst = ev.per_point.iter().min_by(|a, b| a.accuracy.total_cmp(&b.accuracy));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                m.label,
+                pct(ev.original_accuracy),
+                pct(ev.group_accuracy),
+                pct(ev.random_accuracy),
+                worst.map_or("-".into(), |w| format!("{} at {}", pct(w.accuracy), w.label))
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nThe grid's points, bilinear, black fill (docs/transformations.md). Per point: `unrotated/transform.csv`, \
+             `rotated/transform.csv`.\n\n![accuracy under the transformations](figures/accuracy_vs_transform.png)\n"
+        );
+    }
     let _ = writeln!(s, "## The variance measure V = V_t / V_x\n");
     let sm = &r.measured.summary;
     let _ = writeln!(
@@ -279,6 +324,14 @@ fn report(manifest: &PairManifest, members: &[Member], o: &ExperimentOptions, se
     let _ = writeln!(s, "```\n{}```\n", output::pair_table(&u.measured.summary, &r.measured.summary));
     let _ = writeln!(s, "![mean V per layer](figures/layer_means.png)\n");
     let _ = writeln!(s, "![V strips, unrotated](figures/variance_strips_unrotated.png)\n![V strips, rotated](figures/variance_strips_rotated.png)\n");
+    if !u.record.variance.is_empty() && !r.record.variance.is_empty() {
+        let _ = writeln!(
+            s,
+            "V per layer during training (`--measure-every`, same images and settings; numbers in \
+             `*/metrics.json`):\n\n![V during training, unrotated](figures/variance_during_training_unrotated.png)\n\
+             ![V during training, rotated](figures/variance_during_training_rotated.png)\n"
+        );
+    }
     let _ = writeln!(s, "## Looking inside\n");
     let _ = writeln!(s, "![test images under rotation](figures/rotations.png)\n");
     let _ = writeln!(

@@ -135,7 +135,10 @@ pub fn rank_accuracy(path: &Path, report: &crate::rank::RankReport) -> Result<()
     plot::line_chart(
         path,
         &LineChart {
-            title: format!("Which copy has the stronger {}? Ranking accuracy of a head on each layer", report.augmentation),
+            title: format!(
+                "Which copy has the stronger {}? Ranking accuracy of a head on each layer",
+                report.augmentation
+            ),
             x_label: "backbone layer (frozen features)".into(),
             y_label: "ranking accuracy on test pairs (%)".into(),
             series,

@@ -455,14 +455,21 @@ fn quick_experiment_writes_the_report_and_every_figure() {
         "--device",
         "cpu",
         "--quiet",
-        "--out",
         "--measure-every",
         "1",
+        "--transform",
+        "zoom=0.5,1.5",
+        "--out",
         out.to_str().unwrap(),
     ];
     rotvar_ok(&args);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("group accuracy") && report.contains("mean V"), "{report}");
+    assert!(
+        report.contains("## Accuracy under `zoom=0.5,1.5`") && report.contains("random transformation"),
+        "{report}"
+    );
+    assert!(report.contains("V per layer during training"), "{report}");
     // Every figure the report links to exists and is a PNG.
     let mut linked = 0;
     for line in report.lines() {

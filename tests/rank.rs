@@ -4,11 +4,13 @@
 use rotvar::autograd::Tape;
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::BackendRef;
+use rotvar::data::Normalization;
 use rotvar::data::{Dataset, Split};
 use rotvar::models::{InputSpec, Model};
 use rotvar::nn::Forward;
-use rotvar::data::Normalization;
-use rotvar::rank::{brighten, default_layers, draw_pairs, head, rank_backbone, ranknet_loss, Augmentation, RankOptions};
+use rotvar::rank::{
+    brighten, default_layers, draw_pairs, head, rank_backbone, ranknet_loss, Augmentation, RankOptions,
+};
 use rotvar::rng::Rng;
 use rotvar::tensor::Tensor;
 use rotvar::train::DeviceDataset;
@@ -157,7 +159,8 @@ fn heads_learn_which_copy_is_zoomed_more_from_a_frozen_backbone() {
     let after: Vec<Vec<f32>> = model.parameters().iter().map(|p| p.tensor.to_vec().unwrap()).collect();
     assert_eq!(before, after);
     let o = RankOptions { layers: Some(vec!["conv9".into()]), ..o };
-    let e = rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap_err();
+    let e =
+        rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap_err();
     assert!(format!("{e:#}").contains("no layer 'conv9'"), "{e:#}");
 }
 
@@ -173,7 +176,9 @@ fn rotation_and_brightness_are_ranked_too() {
     let test_pairs = draw_pairs(&(0..32).collect::<Vec<_>>(), 3, 2, &mut Rng::new(6)).unwrap();
     // Brightness is detectable from any layer; a blob is round, so rotating it changes little
     // besides its corners, and the test only asks that rotation runs and stays a probability.
-    for (aug, levels, floor) in [(Augmentation::Brightness, vec![0.5, 1.0, 1.5], 0.75), (Augmentation::Rotate, vec![0.0, 30.0, 60.0], 0.0)] {
+    for (aug, levels, floor) in
+        [(Augmentation::Brightness, vec![0.5, 1.0, 1.5], 0.75), (Augmentation::Rotate, vec![0.0, 30.0, 60.0], 0.0)]
+    {
         let o = RankOptions {
             augmentation: aug,
             factors: levels,
@@ -184,7 +189,8 @@ fn rotation_and_brightness_are_ranked_too() {
             hidden: 32,
             ..RankOptions::default()
         };
-        let l = rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap();
+        let l =
+            rank_backbone(&model, &norm, &train_data, &train_pairs, &test_data, &test_pairs, &o, "t", true).unwrap();
         assert!((floor..=1.0).contains(&l[0].accuracy), "{aug:?}: {}", l[0].accuracy);
     }
 }

@@ -441,6 +441,10 @@ struct ExperimentArgs {
     /// final measure): metrics.json of each model and figures/variance_during_training_*.png.
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = limits::EPOCHS.usize_parser())]
     measure_every: Option<usize>,
+    /// Also evaluate both models over a grid of transformations, as `eval --transform` (one
+    /// axis per flag): a figure and a section of report.md.
+    #[arg(long, value_name = "AXIS", allow_hyphen_values = true)]
+    transform: Vec<String>,
     #[arg(long, default_value = "auto")]
     device: DeviceRequest,
     #[arg(long)]
@@ -843,6 +847,7 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
     o.reduce = a.reduce;
     o.measure_limit = a.measure_limit.or(o.measure_limit);
     o.measure_every = a.measure_every;
+    o.transforms = (!a.transform.is_empty()).then(|| TransformSet::parse(&a.transform)).transpose()?;
     o.overwrite = a.overwrite;
     o.quiet = a.quiet;
     angle_eval::parse_angles(&o.angles)?;
