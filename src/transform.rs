@@ -166,18 +166,17 @@ impl Axis {
     }
 }
 
+/// `s` as a finite number, or an error that starts with `what` (the flag and its value).
+fn finite(s: &str, what: &str) -> Result<f64> {
+    s.trim().parse::<f64>().ok().filter(|v| v.is_finite()).with_context(|| format!("{what}: '{s}' is not a number"))
+}
+
 /// A set of test angles in degrees, parsed from `--angles` (and `--transform rotate=`): a list
 /// `0,90,180,270`, a range `START:STOP:STEP` (STOP excluded, as Python's range: `0:360:45` is 0,
 /// 45, …, 315), or a count `16` (evenly spaced over 360° from 0°).
 pub fn parse_angles(spec: &str) -> Result<Vec<f32>> {
     let spec = spec.trim();
-    let num = |s: &str| -> Result<f64> {
-        s.trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-            .with_context(|| format!("--angles {spec}: '{s}' is not a number"))
-    };
+    let num = |s: &str| finite(s, &format!("--angles {spec}"));
     let angles: Vec<f32> = if spec.contains(':') {
         let parts: Vec<&str> = spec.split(':').collect();
         let [start, stop, step] = parts[..] else {
@@ -216,13 +215,7 @@ pub fn parse_angles(spec: &str) -> Result<Vec<f32>> {
 /// Values of a zoom or translation axis: `LO:HI:N` (N values evenly spaced from LO to HI, both
 /// included: `0.5:1.5:11` is 0.5, 0.6, …, 1.5) or a list `0.5,1,2`.
 fn parse_values(item: &str, spec: &str, bound: limits::Bound) -> Result<Vec<f32>> {
-    let num = |s: &str| -> Result<f64> {
-        s.trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-            .with_context(|| format!("--transform {item}={spec}: '{s}' is not a number"))
-    };
+    let num = |s: &str| finite(s, &format!("--transform {item}={spec}"));
     let values: Vec<f64> = if spec.contains(':') {
         let parts: Vec<&str> = spec.split(':').collect();
         let [lo, hi, n] = parts[..] else {

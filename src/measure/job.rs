@@ -33,6 +33,22 @@ pub struct MeasureOptions {
     pub quiet: bool,
 }
 
+impl MeasureOptions {
+    /// The measure's settings for data whose uncovered pixels read `fill`.
+    fn config(&self, fill: &[f32]) -> MeasureConfig {
+        MeasureConfig {
+            transforms: self
+                .transforms
+                .clone()
+                .unwrap_or_else(|| TransformSet::rotations(&rotation_angles(self.rotations))),
+            fill: fill.to_vec(),
+            per: self.per,
+            reduce: self.reduce,
+            batch: self.batch,
+        }
+    }
+}
+
 pub struct Measured {
     pub model: Model,
     pub meta: CheckpointMeta,
@@ -72,13 +88,7 @@ fn prepare(
     limits::EVAL_BATCH.check_usize(o.batch)?;
     let (model, meta) = checkpoint::load(ckpt, b)?;
     let data = checkpoint_test_data(&meta, ckpt, o.dataset.as_deref(), o.data_dir.as_deref(), o.limit, b)?;
-    let cfg = MeasureConfig {
-        transforms: o.transforms.clone().unwrap_or_else(|| TransformSet::rotations(&rotation_angles(o.rotations))),
-        fill: data.fill.clone(),
-        per: o.per,
-        reduce: o.reduce,
-        batch: o.batch,
-    };
+    let cfg = o.config(&data.fill);
     Ok((model, meta, data, cfg))
 }
 
@@ -92,18 +102,11 @@ pub fn epoch_probe(every: usize, o: &MeasureOptions) -> Result<EpochProbe<'stati
         anyhow::bail!("--measure-every must be at least 1 (epochs between measurements)");
     }
     let o = o.clone();
-    let transforms = o.transforms.clone().unwrap_or_else(|| TransformSet::rotations(&rotation_angles(o.rotations)));
     Ok(EpochProbe {
         every,
         measure: Box::new(move |model, test, epoch| {
             let n = o.limit.unwrap_or(test.len()).min(test.len());
-            let cfg = MeasureConfig {
-                transforms: transforms.clone(),
-                fill: test.fill.clone(),
-                per: o.per,
-                reduce: o.reduce,
-                batch: o.batch,
-            };
+            let cfg = o.config(&test.fill);
             let label = format!("measuring V after epoch {epoch}");
             let layers = moments_with_bar(model, test, 0..n, &cfg, o.quiet, &label)?
                 .iter()
