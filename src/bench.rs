@@ -468,3 +468,67 @@ pub fn measure_cost(
         peak_extra_bytes_quarter: peak_quarter,
     })
 }
+
+/// The CPU GEMM on one core, each instruction-set path next to the `gemm` crate (the baseline),
+/// at the GEMM shapes of the convolution passes of `models` (per image, or per group of images
+/// where the backend groups them) and on a 512³ square.
+pub fn cpu_gemm_timings(batch: usize, reps: usize, models: &[&str]) -> Result<Vec<GemmTiming>> {
+    use crate::backend::cpu::gemm::{crate_sgemm, sgemm_with, Mat};
+    use crate::backend::cpu::isa::{self, Isa};
+    let mut shapes: Vec<(String, usize, usize, usize, bool)> = Vec::new();
+    let wanted: Vec<_> =
+        conv_shapes(batch).into_iter().filter(|(n, _)| models.iter().any(|m| n.starts_with(m))).collect();
+    for (name, g) in wanted {
+        let p = g.oh * g.ow;
+        let cols = if p < 100 { 8 * p } else { p };
+        shapes.push((format!("{name}.forward"), g.c_out, cols, g.k(), false));
+        shapes.push((format!("{name}.backward_weight"), g.c_out, g.k(), cols, true));
+    }
+    shapes.push(("square".into(), 512, 512, 512, false));
+    let mut rng = Rng::new(5);
+    let mut out = Vec::new();
+    let device = format!("cpu: {}, 1 thread", isa::cpu_model());
+    for (shape, m, n, k, b_transposed) in shapes {
+        let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal()).collect() };
+        let (a, b) = (rand(m * k), rand(k * n));
+        let mut c = vec![f32::NAN; m * n];
+        let lb = if b_transposed { Mat::transposed(k) } else { Mat::rows(n) };
+        let time = |f: &mut dyn FnMut()| -> f64 {
+            f();
+            let mut t: Vec<f64> = (0..reps.max(1))
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        let mut rows: Vec<(String, f64)> = Vec::new();
+        for i in Isa::ALL.into_iter().filter(|i| i.supported() && *i != Isa::Portable) {
+            rows.push((
+                format!("rotvar {i}"),
+                time(&mut || sgemm_with(i, m, n, k, &a, Mat::rows(k), &b, lb, &mut c, Mat::rows(n), false)),
+            ));
+        }
+        let crate_ms = time(&mut || crate_sgemm(m, n, k, &a, Mat::rows(k), &b, lb, &mut c, Mat::rows(n), false));
+        rows.push(("gemm crate".into(), crate_ms));
+        let flops = 2.0 * (m * n * k) as f64;
+        for (variant, ms) in rows {
+            out.push(GemmTiming {
+                shape: shape.clone(),
+                m,
+                n,
+                k,
+                variant,
+                device: device.clone(),
+                median_ms: ms,
+                gflops: flops / (ms * 1e-3) / 1e9,
+                ceiling_gflops: None,
+                fraction_of_ceiling: None,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -358,7 +358,7 @@ pub struct MemoryStats {
 /// storage belongs to another device.
 pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
-    /// A human-readable description ("cpu (2 threads)", "cuda:0 NVIDIA H100 ...").
+    /// A human-readable description ("cpu (2 threads; AMD EPYC (up to avx512), GEMM: ...)", "cuda:0 NVIDIA H100 ...").
     fn describe(&self) -> String;
 
     // --- memory -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ mod track;
 
 use crate::angle_eval;
 use crate::augment::Augment;
+use crate::backend::cpu::isa as cpu_isa;
 use crate::backend::MapReduce;
 use crate::backend::{self, BackendRef, DeviceRequest};
 use crate::checkpoint;
@@ -38,6 +39,11 @@ struct Cli {
     #[arg(long, global = true, allow_hyphen_values = true, value_parser = limits::THREADS.usize_parser(),
           help = limits::THREADS.help("CPU threads for the CPU backend (default: all cores)"))]
     threads: Option<usize>,
+    /// The CPU backend's matrix multiply: crate (the gemm crate's AVX2/FMA kernels, fastest in
+    /// training today), or rotvar's own kernels at a chosen width: avx512, avx2, portable, or auto
+    /// (the widest this CPU runs). rotvar's three give the same bits; the crate's differ from them.
+    #[arg(long, global = true, env = "ROTVAR_CPU_GEMM", default_value = "crate")]
+    cpu_gemm: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -491,6 +497,8 @@ pub fn run() -> Result<()> {
             .build_global()
             .context("cannot configure the CPU thread pool")?;
     }
+    let isa = cpu_isa::parse(&cli.cpu_gemm).context("--cpu-gemm (or ROTVAR_CPU_GEMM)")?;
+    cpu_isa::choose(isa)?;
     match cli.command {
         Command::Train(a) => cmd_train(a),
         Command::TrainPair(a) => cmd_train_pair(a),

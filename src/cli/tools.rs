@@ -12,6 +12,7 @@ use std::time::Instant;
 pub(super) fn cmd_info() -> Result<()> {
     println!("rotvar {}", env!("CARGO_PKG_VERSION"));
     println!("cpu backend: {} (rayon threads)", rayon::current_num_threads());
+    println!("cpu: {}", backend::cpu::isa::describe());
     for (i, line) in backend::cuda::kernels::describe().iter().enumerate() {
         println!("{}{line}", if i == 0 { "cuda kernels: " } else { "  " });
     }
@@ -108,7 +109,13 @@ pub(super) fn cmd_bench(a: BenchArgs) -> Result<()> {
             DeviceRequest::Auto => backend::cuda::CudaBackend::open(0)
                 .context("bench gemm times the CUDA GEMM kernels: no GPU (use --device cuda-emu to try it)")?,
             DeviceRequest::CudaEmulated => backend::cuda::CudaBackend::emulated(),
-            DeviceRequest::Cpu => bail!("bench gemm times the CUDA GEMM kernels: use --device cuda or cuda-emu"),
+            DeviceRequest::Cpu => {
+                let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                for t in crate::bench::cpu_gemm_timings(a.batch_size, a.steps, &models)? {
+                    println!("{}", serde_json::to_string(&t)?);
+                }
+                return Ok(());
+            }
         };
         let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
         for t in crate::bench::gemm_timings(&cuda, a.batch_size, a.steps, &models)? {

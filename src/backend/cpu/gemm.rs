@@ -1,10 +1,22 @@
-//! The CPU matrix multiply, behind one function so the GEMM crate can be swapped in one place.
+//! The CPU matrix multiply: the `gemm` crate (the default), or rotvar's own packed blocks with one
+//! register-tiled micro-kernel per instruction set (`--cpu-gemm`; see `isa.rs`).
 //!
-//! We use the `gemm` crate (the one candle uses): pure Rust, runtime dispatch to AVX2/FMA and
-//! AVX-512 micro-kernels, and the fastest of the maintained pure-Rust options on the small and
-//! skinny shapes that im2col convolutions produce. We always call it single-threaded and
-//! parallelize outside (over images or row blocks of fixed size), so results do not depend on
-//! the number of threads.
+//! The layout is the usual BLIS one. A block of B (KC×NC, about 512 KiB: the core's L2) is
+//! copied into strips NR columns wide, a block of A into strips MR rows tall, and the micro-kernel
+//! multiplies one A strip by one B strip into an MR×NR tile held in vector registers. Packing
+//! takes any strides, so transposed operands cost nothing extra, and the conv code can later pack
+//! straight from an image.
+//!
+//! Every path computes each output the same way: a chain of fused multiply-adds over one KC
+//! block of the reduction, starting from zero, then added to the output (or stored, for the first
+//! block). The vector width decides how many outputs go at once, never the arithmetic, so the
+//! AVX-512, AVX2 and portable paths agree to the bit (see `isa.rs` for the switch).
+//!
+//! We call it single-threaded and parallelize outside (over images or row blocks of fixed size),
+//! so results do not depend on the number of threads either.
+
+use super::isa::{self, Isa};
+use std::cell::RefCell;
 
 /// A strided view of a matrix: element (r, c) is at `offset + r*rs + c*cs`.
 #[derive(Clone, Copy)]
@@ -24,10 +36,138 @@ impl Mat {
     }
 }
 
+/// Reduction depth per packed block; the same on every path, since it fixes where the partial
+/// sums are added to the output.
+const KC: usize = 128;
+/// The widest tile of any kernel, for the edge-tile buffer.
+const MAX_TILE: usize = 8 * 48;
+
+/// One micro-kernel: `c[MR×W] (row stride rs) = (first ? 0 : c) + Σ_p a[p][·] ⊗ b[p][·]` over
+/// `kc` steps of packed strips (`a`: MR values per step, `b`: W values at a step of `ldb`).
+type TileFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, ldb: usize, c: *mut f32, rs: usize, first: bool);
+
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    /// Rows of A per packed block.
+    mc: usize,
+    /// Columns of B per packed block.
+    nc: usize,
+    tile: TileFn,
+    /// The same tile one vector wide (`vec` columns), for the last columns of a block.
+    edge: TileFn,
+    vec: usize,
+}
+
+fn kernel(isa: Isa) -> Kernel {
+    match isa {
+        Isa::Portable => {
+            Kernel { mr: 4, nr: 16, mc: 128, nc: 512, tile: portable_tile::<16>, edge: portable_tile::<4>, vec: 4 }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            use super::gemm_x86::avx2_tile;
+            Kernel { mr: 6, nr: 16, mc: 120, nc: 512, tile: avx2_tile::<2>, edge: avx2_tile::<1>, vec: 8 }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            use super::gemm_x86::avx512_tile;
+            Kernel { mr: 8, nr: 48, mc: 128, nc: 480, tile: avx512_tile::<3>, edge: avx512_tile::<1>, vec: 16 }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("{isa} is x86-only and never reported as supported here"),
+    }
+}
+
+/// The oracle micro-kernel (4 rows, NR columns): what the vector kernels do, one value at a time.
+unsafe fn portable_tile<const NR: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    rs: usize,
+    first: bool,
+) {
+    const MR: usize = 4;
+    let a = std::slice::from_raw_parts(a, kc * MR);
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kc {
+        let bp = std::slice::from_raw_parts(b.add(p * ldb), NR);
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, bv) in row.iter_mut().zip(bp) {
+                *v = a[p * MR + r].mul_add(*bv, *v);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let out = std::slice::from_raw_parts_mut(c.add(r * rs), NR);
+        for (o, v) in out.iter_mut().zip(row) {
+            *o = if first { *v } else { *o + v };
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread packed blocks of A and B, kept across calls.
+    static PACKED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Strips of `mr` rows: element (r, p) of the block goes to `[strip][p][r]`; rows past `m` are 0.
+///
+/// # Safety
+/// `a` must address every element (r < m, p < kc) through `l`.
+unsafe fn pack_a(m: usize, kc: usize, mr: usize, a: *const f32, l: Mat, dst: &mut [f32]) {
+    for (s, strip) in dst.chunks_exact_mut(mr * kc).take(m.div_ceil(mr)).enumerate() {
+        let rows = mr.min(m - s * mr);
+        let base = a.offset((s * mr) as isize * l.rs);
+        for (p, d) in strip.chunks_exact_mut(mr).enumerate() {
+            let col = base.offset(p as isize * l.cs);
+            for (r, v) in d.iter_mut().enumerate() {
+                *v = if r < rows { *col.offset(r as isize * l.rs) } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Strips of `nr` columns: element (p, j) of the block goes to `[strip][p][j]`; columns past `n`
+/// are 0.
+///
+/// # Safety
+/// `b` must address every element (p < kc, j < n) through `l`.
+unsafe fn pack_b(kc: usize, n: usize, nr: usize, b: *const f32, l: Mat, dst: &mut [f32]) {
+    for (t, strip) in dst.chunks_exact_mut(nr * kc).take(n.div_ceil(nr)).enumerate() {
+        let cols = nr.min(n - t * nr);
+        let base = b.offset((t * nr) as isize * l.cs);
+        if l.cs == 1 {
+            for (p, d) in strip.chunks_exact_mut(nr).enumerate() {
+                d[..cols].copy_from_slice(std::slice::from_raw_parts(base.offset(p as isize * l.rs), cols));
+                d[cols..].fill(0.0);
+            }
+        } else {
+            // Eight columns at a time: eight read streams along memory when B is a transpose,
+            // and one 32-byte write per step instead of eight scattered ones.
+            if cols < nr {
+                strip.fill(0.0);
+            }
+            for j0 in (0..cols).step_by(8) {
+                let w = 8.min(cols - j0);
+                let src: [*const f32; 8] = std::array::from_fn(|j| base.offset((j0 + j.min(w - 1)) as isize * l.cs));
+                for (p, d) in strip.chunks_exact_mut(nr).enumerate() {
+                    let at = p as isize * l.rs;
+                    for j in 0..w {
+                        d[j0 + j] = *src[j].offset(at);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// c[m×n] = (accumulate ? c : 0) + a[m×k] · b[k×n]
 ///
 /// The slices must cover every element the strides address; checked here because a wrong
-/// length would otherwise be undefined behaviour inside the crate.
+/// length would otherwise be undefined behaviour in the kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
@@ -41,30 +181,31 @@ pub fn sgemm(
     lc: Mat,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
+    match isa::active() {
+        Some(i) => sgemm_with(i, m, n, k, a, la, b, lb, c, lc, accumulate),
+        None => crate_sgemm(m, n, k, a, la, b, lb, c, lc, accumulate),
     }
-    let extent = |rows: usize, cols: usize, l: Mat| -> usize {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * l.rs as usize + (cols - 1) * l.cs as usize + 1
-        }
-    };
-    assert!(a.len() >= extent(m, k, la), "sgemm: lhs too short");
-    assert!(b.len() >= extent(k, n, lb), "sgemm: rhs too short");
-    assert!(c.len() >= extent(m, n, lc), "sgemm: dst too short");
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c[i * lc.rs as usize + j * lc.cs as usize] = 0.0;
-                }
-            }
-        }
-        return;
+}
+
+/// The `gemm` crate, single-threaded, with the same checks as ours (see `isa.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn crate_sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Mat,
+    b: &[f32],
+    lb: Mat,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return sgemm_with(Isa::Portable, m, n, k, a, la, b, lb, c, lc, accumulate);
     }
-    // SAFETY: the extents above bound every address the strides reach.
+    check_extents(m, n, k, a.len(), la, b.len(), lb, c.len(), lc);
+    // SAFETY: the extents just checked bound every address the strides reach.
     unsafe {
         gemm::gemm(
             m,
@@ -86,6 +227,123 @@ pub fn sgemm(
             false,
             false,
             gemm::Parallelism::None,
-        );
+        )
     }
+}
+
+/// Panics unless each slice covers every element its strides address: a wrong length would
+/// otherwise be undefined behaviour in the kernels.
+#[allow(clippy::too_many_arguments)]
+fn check_extents(m: usize, n: usize, k: usize, a: usize, la: Mat, b: usize, lb: Mat, c: usize, lc: Mat) {
+    let extent = |rows: usize, cols: usize, l: Mat| -> usize {
+        assert!(l.rs >= 0 && l.cs >= 0, "sgemm: negative strides are not supported");
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * l.rs as usize + (cols - 1) * l.cs as usize + 1
+        }
+    };
+    assert!(a >= extent(m, k, la), "sgemm: lhs too short");
+    assert!(b >= extent(k, n, lb), "sgemm: rhs too short");
+    assert!(c >= extent(m, n, lc), "sgemm: dst too short");
+}
+
+/// [`sgemm`] on a chosen path (which must be supported: see [`Isa::supported`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_with(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Mat,
+    b: &[f32],
+    lb: Mat,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
+    check_extents(m, n, k, a.len(), la, b.len(), lb, c.len(), lc);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * lc.rs as usize + j * lc.cs as usize] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let kern = kernel(isa);
+    if n < kern.nr && m > n {
+        // Too few columns to fill the vector tile (a weight gradient with 9 or 25 of them):
+        // compute cᵀ = bᵀ·aᵀ instead. fma(a, b, c) = fma(b, a, c), so the bits are the same.
+        let t = |l: Mat| Mat { rs: l.cs, cs: l.rs };
+        return sgemm_with(isa, n, m, k, b, t(lb), a, t(la), c, t(lc), accumulate);
+    }
+    PACKED.with(|packed| {
+        let (pa, pb) = &mut *packed.borrow_mut();
+        let need_a = kern.mc.min(m).div_ceil(kern.mr) * kern.mr * KC.min(k);
+        let need_b = kern.nc.min(n).div_ceil(kern.nr) * kern.nr * KC.min(k);
+        if pa.len() < need_a {
+            pa.resize(need_a, 0.0);
+        }
+        if pb.len() < need_b {
+            pb.resize(need_b, 0.0);
+        }
+        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let at = |r: usize, col: usize, l: Mat| r as isize * l.rs + col as isize * l.cs;
+        // SAFETY: every offset below stays inside the extents checked above: blocks are clipped
+        // to m, n and k, and the kernels write full tiles only where they lie inside c.
+        unsafe {
+            for jc in (0..n).step_by(kern.nc) {
+                let nb = kern.nc.min(n - jc);
+                for pc in (0..k).step_by(KC) {
+                    let kc = KC.min(k - pc);
+                    let first = pc == 0 && !accumulate;
+                    pack_b(kc, nb, kern.nr, bp.offset(at(pc, jc, lb)), lb, pb);
+                    for ic in (0..m).step_by(kern.mc) {
+                        let mb = kern.mc.min(m - ic);
+                        pack_a(mb, kc, kern.mr, ap.offset(at(ic, pc, la)), la, pa);
+                        // B strip outside (it stays in L1), A strips inside (from L2).
+                        for jr in (0..nb).step_by(kern.nr) {
+                            let bstrip = pb.as_ptr().add(jr * kc);
+                            for ir in (0..mb).step_by(kern.mr) {
+                                let astrip = pa.as_ptr().add(ir * kc);
+                                let (rows, cols) = (kern.mr.min(mb - ir), kern.nr.min(nb - jr));
+                                let out = cp.offset(at(ic + ir, jc + jr, lc));
+                                if rows == kern.mr && cols == kern.nr && lc.cs == 1 {
+                                    (kern.tile)(kc, astrip, bstrip, kern.nr, out, lc.rs as usize, first);
+                                    continue;
+                                }
+                                // A partial tile: one vector of columns at a time, through a
+                                // buffer where rows or columns run past the matrix.
+                                for j0 in (0..cols).step_by(kern.vec) {
+                                    let w = kern.vec.min(cols - j0);
+                                    let (b0, o0) = (bstrip.add(j0), out.offset(at(0, j0, lc)));
+                                    if rows == kern.mr && w == kern.vec && lc.cs == 1 {
+                                        (kern.edge)(kc, astrip, b0, kern.nr, o0, lc.rs as usize, first);
+                                        continue;
+                                    }
+                                    let mut tile = [0.0f32; MAX_TILE];
+                                    (kern.edge)(kc, astrip, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
+                                    for r in 0..rows {
+                                        for j in 0..w {
+                                            let o = o0.offset(at(r, j, lc));
+                                            let v = tile[r * kern.vec + j];
+                                            *o = if first { v } else { *o + v };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
 }

@@ -7,6 +7,9 @@
 pub mod buffers;
 pub mod conv;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_x86;
+pub mod isa;
 pub mod norm;
 pub mod pool;
 pub mod rotate;
@@ -109,7 +112,7 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads; {})", rayon::current_num_threads(), isa::describe())
     }
 
     fn zeros(&self, len: usize) -> Result<Storage> {

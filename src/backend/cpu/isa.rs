@@ -1,0 +1,138 @@
+//! Which matrix multiply the CPU backend runs, and with which vector instructions.
+//!
+//! Two engines sit behind `gemm::sgemm`:
+//! - `crate`, the default: the `gemm` crate, whose AVX2/FMA kernels it dispatches to itself (its
+//!   AVX-512 kernels are behind a feature we leave off, so it runs AVX2 on every x86 machine);
+//! - rotvar's own packed kernels (`gemm.rs`), at a width chosen here: `avx512`, `avx2` or
+//!   `portable`. Each computes every output with the same chain of fused multiply-adds, so the
+//!   three agree to the bit (tests/cpu_gemm.rs holds them to that) and the AVX2 path can be
+//!   measured on an AVX-512 machine.
+//!
+//! The crate stays the default while it trains faster (benches/RESULTS.md has the comparison).
+
+use anyhow::{bail, Result};
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust with `f32::mul_add`: any CPU, and the readable oracle of the others.
+    Portable,
+    /// 256-bit AVX2 with FMA3.
+    Avx2,
+    /// 512-bit AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The widest path this CPU runs.
+    pub fn best() -> Isa {
+        *Isa::ALL.iter().rev().find(|i| i.supported()).unwrap_or(&Isa::Portable)
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `crate` (None) or one of rotvar's own paths by name; `auto` is rotvar's widest here.
+pub fn parse(s: &str) -> Result<Option<Isa>> {
+    match s.to_ascii_lowercase().as_str() {
+        "crate" => Ok(None),
+        "auto" => Ok(Some(Isa::best())),
+        "portable" => Ok(Some(Isa::Portable)),
+        "avx2" => Ok(Some(Isa::Avx2)),
+        "avx512" | "avx-512" => Ok(Some(Isa::Avx512)),
+        other => bail!("unknown CPU GEMM {other:?}: use crate, auto, avx512, avx2 or portable"),
+    }
+}
+
+/// 0: the crate.
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+
+/// Run every later GEMM of this process on rotvar's `isa` path, or on the crate (None).
+pub fn choose(isa: Option<Isa>) -> Result<()> {
+    if let Some(i) = isa {
+        if !i.supported() {
+            bail!("this CPU ({}) cannot run the {i} path; the widest it runs is {}", cpu_model(), Isa::best());
+        }
+    }
+    CHOSEN.store(isa.map_or(0, Isa::code), Ordering::Relaxed);
+    Ok(())
+}
+
+/// rotvar's own path in use, or None for the crate.
+pub fn active() -> Option<Isa> {
+    match CHOSEN.load(Ordering::Relaxed) {
+        0 => None,
+        c => Some(Isa::ALL[c as usize - 1]),
+    }
+}
+
+/// The CPU's brand string (from CPUID; `/proc/cpuinfo` shows the same), or the architecture
+/// where there is none.
+pub fn cpu_model() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        // Leaf 0x80000000 says which extended leaves follow.
+        let max = __cpuid(0x8000_0000).eax;
+        if max >= 0x8000_0004 {
+            let mut bytes = Vec::with_capacity(48);
+            for leaf in 0x8000_0002u32..=0x8000_0004 {
+                let r = __cpuid(leaf);
+                for v in [r.eax, r.ebx, r.ecx, r.edx] {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            let s = String::from_utf8_lossy(&bytes).trim_matches(char::from(0)).trim().to_string();
+            if !s.is_empty() {
+                return s;
+            }
+        }
+    }
+    std::env::consts::ARCH.to_string()
+}
+
+/// What the GEMM runs on: `gemm crate avx2+fma`, or rotvar's path (`rotvar avx512`).
+pub fn gemm_path() -> String {
+    match active() {
+        None if Isa::Avx2.supported() => "gemm crate avx2+fma".into(),
+        None => "gemm crate scalar".into(),
+        Some(i) => format!("rotvar {i}"),
+    }
+}
+
+/// One line for `rotvar info` and bench rows: the CPU, its widest vector set, the GEMM path.
+pub fn describe() -> String {
+    format!("{} (up to {}), GEMM: {}", cpu_model(), Isa::best(), gemm_path())
+}
