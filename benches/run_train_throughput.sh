@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training throughput, rotvar vs PyTorch, side by side in one run on the same machine.
-#   benches/run_train_throughput.sh [cpu|cuda] [rounds]
+#   [GEMMS="crate avx512 avx2"] benches/run_train_throughput.sh [cpu|cuda] [rounds]
 # Needs: a release build (cargo build --release) and a python with torch (PYTHON=...).
+# GEMMS: the CPU GEMM paths (--cpu-gemm) to put side by side, each against the same PyTorch run.
 # Each round runs rotvar then PyTorch per model, so drift in machine load hits both alike;
 # the ratio reported is the median over rounds of rotvar/PyTorch images per second.
 set -euo pipefail
@@ -12,21 +13,28 @@ bin=${ROTVAR:-target/release/rotvar}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 threads=${THREADS:-$(nproc)}
+gemms=${GEMMS:-crate}
 out=$(mktemp)
+"$bin" info | grep '^cpu:'
 for r in $(seq "$rounds"); do
   for m in lenet simpleconv; do
-    "$bin" --threads "$threads" bench train --models "$m" --steps "$steps" --device "$device" 2>/dev/null >>"$out"
+    for g in $gemms; do
+      "$bin" --threads "$threads" --cpu-gemm "$g" bench train --models "$m" --steps "$steps" --device "$device" 2>/dev/null \
+        | sed "s/^{/{\"gemm\":\"$g\",/" >>"$out"
+    done
     "$py" "$here/torch_reference.py" --models "$m" --steps "$steps" --device "$device" --threads "$threads" >>"$out"
   done
 done
 "$py" - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+gemms = list(dict.fromkeys(r["gemm"] for r in rows if r["impl"] == "rotvar"))
 for m in sorted({r["model"] for r in rows}):
-    ours = [r["images_per_second"] for r in rows if r["model"] == m and r["impl"] == "rotvar"]
     ref = [r["images_per_second"] for r in rows if r["model"] == m and r["impl"] == "pytorch"]
-    ratios = [a / b for a, b in zip(ours, ref)]
-    print(f"{m:>11}: rotvar {statistics.median(ours):8.1f} img/s   pytorch {statistics.median(ref):8.1f} img/s"
-          f"   ratio {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    for g in gemms:
+        ours = [r["images_per_second"] for r in rows if r["model"] == m and r["impl"] == "rotvar" and r["gemm"] == g]
+        ratios = [a / b for a, b in zip(ours, ref)]
+        print(f"{m:>11} [{g:>7}]: rotvar {statistics.median(ours):8.1f} img/s   pytorch {statistics.median(ref):8.1f} img/s"
+              f"   ratio {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 PY
 rm -f "$out"
