@@ -15,9 +15,10 @@ exec 3>&1 1>&2
 VENV="${ROTVAR_NVCC_VENV:-$HOME/.cache/rotvar/nvcc-venv}"
 PY="${PYTHON:-python3}"
 # cuobjdump (SASS for benches/kernel_report.py) only disassembles: PyPI has no 13.0 build, the
-# oldest, 13.2.51, is pinned; it reads the cubins of ptxas 13.0 unchanged.
+# oldest, 13.2.51, is pinned; it reads the cubins of ptxas 13.0 unchanged. It runs nvdisasm,
+# a package of its own (without it: "Could not find executable file 'nvdisasm'").
 PKGS=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-nvvm==13.0.88
-      nvidia-cuda-cuobjdump==13.2.51)
+      nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51)
 
 find_nvcc() {
     local p

@@ -14,7 +14,8 @@ Usage: kernel_report.py --rotvar target/release/rotvar [--out benches/KERNELS.md
        kernel_report.py --launch-log FILE ...   (use recorded configurations instead of running)
        kernel_report.py --fmad-compare OLD_KERNELS_DIR   (print the -fmad cost table, see main)
 Tools: $NVCC (ptxas and cuobjdump are found beside it); cuobjdump comes from the pip package
-nvidia-cuda-cuobjdump, installed into nvcc's venv by .ci/install-nvcc.sh.
+nvidia-cuda-cuobjdump (with nvdisasm, which it runs, from nvidia-cuda-nvdisasm), installed into
+nvcc's venv by .ci/install-nvcc.sh.
 """
 
 import argparse
