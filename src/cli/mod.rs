@@ -103,7 +103,8 @@ struct SelftestArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// What to measure: train (whole training steps), conv (each convolution pass), gemm (the
-    /// GEMM kernel variants and the fused bias + ReLU epilogue; CUDA only), rotate
+    /// CUDA GEMM variants and the fused bias + ReLU epilogue; on the CPU, rotvar's vector paths
+    /// next to the gemm crate on one core), rotate
     /// (rotation kernel vs device-to-device copy), eval-angles (rotated evaluation), measure
     /// (the variance measure's cost over the rotated forward passes).
     #[arg(default_value = "train")]
