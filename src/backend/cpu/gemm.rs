@@ -164,6 +164,29 @@ unsafe fn pack_b(kc: usize, n: usize, nr: usize, b: *const f32, l: Mat, dst: &mu
     }
 }
 
+/// A right-hand operand the GEMM packs itself: a strided matrix, or one that is never stored
+/// (the im2col matrix of an image, read in place by `conv.rs`).
+pub trait PackRhs {
+    /// Copy rows `pc..pc+kc` and columns `jc..jc+n` into strips of `nr` columns (element (p, j)
+    /// of the block at `[j / nr][p][j % nr]`), zero past column `n`.
+    fn pack(&self, pc: usize, kc: usize, jc: usize, n: usize, nr: usize, dst: &mut [f32]);
+}
+
+/// A strided matrix as a right-hand operand.
+struct Strided<'a> {
+    b: &'a [f32],
+    l: Mat,
+}
+
+impl PackRhs for Strided<'_> {
+    fn pack(&self, pc: usize, kc: usize, jc: usize, n: usize, nr: usize, dst: &mut [f32]) {
+        let at = pc as isize * self.l.rs + jc as isize * self.l.cs;
+        // SAFETY: sgemm_with checked that `b` covers the whole k×n matrix through `l`, and the
+        // driver asks only for blocks inside it.
+        unsafe { pack_b(kc, n, nr, self.b.as_ptr().offset(at), self.l, dst) }
+    }
+}
+
 /// c[m×n] = (accumulate ? c : 0) + a[m×k] · b[k×n]
 ///
 /// The slices must cover every element the strides address; checked here because a wrong
@@ -278,13 +301,57 @@ pub fn sgemm_with(
         }
         return;
     }
-    let kern = kernel(isa);
-    if n < kern.nr && m > n {
+    if n < kernel(isa).nr && m > n {
         // Too few columns to fill the vector tile (a weight gradient with 9 or 25 of them):
         // compute cᵀ = bᵀ·aᵀ instead. fma(a, b, c) = fma(b, a, c), so the bits are the same.
         let t = |l: Mat| Mat { rs: l.cs, cs: l.rs };
         return sgemm_with(isa, n, m, k, b, t(lb), a, t(la), c, t(lc), accumulate);
     }
+    drive(isa, m, n, k, a, la, &Strided { b, l: lb }, c, lc, accumulate)
+}
+
+/// c[m×n] = (accumulate ? c : 0) + a[m×k] · rhs[k×n] on rotvar's `isa` path, with a right-hand
+/// operand that packs itself (`rhs` must answer for every element of k×n).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_rhs(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Mat,
+    rhs: &dyn PackRhs,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
+    // The operand packs itself and answers for its own bounds (its reads are slice-checked).
+    check_extents(m, n, k, a.len(), la, usize::MAX, Mat { rs: 0, cs: 0 }, c.len(), lc);
+    if k == 0 {
+        return sgemm_with(isa, m, n, 0, a, la, &[], Mat::rows(n), c, lc, accumulate);
+    }
+    drive(isa, m, n, k, a, la, rhs, c, lc, accumulate)
+}
+
+/// The blocked loops around the micro-kernel; extents already checked.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Mat,
+    rhs: &dyn PackRhs,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    let kern = kernel(isa);
     PACKED.with(|packed| {
         let (pa, pb) = &mut *packed.borrow_mut();
         let need_a = kern.mc.min(m).div_ceil(kern.mr) * kern.mr * KC.min(k);
@@ -295,7 +362,7 @@ pub fn sgemm_with(
         if pb.len() < need_b {
             pb.resize(need_b, 0.0);
         }
-        let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let (ap, cp) = (a.as_ptr(), c.as_mut_ptr());
         let at = |r: usize, col: usize, l: Mat| r as isize * l.rs + col as isize * l.cs;
         // SAFETY: every offset below stays inside the extents checked above: blocks are clipped
         // to m, n and k, and the kernels write full tiles only where they lie inside c.
@@ -305,7 +372,7 @@ pub fn sgemm_with(
                 for pc in (0..k).step_by(KC) {
                     let kc = KC.min(k - pc);
                     let first = pc == 0 && !accumulate;
-                    pack_b(kc, nb, kern.nr, bp.offset(at(pc, jc, lb)), lb, pb);
+                    rhs.pack(pc, kc, jc, nb, kern.nr, pb);
                     for ic in (0..m).step_by(kern.mc) {
                         let mb = kern.mc.min(m - ic);
                         pack_a(mb, kc, kern.mr, ap.offset(at(ic, pc, la)), la, pa);
