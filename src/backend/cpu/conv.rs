@@ -164,17 +164,19 @@ impl ImageCols<'_> {
         ci * self.hp * self.wp + (r / g.kw) * self.wp + r % g.kw
     }
 
-    /// Calls `f(run_start_in_x, len)` for the output pixels `pp..pp+count` (of the images side by
-    /// side), one call per stretch within an output row; pixel j of a run is at `start + j·s`.
-    fn runs(&self, pp: usize, count: usize, mut f: impl FnMut(usize, usize)) {
+    /// The output pixels `pp..pp+count` (of the images side by side) as stretches within output
+    /// rows: `(start in x, len)`, pixel j of a stretch at `start + j·s`. Computed once per strip
+    /// and reused for every tap, so the packing loops do no division.
+    fn runs(&self, pp: usize, count: usize, out: &mut Vec<(usize, usize)>) {
         let g = self.g;
         let (p, img) = (g.oh * g.ow, g.c_in * self.hp * self.wp);
+        out.clear();
         let (mut q, mut left) = (pp, count);
         while left > 0 {
             let (i, r) = (q / p, q % p);
             let (oy, ox) = (r / g.ow, r % g.ow);
             let len = (g.ow - ox).min(left);
-            f(i * img + oy * g.stride * self.wp + ox * g.stride, len);
+            out.push((i * img + oy * g.stride * self.wp + ox * g.stride, len));
             q += len;
             left -= len;
         }
@@ -184,37 +186,42 @@ impl ImageCols<'_> {
 impl PackRhs for ImageCols<'_> {
     fn pack(&self, pc: usize, kc: usize, jc: usize, n: usize, nr: usize, dst: &mut [f32]) {
         let s = self.g.stride;
+        let mut runs = Vec::with_capacity(16);
+        if self.transposed {
+            // Rows are pixels (the same ones for every strip), columns taps.
+            self.runs(pc, kc, &mut runs);
+        }
         for (t, strip) in dst.chunks_exact_mut(nr * kc).take(n.div_ceil(nr)).enumerate() {
             let cols = nr.min(n - t * nr);
             if !self.transposed {
                 // Rows are taps, columns pixels: each strip row is a few stretches of image rows.
+                self.runs(jc + t * nr, cols, &mut runs);
                 for (p, d) in strip.chunks_exact_mut(nr).enumerate() {
                     let tap = self.tap(pc + p);
                     let mut j = 0;
-                    self.runs(jc + t * nr, cols, |at, len| {
+                    for &(at, len) in &runs {
                         let src = &self.x[tap + at..];
                         if s == 1 {
-                            // A plain loop: the stretches are 7–32 values, too short for memcpy.
-                            d[j..j + len].iter_mut().zip(&src[..len]).for_each(|(o, v)| *o = *v);
+                            d[j..j + len].copy_from_slice(&src[..len]);
                         } else {
                             d[j..j + len].iter_mut().zip(src.iter().step_by(s)).for_each(|(o, v)| *o = *v);
                         }
                         j += len;
-                    });
+                    }
                     d[cols..].fill(0.0);
                 }
             } else {
-                // Rows are pixels, columns taps: eight taps at a time, so each pixel writes 32
-                // contiguous bytes of the strip while eight streams read along image rows.
+                // Eight taps at a time, so each pixel writes 32 contiguous bytes of the strip
+                // while eight streams read along image rows.
                 if cols < nr {
                     strip.fill(0.0);
                 }
                 for j0 in (0..cols).step_by(8) {
                     let w = 8.min(cols - j0);
                     let taps: [usize; 8] = std::array::from_fn(|j| self.tap(jc + t * nr + j0 + j.min(w - 1)));
-                    let mut p = 0;
                     let last_tap = taps[w - 1].max(taps[0]);
-                    self.runs(pc, kc, |at, len| {
+                    let mut p = 0;
+                    for &(at, len) in &runs {
                         // One bounds check per stretch instead of one per value.
                         assert!(last_tap + at + (len - 1) * s < self.x.len() && (p + len) * nr <= strip.len());
                         for e in 0..len {
@@ -227,7 +234,7 @@ impl PackRhs for ImageCols<'_> {
                             }
                         }
                         p += len;
-                    });
+                    }
                 }
             }
         }
