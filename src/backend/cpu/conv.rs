@@ -1,4 +1,6 @@
-//! Convolution on the CPU: im2col + GEMM, parallel over images.
+//! Convolution on the CPU: im2col + GEMM, parallel over images. On rotvar's own GEMM paths the
+//! forward pass and the weight gradient skip the im2col matrix and let the GEMM pack straight
+//! from the padded image (`ImageCols`); the explicit route stays as their oracle (`Engine`).
 //!
 //! Forward and backward-data are independent per image. Backward-weight sums over images, so it
 //! is split into chunks of a fixed number of images whose partial sums are added in chunk order:

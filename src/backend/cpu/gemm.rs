@@ -1,11 +1,12 @@
 //! The CPU matrix multiply: the `gemm` crate (the default), or rotvar's own packed blocks with one
 //! register-tiled micro-kernel per instruction set (`--cpu-gemm`; see `isa.rs`).
 //!
-//! The layout is the usual BLIS one. A block of B (KC×NC, about 512 KiB: the core's L2) is
-//! copied into strips NR columns wide, a block of A into strips MR rows tall, and the micro-kernel
-//! multiplies one A strip by one B strip into an MR×NR tile held in vector registers. Packing
-//! takes any strides, so transposed operands cost nothing extra, and the conv code can later pack
-//! straight from an image.
+//! The layout is the usual BLIS one. A block of B (KC×NC, about 240 KiB, inside the core's L2)
+//! is copied into strips NR columns wide, a block of A into strips MR rows tall, and the
+//! micro-kernel multiplies one A strip by one B strip into an MR×NR tile held in vector registers;
+//! each B strip (KC×NR, at most 24 KiB) stays in L1 while the A strips pass by. Packing takes any
+//! strides, so transposed operands cost nothing extra, and a right-hand operand may pack itself
+//! (`PackRhs`): the convolutions read the image in place that way (implicit im2col).
 //!
 //! Every path computes each output the same way: a chain of fused multiply-adds over one KC
 //! block of the reduction, starting from zero, then added to the output (or stored, for the first
