@@ -1,16 +1,12 @@
 //! rotvar's own CPU GEMM: every instruction-set path against the portable oracle (to the bit),
 //! the oracle against an f64 product, and a whole training run on each path (to the bit).
 
-use rotvar::autograd::Tape;
+mod common;
+
+use common::training::adam_steps_bits;
 use rotvar::backend::cpu::gemm::{crate_sgemm, sgemm_with, Mat};
 use rotvar::backend::cpu::isa::{self, Isa};
-use rotvar::backend::cpu::CpuBackend;
-use rotvar::models::{InputSpec, Model};
-use rotvar::nn::Forward;
-use rotvar::ops;
-use rotvar::optim::{OptimConfig, Optimizer, OptimizerKind};
 use rotvar::rng::Rng;
-use rotvar::tensor::Tensor;
 
 /// One random problem: shapes, layouts and whether to accumulate.
 struct Case {
@@ -147,26 +143,8 @@ fn nan_and_infinity_propagate_alike_on_every_path() {
 }
 
 /// Bits of every state tensor after three Adam steps of `arch` on fixed random data.
-fn train_bits(arch: &str, threads: usize) -> Vec<Vec<u32>> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    pool.install(|| {
-        let b = CpuBackend::shared();
-        let input = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
-        let model = Model::build(arch, input, &b, 5).unwrap();
-        let mut opt = Optimizer::new(OptimConfig::new(OptimizerKind::Adam, 1e-3, 1e-4), model.parameters()).unwrap();
-        let mut rng = Rng::new(17);
-        let n = 11;
-        let xs: Vec<f32> = (0..n * 784).map(|_| rng.normal()).collect();
-        let ys: Vec<f32> = (0..n).map(|_| rng.below(10) as f32).collect();
-        let x = Tensor::from_vec(&b, &[n, 1, 28, 28], &xs).unwrap();
-        let y = Tensor::from_vec(&b, &[n], &ys).unwrap();
-        for step in 0..3 {
-            let tape = Tape::start().unwrap();
-            let loss = ops::nll_loss(&model.forward(&x, &mut Forward::train(step)).unwrap(), &y).unwrap();
-            opt.step(&tape.backward(&loss).unwrap()).unwrap();
-        }
-        model.state().into_iter().map(|(_, t)| t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()).collect()
-    })
+fn train_bits(arch: &str, threads: usize) -> Vec<(String, Vec<u32>)> {
+    adam_steps_bits(arch, threads, 5, 11)
 }
 
 /// The only test of this binary that changes the process-wide choice of path.

@@ -2,6 +2,8 @@
 //! separate from the crate's own RNG so a change there never silently changes test inputs.
 #![allow(dead_code)]
 
+pub mod training;
+
 pub struct Rng(pub u64);
 
 impl Rng {

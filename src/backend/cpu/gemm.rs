@@ -182,8 +182,8 @@ struct Strided<'a> {
 impl PackRhs for Strided<'_> {
     fn pack(&self, pc: usize, kc: usize, jc: usize, n: usize, nr: usize, dst: &mut [f32]) {
         let at = pc as isize * self.l.rs + jc as isize * self.l.cs;
-        // SAFETY: sgemm_with checked that `b` covers the whole k×n matrix through `l`, and the
-        // driver asks only for blocks inside it.
+        // SAFETY: sgemm_with checked that `b` covers the whole k×n matrix through `l`, and
+        // sgemm_rhs asks only for blocks inside it.
         unsafe { pack_b(kc, n, nr, self.b.as_ptr().offset(at), self.l, dst) }
     }
 }
@@ -292,23 +292,13 @@ pub fn sgemm_with(
     }
     assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
     check_extents(m, n, k, a.len(), la, b.len(), lb, c.len(), lc);
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c[i * lc.rs as usize + j * lc.cs as usize] = 0.0;
-                }
-            }
-        }
-        return;
-    }
     if n < kernel(isa).nr && m > n {
         // Too few columns to fill the vector tile (a weight gradient with 9 or 25 of them):
         // compute cᵀ = bᵀ·aᵀ instead. fma(a, b, c) = fma(b, a, c), so the bits are the same.
         let t = |l: Mat| Mat { rs: l.cs, cs: l.rs };
         return sgemm_with(isa, n, m, k, b, t(lb), a, t(la), c, t(lc), accumulate);
     }
-    drive(isa, m, n, k, a, la, &Strided { b, l: lb }, c, lc, accumulate)
+    sgemm_rhs(isa, m, n, k, a, la, &Strided { b, l: lb }, c, lc, accumulate)
 }
 
 /// c[m×n] = (accumulate ? c : 0) + a[m×k] · rhs[k×n] on rotvar's `isa` path, with a right-hand
@@ -333,25 +323,15 @@ pub fn sgemm_rhs(
     // The operand packs itself and answers for its own bounds (its reads are slice-checked).
     check_extents(m, n, k, a.len(), la, usize::MAX, Mat { rs: 0, cs: 0 }, c.len(), lc);
     if k == 0 {
-        return sgemm_with(isa, m, n, 0, a, la, &[], Mat::rows(n), c, lc, accumulate);
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c[i * lc.rs as usize + j * lc.cs as usize] = 0.0;
+                }
+            }
+        }
+        return;
     }
-    drive(isa, m, n, k, a, la, rhs, c, lc, accumulate)
-}
-
-/// The blocked loops around the micro-kernel; extents already checked.
-#[allow(clippy::too_many_arguments)]
-fn drive(
-    isa: Isa,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    la: Mat,
-    rhs: &dyn PackRhs,
-    c: &mut [f32],
-    lc: Mat,
-    accumulate: bool,
-) {
     let kern = kernel(isa);
     PACKED.with(|packed| {
         let (pa, pb) = &mut *packed.borrow_mut();
