@@ -7,6 +7,7 @@ mod track;
 use crate::angle_eval;
 use crate::augment::Augment;
 use crate::backend::cpu::isa as cpu_isa;
+use crate::backend::cpu::conv as cpu_conv;
 use crate::backend::MapReduce;
 use crate::backend::{self, BackendRef, DeviceRequest};
 use crate::checkpoint;
@@ -44,6 +45,11 @@ struct Cli {
     /// (the widest this CPU runs). rotvar's three give the same bits; the crate's differ from them.
     #[arg(long, global = true, env = "ROTVAR_CPU_GEMM", default_value = "crate")]
     cpu_gemm: String,
+    /// The CPU backend's 3×3 stride-1 convolutions: im2col (im2col + GEMM, the reference), or
+    /// winograd (F(4×4,3×3): 4× fewer multiplications, slightly different rounding) or
+    /// winograd-f2 (F(2×2,3×3): 2.25× fewer). Other convolutions always use im2col.
+    #[arg(long, global = true, env = "ROTVAR_CPU_CONV", default_value = "im2col")]
+    cpu_conv: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -500,6 +506,7 @@ pub fn run() -> Result<()> {
     }
     let isa = cpu_isa::parse(&cli.cpu_gemm).context("--cpu-gemm (or ROTVAR_CPU_GEMM)")?;
     cpu_isa::choose(isa)?;
+    cpu_conv::choose_algo(cpu_conv::parse_algo(&cli.cpu_conv).context("--cpu-conv (or ROTVAR_CPU_CONV)")?);
     match cli.command {
         Command::Train(a) => cmd_train(a),
         Command::TrainPair(a) => cmd_train_pair(a),

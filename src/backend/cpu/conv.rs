@@ -6,11 +6,14 @@
 //! is split into chunks of a fixed number of images whose partial sums are added in chunk order:
 //! the result is bit-identical whatever the thread count.
 
-use super::gemm::{crate_sgemm, sgemm_rhs, sgemm_with, Mat, PackRhs};
+use super::gemm::{sgemm_on, sgemm_rhs, Mat, PackRhs};
 use super::isa::{self, Isa};
+use super::winograd::{self, Tile};
 use crate::backend::{Activation, ConvGeom};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 thread_local! {
     /// Per-thread im2col scratch, kept across calls so its pages are faulted in only once.
@@ -267,17 +270,63 @@ fn with_padded_images<R>(x: &[f32], imgs: usize, g: &ConvGeom, f: impl FnOnce(&[
 /// How a convolution multiplies: on the crate or one of rotvar's paths, and, on rotvar's, whether
 /// it reads the image in place (implicit im2col) or writes the im2col matrix first. The two give
 /// the same bits (tests below); the explicit one stays as the readable oracle.
+///
+/// `winograd`, where set, takes the 3×3 stride-1 pad-1 layers with enough channels (see
+/// `winograd_on`); its bits differ from the im2col route's, which is its oracle.
 #[derive(Clone, Copy, Debug)]
 pub struct Engine {
     pub gemm: Option<Isa>,
     pub implicit: bool,
+    pub winograd: Option<Tile>,
+}
+
+/// The convolution algorithm: 0 im2col, 1 Winograd F(2,3), 2 Winograd F(4,3).
+static ALGO: AtomicU8 = AtomicU8::new(0);
+
+/// `--cpu-conv`: `im2col`, `winograd-f2` or `winograd-f4` (`winograd` is F(4,3)).
+pub fn parse_algo(s: &str) -> Result<Option<Tile>> {
+    match s.to_ascii_lowercase().as_str() {
+        "im2col" | "gemm" => Ok(None),
+        "winograd-f2" | "f2" => Ok(Some(Tile::F2)),
+        "winograd" | "winograd-f4" | "f4" => Ok(Some(Tile::F4)),
+        other => bail!("unknown CPU convolution {other:?}: use im2col, winograd, winograd-f2 or winograd-f4"),
+    }
+}
+
+/// Run every later convolution of this process with im2col (None) or Winograd.
+pub fn choose_algo(t: Option<Tile>) {
+    ALGO.store(
+        match t {
+            None => 0,
+            Some(Tile::F2) => 1,
+            Some(Tile::F4) => 2,
+        },
+        Ordering::Relaxed,
+    );
+}
+
+/// The algorithm in use, as `--cpu-conv` names it.
+pub fn algo_name() -> &'static str {
+    Engine::current().winograd.map_or("im2col", Tile::name)
 }
 
 impl Engine {
-    /// The process-wide choice (`--cpu-gemm`), implicit wherever rotvar's GEMM runs.
+    /// The process-wide choice (`--cpu-gemm`, `--cpu-conv`), implicit wherever rotvar's GEMM runs.
     pub fn current() -> Engine {
         let gemm = isa::active();
-        Engine { gemm, implicit: gemm.is_some() }
+        let winograd = match ALGO.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(Tile::F2),
+            _ => Some(Tile::F4),
+        };
+        Engine { gemm, implicit: gemm.is_some(), winograd }
+    }
+
+    /// The Winograd tile for `g`, if this engine uses Winograd there. A layer with a handful of
+    /// input or output channels (conv1 on grayscale) gives the GEMMs almost nothing to do, and
+    /// the transforms would dominate.
+    fn winograd_on(self, g: &ConvGeom) -> Option<Tile> {
+        self.winograd.filter(|_| winograd::applies(g) && g.c_in >= 8 && g.c_out >= 8)
     }
 
     /// The path for an implicit im2col on `g`, if this engine does one there.
@@ -299,10 +348,7 @@ impl Engine {
         lc: Mat,
         acc: bool,
     ) {
-        match self.gemm {
-            Some(isa) => sgemm_with(isa, m, n, k, a, la, b, lb, c, lc, acc),
-            None => crate_sgemm(m, n, k, a, la, b, lb, c, lc, acc),
-        }
+        sgemm_on(self.gemm, m, n, k, a, la, b, lb, c, lc, acc)
     }
 }
 
@@ -335,6 +381,9 @@ pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut
 }
 
 pub fn forward_on(e: Engine, x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut [f32], g: &ConvGeom) {
+    if let Some(t) = e.winograd_on(g) {
+        return winograd::forward(t, e.gemm, x, w, b, act, y, g);
+    }
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
     y.par_chunks_mut(out_img * group).enumerate().for_each(|(t, ys)| {
@@ -384,7 +433,13 @@ pub fn forward_on(e: Engine, x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activ
 }
 
 pub fn backward_data(dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
-    let e = Engine::current();
+    backward_data_on(Engine::current(), dy, w, dx, g)
+}
+
+pub fn backward_data_on(e: Engine, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
+    if let Some(t) = e.winograd_on(g) {
+        return winograd::backward_data(t, e.gemm, dy, w, dx, g);
+    }
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
     dx.par_chunks_mut(in_img * group).enumerate().for_each(|(t, dxs)| {
@@ -435,6 +490,24 @@ pub fn backward_weight(x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f
 }
 
 pub fn backward_weight_on(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>, g: &ConvGeom) {
+    match e.winograd_on(g) {
+        Some(t) => winograd::backward_weight(t, e.gemm, x, dy, dw, g),
+        None => weight_grad(e, x, dy, dw, g),
+    }
+    if let Some(db) = db {
+        let (out_img, p) = (g.c_out * g.oh * g.ow, g.oh * g.ow);
+        db.par_iter_mut().enumerate().for_each(|(co, d)| {
+            let mut s = 0.0f64;
+            for n in 0..g.n {
+                s += row_sum(&dy[n * out_img + co * p..n * out_img + (co + 1) * p]);
+            }
+            *d = s as f32;
+        });
+    }
+}
+
+/// dw by im2col and GEMM.
+fn weight_grad(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(WGRAD_CHUNK))
         .into_par_iter()
@@ -514,15 +587,6 @@ pub fn backward_weight_on(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], db: 
     dw.fill(0.0);
     for part in &partials {
         dw.iter_mut().zip(part).for_each(|(d, v)| *d += v);
-    }
-    if let Some(db) = db {
-        db.par_iter_mut().enumerate().for_each(|(co, d)| {
-            let mut s = 0.0f64;
-            for n in 0..g.n {
-                s += row_sum(&dy[n * out_img + co * p..n * out_img + (co + 1) * p]);
-            }
-            *d = s as f32;
-        });
     }
 }
 
@@ -608,9 +672,9 @@ mod tests {
     fn implicit_im2col_matches_the_explicit_one_to_the_bit() {
         let mut rng = Rng::new(23);
         let isa = Isa::best();
-        let implicit = Engine { gemm: Some(isa), implicit: true };
-        let explicit = Engine { gemm: Some(isa), implicit: false };
-        let crate_engine = Engine { gemm: None, implicit: false };
+        let implicit = Engine { gemm: Some(isa), implicit: true, winograd: None };
+        let explicit = Engine { gemm: Some(isa), implicit: false, winograd: None };
+        let crate_engine = Engine { gemm: None, implicit: false, winograd: None };
         let geoms = [
             (3, 2, 12, 12, 5, (3, 3), 1, 1),
             (10, 3, 9, 9, 7, (3, 3), 1, 1),
@@ -649,5 +713,56 @@ mod tests {
             assert_eq!(bits(&wi), bits(&we), "weight gradient {g:?} on {isa}");
             close(&wi, &wc, "weight gradient vs crate");
         }
+    }
+
+    /// Winograd F(2,3) and F(4,3) against the im2col route (their oracle): forward (bias, no
+    /// activation, so every value is compared), backward-data and weight gradient, on maps that
+    /// tiles do and do not divide, batches above, below and equal to one 16-image group. Errors
+    /// are measured against the largest reference value of each output: Winograd rounds
+    /// differently (F(4,3) scales by up to 8 and 1/24), so the tolerance is the GEMM's 1e-3
+    /// of that scale, not bits. Each result is also the same on any vector width.
+    #[test]
+    fn winograd_matches_im2col_within_tolerance() {
+        let mut rng = Rng::new(31);
+        let reference = Engine { gemm: Some(Isa::Portable), implicit: false, winograd: None };
+        let geoms = [(3, 8, 12, 12, 8), (17, 16, 14, 14, 24), (5, 9, 9, 11, 13), (16, 32, 7, 7, 64), (2, 32, 28, 28, 32)];
+        let mut worst = [0.0f32; 2];
+        for &(n, c, h, w, co) in &geoms {
+            let g = ConvGeom::new(n, c, h, w, co, (3, 3), 1, 1).unwrap();
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal()).collect();
+            let wt: Vec<f32> = (0..co * g.k()).map(|_| rng.normal() * 0.2).collect();
+            let bias: Vec<f32> = (0..co).map(|_| rng.normal()).collect();
+            let dy: Vec<f32> = (0..n * co * g.oh * g.ow).map(|_| rng.normal()).collect();
+            let run = |e: Engine| {
+                let mut y = vec![f32::NAN; n * co * g.oh * g.ow];
+                forward_on(e, &x, &wt, Some(&bias), Activation::Identity, &mut y, &g);
+                let mut dx = vec![f32::NAN; n * c * h * w];
+                backward_data_on(e, &dy, &wt, &mut dx, &g);
+                let mut dw = vec![f32::NAN; co * g.k()];
+                backward_weight_on(e, &x, &dy, &mut dw, None, &g);
+                [y, dx, dw]
+            };
+            let want = run(reference);
+            for (ti, tile) in [Tile::F2, Tile::F4].into_iter().enumerate() {
+                let mut got_by_isa = Vec::new();
+                for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                    let got = run(Engine { gemm: Some(isa), implicit: true, winograd: Some(tile) });
+                    for (what, (a, b)) in ["forward", "backward-data", "weight gradient"].iter().zip(got.iter().zip(&want)) {
+                        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                        assert!(err < 1e-3, "{} {what} {g:?} on {isa}: error {err:e} of scale {scale}", tile.name());
+                        worst[ti] = worst[ti].max(err);
+                    }
+                    got_by_isa.push(got);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for other in &got_by_isa[1..] {
+                    for (a, b) in other.iter().zip(&got_by_isa[0]) {
+                        assert_eq!(bits(a), bits(b), "{} {g:?}: vector widths disagree", tile.name());
+                    }
+                }
+            }
+        }
+        eprintln!("winograd worst relative error: F(2,3) {:e}, F(4,3) {:e}", worst[0], worst[1]);
     }
 }

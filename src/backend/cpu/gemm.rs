@@ -205,7 +205,25 @@ pub fn sgemm(
     lc: Mat,
     accumulate: bool,
 ) {
-    match isa::active() {
+    sgemm_on(isa::active(), m, n, k, a, la, b, lb, c, lc, accumulate)
+}
+
+/// [`sgemm`] on rotvar's `isa` path, or on the crate (None).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_on(
+    isa: Option<Isa>,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Mat,
+    b: &[f32],
+    lb: Mat,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    match isa {
         Some(i) => sgemm_with(i, m, n, k, a, la, b, lb, c, lc, accumulate),
         None => crate_sgemm(m, n, k, a, la, b, lb, c, lc, accumulate),
     }

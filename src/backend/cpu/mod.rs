@@ -14,6 +14,7 @@ pub mod norm;
 pub mod pool;
 pub mod rotate;
 pub mod variance;
+pub mod winograd;
 
 use super::variance::VarianceData;
 use super::{
@@ -112,7 +113,7 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads; {})", rayon::current_num_threads(), isa::describe())
+        format!("cpu ({} threads; {}, conv: {})", rayon::current_num_threads(), isa::describe(), conv::algo_name())
     }
 
     fn zeros(&self, len: usize) -> Result<Storage> {
