@@ -382,7 +382,7 @@ pub fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut
 
 pub fn forward_on(e: Engine, x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut [f32], g: &ConvGeom) {
     if let Some(t) = e.winograd_on(g) {
-        return winograd::forward(t, e.gemm, x, w, b, act, y, g);
+        return winograd::forward(t, e.gemm.unwrap_or_else(Isa::best), x, w, b, act, y, g);
     }
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
@@ -438,7 +438,7 @@ pub fn backward_data(dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
 
 pub fn backward_data_on(e: Engine, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
     if let Some(t) = e.winograd_on(g) {
-        return winograd::backward_data(t, e.gemm, dy, w, dx, g);
+        return winograd::backward_data(t, e.gemm.unwrap_or_else(Isa::best), dy, w, dx, g);
     }
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
@@ -491,7 +491,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f
 
 pub fn backward_weight_on(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>, g: &ConvGeom) {
     match e.winograd_on(g) {
-        Some(t) => winograd::backward_weight(t, e.gemm, x, dy, dw, g),
+        Some(t) => winograd::backward_weight(t, e.gemm.unwrap_or_else(Isa::best), x, dy, dw, g),
         None => weight_grad(e, x, dy, dw, g),
     }
     if let Some(db) = db {

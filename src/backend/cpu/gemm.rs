@@ -375,41 +375,155 @@ pub fn sgemm_rhs(
                     for ic in (0..m).step_by(kern.mc) {
                         let mb = kern.mc.min(m - ic);
                         pack_a(mb, kc, kern.mr, ap.offset(at(ic, pc, la)), la, pa);
-                        // B strip outside (it stays in L1), A strips inside (from L2).
-                        for jr in (0..nb).step_by(kern.nr) {
-                            let bstrip = pb.as_ptr().add(jr * kc);
-                            for ir in (0..mb).step_by(kern.mr) {
-                                let astrip = pa.as_ptr().add(ir * kc);
-                                let (rows, cols) = (kern.mr.min(mb - ir), kern.nr.min(nb - jr));
-                                let out = cp.offset(at(ic + ir, jc + jr, lc));
-                                if rows == kern.mr && cols == kern.nr && lc.cs == 1 {
-                                    (kern.tile)(kc, astrip, bstrip, kern.nr, out, lc.rs as usize, first);
-                                    continue;
-                                }
-                                // A partial tile: one vector of columns at a time, through a
-                                // buffer where rows or columns run past the matrix.
-                                for j0 in (0..cols).step_by(kern.vec) {
-                                    let w = kern.vec.min(cols - j0);
-                                    let (b0, o0) = (bstrip.add(j0), out.offset(at(0, j0, lc)));
-                                    if rows == kern.mr && w == kern.vec && lc.cs == 1 {
-                                        (kern.edge)(kc, astrip, b0, kern.nr, o0, lc.rs as usize, first);
-                                        continue;
-                                    }
-                                    let mut tile = [0.0f32; MAX_TILE];
-                                    (kern.edge)(kc, astrip, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
-                                    for r in 0..rows {
-                                        for j in 0..w {
-                                            let o = o0.offset(at(r, j, lc));
-                                            let v = tile[r * kern.vec + j];
-                                            *o = if first { v } else { *o + v };
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        multiply_packed(&kern, kc, pa.as_ptr(), mb, pb.as_ptr(), nb, cp.offset(at(ic, jc, lc)), lc, first);
                     }
                 }
             }
         }
     })
+}
+
+/// c[mb×nb] (= or +=) packed A strips · packed B strips, over one KC block of the reduction:
+/// whole tiles straight into c, partial ones one vector of columns at a time through a buffer.
+///
+/// # Safety
+/// `pa` holds `mb.div_ceil(mr)` strips of `kc × mr`, `pb` holds `nb.div_ceil(nr)` strips of
+/// `kc × nr`, and `c` addresses an mb×nb block through `lc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply_packed(
+    kern: &Kernel,
+    kc: usize,
+    pa: *const f32,
+    mb: usize,
+    pb: *const f32,
+    nb: usize,
+    c: *mut f32,
+    lc: Mat,
+    first: bool,
+) {
+    let at = |r: usize, col: usize| r as isize * lc.rs + col as isize * lc.cs;
+    // B strip outside (it stays in L1), A strips inside (from L2).
+    for jr in (0..nb).step_by(kern.nr) {
+        let bstrip = pb.add(jr * kc);
+        for ir in (0..mb).step_by(kern.mr) {
+            let astrip = pa.add(ir * kc);
+            let (rows, cols) = (kern.mr.min(mb - ir), kern.nr.min(nb - jr));
+            let out = c.offset(at(ir, jr));
+            if rows == kern.mr && cols == kern.nr && lc.cs == 1 {
+                (kern.tile)(kc, astrip, bstrip, kern.nr, out, lc.rs as usize, first);
+                continue;
+            }
+            for j0 in (0..cols).step_by(kern.vec) {
+                let w = kern.vec.min(cols - j0);
+                let (b0, o0) = (bstrip.add(j0), out.offset(at(0, j0)));
+                if rows == kern.mr && w == kern.vec && lc.cs == 1 {
+                    (kern.edge)(kc, astrip, b0, kern.nr, o0, lc.rs as usize, first);
+                    continue;
+                }
+                let mut tile = [0.0f32; MAX_TILE];
+                (kern.edge)(kc, astrip, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
+                for r in 0..rows {
+                    for j in 0..w {
+                        let o = o0.offset(at(r, j));
+                        let v = tile[r * kern.vec + j];
+                        *o = if first { v } else { *o + v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A left-hand operand packed once and multiplied many times ([`sgemm_prepacked`]): Winograd
+/// multiplies each transformed filter by every block of transformed inputs, and repacking it
+/// each time cost as much as the multiply.
+pub struct PackedLhs {
+    isa: Isa,
+    m: usize,
+    k: usize,
+    /// For each KC block of the reduction, for each MC block of rows: its MR-row strips.
+    data: Vec<f32>,
+}
+
+impl PackedLhs {
+    pub fn new(isa: Isa, m: usize, k: usize, a: &[f32], la: Mat) -> PackedLhs {
+        assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
+        check_extents(m, 0, k, a.len(), la, 0, Mat::rows(0), 0, Mat::rows(0));
+        let kern = kernel(isa);
+        let rows = m.div_ceil(kern.mr) * kern.mr;
+        let mut data = vec![0.0f32; rows * k];
+        let mut off = 0;
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            for ic in (0..m).step_by(kern.mc) {
+                let mb = kern.mc.min(m - ic);
+                let len = mb.div_ceil(kern.mr) * kern.mr * kc;
+                // SAFETY: the block lies inside the extents checked above.
+                unsafe {
+                    let at = ic as isize * la.rs + pc as isize * la.cs;
+                    pack_a(mb, kc, kern.mr, a.as_ptr().offset(at), la, &mut data[off..off + len]);
+                }
+                off += len;
+            }
+        }
+        PackedLhs { isa, m, k, data }
+    }
+}
+
+/// How [`sgemm_prepacked`] reads its right-hand operand (k×n): for each block of `KC` rows, the
+/// columns in strips of `nr`, each strip `[row in block][column in strip]`. `offset(p, j)` is
+/// element (p, j); columns past n in the last strip are read but never reach the output.
+#[derive(Clone, Copy, Debug)]
+pub struct RhsLayout {
+    pub nr: usize,
+    k: usize,
+    strips: usize,
+}
+
+impl RhsLayout {
+    pub fn new(isa: Isa, k: usize, n: usize) -> RhsLayout {
+        let nr = kernel(isa).nr;
+        RhsLayout { nr, k, strips: n.div_ceil(nr) }
+    }
+    /// Values the packed operand occupies.
+    pub fn len(&self) -> usize {
+        self.k * self.strips * self.nr
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn offset(&self, p: usize, j: usize) -> usize {
+        let (pc, kc) = (p / KC * KC, KC.min(self.k - p / KC * KC));
+        pc * self.strips * self.nr + (j / self.nr) * self.nr * kc + (p - pc) * self.nr + j % self.nr
+    }
+}
+
+/// c[m×n] = (accumulate ? c : 0) + a · b with `a` packed by [`PackedLhs::new`] and `b` laid out
+/// by [`RhsLayout`] on the same path: the same arithmetic as [`sgemm_with`], so the same bits.
+pub fn sgemm_prepacked(a: &PackedLhs, n: usize, b: &[f32], lb: RhsLayout, c: &mut [f32], lc: Mat, accumulate: bool) {
+    let (m, k) = (a.m, a.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kern = kernel(a.isa);
+    assert!(lb.nr == kern.nr && lb.k == k && lb.strips == n.div_ceil(kern.nr) && b.len() >= lb.len(), "sgemm_prepacked: rhs layout");
+    check_extents(m, n, 0, 0, Mat::rows(0), 0, Mat::rows(0), c.len(), lc);
+    if k == 0 {
+        return sgemm_with(a.isa, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);
+    }
+    let mut off = 0;
+    // SAFETY: the packed operands hold every strip (checked above and by construction), and
+    // each block's output lies inside c.
+    unsafe {
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let pb = b.as_ptr().add(pc * lb.strips * lb.nr);
+            for ic in (0..m).step_by(kern.mc) {
+                let mb = kern.mc.min(m - ic);
+                let out = c.as_mut_ptr().offset(ic as isize * lc.rs);
+                multiply_packed(&kern, kc, a.data.as_ptr().add(off), mb, pb, n, out, lc, pc == 0 && !accumulate);
+                off += mb.div_ceil(kern.mr) * kern.mr * kc;
+            }
+        }
+    }
 }

@@ -25,7 +25,7 @@
 //! (measured errors are in the tests' comments). Results are still deterministic: each group's
 //! work is fixed, and the weight gradient adds the groups' partial sums in group order.
 
-use super::gemm::{sgemm_on, Mat};
+use super::gemm::{sgemm_prepacked, sgemm_with, Mat, PackedLhs, RhsLayout};
 use super::isa::Isa;
 use crate::backend::{Activation, ConvGeom};
 use rayon::prelude::*;
@@ -127,33 +127,65 @@ const F4: Transform<4, 6> = Transform {
     ],
 };
 
-/// `l · x · rᵀ` on W lanes at once, skipping zero coefficients (half of Bᵀ and Aᵀ).
+/// A transform as a type, so that its coefficients are compile-time constants wherever it is
+/// used: the compiler then drops the zero terms and keeps the tile in registers.
+trait Coefs<const M: usize, const A: usize>: Sync {
+    const T: Transform<M, A>;
+}
+struct F23;
+impl Coefs<2, 4> for F23 {
+    const T: Transform<2, 4> = F2;
+}
+struct F43;
+impl Coefs<4, 6> for F43 {
+    const T: Transform<4, 6> = F4;
+}
+
+/// `l · x` for one column `x` of W-lane values, skipping zero coefficients (half of Bᵀ and Aᵀ).
 #[inline(always)]
-fn sandwich<const R: usize, const K: usize, const W: usize>(
-    l: &[[f32; K]; R],
-    x: &[[[f32; W]; K]; K],
-    r: &[[f32; K]; R],
-) -> [[[f32; W]; R]; R] {
-    let mut t = [[[0.0f32; W]; K]; R];
-    for (ti, li) in t.iter_mut().zip(l) {
+fn apply<const R: usize, const K: usize, const W: usize>(l: &[[f32; K]; R], x: &[[f32; W]; K]) -> [[f32; W]; R] {
+    let mut out = [[0.0f32; W]; R];
+    for (o, li) in out.iter_mut().zip(l) {
         for (&c, xk) in li.iter().zip(x) {
             if c != 0.0 {
-                for (tv, xv) in ti.iter_mut().zip(xk) {
-                    tv.iter_mut().zip(xv).for_each(|(a, b)| *a += c * b);
-                }
+                o.iter_mut().zip(xk).for_each(|(a, b)| *a += c * b);
             }
         }
     }
-    let mut out = [[[0.0f32; W]; R]; R];
-    for (oi, ti) in out.iter_mut().zip(&t) {
-        for (ov, rj) in oi.iter_mut().zip(r) {
-            for (&c, tv) in rj.iter().zip(ti) {
-                if c != 0.0 {
-                    ov.iter_mut().zip(tv).for_each(|(a, b)| *a += c * b);
-                }
-            }
+    out
+}
+
+/// `l · x · rᵀ` on W lanes at once, x(i, j) read by `load` and each result (i, j) handed to
+/// `store`: one column of x and then one row of the intermediate at a time, so that with the
+/// coefficients known at compile time the whole transform stays in vector registers.
+#[inline(always)]
+fn sandwich_with<const R: usize, const K: usize, const W: usize>(
+    l: &[[f32; K]; R],
+    r: &[[f32; K]; R],
+    load: impl Fn(usize, usize) -> [f32; W],
+    mut store: impl FnMut(usize, usize, &[f32; W]),
+) {
+    let mut t = [[[0.0f32; W]; K]; R];
+    for j in 0..K {
+        let mut col = [[0.0f32; W]; K];
+        for (i, c) in col.iter_mut().enumerate() {
+            *c = load(i, j);
+        }
+        for (ti, v) in t.iter_mut().zip(apply(l, &col)) {
+            ti[j] = v;
         }
     }
+    for (i, ti) in t.iter().enumerate() {
+        for (j, v) in apply(r, ti).iter().enumerate() {
+            store(i, j, v);
+        }
+    }
+}
+
+/// `l · x · rᵀ` of a square x, for the filter transforms (once per call).
+fn sandwich<const R: usize, const K: usize>(l: &[[f32; K]; R], x: &[[f32; K]; K], r: &[[f32; K]; R]) -> [[f32; R]; R] {
+    let mut out = [[0.0f32; R]; R];
+    sandwich_with::<R, K, 1>(l, r, |i, j| [x[i][j]], |i, j, v| out[i][j] = v[0]);
     out
 }
 
@@ -182,7 +214,8 @@ fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 }
 
 thread_local! {
-    /// Per-thread scratch for one block of tiles: its input rows in lanes, V, the products.
+    /// Per-thread scratch for one group of images: its planes in lanes, and one block's
+    /// transformed operands and products.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -196,6 +229,19 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+/// The tile grid of a layer: `ty × tx` tiles of m×m outputs.
+#[derive(Clone, Copy)]
+struct Grid {
+    ty: usize,
+    tx: usize,
+}
+
+impl Grid {
+    fn new(m: usize, g: &ConvGeom) -> Grid {
+        Grid { ty: g.oh.div_ceil(m), tx: g.ow.div_ceil(m) }
+    }
+}
+
 /// Tiles `tx0..tx0 + txn` of tile row `ty`: the unit the transforms and GEMMs work on, small
 /// enough that its transformed input and products (α²·(c_in + c_out)·16 values a tile) stay in
 /// the core's L2 cache between the transform, the GEMM and the inverse transform.
@@ -206,98 +252,206 @@ struct Block {
     txn: usize,
 }
 
-/// The blocks covering the output, row by row. `BLOCK_BYTES` bounds one block's working set.
-fn blocks(m: usize, a: usize, c_in: usize, c_out: usize, g: &ConvGeom) -> Vec<Block> {
-    const BLOCK_BYTES: usize = 384 * 1024;
-    let (ty_n, tx_n) = (g.oh.div_ceil(m), g.ow.div_ceil(m));
+/// The blocks covering the grid, row by row. `BLOCK_BYTES` bounds one block's working set.
+fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid) -> Vec<Block> {
+    const BLOCK_BYTES: usize = 512 * 1024;
     let per_tile = a * a * (c_in + c_out) * LANES * 4;
-    let width = (BLOCK_BYTES / per_tile).clamp(1, tx_n);
+    let width = (BLOCK_BYTES / per_tile).clamp(1, grid.tx);
     let mut out = Vec::new();
-    for ty in 0..ty_n {
-        for tx0 in (0..tx_n).step_by(width) {
-            out.push(Block { ty, tx0, txn: width.min(tx_n - tx0) });
+    for ty in 0..grid.ty {
+        for tx0 in (0..grid.tx).step_by(width) {
+            out.push(Block { ty, tx0, txn: width.min(grid.tx - tx0) });
         }
     }
     out
 }
 
-/// A window of planes `src[i][c]` (i < count; other lanes zero) into lanes: `dst[c][r][x]` is
-/// pixel (y0 + r, x0 + x) of every image, zero outside the plane.
+/// Transposes a square of 16 rows of 16 values in place: `sq[i][j]` becomes `sq[j][i]`.
+type Transpose = unsafe fn(&mut [Lane; LANES]);
+
+fn transpose16_plain(sq: &mut [Lane; LANES]) {
+    for i in 0..LANES {
+        for j in i + 1..LANES {
+            let v = sq[i][j];
+            sq[i][j] = sq[j][i];
+            sq[j][i] = v;
+        }
+    }
+}
+
+/// The same in 64 register shuffles: pairs of rows interleaved by 1, then by 2 values, then
+/// 128-bit quarters exchanged twice.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(sq: &mut [Lane; LANES]) {
+    use std::arch::x86_64::*;
+    let p = sq.as_mut_ptr() as *mut f32;
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(p.add(16 * i)));
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // Within each group of four: (t0,t2) lo/hi then (t1,t3) lo/hi.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i & !3;
+        let (a, b) = if i % 4 < 2 { (t[base], t[base + 2]) } else { (t[base + 1], t[base + 3]) };
+        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+        _mm512_castpd_ps(if i % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    // Groups of eight: (u0..3, u4..7) even quarters, then odd quarters.
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let (base, j) = (i & !7, i % 4);
+        let (a, b) = (u[base + j], u[base + 4 + j]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    });
+    let out: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (v[i % 8], v[8 + i % 8]);
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    });
+    for (i, o) in out.iter().enumerate() {
+        _mm512_storeu_ps(p.add(16 * i), *o);
+    }
+}
+
+/// The fastest transpose this CPU runs.
+fn transposer() -> Transpose {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.supported() {
+        return transpose16_avx512;
+    }
+    transpose16_plain
+}
+
+/// Channel planes of `count` images (`src[i][c]`, h×w) into lanes: `dst[c][y0 + y][x0 + x]`
+/// (rows of `wp`, `hp` rows a channel) holds pixel (y, x) of every image; the rest of `dst`,
+/// and the lanes past `count`, are zero. Sixteen pixels of sixteen images go at a time, read
+/// along each image's row and written as whole lanes.
 #[allow(clippy::too_many_arguments)]
-fn gather(
+#[inline(always)]
+fn to_lanes(
     src: &[f32],
     count: usize,
     chans: usize,
     (h, w): (usize, usize),
-    (y0, x0): (isize, isize),
-    (rows, cols): (usize, usize),
+    (hp, wp): (usize, usize),
+    (y0, x0): (usize, usize),
+    tr: Transpose,
     dst: &mut [Lane],
 ) {
-    dst.fill([0.0; LANES]);
-    // Columns of the window inside the plane.
-    let xa = (-x0).max(0) as usize;
-    let xb = ((w as isize - x0).max(0) as usize).min(cols);
+    // Stale values past column n land in lanes never copied.
+    let mut t = [[0.0f32; LANES]; LANES];
     for c in 0..chans {
-        for r in 0..rows {
-            let y = y0 + r as isize;
-            if y < 0 || y >= h as isize || xa >= xb {
-                continue;
+        let plane = &mut dst[c * hp * wp..(c + 1) * hp * wp];
+        plane[..y0 * wp].fill([0.0; LANES]);
+        plane[(y0 + h) * wp..].fill([0.0; LANES]);
+        for y in 0..h {
+            let line = &mut plane[(y0 + y) * wp..(y0 + y + 1) * wp];
+            line[..x0].fill([0.0; LANES]);
+            line[x0 + w..].fill([0.0; LANES]);
+            for j0 in (0..w).step_by(LANES) {
+                let n = LANES.min(w - j0);
+                t[count..].fill([0.0; LANES]);
+                for (i, row) in t.iter_mut().enumerate().take(count) {
+                    let at = ((i * chans + c) * h + y) * w + j0;
+                    row[..n].copy_from_slice(&src[at..at + n]);
+                }
+                // SAFETY: `tr` comes from `transposer`, which checked the CPU.
+                unsafe { tr(&mut t) };
+                line[x0 + j0..x0 + j0 + n].copy_from_slice(&t[..n]);
             }
-            // One window row (a couple of KiB) takes the 16 images in turn while in L1.
-            let out = &mut dst[(c * rows + r) * cols + xa..(c * rows + r) * cols + xb];
-            for i in 0..count {
-                let at = ((i * chans + c) * h + y as usize) * w;
-                let row = &src[at + (x0 + xa as isize) as usize..at + (x0 + xb as isize) as usize];
-                for (o, v) in out.iter_mut().zip(row) {
-                    o[i] = *v;
+        }
+    }
+}
+
+/// The inverse of `to_lanes` for an output: `dst[i][c][y][x] = act(src[c][y][x][i] + b[c])`
+/// for the first `count` lanes, from lane planes of `wp`-wide rows (`hp` rows a channel).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn from_lanes(
+    src: &[Lane],
+    count: usize,
+    chans: usize,
+    (h, w): (usize, usize),
+    (hp, wp): (usize, usize),
+    b: Option<&[f32]>,
+    act: Activation,
+    tr: Transpose,
+    dst: &mut [f32],
+) {
+    let mut t = [[0.0f32; LANES]; LANES];
+    for c in 0..chans {
+        let bias = b.map_or(0.0, |b| b[c]);
+        for y in 0..h {
+            let line = &src[(c * hp + y) * wp..(c * hp + y) * wp + w];
+            for j0 in (0..w).step_by(LANES) {
+                let n = LANES.min(w - j0);
+                // Rows past n are stale and land in columns never copied.
+                t[..n].copy_from_slice(&line[j0..j0 + n]);
+                // SAFETY: as in `to_lanes`.
+                unsafe { tr(&mut t) };
+                for (i, row) in t.iter().enumerate().take(count) {
+                    let at = ((i * chans + c) * h + y) * w + j0;
+                    for (o, v) in dst[at..at + n].iter_mut().zip(row) {
+                        *o = act.apply(if b.is_some() { v + bias } else { *v });
+                    }
                 }
             }
         }
     }
 }
 
-/// V[e][c][t·16 + lane] = (Bᵀ·d·B)[e] for every tile t of a block and channel c, from the block's
-/// input rows in lanes (`rows[c][α][cols]`).
+/// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
+/// from lane planes (`wp`-wide rows, `hp` rows a channel), to `v[place(e, c, t)..+16]`.
 #[inline(always)]
-fn input_transform<const M: usize, const A: usize>(
-    t: &Transform<M, A>,
-    rows: &[Lane],
+fn input_transform<const M: usize, const A: usize, T: Coefs<M, A>>(
+    planes: &[Lane],
     chans: usize,
-    txn: usize,
+    (hp, wp): (usize, usize),
+    blk: Block,
     v: &mut [f32],
+    place: impl Fn(usize, usize, usize) -> usize,
 ) {
-    let (cols, lane_cols) = (txn * M + 2, txn * LANES);
     for c in 0..chans {
-        let plane = &rows[c * A * cols..(c + 1) * A * cols];
-        for tx in 0..txn {
-            let d: [[Lane; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| plane[r * cols + tx * M + s]));
-            let vt = sandwich(&t.bt, &d, &t.bt);
-            for (e, lane) in vt.iter().flatten().enumerate() {
-                let at = (e * chans + c) * lane_cols + tx * LANES;
+        for t in 0..blk.txn {
+            let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
+            let load = |r: usize, s: usize| planes[corner + r * wp + s];
+            sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| {
+                let at = place(i * A + j, c, t);
                 v[at..at + LANES].copy_from_slice(lane);
-            }
+            });
         }
     }
 }
 
 /// The filter transform of `w[k][c][3][3]`: `u[e][k][c]`.
-fn transform_filters<const M: usize, const A: usize>(t: &Transform<M, A>, w: &[f32], k: usize, c: usize) -> Vec<f32> {
+fn transform_filters<const M: usize, const A: usize, T: Coefs<M, A>>(w: &[f32], k: usize, c: usize) -> Vec<f32> {
     let mut u = vec![0.0f32; A * A * k * c];
     for (kc, f) in w.chunks_exact(9).enumerate() {
-        let x: [[[f32; 1]; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| [f[i * 3 + j]]));
-        let v = sandwich(&t.g, &x, &t.g);
-        for (e, val) in v.iter().flatten().enumerate() {
-            u[e * k * c + kc] = val[0];
+        let x: [[f32; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| f[i * 3 + j]));
+        for (e, val) in sandwich(&T::T.g, &x, &T::T.g).iter().flatten().enumerate() {
+            u[e * k * c + kc] = *val;
         }
     }
     u
 }
 
-/// y = act(conv(x, w) + b) on 3×3 / stride 1 / pad 1, with `gemm` for the products.
+/// y = act(conv(x, w) + b) on 3×3 / stride 1 / pad 1, the products on rotvar's `isa` GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     tile: Tile,
-    gemm: Option<Isa>,
+    isa: Isa,
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
@@ -307,14 +461,14 @@ pub fn forward(
 ) {
     assert!(applies(g), "winograd: {g:?} is not 3×3 / stride 1 / pad 1");
     match tile {
-        Tile::F2 => forward_t(&F2, gemm, x, w, b, act, y, g),
-        Tile::F4 => forward_t(&F4, gemm, x, w, b, act, y, g),
+        Tile::F2 => forward_t::<2, 4, F23>(isa, x, w, b, act, y, g),
+        Tile::F4 => forward_t::<4, 6, F43>(isa, x, w, b, act, y, g),
     }
 }
 
 /// dx = the adjoint of the convolution applied to dy: the forward pass of the filter flipped
 /// in both axes with input and output channels swapped.
-pub fn backward_data(tile: Tile, gemm: Option<Isa>, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
+pub fn backward_data(tile: Tile, isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
     assert!(applies(g), "winograd: {g:?} is not 3×3 / stride 1 / pad 1");
     let mut flipped = vec![0.0f32; w.len()];
     for co in 0..g.c_out {
@@ -325,13 +479,11 @@ pub fn backward_data(tile: Tile, gemm: Option<Isa>, dy: &[f32], w: &[f32], dx: &
         }
     }
     let gt = ConvGeom { c_in: g.c_out, c_out: g.c_in, h: g.oh, w: g.ow, oh: g.h, ow: g.w, ..*g };
-    forward(tile, gemm, dy, &flipped, None, Activation::Identity, dx, &gt)
+    forward(tile, isa, dy, &flipped, None, Activation::Identity, dx, &gt)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward_t<const M: usize, const A: usize>(
-    t: &Transform<M, A>,
-    gemm: Option<Isa>,
+fn forward_t<const M: usize, const A: usize, T: Coefs<M, A>>(
+    isa: Isa,
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
@@ -340,89 +492,73 @@ fn forward_t<const M: usize, const A: usize>(
     g: &ConvGeom,
 ) {
     let (ci, co) = (g.c_in, g.c_out);
-    let u = transform_filters(t, w, co, ci);
+    let u = transform_filters::<M, A, T>(w, co, ci);
+    // Each transformed filter is packed for the GEMM once, and the input transform writes V in
+    // the GEMM's packed layout, so no operand is copied per block.
+    let packed: Vec<PackedLhs> =
+        (0..A * A).map(|e| PackedLhs::new(isa, co, ci, &u[e * co * ci..(e + 1) * co * ci], Mat::rows(ci))).collect();
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
-    let blocks = blocks(M, A, ci, co, g);
+    let tr = transposer();
+    let grid = Grid::new(M, g);
+    let blocks = blocks(A, ci, co, grid);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
-    // Scratch: input rows in lanes, V[e][ci][16·txn], products[e][co][16·txn], one output
-    // channel's tile row in lanes.
-    let rows_len = ci * A * (widest * M + 2) * LANES;
-    let (v_len, m_len, o_len) = (A * A * ci * widest * LANES, A * A * co * widest * LANES, M * widest * M * LANES);
+    // The input in lanes with a border of 1 (and of more where tiles overhang the map), the
+    // output in lanes on the whole tile grid.
+    let (hp, wp) = (grid.ty * M + 2, grid.tx * M + 2);
+    let (oh, ow) = (grid.ty * M, grid.tx * M);
+    let (x_len, y_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
+    let v_len = A * A * RhsLayout::new(isa, ci, widest * LANES).len();
+    let m_len = A * A * co * widest * LANES;
     y.par_chunks_mut(out_img * LANES).enumerate().for_each(|(grp, ys)| {
         let count = ys.len() / out_img;
         let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
-        with_scratch(rows_len + v_len + m_len + o_len, |buf| {
-            let (rows, rest) = buf.split_at_mut(rows_len);
-            let (v, rest) = rest.split_at_mut(v_len);
-            let (prod, orow) = rest.split_at_mut(m_len);
-            let rows: &mut [Lane] = bytemuck::cast_slice_mut(rows);
-            let orow: &mut [Lane] = bytemuck::cast_slice_mut(orow);
-            for &Block { ty, tx0, txn } in &blocks {
-                let (cols, lane_cols) = (txn * M + 2, txn * LANES);
-                let origin = ((ty * M) as isize - 1, (tx0 * M) as isize - 1);
-                gather(xs, count, ci, (g.h, g.w), origin, (A, cols), &mut rows[..ci * A * cols]);
-                vectorized(#[inline(always)] || input_transform(t, rows, ci, txn, v));
-                for e in 0..A * A {
-                    sgemm_on(
-                        gemm,
-                        co,
-                        lane_cols,
-                        ci,
-                        &u[e * co * ci..(e + 1) * co * ci],
-                        Mat::rows(ci),
-                        &v[e * ci * lane_cols..(e + 1) * ci * lane_cols],
-                        Mat::rows(lane_cols),
-                        &mut prod[e * co * lane_cols..(e + 1) * co * lane_cols],
-                        Mat::rows(lane_cols),
-                        false,
-                    );
+        with_scratch(x_len + y_len + v_len + m_len, |buf| {
+            let (xl, rest) = buf.split_at_mut(x_len);
+            let (yl, rest) = rest.split_at_mut(y_len);
+            let (v, prod) = rest.split_at_mut(v_len);
+            let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
+            let yl: &mut [Lane] = bytemuck::cast_slice_mut(yl);
+            vectorized(#[inline(always)] || to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (1, 1), tr, xl));
+            for &blk in &blocks {
+                let lane_cols = blk.txn * LANES;
+                let layout = RhsLayout::new(isa, ci, lane_cols);
+                let place = |e: usize, c: usize, t: usize| e * layout.len() + layout.offset(c, t * LANES);
+                vectorized(#[inline(always)] || input_transform::<M, A, T>(xl, ci, (hp, wp), blk, v, place));
+                for (e, ue) in packed.iter().enumerate() {
+                    let ve = &v[e * layout.len()..(e + 1) * layout.len()];
+                    let out = &mut prod[e * co * lane_cols..(e + 1) * co * lane_cols];
+                    sgemm_prepacked(ue, lane_cols, ve, layout, out, Mat::rows(lane_cols), false);
                 }
-                // The block's output rows and columns inside the map.
-                let (oy0, ox0) = (ty * M, tx0 * M);
-                let (rn, xn) = (M.min(g.oh - oy0), (txn * M).min(g.ow - ox0));
-                for k in 0..co {
-                    vectorized(#[inline(always)] || {
-                        for tx in 0..txn {
-                            let mt: [[Lane; A]; A] = std::array::from_fn(|r| {
-                                std::array::from_fn(|s| {
-                                    let at = ((r * A + s) * co + k) * lane_cols + tx * LANES;
-                                    prod[at..at + LANES].try_into().unwrap()
-                                })
-                            });
-                            let out = sandwich(&t.at, &mt, &t.at);
-                            for (r, o) in out.iter().enumerate() {
-                                orow[r * txn * M + tx * M..r * txn * M + (tx + 1) * M].copy_from_slice(o);
-                            }
-                        }
-                    });
-                    // Each image's rows are written whole, reading its lane.
-                    let bias = b.map(|b| b[k]);
-                    for i in 0..count {
-                        for r in 0..rn {
-                            let at = i * out_img + (k * g.oh + oy0 + r) * g.ow + ox0;
-                            for (o, l) in ys[at..at + xn].iter_mut().zip(&orow[r * txn * M..]) {
-                                *o = act.apply(bias.map_or(l[i], |b| l[i] + b));
-                            }
+                let prod = &*prod;
+                vectorized(#[inline(always)] || {
+                    for k in 0..co {
+                        for t in 0..blk.txn {
+                            let load = |r: usize, s: usize| {
+                                let at = ((r * A + s) * co + k) * lane_cols + t * LANES;
+                                prod[at..at + LANES].try_into().unwrap()
+                            };
+                            let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
+                            sandwich_with(&T::T.at, &T::T.at, load, |r, s, lane| yl[corner + r * ow + s] = *lane);
                         }
                     }
-                }
+                });
             }
+            vectorized(#[inline(always)] || from_lanes(yl, count, co, (g.oh, g.ow), (oh, ow), b, act, tr, ys));
         })
     });
 }
 
 /// dw = ∂(Σ dy·conv(x, w))/∂w on 3×3 / stride 1 / pad 1 (the bias gradient is not computed here).
-pub fn backward_weight(tile: Tile, gemm: Option<Isa>, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
+pub fn backward_weight(tile: Tile, isa: Isa, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
     assert!(applies(g), "winograd: {g:?} is not 3×3 / stride 1 / pad 1");
     match tile {
-        Tile::F2 => backward_weight_t(&F2, gemm, x, dy, dw, g),
-        Tile::F4 => backward_weight_t(&F4, gemm, x, dy, dw, g),
+        Tile::F2 => backward_weight_t::<2, 4, F23>(isa, x, dy, dw, g),
+        Tile::F4 => backward_weight_t::<4, 6, F43>(isa, x, dy, dw, g),
     }
 }
 
-fn backward_weight_t<const M: usize, const A: usize>(
-    t: &Transform<M, A>,
-    gemm: Option<Isa>,
+fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
+    isa: Isa,
     x: &[f32],
     dy: &[f32],
     dw: &mut [f32],
@@ -430,9 +566,13 @@ fn backward_weight_t<const M: usize, const A: usize>(
 ) {
     let (ci, co) = (g.c_in, g.c_out);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
-    let blocks = blocks(M, A, ci, co, g);
+    let tr = transposer();
+    let grid = Grid::new(M, g);
+    let blocks = blocks(A, ci, co, grid);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
-    let (rows_len, drows_len) = (ci * A * (widest * M + 2) * LANES, co * M * widest * M * LANES);
+    let (hp, wp) = (grid.ty * M + 2, grid.tx * M + 2);
+    let (oh, ow) = (grid.ty * M, grid.tx * M);
+    let (x_len, dy_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
     let (v_len, z_len) = (A * A * ci * widest * LANES, A * A * co * widest * LANES);
     // Σ over this group's tiles of Z[e]·V[e]ᵀ, [e][co][ci], one partial per group of images.
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(LANES))
@@ -442,37 +582,36 @@ fn backward_weight_t<const M: usize, const A: usize>(
             let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
             let mut acc = vec![0.0f32; A * A * co * ci];
-            with_scratch(rows_len + drows_len + v_len + z_len, |buf| {
-                let (rows, rest) = buf.split_at_mut(rows_len);
-                let (drows, rest) = rest.split_at_mut(drows_len);
+            with_scratch(x_len + dy_len + v_len + z_len, |buf| {
+                let (xl, rest) = buf.split_at_mut(x_len);
+                let (dyl, rest) = rest.split_at_mut(dy_len);
                 let (v, z) = rest.split_at_mut(v_len);
-                let rows: &mut [Lane] = bytemuck::cast_slice_mut(rows);
-                let drows: &mut [Lane] = bytemuck::cast_slice_mut(drows);
-                for &Block { ty, tx0, txn } in &blocks {
-                    let (cols, lane_cols) = (txn * M + 2, txn * LANES);
-                    let origin = ((ty * M) as isize - 1, (tx0 * M) as isize - 1);
-                    gather(xs, count, ci, (g.h, g.w), origin, (A, cols), &mut rows[..ci * A * cols]);
-                    let origin = ((ty * M) as isize, (tx0 * M) as isize);
-                    gather(dys, count, co, (g.oh, g.ow), origin, (M, txn * M), &mut drows[..co * M * txn * M]);
+                let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
+                let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
+                vectorized(#[inline(always)] || {
+                    to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (1, 1), tr, xl);
+                    to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl);
+                });
+                for &blk in &blocks {
+                    let lane_cols = blk.txn * LANES;
                     vectorized(#[inline(always)] || {
-                        input_transform(t, rows, ci, txn, v);
+                        let place = |e: usize, c: usize, t: usize| (e * ci + c) * lane_cols + t * LANES;
+                        input_transform::<M, A, T>(xl, ci, (hp, wp), blk, v, place);
                         // Z[e][k][t·16 + lane] = (A·dy·Aᵀ)[e] per output-gradient tile.
                         for k in 0..co {
-                            let plane = &drows[k * M * txn * M..(k + 1) * M * txn * M];
-                            for tx in 0..txn {
-                                let d: [[Lane; M]; M] =
-                                    std::array::from_fn(|r| std::array::from_fn(|s| plane[r * txn * M + tx * M + s]));
-                                let zt = sandwich(&t.a, &d, &t.a);
-                                for (e, lane) in zt.iter().flatten().enumerate() {
-                                    let at = (e * co + k) * lane_cols + tx * LANES;
+                            for t in 0..blk.txn {
+                                let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
+                                let load = |r: usize, s: usize| dyl[corner + r * ow + s];
+                                sandwich_with(&T::T.a, &T::T.a, load, |i, j, lane| {
+                                    let at = ((i * A + j) * co + k) * lane_cols + t * LANES;
                                     z[at..at + LANES].copy_from_slice(lane);
-                                }
+                                });
                             }
                         }
                     });
                     for e in 0..A * A {
-                        sgemm_on(
-                            gemm,
+                        sgemm_with(
+                            isa,
                             co,
                             ci,
                             lane_cols,
@@ -495,10 +634,58 @@ fn backward_weight_t<const M: usize, const A: usize>(
         sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
     }
     for (kc, out) in dw.chunks_exact_mut(9).enumerate() {
-        let m: [[[f32; 1]; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| [sum[(r * A + s) * co * ci + kc]]));
-        let d = sandwich(&t.gt, &m, &t.gt);
-        for (o, v) in out.iter_mut().zip(d.iter().flatten()) {
-            *o = v[0];
+        let m: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| sum[(r * A + s) * co * ci + kc]));
+        for (o, v) in out.iter_mut().zip(sandwich(&T::T.gt, &m, &T::T.gt).iter().flatten()) {
+            *o = *v;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_agree_with_the_definition() {
+        let sq: [Lane; LANES] = std::array::from_fn(|i| std::array::from_fn(|j| (i * 100 + j) as f32));
+        let mut plain = sq;
+        transpose16_plain(&mut plain);
+        for i in 0..LANES {
+            for j in 0..LANES {
+                assert_eq!(plain[j][i], sq[i][j]);
+            }
+        }
+        let mut fast = sq;
+        // SAFETY: transposer checked the CPU.
+        unsafe { transposer()(&mut fast) };
+        assert_eq!(fast, plain);
+    }
+}
+
+#[cfg(test)]
+mod scratch_bench {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn wg_phase_bench() {
+        let g = ConvGeom::new(256, 32, 28, 28, 32, (3, 3), 1, 1).unwrap();
+        let x: Vec<f32> = (0..g.n * g.c_in * g.h * g.w).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+        let w: Vec<f32> = (0..g.c_out * 9 * g.c_in).map(|i| ((i * 31) % 100) as f32 * 1e-2).collect();
+        let mut y = vec![0.0f32; g.n * g.c_out * g.oh * g.ow];
+        let isa = Isa::best();
+        let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+        let which = std::env::var("WHICH").unwrap_or("fwd".into());
+        let mut dt = f64::MAX;
+        for _ in 0..reps {
+            let t0 = std::time::Instant::now();
+            if which == "fwd" {
+                forward(Tile::F4, isa, &x, &w, None, Activation::Identity, &mut y, &g);
+            } else {
+                let mut dw = vec![0.0f32; w.len()];
+                backward_weight(Tile::F4, isa, &x, &y, &mut dw, &g);
+            }
+            dt = dt.min(t0.elapsed().as_secs_f64());
+        }
+        eprintln!("{which}: {:.2} ms/pass, {:.0} effective GFLOP/s", dt * 1e3, 2.0 * (g.n * g.c_out * g.oh * g.ow * g.c_in * 9) as f64 / dt / 1e9);
     }
 }
