@@ -39,7 +39,7 @@ impl Mat {
 
 /// Reduction depth per packed block; the same on every path, since it fixes where the partial
 /// sums are added to the output.
-const KC: usize = 128;
+pub const KC: usize = 128;
 /// The widest tile of any kernel, for the edge-tile buffer.
 const MAX_TILE: usize = 8 * 48;
 
@@ -434,15 +434,45 @@ unsafe fn multiply_packed(
     }
 }
 
+/// How [`sgemm_prepacked`] reads its left-hand operand (m×k): for each block of `KC` columns of
+/// the reduction, for each block of MC rows, the rows in strips of `mr`, each strip
+/// `[column in block][row in strip]`. `offset(r, p)` is element (r, p); rows past m in the last
+/// strip are read but never reach the output.
+#[derive(Clone, Copy, Debug)]
+pub struct LhsLayout {
+    pub mr: usize,
+    mc: usize,
+    k: usize,
+    /// m rounded up to whole strips.
+    rows: usize,
+}
+
+impl LhsLayout {
+    pub fn new(isa: Isa, m: usize, k: usize) -> LhsLayout {
+        let kern = kernel(isa);
+        LhsLayout { mr: kern.mr, mc: kern.mc, k, rows: m.div_ceil(kern.mr) * kern.mr }
+    }
+    /// Values the packed operand occupies.
+    pub fn len(&self) -> usize {
+        self.rows * self.k
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn offset(&self, r: usize, p: usize) -> usize {
+        // MC is a whole number of strips, so every block before (pc, ic) is full.
+        let (pc, ic) = (p / KC * KC, r / self.mc * self.mc);
+        let kc = KC.min(self.k - pc);
+        pc * self.rows + ic * kc + (r - ic) / self.mr * self.mr * kc + (p - pc) * self.mr + (r - ic) % self.mr
+    }
+}
+
 /// A left-hand operand packed once and multiplied many times ([`sgemm_prepacked`]): Winograd
 /// multiplies each transformed filter by every block of transformed inputs, and repacking it
 /// each time cost as much as the multiply.
 pub struct PackedLhs {
-    isa: Isa,
-    m: usize,
-    k: usize,
-    /// For each KC block of the reduction, for each MC block of rows: its MR-row strips.
-    data: Vec<f32>,
+    pub layout: LhsLayout,
+    pub data: Vec<f32>,
 }
 
 impl PackedLhs {
@@ -450,23 +480,21 @@ impl PackedLhs {
         assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
         check_extents(m, 0, k, a.len(), la, 0, Mat::rows(0), 0, Mat::rows(0));
         let kern = kernel(isa);
-        let rows = m.div_ceil(kern.mr) * kern.mr;
-        let mut data = vec![0.0f32; rows * k];
-        let mut off = 0;
+        let layout = LhsLayout::new(isa, m, k);
+        let mut data = vec![0.0f32; layout.len()];
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             for ic in (0..m).step_by(kern.mc) {
                 let mb = kern.mc.min(m - ic);
-                let len = mb.div_ceil(kern.mr) * kern.mr * kc;
+                let (off, len) = (layout.offset(ic, pc), mb.div_ceil(kern.mr) * kern.mr * kc);
                 // SAFETY: the block lies inside the extents checked above.
                 unsafe {
                     let at = ic as isize * la.rs + pc as isize * la.cs;
                     pack_a(mb, kc, kern.mr, a.as_ptr().offset(at), la, &mut data[off..off + len]);
                 }
-                off += len;
             }
         }
-        PackedLhs { isa, m, k, data }
+        PackedLhs { layout, data }
     }
 }
 
@@ -498,31 +526,44 @@ impl RhsLayout {
     }
 }
 
-/// c[m×n] = (accumulate ? c : 0) + a · b with `a` packed by [`PackedLhs::new`] and `b` laid out
-/// by [`RhsLayout`] on the same path: the same arithmetic as [`sgemm_with`], so the same bits.
-pub fn sgemm_prepacked(a: &PackedLhs, n: usize, b: &[f32], lb: RhsLayout, c: &mut [f32], lc: Mat, accumulate: bool) {
-    let (m, k) = (a.m, a.k);
+/// c[m×n] = (accumulate ? c : 0) + a · b with `a` laid out by [`LhsLayout`] (as
+/// [`PackedLhs`] packs it) and `b` by [`RhsLayout`], both for `isa`: the same arithmetic as
+/// [`sgemm_with`], so the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_prepacked(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    a: &[f32],
+    la: LhsLayout,
+    b: &[f32],
+    lb: RhsLayout,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    let k = la.k;
     if m == 0 || n == 0 {
         return;
     }
-    let kern = kernel(a.isa);
-    assert!(lb.nr == kern.nr && lb.k == k && lb.strips == n.div_ceil(kern.nr) && b.len() >= lb.len(), "sgemm_prepacked: rhs layout");
+    let kern = kernel(isa);
+    assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
+    assert!(la.mr == kern.mr && la.mc == kern.mc && la.rows >= m && a.len() >= la.len(), "sgemm_prepacked: lhs layout");
+    assert!(lb.nr == kern.nr && lb.k == k && lb.strips * lb.nr >= n && b.len() >= lb.len(), "sgemm_prepacked: rhs layout");
     check_extents(m, n, 0, 0, Mat::rows(0), 0, Mat::rows(0), c.len(), lc);
     if k == 0 {
-        return sgemm_with(a.isa, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);
+        return sgemm_with(isa, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);
     }
-    let mut off = 0;
-    // SAFETY: the packed operands hold every strip (checked above and by construction), and
-    // each block's output lies inside c.
+    // SAFETY: the packed operands hold every strip (checked above), and each block's output
+    // lies inside c.
     unsafe {
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let pb = b.as_ptr().add(pc * lb.strips * lb.nr);
+            let pb = b.as_ptr().add(lb.offset(pc, 0));
             for ic in (0..m).step_by(kern.mc) {
                 let mb = kern.mc.min(m - ic);
-                let out = c.as_mut_ptr().offset(ic as isize * lc.rs);
-                multiply_packed(&kern, kc, a.data.as_ptr().add(off), mb, pb, n, out, lc, pc == 0 && !accumulate);
-                off += mb.div_ceil(kern.mr) * kern.mr * kc;
+                let (pa, out) = (a.as_ptr().add(la.offset(ic, pc)), c.as_mut_ptr().offset(ic as isize * lc.rs));
+                multiply_packed(&kern, kc, pa, mb, pb, n, out, lc, pc == 0 && !accumulate);
             }
         }
     }

@@ -25,7 +25,7 @@
 //! (measured errors are in the tests' comments). Results are still deterministic: each group's
 //! work is fixed, and the weight gradient adds the groups' partial sums in group order.
 
-use super::gemm::{sgemm_prepacked, sgemm_with, Mat, PackedLhs, RhsLayout};
+use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
 use super::isa::Isa;
 use crate::backend::{Activation, ConvGeom};
 use rayon::prelude::*;
@@ -252,11 +252,13 @@ struct Block {
     txn: usize,
 }
 
-/// The blocks covering the grid, row by row. `BLOCK_BYTES` bounds one block's working set.
+/// The blocks covering the grid, row by row. `BLOCK_BYTES` bounds one block's working set; a
+/// block's lanes also fit one KC block of the GEMM, so that the weight gradient's reduction over
+/// them is a single block (its packed operands are then addressed by row and column alone).
 fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid) -> Vec<Block> {
     const BLOCK_BYTES: usize = 512 * 1024;
     let per_tile = a * a * (c_in + c_out) * LANES * 4;
-    let width = (BLOCK_BYTES / per_tile).clamp(1, grid.tx);
+    let width = (BLOCK_BYTES / per_tile).clamp(1, grid.tx).min(KC / LANES);
     let mut out = Vec::new();
     for ty in 0..grid.ty {
         for tx0 in (0..grid.tx).step_by(width) {
@@ -365,7 +367,11 @@ fn to_lanes(
                 t[count..].fill([0.0; LANES]);
                 for (i, row) in t.iter_mut().enumerate().take(count) {
                     let at = ((i * chans + c) * h + y) * w + j0;
-                    row[..n].copy_from_slice(&src[at..at + n]);
+                    if n == LANES {
+                        *row = src[at..at + LANES].try_into().unwrap();
+                    } else {
+                        row.iter_mut().zip(&src[at..at + n]).for_each(|(d, v)| *d = *v);
+                    }
                 }
                 // SAFETY: `tr` comes from `transposer`, which checked the CPU.
                 unsafe { tr(&mut t) };
@@ -403,8 +409,10 @@ fn from_lanes(
                 unsafe { tr(&mut t) };
                 for (i, row) in t.iter().enumerate().take(count) {
                     let at = ((i * chans + c) * h + y) * w + j0;
-                    for (o, v) in dst[at..at + n].iter_mut().zip(row) {
-                        *o = act.apply(if b.is_some() { v + bias } else { *v });
+                    let out = dst[at..at + n].iter_mut().zip(row);
+                    match (b.is_some(), act) {
+                        (false, Activation::Identity) => out.for_each(|(o, v)| *o = *v),
+                        _ => out.for_each(|(o, v)| *o = act.apply(v + bias)),
                     }
                 }
             }
@@ -527,7 +535,7 @@ fn forward_t<const M: usize, const A: usize, T: Coefs<M, A>>(
                 for (e, ue) in packed.iter().enumerate() {
                     let ve = &v[e * layout.len()..(e + 1) * layout.len()];
                     let out = &mut prod[e * co * lane_cols..(e + 1) * co * lane_cols];
-                    sgemm_prepacked(ue, lane_cols, ve, layout, out, Mat::rows(lane_cols), false);
+                    sgemm_prepacked(isa, co, lane_cols, &ue.data, ue.layout, ve, layout, out, Mat::rows(lane_cols), false);
                 }
                 let prod = &*prod;
                 vectorized(#[inline(always)] || {
@@ -569,11 +577,15 @@ fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
     let tr = transposer();
     let grid = Grid::new(M, g);
     let blocks = blocks(A, ci, co, grid);
-    let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
+    let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0) * LANES;
     let (hp, wp) = (grid.ty * M + 2, grid.tx * M + 2);
     let (oh, ow) = (grid.ty * M, grid.tx * M);
     let (x_len, dy_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
-    let (v_len, z_len) = (A * A * ci * widest * LANES, A * A * co * widest * LANES);
+    // Per block, for each point e: Z[e] = A·dy·Aᵀ (c_out × lanes) and V[e]ᵀ = (Bᵀ·x·B)ᵀ (lanes ×
+    // c_in), written straight in the GEMM's packed layouts; plus 16 channels' transforms of one
+    // tile, staged for the transpose that turns lanes into packed rows.
+    let (z_len, v_len) = (A * A * LhsLayout::new(isa, co, widest).len(), A * A * RhsLayout::new(isa, widest, ci).len());
+    let stage_len = A * A * LANES * LANES;
     // Σ over this group's tiles of Z[e]·V[e]ᵀ, [e][co][ci], one partial per group of images.
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(LANES))
         .into_par_iter()
@@ -582,43 +594,82 @@ fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
             let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
             let mut acc = vec![0.0f32; A * A * co * ci];
-            with_scratch(x_len + dy_len + v_len + z_len, |buf| {
+            with_scratch(x_len + dy_len + z_len + v_len + stage_len, |buf| {
                 let (xl, rest) = buf.split_at_mut(x_len);
                 let (dyl, rest) = rest.split_at_mut(dy_len);
-                let (v, z) = rest.split_at_mut(v_len);
+                let (z, rest) = rest.split_at_mut(z_len);
+                let (v, stage) = rest.split_at_mut(v_len);
                 let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
                 let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
+                let stage: &mut [[Lane; LANES]] = bytemuck::cast_slice_mut(stage);
                 vectorized(#[inline(always)] || {
                     to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (1, 1), tr, xl);
                     to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl);
                 });
                 for &blk in &blocks {
                     let lane_cols = blk.txn * LANES;
+                    let (la, lb) = (LhsLayout::new(isa, co, lane_cols), RhsLayout::new(isa, lane_cols, ci));
+                    // Within one KC block, element (k, p) of Z sits at row_at[k] + p·mr.
+                    let row_at: Vec<usize> = (0..co).map(|k| la.offset(k, 0)).collect();
                     vectorized(#[inline(always)] || {
-                        let place = |e: usize, c: usize, t: usize| (e * ci + c) * lane_cols + t * LANES;
-                        input_transform::<M, A, T>(xl, ci, (hp, wp), blk, v, place);
-                        // Z[e][k][t·16 + lane] = (A·dy·Aᵀ)[e] per output-gradient tile.
-                        for k in 0..co {
-                            for t in 0..blk.txn {
-                                let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
-                                let load = |r: usize, s: usize| dyl[corner + r * ow + s];
-                                sandwich_with(&T::T.a, &T::T.a, load, |i, j, lane| {
-                                    let at = ((i * A + j) * co + k) * lane_cols + t * LANES;
-                                    z[at..at + LANES].copy_from_slice(lane);
-                                });
+                        for t in 0..blk.txn {
+                            // V[e]ᵀ: 16 input channels at a time, transposed so each lane (pixel
+                            // of an image) becomes a packed row of 16 channels.
+                            for c0 in (0..ci).step_by(LANES) {
+                                for c in c0..ci.min(c0 + LANES) {
+                                    let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
+                                    let load = |r: usize, s: usize| xl[corner + r * wp + s];
+                                    sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| stage[i * A + j][c - c0] = *lane);
+                                }
+                                for (e, sq) in stage.iter_mut().enumerate() {
+                                    // SAFETY: `tr` comes from `transposer`, which checked the CPU.
+                                    unsafe { tr(sq) };
+                                    for (l, row) in sq.iter().enumerate() {
+                                        let at = e * lb.len() + lb.offset(t * LANES + l, c0);
+                                        v[at..at + LANES].copy_from_slice(row);
+                                    }
+                                }
+                            }
+                            // Z[e]: 16 output channels at a time, each lane a packed column.
+                            for k0 in (0..co).step_by(LANES) {
+                                let kn = LANES.min(co - k0);
+                                for k in k0..k0 + kn {
+                                    let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
+                                    let load = |r: usize, s: usize| dyl[corner + r * ow + s];
+                                    sandwich_with(&T::T.a, &T::T.a, load, |i, j, lane| stage[i * A + j][k - k0] = *lane);
+                                }
+                                for (e, sq) in stage.iter_mut().enumerate() {
+                                    // SAFETY: as above.
+                                    unsafe { tr(sq) };
+                                    let base = e * la.len();
+                                    for (l, row) in sq.iter().enumerate() {
+                                        let p = (t * LANES + l) * la.mr;
+                                        if la.mr == 8 && kn == LANES {
+                                            // Two whole 8-row strips (AVX-512): two 32-byte moves.
+                                            for h in [0, 8] {
+                                                let at = base + row_at[k0 + h] + p;
+                                                let dst: &mut [f32; 8] = (&mut z[at..at + 8]).try_into().unwrap();
+                                                *dst = row[h..h + 8].try_into().unwrap();
+                                            }
+                                            continue;
+                                        }
+                                        for (kk, val) in row.iter().enumerate().take(kn) {
+                                            z[base + row_at[k0 + kk] + p] = *val;
+                                        }
+                                    }
+                                }
                             }
                         }
                     });
                     for e in 0..A * A {
-                        sgemm_with(
+                        sgemm_prepacked(
                             isa,
                             co,
                             ci,
-                            lane_cols,
-                            &z[e * co * lane_cols..(e + 1) * co * lane_cols],
-                            Mat::rows(lane_cols),
-                            &v[e * ci * lane_cols..(e + 1) * ci * lane_cols],
-                            Mat::transposed(lane_cols),
+                            &z[e * la.len()..(e + 1) * la.len()],
+                            la,
+                            &v[e * lb.len()..(e + 1) * lb.len()],
+                            lb,
                             &mut acc[e * co * ci..(e + 1) * co * ci],
                             Mat::rows(ci),
                             true,
