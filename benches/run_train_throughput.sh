@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Training throughput, rotvar vs PyTorch, side by side in one run on the same machine.
-#   [GEMMS="crate avx512 avx2"] benches/run_train_throughput.sh [cpu|cuda] [rounds]
+#   [GEMMS="crate avx512 avx2"] [CONVS="im2col winograd"] benches/run_train_throughput.sh [cpu|cuda] [rounds]
 # Needs: a release build (cargo build --release) and a python with torch (PYTHON=...).
-# GEMMS: the CPU GEMM paths (--cpu-gemm) to put side by side, each against the same PyTorch run.
+# GEMMS, CONVS: the CPU GEMM paths (--cpu-gemm) and convolution algorithms (--cpu-conv) to put
+# side by side, every pair against the same PyTorch run.
 # Each round runs rotvar then PyTorch per model, so drift in machine load hits both alike;
 # the ratio reported is the median over rounds of rotvar/PyTorch images per second.
 set -euo pipefail
@@ -14,13 +15,16 @@ py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 threads=${THREADS:-$(nproc)}
 gemms=${GEMMS:-crate}
+convs=${CONVS:-im2col}
 out=$(mktemp)
 "$bin" info | grep '^cpu:'
 for r in $(seq "$rounds"); do
   for m in lenet simpleconv; do
     for g in $gemms; do
-      "$bin" --threads "$threads" --cpu-gemm "$g" bench train --models "$m" --steps "$steps" --device "$device" 2>/dev/null \
-        | sed "s/^{/{\"gemm\":\"$g\",/" >>"$out"
+      for c in $convs; do
+        "$bin" --threads "$threads" --cpu-gemm "$g" --cpu-conv "$c" bench train --models "$m" --steps "$steps" --device "$device" 2>/dev/null \
+          | sed "s/^{/{\"gemm\":\"$g $c\",/" >>"$out"
+      done
     done
     "$py" "$here/torch_reference.py" --models "$m" --steps "$steps" --device "$device" --threads "$threads" >>"$out"
   done
@@ -34,7 +38,7 @@ for m in sorted({r["model"] for r in rows}):
     for g in gemms:
         ours = [r["images_per_second"] for r in rows if r["model"] == m and r["impl"] == "rotvar" and r["gemm"] == g]
         ratios = [a / b for a, b in zip(ours, ref)]
-        print(f"{m:>11} [{g:>7}]: rotvar {statistics.median(ours):8.1f} img/s   pytorch {statistics.median(ref):8.1f} img/s"
+        print(f"{m:>11} [{g:>16}]: rotvar {statistics.median(ours):8.1f} img/s   pytorch {statistics.median(ref):8.1f} img/s"
               f"   ratio {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
 PY
 rm -f "$out"

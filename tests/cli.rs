@@ -271,6 +271,21 @@ fn info_runs_without_a_gpu() {
     assert!(s.contains("lenet") && s.contains("mnist-sample"), "{s}");
 }
 
+/// `--cpu-conv` reaches the engine (info names the algorithm in use, Winograd by default) and a
+/// wrong name is refused with the choices, before any work.
+#[test]
+fn cpu_conv_is_named_in_info_and_checked() {
+    for (args, want) in [(&["info"][..], "conv: winograd-f4"), (&["--cpu-conv", "im2col", "info"][..], "conv: im2col")]
+    {
+        let s = String::from_utf8_lossy(&rotvar_ok(args).stdout).into_owned();
+        assert!(s.lines().any(|l| l.starts_with("cpu: ") && l.ends_with(want)), "{args:?}: {s}");
+    }
+    let o = rotvar(&["--cpu-conv", "fft", "info"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("--cpu-conv") && e.contains("\"fft\"") && e.contains("winograd"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
 #[test]
 fn fetch_offline_fails_cleanly() {
     // This machine has no network: fetch must fail with a message, never hang or panic.

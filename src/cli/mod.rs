@@ -6,8 +6,8 @@ mod track;
 
 use crate::angle_eval;
 use crate::augment::Augment;
-use crate::backend::cpu::isa as cpu_isa;
 use crate::backend::cpu::conv as cpu_conv;
+use crate::backend::cpu::isa as cpu_isa;
 use crate::backend::MapReduce;
 use crate::backend::{self, BackendRef, DeviceRequest};
 use crate::checkpoint;
@@ -45,10 +45,11 @@ struct Cli {
     /// (the widest this CPU runs). rotvar's three give the same bits; the crate's differ from them.
     #[arg(long, global = true, env = "ROTVAR_CPU_GEMM", default_value = "crate")]
     cpu_gemm: String,
-    /// The CPU backend's 3×3 stride-1 convolutions: im2col (im2col + GEMM, the reference), or
-    /// winograd (F(4×4,3×3): 4× fewer multiplications, slightly different rounding) or
-    /// winograd-f2 (F(2×2,3×3): 2.25× fewer). Other convolutions always use im2col.
-    #[arg(long, global = true, env = "ROTVAR_CPU_CONV", default_value = "im2col")]
+    /// The CPU backend's convolutions: winograd (F(4×4,r×r) on the 3×3 and 5×5 stride-1 "same"
+    /// layers with at least 8 channels in and out, 4× and 6.25× fewer multiplications; im2col +
+    /// GEMM elsewhere), winograd-f2 (F(2×2,r×r)), or im2col everywhere (the reference; Winograd
+    /// rounds differently, within about 1e-5 of it). Each is deterministic.
+    #[arg(long, global = true, env = "ROTVAR_CPU_CONV", default_value = "winograd")]
     cpu_conv: String,
     #[command(subcommand)]
     command: Command,

@@ -12,7 +12,7 @@ use std::time::Instant;
 pub(super) fn cmd_info() -> Result<()> {
     println!("rotvar {}", env!("CARGO_PKG_VERSION"));
     println!("cpu backend: {} (rayon threads)", rayon::current_num_threads());
-    println!("cpu: {}", backend::cpu::isa::describe());
+    println!("cpu: {}, conv: {}", backend::cpu::isa::describe(), backend::cpu::conv::algo_name());
     for (i, line) in backend::cuda::kernels::describe().iter().enumerate() {
         println!("{}{line}", if i == 0 { "cuda kernels: " } else { "  " });
     }

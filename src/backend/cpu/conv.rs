@@ -271,8 +271,8 @@ fn with_padded_images<R>(x: &[f32], imgs: usize, g: &ConvGeom, f: impl FnOnce(&[
 /// it reads the image in place (implicit im2col) or writes the im2col matrix first. The two give
 /// the same bits (tests below); the explicit one stays as the readable oracle.
 ///
-/// `winograd`, where set, takes the 3×3 stride-1 pad-1 layers with enough channels (see
-/// `winograd_on`); its bits differ from the im2col route's, which is its oracle.
+/// `winograd`, where set, takes the 3×3 and 5×5 stride-1 "same" layers with enough channels
+/// (see `winograd_on`); its bits differ from the im2col route's, which is its oracle.
 #[derive(Clone, Copy, Debug)]
 pub struct Engine {
     pub gemm: Option<Isa>,
@@ -280,8 +280,9 @@ pub struct Engine {
     pub winograd: Option<Tile>,
 }
 
-/// The convolution algorithm: 0 im2col, 1 Winograd F(2,3), 2 Winograd F(4,3).
-static ALGO: AtomicU8 = AtomicU8::new(0);
+/// The convolution algorithm: 0 im2col, 1 Winograd F(2,3), 2 Winograd F(4,3) (the default:
+/// 1.2–2.1× faster than im2col on every SimpleConv layer it takes, benches/RESULTS.md).
+static ALGO: AtomicU8 = AtomicU8::new(2);
 
 /// `--cpu-conv`: `im2col`, `winograd-f2` or `winograd-f4` (`winograd` is F(4,3)).
 pub fn parse_algo(s: &str) -> Result<Option<Tile>> {
@@ -323,8 +324,8 @@ impl Engine {
     }
 
     /// The Winograd tile for `g`, if this engine uses Winograd there. A layer with a handful of
-    /// input or output channels (conv1 on grayscale) gives the GEMMs almost nothing to do, and
-    /// the transforms would dominate.
+    /// input or output channels (conv1 on grayscale, LeNet's 6-channel conv2) gives the GEMMs
+    /// almost nothing to do, and the transforms would dominate.
     fn winograd_on(self, g: &ConvGeom) -> Option<Tile> {
         self.winograd.filter(|_| winograd::applies(g) && g.c_in >= 8 && g.c_out >= 8)
     }
@@ -715,20 +716,30 @@ mod tests {
         }
     }
 
-    /// Winograd F(2,3) and F(4,3) against the im2col route (their oracle): forward (bias, no
-    /// activation, so every value is compared), backward-data and weight gradient, on maps that
-    /// tiles do and do not divide, batches above, below and equal to one 16-image group. Errors
-    /// are measured against the largest reference value of each output: Winograd rounds
-    /// differently (F(4,3) scales by up to 8 and 1/24), so the tolerance is the GEMM's 1e-3
-    /// of that scale, not bits. Each result is also the same on any vector width.
+    /// Winograd F(2,r) and F(4,r), r = 3 and 5, against the im2col route (their oracle):
+    /// forward (bias, no activation, so every value is compared), backward-data and weight
+    /// gradient, on maps that tiles do and do not divide, channel counts on and off multiples of
+    /// 16, batches above, below and equal to one 16-image group. Errors are measured against the
+    /// largest reference value of each output: Winograd rounds differently (F(4,5) scales by up to
+    /// 8 and 1/90), so the tolerance is the GEMM's 1e-3 of that scale, not bits. Each result is
+    /// also the same on any vector width.
     #[test]
     fn winograd_matches_im2col_within_tolerance() {
         let mut rng = Rng::new(31);
         let reference = Engine { gemm: Some(Isa::Portable), implicit: false, winograd: None };
-        let geoms = [(3, 8, 12, 12, 8), (17, 16, 14, 14, 24), (5, 9, 9, 11, 13), (16, 32, 7, 7, 64), (2, 32, 28, 28, 32)];
+        let geoms = [
+            (3, 8, 12, 12, 8, 3),
+            (17, 16, 14, 14, 24, 3),
+            (5, 9, 9, 11, 13, 3),
+            (16, 32, 7, 7, 64, 3),
+            (2, 32, 28, 28, 32, 3),
+            (18, 16, 7, 7, 120, 5),
+            (3, 8, 14, 14, 16, 5),
+            (5, 9, 10, 9, 11, 5),
+        ];
         let mut worst = [0.0f32; 2];
-        for &(n, c, h, w, co) in &geoms {
-            let g = ConvGeom::new(n, c, h, w, co, (3, 3), 1, 1).unwrap();
+        for &(n, c, h, w, co, r) in &geoms {
+            let g = ConvGeom::new(n, c, h, w, co, (r, r), 1, r / 2).unwrap();
             let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal()).collect();
             let wt: Vec<f32> = (0..co * g.k()).map(|_| rng.normal() * 0.2).collect();
             let bias: Vec<f32> = (0..co).map(|_| rng.normal()).collect();
@@ -747,7 +758,9 @@ mod tests {
                 let mut got_by_isa = Vec::new();
                 for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
                     let got = run(Engine { gemm: Some(isa), implicit: true, winograd: Some(tile) });
-                    for (what, (a, b)) in ["forward", "backward-data", "weight gradient"].iter().zip(got.iter().zip(&want)) {
+                    for (what, (a, b)) in
+                        ["forward", "backward-data", "weight gradient"].iter().zip(got.iter().zip(&want))
+                    {
                         let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                         let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
                         assert!(err < 1e-3, "{} {what} {g:?} on {isa}: error {err:e} of scale {scale}", tile.name());
@@ -763,6 +776,6 @@ mod tests {
                 }
             }
         }
-        eprintln!("winograd worst relative error: F(2,3) {:e}, F(4,3) {:e}", worst[0], worst[1]);
+        eprintln!("winograd worst relative error: F(2,r) {:e}, F(4,r) {:e}", worst[0], worst[1]);
     }
 }

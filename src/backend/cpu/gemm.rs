@@ -375,7 +375,17 @@ pub fn sgemm_rhs(
                     for ic in (0..m).step_by(kern.mc) {
                         let mb = kern.mc.min(m - ic);
                         pack_a(mb, kc, kern.mr, ap.offset(at(ic, pc, la)), la, pa);
-                        multiply_packed(&kern, kc, pa.as_ptr(), mb, pb.as_ptr(), nb, cp.offset(at(ic, jc, lc)), lc, first);
+                        multiply_packed(
+                            &kern,
+                            kc,
+                            pa.as_ptr(),
+                            mb,
+                            pb.as_ptr(),
+                            nb,
+                            cp.offset(at(ic, jc, lc)),
+                            lc,
+                            first,
+                        );
                     }
                 }
             }
@@ -549,7 +559,10 @@ pub fn sgemm_prepacked(
     let kern = kernel(isa);
     assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
     assert!(la.mr == kern.mr && la.mc == kern.mc && la.rows >= m && a.len() >= la.len(), "sgemm_prepacked: lhs layout");
-    assert!(lb.nr == kern.nr && lb.k == k && lb.strips * lb.nr >= n && b.len() >= lb.len(), "sgemm_prepacked: rhs layout");
+    assert!(
+        lb.nr == kern.nr && lb.k == k && lb.strips * lb.nr >= n && b.len() >= lb.len(),
+        "sgemm_prepacked: rhs layout"
+    );
     check_extents(m, n, 0, 0, Mat::rows(0), 0, Mat::rows(0), c.len(), lc);
     if k == 0 {
         return sgemm_with(isa, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);

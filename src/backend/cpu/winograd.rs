@@ -1,15 +1,16 @@
-//! Winograd convolutions for 3×3, stride 1, padding 1 (Lavin & Gray, "Fast Algorithms for
-//! Convolutional Neural Networks", 2016): F(2×2, 3×3) and F(4×4, 3×3).
+//! Winograd convolutions for 3×3 and 5×5 filters, stride 1, "same" padding (Lavin & Gray, "Fast
+//! Algorithms for Convolutional Neural Networks", 2016): F(2×2, r×r) and F(4×4, r×r).
 //!
-//! A convolution of an m×m output tile with a 3×3 filter is computed in the transformed domain
-//! with α² = (m+2)² products instead of 9·m²: 2.25× fewer multiplications for m = 2, 4× for m = 4.
+//! A convolution of an m×m output tile with an r×r filter is computed in the transformed domain
+//! with α² = (m+r−1)² products instead of r²·m²: for 3×3, 2.25× fewer multiplications with m = 2
+//! and 4× with m = 4; for 5×5, 2.8× and 6.25×.
 //! Over channels the products become α² independent GEMMs, which run on the same GEMM as the
 //! im2col route:
 //!
 //! - forward: `U = G·w·Gᵀ` per filter, `V = Bᵀ·d·B` per input tile, `M[e] = U[e]·V[e]` for each
 //!   of the α² points `e`, `y = Aᵀ·M·A` per output tile;
-//! - backward-data: the forward pass of the flipped, channel-transposed filter over `dy` (for
-//!   3×3 stride 1 pad 1 that is exactly the adjoint);
+//! - backward-data: the forward pass of the flipped, channel-transposed filter over `dy` (with
+//!   stride 1 and "same" padding that is exactly the adjoint);
 //! - weight gradient: differentiating the forward formula in `w` gives
 //!   `dw = Gᵀ·(Σ_tiles (A·dy·Aᵀ) ⊙ (Bᵀ·d·B))·G`, the sum over tiles being α² GEMMs that reduce
 //!   over the tiles of every image.
@@ -20,7 +21,7 @@
 //! and add, never fused, so their bits do not depend on the vector width.
 //!
 //! Winograd is not bit-identical to the direct convolution: its rounding differs, more so for
-//! m = 4 (the transforms scale values by up to 8 and 1/24). The im2col route in `conv.rs` is its
+//! m = 4 (the transforms scale values by up to 8 and 1/90). The im2col route in `conv.rs` is its
 //! oracle; tests hold forward, backward-data and weight gradient to 1e-3 of the output's scale
 //! (measured errors are in the tests' comments). Results are still deterministic: each group's
 //! work is fixed, and the weight gradient adds the groups' partial sums in group order.
@@ -38,9 +39,9 @@ type Lane = [f32; LANES];
 /// The output tile size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
-    /// F(2×2, 3×3): α = 4.
+    /// F(2×2, 3×3) (α = 4) and F(2×2, 5×5) (α = 6).
     F2,
-    /// F(4×4, 3×3): α = 6.
+    /// F(4×4, 3×3) (α = 6) and F(4×4, 5×5) (α = 8).
     F4,
 }
 
@@ -53,22 +54,23 @@ impl Tile {
     }
 }
 
-/// Whether Winograd computes this convolution: 3×3 filters, stride 1, padding 1 (the shape of
-/// SimpleConv, VGG and ResNet's inner layers).
+/// Whether Winograd computes this convolution: 3×3 or 5×5 filters, stride 1, "same" padding
+/// (SimpleConv, VGG and ResNet's 3×3 layers; LeNet's 5×5 ones).
 pub fn applies(g: &ConvGeom) -> bool {
-    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1
+    g.kh == g.kw && (g.kh == 3 || g.kh == 5) && g.stride == 1 && g.pad == g.kh / 2
 }
 
-/// The three transforms of F(m×m, 3×3), α = m + 2.
-struct Transform<const M: usize, const A: usize> {
+/// The three transforms of F(m×m, r×r), α = m + r − 1. The matrices are the Toom-Cook ones for
+/// the interpolation points 0, ±1, ±2 (and ±1/2 for α = 8) and ∞.
+struct Transform<const M: usize, const A: usize, const R: usize> {
     /// Output: y = Aᵀ·M·A.
     at: [[f32; A]; M],
     /// Output gradient, for the weight gradient: A·dy·Aᵀ.
     a: [[f32; M]; A],
     /// Filter: U = G·w·Gᵀ.
-    g: [[f32; 3]; A],
+    g: [[f32; R]; A],
     /// Filter gradient: dw = Gᵀ·dU·G.
-    gt: [[f32; A]; 3],
+    gt: [[f32; A]; R],
     /// Input: V = Bᵀ·d·B.
     bt: [[f32; A]; A],
 }
@@ -89,7 +91,7 @@ const fn transpose<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; R
 
 const F2_AT: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
 const F2_G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-const F2: Transform<2, 4> = Transform {
+const F2: Transform<2, 4, 3> = Transform {
     at: F2_AT,
     a: transpose(F2_AT),
     g: F2_G,
@@ -97,7 +99,15 @@ const F2: Transform<2, 4> = Transform {
     bt: [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]],
 };
 
-// Interpolation points 0, ±1, ±2 and ∞.
+// α = 6: points 0, ±1, ±2 and ∞. F(4,3) and F(2,5) share Bᵀ.
+const B6: [[f32; 6]; 6] = [
+    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+];
 const F4_AT: [[f32; 6]; 4] = [
     [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
     [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
@@ -112,33 +122,73 @@ const F4_G: [[f32; 3]; 6] = [
     [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
     [0.0, 0.0, 1.0],
 ];
-const F4: Transform<4, 6> = Transform {
-    at: F4_AT,
-    a: transpose(F4_AT),
-    g: F4_G,
-    gt: transpose(F4_G),
+const F4: Transform<4, 6, 3> = Transform { at: F4_AT, a: transpose(F4_AT), g: F4_G, gt: transpose(F4_G), bt: B6 };
+
+const F25_AT: [[f32; 6]; 2] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 1.0]];
+const F25_G: [[f32; 5]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0, 1.0 / 3.0, 2.0 / 3.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0, -1.0 / 3.0, 2.0 / 3.0],
+    [0.0, 0.0, 0.0, 0.0, 1.0],
+];
+const F25: Transform<2, 6, 5> = Transform { at: F25_AT, a: transpose(F25_AT), g: F25_G, gt: transpose(F25_G), bt: B6 };
+
+// α = 8: points 0, ±1, ±2, ±1/2 and ∞.
+const F45_AT: [[f32; 8]; 4] = [
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+    [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.0],
+    [0.0, 1.0, 1.0, 4.0, 4.0, 0.25, 0.25, 0.0],
+    [0.0, 1.0, -1.0, 8.0, -8.0, 0.125, -0.125, 1.0],
+];
+const F45_G: [[f32; 5]; 8] = [
+    [-1.0, 0.0, 0.0, 0.0, 0.0],
+    [-2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0],
+    [-2.0 / 9.0, 2.0 / 9.0, -2.0 / 9.0, 2.0 / 9.0, -2.0 / 9.0],
+    [1.0 / 90.0, 1.0 / 45.0, 2.0 / 45.0, 4.0 / 45.0, 8.0 / 45.0],
+    [1.0 / 90.0, -1.0 / 45.0, 2.0 / 45.0, -4.0 / 45.0, 8.0 / 45.0],
+    [32.0 / 45.0, 16.0 / 45.0, 8.0 / 45.0, 4.0 / 45.0, 2.0 / 45.0],
+    [32.0 / 45.0, -16.0 / 45.0, 8.0 / 45.0, -4.0 / 45.0, 2.0 / 45.0],
+    [0.0, 0.0, 0.0, 0.0, 1.0],
+];
+const F45: Transform<4, 8, 5> = Transform {
+    at: F45_AT,
+    a: transpose(F45_AT),
+    g: F45_G,
+    gt: transpose(F45_G),
     bt: [
-        [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
-        [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
-        [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
-        [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-        [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
-        [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+        [-1.0, 0.0, 21.0 / 4.0, 0.0, -21.0 / 4.0, 0.0, 1.0, 0.0],
+        [0.0, 1.0, 1.0, -17.0 / 4.0, -17.0 / 4.0, 1.0, 1.0, 0.0],
+        [0.0, -1.0, 1.0, 17.0 / 4.0, -17.0 / 4.0, -1.0, 1.0, 0.0],
+        [0.0, 0.5, 0.25, -2.5, -1.25, 2.0, 1.0, 0.0],
+        [0.0, -0.5, 0.25, 2.5, -1.25, -2.0, 1.0, 0.0],
+        [0.0, 2.0, 4.0, -2.5, -5.0, 0.5, 1.0, 0.0],
+        [0.0, -2.0, 4.0, 2.5, -5.0, -0.5, 1.0, 0.0],
+        [0.0, -1.0, 0.0, 21.0 / 4.0, 0.0, -21.0 / 4.0, 0.0, 1.0],
     ],
 };
 
 /// A transform as a type, so that its coefficients are compile-time constants wherever it is
 /// used: the compiler then drops the zero terms and keeps the tile in registers.
-trait Coefs<const M: usize, const A: usize>: Sync {
-    const T: Transform<M, A>;
+trait Coefs<const M: usize, const A: usize, const R: usize>: Sync {
+    const T: Transform<M, A, R>;
 }
 struct F23;
-impl Coefs<2, 4> for F23 {
-    const T: Transform<2, 4> = F2;
+impl Coefs<2, 4, 3> for F23 {
+    const T: Transform<2, 4, 3> = F2;
 }
 struct F43;
-impl Coefs<4, 6> for F43 {
-    const T: Transform<4, 6> = F4;
+impl Coefs<4, 6, 3> for F43 {
+    const T: Transform<4, 6, 3> = F4;
+}
+struct F25T;
+impl Coefs<2, 6, 5> for F25T {
+    const T: Transform<2, 6, 5> = F25;
+}
+struct F45T;
+impl Coefs<4, 8, 5> for F45T {
+    const T: Transform<4, 8, 5> = F45;
 }
 
 /// `l · x` for one column `x` of W-lane values, skipping zero coefficients (half of Bᵀ and Aᵀ).
@@ -423,7 +473,7 @@ fn from_lanes(
 /// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
 /// from lane planes (`wp`-wide rows, `hp` rows a channel), to `v[place(e, c, t)..+16]`.
 #[inline(always)]
-fn input_transform<const M: usize, const A: usize, T: Coefs<M, A>>(
+fn input_transform<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     planes: &[Lane],
     chans: usize,
     (hp, wp): (usize, usize),
@@ -443,11 +493,15 @@ fn input_transform<const M: usize, const A: usize, T: Coefs<M, A>>(
     }
 }
 
-/// The filter transform of `w[k][c][3][3]`: `u[e][k][c]`.
-fn transform_filters<const M: usize, const A: usize, T: Coefs<M, A>>(w: &[f32], k: usize, c: usize) -> Vec<f32> {
+/// The filter transform of `w[k][c][r][r]`: `u[e][k][c]`.
+fn transform_filters<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
+    w: &[f32],
+    k: usize,
+    c: usize,
+) -> Vec<f32> {
     let mut u = vec![0.0f32; A * A * k * c];
-    for (kc, f) in w.chunks_exact(9).enumerate() {
-        let x: [[f32; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| f[i * 3 + j]));
+    for (kc, f) in w.chunks_exact(R * R).enumerate() {
+        let x: [[f32; R]; R] = std::array::from_fn(|i| std::array::from_fn(|j| f[i * R + j]));
         for (e, val) in sandwich(&T::T.g, &x, &T::T.g).iter().flatten().enumerate() {
             u[e * k * c + kc] = *val;
         }
@@ -455,7 +509,7 @@ fn transform_filters<const M: usize, const A: usize, T: Coefs<M, A>>(w: &[f32], 
     u
 }
 
-/// y = act(conv(x, w) + b) on 3×3 / stride 1 / pad 1, the products on rotvar's `isa` GEMM.
+/// y = act(conv(x, w) + b), the products on rotvar's `isa` GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     tile: Tile,
@@ -467,22 +521,25 @@ pub fn forward(
     y: &mut [f32],
     g: &ConvGeom,
 ) {
-    assert!(applies(g), "winograd: {g:?} is not 3×3 / stride 1 / pad 1");
-    match tile {
-        Tile::F2 => forward_t::<2, 4, F23>(isa, x, w, b, act, y, g),
-        Tile::F4 => forward_t::<4, 6, F43>(isa, x, w, b, act, y, g),
+    assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
+    match (tile, g.kh) {
+        (Tile::F2, 3) => forward_t::<2, 4, 3, F23>(isa, x, w, b, act, y, g),
+        (Tile::F4, 3) => forward_t::<4, 6, 3, F43>(isa, x, w, b, act, y, g),
+        (Tile::F2, _) => forward_t::<2, 6, 5, F25T>(isa, x, w, b, act, y, g),
+        (Tile::F4, _) => forward_t::<4, 8, 5, F45T>(isa, x, w, b, act, y, g),
     }
 }
 
 /// dx = the adjoint of the convolution applied to dy: the forward pass of the filter flipped
 /// in both axes with input and output channels swapped.
 pub fn backward_data(tile: Tile, isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
-    assert!(applies(g), "winograd: {g:?} is not 3×3 / stride 1 / pad 1");
+    assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
+    let taps = g.kh * g.kw;
     let mut flipped = vec![0.0f32; w.len()];
     for co in 0..g.c_out {
         for ci in 0..g.c_in {
-            for t in 0..9 {
-                flipped[(ci * g.c_out + co) * 9 + 8 - t] = w[(co * g.c_in + ci) * 9 + t];
+            for t in 0..taps {
+                flipped[(ci * g.c_out + co) * taps + taps - 1 - t] = w[(co * g.c_in + ci) * taps + t];
             }
         }
     }
@@ -490,7 +547,7 @@ pub fn backward_data(tile: Tile, isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32]
     forward(tile, isa, dy, &flipped, None, Activation::Identity, dx, &gt)
 }
 
-fn forward_t<const M: usize, const A: usize, T: Coefs<M, A>>(
+fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     isa: Isa,
     x: &[f32],
     w: &[f32],
@@ -500,7 +557,7 @@ fn forward_t<const M: usize, const A: usize, T: Coefs<M, A>>(
     g: &ConvGeom,
 ) {
     let (ci, co) = (g.c_in, g.c_out);
-    let u = transform_filters::<M, A, T>(w, co, ci);
+    let u = transform_filters::<M, A, R, T>(w, co, ci);
     // Each transformed filter is packed for the GEMM once, and the input transform writes V in
     // the GEMM's packed layout, so no operand is copied per block.
     let packed: Vec<PackedLhs> =
@@ -510,9 +567,9 @@ fn forward_t<const M: usize, const A: usize, T: Coefs<M, A>>(
     let grid = Grid::new(M, g);
     let blocks = blocks(A, ci, co, grid);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
-    // The input in lanes with a border of 1 (and of more where tiles overhang the map), the
-    // output in lanes on the whole tile grid.
-    let (hp, wp) = (grid.ty * M + 2, grid.tx * M + 2);
+    // The input in lanes with its zero border (wider where tiles overhang the map), the output
+    // in lanes on the whole tile grid.
+    let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
     let (oh, ow) = (grid.ty * M, grid.tx * M);
     let (x_len, y_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
     let v_len = A * A * RhsLayout::new(isa, ci, widest * LANES).len();
@@ -526,46 +583,71 @@ fn forward_t<const M: usize, const A: usize, T: Coefs<M, A>>(
             let (v, prod) = rest.split_at_mut(v_len);
             let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
             let yl: &mut [Lane] = bytemuck::cast_slice_mut(yl);
-            vectorized(#[inline(always)] || to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (1, 1), tr, xl));
+            vectorized(
+                #[inline(always)]
+                || to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl),
+            );
             for &blk in &blocks {
                 let lane_cols = blk.txn * LANES;
                 let layout = RhsLayout::new(isa, ci, lane_cols);
                 let place = |e: usize, c: usize, t: usize| e * layout.len() + layout.offset(c, t * LANES);
-                vectorized(#[inline(always)] || input_transform::<M, A, T>(xl, ci, (hp, wp), blk, v, place));
+                vectorized(
+                    #[inline(always)]
+                    || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, place),
+                );
                 for (e, ue) in packed.iter().enumerate() {
                     let ve = &v[e * layout.len()..(e + 1) * layout.len()];
                     let out = &mut prod[e * co * lane_cols..(e + 1) * co * lane_cols];
-                    sgemm_prepacked(isa, co, lane_cols, &ue.data, ue.layout, ve, layout, out, Mat::rows(lane_cols), false);
+                    sgemm_prepacked(
+                        isa,
+                        co,
+                        lane_cols,
+                        &ue.data,
+                        ue.layout,
+                        ve,
+                        layout,
+                        out,
+                        Mat::rows(lane_cols),
+                        false,
+                    );
                 }
                 let prod = &*prod;
-                vectorized(#[inline(always)] || {
-                    for k in 0..co {
-                        for t in 0..blk.txn {
-                            let load = |r: usize, s: usize| {
-                                let at = ((r * A + s) * co + k) * lane_cols + t * LANES;
-                                prod[at..at + LANES].try_into().unwrap()
-                            };
-                            let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
-                            sandwich_with(&T::T.at, &T::T.at, load, |r, s, lane| yl[corner + r * ow + s] = *lane);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for k in 0..co {
+                            for t in 0..blk.txn {
+                                let load = |r: usize, s: usize| {
+                                    let at = ((r * A + s) * co + k) * lane_cols + t * LANES;
+                                    prod[at..at + LANES].try_into().unwrap()
+                                };
+                                let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
+                                sandwich_with(&T::T.at, &T::T.at, load, |r, s, lane| yl[corner + r * ow + s] = *lane);
+                            }
                         }
-                    }
-                });
+                    },
+                );
             }
-            vectorized(#[inline(always)] || from_lanes(yl, count, co, (g.oh, g.ow), (oh, ow), b, act, tr, ys));
+            vectorized(
+                #[inline(always)]
+                || from_lanes(yl, count, co, (g.oh, g.ow), (oh, ow), b, act, tr, ys),
+            );
         })
     });
 }
 
-/// dw = ∂(Σ dy·conv(x, w))/∂w on 3×3 / stride 1 / pad 1 (the bias gradient is not computed here).
+/// dw = ∂(Σ dy·conv(x, w))/∂w (the bias gradient is not computed here).
 pub fn backward_weight(tile: Tile, isa: Isa, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
-    assert!(applies(g), "winograd: {g:?} is not 3×3 / stride 1 / pad 1");
-    match tile {
-        Tile::F2 => backward_weight_t::<2, 4, F23>(isa, x, dy, dw, g),
-        Tile::F4 => backward_weight_t::<4, 6, F43>(isa, x, dy, dw, g),
+    assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
+    match (tile, g.kh) {
+        (Tile::F2, 3) => backward_weight_t::<2, 4, 3, F23>(isa, x, dy, dw, g),
+        (Tile::F4, 3) => backward_weight_t::<4, 6, 3, F43>(isa, x, dy, dw, g),
+        (Tile::F2, _) => backward_weight_t::<2, 6, 5, F25T>(isa, x, dy, dw, g),
+        (Tile::F4, _) => backward_weight_t::<4, 8, 5, F45T>(isa, x, dy, dw, g),
     }
 }
 
-fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
+fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     isa: Isa,
     x: &[f32],
     dy: &[f32],
@@ -578,7 +660,7 @@ fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
     let grid = Grid::new(M, g);
     let blocks = blocks(A, ci, co, grid);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0) * LANES;
-    let (hp, wp) = (grid.ty * M + 2, grid.tx * M + 2);
+    let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
     let (oh, ow) = (grid.ty * M, grid.tx * M);
     let (x_len, dy_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
     // Per block, for each point e: Z[e] = A·dy·Aᵀ (c_out × lanes) and V[e]ᵀ = (Bᵀ·x·B)ᵀ (lanes ×
@@ -602,65 +684,75 @@ fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
                 let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
                 let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
                 let stage: &mut [[Lane; LANES]] = bytemuck::cast_slice_mut(stage);
-                vectorized(#[inline(always)] || {
-                    to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (1, 1), tr, xl);
-                    to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl);
-                });
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl);
+                        to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl);
+                    },
+                );
                 for &blk in &blocks {
                     let lane_cols = blk.txn * LANES;
                     let (la, lb) = (LhsLayout::new(isa, co, lane_cols), RhsLayout::new(isa, lane_cols, ci));
                     // Within one KC block, element (k, p) of Z sits at row_at[k] + p·mr.
                     let row_at: Vec<usize> = (0..co).map(|k| la.offset(k, 0)).collect();
-                    vectorized(#[inline(always)] || {
-                        for t in 0..blk.txn {
-                            // V[e]ᵀ: 16 input channels at a time, transposed so each lane (pixel
-                            // of an image) becomes a packed row of 16 channels.
-                            for c0 in (0..ci).step_by(LANES) {
-                                for c in c0..ci.min(c0 + LANES) {
-                                    let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
-                                    let load = |r: usize, s: usize| xl[corner + r * wp + s];
-                                    sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| stage[i * A + j][c - c0] = *lane);
-                                }
-                                for (e, sq) in stage.iter_mut().enumerate() {
-                                    // SAFETY: `tr` comes from `transposer`, which checked the CPU.
-                                    unsafe { tr(sq) };
-                                    for (l, row) in sq.iter().enumerate() {
-                                        let at = e * lb.len() + lb.offset(t * LANES + l, c0);
-                                        v[at..at + LANES].copy_from_slice(row);
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for t in 0..blk.txn {
+                                // V[e]ᵀ: 16 input channels at a time, transposed so each lane (pixel
+                                // of an image) becomes a packed row of 16 channels.
+                                for c0 in (0..ci).step_by(LANES) {
+                                    for c in c0..ci.min(c0 + LANES) {
+                                        let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
+                                        let load = |r: usize, s: usize| xl[corner + r * wp + s];
+                                        sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| {
+                                            stage[i * A + j][c - c0] = *lane
+                                        });
+                                    }
+                                    for (e, sq) in stage.iter_mut().enumerate() {
+                                        // SAFETY: `tr` comes from `transposer`, which checked the CPU.
+                                        unsafe { tr(sq) };
+                                        for (l, row) in sq.iter().enumerate() {
+                                            let at = e * lb.len() + lb.offset(t * LANES + l, c0);
+                                            v[at..at + LANES].copy_from_slice(row);
+                                        }
                                     }
                                 }
-                            }
-                            // Z[e]: 16 output channels at a time, each lane a packed column.
-                            for k0 in (0..co).step_by(LANES) {
-                                let kn = LANES.min(co - k0);
-                                for k in k0..k0 + kn {
-                                    let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
-                                    let load = |r: usize, s: usize| dyl[corner + r * ow + s];
-                                    sandwich_with(&T::T.a, &T::T.a, load, |i, j, lane| stage[i * A + j][k - k0] = *lane);
-                                }
-                                for (e, sq) in stage.iter_mut().enumerate() {
-                                    // SAFETY: as above.
-                                    unsafe { tr(sq) };
-                                    let base = e * la.len();
-                                    for (l, row) in sq.iter().enumerate() {
-                                        let p = (t * LANES + l) * la.mr;
-                                        if la.mr == 8 && kn == LANES {
-                                            // Two whole 8-row strips (AVX-512): two 32-byte moves.
-                                            for h in [0, 8] {
-                                                let at = base + row_at[k0 + h] + p;
-                                                let dst: &mut [f32; 8] = (&mut z[at..at + 8]).try_into().unwrap();
-                                                *dst = row[h..h + 8].try_into().unwrap();
+                                // Z[e]: 16 output channels at a time, each lane a packed column.
+                                for k0 in (0..co).step_by(LANES) {
+                                    let kn = LANES.min(co - k0);
+                                    for k in k0..k0 + kn {
+                                        let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
+                                        let load = |r: usize, s: usize| dyl[corner + r * ow + s];
+                                        sandwich_with(&T::T.a, &T::T.a, load, |i, j, lane| {
+                                            stage[i * A + j][k - k0] = *lane
+                                        });
+                                    }
+                                    for (e, sq) in stage.iter_mut().enumerate() {
+                                        // SAFETY: as above.
+                                        unsafe { tr(sq) };
+                                        let base = e * la.len();
+                                        for (l, row) in sq.iter().enumerate() {
+                                            let p = (t * LANES + l) * la.mr;
+                                            if la.mr == 8 && kn == LANES {
+                                                // Two whole 8-row strips (AVX-512): two 32-byte moves.
+                                                for h in [0, 8] {
+                                                    let at = base + row_at[k0 + h] + p;
+                                                    let dst: &mut [f32; 8] = (&mut z[at..at + 8]).try_into().unwrap();
+                                                    *dst = row[h..h + 8].try_into().unwrap();
+                                                }
+                                                continue;
                                             }
-                                            continue;
-                                        }
-                                        for (kk, val) in row.iter().enumerate().take(kn) {
-                                            z[base + row_at[k0 + kk] + p] = *val;
+                                            for (kk, val) in row.iter().enumerate().take(kn) {
+                                                z[base + row_at[k0 + kk] + p] = *val;
+                                            }
                                         }
                                     }
                                 }
                             }
-                        }
-                    });
+                        },
+                    );
                     for e in 0..A * A {
                         sgemm_prepacked(
                             isa,
@@ -684,7 +776,7 @@ fn backward_weight_t<const M: usize, const A: usize, T: Coefs<M, A>>(
     for part in &partials {
         sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
     }
-    for (kc, out) in dw.chunks_exact_mut(9).enumerate() {
+    for (kc, out) in dw.chunks_exact_mut(R * R).enumerate() {
         let m: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| sum[(r * A + s) * co * ci + kc]));
         for (o, v) in out.iter_mut().zip(sandwich(&T::T.gt, &m, &T::T.gt).iter().flatten()) {
             *o = *v;
@@ -710,33 +802,5 @@ mod tests {
         // SAFETY: transposer checked the CPU.
         unsafe { transposer()(&mut fast) };
         assert_eq!(fast, plain);
-    }
-}
-
-#[cfg(test)]
-mod scratch_bench {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn wg_phase_bench() {
-        let g = ConvGeom::new(256, 32, 28, 28, 32, (3, 3), 1, 1).unwrap();
-        let x: Vec<f32> = (0..g.n * g.c_in * g.h * g.w).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
-        let w: Vec<f32> = (0..g.c_out * 9 * g.c_in).map(|i| ((i * 31) % 100) as f32 * 1e-2).collect();
-        let mut y = vec![0.0f32; g.n * g.c_out * g.oh * g.ow];
-        let isa = Isa::best();
-        let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-        let which = std::env::var("WHICH").unwrap_or("fwd".into());
-        let mut dt = f64::MAX;
-        for _ in 0..reps {
-            let t0 = std::time::Instant::now();
-            if which == "fwd" {
-                forward(Tile::F4, isa, &x, &w, None, Activation::Identity, &mut y, &g);
-            } else {
-                let mut dw = vec![0.0f32; w.len()];
-                backward_weight(Tile::F4, isa, &x, &y, &mut dw, &g);
-            }
-            dt = dt.min(t0.elapsed().as_secs_f64());
-        }
-        eprintln!("{which}: {:.2} ms/pass, {:.0} effective GFLOP/s", dt * 1e3, 2.0 * (g.n * g.c_out * g.oh * g.ow * g.c_in * 9) as f64 / dt / 1e9);
     }
 }
