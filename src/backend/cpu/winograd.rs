@@ -647,6 +647,55 @@ pub fn backward_weight(tile: Tile, isa: Isa, x: &[f32], dy: &[f32], dw: &mut [f3
     }
 }
 
+/// Where one tile's transforms of 16 channels go once transposed (`sq[lane][channel]`): into
+/// the GEMM's packed operand whose rows are pixels and columns channels (`Rhs`), or whose rows
+/// are channels and columns pixels (`Lhs`, with `row_at[c]` the offset of channel c's row).
+enum Packed<'a> {
+    Rhs(RhsLayout),
+    Lhs(LhsLayout, &'a [usize]),
+}
+
+impl Packed<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Packed::Rhs(l) => l.len(),
+            Packed::Lhs(l, _) => l.len(),
+        }
+    }
+
+    /// Channels `c0..c0 + cn` of pixels `p0..p0 + 16`, into `dst` (one point's operand).
+    #[inline(always)]
+    fn store(&self, sq: &[Lane; LANES], p0: usize, c0: usize, cn: usize, dst: &mut [f32]) {
+        match *self {
+            Packed::Rhs(l) => {
+                // Strips are whole multiples of 16 columns: each pixel's channels are contiguous.
+                for (j, row) in sq.iter().enumerate() {
+                    let at = l.offset(p0 + j, c0);
+                    dst[at..at + LANES].copy_from_slice(row);
+                }
+            }
+            Packed::Lhs(l, row_at) => {
+                // Within one KC block, element (c, p) sits at row_at[c] + p·mr.
+                for (j, row) in sq.iter().enumerate() {
+                    let p = (p0 + j) * l.mr;
+                    if l.mr == 8 && cn == LANES {
+                        // Two whole 8-row strips (AVX-512): two 32-byte moves.
+                        for h in [0, 8] {
+                            let at = row_at[c0 + h] + p;
+                            let d: &mut [f32; 8] = (&mut dst[at..at + 8]).try_into().unwrap();
+                            *d = row[h..h + 8].try_into().unwrap();
+                        }
+                        continue;
+                    }
+                    for (c, v) in row.iter().enumerate().take(cn) {
+                        dst[row_at[c0 + c] + p] = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     isa: Isa,
     x: &[f32],
@@ -663,12 +712,17 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
     let (oh, ow) = (grid.ty * M, grid.tx * M);
     let (x_len, dy_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
-    // Per block, for each point e: Z[e] = A·dy·Aᵀ (c_out × lanes) and V[e]ᵀ = (Bᵀ·x·B)ᵀ (lanes ×
-    // c_in), written straight in the GEMM's packed layouts; plus 16 channels' transforms of one
-    // tile, staged for the transpose that turns lanes into packed rows.
-    let (z_len, v_len) = (A * A * LhsLayout::new(isa, co, widest).len(), A * A * RhsLayout::new(isa, widest, ci).len());
+    // For each point e the GEMM sums Z[e] = A·dy·Aᵀ (c_out × pixels) times V[e]ᵀ = (Bᵀ·x·B)ᵀ
+    // (pixels × c_in) over the block's pixels (16 lanes a tile). Its columns are whichever
+    // channel count is larger, to fill its wide tiles (LeNet's conv3 has 16 in and 120 out):
+    // then it computes dUᵀ = V·Zᵀ instead. Both operands are written straight in the GEMM's
+    // packed layouts, 16 channels of one tile at a time through a transpose.
+    let swap = ci < co;
+    let (rows, cols) = if swap { (ci, co) } else { (co, ci) };
+    let (lhs_len, rhs_len) =
+        (A * A * LhsLayout::new(isa, rows, widest).len(), A * A * RhsLayout::new(isa, widest, cols).len());
     let stage_len = A * A * LANES * LANES;
-    // Σ over this group's tiles of Z[e]·V[e]ᵀ, [e][co][ci], one partial per group of images.
+    // Σ over this group's tiles, [e][rows][cols], one partial per group of images.
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(LANES))
         .into_par_iter()
         .map(|grp| {
@@ -676,11 +730,11 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
             let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
             let mut acc = vec![0.0f32; A * A * co * ci];
-            with_scratch(x_len + dy_len + z_len + v_len + stage_len, |buf| {
+            with_scratch(x_len + dy_len + lhs_len + rhs_len + stage_len, |buf| {
                 let (xl, rest) = buf.split_at_mut(x_len);
                 let (dyl, rest) = rest.split_at_mut(dy_len);
-                let (z, rest) = rest.split_at_mut(z_len);
-                let (v, stage) = rest.split_at_mut(v_len);
+                let (lhs, rest) = rest.split_at_mut(lhs_len);
+                let (rhs, stage) = rest.split_at_mut(rhs_len);
                 let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
                 let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
                 let stage: &mut [[Lane; LANES]] = bytemuck::cast_slice_mut(stage);
@@ -693,17 +747,21 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                 );
                 for &blk in &blocks {
                     let lane_cols = blk.txn * LANES;
-                    let (la, lb) = (LhsLayout::new(isa, co, lane_cols), RhsLayout::new(isa, lane_cols, ci));
-                    // Within one KC block, element (k, p) of Z sits at row_at[k] + p·mr.
-                    let row_at: Vec<usize> = (0..co).map(|k| la.offset(k, 0)).collect();
+                    let (la, lb) = (LhsLayout::new(isa, rows, lane_cols), RhsLayout::new(isa, lane_cols, cols));
+                    let row_at: Vec<usize> = (0..rows).map(|r| la.offset(r, 0)).collect();
+                    let (lhs_op, rhs_op) = (Packed::Lhs(la, &row_at), Packed::Rhs(lb));
+                    let (x_op, x_dst, dy_op, dy_dst) = if swap {
+                        (&lhs_op, &mut *lhs, &rhs_op, &mut *rhs)
+                    } else {
+                        (&rhs_op, &mut *rhs, &lhs_op, &mut *lhs)
+                    };
                     vectorized(
                         #[inline(always)]
                         || {
                             for t in 0..blk.txn {
-                                // V[e]ᵀ: 16 input channels at a time, transposed so each lane (pixel
-                                // of an image) becomes a packed row of 16 channels.
                                 for c0 in (0..ci).step_by(LANES) {
-                                    for c in c0..ci.min(c0 + LANES) {
+                                    let cn = LANES.min(ci - c0);
+                                    for c in c0..c0 + cn {
                                         let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
                                         let load = |r: usize, s: usize| xl[corner + r * wp + s];
                                         sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| {
@@ -713,13 +771,10 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                                     for (e, sq) in stage.iter_mut().enumerate() {
                                         // SAFETY: `tr` comes from `transposer`, which checked the CPU.
                                         unsafe { tr(sq) };
-                                        for (l, row) in sq.iter().enumerate() {
-                                            let at = e * lb.len() + lb.offset(t * LANES + l, c0);
-                                            v[at..at + LANES].copy_from_slice(row);
-                                        }
+                                        let n = x_op.len();
+                                        x_op.store(sq, t * LANES, c0, cn, &mut x_dst[e * n..(e + 1) * n]);
                                     }
                                 }
-                                // Z[e]: 16 output channels at a time, each lane a packed column.
                                 for k0 in (0..co).step_by(LANES) {
                                     let kn = LANES.min(co - k0);
                                     for k in k0..k0 + kn {
@@ -732,22 +787,8 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                                     for (e, sq) in stage.iter_mut().enumerate() {
                                         // SAFETY: as above.
                                         unsafe { tr(sq) };
-                                        let base = e * la.len();
-                                        for (l, row) in sq.iter().enumerate() {
-                                            let p = (t * LANES + l) * la.mr;
-                                            if la.mr == 8 && kn == LANES {
-                                                // Two whole 8-row strips (AVX-512): two 32-byte moves.
-                                                for h in [0, 8] {
-                                                    let at = base + row_at[k0 + h] + p;
-                                                    let dst: &mut [f32; 8] = (&mut z[at..at + 8]).try_into().unwrap();
-                                                    *dst = row[h..h + 8].try_into().unwrap();
-                                                }
-                                                continue;
-                                            }
-                                            for (kk, val) in row.iter().enumerate().take(kn) {
-                                                z[base + row_at[k0 + kk] + p] = *val;
-                                            }
-                                        }
+                                        let n = dy_op.len();
+                                        dy_op.store(sq, t * LANES, k0, kn, &mut dy_dst[e * n..(e + 1) * n]);
                                     }
                                 }
                             }
@@ -756,14 +797,14 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                     for e in 0..A * A {
                         sgemm_prepacked(
                             isa,
-                            co,
-                            ci,
-                            &z[e * la.len()..(e + 1) * la.len()],
+                            rows,
+                            cols,
+                            &lhs[e * la.len()..(e + 1) * la.len()],
                             la,
-                            &v[e * lb.len()..(e + 1) * lb.len()],
+                            &rhs[e * lb.len()..(e + 1) * lb.len()],
                             lb,
                             &mut acc[e * co * ci..(e + 1) * co * ci],
-                            Mat::rows(ci),
+                            Mat::rows(cols),
                             true,
                         );
                     }
@@ -777,7 +818,9 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
         sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
     }
     for (kc, out) in dw.chunks_exact_mut(R * R).enumerate() {
-        let m: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| sum[(r * A + s) * co * ci + kc]));
+        let (k, c) = (kc / ci, kc % ci);
+        let at = if swap { c * co + k } else { k * ci + c };
+        let m: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| sum[(r * A + s) * co * ci + at]));
         for (o, v) in out.iter_mut().zip(sandwich(&T::T.gt, &m, &T::T.gt).iter().flatten()) {
             *o = *v;
         }
