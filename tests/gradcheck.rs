@@ -17,7 +17,13 @@ use rotvar::ops::{self, BatchNormState};
 use rotvar::rng::Rng;
 use rotvar::tensor::Tensor;
 
+/// The CPU backend with im2col convolutions, in every test of this binary. Finite differences
+/// of an f32 forward pass resolve a gradient only if the pass is smooth to about 1e-7 in the
+/// parameters; Winograd's rounding (about 1e-5 of a layer's largest output, and not smooth in
+/// the weights) drowns the differences of a whole model. Winograd's gradients are held to
+/// im2col's, to 1e-3, in tests/cpu_conv.rs and in `conv.rs`'s unit tests.
 fn cpu() -> BackendRef {
+    rotvar::backend::cpu::conv::choose_algo(None);
     CpuBackend::shared()
 }
 
