@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput, rotvar vs PyTorch, side by side in one run on the same machine.
-#   [GEMMS="crate avx512 avx2"] [CONVS="im2col winograd"] benches/run_train_throughput.sh [cpu|cuda] [rounds]
+#   [GEMMS="crate avx512 avx2"] [CONVS="im2col winograd"] [MODELS="lenet simpleconv resnet20"]
+#   benches/run_train_throughput.sh [cpu|cuda] [rounds]
 # Needs: a release build (cargo build --release) and a python with torch (PYTHON=...).
 # GEMMS, CONVS: the CPU GEMM paths (--cpu-gemm) and convolution algorithms (--cpu-conv) to put
 # side by side, every pair against the same PyTorch run.
@@ -15,11 +16,12 @@ py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 threads=${THREADS:-$(nproc)}
 gemms=${GEMMS:-crate}
-convs=${CONVS:-im2col}
+convs=${CONVS:-winograd}
+models=${MODELS:-lenet simpleconv}
 out=$(mktemp)
 "$bin" info | grep '^cpu:'
 for r in $(seq "$rounds"); do
-  for m in lenet simpleconv; do
+  for m in $models; do
     for g in $gemms; do
       for c in $convs; do
         "$bin" --threads "$threads" --cpu-gemm "$g" --cpu-conv "$c" bench train --models "$m" --steps "$steps" --device "$device" 2>/dev/null \

@@ -32,7 +32,36 @@ def simpleconv(c=1, hw=28, classes=10):
         nn.Linear(4 * f * s * s, fc), nn.ReLU(), nn.Linear(fc, classes), nn.LogSoftmax(dim=1))
 
 
-MODELS = {"lenet": lenet, "simpleconv": simpleconv}
+class BasicBlock(nn.Module):
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), as rotvar's nn::BasicBlock."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet20(c=1, hw=28, classes=10):
+    """CIFAR ResNet-20 (16/32/64 channels, 3 blocks a stage), as rotvar's models/resnet.rs."""
+    layers, c_in = [nn.Conv2d(c, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for stage, width in enumerate([16, 32, 64]):
+        for i in range(3):
+            layers.append(BasicBlock(c_in, width, 2 if stage > 0 and i == 0 else 1))
+            c_in = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes), nn.LogSoftmax(dim=1)]
+    return nn.Sequential(*layers)
+
+
+MODELS = {"lenet": lenet, "simpleconv": simpleconv, "resnet20": resnet20}
 
 
 def kernels_per_step(step, steps=5):

@@ -239,10 +239,11 @@ fn sandwich<const R: usize, const K: usize>(l: &[[f32; K]; R], x: &[[f32; K]; K]
     out
 }
 
-/// Run `f` compiled for the widest vector set here: the lanes then fill whole registers. The
-/// arithmetic is unfused either way, so the bits are the same.
+/// Run `f` compiled for `isa`'s vector set (the path the GEMM runs, so that forcing AVX2 on an
+/// AVX-512 machine forces it here too): the lanes then fill whole registers. The arithmetic is
+/// unfused either way, so the bits are the same.
 #[inline(always)]
-fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
@@ -253,8 +254,10 @@ fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        // SAFETY: each is called only where the CPU has the features it enables.
-        match Isa::best() {
+        // SAFETY: each is called only where the CPU has the features it enables (the callers'
+        // `isa` comes from `Isa::best` or a checked `--cpu-gemm`).
+        assert!(isa.supported(), "winograd: this CPU cannot run the {isa} path");
+        match isa {
             Isa::Avx512 => return unsafe { avx512(f) },
             Isa::Avx2 => return unsafe { avx2(f) },
             Isa::Portable => {}
@@ -377,10 +380,10 @@ unsafe fn transpose16_avx512(sq: &mut [Lane; LANES]) {
     }
 }
 
-/// The fastest transpose this CPU runs.
-fn transposer() -> Transpose {
+/// The transpose for `isa`'s path.
+fn transposer(isa: Isa) -> Transpose {
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
+    if isa == Isa::Avx512 && isa.supported() {
         return transpose16_avx512;
     }
     transpose16_plain
@@ -563,7 +566,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     let packed: Vec<PackedLhs> =
         (0..A * A).map(|e| PackedLhs::new(isa, co, ci, &u[e * co * ci..(e + 1) * co * ci], Mat::rows(ci))).collect();
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
-    let tr = transposer();
+    let tr = transposer(isa);
     let grid = Grid::new(M, g);
     let blocks = blocks(A, ci, co, grid);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
@@ -584,6 +587,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
             let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
             let yl: &mut [Lane] = bytemuck::cast_slice_mut(yl);
             vectorized(
+                isa,
                 #[inline(always)]
                 || to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl),
             );
@@ -592,6 +596,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 let layout = RhsLayout::new(isa, ci, lane_cols);
                 let place = |e: usize, c: usize, t: usize| e * layout.len() + layout.offset(c, t * LANES);
                 vectorized(
+                    isa,
                     #[inline(always)]
                     || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, place),
                 );
@@ -613,6 +618,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 }
                 let prod = &*prod;
                 vectorized(
+                    isa,
                     #[inline(always)]
                     || {
                         for k in 0..co {
@@ -629,6 +635,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 );
             }
             vectorized(
+                isa,
                 #[inline(always)]
                 || from_lanes(yl, count, co, (g.oh, g.ow), (oh, ow), b, act, tr, ys),
             );
@@ -705,7 +712,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
 ) {
     let (ci, co) = (g.c_in, g.c_out);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
-    let tr = transposer();
+    let tr = transposer(isa);
     let grid = Grid::new(M, g);
     let blocks = blocks(A, ci, co, grid);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0) * LANES;
@@ -739,6 +746,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                 let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
                 let stage: &mut [[Lane; LANES]] = bytemuck::cast_slice_mut(stage);
                 vectorized(
+                    isa,
                     #[inline(always)]
                     || {
                         to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl);
@@ -756,6 +764,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                         (&rhs_op, &mut *rhs, &lhs_op, &mut *lhs)
                     };
                     vectorized(
+                        isa,
                         #[inline(always)]
                         || {
                             for t in 0..blk.txn {
@@ -841,9 +850,11 @@ mod tests {
                 assert_eq!(plain[j][i], sq[i][j]);
             }
         }
-        let mut fast = sq;
-        // SAFETY: transposer checked the CPU.
-        unsafe { transposer()(&mut fast) };
-        assert_eq!(fast, plain);
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            let mut fast = sq;
+            // SAFETY: transposer checks the CPU.
+            unsafe { transposer(isa)(&mut fast) };
+            assert_eq!(fast, plain, "{isa}");
+        }
     }
 }
