@@ -380,11 +380,60 @@ unsafe fn transpose16_avx512(sq: &mut [Lane; LANES]) {
     }
 }
 
+/// The same on AVX2: four 8×8 blocks, each by interleaving pairs of rows by 1 and 2 values and
+/// exchanging 128-bit halves, written to the mirrored block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose16_avx2(sq: &mut [Lane; LANES]) {
+    use std::arch::x86_64::*;
+    let p = sq.as_mut_ptr() as *mut f32;
+    // Block (bi, bj) holds rows 8·bi.. and columns 8·bj..; all are read before any is written.
+    let blocks: [[__m256; 8]; 4] = std::array::from_fn(|b| {
+        let (bi, bj) = (b / 2, b % 2);
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(16 * (8 * bi + i) + 8 * bj)));
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let base = i & !3;
+            let (a, b) = if i % 4 < 2 { (t[base], t[base + 2]) } else { (t[base + 1], t[base + 3]) };
+            if i % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xee>(a, b)
+            }
+        });
+        std::array::from_fn(|i| {
+            let (a, b) = (u[i % 4], u[4 + i % 4]);
+            if i < 4 {
+                _mm256_permute2f128_ps::<0x20>(a, b)
+            } else {
+                _mm256_permute2f128_ps::<0x31>(a, b)
+            }
+        })
+    });
+    for (b, rows) in blocks.iter().enumerate() {
+        let (bi, bj) = (b / 2, b % 2);
+        for (i, row) in rows.iter().enumerate() {
+            _mm256_storeu_ps(p.add(16 * (8 * bj + i) + 8 * bi), *row);
+        }
+    }
+}
+
 /// The transpose for `isa`'s path.
 fn transposer(isa: Isa) -> Transpose {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && isa.supported() {
-        return transpose16_avx512;
+    if isa.supported() {
+        match isa {
+            Isa::Avx512 => return transpose16_avx512,
+            Isa::Avx2 => return transpose16_avx2,
+            Isa::Portable => {}
+        }
     }
     transpose16_plain
 }
