@@ -325,13 +325,8 @@ fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid) -> Vec<Block> {
 type Transpose = unsafe fn(&mut [Lane; LANES]);
 
 fn transpose16_plain(sq: &mut [Lane; LANES]) {
-    for i in 0..LANES {
-        for j in i + 1..LANES {
-            let v = sq[i][j];
-            sq[i][j] = sq[j][i];
-            sq[j][i] = v;
-        }
-    }
+    let t: [Lane; LANES] = std::array::from_fn(|j| std::array::from_fn(|i| sq[i][j]));
+    *sq = t;
 }
 
 /// The same in 64 register shuffles: pairs of rows interleaved by 1, then by 2 values, then
