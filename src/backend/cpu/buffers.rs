@@ -4,8 +4,10 @@
 //! come from the kernel as new pages, and faulting them in cost more than a tenth of a
 //! SimpleConv step; keeping freed buffers by length and handing them out again removes that.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::thread::LocalKey;
 
 /// Buffers shorter than this are cheap to allocate and not worth keeping.
 const MIN_LEN: usize = 4096;
@@ -56,4 +58,16 @@ pub fn recycle(v: Vec<f32>) {
         cache.bytes += len * 4;
         list.push(v);
     }
+}
+
+/// Run `f` with the first `len` values of the calling thread's scratch buffer `key`, grown as
+/// needed and kept across calls, so that its pages are faulted in once per thread.
+pub fn with_scratch<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    key.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
 }

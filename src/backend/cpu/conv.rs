@@ -22,13 +22,7 @@ thread_local! {
 
 /// Run `f` with this thread's scratch buffer of at least `len` values.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
-        f(&mut s[..len])
-    })
+    super::buffers::with_scratch(&SCRATCH, len, f)
 }
 
 /// Images per partial sum in backward-weight. Fixed (never derived from the thread count) so the

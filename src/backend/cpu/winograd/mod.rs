@@ -26,11 +26,17 @@
 //! (measured errors are in the tests' comments). Results are still deterministic: each group's
 //! work is fixed, and the weight gradient adds the groups' partial sums in group order.
 
+mod lanes;
+mod transform;
+
+use super::buffers::with_scratch;
 use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
 use super::isa::Isa;
 use crate::backend::{Activation, ConvGeom};
+use lanes::{from_lanes, to_lanes, transposer, vectorized, Transpose};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use transform::{sandwich, sandwich_with, Coefs, F23, F25T, F43, F45T};
 
 /// Images per group: the transforms' vector lanes.
 pub const LANES: usize = 16;
@@ -60,226 +66,10 @@ pub fn applies(g: &ConvGeom) -> bool {
     g.kh == g.kw && (g.kh == 3 || g.kh == 5) && g.stride == 1 && g.pad == g.kh / 2
 }
 
-/// The three transforms of F(m×m, r×r), α = m + r − 1. The matrices are the Toom-Cook ones for
-/// the interpolation points 0, ±1, ±2 (and ±1/2 for α = 8) and ∞.
-struct Transform<const M: usize, const A: usize, const R: usize> {
-    /// Output: y = Aᵀ·M·A.
-    at: [[f32; A]; M],
-    /// Output gradient, for the weight gradient: A·dy·Aᵀ.
-    a: [[f32; M]; A],
-    /// Filter: U = G·w·Gᵀ.
-    g: [[f32; R]; A],
-    /// Filter gradient: dw = Gᵀ·dU·G.
-    gt: [[f32; A]; R],
-    /// Input: V = Bᵀ·d·B.
-    bt: [[f32; A]; A],
-}
-
-const fn transpose<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; R]; C] {
-    let mut t = [[0.0; R]; C];
-    let mut r = 0;
-    while r < R {
-        let mut c = 0;
-        while c < C {
-            t[c][r] = m[r][c];
-            c += 1;
-        }
-        r += 1;
-    }
-    t
-}
-
-const F2_AT: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
-const F2_G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-const F2: Transform<2, 4, 3> = Transform {
-    at: F2_AT,
-    a: transpose(F2_AT),
-    g: F2_G,
-    gt: transpose(F2_G),
-    bt: [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]],
-};
-
-// α = 6: points 0, ±1, ±2 and ∞. F(4,3) and F(2,5) share Bᵀ.
-const B6: [[f32; 6]; 6] = [
-    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
-    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
-    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
-    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
-    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
-];
-const F4_AT: [[f32; 6]; 4] = [
-    [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-    [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
-    [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
-    [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
-];
-const F4_G: [[f32; 3]; 6] = [
-    [1.0 / 4.0, 0.0, 0.0],
-    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-    [0.0, 0.0, 1.0],
-];
-const F4: Transform<4, 6, 3> = Transform { at: F4_AT, a: transpose(F4_AT), g: F4_G, gt: transpose(F4_G), bt: B6 };
-
-const F25_AT: [[f32; 6]; 2] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 1.0]];
-const F25_G: [[f32; 5]; 6] = [
-    [1.0 / 4.0, 0.0, 0.0, 0.0, 0.0],
-    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0, 1.0 / 3.0, 2.0 / 3.0],
-    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0, -1.0 / 3.0, 2.0 / 3.0],
-    [0.0, 0.0, 0.0, 0.0, 1.0],
-];
-const F25: Transform<2, 6, 5> = Transform { at: F25_AT, a: transpose(F25_AT), g: F25_G, gt: transpose(F25_G), bt: B6 };
-
-// α = 8: points 0, ±1, ±2, ±1/2 and ∞.
-const F45_AT: [[f32; 8]; 4] = [
-    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-    [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.0],
-    [0.0, 1.0, 1.0, 4.0, 4.0, 0.25, 0.25, 0.0],
-    [0.0, 1.0, -1.0, 8.0, -8.0, 0.125, -0.125, 1.0],
-];
-const F45_G: [[f32; 5]; 8] = [
-    [-1.0, 0.0, 0.0, 0.0, 0.0],
-    [-2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0],
-    [-2.0 / 9.0, 2.0 / 9.0, -2.0 / 9.0, 2.0 / 9.0, -2.0 / 9.0],
-    [1.0 / 90.0, 1.0 / 45.0, 2.0 / 45.0, 4.0 / 45.0, 8.0 / 45.0],
-    [1.0 / 90.0, -1.0 / 45.0, 2.0 / 45.0, -4.0 / 45.0, 8.0 / 45.0],
-    [32.0 / 45.0, 16.0 / 45.0, 8.0 / 45.0, 4.0 / 45.0, 2.0 / 45.0],
-    [32.0 / 45.0, -16.0 / 45.0, 8.0 / 45.0, -4.0 / 45.0, 2.0 / 45.0],
-    [0.0, 0.0, 0.0, 0.0, 1.0],
-];
-const F45: Transform<4, 8, 5> = Transform {
-    at: F45_AT,
-    a: transpose(F45_AT),
-    g: F45_G,
-    gt: transpose(F45_G),
-    bt: [
-        [-1.0, 0.0, 21.0 / 4.0, 0.0, -21.0 / 4.0, 0.0, 1.0, 0.0],
-        [0.0, 1.0, 1.0, -17.0 / 4.0, -17.0 / 4.0, 1.0, 1.0, 0.0],
-        [0.0, -1.0, 1.0, 17.0 / 4.0, -17.0 / 4.0, -1.0, 1.0, 0.0],
-        [0.0, 0.5, 0.25, -2.5, -1.25, 2.0, 1.0, 0.0],
-        [0.0, -0.5, 0.25, 2.5, -1.25, -2.0, 1.0, 0.0],
-        [0.0, 2.0, 4.0, -2.5, -5.0, 0.5, 1.0, 0.0],
-        [0.0, -2.0, 4.0, 2.5, -5.0, -0.5, 1.0, 0.0],
-        [0.0, -1.0, 0.0, 21.0 / 4.0, 0.0, -21.0 / 4.0, 0.0, 1.0],
-    ],
-};
-
-/// A transform as a type, so that its coefficients are compile-time constants wherever it is
-/// used: the compiler then drops the zero terms and keeps the tile in registers.
-trait Coefs<const M: usize, const A: usize, const R: usize>: Sync {
-    const T: Transform<M, A, R>;
-}
-struct F23;
-impl Coefs<2, 4, 3> for F23 {
-    const T: Transform<2, 4, 3> = F2;
-}
-struct F43;
-impl Coefs<4, 6, 3> for F43 {
-    const T: Transform<4, 6, 3> = F4;
-}
-struct F25T;
-impl Coefs<2, 6, 5> for F25T {
-    const T: Transform<2, 6, 5> = F25;
-}
-struct F45T;
-impl Coefs<4, 8, 5> for F45T {
-    const T: Transform<4, 8, 5> = F45;
-}
-
-/// `l · x` for one column `x` of W-lane values, skipping zero coefficients (half of Bᵀ and Aᵀ).
-#[inline(always)]
-fn apply<const R: usize, const K: usize, const W: usize>(l: &[[f32; K]; R], x: &[[f32; W]; K]) -> [[f32; W]; R] {
-    let mut out = [[0.0f32; W]; R];
-    for (o, li) in out.iter_mut().zip(l) {
-        for (&c, xk) in li.iter().zip(x) {
-            if c != 0.0 {
-                o.iter_mut().zip(xk).for_each(|(a, b)| *a += c * b);
-            }
-        }
-    }
-    out
-}
-
-/// `l · x · rᵀ` on W lanes at once, x(i, j) read by `load` and each result (i, j) handed to
-/// `store`: one column of x and then one row of the intermediate at a time, so that with the
-/// coefficients known at compile time the whole transform stays in vector registers.
-#[inline(always)]
-fn sandwich_with<const R: usize, const K: usize, const W: usize>(
-    l: &[[f32; K]; R],
-    r: &[[f32; K]; R],
-    load: impl Fn(usize, usize) -> [f32; W],
-    mut store: impl FnMut(usize, usize, &[f32; W]),
-) {
-    let mut t = [[[0.0f32; W]; K]; R];
-    for j in 0..K {
-        let mut col = [[0.0f32; W]; K];
-        for (i, c) in col.iter_mut().enumerate() {
-            *c = load(i, j);
-        }
-        for (ti, v) in t.iter_mut().zip(apply(l, &col)) {
-            ti[j] = v;
-        }
-    }
-    for (i, ti) in t.iter().enumerate() {
-        for (j, v) in apply(r, ti).iter().enumerate() {
-            store(i, j, v);
-        }
-    }
-}
-
-/// `l · x · rᵀ` of a square x, for the filter transforms (once per call).
-fn sandwich<const R: usize, const K: usize>(l: &[[f32; K]; R], x: &[[f32; K]; K], r: &[[f32; K]; R]) -> [[f32; R]; R] {
-    let mut out = [[0.0f32; R]; R];
-    sandwich_with::<R, K, 1>(l, r, |i, j| [x[i][j]], |i, j, v| out[i][j] = v[0]);
-    out
-}
-
-/// Run `f` compiled for `isa`'s vector set (the path the GEMM runs, so that forcing AVX2 on an
-/// AVX-512 machine forces it here too): the lanes then fill whole registers. The arithmetic is
-/// unfused either way, so the bits are the same.
-#[inline(always)]
-fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: each is called only where the CPU has the features it enables (the callers'
-        // `isa` comes from `Isa::best` or a checked `--cpu-gemm`).
-        assert!(isa.supported(), "winograd: this CPU cannot run the {isa} path");
-        match isa {
-            Isa::Avx512 => return unsafe { avx512(f) },
-            Isa::Avx2 => return unsafe { avx2(f) },
-            Isa::Portable => {}
-        }
-    }
-    f()
-}
-
 thread_local! {
     /// Per-thread scratch for one group of images: its planes in lanes, and one block's
     /// transformed operands and products.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
-        f(&mut s[..len])
-    })
 }
 
 /// The tile grid of a layer: `ty × tx` tiles of m×m outputs.
@@ -319,202 +109,6 @@ fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid) -> Vec<Block> {
         }
     }
     out
-}
-
-/// Transposes a square of 16 rows of 16 values in place: `sq[i][j]` becomes `sq[j][i]`.
-type Transpose = unsafe fn(&mut [Lane; LANES]);
-
-fn transpose16_plain(sq: &mut [Lane; LANES]) {
-    let t: [Lane; LANES] = std::array::from_fn(|j| std::array::from_fn(|i| sq[i][j]));
-    *sq = t;
-}
-
-/// The same in 64 register shuffles: pairs of rows interleaved by 1, then by 2 values, then
-/// 128-bit quarters exchanged twice.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16_avx512(sq: &mut [Lane; LANES]) {
-    use std::arch::x86_64::*;
-    let p = sq.as_mut_ptr() as *mut f32;
-    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(p.add(16 * i)));
-    let t: [__m512; 16] = std::array::from_fn(|i| {
-        let (a, b) = (r[i & !1], r[i | 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
-    // Within each group of four: (t0,t2) lo/hi then (t1,t3) lo/hi.
-    let u: [__m512; 16] = std::array::from_fn(|i| {
-        let base = i & !3;
-        let (a, b) = if i % 4 < 2 { (t[base], t[base + 2]) } else { (t[base + 1], t[base + 3]) };
-        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
-        _mm512_castpd_ps(if i % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
-    });
-    // Groups of eight: (u0..3, u4..7) even quarters, then odd quarters.
-    let v: [__m512; 16] = std::array::from_fn(|i| {
-        let (base, j) = (i & !7, i % 4);
-        let (a, b) = (u[base + j], u[base + 4 + j]);
-        if i % 8 < 4 {
-            _mm512_shuffle_f32x4::<0x88>(a, b)
-        } else {
-            _mm512_shuffle_f32x4::<0xdd>(a, b)
-        }
-    });
-    let out: [__m512; 16] = std::array::from_fn(|i| {
-        let (a, b) = (v[i % 8], v[8 + i % 8]);
-        if i < 8 {
-            _mm512_shuffle_f32x4::<0x88>(a, b)
-        } else {
-            _mm512_shuffle_f32x4::<0xdd>(a, b)
-        }
-    });
-    for (i, o) in out.iter().enumerate() {
-        _mm512_storeu_ps(p.add(16 * i), *o);
-    }
-}
-
-/// The same on AVX2: four 8×8 blocks, each by interleaving pairs of rows by 1 and 2 values and
-/// exchanging 128-bit halves, written to the mirrored block.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn transpose16_avx2(sq: &mut [Lane; LANES]) {
-    use std::arch::x86_64::*;
-    let p = sq.as_mut_ptr() as *mut f32;
-    // Block (bi, bj) holds rows 8·bi.. and columns 8·bj..; all are read before any is written.
-    let blocks: [[__m256; 8]; 4] = std::array::from_fn(|b| {
-        let (bi, bj) = (b / 2, b % 2);
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(16 * (8 * bi + i) + 8 * bj)));
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i & !1], r[i | 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
-            }
-        });
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            let base = i & !3;
-            let (a, b) = if i % 4 < 2 { (t[base], t[base + 2]) } else { (t[base + 1], t[base + 3]) };
-            if i % 2 == 0 {
-                _mm256_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm256_shuffle_ps::<0xee>(a, b)
-            }
-        });
-        std::array::from_fn(|i| {
-            let (a, b) = (u[i % 4], u[4 + i % 4]);
-            if i < 4 {
-                _mm256_permute2f128_ps::<0x20>(a, b)
-            } else {
-                _mm256_permute2f128_ps::<0x31>(a, b)
-            }
-        })
-    });
-    for (b, rows) in blocks.iter().enumerate() {
-        let (bi, bj) = (b / 2, b % 2);
-        for (i, row) in rows.iter().enumerate() {
-            _mm256_storeu_ps(p.add(16 * (8 * bj + i) + 8 * bi), *row);
-        }
-    }
-}
-
-/// The transpose for `isa`'s path.
-fn transposer(isa: Isa) -> Transpose {
-    #[cfg(target_arch = "x86_64")]
-    if isa.supported() {
-        match isa {
-            Isa::Avx512 => return transpose16_avx512,
-            Isa::Avx2 => return transpose16_avx2,
-            Isa::Portable => {}
-        }
-    }
-    transpose16_plain
-}
-
-/// Channel planes of `count` images (`src[i][c]`, h×w) into lanes: `dst[c][y0 + y][x0 + x]`
-/// (rows of `wp`, `hp` rows a channel) holds pixel (y, x) of every image; the rest of `dst`,
-/// and the lanes past `count`, are zero. Sixteen pixels of sixteen images go at a time, read
-/// along each image's row and written as whole lanes.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn to_lanes(
-    src: &[f32],
-    count: usize,
-    chans: usize,
-    (h, w): (usize, usize),
-    (hp, wp): (usize, usize),
-    (y0, x0): (usize, usize),
-    tr: Transpose,
-    dst: &mut [Lane],
-) {
-    // Stale values past column n land in lanes never copied.
-    let mut t = [[0.0f32; LANES]; LANES];
-    for c in 0..chans {
-        let plane = &mut dst[c * hp * wp..(c + 1) * hp * wp];
-        plane[..y0 * wp].fill([0.0; LANES]);
-        plane[(y0 + h) * wp..].fill([0.0; LANES]);
-        for y in 0..h {
-            let line = &mut plane[(y0 + y) * wp..(y0 + y + 1) * wp];
-            line[..x0].fill([0.0; LANES]);
-            line[x0 + w..].fill([0.0; LANES]);
-            for j0 in (0..w).step_by(LANES) {
-                let n = LANES.min(w - j0);
-                t[count..].fill([0.0; LANES]);
-                for (i, row) in t.iter_mut().enumerate().take(count) {
-                    let at = ((i * chans + c) * h + y) * w + j0;
-                    if n == LANES {
-                        *row = src[at..at + LANES].try_into().unwrap();
-                    } else {
-                        row.iter_mut().zip(&src[at..at + n]).for_each(|(d, v)| *d = *v);
-                    }
-                }
-                // SAFETY: `tr` comes from `transposer`, which checked the CPU.
-                unsafe { tr(&mut t) };
-                line[x0 + j0..x0 + j0 + n].copy_from_slice(&t[..n]);
-            }
-        }
-    }
-}
-
-/// The inverse of `to_lanes` for an output: `dst[i][c][y][x] = act(src[c][y][x][i] + b[c])`
-/// for the first `count` lanes, from lane planes of `wp`-wide rows (`hp` rows a channel).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn from_lanes(
-    src: &[Lane],
-    count: usize,
-    chans: usize,
-    (h, w): (usize, usize),
-    (hp, wp): (usize, usize),
-    b: Option<&[f32]>,
-    act: Activation,
-    tr: Transpose,
-    dst: &mut [f32],
-) {
-    let mut t = [[0.0f32; LANES]; LANES];
-    for c in 0..chans {
-        let bias = b.map_or(0.0, |b| b[c]);
-        for y in 0..h {
-            let line = &src[(c * hp + y) * wp..(c * hp + y) * wp + w];
-            for j0 in (0..w).step_by(LANES) {
-                let n = LANES.min(w - j0);
-                // Rows past n are stale and land in columns never copied.
-                t[..n].copy_from_slice(&line[j0..j0 + n]);
-                // SAFETY: as in `to_lanes`.
-                unsafe { tr(&mut t) };
-                for (i, row) in t.iter().enumerate().take(count) {
-                    let at = ((i * chans + c) * h + y) * w + j0;
-                    let out = dst[at..at + n].iter_mut().zip(row);
-                    match (b.is_some(), act) {
-                        (false, Activation::Identity) => out.for_each(|(o, v)| *o = *v),
-                        _ => out.for_each(|(o, v)| *o = act.apply(v + bias)),
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
@@ -624,7 +218,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     y.par_chunks_mut(out_img * LANES).enumerate().for_each(|(grp, ys)| {
         let count = ys.len() / out_img;
         let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
-        with_scratch(x_len + y_len + v_len + m_len, |buf| {
+        with_scratch(&SCRATCH, x_len + y_len + v_len + m_len, |buf| {
             let (xl, rest) = buf.split_at_mut(x_len);
             let (yl, rest) = rest.split_at_mut(y_len);
             let (v, prod) = rest.split_at_mut(v_len);
@@ -747,6 +341,40 @@ impl Packed<'_> {
     }
 }
 
+/// `l·d·lᵀ` of tile `t` (its window at `corner` in every lane plane: `planes[c]`, `ph` rows of
+/// `pw`) for every channel, 16 channels at a time: staged, transposed so that each lane (one
+/// pixel of one image) becomes a row of 16 channels, and stored through `op` into `dst` (one
+/// operand per point e). Inlined, so the coefficients stay compile-time constants.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn transform_into<const A: usize, const K: usize>(
+    l: &[[f32; K]; A],
+    planes: &[Lane],
+    chans: usize,
+    (ph, pw): (usize, usize),
+    corner: usize,
+    t: usize,
+    op: &Packed,
+    dst: &mut [f32],
+    stage: &mut [[Lane; LANES]],
+    tr: Transpose,
+) {
+    for c0 in (0..chans).step_by(LANES) {
+        let cn = LANES.min(chans - c0);
+        for c in c0..c0 + cn {
+            let at = c * ph * pw + corner;
+            let load = |r: usize, s: usize| planes[at + r * pw + s];
+            sandwich_with(l, l, load, |i, j, lane| stage[i * A + j][c - c0] = *lane);
+        }
+        let n = op.len();
+        for (e, sq) in stage.iter_mut().enumerate() {
+            // SAFETY: `tr` comes from `transposer`, which checked the CPU.
+            unsafe { tr(sq) };
+            op.store(sq, t * LANES, c0, cn, &mut dst[e * n..(e + 1) * n]);
+        }
+    }
+}
+
 fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     isa: Isa,
     x: &[f32],
@@ -781,7 +409,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
             let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
             let mut acc = vec![0.0f32; A * A * co * ci];
-            with_scratch(x_len + dy_len + lhs_len + rhs_len + stage_len, |buf| {
+            with_scratch(&SCRATCH, x_len + dy_len + lhs_len + rhs_len + stage_len, |buf| {
                 let (xl, rest) = buf.split_at_mut(x_len);
                 let (dyl, rest) = rest.split_at_mut(dy_len);
                 let (lhs, rest) = rest.split_at_mut(lhs_len);
@@ -812,38 +440,10 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                         #[inline(always)]
                         || {
                             for t in 0..blk.txn {
-                                for c0 in (0..ci).step_by(LANES) {
-                                    let cn = LANES.min(ci - c0);
-                                    for c in c0..c0 + cn {
-                                        let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
-                                        let load = |r: usize, s: usize| xl[corner + r * wp + s];
-                                        sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| {
-                                            stage[i * A + j][c - c0] = *lane
-                                        });
-                                    }
-                                    for (e, sq) in stage.iter_mut().enumerate() {
-                                        // SAFETY: `tr` comes from `transposer`, which checked the CPU.
-                                        unsafe { tr(sq) };
-                                        let n = x_op.len();
-                                        x_op.store(sq, t * LANES, c0, cn, &mut x_dst[e * n..(e + 1) * n]);
-                                    }
-                                }
-                                for k0 in (0..co).step_by(LANES) {
-                                    let kn = LANES.min(co - k0);
-                                    for k in k0..k0 + kn {
-                                        let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
-                                        let load = |r: usize, s: usize| dyl[corner + r * ow + s];
-                                        sandwich_with(&T::T.a, &T::T.a, load, |i, j, lane| {
-                                            stage[i * A + j][k - k0] = *lane
-                                        });
-                                    }
-                                    for (e, sq) in stage.iter_mut().enumerate() {
-                                        // SAFETY: as above.
-                                        unsafe { tr(sq) };
-                                        let n = dy_op.len();
-                                        dy_op.store(sq, t * LANES, k0, kn, &mut dy_dst[e * n..(e + 1) * n]);
-                                    }
-                                }
+                                let at = |w: usize| blk.ty * M * w + (blk.tx0 + t) * M;
+                                let stage = &mut *stage;
+                                transform_into::<A, A>(&T::T.bt, xl, ci, (hp, wp), at(wp), t, x_op, x_dst, stage, tr);
+                                transform_into::<A, M>(&T::T.a, dyl, co, (oh, ow), at(ow), t, dy_op, dy_dst, stage, tr);
                             }
                         },
                     );
@@ -876,29 +476,6 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
         let m: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| sum[(r * A + s) * co * ci + at]));
         for (o, v) in out.iter_mut().zip(sandwich(&T::T.gt, &m, &T::T.gt).iter().flatten()) {
             *o = *v;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transposes_agree_with_the_definition() {
-        let sq: [Lane; LANES] = std::array::from_fn(|i| std::array::from_fn(|j| (i * 100 + j) as f32));
-        let mut plain = sq;
-        transpose16_plain(&mut plain);
-        for i in 0..LANES {
-            for j in 0..LANES {
-                assert_eq!(plain[j][i], sq[i][j]);
-            }
-        }
-        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
-            let mut fast = sq;
-            // SAFETY: transposer checks the CPU.
-            unsafe { transposer(isa)(&mut fast) };
-            assert_eq!(fast, plain, "{isa}");
         }
     }
 }
