@@ -1,6 +1,8 @@
-//! Convolution on the CPU: im2col + GEMM, parallel over images. On rotvar's own GEMM paths the
-//! forward pass and the weight gradient skip the im2col matrix and let the GEMM pack straight
-//! from the padded image (`ImageCols`); the explicit route stays as their oracle (`Engine`).
+//! Convolution on the CPU: im2col + GEMM, parallel over images, and the choice of algorithm
+//! (`Engine`). On rotvar's own GEMM paths the forward pass and the weight gradient skip the
+//! im2col matrix and let the GEMM pack straight from the padded image (`ImageCols`); the
+//! explicit route stays as their oracle. By default the 3×3 and 5×5 stride-1 layers with enough
+//! channels go to Winograd (`winograd/`), with im2col as its oracle.
 //!
 //! Forward and backward-data are independent per image. Backward-weight sums over images, so it
 //! is split into chunks of a fixed number of images whose partial sums are added in chunk order:
