@@ -509,7 +509,7 @@ fn weight_grad(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(WGRAD_CHUNK))
         .into_par_iter()
         .map(|c| {
-            let mut acc = vec![0.0f32; g.c_out * k];
+            let mut acc = super::buffers::zeroed(g.c_out * k);
             let images = c * WGRAD_CHUNK..((c + 1) * WGRAD_CHUNK).min(g.n);
             if images_per_gemm(g) > 1 {
                 // Small outputs: the chunk's images side by side, one GEMM with a reduction of
@@ -585,6 +585,7 @@ fn weight_grad(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
     for part in &partials {
         dw.iter_mut().zip(part).for_each(|(d, v)| *d += v);
     }
+    partials.into_iter().for_each(super::buffers::recycle);
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@
 mod lanes;
 mod transform;
 
-use super::buffers::with_scratch;
+use super::buffers::{recycle, with_scratch, zeroed};
 use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
 use super::isa::Isa;
 use crate::backend::{Activation, ConvGeom};
@@ -414,7 +414,9 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
             let count = LANES.min(g.n - grp * LANES);
             let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
-            let mut acc = vec![0.0f32; A * A * co * ci];
+            // Recycled, like the backend's tensors: a fresh megabyte per group faulted its pages in
+            // on every call.
+            let mut acc = zeroed(A * A * co * ci);
             with_scratch(&SCRATCH, x_len + dy_len + lhs_len + rhs_len + stage_len, |buf| {
                 let (xl, rest) = buf.split_at_mut(x_len);
                 let (dyl, rest) = rest.split_at_mut(dy_len);
@@ -474,12 +476,13 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
         .collect();
     // The partial sums added in group order (so the bits do not depend on the thread count),
     // split over both cores by position.
-    let mut sum = vec![0.0f32; A * A * co * ci];
+    let mut sum = zeroed(A * A * co * ci);
     sum.par_chunks_mut(4096).enumerate().for_each(|(i, chunk)| {
         for part in &partials {
             chunk.iter_mut().zip(&part[i * 4096..]).for_each(|(s, v)| *s += v);
         }
     });
+    partials.into_iter().for_each(recycle);
     dw.par_chunks_exact_mut(R * R).enumerate().for_each(|(kc, out)| {
         let (k, c) = (kc / ci, kc % ci);
         let at = if swap { c * co + k } else { k * ci + c };
@@ -488,4 +491,5 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
             *o = *v;
         }
     });
+    recycle(sum);
 }
