@@ -137,6 +137,36 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     }
 }
 
+// The main loop of v2 and v3: acc = op(A)[m0.., kbeg..kend) * op(B)[kbeg..kend), n0..) for this
+// thread's 4x4 outputs. kbeg is a multiple of RV_BK, so a range walks the same slices as the
+// whole product does; elements at or past kend load as 0.
+__device__ __forceinline__ void rv_gemm_range(float (*As)[RV_BM + RV_PAD], float (*Bs)[RV_BN + RV_PAD],
+                                              const float* __restrict__ A, const float* __restrict__ B, int M, int N,
+                                              int kbeg, int kend, int lda, int ldb, int transA, int transB, int m0,
+                                              int n0, int ty, int tx, float (&acc)[RV_TM][RV_TN]) {
+#pragma unroll
+    for (int i = 0; i < RV_TM; ++i)
+#pragma unroll
+        for (int j = 0; j < RV_TN; ++j) acc[i][j] = 0.f;
+
+    float ra[RV_PER_THREAD(RV_BM)], rb[RV_PER_THREAD(RV_BN)];
+    if (kbeg < kend) {
+        rv_fetch_tile<RV_BM>(ra, A, lda, transA, m0, M, kbeg, kend);
+        rv_fetch_tile<RV_BN>(rb, B, ldb, !transB, n0, N, kbeg, kend);
+    }
+    for (int k0 = kbeg; k0 < kend; k0 += RV_BK) {
+        rv_store_tile<RV_BM>(As, ra, transA);
+        rv_store_tile<RV_BN>(Bs, rb, !transB);
+        __syncthreads();
+        if (k0 + RV_BK < kend) {  // lands in registers while the FMAs below run
+            rv_fetch_tile<RV_BM>(ra, A, lda, transA, m0, M, k0 + RV_BK, kend);
+            rv_fetch_tile<RV_BN>(rb, B, ldb, !transB, n0, N, k0 + RV_BK, kend);
+        }
+        rv_tile_fma(As, Bs, ty, tx, acc);
+        __syncthreads();  // the tiles are overwritten by the next store
+    }
+}
+
 // gemm_tiled_v2: C = act(alpha * op(A) * op(B) + beta * C + bias), the layout
 // and launch of v1 plus two arguments:
 //   bias (nullable): one value per output column, C[m,n] += bias[n] (the
@@ -162,27 +192,7 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     const int m0 = blockIdx.y * RV_BM, n0 = blockIdx.x * RV_BN;
     const int tx = threadIdx.x % (RV_BN / RV_TN), ty = threadIdx.x / (RV_BN / RV_TN);
     float acc[RV_TM][RV_TN];
-#pragma unroll
-    for (int i = 0; i < RV_TM; ++i)
-#pragma unroll
-        for (int j = 0; j < RV_TN; ++j) acc[i][j] = 0.f;
-
-    float ra[RV_PER_THREAD(RV_BM)], rb[RV_PER_THREAD(RV_BN)];
-    if (K > 0) {
-        rv_fetch_tile<RV_BM>(ra, A, lda, transA, m0, M, 0, K);
-        rv_fetch_tile<RV_BN>(rb, B, ldb, !transB, n0, N, 0, K);
-    }
-    for (int k0 = 0; k0 < K; k0 += RV_BK) {
-        rv_store_tile<RV_BM>(As, ra, transA);
-        rv_store_tile<RV_BN>(Bs, rb, !transB);
-        __syncthreads();
-        if (k0 + RV_BK < K) {  // lands in registers while the FMAs below run
-            rv_fetch_tile<RV_BM>(ra, A, lda, transA, m0, M, k0 + RV_BK, K);
-            rv_fetch_tile<RV_BN>(rb, B, ldb, !transB, n0, N, k0 + RV_BK, K);
-        }
-        rv_tile_fma(As, Bs, ty, tx, acc);
-        __syncthreads();  // the tiles are overwritten by the next store
-    }
+    rv_gemm_range(As, Bs, A, B, M, N, 0, K, lda, ldb, transA, transB, m0, n0, ty, tx, acc);
 
 #pragma unroll
     for (int i = 0; i < RV_TM; ++i) {
@@ -197,5 +207,63 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
             if (bias) v += __ldg(bias + n);
             crow[n] = rv_act(act, v);
         }
+    }
+}
+
+// gemm_splitk_v3: v2's main loop with the reduction split across gridDim.z, for
+// products whose output tiles are too few to fill the GPU: a dense layer's
+// forward pass has M = batch and N = outputs (LeNet fc1 at batch 256: 4 x 2
+// tiles of 64 x 64 on 132 SMs) but K = 5880 inputs. Each block writes its
+// partial product, no epilogue; splitk_sum_f32 adds the partials in split
+// order (no atomics: the bits depend only on the shapes and `splits`) and
+// applies bias and activation.
+//   partial[z][m][n] (M*N floats per split) = op(A)[m, kz] * op(B)[kz, n]
+//   over split z's range [z*chunk, min((z+1)*chunk, K)), chunk =
+//   roundup(ceil(K / splits), 16); an empty range writes zeros.
+//   Layout and transposes as v1; alpha = 1 and beta = 0 (C is never read).
+//   Launch: block = (256,1,1), grid = (ceil(N/64), ceil(M/64), splits).
+extern "C" __global__ void __launch_bounds__(RV_THREADS)
+    gemm_splitk_v3(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ partial, int M,
+                   int N, int K, int lda, int ldb, int transA, int transB, int splits) {
+    ROTVAR_SHARED(float, As, [RV_BK][RV_BM + RV_PAD]);
+    ROTVAR_SHARED(float, Bs, [RV_BK][RV_BN + RV_PAD]);
+    if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    if (splits < 1 || (int)gridDim.z != splits) __trap();
+
+    const int m0 = blockIdx.y * RV_BM, n0 = blockIdx.x * RV_BN;
+    const int tx = threadIdx.x % (RV_BN / RV_TN), ty = threadIdx.x / (RV_BN / RV_TN);
+    const int chunk = ((K + splits - 1) / splits + RV_BK - 1) / RV_BK * RV_BK;
+    const long long kb = (long long)blockIdx.z * chunk;
+    const int kbeg = kb < K ? (int)kb : K, kend = kb + chunk < K ? (int)(kb + chunk) : K;
+    float acc[RV_TM][RV_TN];
+    rv_gemm_range(As, Bs, A, B, M, N, kbeg, kend, lda, ldb, transA, transB, m0, n0, ty, tx, acc);
+
+    float* out = partial + (long long)blockIdx.z * M * N;
+#pragma unroll
+    for (int i = 0; i < RV_TM; ++i) {
+        const int m = m0 + ty * RV_TM + i;
+        if (m >= M) break;
+#pragma unroll
+        for (int j = 0; j < RV_TN; ++j) {
+            const int n = n0 + tx * RV_TN + j;
+            if (n < N) out[(long long)m * N + n] = acc[i][j];
+        }
+    }
+}
+
+// splitk_sum_f32: C[m, n] = act(sum over z of partial[z][m][n] + bias[n]), the
+// splits added in order from z = 0 (bias nullable, C with leading dim ldc).
+//   Launch: block = 256, grid-stride over M*N (the backend's elementwise grid).
+extern "C" __global__ void splitk_sum_f32(float* __restrict__ C, const float* __restrict__ partial,
+                                          const float* __restrict__ bias, int M, int N, int ldc, int splits,
+                                          int act) {
+    const long long len = (long long)M * N;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < len;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = partial[i];
+        for (int z = 1; z < splits; ++z) v += partial[z * len + i];
+        const int m = (int)(i / N), n = (int)(i % N);
+        if (bias) v += __ldg(bias + n);
+        C[(long long)m * ldc + n] = rv_act(act, v);
     }
 }

@@ -206,7 +206,9 @@ pub struct GemmTiming {
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    /// `v1`, `v2`, `v2+bias+relu` (fused epilogue) or `v2+bias, relu kernel` (unfused).
+    /// `v1`, `v2`, `v3 split-K S` (S slices, as the backend splits this shape; 1: whole),
+    /// `v3 split-K S +bias+relu`, `v2+bias+relu` (fused epilogue) or `v2+bias, relu kernel`
+    /// (unfused).
     pub variant: String,
     pub device: String,
     pub median_ms: f64,
@@ -215,9 +217,10 @@ pub struct GemmTiming {
     pub fraction_of_ceiling: Option<f64>,
 }
 
-/// The GEMM variants side by side: v1 against v2 (register prefetch) on the dense layers'
-/// forward shapes of `models` at `batch` rows and on a 2048³ square, and v2's fused bias + ReLU
-/// epilogue against the same GEMM followed by a separate ReLU kernel.
+/// The GEMM variants side by side: v1 against v2 (register prefetch) and v3 (v2 with the
+/// reduction split over more blocks, what the backend runs when v2's tiles cannot fill the GPU)
+/// on the dense layers' forward shapes of `models` at `batch` rows and on a 2048³ square, and
+/// v2's fused bias + ReLU epilogue against the same GEMM followed by a separate ReLU kernel.
 pub fn gemm_timings(
     cuda: &std::sync::Arc<crate::backend::cuda::CudaBackend>,
     batch: usize,
@@ -248,9 +251,13 @@ pub fn gemm_timings(
         let (mut y, mut z) = (b.zeros(m * n)?, b.zeros(m * n)?);
         let (id, relu) = (Activation::Identity, Activation::Relu);
         let dims = (m, n, k);
-        let rows: [(&str, f64); 4] = [
+        let v3 = format!("v3 split-K {}", cuda.gemm_splits(m, n, k));
+        let v3_epilogue = format!("{v3} +bias+relu");
+        let rows: [(&str, f64); 6] = [
             ("v1", median_ms(&b, reps, || cuda.gemm_variant(1, &x, &w, None, id, &mut y, dims))?),
             ("v2", median_ms(&b, reps, || cuda.gemm_variant(2, &x, &w, None, id, &mut y, dims))?),
+            (&v3, median_ms(&b, reps, || cuda.gemm_variant(3, &x, &w, None, id, &mut y, dims))?),
+            (&v3_epilogue, median_ms(&b, reps, || cuda.gemm_variant(3, &x, &w, Some(&bias), relu, &mut y, dims))?),
             ("v2+bias+relu", median_ms(&b, reps, || cuda.gemm_variant(2, &x, &w, Some(&bias), relu, &mut y, dims))?),
             (
                 "v2+bias, relu kernel",

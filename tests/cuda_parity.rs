@@ -4,7 +4,7 @@
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::cuda::CudaBackend;
 use rotvar::backend::BackendRef;
-use rotvar::selftest::{kernel_checks, training_curves, Scale};
+use rotvar::selftest::{kernel_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR, EARLY_FLOOR};
 
 #[test]
 fn every_op_matches_the_cpu_reference_under_emulation() {
@@ -30,6 +30,42 @@ fn lenet_training_follows_the_cpu_loss_curve_under_emulation() {
         assert!(x.is_finite() && y.is_finite(), "step {i}: {x} vs {y}");
         assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "step {i}: cpu loss {x}, cuda-emu loss {y}");
     }
+}
+
+/// The training-curve verdict scales with the CPU's own drift between its two GEMM families:
+/// deviations a few times that drift pass, a jump far beyond it, a NaN or a different end fail.
+#[test]
+fn curve_check_is_measured_against_the_cpu_drift() {
+    let cpu: BackendRef = CpuBackend::shared();
+    let before = rotvar::backend::cpu::isa::active();
+    let drift = reference_drift(&cpu, 6, 8).expect("two CPU runs");
+    assert_eq!(rotvar::backend::cpu::isa::active(), before, "the process-wide GEMM choice is restored");
+    assert_eq!(drift.len(), 6);
+    assert_eq!(drift[0], 0.0, "the first loss is computed before any update: no drift yet");
+    assert!(drift.iter().all(|d| d.is_finite() && *d < 1e-3), "drift {drift:?}");
+
+    let reference: Vec<f32> = (0..60).map(|i| 2.3 - 0.03 * i as f32).collect();
+    let flat = vec![2e-4f32; 20];
+    let tol = EARLY_FLOOR.max(DRIFT_FACTOR * 2e-4);
+    let shifted = |by: f32, at: usize| {
+        let mut g = reference.clone();
+        g[at] += by * reference[at].abs().max(1.0);
+        g
+    };
+    let ok = CurveCheck::new(&reference, &shifted(0.5 * tol, 7), &flat);
+    assert!(ok.passed(), "{ok:?}");
+    assert!((ok.early_tol - tol).abs() < 1e-9);
+    let jump = CurveCheck::new(&reference, &shifted(2.0 * tol, 7), &flat);
+    assert!(!jump.passed(), "{jump:?}");
+    // A larger drift widens the bound, by the stated factor.
+    let wide = CurveCheck::new(&reference, &shifted(2.0 * tol, 7), &vec![1e-3f32; 20]);
+    assert!(wide.passed(), "{wide:?}");
+    assert!(!CurveCheck::new(&reference, &shifted(f32::NAN, 30), &flat).passed());
+    let mut late = reference.clone();
+    for v in &mut late[10..] {
+        *v *= 1.2;
+    }
+    assert!(!CurveCheck::new(&reference, &late, &flat).passed(), "the end of the run differs by 20%");
 }
 
 /// The device-memory counts behind `rotvar bench measure`: buffers handed out and returned,

@@ -317,16 +317,31 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
     let c0 = if c.beta == 0. { vec![POISON; c.m * ldc] } else { rng.vec(c.m * ldc, -1., 1.) };
     let mut cm = c0.clone();
     let grid = (c.n.div_ceil(64) as u32, c.m.div_ceil(64) as u32, 1);
-    let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut cm)];
-    if e.is_some() {
-        args.push(if use_bias { KArg::slice(&bias) } else { KArg::Ptr(0) });
+    let bias_arg = if use_bias { KArg::slice(&bias) } else { KArg::Ptr(0) };
+    if let Some(splits) = kernel.strip_prefix("gemm_splitk_v3/") {
+        // v3 has alpha = 1, beta = 0; its partials are poisoned, so a slice left unwritten fails.
+        assert!(c.alpha == 1. && c.beta == 0., "v3 computes C = act(op(A) op(B) + bias)");
+        let splits: usize = splits.parse().expect("gemm_splitk_v3/<splits>");
+        let mut partial = vec![POISON; splits * c.m * c.n];
+        let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut partial)];
+        args.extend(i32s([c.m, c.n, c.k, lda, ldb, c.ta as usize, c.tb as usize, splits]));
+        unsafe { emu::launch("gemm_splitk_v3", (grid.0, grid.1, splits as u32), (256, 1, 1), 0, &args) }
+            .expect("gemm_splitk_v3 launch");
+        let mut args = vec![KArg::slice_mut(&mut cm), KArg::slice(&partial), bias_arg];
+        args.extend(i32s([c.m, c.n, ldc, splits, relu as usize]));
+        unsafe { emu::launch("splitk_sum_f32", (3, 1, 1), (256, 1, 1), 0, &args) }.expect("splitk_sum_f32 launch");
+    } else {
+        let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut cm)];
+        if e.is_some() {
+            args.push(bias_arg);
+        }
+        args.extend(i32s([c.m, c.n, c.k, lda, ldb, ldc, c.ta as usize, c.tb as usize]));
+        args.extend(f32s([c.alpha as f64, c.beta as f64]));
+        if e.is_some() {
+            args.push(KArg::I32(relu as i32));
+        }
+        unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
     }
-    args.extend(i32s([c.m, c.n, c.k, lda, ldb, ldc, c.ta as usize, c.tb as usize]));
-    args.extend(f32s([c.alpha as f64, c.beta as f64]));
-    if e.is_some() {
-        args.push(KArg::I32(relu as i32));
-    }
-    unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
     let tag = format!(
         "{kernel} {}x{}x{} ta={} tb={} alpha={} beta={} pad={} bias={use_bias} relu={relu}",
         c.m, c.n, c.k, c.ta, c.tb, c.alpha, c.beta, c.pad
@@ -406,6 +421,68 @@ fn gemm_tiled_v2_parity_with_fused_bias_and_relu() {
             check_gemm("gemm_tiled_v2", c, Some(Epilogue { bias, relu }), &mut rng);
         }
     }
+}
+
+/// v3 splits the reduction over gridDim.z and sums the slices in a second kernel: right for
+/// any number of slices, empty ones too (a split count past K / 16 leaves the last slices
+/// without steps), with and without the epilogue, in every transpose case.
+#[test]
+fn gemm_splitk_v3_parity_for_any_split_count() {
+    let mut rng = Rng(31);
+    for c in gemm_cases().iter().filter(|c| c.alpha == 1. && c.beta == 0.) {
+        for splits in [1, 2, 3, 7, 13] {
+            for (bias, relu) in [(false, false), (true, true)] {
+                check_gemm(&format!("gemm_splitk_v3/{splits}"), c, Some(Epilogue { bias, relu }), &mut rng);
+            }
+        }
+    }
+    // Padded leading dimensions, LeNet fc1's transposes (x · wᵀ) and a reduction of many slices.
+    let c = GemmCase { m: 9, n: 84, k: 1000, ta: false, tb: true, alpha: 1., beta: 0., pad: 3 };
+    check_gemm("gemm_splitk_v3/4", &c, Some(Epilogue { bias: true, relu: true }), &mut rng);
+}
+
+/// One slice is v2's main loop and epilogue: the same bits. More slices give bits that depend
+/// only on the shape and the slice count, not on the order blocks run in.
+#[test]
+fn gemm_splitk_v3_is_v2_with_one_slice_and_deterministic() {
+    let mut rng = Rng(37);
+    let (m, n, k) = (70, 66, 300);
+    let (a, b, bias) = (rng.vec(m * k, -1., 1.), rng.vec(k * n, -1., 1.), rng.vec(n, -1., 1.));
+    let v2 = {
+        let mut c = vec![POISON; m * n];
+        let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut c), KArg::slice(&bias)];
+        args.extend(i32s([m, n, k, k, n, n, 0, 0]));
+        args.extend(f32s([1., 0.]));
+        args.push(KArg::I32(1));
+        unsafe { emu::launch("gemm_tiled_v2", (2, 2, 1), (256, 1, 1), 0, &args) }.expect("v2 launch");
+        c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let v3 = |splits: usize| {
+        let mut partial = vec![POISON; splits * m * n];
+        let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut partial)];
+        args.extend(i32s([m, n, k, k, n, 0, 0, splits]));
+        unsafe { emu::launch("gemm_splitk_v3", (2, 2, splits as u32), (256, 1, 1), 0, &args) }.expect("v3 launch");
+        let mut c = vec![POISON; m * n];
+        let mut args = vec![KArg::slice_mut(&mut c), KArg::slice(&partial), KArg::slice(&bias)];
+        args.extend(i32s([m, n, n, splits, 1]));
+        unsafe { emu::launch("splitk_sum_f32", (5, 1, 1), (256, 1, 1), 0, &args) }.expect("sum launch");
+        c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(v3(1), v2, "one slice differs from v2");
+    let five = v3(5);
+    assert_ne!(five, v2, "five slices sum in another order: some bits should differ");
+    for _ in 0..3 {
+        assert_eq!(v3(5), five, "split-K bits changed between runs");
+    }
+}
+
+/// A split count that disagrees with the grid is a launch error, not a silent wrong sum.
+#[test]
+fn gemm_splitk_v3_checks_its_grid() {
+    let (a, b, mut p) = (vec![1f32; 64], vec![1f32; 64], vec![0f32; 3 * 64]);
+    let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut p)];
+    args.extend(i32s([8, 8, 8, 8, 8, 0, 0, 3]));
+    assert!(unsafe { emu::launch("gemm_splitk_v3", (1, 1, 2), (256, 1, 1), 0, &args) }.is_err());
 }
 
 /// v2 adds only a prefetch and an epilogue: with neither bias nor activation its output is v1's,

@@ -1,6 +1,6 @@
 //! The GEMM-shaped launches of the CUDA backend: the dense GEMM's numbered variants
-//! (kernels/gemm.cu), and for the convolutions (kernels/conv.cu) the choice of tile, the
-//! argument list and the split-K of the weight gradient.
+//! (kernels/gemm.cu) and its split-K, and for the convolutions (kernels/conv.cu) the choice of
+//! tile, the argument list and the split-K of the weight gradient.
 
 use super::{grid2, i32_of, CudaBackend, BLOCK, TILE};
 use crate::backend::cuda::emu::KArg;
@@ -39,8 +39,9 @@ const SAT_BLOCKS: usize = 2;
 const MIN_SLICE: usize = 256;
 
 /// How many slices a split-K reduction of `red` steps over `tiles` output tiles is cut into:
-/// enough blocks for `SAT_BLOCKS` per SM, none shorter than `MIN_SLICE` steps.
-pub(super) fn wgrad_splits(tiles: usize, red: usize, sm_count: u32) -> usize {
+/// enough blocks for `SAT_BLOCKS` per SM, none shorter than `MIN_SLICE` steps. Used by the conv
+/// weight gradient and the dense GEMM (v3).
+pub(super) fn split_k_slices(tiles: usize, red: usize, sm_count: u32) -> usize {
     let want = (SAT_BLOCKS * (sm_count as usize).max(1)).div_ceil(tiles.max(1));
     want.clamp(1, red.div_ceil(MIN_SLICE).max(1))
 }
@@ -67,7 +68,7 @@ pub(super) fn conv_plan(
     let sms = (sm_count as usize).max(1) as f64;
     let plan = |&(tag, bm, bn): &(&str, usize, usize)| {
         let tiles = m.div_ceil(bm) * n.div_ceil(bn);
-        let splits = if split_k { wgrad_splits(tiles, red, sm_count) } else { 1 };
+        let splits = if split_k { split_k_slices(tiles, red, sm_count) } else { 1 };
         let steps = red.div_ceil(splits).max(1);
         let block_cost = (bm * bn + LOAD_COST * (bm + bn)) * steps;
         let time = block_cost as f64 * ((tiles * splits) as f64 / sms).max(SAT_BLOCKS as f64);
@@ -84,10 +85,23 @@ pub(super) fn conv_plan(
     best.0
 }
 
+/// A GEMM's shape and layout (kernels/gemm.cu's conventions).
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+    ta: bool,
+    tb: bool,
+}
+
 impl CudaBackend {
     /// C[m, n] = act(A[m, k] · B[n, k]ᵀ + bias[n]) (the dense layer's forward) with a chosen
-    /// variant of kernels/gemm.cu, for `rotvar bench gemm`; the backend's ops always use v2.
-    /// v1 has no epilogue: it refuses a bias or an activation.
+    /// variant of kernels/gemm.cu, for `rotvar bench gemm`: 1 and 2 whole (never split), 3 split
+    /// as the backend's ops split it (`gemm_splits`; 1 slice where the tiles fill the GPU). v1
+    /// has no epilogue: it refuses a bias or an activation.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_variant(
         &self,
@@ -115,13 +129,23 @@ impl CudaBackend {
                 args.extend([KArg::F32(1.0), KArg::F32(0.0)]);
                 self.launch("gemm_tiled_v1", grid2(n.div_ceil(TILE), m.div_ceil(TILE)), BLOCK, 0, &args)
             }
-            2 => self.gemm(aa, ba, ca, self.opt_arg(bias, n)?, act, m, n, k, k, k, n, false, true),
-            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1 and v2"),
+            2 | 3 => {
+                let g = Gemm { m, n, k, lda: k, ldb: k, ldc: n, ta: false, tb: true };
+                let splits = if variant == 2 { None } else { Some(self.gemm_splits(m, n, k)) };
+                self.gemm_launch(aa, ba, ca, self.opt_arg(bias, n)?, act, &g, splits)
+            }
+            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1, v2 and v3 (split-K)"),
         }
     }
 
-    /// C[M,N] = act(op(A)·op(B) + bias[N]) with gemm_tiled_v2 (row-major, leading dimensions
-    /// given; `bias` a pointer argument, `KArg::Ptr(0)` for none).
+    /// The slices the backend's GEMMs split their reduction into on this GPU (1: v2, whole).
+    pub fn gemm_splits(&self, m: usize, n: usize, k: usize) -> usize {
+        split_k_slices(m.div_ceil(TILE) * n.div_ceil(TILE), k, self.exec.sm_count())
+    }
+
+    /// C[M,N] = act(op(A)·op(B) + bias[N]) (row-major, leading dimensions given; `bias` a pointer
+    /// argument, `KArg::Ptr(0)` for none): gemm_tiled_v2 where its tiles fill the GPU, else
+    /// split-K (gemm_splitk_v3 + splitk_sum_f32).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
@@ -139,25 +163,62 @@ impl CudaBackend {
         ta: bool,
         tb: bool,
     ) -> Result<()> {
-        let grid = grid2(n.div_ceil(TILE), m.div_ceil(TILE));
+        let splits = self.gemm_splits(m, n, k);
+        let g = Gemm { m, n, k, lda, ldb, ldc, ta, tb };
+        self.gemm_launch(a, b, c, bias, act, &g, (splits > 1).then_some(splits))
+    }
+
+    /// v2 (`splits` None) or v3 with that many slices, then the sum and the epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_launch(
+        &self,
+        a: KArg,
+        b: KArg,
+        c: KArg,
+        bias: KArg,
+        act: Activation,
+        g: &Gemm,
+        splits: Option<usize>,
+    ) -> Result<()> {
+        let grid = |z: usize| (g.n.div_ceil(TILE) as u32, g.m.div_ceil(TILE) as u32, z as u32);
+        let dims = [
+            i32_of(g.m, "M")?,
+            i32_of(g.n, "N")?,
+            i32_of(g.k, "K")?,
+            i32_of(g.lda, "lda")?,
+            i32_of(g.ldb, "ldb")?,
+        ];
+        let Some(splits) = splits else {
+            let mut args = vec![a, b, c, bias];
+            args.extend(dims);
+            args.extend([
+                i32_of(g.ldc, "ldc")?,
+                KArg::I32(g.ta as i32),
+                KArg::I32(g.tb as i32),
+                KArg::F32(1.0),
+                KArg::F32(0.0),
+                KArg::I32(act.code()),
+            ]);
+            return self.launch("gemm_tiled_v2", grid(1), BLOCK, 0, &args);
+        };
+        let len = g.m * g.n;
+        let partial = self.new_buf(splits * len)?;
+        let p = self.arg(&partial, splits * len)?;
+        let mut args = vec![a, b, p];
+        args.extend(dims);
+        args.extend([KArg::I32(g.ta as i32), KArg::I32(g.tb as i32), i32_of(splits, "splits")?]);
+        self.launch("gemm_splitk_v3", grid(splits), BLOCK, 0, &args)?;
         let args = [
-            a,
-            b,
             c,
+            p,
             bias,
-            i32_of(m, "M")?,
-            i32_of(n, "N")?,
-            i32_of(k, "K")?,
-            i32_of(lda, "lda")?,
-            i32_of(ldb, "ldb")?,
-            i32_of(ldc, "ldc")?,
-            KArg::I32(ta as i32),
-            KArg::I32(tb as i32),
-            KArg::F32(1.0),
-            KArg::F32(0.0),
+            i32_of(g.m, "M")?,
+            i32_of(g.n, "N")?,
+            i32_of(g.ldc, "ldc")?,
+            i32_of(splits, "splits")?,
             KArg::I32(act.code()),
         ];
-        self.launch("gemm_tiled_v2", grid, BLOCK, 0, &args)
+        self.launch("splitk_sum_f32", self.ew_grid(len), BLOCK, 0, &args)
     }
 
     pub(super) fn conv_dims(&self, g: &ConvGeom) -> Result<Vec<KArg>> {
@@ -245,6 +306,20 @@ mod tests {
         let p = plan("conv2d_bwd_data", 16, 256 * 7 * 7, 120 * 25);
         assert_eq!(p.name, "conv2d_bwd_data_v1");
         assert_eq!(p.blocks(16, 256 * 7 * 7), 196);
+    }
+
+    /// The dense layers at batch 256 on an H200: the forward passes (few 64 × 64 tiles over a
+    /// long reduction) split until the GPU has 2 blocks per SM or the slices reach 256 steps;
+    /// the backward passes and a 2048³ product have tiles enough and stay whole (v2).
+    #[test]
+    fn dense_gemm_splits_only_what_cannot_fill_an_h200() {
+        let slices = |m: usize, n: usize, k: usize| super::split_k_slices(m.div_ceil(64) * n.div_ceil(64), k, H200_SMS);
+        assert_eq!(slices(256, 84, 5880), 23, "LeNet fc1 forward: 8 tiles, 23 slices of 256 steps");
+        assert_eq!(slices(256, 64, 6272), 25, "SimpleConv fc1 forward: 4 tiles");
+        assert_eq!(slices(256, 10, 84), 1, "fc2: too short to split");
+        assert_eq!(slices(84, 5880, 256), 1, "LeNet fc1 weight gradient: K = batch");
+        assert_eq!(slices(256, 5880, 84), 1, "LeNet fc1 backward data");
+        assert_eq!(slices(2048, 2048, 2048), 1, "1024 tiles fill the GPU");
     }
 
     /// Split-K never cuts a reduction into slices shorter than 256 steps, and adds no slices
