@@ -558,10 +558,8 @@ pub fn loss_curve(b: &BackendRef, steps: usize, batch: usize) -> Result<Vec<f32>
         b.gather_rows(&x_all.storage(), 784, &idx, &mut xb)?;
         let mut yb = b.zeros(batch)?;
         b.gather_rows(&y_all.storage(), 1, &idx, &mut yb)?;
-        let (x, y) = (
-            Tensor::from_storage(b, &[batch, 1, 28, 28], xb, false)?,
-            Tensor::from_storage(b, &[batch], yb, false)?,
-        );
+        let (x, y) =
+            (Tensor::from_storage(b, &[batch, 1, 28, 28], xb, false)?, Tensor::from_storage(b, &[batch], yb, false)?);
         let tape = Tape::start()?;
         let loss = ops::nll_loss(&model.forward(&x, &mut Forward::train(step as u64))?, &y)?;
         let grads = tape.backward(&loss)?;

@@ -58,7 +58,7 @@ fn curve_check_is_measured_against_the_cpu_drift() {
     let jump = CurveCheck::new(&reference, &shifted(2.0 * tol, 7), &flat);
     assert!(!jump.passed(), "{jump:?}");
     // A larger drift widens the bound, by the stated factor.
-    let wide = CurveCheck::new(&reference, &shifted(2.0 * tol, 7), &vec![1e-3f32; 20]);
+    let wide = CurveCheck::new(&reference, &shifted(2.0 * tol, 7), &[1e-3f32; 20]);
     assert!(wide.passed(), "{wide:?}");
     assert!(!CurveCheck::new(&reference, &shifted(f32::NAN, 30), &flat).passed());
     let mut late = reference.clone();

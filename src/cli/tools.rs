@@ -163,7 +163,8 @@ pub(super) fn cmd_bench(a: BenchArgs) -> Result<()> {
 
 pub(super) fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     use crate::selftest::{
-        deviations, kernel_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR, EARLY_FLOOR, TAIL_TOL,
+        deviations, kernel_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR, EARLY_FLOOR,
+        TAIL_TOL,
     };
     if a.device == DeviceRequest::Cpu || a.device == DeviceRequest::Auto {
         bail!("selftest checks a GPU backend against the CPU reference: use --device cuda, cuda:N or cuda-emu");

@@ -181,13 +181,8 @@ impl CudaBackend {
         splits: Option<usize>,
     ) -> Result<()> {
         let grid = |z: usize| (g.n.div_ceil(TILE) as u32, g.m.div_ceil(TILE) as u32, z as u32);
-        let dims = [
-            i32_of(g.m, "M")?,
-            i32_of(g.n, "N")?,
-            i32_of(g.k, "K")?,
-            i32_of(g.lda, "lda")?,
-            i32_of(g.ldb, "ldb")?,
-        ];
+        let dims =
+            [i32_of(g.m, "M")?, i32_of(g.n, "N")?, i32_of(g.k, "K")?, i32_of(g.lda, "lda")?, i32_of(g.ldb, "ldb")?];
         let Some(splits) = splits else {
             let mut args = vec![a, b, c, bias];
             args.extend(dims);
