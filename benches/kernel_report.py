@@ -47,11 +47,13 @@ SMEM_ALLOC_UNIT = 128
 MAX_THREADS_PER_BLOCK = 1024
 MAX_BLOCK_DIM = (1024, 1024, 64)
 
-# What the recorded launch configurations come from: every kernel the backend launches.
+# What the recorded launch configurations come from: every kernel the backend launches, the
+# numbered variants kept for comparison too (with the environment variable that selects them).
 RUNS = [
-    ["selftest", "--device", "cuda-emu", "--steps", "2"],
-    ["bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"],
-    ["bench", "gemm", "--device", "cuda-emu", "--models", "", "--steps", "1"],
+    ({}, ["selftest", "--device", "cuda-emu", "--steps", "2"]),
+    ({}, ["bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"]),
+    ({}, ["bench", "gemm", "--device", "cuda-emu", "--models", "", "--steps", "1"]),
+    ({"ROTVAR_VARIANCE_V1": "1"}, ["selftest", "--device", "cuda-emu", "--steps", "1"]),
 ]
 LOOP_KERNELS = ("gemm_", "conv2d_")
 
@@ -191,8 +193,8 @@ def occupancy(r, block, dyn):
 def collect_launches(rotvar):
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "launches.txt"
-        env = dict(os.environ, ROTVAR_LAUNCH_LOG=str(log))
-        for args in RUNS:
+        for extra, args in RUNS:
+            env = dict(os.environ, ROTVAR_LAUNCH_LOG=str(log), **extra)
             run([rotvar, *args], env=env, cwd=tmp)
         return parse_launch_log(log.read_text())
 
@@ -250,7 +252,7 @@ def render(kernels, launches):
     L.append("- Registers, spills, stack, static shared memory: `ptxas -v -arch=sm_90`. Instruction counts: SASS")
     L.append("  (`cuobjdump -sass`), NOPs excluded.")
     L.append("- Launch configurations: every distinct (kernel, block, dynamic shared memory) recorded with")
-    L.append("  `ROTVAR_LAUNCH_LOG` during " + "; ".join(f"`rotvar {shlex.join(a)}`" for a in RUNS) + ".")
+    L.append("  `ROTVAR_LAUNCH_LOG` during " + "; ".join(f"`{''.join(f'{k}={v} ' for k, v in e.items())}rotvar {shlex.join(a)}`" for e, a in RUNS) + ".")
     L.append(f"- SM limits (compute capability 9.0): {REGS_PER_SM} registers (allocated per warp in units of")
     L.append(f"  {REG_ALLOC_UNIT}), {MAX_WARPS_PER_SM} warps, {MAX_BLOCKS_PER_SM} blocks, {SMEM_PER_SM // 1024} KiB shared memory")
     L.append(f"  ({SMEM_RESERVED_PER_BLOCK} B reserved per block, {SMEM_ALLOC_UNIT} B allocation unit, at most")

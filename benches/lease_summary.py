@@ -99,9 +99,10 @@ def ratios(load):
         if b is not None:
             line += f"  pytorch {b:.3f}s  speed-up {b/a:.2f}x (target >= 2 for lenet)"
         out.append(line)
-    mo, mt = load("measure_rotvar.jsonl"), load("measure_torch.jsonl")
+    mo, mt, m1 = load("measure_rotvar.jsonl"), load("measure_torch.jsonl"), load("measure_rotvar_v1.jsonl")
     for o in mo:
         t = next((t for t in mt if t.get("per") == o.get("per")), None)
+        v1 = next((x for x in m1 if x.get("per") == o.get("per")), None)
         line = (f"measure {o['model']} per {o['per']}: forward alone {o['forward_seconds']:.3f}s, "
                 f"measure {o['measure_seconds']:.3f}s, overhead {100*o['overhead']:.0f}% (target <= 25%)")
         if t:
@@ -110,6 +111,9 @@ def ratios(load):
         if o.get("peak_extra_bytes") is not None:
             line += (f"; peak extra GPU memory {o['peak_extra_bytes']/2**20:.1f} MiB for {o['images']} images, "
                      f"{o['peak_extra_bytes_quarter']/2**20:.1f} MiB for a quarter (target: equal)")
+        if v1 and v1.get("measure_seconds"):
+            line += (f"; with the v1 variance update {v1['measure_seconds']:.3f}s, "
+                     f"v2 {v1['measure_seconds']/o['measure_seconds']:.2f}x faster")
         out.append(line)
     return out
 

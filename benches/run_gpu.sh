@@ -260,6 +260,10 @@ for per in map element; do
   rb "measure rotvar $per" "$t_measure" measure_rotvar.jsonl "$bin" bench measure "${r1[@]}" --models "$measure_model" --images "$images" --angles "$angles" --batch-size "$measure_batch" --per "$per"
   rb "measure pytorch $per" "$t_torch_measure" measure_torch.jsonl "$py" benches/torch_measure.py --device "$tdev" --models "$measure_model" --images "$images" --rotations "$angles" --batch-size "$measure_batch" --per "$per"
 done
+# The measure with the v1 variance update (a thread per unit): what v2 (per unit and class) gains.
+for per in map element; do
+  rb "measure rotvar $per v1" "$t_measure" measure_rotvar_v1.jsonl env ROTVAR_VARIANCE_V1=1 "$bin" bench measure "${r1[@]}" --models "$measure_model" --images "$images" --angles "$angles" --batch-size "$measure_batch" --per "$per"
+done
 # The same passes with the v1 conv kernels only: what the narrow tiles and the SM-aware choice gain.
 rb "conv rotvar v1" "$t_conv" conv_rotvar_v1.jsonl env ROTVAR_CONV_V1=1 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
 for r in $(seq 2 "$rounds"); do bench_round "$r"; done

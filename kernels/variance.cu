@@ -89,3 +89,59 @@ extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, d
         }
     }
 }
+
+// variance_update_f64_v2: the same update as variance_update_f64 (v1), to the
+// bit, with the work cut along classes as well as units.
+// Why: v1 gives each unit one thread that folds all n samples in order. With
+// per-map units a layer has as few units as channels (32 for SimpleConv's
+// first conv), so a launch ran 32 threads through 256 dependent steps, each a
+// global load, a store and two double divisions: the measure took 5.6 times
+// as long as the forward passes it observes (H200, 2026-12-04).
+// Accumulator (k, j, u) of V_x and the class sum at (k, u) only see samples of
+// class k, and the per-sample V_t moments at (b, u) only their own sample, so
+// one thread per (unit, class) that folds its class's samples in increasing b
+// performs exactly v1's sequence of operations on each accumulator: the same
+// bits, units * classes threads, n / classes steps each, and V_x and the class
+// sum kept in registers across the steps.
+// labels (u32): class[n] | rank[n] | start[classes + 1] | order[n], where
+//   order lists the samples of class 0 in increasing b, then class 1, ...,
+//   and class k's samples are order[start[k] .. start[k+1]).
+// Launch: block 256, grid = max(1, min(ceil(units*classes/256), 16*SMs)), no
+// shared memory; any 1-D grid/block is correct (grid-stride).
+extern "C" __global__ void variance_update_f64_v2(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
+                                                  double* sum_std, const double* vals, const unsigned* labels, int n,
+                                                  int units, int classes, int m, int j) {
+    const unsigned* rank = labels + n;
+    const unsigned* start = labels + 2 * n;
+    const unsigned* order = start + classes + 1;
+    const long long items = (long long)units * classes;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < items; t += stride) {
+        // Neighbouring threads take neighbouring units of one class: they walk the same
+        // samples, so their loads of vals and of the V_t moments coalesce.
+        const int u = (int)(t % units), k = (int)(t / units);
+        const unsigned first = start[k], last = start[k + 1];
+        if (first == last) continue;
+        const long long xi = ((long long)k * m + j) * units + u, si = (long long)k * units + u;
+        double xm = vx_mean[xi], x2 = vx_m2[xi];
+        double ss = j + 1 == m ? sum_std[si] : 0.0;
+        for (unsigned p = first; p < last; ++p) {
+            const int b = (int)order[p];
+            const double v = vals[(long long)b * units + u];
+            rv_welford(xm, x2, v, (double)rank[b]);
+            const long long ti = (long long)b * units + u;
+            double tm = v, t2 = 0.0;
+            if (j > 0) {
+                tm = vt_mean[ti];
+                t2 = vt_m2[ti];
+                rv_welford(tm, t2, v, (double)(j + 1));
+            }
+            vt_mean[ti] = tm;
+            vt_m2[ti] = t2;
+            if (j + 1 == m) ss = __dadd_rn(ss, m > 1 ? __dsqrt_rn(__ddiv_rn(t2, (double)(m - 1))) : 0.0);
+        }
+        vx_mean[xi] = xm;
+        vx_m2[xi] = x2;
+        if (j + 1 == m) sum_std[si] = ss;
+    }
+}

@@ -617,12 +617,15 @@ fn bench_gemm_reports_every_variant_on_cuda_and_on_the_cpu() {
         rotvar_ok(&["bench", "gemm", "--device", "cuda-emu", "--steps", "1", "--batch-size", "4", "--models", "lenet"]);
     let rows: Vec<serde_json::Value> =
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
-    let shapes = ["lenet.fc1", "lenet.fc2", "square"];
-    let variants = ["v1", "v2", "v2+bias+relu", "v2+bias, relu kernel"];
+    // The emulator counts 4 SMs: fc1's 2 tiles of a 5880-step reduction split 4 ways (8 blocks,
+    // 2 per SM); fc2 and the 96³ square are too short to split.
+    let shapes = [("lenet.fc1", 4), ("lenet.fc2", 1), ("square", 1)];
+    let variants = ["v1", "v2", "v3 split-K {}", "v3 split-K {} +bias+relu", "v2+bias+relu", "v2+bias, relu kernel"];
     assert_eq!(rows.len(), shapes.len() * variants.len(), "{rows:?}");
     for (i, r) in rows.iter().enumerate() {
-        assert_eq!(r["shape"], shapes[i / variants.len()]);
-        assert_eq!(r["variant"], variants[i % variants.len()]);
+        let (shape, splits) = shapes[i / variants.len()];
+        assert_eq!(r["shape"], shape);
+        assert_eq!(r["variant"], variants[i % variants.len()].replace("{}", &splits.to_string()));
         assert!(r["median_ms"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert_eq!(rows[0]["m"], 4);

@@ -106,11 +106,28 @@ fn update_twin(s: &mut State, vals: &[f64], class: &[u32], rank: &[u32], units: 
     }
 }
 
+/// variance_update_f64_v2's label table, from its documented layout: class | rank | start |
+/// order, order listing each class's samples in increasing index.
+fn labels_table(class: &[u32], rank: &[u32], classes: usize) -> Vec<u32> {
+    let mut start = vec![0u32];
+    let mut order = Vec::new();
+    for k in 0..classes as u32 {
+        order.extend((0..class.len() as u32).filter(|&b| class[b as usize] == k));
+        start.push(order.len() as u32);
+    }
+    [class, rank, &start, &order].concat()
+}
+
+/// Both variants of the update (v1: a thread per unit; v2: a thread per unit and class) against
+/// the twin, bit for bit.
 #[test]
 fn update_matches_the_cpu_twin() {
     let mut rng = Rng(0x0DA7E);
     // (n, units, classes, rotations): a single unit, units spanning several blocks, m = 1.
-    for (n, units, classes, m) in [(1, 1, 1, 1), (9, 5, 3, 4), (17, 300, 2, 3), (4, 1500, 4, 2), (6, 7, 2, 1)] {
+    // (3, 40, 6, 2) leaves at least three classes without a sample in the batch.
+    for (n, units, classes, m) in
+        [(1, 1, 1, 1), (9, 5, 3, 4), (17, 300, 2, 3), (4, 1500, 4, 2), (6, 7, 2, 1), (3, 40, 6, 2), (40, 3, 10, 3)]
+    {
         // A state in the middle of a pass: moments from earlier batches, counts so far.
         let mut counts: Vec<u32> = (0..classes).map(|_| rng.below(5) as u32).collect();
         let class: Vec<u32> = (0..n).map(|_| rng.below(classes) as u32).collect();
@@ -122,6 +139,7 @@ fn update_matches_the_cpu_twin() {
             })
             .collect();
         let class_rank: Vec<u32> = class.iter().chain(&rank).copied().collect();
+        let labels = labels_table(&class, &rank, classes);
         let vals: Vec<f64> = (0..n * units).map(|_| rng.normal() * 3.0 + 1.0).collect();
         let start = State {
             vx_mean: (0..classes * m * units).map(|_| rng.normal()).collect(),
@@ -139,23 +157,28 @@ fn update_matches_the_cpu_twin() {
             }
             let before = want.clone();
             update_twin(&mut want, &vals, &class, &rank, units, m, j);
-            for (grid, block) in cfgs(units) {
+            let launches = cfgs(units).map(|c| ("variance_update_f64", c)).into_iter();
+            for (kernel, (grid, block)) in launches.chain(cfgs(units * classes).map(|c| ("variance_update_f64_v2", c)))
+            {
                 let mut got = before.clone();
-                let args = [
+                let v2 = kernel.ends_with("v2");
+                let mut args = vec![
                     KArg::slice_mut(&mut got.vx_mean),
                     KArg::slice_mut(&mut got.vx_m2),
                     KArg::slice_mut(&mut got.vt_mean),
                     KArg::slice_mut(&mut got.vt_m2),
                     KArg::slice_mut(&mut got.sum_std),
                     KArg::slice(&vals),
-                    KArg::slice(&class_rank),
+                    KArg::slice(if v2 { &labels } else { &class_rank }),
                     KArg::I32(n as i32),
                     KArg::I32(units as i32),
-                    KArg::I32(m as i32),
-                    KArg::I32(j as i32),
                 ];
-                run("variance_update_f64", grid, block, &args);
-                let tag = format!("n={n} units={units} K={classes} m={m} j={j} grid={grid} block={block}");
+                if v2 {
+                    args.push(KArg::I32(classes as i32));
+                }
+                args.extend([KArg::I32(m as i32), KArg::I32(j as i32)]);
+                run(kernel, grid, block, &args);
+                let tag = format!("{kernel} n={n} units={units} K={classes} m={m} j={j} grid={grid} block={block}");
                 assert_bits(&format!("{tag} vx_mean"), &got.vx_mean, &want.vx_mean);
                 assert_bits(&format!("{tag} vx_m2"), &got.vx_m2, &want.vx_m2);
                 assert_bits(&format!("{tag} vt_mean"), &got.vt_mean, &want.vt_mean);

@@ -33,6 +33,9 @@ pub struct CudaBackend {
     /// ROTVAR_CONV_V1=1: every convolution uses the v1 kernels, so `bench conv` can time the
     /// narrow-tile v2 kernels against them.
     conv_v1_only: bool,
+    /// ROTVAR_VARIANCE_V1=1: the measure's update uses variance_update_f64 (one thread per
+    /// unit) rather than v2 (one per unit and class), so `bench measure` can time the two.
+    variance_v1: bool,
     launches: std::sync::atomic::AtomicU64,
     /// The multi-tensor Adam step's table (see `adam_step_many`).
     adam_table: Mutex<AdamTable>,
@@ -58,8 +61,36 @@ pub struct CudaVariance {
     sum_std: F64Buf,
     /// Scratch: the current batch's unit values, [slot][unit].
     vals: F64Buf,
-    /// The current batch's labels then ranks, reused between updates.
-    class_rank: Option<device::IdxBuf>,
+    /// The current batch's labels (`variance_labels`), sent once per batch: every layer and
+    /// rotation of a batch updates with the same ones.
+    labels: Option<device::IdxBuf>,
+    labels_host: Vec<u32>,
+}
+
+/// The label table of kernels/variance.cu: class[n] | rank[n] | start[classes + 1] | order[n],
+/// where order lists the samples class by class, each class in increasing sample index, and
+/// class k's are order[start[k]..start[k + 1]].
+fn variance_labels(class: &[u32], rank: &[u32], classes: usize) -> Vec<u32> {
+    let n = class.len();
+    let mut start = vec![0u32; classes + 1];
+    for &k in class {
+        start[k as usize + 1] += 1;
+    }
+    for k in 0..classes {
+        start[k + 1] += start[k];
+    }
+    let mut next = start.clone();
+    let mut order = vec![0u32; n];
+    for (b, &k) in class.iter().enumerate() {
+        order[next[k as usize] as usize] = b as u32;
+        next[k as usize] += 1;
+    }
+    let mut labels = Vec::with_capacity(3 * n + classes + 1);
+    labels.extend_from_slice(class);
+    labels.extend_from_slice(rank);
+    labels.extend_from_slice(&start);
+    labels.extend_from_slice(&order);
+    labels
 }
 
 type Dim = (u32, u32, u32);
@@ -90,6 +121,10 @@ fn conv_v1_only() -> bool {
     std::env::var("ROTVAR_CONV_V1").is_ok_and(|v| v == "1")
 }
 
+fn variance_v1() -> bool {
+    std::env::var("ROTVAR_VARIANCE_V1").is_ok_and(|v| v == "1")
+}
+
 fn grid2(x: usize, y: usize) -> Dim {
     (x.max(1) as u32, y.max(1) as u32, 1)
 }
@@ -103,6 +138,7 @@ impl CudaBackend {
             pool: Arc::default(),
             indices: Mutex::default(),
             conv_v1_only: conv_v1_only(),
+            variance_v1: variance_v1(),
             launches: Default::default(),
             adam_table: Mutex::default(),
         }))
@@ -116,6 +152,7 @@ impl CudaBackend {
             pool: Arc::default(),
             indices: Mutex::default(),
             conv_v1_only: conv_v1_only(),
+            variance_v1: variance_v1(),
             launches: Default::default(),
             adam_table: Mutex::default(),
         })
@@ -572,7 +609,8 @@ impl Backend for CudaBackend {
             vt_m2: z(g.vt_len())?,
             sum_std: z(g.sum_len())?,
             vals: z(g.vt_len())?,
-            class_rank: None,
+            labels: None,
+            labels_host: Vec::new(),
         };
         Ok(VarianceState::new(*g, VarianceData::Cuda(Box::new(data))))
     }
@@ -600,24 +638,34 @@ impl Backend for CudaBackend {
             KArg::I32(g.reduce.code()),
         ];
         self.launch("variance_reduce_f64", self.thread_per_item_grid(rows), BLOCK, 0, &reduce)?;
-        let labels: Vec<u32> = class.iter().chain(rank).copied().collect();
-        self.exec.upload_indices(&mut v.class_rank, &labels)?;
-        let cr = v.class_rank.as_ref().ok_or_else(|| anyhow::anyhow!("label buffer missing after upload"))?;
-        let cr = self.exec.idx_ptr(cr);
-        let update = [
+        // check_update has verified every label < classes.
+        let labels = variance_labels(class, rank, g.classes);
+        if v.labels.is_none() || v.labels_host != labels {
+            self.exec.upload_indices(&mut v.labels, &labels)?;
+            v.labels_host = labels;
+        }
+        let lp = v.labels.as_ref().ok_or_else(|| anyhow::anyhow!("label buffer missing after upload"))?;
+        let lp = self.exec.idx_ptr(lp);
+        let mut update = vec![
             self.exec.f64_ptr_mut(&mut v.vx_mean),
             self.exec.f64_ptr_mut(&mut v.vx_m2),
             self.exec.f64_ptr_mut(&mut v.vt_mean),
             self.exec.f64_ptr_mut(&mut v.vt_m2),
             self.exec.f64_ptr_mut(&mut v.sum_std),
             self.exec.f64_ptr_mut(&mut v.vals),
-            cr,
+            lp,
             i32_of(n, "n")?,
             i32_of(g.units, "units")?,
-            i32_of(g.rotations, "rotations")?,
-            i32_of(j, "j")?,
         ];
-        self.launch("variance_update_f64", self.thread_per_item_grid(g.units), BLOCK, 0, &update)?;
+        if self.variance_v1 {
+            update.extend([i32_of(g.rotations, "rotations")?, i32_of(j, "j")?]);
+            self.launch("variance_update_f64", self.thread_per_item_grid(g.units), BLOCK, 0, &update)?;
+        } else {
+            let items = g.units * g.classes;
+            i32_of(items, "units × classes")?;
+            update.extend([i32_of(g.classes, "classes")?, i32_of(g.rotations, "rotations")?, i32_of(j, "j")?]);
+            self.launch("variance_update_f64_v2", self.thread_per_item_grid(items), BLOCK, 0, &update)?;
+        }
         st.commit_update(class, rank, j);
         Ok(())
     }
