@@ -490,3 +490,40 @@ fn device_copy_copies_exactly_the_requested_prefix() {
         assert!(be.copy(&xs, &mut short, 700).is_err(), "{name}: short destination");
     }
 }
+
+/// The CUDA kernel steps each thread's element index by the grid's stride as a mixed-radix
+/// count over (image, channel, row, column). Launched with odd grids, where one stride crosses
+/// several rows, planes and images at once and threads run past the end by different amounts,
+/// every element must still come out as the CPU twin's, bit for bit.
+#[test]
+fn warp_kernel_grid_strides_cover_every_element_exactly() {
+    use rotvar::backend::cuda::emu::{self, KArg};
+    let g = RotateGeom { n: 5, c: 3, h: 7, w: 9 };
+    let x = random_images(77, g);
+    let mats: Vec<Affine> = (0..g.n)
+        .map(|i| Transform { rotate: 17.0 + 40.0 * i as f32, zoom: 1.1, ..Default::default() }.matrix())
+        .collect();
+    let fill = [0.25f32, -1.0, 3.0];
+    let flat: Vec<f32> = mats.iter().flat_map(|m| m.iter().copied()).collect();
+    let cpu: BackendRef = CpuBackend::shared();
+    for (interp, code) in [(Interp::Nearest, 0), (Interp::Bilinear, 1)] {
+        let want = warp(&cpu, &x, g, &mats, interp, &fill);
+        for (grid, block) in [(1, 1), (1, 33), (3, 33), (7, 64), (2, 256), (40, 32)] {
+            let mut y = vec![f32::NAN; g.len()];
+            let args = [
+                KArg::slice_mut(&mut y),
+                KArg::slice(&x),
+                KArg::slice(&flat),
+                KArg::slice(&fill),
+                KArg::I32(code),
+                KArg::I32(g.n as i32),
+                KArg::I32(g.c as i32),
+                KArg::I32(g.h as i32),
+                KArg::I32(g.w as i32),
+            ];
+            // SAFETY: the buffers outlive the launch and hold the lengths the kernel indexes.
+            unsafe { emu::launch("warp_f32", (grid, 1, 1), (block, 1, 1), 0, &args) }.expect("warp_f32 launch");
+            assert_bits_eq(&format!("{interp:?} grid {grid} block {block}"), &y, &want);
+        }
+    }
+}
