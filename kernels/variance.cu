@@ -45,6 +45,25 @@ __device__ __forceinline__ void rv_welford(double& mean, double& m2, double v, d
     m2 = __dadd_rn(m2, __dmul_rn(d, __dadd_rn(v, -mean)));
 }
 
+// The V_t moments of one slot ti after rotation j of value v: (v, 0) at j = 0,
+// else a Welford step with count j + 1. Returns the slot's M2.
+__device__ __forceinline__ double rv_vt_step(double* vt_mean, double* vt_m2, long long ti, double v, int j) {
+    double tm = v, t2 = 0.0;
+    if (j > 0) {
+        tm = vt_mean[ti];
+        t2 = vt_m2[ti];
+        rv_welford(tm, t2, v, (double)(j + 1));
+    }
+    vt_mean[ti] = tm;
+    vt_m2[ti] = t2;
+    return t2;
+}
+
+// A slot's standard deviation over its m rotations (0 when m = 1).
+__device__ __forceinline__ double rv_slot_std(double m2, int m) {
+    return m > 1 ? __dsqrt_rn(__ddiv_rn(m2, (double)(m - 1))) : 0.0;
+}
+
 // One rotation j of one batch of n samples, for every unit u:
 // for b = 0..n-1 in order, v = vals[b*units + u], k = class_rank[b] (class),
 // r = class_rank[n + b] (1-based running count within the class):
@@ -72,19 +91,10 @@ extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, d
             rv_welford(xm, x2, v, r);
             vx_mean[xi] = xm;
             vx_m2[xi] = x2;
-            const long long ti = (long long)b * units + u;
-            double tm = v, t2 = 0.0;
-            if (j > 0) {
-                tm = vt_mean[ti];
-                t2 = vt_m2[ti];
-                rv_welford(tm, t2, v, (double)(j + 1));
-            }
-            vt_mean[ti] = tm;
-            vt_m2[ti] = t2;
+            const double t2 = rv_vt_step(vt_mean, vt_m2, (long long)b * units + u, v, j);
             if (j + 1 == m) {
-                const double sd = m > 1 ? __dsqrt_rn(__ddiv_rn(t2, (double)(m - 1))) : 0.0;
                 const long long si = (long long)k * units + u;
-                sum_std[si] = __dadd_rn(sum_std[si], sd);
+                sum_std[si] = __dadd_rn(sum_std[si], rv_slot_std(t2, m));
             }
         }
     }
@@ -129,16 +139,8 @@ extern "C" __global__ void variance_update_f64_v2(double* vx_mean, double* vx_m2
             const int b = (int)order[p];
             const double v = vals[(long long)b * units + u];
             rv_welford(xm, x2, v, (double)rank[b]);
-            const long long ti = (long long)b * units + u;
-            double tm = v, t2 = 0.0;
-            if (j > 0) {
-                tm = vt_mean[ti];
-                t2 = vt_m2[ti];
-                rv_welford(tm, t2, v, (double)(j + 1));
-            }
-            vt_mean[ti] = tm;
-            vt_m2[ti] = t2;
-            if (j + 1 == m) ss = __dadd_rn(ss, m > 1 ? __dsqrt_rn(__ddiv_rn(t2, (double)(m - 1))) : 0.0);
+            const double t2 = rv_vt_step(vt_mean, vt_m2, (long long)b * units + u, v, j);
+            if (j + 1 == m) ss = __dadd_rn(ss, rv_slot_std(t2, m));
         }
         vx_mean[xi] = xm;
         vx_m2[xi] = x2;

@@ -85,16 +85,17 @@ pub(super) fn conv_plan(
     best.0
 }
 
-/// A GEMM's shape and layout (kernels/gemm.cu's conventions).
-struct Gemm {
-    m: usize,
-    n: usize,
-    k: usize,
-    lda: usize,
-    ldb: usize,
-    ldc: usize,
-    ta: bool,
-    tb: bool,
+/// A GEMM's shape and layout (kernels/gemm.cu's conventions): C[m, n] = op(A)[m, k] · op(B)[k, n],
+/// row-major with leading dimensions, A (B) transposed when `ta` (`tb`).
+pub(super) struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub ta: bool,
+    pub tb: bool,
 }
 
 impl CudaBackend {
@@ -143,29 +144,11 @@ impl CudaBackend {
         split_k_slices(m.div_ceil(TILE) * n.div_ceil(TILE), k, self.exec.sm_count())
     }
 
-    /// C[M,N] = act(op(A)·op(B) + bias[N]) (row-major, leading dimensions given; `bias` a pointer
-    /// argument, `KArg::Ptr(0)` for none): gemm_tiled_v2 where its tiles fill the GPU, else
-    /// split-K (gemm_splitk_v3 + splitk_sum_f32).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
-        &self,
-        a: KArg,
-        b: KArg,
-        c: KArg,
-        bias: KArg,
-        act: Activation,
-        m: usize,
-        n: usize,
-        k: usize,
-        lda: usize,
-        ldb: usize,
-        ldc: usize,
-        ta: bool,
-        tb: bool,
-    ) -> Result<()> {
-        let splits = self.gemm_splits(m, n, k);
-        let g = Gemm { m, n, k, lda, ldb, ldc, ta, tb };
-        self.gemm_launch(a, b, c, bias, act, &g, (splits > 1).then_some(splits))
+    /// C[M,N] = act(op(A)·op(B) + bias[N]) (`bias` a pointer argument, `KArg::Ptr(0)` for none):
+    /// gemm_tiled_v2 where its tiles fill the GPU, else split-K (gemm_splitk_v3 + splitk_sum_f32).
+    pub(super) fn gemm(&self, a: KArg, b: KArg, c: KArg, bias: KArg, act: Activation, g: &Gemm) -> Result<()> {
+        let splits = self.gemm_splits(g.m, g.n, g.k);
+        self.gemm_launch(a, b, c, bias, act, g, (splits > 1).then_some(splits))
     }
 
     /// v2 (`splits` None) or v3 with that many slices, then the sum and the epilogue.

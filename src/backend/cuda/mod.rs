@@ -11,18 +11,19 @@ mod gemm;
 pub mod kernels;
 mod launch;
 pub mod launch_log;
+mod variance;
 
-use super::variance::VarianceData;
 use super::{
     Activation, AdamParams, AdamTensor, Affine, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
     RotateGeom, SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use anyhow::{bail, Result};
-use device::{DeviceBuffer, Exec, F64Buf, Gpu, Pool};
+use device::{DeviceBuffer, Exec, Gpu, Pool};
 use emu::KArg;
-use gemm::conv_plan;
+use gemm::{conv_plan, Gemm};
 use launch::{ew_blocks, sum_rows_blocks};
 use std::sync::{Arc, Mutex};
+pub use variance::CudaVariance;
 
 pub struct CudaBackend {
     exec: Exec,
@@ -49,48 +50,6 @@ struct AdamTable {
     host: Vec<u32>,
     dev: Option<device::IdxBuf>,
     uploads: u64,
-}
-
-/// The variance measure's accumulators on the device, in the class-major layout of
-/// [`VarianceMoments`] (adjacent threads handle adjacent units, so accesses coalesce).
-pub struct CudaVariance {
-    vx_mean: F64Buf,
-    vx_m2: F64Buf,
-    vt_mean: F64Buf,
-    vt_m2: F64Buf,
-    sum_std: F64Buf,
-    /// Scratch: the current batch's unit values, [slot][unit].
-    vals: F64Buf,
-    /// The current batch's labels (`variance_labels`), sent once per batch: every layer and
-    /// rotation of a batch updates with the same ones.
-    labels: Option<device::IdxBuf>,
-    labels_host: Vec<u32>,
-}
-
-/// The label table of kernels/variance.cu: class[n] | rank[n] | start[classes + 1] | order[n],
-/// where order lists the samples class by class, each class in increasing sample index, and
-/// class k's are order[start[k]..start[k + 1]].
-fn variance_labels(class: &[u32], rank: &[u32], classes: usize) -> Vec<u32> {
-    let n = class.len();
-    let mut start = vec![0u32; classes + 1];
-    for &k in class {
-        start[k as usize + 1] += 1;
-    }
-    for k in 0..classes {
-        start[k + 1] += start[k];
-    }
-    let mut next = start.clone();
-    let mut order = vec![0u32; n];
-    for (b, &k) in class.iter().enumerate() {
-        order[next[k as usize] as usize] = b as u32;
-        next[k as usize] += 1;
-    }
-    let mut labels = Vec::with_capacity(3 * n + classes + 1);
-    labels.extend_from_slice(class);
-    labels.extend_from_slice(rank);
-    labels.extend_from_slice(&start);
-    labels.extend_from_slice(&order);
-    labels
 }
 
 type Dim = (u32, u32, u32);
@@ -424,13 +383,14 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         // y[n, m] = act(x[n, k] · w[m, k]ᵀ + b[m]), bias and activation in the GEMM's store
         let (xa, wa, ya, ba) = (self.arg(x, n * k)?, self.arg(w, m * k)?, self.arg(y, n * m)?, self.opt_arg(b, m)?);
-        self.gemm(xa, wa, ya, ba, act, n, m, k, k, k, m, false, true)
+        self.gemm(xa, wa, ya, ba, act, &Gemm { m: n, n: m, k, lda: k, ldb: k, ldc: m, ta: false, tb: true })
     }
 
     fn linear_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, n: usize, k: usize, m: usize) -> Result<()> {
         // dx[n, k] = dy[n, m] · w[m, k]
         let (dya, wa, dxa) = (self.arg(dy, n * m)?, self.arg(w, m * k)?, self.arg(dx, n * k)?);
-        self.gemm(dya, wa, dxa, KArg::Ptr(0), Activation::Identity, n, k, m, m, k, k, false, false)
+        let g = Gemm { m: n, n: k, k: m, lda: m, ldb: k, ldc: k, ta: false, tb: false };
+        self.gemm(dya, wa, dxa, KArg::Ptr(0), Activation::Identity, &g)
     }
 
     fn linear_bwd_weight(
@@ -445,7 +405,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         // dw[m, k] = dy[n, m]ᵀ · x[n, k]
         let (dya, xa, dwa) = (self.arg(dy, n * m)?, self.arg(x, n * k)?, self.arg(dw, m * k)?);
-        self.gemm(dya, xa, dwa, KArg::Ptr(0), Activation::Identity, m, k, n, m, k, k, true, false)?;
+        let g = Gemm { m, n: k, k: n, lda: m, ldb: k, ldc: k, ta: true, tb: false };
+        self.gemm(dya, xa, dwa, KArg::Ptr(0), Activation::Identity, &g)?;
         if let Some(db) = db {
             // One block per 32-column tile (kernels/data.cu): every column gets a lane and every
             // warp of the block a share of the n rows.
@@ -595,24 +556,7 @@ impl Backend for CudaBackend {
     }
 
     fn variance_init(&self, g: &VarianceGeom) -> Result<VarianceState> {
-        g.check()?;
-        // The kernels take these as int.
-        i32_of(g.units, "units")?;
-        i32_of(g.hw, "hw")?;
-        i32_of(g.batch, "batch")?;
-        i32_of(g.rotations, "rotations")?;
-        let z = |len| self.exec.zeros_f64(len);
-        let data = CudaVariance {
-            vx_mean: z(g.vx_len())?,
-            vx_m2: z(g.vx_len())?,
-            vt_mean: z(g.vt_len())?,
-            vt_m2: z(g.vt_len())?,
-            sum_std: z(g.sum_len())?,
-            vals: z(g.vt_len())?,
-            labels: None,
-            labels_host: Vec::new(),
-        };
-        Ok(VarianceState::new(*g, VarianceData::Cuda(Box::new(data))))
+        self.variance_state(g)
     }
 
     fn variance_update(
@@ -624,65 +568,11 @@ impl Backend for CudaBackend {
         rank: &[u32],
         j: usize,
     ) -> Result<()> {
-        st.check_update(self.buf(act)?.len(), n, class, rank, j)?;
-        let g = *st.geom();
-        let VarianceData::Cuda(v) = &mut st.data else {
-            bail!("variance_update: the state was created by another backend");
-        };
-        let rows = n * g.units;
-        let reduce = [
-            self.exec.f64_ptr_mut(&mut v.vals),
-            self.arg(act, g.act_len(n))?,
-            KArg::I64(rows as i64),
-            i32_of(g.hw, "hw")?,
-            KArg::I32(g.reduce.code()),
-        ];
-        self.launch("variance_reduce_f64", self.thread_per_item_grid(rows), BLOCK, 0, &reduce)?;
-        // check_update has verified every label < classes.
-        let labels = variance_labels(class, rank, g.classes);
-        if v.labels.is_none() || v.labels_host != labels {
-            self.exec.upload_indices(&mut v.labels, &labels)?;
-            v.labels_host = labels;
-        }
-        let lp = v.labels.as_ref().ok_or_else(|| anyhow::anyhow!("label buffer missing after upload"))?;
-        let lp = self.exec.idx_ptr(lp);
-        let mut update = vec![
-            self.exec.f64_ptr_mut(&mut v.vx_mean),
-            self.exec.f64_ptr_mut(&mut v.vx_m2),
-            self.exec.f64_ptr_mut(&mut v.vt_mean),
-            self.exec.f64_ptr_mut(&mut v.vt_m2),
-            self.exec.f64_ptr_mut(&mut v.sum_std),
-            self.exec.f64_ptr_mut(&mut v.vals),
-            lp,
-            i32_of(n, "n")?,
-            i32_of(g.units, "units")?,
-        ];
-        if self.variance_v1 {
-            update.extend([i32_of(g.rotations, "rotations")?, i32_of(j, "j")?]);
-            self.launch("variance_update_f64", self.thread_per_item_grid(g.units), BLOCK, 0, &update)?;
-        } else {
-            let items = g.units * g.classes;
-            i32_of(items, "units × classes")?;
-            update.extend([i32_of(g.classes, "classes")?, i32_of(g.rotations, "rotations")?, i32_of(j, "j")?]);
-            self.launch("variance_update_f64_v2", self.thread_per_item_grid(items), BLOCK, 0, &update)?;
-        }
-        st.commit_update(class, rank, j);
-        Ok(())
+        self.variance_fold(st, act, n, class, rank, j)
     }
 
     fn variance_read(&self, st: &VarianceState) -> Result<VarianceMoments> {
-        st.check_read()?;
-        let g = st.geom();
-        let VarianceData::Cuda(v) = &st.data else {
-            bail!("variance_read: the state was created by another backend");
-        };
-        Ok(VarianceMoments {
-            geom: *g,
-            class_counts: st.class_counts().to_vec(),
-            vx_mean: self.exec.download_f64(&v.vx_mean, g.vx_len())?,
-            vx_m2: self.exec.download_f64(&v.vx_m2, g.vx_len())?,
-            vt_sum_std: self.exec.download_f64(&v.sum_std, g.sum_len())?,
-        })
+        self.variance_moments(st)
     }
 
     fn batchnorm_fwd_train(
