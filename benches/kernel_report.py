@@ -3,8 +3,8 @@
 
 Per kernel, from `ptxas -v` on the committed PTX (kernels/generated/, which CI checks against
 the sources): registers, spill bytes, stack, static shared memory. From the SASS of the committed
-sm_90 cubins (cuobjdump -sass): instruction and FFMA counts, and for GEMM/conv kernels the share
-of FFMA/HMMA in the hottest loop body. Occupancy under the launch configurations the backend
+sm_90 cubins (cuobjdump -sass): instruction and FFMA counts, and for GEMM/conv kernels the FFMA
+share and the FMA work per instruction (HMMA counted at its size) of their main loops. Occupancy under the launch configurations the backend
 really uses: those recorded by ROTVAR_LAUNCH_LOG while rotvar runs every kernel on the emulator.
 
 Exit status 1 (after writing the report) on any spill or any recorded launch an SM cannot hold:
@@ -133,13 +133,14 @@ def opcode(ins):
     return parts[0].split(".")[0] if parts else ""
 
 
-def is_fma(op):
-    return op in ("FFMA", "HMMA")
+# FMAs per warp-wide instruction, in units of one FFMA (32 lanes x 1 FMA): HMMA.1688 (TF32,
+# 16x8x8) does 1024, HMMA.16816 (BF16, 16x8x16) 2048.
+HMMA_WORK = {"1688": 32, "16816": 64}
 
 
-def hottest_loop(code):
-    """Innermost loop (body between a backward branch's target and the branch) with the most
-    FFMA/HMMA; None when the kernel has no loop. Returns (start, end, instructions, fma)."""
+def inner_loops(code):
+    """Innermost loops (body between a backward branch's target and the branch) as
+    (start, end, instructions, ffma, {hmma shape: count}), NOPs excluded."""
     loops = []
     for addr, ins in code:
         if opcode(ins) == "BRA":
@@ -148,14 +149,33 @@ def hottest_loop(code):
             if target is not None and target < addr:
                 loops.append((target, addr))
     inner = [l for l in loops if not any(o != l and l[0] <= o[0] and o[1] <= l[1] for o in loops)]
-    best = None
-    for lo, hi in inner:
-        body = [opcode(i) for a, i in code if lo <= a <= hi and opcode(i) != "NOP"]
-        fma = sum(is_fma(o) for o in body)
-        key = (fma, len(body), -lo)
-        if best is None or key > best[0]:
-            best = (key, (lo, hi, len(body), fma))
-    return best[1] if best else None
+    out = []
+    for lo, hi in sorted(inner):
+        body = [i for a, i in code if lo <= a <= hi and opcode(i) != "NOP"]
+        hmma = {}
+        for i in body:
+            m = re.search(r"HMMA\.(\d+)", i)
+            if opcode(i) == "HMMA" and m:
+                hmma[m.group(1)] = hmma.get(m.group(1), 0) + 1
+        out.append((lo, hi, len(body), sum(opcode(i) == "FFMA" for i in body), hmma))
+    return out
+
+
+def loop_work(loop):
+    """FMA work of a loop body in FFMA units."""
+    _, _, _, ffma, hmma = loop
+    return ffma + sum(HMMA_WORK.get(shape, 0) * n for shape, n in hmma.items())
+
+
+def main_loops(code):
+    """The loops worth reporting: every innermost loop that issues HMMA (a tensor-core kernel
+    holds one per precision), else the one with the most FFMA work; [] without a loop."""
+    loops = inner_loops(code)
+    mma = [l for l in loops if l[4]]
+    if mma:
+        return mma
+    best = max(loops, key=lambda l: (loop_work(l), l[2], -l[0]), default=None)
+    return [best] if best else []
 
 
 def occupancy(r, block, dyn):
@@ -220,7 +240,7 @@ def module_data(mod):
             sys.exit(f"kernel_report: {mod}: {k} missing from ptxas -v or from the SASS")
         ops = [opcode(i) for _, i in code[k] if opcode(i) != "NOP"]
         out[k] = dict(res[k], module=mod, bound=bounds.get(k), instr=len(ops),
-                      ffma=sum(o == "FFMA" for o in ops), loop=hottest_loop(code[k]) if k.startswith(LOOP_KERNELS) else None)
+                      ffma=sum(o == "FFMA" for o in ops), loops=main_loops(code[k]) if k.startswith(LOOP_KERNELS) else [])
     return out
 
 
@@ -292,19 +312,26 @@ def render(kernels, launches):
     L.append("")
     L.append("## Main loops of the GEMM and convolution kernels")
     L.append("")
-    L.append("Loops are found by backward branches in the SASS; the hottest is the innermost loop with the most")
-    L.append("FFMA/HMMA. Share = FFMA+HMMA / all instructions of its body (NOPs excluded).")
+    L.append("Loops are found by backward branches in the SASS. For a CUDA-core kernel the row is the innermost")
+    L.append("loop with the most FFMA work; a tensor-core kernel (`*_tc*`) gets one row per innermost loop that")
+    L.append("issues HMMA: one per precision, in the order of their addresses (TF32 issues 8 HMMA.1688 per 16-deep")
+    L.append("slice and warp on a 64-row tile, 3xTF32 24, BF16 4 HMMA.16816). FMA share = FFMA / instructions")
+    L.append("(NOPs excluded). Work/instr = (FFMA + 32·HMMA.1688 + 64·HMMA.16816) / instructions: FMAs per")
+    L.append("instruction issued, in units of one FFMA, so CUDA-core and tensor-core loops compare (3xTF32's")
+    L.append("useful work is a third of it).")
     L.append("")
-    L.append("| kernel | loop (SASS bytes) | instructions | FFMA+HMMA | share |")
-    L.append("|---|---|---|---|---|")
+    L.append("| kernel | loop (SASS bytes) | instructions | FFMA | HMMA | FMA share | work/instr |")
+    L.append("|---|---|---|---|---|---|---|")
     for name, k in sorted(kernels.items()):
         if not name.startswith(LOOP_KERNELS):
             continue
-        if k["loop"] is None:
-            L.append(f"| `{name}` | no loop | - | - | - |")
+        if not k["loops"]:
+            L.append(f"| `{name}` | no loop | - | - | - | - | - |")
             continue
-        lo, hi, n, f = k["loop"]
-        L.append(f"| `{name}` | 0x{lo:04x}–0x{hi:04x} | {n} | {f} | {100 * f / n:.0f}% |")
+        for loop in k["loops"]:
+            lo, hi, n, f, hmma = loop
+            h = ", ".join(f"{c}× .{shape}" for shape, c in sorted(hmma.items())) or "-"
+            L.append(f"| `{name}` | 0x{lo:04x}–0x{hi:04x} | {n} | {f} | {h} | {100 * f / n:.0f}% | {loop_work(loop) / n:.2f} |")
     L.append("")
     L.append("## Problems")
     L.append("")

@@ -54,7 +54,7 @@
 //   index decoding (n, oy, ox / c, r, s) is hoisted out of the loop where the
 //   mapping keeps it fixed; otherwise one decode per slice is stepped
 //   incrementally.
-#include "rotvar_common.cuh"
+#include "mma.cuh"
 
 #define RVC_BK 16
 #define RVC_TM 4
@@ -108,17 +108,52 @@ __device__ __forceinline__ void rvc_step_crs(int& c, int& r, int& s, int R, int 
     }
 }
 
+// The shared tiles of a BM-row block: A and B slices, and C for the tensor cores' accumulators.
+// They are declared in functions of BM alone, never of PREC: a tc kernel holds three precision
+// instances, and each static shared array declared in one would be one more copy (ptxas adds
+// them up, 3 x 26 KiB, over the 48 KiB static limit).
+template <int BM>
+__device__ __forceinline__ RvcRow<BM>* rvc_tile_a() {
+    ROTVAR_SHARED(float, As, [RVC_BK][BM + RVC_PAD]);
+    return As;
+}
+template <int BM>
+__device__ __forceinline__ RvcRow<RvcShape<BM>::BN>* rvc_tile_b() {
+    ROTVAR_SHARED(float, Bs, [RVC_BK][RvcShape<BM>::BN + RVC_PAD]);
+    return Bs;
+}
+template <int BM>
+__device__ __forceinline__ RvcRow<RvcShape<BM>::BN>* rvc_tile_c() {
+    ROTVAR_SHARED(float, Cs, [BM][RvcShape<BM>::BN + RVC_PAD]);
+    return Cs;
+}
+
+// The tensor-core tile of a BM-row conv block, or nothing for fp32.
+template <int PREC, int BM>
+struct RvcTcPick {
+    using T = RvTcTile<PREC, BM, RvcShape<BM>::BN>;
+};
+template <int BM>
+struct RvcTcPick<RV_PREC_FP32, BM> {
+    struct T {};
+};
+template <int PREC, int BM>
+using RvcTc = typename RvcTcPick<PREC, BM>::T;
+
 // acc[i][j] = sum over kred in [kbeg, kend) of A[m0+ty*4+i, kred] * B[kred, n0+tx*4+j].
 // Block-uniform kbeg/kend. LA/LB (tiles of BM and BN rows): fetch(k0, kend,
 // v[E]) loads this thread's E elements of the slice starting at k0 (0 outside
 // [.., kend) or the GEMM), store(S, v) writes them to the shared tile.
-template <int BM, class LA, class LB>
+// PREC (RV_PREC_*, mma.cuh) picks the arithmetic: fp32 FMAs on CUDA cores, or tensor cores
+// (RvTcTile) whose accumulators pass through shared memory into the same 4x4 per thread, so
+// every epilogue below serves both.
+template <int BM, int PREC, class LA, class LB>
 __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbeg, int kend,
                                              float (&acc)[RVC_TM][RVC_TN]) {
     constexpr int BN = RvcShape<BM>::BN;
     static_assert(LA::E == BM / 16 && LB::E == BN / 16, "loader tile sizes");
-    ROTVAR_SHARED(float, As, [RVC_BK][BM + RVC_PAD]);
-    ROTVAR_SHARED(float, Bs, [RVC_BK][BN + RVC_PAD]);
+    RvcRow<BM>* As = rvc_tile_a<BM>();
+    RvcRow<BN>* Bs = rvc_tile_b<BM>();
     const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
 #pragma unroll
     for (int i = 0; i < RVC_TM; ++i)
@@ -126,6 +161,7 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
         for (int j = 0; j < RVC_TN; ++j) acc[i][j] = 0.f;
     if (kbeg >= kend) return;  // block-uniform: an empty split-K range
 
+    RvcTc<PREC, BM> tc;
     float ra[LA::E], rb[LB::E];
     la.fetch(kbeg, kend, ra);
     lb.fetch(kbeg, kend, rb);
@@ -137,17 +173,30 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
             la.fetch(k0 + RVC_BK, kend, ra);
             lb.fetch(k0 + RVC_BK, kend, rb);
         }
+        if constexpr (PREC != RV_PREC_FP32) {
+            tc.step(&As[0][0], BM + RVC_PAD, &Bs[0][0], BN + RVC_PAD);
+        } else {
 #pragma unroll
-        for (int kk = 0; kk < RVC_BK; ++kk) {
-            const float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * RVC_TM]);
-            const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * RVC_TN]);
-            const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+            for (int kk = 0; kk < RVC_BK; ++kk) {
+                const float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * RVC_TM]);
+                const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * RVC_TN]);
+                const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-            for (int i = 0; i < RVC_TM; ++i)
+                for (int i = 0; i < RVC_TM; ++i)
 #pragma unroll
-                for (int j = 0; j < RVC_TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                    for (int j = 0; j < RVC_TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+            }
         }
         __syncthreads();  // tiles are overwritten by the next store
+    }
+    if constexpr (PREC != RV_PREC_FP32) {
+        RvcRow<BN>* Cs = rvc_tile_c<BM>();
+        tc.spill(&Cs[0][0], BN + RVC_PAD);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < RVC_TM; ++i)
+#pragma unroll
+            for (int j = 0; j < RVC_TN; ++j) acc[i][j] = Cs[ty * RVC_TM + i][tx * RVC_TN + j];
     }
 }
 
@@ -228,7 +277,7 @@ struct RvcFwdB {
 // (RV_ACT_*: a conv followed by a ReLU writes its output once instead of
 // writing, re-reading and rewriting it), so training never materializes the
 // pre-activation.
-template <int BM>
+template <int BM, int PREC = RV_PREC_FP32>
 __device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const float* w, const float* bias, int N, int C,
                                              int H, int W, int K, int R, int S, int stride, int pad, int OH, int OW,
                                              int act) {
@@ -248,7 +297,7 @@ __device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const flo
         lb.H = H, lb.W = W, lb.R = R, lb.S = S, lb.RS = R * S;
     }
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop<BM>(la, lb, 0, crs, acc);
+    rvc_mainloop<BM, PREC>(la, lb, 0, crs, acc);
     rvc_store_nchw<BM>(y, bias, act, acc, m0, n0, K, ncols, P);
 }
 
@@ -333,7 +382,7 @@ struct RvcBwdDataB {
 // dx = conv_transpose(dy, w) as a gather: GEMM M = C, Ncols = N*H*W,
 // Kred = K*R*S. Every dx element is written exactly once (no atomics, dx
 // need not be zeroed).
-template <int BM>
+template <int BM, int PREC = RV_PREC_FP32>
 __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, const float* w, int N, int C, int H,
                                                   int W, int K, int R, int S, int stride, int pad, int OH, int OW) {
     constexpr int BN = RvcShape<BM>::BN;
@@ -352,7 +401,7 @@ __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, co
         lb.OH = OH, lb.OW = OW, lb.R = R, lb.S = S, lb.RS = R * S, lb.stride = stride;
     }
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop<BM>(la, lb, 0, krs, acc);
+    rvc_mainloop<BM, PREC>(la, lb, 0, krs, acc);
     rvc_store_nchw<BM>(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
 }
 
@@ -449,9 +498,10 @@ struct RvcBwdDataPhaseB {
     }
 };
 
-extern "C" __global__ void __launch_bounds__(256)
-    conv2d_bwd_data_v3(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
-                       int stride, int pad, int OH, int OW) {
+template <int PREC = RV_PREC_FP32>
+__device__ __forceinline__ void rvc_conv_bwd_data_phase(float* dx, const float* dy, const float* w, int N, int C,
+                                                        int H, int W, int K, int R, int S, int stride, int pad,
+                                                        int OH, int OW) {
     if (blockDim.x != RVC_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     if ((int)gridDim.z != stride * stride) __trap();
     const RvcPhase ph(blockIdx.z, stride, pad, H, W, R, S);
@@ -470,7 +520,7 @@ extern "C" __global__ void __launch_bounds__(256)
         lb.OH = OH, lb.OW = OW, lb.Ry = ph.Ry, lb.Sx = ph.Sx, lb.RySx = ph.Ry * ph.Sx;
     }
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop<64>(la, lb, 0, krs, acc);
+    rvc_mainloop<64, PREC>(la, lb, 0, krs, acc);
 
     // dx[n, c, iy0 + stride*ty, ix0 + stride*tx]
     const int tx4 = threadIdx.x % (64 / RVC_TN), ty4 = threadIdx.x / (64 / RVC_TN);
@@ -489,6 +539,12 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int j = 0; j < RVC_TN; ++j)
             if (base[j] >= 0) dx[base[j] + (long long)c * H * W] = acc[i][j];
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    conv2d_bwd_data_v3(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                       int stride, int pad, int OH, int OW) {
+    rvc_conv_bwd_data_phase(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
 }
 
 // ---------------------------------------------------------- backward weight
@@ -552,6 +608,14 @@ struct RvcBwdWeightB {
     }
 };
 
+// The column tables of RvcBwdWeightB (WHICH 0: offsets, 1: r | s << 16), in a function of BN
+// alone for the reason rvc_tile_a gives.
+template <int BN, int WHICH>
+__device__ __forceinline__ int* rvc_col_table() {
+    ROTVAR_SHARED(int, table, [BN]);
+    return table;
+}
+
 // split-K over the long N*OH*OW reduction because M x Ncols = K x CRS is
 // often only a few tiles; fixed contiguous ranges + an ordered sum
 // (sum_partials_f32) instead of atomics keep dW bit-reproducible.
@@ -559,7 +623,7 @@ struct RvcBwdWeightB {
 // Ncols = C*R*S, Kred = N*OH*OW split into `splits` (= gridDim.z) contiguous
 // ranges of chunk = roundup(ceil(Kred / splits), 16) steps; split z covers
 // [z*chunk, min((z+1)*chunk, Kred)) and writes zeros if that is empty.
-template <int BM>
+template <int BM, int PREC = RV_PREC_FP32>
 __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float* x, const float* dy, int N, int C,
                                                     int H, int W, int K, int R, int S, int stride, int pad, int OH,
                                                     int OW, int splits) {
@@ -576,8 +640,8 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
 
     RvcBwdWeightA<BM> la{dy, K, P, m0};
     // The B loader's column table (see RvcBwdWeightB); r and s share one int.
-    ROTVAR_SHARED(int, col_off, [BN]);
-    ROTVAR_SHARED(int, col_rs, [BN]);
+    int* col_off = rvc_col_table<BN, 0>();
+    int* col_rs = rvc_col_table<BN, 1>();
     for (int j = threadIdx.x; j < BN; j += RVC_THREADS) {
         const int col = n0 + j, c = col / RS, rs = col - c * RS, r = rs / S;
         col_off[j] = c * H * W + r * W + (rs - r * S);
@@ -591,7 +655,7 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
 
     float acc[RVC_TM][RVC_TN];
-    rvc_mainloop<BM>(la, lb, kbeg, kend, acc);
+    rvc_mainloop<BM, PREC>(la, lb, kbeg, kend, acc);
 
     const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
     float* out = partial + (long long)blockIdx.z * K * crs;
@@ -625,6 +689,66 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     conv2d_bwd_weight_v2_bm16(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
                   int S, int stride, int pad, int OH, int OW, int splits) {
     rvc_conv_bwd_weight<16>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
+}
+
+// ------------------------------------------------------------ tensor cores
+// variant tc: the kernels above with the FMA main loop replaced by mma.sync (RvTcTile in mma.cuh):
+// same loaders, tiles, grids, split-K and epilogues, one extra argument `prec` (RV_PREC_TF32,
+// RV_PREC_3XTF32 or RV_PREC_BF16; anything else traps). The operands are rounded to tf32 or bf16
+// as they leave shared memory; accumulation stays fp32. Launches as their fp32 twins (same
+// grid, block and split rules); they add BM * (BN + 4) floats of static shared memory for the
+// accumulators' way back to the 4 x 4 per thread (17 KiB). __launch_bounds__(256, 3): left to
+// itself ptxas held them to 64 registers and spilled; three blocks per SM allow 85.
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_fwd_tc_bm64(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
+                       int R, int S, int stride, int pad, int OH, int OW, int act, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_fwd<64, P>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_fwd_tc_bm32(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
+                       int R, int S, int stride, int pad, int OH, int OW, int act, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_fwd<32, P>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_fwd_tc_bm16(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
+                       int R, int S, int stride, int pad, int OH, int OW, int act, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_fwd<16, P>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_data_tc_bm64(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                            int stride, int pad, int OH, int OW, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_data<64, P>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_data_tc_bm32(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                            int stride, int pad, int OH, int OW, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_data<32, P>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_data_tc_bm16(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                            int stride, int pad, int OH, int OW, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_data<16, P>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_data_tc_v3(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                          int stride, int pad, int OH, int OW, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_data_phase<P>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_weight_tc_bm64(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                              int S, int stride, int pad, int OH, int OW, int splits, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_weight<64, P>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_weight_tc_bm32(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                              int S, int stride, int pad, int OH, int OW, int splits, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_weight<32, P>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits)));
+}
+extern "C" __global__ void __launch_bounds__(256, 3)
+    conv2d_bwd_weight_tc_bm16(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                              int S, int stride, int pad, int OH, int OW, int splits, int prec) {
+    RV_BY_PREC(prec, (rvc_conv_bwd_weight<16, P>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits)));
 }
 
 // out[i] = partial[0*len + i] + partial[1*len + i] + ... in split order.

@@ -19,7 +19,7 @@
 //   load index mapping changes, chosen so consecutive threads read consecutive
 //   addresses of whichever dimension is contiguous in memory. Ragged edges are
 //   zero-filled on load and masked on store. No double buffering (see v2).
-#include "rotvar_common.cuh"
+#include "mma.cuh"
 
 #define RV_BM 64
 #define RV_BN 64
@@ -137,9 +137,41 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     }
 }
 
+// The shared tiles of v2, v3 and the tc kernels, declared outside the PREC templates: a tc
+// kernel holds three precision instances, and a static shared array declared in each would be
+// three copies (over the 48 KiB static limit).
+__device__ __forceinline__ float (*rv_tile_a())[RV_BM + RV_PAD] {
+    ROTVAR_SHARED(float, As, [RV_BK][RV_BM + RV_PAD]);
+    return As;
+}
+__device__ __forceinline__ float (*rv_tile_b())[RV_BN + RV_PAD] {
+    ROTVAR_SHARED(float, Bs, [RV_BK][RV_BN + RV_PAD]);
+    return Bs;
+}
+__device__ __forceinline__ float (*rv_tile_c())[RV_BN + RV_PAD] {
+    ROTVAR_SHARED(float, Cs, [RV_BM][RV_BN + RV_PAD]);
+    return Cs;
+}
+
+// The tensor-core tile of a 64 x 64 block, or nothing for fp32.
+template <int PREC>
+struct RvGemmTcPick {
+    using T = RvTcTile<PREC, RV_BM, RV_BN>;
+};
+template <>
+struct RvGemmTcPick<RV_PREC_FP32> {
+    struct T {};
+};
+template <int PREC>
+using RvGemmTc = typename RvGemmTcPick<PREC>::T;
+
 // The main loop of v2 and v3: acc = op(A)[m0.., kbeg..kend) * op(B)[kbeg..kend), n0..) for this
 // thread's 4x4 outputs. kbeg is a multiple of RV_BK, so a range walks the same slices as the
 // whole product does; elements at or past kend load as 0.
+// PREC = RV_PREC_FP32 runs rv_tile_fma; the others run the tensor-core tile of mma.cuh and bring
+// its accumulators back through shared memory into the same 4x4 per thread, so the epilogues of
+// v2 and v3 serve the tc kernels unchanged.
+template <int PREC = RV_PREC_FP32>
 __device__ __forceinline__ void rv_gemm_range(float (*As)[RV_BM + RV_PAD], float (*Bs)[RV_BN + RV_PAD],
                                               const float* __restrict__ A, const float* __restrict__ B, int M, int N,
                                               int kbeg, int kend, int lda, int ldb, int transA, int transB, int m0,
@@ -149,6 +181,7 @@ __device__ __forceinline__ void rv_gemm_range(float (*As)[RV_BM + RV_PAD], float
 #pragma unroll
         for (int j = 0; j < RV_TN; ++j) acc[i][j] = 0.f;
 
+    RvGemmTc<PREC> tc;
     float ra[RV_PER_THREAD(RV_BM)], rb[RV_PER_THREAD(RV_BN)];
     if (kbeg < kend) {
         rv_fetch_tile<RV_BM>(ra, A, lda, transA, m0, M, kbeg, kend);
@@ -162,8 +195,18 @@ __device__ __forceinline__ void rv_gemm_range(float (*As)[RV_BM + RV_PAD], float
             rv_fetch_tile<RV_BM>(ra, A, lda, transA, m0, M, k0 + RV_BK, kend);
             rv_fetch_tile<RV_BN>(rb, B, ldb, !transB, n0, N, k0 + RV_BK, kend);
         }
-        rv_tile_fma(As, Bs, ty, tx, acc);
+        if constexpr (PREC == RV_PREC_FP32) rv_tile_fma(As, Bs, ty, tx, acc);
+        else tc.step(&As[0][0], RV_BM + RV_PAD, &Bs[0][0], RV_BN + RV_PAD);
         __syncthreads();  // the tiles are overwritten by the next store
+    }
+    if constexpr (PREC != RV_PREC_FP32) {
+        float(*Cs)[RV_BN + RV_PAD] = rv_tile_c();
+        tc.spill(&Cs[0][0], RV_BN + RV_PAD);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < RV_TM; ++i)
+#pragma unroll
+            for (int j = 0; j < RV_TN; ++j) acc[i][j] = Cs[ty * RV_TM + i][tx * RV_TN + j];
     }
 }
 
@@ -181,18 +224,19 @@ __device__ __forceinline__ void rv_gemm_range(float (*As)[RV_BM + RV_PAD], float
 //   2. The dense layer's epilogue fused into the store: bias and ReLU cost no
 //      extra pass over C (v1 needed a bias kernel and a ReLU kernel after it,
 //      each reading and writing the whole output).
-extern "C" __global__ void __launch_bounds__(RV_THREADS)
-    gemm_tiled_v2(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
-                  const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA,
-                  int transB, float alpha, float beta, int act) {
-    ROTVAR_SHARED(float, As, [RV_BK][RV_BM + RV_PAD]);
-    ROTVAR_SHARED(float, Bs, [RV_BK][RV_BN + RV_PAD]);
+template <int PREC = RV_PREC_FP32>
+__device__ __forceinline__ void rv_gemm_v2(const float* __restrict__ A, const float* __restrict__ B,
+                                           float* __restrict__ C, const float* __restrict__ bias, int M, int N,
+                                           int K, int lda, int ldb, int ldc, int transA, int transB, float alpha,
+                                           float beta, int act) {
+    float(*As)[RV_BM + RV_PAD] = rv_tile_a();
+    float(*Bs)[RV_BN + RV_PAD] = rv_tile_b();
     if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
 
     const int m0 = blockIdx.y * RV_BM, n0 = blockIdx.x * RV_BN;
     const int tx = threadIdx.x % (RV_BN / RV_TN), ty = threadIdx.x / (RV_BN / RV_TN);
     float acc[RV_TM][RV_TN];
-    rv_gemm_range(As, Bs, A, B, M, N, 0, K, lda, ldb, transA, transB, m0, n0, ty, tx, acc);
+    rv_gemm_range<PREC>(As, Bs, A, B, M, N, 0, K, lda, ldb, transA, transB, m0, n0, ty, tx, acc);
 
 #pragma unroll
     for (int i = 0; i < RV_TM; ++i) {
@@ -210,6 +254,13 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     }
 }
 
+extern "C" __global__ void __launch_bounds__(RV_THREADS)
+    gemm_tiled_v2(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
+                  const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA,
+                  int transB, float alpha, float beta, int act) {
+    rv_gemm_v2(A, B, C, bias, M, N, K, lda, ldb, ldc, transA, transB, alpha, beta, act);
+}
+
 // gemm_splitk_v3: v2's main loop with the reduction split across gridDim.z, for
 // products whose output tiles are too few to fill the GPU: a dense layer's
 // forward pass has M = batch and N = outputs (LeNet fc1 at batch 256: 4 x 2
@@ -222,11 +273,12 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
 //   roundup(ceil(K / splits), 16); an empty range writes zeros.
 //   Layout and transposes as v1; alpha = 1 and beta = 0 (C is never read).
 //   Launch: block = (256,1,1), grid = (ceil(N/64), ceil(M/64), splits).
-extern "C" __global__ void __launch_bounds__(RV_THREADS)
-    gemm_splitk_v3(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ partial, int M,
-                   int N, int K, int lda, int ldb, int transA, int transB, int splits) {
-    ROTVAR_SHARED(float, As, [RV_BK][RV_BM + RV_PAD]);
-    ROTVAR_SHARED(float, Bs, [RV_BK][RV_BN + RV_PAD]);
+template <int PREC = RV_PREC_FP32>
+__device__ __forceinline__ void rv_gemm_splitk(const float* __restrict__ A, const float* __restrict__ B,
+                                               float* __restrict__ partial, int M, int N, int K, int lda, int ldb,
+                                               int transA, int transB, int splits) {
+    float(*As)[RV_BM + RV_PAD] = rv_tile_a();
+    float(*Bs)[RV_BN + RV_PAD] = rv_tile_b();
     if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
     if (splits < 1 || (int)gridDim.z != splits) __trap();
 
@@ -236,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     const long long kb = (long long)blockIdx.z * chunk;
     const int kbeg = kb < K ? (int)kb : K, kend = kb + chunk < K ? (int)(kb + chunk) : K;
     float acc[RV_TM][RV_TN];
-    rv_gemm_range(As, Bs, A, B, M, N, kbeg, kend, lda, ldb, transA, transB, m0, n0, ty, tx, acc);
+    rv_gemm_range<PREC>(As, Bs, A, B, M, N, kbeg, kend, lda, ldb, transA, transB, m0, n0, ty, tx, acc);
 
     float* out = partial + (long long)blockIdx.z * M * N;
 #pragma unroll
@@ -249,6 +301,30 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
             if (n < N) out[(long long)m * N + n] = acc[i][j];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(RV_THREADS)
+    gemm_splitk_v3(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ partial, int M,
+                   int N, int K, int lda, int ldb, int transA, int transB, int splits) {
+    rv_gemm_splitk(A, B, partial, M, N, K, lda, ldb, transA, transB, splits);
+}
+
+// gemm_tc, gemm_splitk_tc: v2 and v3 on tensor cores (mma.cuh), one more argument `prec`
+// (RV_PREC_TF32, RV_PREC_3XTF32 or RV_PREC_BF16; anything else traps). Operands are rounded
+// as they leave shared memory; accumulation, alpha, beta, bias and activation stay fp32. Same
+// launches as v2 and v3, plus 17 KiB of static shared memory for the accumulators' way back
+// to the 4x4 per thread. __launch_bounds__(256, 3): left to itself ptxas held them to 64
+// registers and spilled; three blocks per SM allow 85.
+extern "C" __global__ void __launch_bounds__(RV_THREADS, 3)
+    gemm_tc(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
+            const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA, int transB,
+            float alpha, float beta, int act, int prec) {
+    RV_BY_PREC(prec, (rv_gemm_v2<P>(A, B, C, bias, M, N, K, lda, ldb, ldc, transA, transB, alpha, beta, act)));
+}
+extern "C" __global__ void __launch_bounds__(RV_THREADS, 3)
+    gemm_splitk_tc(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ partial, int M,
+                   int N, int K, int lda, int ldb, int transA, int transB, int splits, int prec) {
+    RV_BY_PREC(prec, (rv_gemm_splitk<P>(A, B, partial, M, N, K, lda, ldb, transA, transB, splits)));
 }
 
 // splitk_sum_f32: C[m, n] = act(sum over z of partial[z][m][n] + bias[n]), the

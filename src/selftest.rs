@@ -50,6 +50,8 @@ struct Ctx<'a> {
     t: &'a BackendRef,
     rng: Rng,
     checks: Vec<Check>,
+    /// Prefixed to every op name ("[bf16] "), empty in fp32.
+    tag: String,
 }
 
 /// max |a − b| / max(1, max |a|): a NaN anywhere counts as infinite error.
@@ -82,37 +84,20 @@ impl<'a> Ctx<'a> {
     }
     fn compare(&mut self, op: &str, shape: &str, a: &Storage, b: &Storage, tol: f64) -> Result<()> {
         let (x, y) = (self.r.download(a)?, self.t.download(b)?);
-        self.checks.push(Check { op: op.into(), shape: shape.into(), max_rel_err: rel_err(&x, &y), tolerance: tol });
+        let op = format!("{}{op}", self.tag);
+        self.checks.push(Check { op, shape: shape.into(), max_rel_err: rel_err(&x, &y), tolerance: tol });
         Ok(())
     }
 }
 
 /// Compare every op of `target` against `reference`.
 pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, seed: u64) -> Result<Vec<Check>> {
-    let mut c = Ctx { r: reference, t: target, rng: Rng::new(seed), checks: Vec::new() };
+    let mut c = Ctx { r: reference, t: target, rng: Rng::new(seed), checks: Vec::new(), tag: String::new() };
     let n = if scale == Scale::Full { 1 << 20 } else { 4099 };
     elementwise(&mut c, n)?;
     let (batch, rows) = if scale == Scale::Full { (256, 256) } else { (3, 37) };
     dense(&mut c, rows)?;
-    let convs: Vec<ConvGeom> = if scale == Scale::Full {
-        vec![
-            ConvGeom::new(batch, 32, 28, 28, 32, (3, 3), 1, 1)?,
-            ConvGeom::new(batch, 64, 7, 7, 128, (3, 3), 1, 1)?,
-            ConvGeom::new(batch, 6, 14, 14, 16, (5, 5), 1, 2)?,
-            ConvGeom::new(batch, 64, 16, 16, 128, (3, 3), 2, 1)?,
-            ConvGeom::new(batch, 64, 8, 8, 128, (1, 1), 1, 0)?,
-        ]
-    } else {
-        vec![
-            ConvGeom::new(batch, 5, 7, 9, 6, (3, 3), 1, 1)?,
-            ConvGeom::new(batch, 4, 8, 8, 7, (3, 3), 2, 1)?,
-            ConvGeom::new(2, 3, 6, 6, 5, (5, 5), 1, 2)?,
-            ConvGeom::new(batch, 9, 5, 5, 70, (1, 1), 1, 0)?,
-            // 64 input channels: backward-data takes the 64 × 64 tile (v1), as at full scale.
-            ConvGeom::new(1, 64, 8, 8, 8, (1, 1), 1, 0)?,
-        ]
-    };
-    for g in &convs {
+    for g in &conv_geoms(scale, batch)? {
         conv(&mut c, g)?;
     }
     let pools = if scale == Scale::Full {
@@ -155,6 +140,42 @@ pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, 
     };
     for (g, batches) in &variances {
         variance(&mut c, g, *batches)?;
+    }
+    Ok(c.checks)
+}
+
+/// The convolutions of the parity checks: SimpleConv, LeNet and ResNet shapes at full scale.
+fn conv_geoms(scale: Scale, batch: usize) -> Result<Vec<ConvGeom>> {
+    Ok(if scale == Scale::Full {
+        vec![
+            ConvGeom::new(batch, 32, 28, 28, 32, (3, 3), 1, 1)?,
+            ConvGeom::new(batch, 64, 7, 7, 128, (3, 3), 1, 1)?,
+            ConvGeom::new(batch, 6, 14, 14, 16, (5, 5), 1, 2)?,
+            ConvGeom::new(batch, 64, 16, 16, 128, (3, 3), 2, 1)?,
+            ConvGeom::new(batch, 64, 8, 8, 128, (1, 1), 1, 0)?,
+        ]
+    } else {
+        vec![
+            ConvGeom::new(batch, 5, 7, 9, 6, (3, 3), 1, 1)?,
+            ConvGeom::new(batch, 4, 8, 8, 7, (3, 3), 2, 1)?,
+            ConvGeom::new(2, 3, 6, 6, 5, (5, 5), 1, 2)?,
+            ConvGeom::new(batch, 9, 5, 5, 70, (1, 1), 1, 0)?,
+            // 64 input channels: backward-data takes the 64 × 64 tile (v1), as at full scale.
+            ConvGeom::new(1, 64, 8, 8, 8, (1, 1), 1, 0)?,
+        ]
+    })
+}
+
+/// The dense layers and convolutions of `kernel_checks` again, with `reference` and `target` in
+/// a precision other than fp32 (the CPU backend's twin: the same rounded operands, fp32 sums),
+/// so every selftest also runs the tensor-core kernels.
+pub fn precision_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, seed: u64) -> Result<Vec<Check>> {
+    let tag = format!("[{}] ", target.precision());
+    let mut c = Ctx { r: reference, t: target, rng: Rng::new(seed), checks: Vec::new(), tag };
+    let (batch, rows) = if scale == Scale::Full { (256, 256) } else { (3, 37) };
+    dense(&mut c, rows)?;
+    for g in &conv_geoms(scale, batch)? {
+        conv(&mut c, g)?;
     }
     Ok(c.checks)
 }

@@ -5,11 +5,13 @@
 //! configurations are the ones documented at the top of each .cu file.
 
 use rotvar::backend::cuda::emu::{self, KArg};
+use rotvar::backend::precision::{self, Precision};
 
 mod common;
 use common::Rng;
 
 const POISON: f32 = f32::NAN;
+const FP32: Precision = Precision::Fp32;
 const BLOCK: u32 = 256;
 /// The conv kernels' variants and their (BM, BN) tiles (conv.cu): every one is checked on every
 /// shape, whatever tile the host would pick for it.
@@ -181,6 +183,23 @@ fn ref_bwd_weight(g: &Conv, x: &[f32], dy: &[f32]) -> Vec<f64> {
     dw
 }
 
+/// The kernel of `pass` in `variant`: in fp32 the CUDA-core kernel, otherwise its tensor-core
+/// twin (conv.cu, "tensor cores"), which takes the precision as one more argument.
+fn kernel(pass: &str, variant: &str, prec: Precision, args: &mut Vec<KArg>) -> String {
+    if prec == Precision::Fp32 {
+        return format!("{pass}_{variant}");
+    }
+    args.push(KArg::I32(prec.code()));
+    let tile = match variant {
+        "v1" => "tc_bm64",
+        "v2_bm32" => "tc_bm32",
+        "v2_bm16" => "tc_bm16",
+        "v3" => "tc_v3",
+        v => panic!("no tensor-core twin of {v}"),
+    };
+    format!("{pass}_{tile}")
+}
+
 fn blocks(n: usize, tile: usize) -> u32 {
     n.div_ceil(tile) as u32
 }
@@ -196,6 +215,7 @@ fn conv_fwd_variant(
     w: &[f32],
     bias: Option<&[f32]>,
     act: i32,
+    prec: Precision,
 ) -> Vec<f32> {
     let (xi, wi, bi) = (Input::new(x), Input::new(w), bias.map(Input::new));
     let mut y = Output::new(g.y_len());
@@ -203,32 +223,39 @@ fn conv_fwd_variant(
     args.extend(g.args());
     args.push(KArg::I32(act));
     let grid = (blocks(g.n * g.oh() * g.ow(), bn), blocks(g.k, bm), 1);
-    let name = format!("conv2d_fwd_{variant}");
+    let name = kernel("conv2d_fwd", variant, prec, &mut args);
     launch(&name, grid, BLOCK, &args);
     y.take(&name)
 }
 
-fn conv_bwd_data_variant((variant, bm, bn): (&str, usize, usize), g: &Conv, dy: &[f32], w: &[f32]) -> Vec<f32> {
+fn conv_bwd_data_variant(
+    (variant, bm, bn): (&str, usize, usize),
+    g: &Conv,
+    dy: &[f32],
+    w: &[f32],
+    prec: Precision,
+) -> Vec<f32> {
     let (dyi, wi) = (Input::new(dy), Input::new(w));
     let mut dx = Output::new(g.x_len());
     let mut args = vec![dx.arg(), dyi.arg(), wi.arg()];
     args.extend(g.args());
     let grid = (blocks(g.n * g.h * g.w, bn), blocks(g.c, bm), 1);
-    let name = format!("conv2d_bwd_data_{variant}");
+    let name = kernel("conv2d_bwd_data", variant, prec, &mut args);
     launch(&name, grid, BLOCK, &args);
     dx.take(&name)
 }
 
 /// The strided backward-data kernel: one GEMM per sub-pixel phase (grid.z = stride²).
-fn conv_bwd_data_v3(g: &Conv, dy: &[f32], w: &[f32]) -> Vec<f32> {
+fn conv_bwd_data_v3(g: &Conv, dy: &[f32], w: &[f32], prec: Precision) -> Vec<f32> {
     let (dyi, wi) = (Input::new(dy), Input::new(w));
     let mut dx = Output::new(g.x_len());
     let mut args = vec![dx.arg(), dyi.arg(), wi.arg()];
     args.extend(g.args());
     let cols = g.n * g.h.div_ceil(g.stride) * g.w.div_ceil(g.stride);
     let grid = (blocks(cols, 64), blocks(g.c, 64), (g.stride * g.stride) as u32);
-    launch("conv2d_bwd_data_v3", grid, BLOCK, &args);
-    dx.take("conv2d_bwd_data_v3")
+    let name = kernel("conv2d_bwd_data", "v3", prec, &mut args);
+    launch(&name, grid, BLOCK, &args);
+    dx.take(&name)
 }
 
 /// Split-K weight gradient followed by the ordered sum of the splits.
@@ -241,6 +268,7 @@ fn conv_bwd_weight(
     dy: &[f32],
     splits: usize,
     sum_cfg: Option<(u32, u32)>,
+    prec: Precision,
 ) -> (Vec<f32>, Vec<f32>) {
     let len = g.w_len();
     let (xi, dyi) = (Input::new(x), Input::new(dy));
@@ -249,7 +277,7 @@ fn conv_bwd_weight(
     args.extend(g.args());
     args.push(KArg::I32(splits as i32));
     let grid = (blocks(g.c * g.r * g.s, bn), blocks(g.k, bm), splits as u32);
-    let name = format!("conv2d_bwd_weight_{variant}");
+    let name = kernel("conv2d_bwd_weight", variant, prec, &mut args);
     launch(&name, grid, BLOCK, &args);
     let partial = partial.take(&name);
 
@@ -296,19 +324,19 @@ fn conv_fwd_matches_reference() {
         let want_relu_nb: Vec<f64> = ref_fwd(g, &x, &w, None).iter().map(|v| v.max(0.0)).collect();
         for t in TILED {
             let tag = format!("{} {g:?}", t.0);
-            let y = conv_fwd_variant(t, g, &x, &w, None, IDENTITY);
+            let y = conv_fwd_variant(t, g, &x, &w, None, IDENTITY, FP32);
             assert_close(&format!("fwd no bias {tag}"), &y, &ref_fwd(g, &x, &w, None), 1e-4);
-            let y = conv_fwd_variant(t, g, &x, &w, Some(&bias), IDENTITY);
+            let y = conv_fwd_variant(t, g, &x, &w, Some(&bias), IDENTITY, FP32);
             assert_close(&format!("fwd bias {tag}"), &y, &want, 1e-4);
             // The fused ReLU: against the reference, and bit for bit the ReLU of the unfused output.
-            let y_relu = conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU);
+            let y_relu = conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU, FP32);
             assert_close(&format!("fwd bias+relu {tag}"), &y_relu, &want_relu, 1e-4);
             assert!(y.iter().any(|&v| v < 0.0) && y.iter().any(|&v| v > 0.0), "{tag}: both signs are exercised");
             for (i, (&a, &b)) in y.iter().zip(&y_relu).enumerate() {
                 let fused = if a > 0.0 { a } else { 0.0 };
                 assert_eq!(fused.to_bits(), b.to_bits(), "fwd bias+relu {tag} [{i}]: {b} vs relu({a})");
             }
-            let y_relu = conv_fwd_variant(t, g, &x, &w, None, RELU);
+            let y_relu = conv_fwd_variant(t, g, &x, &w, None, RELU, FP32);
             assert_close(&format!("fwd relu no bias {tag}"), &y_relu, &want_relu_nb, 1e-4);
         }
     }
@@ -322,7 +350,7 @@ fn conv_bwd_data_matches_reference() {
         let w = rng.vec(g.w_len(), -1., 1.);
         let want = ref_bwd_data(g, &dy, &w);
         for t in TILED {
-            let dx = conv_bwd_data_variant(t, g, &dy, &w);
+            let dx = conv_bwd_data_variant(t, g, &dy, &w, FP32);
             assert_close(&format!("bwd data {} {g:?}", t.0), &dx, &want, 1e-4);
         }
     }
@@ -341,9 +369,9 @@ fn narrow_tile_conv_kernels_give_v1_bits() {
             rng.vec(g.k, -1., 1.),
             rng.vec(g.y_len(), -1., 1.),
         );
-        let fwd = |t| bits(conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU));
-        let bwd = |t| bits(conv_bwd_data_variant(t, g, &dy, &w));
-        let wgrad = |t| bits(conv_bwd_weight(t, g, &x, &dy, 3, None).0);
+        let fwd = |t| bits(conv_fwd_variant(t, g, &x, &w, Some(&bias), RELU, FP32));
+        let bwd = |t| bits(conv_bwd_data_variant(t, g, &dy, &w, FP32));
+        let wgrad = |t| bits(conv_bwd_weight(t, g, &x, &dy, 3, None, FP32).0);
         for t in &TILED[1..] {
             assert_eq!(fwd(*t), fwd(TILED[0]), "fwd {} {g:?}", t.0);
             assert_eq!(bwd(*t), bwd(TILED[0]), "bwd data {} {g:?}", t.0);
@@ -367,9 +395,9 @@ fn strided_conv_bwd_data_v3_matches_reference_and_v1() {
     for g in strided {
         let dy = rng.vec(g.y_len(), -1., 1.);
         let w = rng.vec(g.w_len(), -1., 1.);
-        let got = conv_bwd_data_v3(g, &dy, &w);
+        let got = conv_bwd_data_v3(g, &dy, &w, FP32);
         assert_close(&format!("bwd data v3 {g:?}"), &got, &ref_bwd_data(g, &dy, &w), 1e-4);
-        let v1 = conv_bwd_data_variant(TILED[0], g, &dy, &w);
+        let v1 = conv_bwd_data_variant(TILED[0], g, &dy, &w, FP32);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&v1), "bwd data v3 vs v1 {g:?}");
     }
@@ -387,7 +415,7 @@ fn conv_bwd_weight_matches_reference_for_any_splits() {
         // chunks, some trailing splits empty); a split per 16-step slice too.
         for splits in [1, 3, 7, kred.div_ceil(16)] {
             for t in TILED {
-                let (dw, partial) = conv_bwd_weight(t, g, &x, &dy, splits, None);
+                let (dw, partial) = conv_bwd_weight(t, g, &x, &dy, splits, None, FP32);
                 let tag = format!("bwd weight {} splits={splits} {g:?}", t.0);
                 assert_close(&tag, &dw, &want, 1e-4);
                 assert!(partial.iter().all(|v| !v.is_nan()), "{tag}: a split left its partial slice unwritten");
@@ -403,13 +431,80 @@ fn conv_bwd_weight_is_deterministic() {
         let x = rng.vec(g.x_len(), -1., 1.);
         let dy = rng.vec(g.y_len(), -1., 1.);
         for splits in [3, 5] {
-            let (a, pa) = conv_bwd_weight(TILED[0], g, &x, &dy, splits, None);
+            let (a, pa) = conv_bwd_weight(TILED[0], g, &x, &dy, splits, None, FP32);
             // A different sum_partials grid/block must not change the bits either.
-            let (b, pb) = conv_bwd_weight(TILED[0], g, &x, &dy, splits, Some((1, 64)));
+            let (b, pb) = conv_bwd_weight(TILED[0], g, &x, &dy, splits, Some((1, 64)), FP32);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&pa), bits(&pb), "partials differ between runs, splits={splits} {g:?}");
             assert_eq!(bits(&a), bits(&b), "dW differs between runs, splits={splits} {g:?}");
         }
+    }
+}
+
+// ---------------------------------------------------------------- tensor cores
+
+/// The largest |got - want| relative to max(1, max |want|).
+fn deviation(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1f64, |m, &w| m.max(w.abs()));
+    got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs())) / scale
+}
+
+/// The tensor-core kernels (every tile, every pass, every precision) against the f64 reference
+/// of their rounded operands: the same exact products, summed in another order. A control checks
+/// that the rounding shows against the unrounded reference (TF32 and BF16 stray from it, 3xTF32
+/// does not), so a kernel that quietly ran fp32 would fail, as would one that rounded wrongly.
+#[test]
+fn tensor_core_conv_kernels_match_the_reference_of_their_rounded_operands() {
+    let mut rng = Rng(0x7C0E);
+    for g in [&CONVS[0], &CONVS[1], &CONVS[2], &CONVS[5], &CONVS[8]] {
+        let (x, w, bias, dy) = (
+            rng.vec(g.x_len(), -1., 1.),
+            rng.vec(g.w_len(), -1., 1.),
+            rng.vec(g.k, -1., 1.),
+            rng.vec(g.y_len(), -1., 1.),
+        );
+        let raw = [ref_fwd(g, &x, &w, Some(&bias)), ref_bwd_data(g, &dy, &w), ref_bwd_weight(g, &x, &dy)];
+        for p in [Precision::Tf32, Precision::Tf32x3, Precision::Bf16] {
+            let r = |v: &[f32]| precision::rounded(p, v).into_owned();
+            let (xr, wr, dyr) = (r(&x), r(&w), r(&dy));
+            let want = [ref_fwd(g, &xr, &wr, Some(&bias)), ref_bwd_data(g, &dyr, &wr), ref_bwd_weight(g, &xr, &dyr)];
+            let check = |what: &str, got: &[f32], i: usize| {
+                assert_close(what, got, &want[i], 1e-5);
+                let dev = deviation(got, &raw[i]);
+                match p {
+                    Precision::Tf32 => assert!(dev > 2e-5, "{what}: {dev:e} from fp32, TF32 rounding not visible"),
+                    Precision::Bf16 => assert!(dev > 1e-3, "{what}: {dev:e} from fp32, BF16 rounding not visible"),
+                    _ => assert!(dev < 1e-5, "{what}: {dev:e} from fp32, 3xTF32 should be as close as fp32"),
+                }
+            };
+            for t in TILED {
+                let tag = format!("{p} {} {g:?}", t.0);
+                check(&format!("fwd {tag}"), &conv_fwd_variant(t, g, &x, &w, Some(&bias), IDENTITY, p), 0);
+                check(&format!("bwd data {tag}"), &conv_bwd_data_variant(t, g, &dy, &w, p), 1);
+                check(&format!("bwd weight {tag}"), &conv_bwd_weight(t, g, &x, &dy, 3, None, p).0, 2);
+            }
+            if g.stride > 1 {
+                check(&format!("bwd data v3 {p} {g:?}"), &conv_bwd_data_v3(g, &dy, &w, p), 1);
+            }
+        }
+    }
+}
+
+/// A precision code the tensor-core kernels do not know (fp32's 0 among them) traps.
+#[test]
+fn tensor_core_kernels_refuse_an_unknown_precision() {
+    let g = &CONVS[0];
+    let (x, w) = (vec![0.5f32; g.x_len()], vec![0.25f32; g.w_len()]);
+    let (xi, wi) = (Input::new(&x), Input::new(&w));
+    for code in [0, 4, -1] {
+        let mut y = Output::new(g.y_len());
+        let mut args = vec![y.arg(), xi.arg(), wi.arg(), KArg::Ptr(0)];
+        args.extend(g.args());
+        args.extend([KArg::I32(IDENTITY), KArg::I32(code)]);
+        let grid = (blocks(g.n * g.oh() * g.ow(), 64), blocks(g.k, 64), 1);
+        // SAFETY: the buffers are sized for g.
+        let r = unsafe { emu::launch("conv2d_fwd_tc_bm64", grid, (BLOCK, 1, 1), 0, &args) };
+        assert!(r.is_err(), "precision code {code} was accepted");
     }
 }
 

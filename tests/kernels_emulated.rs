@@ -4,9 +4,12 @@
 
 use rotvar::backend::cuda::emu::{self, KArg};
 use rotvar::backend::cuda::kernels;
+use rotvar::backend::precision::{self, Precision};
 
 mod common;
 use common::Rng;
+
+const FP32: Precision = Precision::Fp32;
 
 const POISON: f32 = f32::NAN;
 
@@ -304,12 +307,17 @@ struct Epilogue {
     relu: bool,
 }
 
-fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
+/// Runs `kernel` ("gemm_tiled_v1", "gemm_tiled_v2", "gemm_splitk_v3/<splits>") on case `c`, or
+/// in a precision other than fp32 its tensor-core twin (gemm_tc, gemm_splitk_tc), and checks it
+/// against the f64 product of the operands as the precision rounds them. Returns the largest
+/// deviation from the product of the unrounded operands, relative to each element's scale.
+fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng, prec: Precision) -> f64 {
     let (ar, ac) = if c.ta { (c.k, c.m) } else { (c.m, c.k) };
     let (br, bc) = if c.tb { (c.n, c.k) } else { (c.k, c.n) };
     let (lda, ldb, ldc) = (ac + c.pad, bc + c.pad, c.n + c.pad);
     let a = rng.vec(ar * lda, -1., 1.);
     let b = rng.vec(br * ldb, -1., 1.);
+    let tc = |args: &mut Vec<KArg>| args.push(KArg::I32(prec.code()));
     let bias = rng.vec(c.n.max(1), -1., 1.);
     let use_bias = e.is_some_and(|e| e.bias);
     let relu = e.is_some_and(|e| e.relu);
@@ -325,8 +333,12 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
         let mut partial = vec![POISON; splits * c.m * c.n];
         let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut partial)];
         args.extend(i32s([c.m, c.n, c.k, lda, ldb, c.ta as usize, c.tb as usize, splits]));
-        unsafe { emu::launch("gemm_splitk_v3", (grid.0, grid.1, splits as u32), (256, 1, 1), 0, &args) }
-            .expect("gemm_splitk_v3 launch");
+        let name = if prec == Precision::Fp32 { "gemm_splitk_v3" } else { "gemm_splitk_tc" };
+        if name == "gemm_splitk_tc" {
+            tc(&mut args);
+        }
+        unsafe { emu::launch(name, (grid.0, grid.1, splits as u32), (256, 1, 1), 0, &args) }
+            .unwrap_or_else(|e| panic!("{name} launch: {e}"));
         let mut args = vec![KArg::slice_mut(&mut cm), KArg::slice(&partial), bias_arg];
         args.extend(i32s([c.m, c.n, ldc, splits, relu as usize]));
         unsafe { emu::launch("splitk_sum_f32", (3, 1, 1), (256, 1, 1), 0, &args) }.expect("splitk_sum_f32 launch");
@@ -340,21 +352,32 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
         if e.is_some() {
             args.push(KArg::I32(relu as i32));
         }
-        unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
+        let mut name = kernel;
+        if prec != Precision::Fp32 {
+            assert_eq!(kernel, "gemm_tiled_v2", "the tensor-core twin of {kernel}");
+            name = "gemm_tc";
+            tc(&mut args);
+        }
+        unsafe { emu::launch(name, grid, (256, 1, 1), 0, &args) }.unwrap_or_else(|e| panic!("{name} launch: {e}"));
     }
+    let (a, araw) = (precision::rounded(prec, &a).into_owned(), a);
+    let (b, braw) = (precision::rounded(prec, &b).into_owned(), b);
+    let mut worst_raw = 0f64;
     let tag = format!(
-        "{kernel} {}x{}x{} ta={} tb={} alpha={} beta={} pad={} bias={use_bias} relu={relu}",
+        "{kernel} {prec} {}x{}x{} ta={} tb={} alpha={} beta={} pad={} bias={use_bias} relu={relu}",
         c.m, c.n, c.k, c.ta, c.tb, c.alpha, c.beta, c.pad
     );
     let (mut negative, mut positive) = (0, 0);
     for i in 0..c.m {
         for j in 0..c.n {
-            let (mut acc, mut mag) = (0f64, 0f64);
+            let (mut acc, mut mag, mut raw) = (0f64, 0f64, 0f64);
             for p in 0..c.k {
-                let av = if c.ta { a[p * lda + i] } else { a[i * lda + p] } as f64;
-                let bv = if c.tb { b[j * ldb + p] } else { b[p * ldb + j] } as f64;
+                let (ia, ib) =
+                    (if c.ta { p * lda + i } else { i * lda + p }, if c.tb { j * ldb + p } else { p * ldb + j });
+                let (av, bv) = (a[ia] as f64, b[ib] as f64);
                 acc += av * bv;
                 mag += (av * bv).abs();
+                raw += araw[ia] as f64 * braw[ib] as f64;
             }
             let mut want = c.alpha as f64 * acc;
             let mut scale = c.alpha.abs() as f64 * mag;
@@ -371,11 +394,14 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
             } else {
                 positive += 1;
             }
+            let mut want_raw = want + c.alpha as f64 * (raw - acc);
             if relu {
                 want = want.max(0.0);
+                want_raw = want_raw.max(0.0);
             }
             let got = cm[i * ldc + j] as f64;
             assert!((got - want).abs() <= 1e-5 * scale.max(1e-3), "{tag}: C[{i},{j}] got {got}, want {want}");
+            worst_raw = worst_raw.max((got - want_raw).abs() / scale.max(1e-3));
         }
         // Padding columns of C are not part of the output and must be untouched.
         for j in c.n..ldc {
@@ -385,6 +411,7 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng) {
     if relu && c.m * c.n >= 100 {
         assert!(negative > 0 && positive > 0, "{tag}: the ReLU case must see both signs");
     }
+    worst_raw
 }
 
 fn gemm_cases() -> Vec<GemmCase> {
@@ -409,7 +436,7 @@ fn gemm_cases() -> Vec<GemmCase> {
 fn gemm_tiled_v1_parity() {
     let mut rng = Rng(19);
     for c in &gemm_cases() {
-        check_gemm("gemm_tiled_v1", c, None, &mut rng);
+        check_gemm("gemm_tiled_v1", c, None, &mut rng, FP32);
     }
 }
 
@@ -418,7 +445,7 @@ fn gemm_tiled_v2_parity_with_fused_bias_and_relu() {
     let mut rng = Rng(23);
     for c in &gemm_cases() {
         for (bias, relu) in [(false, false), (true, false), (false, true), (true, true)] {
-            check_gemm("gemm_tiled_v2", c, Some(Epilogue { bias, relu }), &mut rng);
+            check_gemm("gemm_tiled_v2", c, Some(Epilogue { bias, relu }), &mut rng, FP32);
         }
     }
 }
@@ -432,13 +459,38 @@ fn gemm_splitk_v3_parity_for_any_split_count() {
     for c in gemm_cases().iter().filter(|c| c.alpha == 1. && c.beta == 0.) {
         for splits in [1, 2, 3, 7, 13] {
             for (bias, relu) in [(false, false), (true, true)] {
-                check_gemm(&format!("gemm_splitk_v3/{splits}"), c, Some(Epilogue { bias, relu }), &mut rng);
+                check_gemm(&format!("gemm_splitk_v3/{splits}"), c, Some(Epilogue { bias, relu }), &mut rng, FP32);
             }
         }
     }
     // Padded leading dimensions, LeNet fc1's transposes (x · wᵀ) and a reduction of many slices.
     let c = GemmCase { m: 9, n: 84, k: 1000, ta: false, tb: true, alpha: 1., beta: 0., pad: 3 };
-    check_gemm("gemm_splitk_v3/4", &c, Some(Epilogue { bias: true, relu: true }), &mut rng);
+    check_gemm("gemm_splitk_v3/4", &c, Some(Epilogue { bias: true, relu: true }), &mut rng, FP32);
+}
+
+/// gemm_tc and gemm_splitk_tc in every precision, on every case and epilogue, against the
+/// product of the rounded operands; the rounding must show against the unrounded product where
+/// the reduction is long enough (TF32 and BF16), and must not for 3xTF32.
+#[test]
+fn tensor_core_gemms_match_the_product_of_their_rounded_operands() {
+    let mut rng = Rng(37);
+    for prec in [Precision::Tf32, Precision::Tf32x3, Precision::Bf16] {
+        let mut worst = 0f64;
+        for c in &gemm_cases() {
+            for (bias, relu) in [(false, false), (true, true)] {
+                let e = Some(Epilogue { bias, relu });
+                worst = worst.max(check_gemm("gemm_tiled_v2", c, e, &mut rng, prec));
+                if c.alpha == 1. && c.beta == 0. {
+                    worst = worst.max(check_gemm("gemm_splitk_v3/3", c, e, &mut rng, prec));
+                }
+            }
+        }
+        match prec {
+            Precision::Tf32 => assert!(worst > 1e-4, "TF32 rounding not visible: {worst:e}"),
+            Precision::Bf16 => assert!(worst > 1e-3, "BF16 rounding not visible: {worst:e}"),
+            _ => assert!(worst < 1e-5, "3xTF32 strays from fp32 by {worst:e}"),
+        }
+    }
 }
 
 /// One slice is v2's main loop and epilogue: the same bits. More slices give bits that depend

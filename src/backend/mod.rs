@@ -9,8 +9,10 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod precision;
 pub mod variance;
 
+pub use precision::Precision;
 pub use variance::{class_ranks, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
 
 use anyhow::{bail, Result};
@@ -360,6 +362,10 @@ pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
     /// A human-readable description ("cpu (2 threads; AMD EPYC (up to avx512), GEMM: ...)", "cuda:0 NVIDIA H100 ...").
     fn describe(&self) -> String;
+    /// The arithmetic of convolutions and dense layers (`precision.rs`); fixed per backend.
+    fn precision(&self) -> Precision {
+        Precision::Fp32
+    }
 
     // --- memory -------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Result<Storage>;
@@ -641,15 +647,15 @@ pub struct AdamTensor<'a> {
 pub type BackendRef = Arc<dyn Backend>;
 
 /// Turn a device request into a backend, and a line saying what was chosen and why.
-pub fn select(req: DeviceRequest) -> Result<(BackendRef, String)> {
-    let cpu = || -> BackendRef { cpu::CpuBackend::shared() };
+pub fn select(req: DeviceRequest, precision: Precision) -> Result<(BackendRef, String)> {
+    let cpu = || -> BackendRef { cpu::CpuBackend::with_precision(precision) };
     match req {
         DeviceRequest::Cpu => {
             let b = cpu();
             let line = format!("device: {}", b.describe());
             Ok((b, line))
         }
-        DeviceRequest::Auto => match cuda::CudaBackend::open(0) {
+        DeviceRequest::Auto => match cuda::CudaBackend::open_with(0, precision) {
             Ok(g) => {
                 let line = format!("device: {} (auto)", g.describe());
                 Ok((g, line))
@@ -661,14 +667,14 @@ pub fn select(req: DeviceRequest) -> Result<(BackendRef, String)> {
             }
         },
         DeviceRequest::Cuda(i) => {
-            let g = cuda::CudaBackend::open(i).map_err(|e| {
+            let g = cuda::CudaBackend::open_with(i, precision).map_err(|e| {
                 anyhow::anyhow!("cannot use cuda:{i}: {e:#}. Use --device cpu (or auto) to run on the CPU.")
             })?;
             let line = format!("device: {}", g.describe());
             Ok((g, line))
         }
         DeviceRequest::CudaEmulated => {
-            let g = cuda::CudaBackend::emulated();
+            let g = cuda::CudaBackend::emulated_with(precision);
             let line = format!("device: {}", g.describe());
             Ok((g, line))
         }

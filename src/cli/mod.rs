@@ -10,7 +10,7 @@ use crate::augment::Augment;
 use crate::backend::cpu::conv as cpu_conv;
 use crate::backend::cpu::isa as cpu_isa;
 use crate::backend::MapReduce;
-use crate::backend::{self, BackendRef, DeviceRequest};
+use crate::backend::{self, BackendRef, DeviceRequest, Precision};
 use crate::checkpoint;
 use crate::data::{self, Split};
 use crate::experiment;
@@ -26,6 +26,7 @@ use crate::transform::TransformSet;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Instant;
 use study::{cmd_eval, cmd_eval_merge, cmd_measure, cmd_measure_merge, cmd_measure_pair};
 
@@ -53,6 +54,13 @@ struct Cli {
     /// rounds differently, within about 1e-5 of it). Each is deterministic.
     #[arg(long, global = true, env = "ROTVAR_CPU_CONV", default_value = "winograd")]
     cpu_conv: String,
+    /// Arithmetic of the convolutions and dense layers: fp32 (the default and the reference: V
+    /// and the published numbers are fp32); tf32 or bf16 (operands rounded, sums in fp32: tensor
+    /// cores on the GPU, the same rounding on the CPU); 3xtf32 (tensor cores at about fp32's
+    /// accuracy; plain fp32 on the CPU). Weights, optimizer state, batch norm, the loss and the
+    /// variance moments stay fp32 in every mode.
+    #[arg(long, global = true, env = "ROTVAR_PRECISION", default_value = "fp32")]
+    precision: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -510,6 +518,8 @@ pub fn run() -> Result<()> {
     let isa = cpu_isa::parse(&cli.cpu_gemm).context("--cpu-gemm (or ROTVAR_CPU_GEMM)")?;
     cpu_isa::choose(isa)?;
     cpu_conv::choose_algo(cpu_conv::parse_algo(&cli.cpu_conv).context("--cpu-conv (or ROTVAR_CPU_CONV)")?);
+    let precision = Precision::parse(&cli.precision).context("--precision (or ROTVAR_PRECISION)")?;
+    PRECISION.set(precision).ok();
     match cli.command {
         Command::Train(a) => cmd_train(a),
         Command::TrainPair(a) => cmd_train_pair(a),
@@ -529,8 +539,20 @@ pub fn run() -> Result<()> {
     }
 }
 
+/// `--precision`, set once in `run` before any command.
+static PRECISION: OnceLock<Precision> = OnceLock::new();
+
+fn precision() -> Precision {
+    PRECISION.get().copied().unwrap_or_default()
+}
+
+/// The backend of `req`, in the precision `--precision` chose.
 fn open_backend(req: DeviceRequest) -> Result<BackendRef> {
-    let (b, line) = backend::select(req)?;
+    open_backend_with(req, precision())
+}
+
+fn open_backend_with(req: DeviceRequest, p: Precision) -> Result<BackendRef> {
+    let (b, line) = backend::select(req, p)?;
     eprintln!("{line}");
     Ok(b)
 }

@@ -1,8 +1,8 @@
 //! The commands about rotvar itself rather than a study: `info`, `models`, `bench` and
 //! `selftest`.
 
-use super::{open_backend, BenchArgs, ModelsArgs, SelftestArgs};
-use crate::backend::{self, DeviceRequest};
+use super::{open_backend, open_backend_with, precision, BenchArgs, ModelsArgs, SelftestArgs};
+use crate::backend::{self, DeviceRequest, Precision};
 use crate::data;
 use crate::models::{InputSpec, MODELS};
 use crate::run;
@@ -105,10 +105,10 @@ pub(super) fn cmd_bench(a: BenchArgs) -> Result<()> {
     }
     if a.what == "gemm" {
         let cuda = match a.device {
-            DeviceRequest::Cuda(i) => backend::cuda::CudaBackend::open(i)?,
-            DeviceRequest::Auto => backend::cuda::CudaBackend::open(0)
+            DeviceRequest::Cuda(i) => backend::cuda::CudaBackend::open_with(i, precision())?,
+            DeviceRequest::Auto => backend::cuda::CudaBackend::open_with(0, precision())
                 .context("bench gemm times the CUDA GEMM kernels: no GPU (use --device cuda-emu to try it)")?,
-            DeviceRequest::CudaEmulated => backend::cuda::CudaBackend::emulated(),
+            DeviceRequest::CudaEmulated => backend::cuda::CudaBackend::emulated_with(precision()),
             DeviceRequest::Cpu => {
                 let models: Vec<&str> = a.models.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
                 for t in crate::bench::cpu_gemm_timings(a.batch_size, a.steps, &models)? {
@@ -163,8 +163,8 @@ pub(super) fn cmd_bench(a: BenchArgs) -> Result<()> {
 
 pub(super) fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     use crate::selftest::{
-        deviations, kernel_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR, EARLY_FLOOR,
-        TAIL_TOL,
+        deviations, kernel_checks, precision_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR,
+        EARLY_FLOOR, TAIL_TOL,
     };
     if a.device == DeviceRequest::Cpu || a.device == DeviceRequest::Auto {
         bail!("selftest checks a GPU backend against the CPU reference: use --device cuda, cuda:N or cuda-emu");
@@ -172,12 +172,18 @@ pub(super) fn cmd_selftest(a: SelftestArgs) -> Result<()> {
     if a.steps == 0 {
         bail!("--steps must be at least 1: the training curves are compared step by step");
     }
-    let target = open_backend(a.device)?;
+    // fp32 whatever --precision says: the training curve is held to fp32's drift, and every
+    // other precision is checked below anyway.
+    let target = open_backend_with(a.device, Precision::Fp32)?;
     let cpu = backend::cpu::CpuBackend::shared();
     let emulated = a.device == DeviceRequest::CudaEmulated;
     let scale = if emulated || a.small { Scale::Small } else { Scale::Full };
     let start = Instant::now();
-    let checks = kernel_checks(&cpu, &target, scale, a.seed ^ 0x5E1F)?;
+    let mut checks = kernel_checks(&cpu, &target, scale, a.seed ^ 0x5E1F)?;
+    for p in [Precision::Tf32, Precision::Tf32x3, Precision::Bf16] {
+        let (cpu_p, target_p) = (backend::cpu::CpuBackend::with_precision(p), backend::select(a.device, p)?.0);
+        checks.extend(precision_checks(&cpu_p, &target_p, scale, a.seed ^ 0x7C0E)?);
+    }
     println!("{:<28} {:<40} {:>10} {:>9}  result", "op", "shape", "rel.error", "tolerance");
     for c in &checks {
         let verdict = if c.passed() { "ok" } else { "MISMATCH" };

@@ -492,15 +492,20 @@ pub fn backward_weight_on(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], db: 
         None => weight_grad(e, x, dy, dw, g),
     }
     if let Some(db) = db {
-        let (out_img, p) = (g.c_out * g.oh * g.ow, g.oh * g.ow);
-        db.par_iter_mut().enumerate().for_each(|(co, d)| {
-            let mut s = 0.0f64;
-            for n in 0..g.n {
-                s += row_sum(&dy[n * out_img + co * p..n * out_img + (co + 1) * p]);
-            }
-            *d = s as f32;
-        });
+        bias_grad(dy, db, g);
     }
+}
+
+/// db[co] = the sum of dy over images and pixels of channel co (in f64).
+pub fn bias_grad(dy: &[f32], db: &mut [f32], g: &ConvGeom) {
+    let (out_img, p) = (g.c_out * g.oh * g.ow, g.oh * g.ow);
+    db.par_iter_mut().enumerate().for_each(|(co, d)| {
+        let mut s = 0.0f64;
+        for n in 0..g.n {
+            s += row_sum(&dy[n * out_img + co * p..n * out_img + (co + 1) * p]);
+        }
+        *d = s as f32;
+    });
 }
 
 /// dw by im2col and GEMM.

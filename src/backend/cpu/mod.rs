@@ -16,6 +16,7 @@ pub mod rotate;
 pub mod variance;
 pub mod winograd;
 
+use super::precision::{rounded, Precision};
 use super::variance::VarianceData;
 use super::{
     relu, Activation, AdamParams, Affine, Backend, BackendRef, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
@@ -34,12 +35,21 @@ const ROW_CHUNK: usize = 32;
 /// Input columns per task in the dense layers' weight gradient.
 const COL_CHUNK: usize = 512;
 
-pub struct CpuBackend;
+pub struct CpuBackend {
+    precision: Precision,
+}
 
 impl CpuBackend {
+    /// The fp32 backend.
     pub fn shared() -> BackendRef {
-        static CPU: OnceLock<Arc<CpuBackend>> = OnceLock::new();
-        CPU.get_or_init(|| Arc::new(CpuBackend)).clone()
+        Self::with_precision(Precision::Fp32)
+    }
+
+    /// One backend per precision; convolutions and dense layers round their operands as
+    /// `precision.rs` says.
+    pub fn with_precision(p: Precision) -> BackendRef {
+        static CPU: [OnceLock<Arc<CpuBackend>>; 4] = [const { OnceLock::new() }; 4];
+        CPU[p.code() as usize].get_or_init(|| Arc::new(CpuBackend { precision: p })).clone()
     }
 }
 
@@ -113,7 +123,20 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads; {}, conv: {})", rayon::current_num_threads(), isa::describe(), conv::algo_name())
+        let prec = match self.precision {
+            Precision::Fp32 => String::new(),
+            p => format!(", precision {p}"),
+        };
+        format!(
+            "cpu ({} threads; {}, conv: {}{prec})",
+            rayon::current_num_threads(),
+            isa::describe(),
+            conv::algo_name()
+        )
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn zeros(&self, len: usize) -> Result<Storage> {
@@ -244,7 +267,8 @@ impl Backend for CpuBackend {
         k: usize,
         m: usize,
     ) -> Result<()> {
-        let (x, w, y) = (host(x)?, host(w)?, host_mut(y)?);
+        let (x, w, y) = (rounded(self.precision, host(x)?), rounded(self.precision, host(w)?), host_mut(y)?);
+        let (x, w) = (&x[..], &w[..]);
         let b = b.map(host).transpose()?;
         y.par_chunks_mut(ROW_CHUNK * m).enumerate().for_each(|(c, yc)| {
             let rows = yc.len() / m;
@@ -272,7 +296,8 @@ impl Backend for CpuBackend {
         k: usize,
         m: usize,
     ) -> Result<()> {
-        let (dy, w, dx) = (host(dy)?, host(w)?, host_mut(dx)?);
+        let (dy, w, dx) = (rounded(self.precision, host(dy)?), rounded(self.precision, host(w)?), host_mut(dx)?);
+        let (dy, w) = (&dy[..], &w[..]);
         dx.par_chunks_mut(ROW_CHUNK * k).enumerate().for_each(|(c, dxc)| {
             let rows = dxc.len() / k;
             let dyc = &dy[c * ROW_CHUNK * m..(c * ROW_CHUNK + rows) * m];
@@ -292,6 +317,9 @@ impl Backend for CpuBackend {
         m: usize,
     ) -> Result<()> {
         let (x, dy, dw) = (host(x)?, host(dy)?, host_mut(dw)?);
+        // The bias gradient below sums the unrounded dy.
+        let (xr, dyr) = (rounded(self.precision, x), rounded(self.precision, dy));
+        let (xr, dyr) = (&xr[..], &dyr[..]);
         // Split over blocks of input columns (never over the batch), so each weight's sum has one
         // fixed order. Columns, not output rows: a layer has few outputs (84 in LeNet's fc1,
         // three row blocks for two threads) but thousands of inputs.
@@ -300,7 +328,7 @@ impl Backend for CpuBackend {
             .map(|c| {
                 let (c0, cols) = (c * COL_CHUNK, COL_CHUNK.min(k - c * COL_CHUNK));
                 let mut block = vec![0.0f32; m * cols];
-                sgemm(m, cols, n, dy, Mat::transposed(m), &x[c0..], Mat::rows(k), &mut block, Mat::rows(cols), false);
+                sgemm(m, cols, n, dyr, Mat::transposed(m), &xr[c0..], Mat::rows(k), &mut block, Mat::rows(cols), false);
                 block
             })
             .collect();
@@ -329,12 +357,14 @@ impl Backend for CpuBackend {
         g: &ConvGeom,
     ) -> Result<()> {
         let b = b.map(host).transpose()?;
-        conv::forward(host(x)?, host(w)?, b, act, host_mut(y)?, g);
+        let p = self.precision;
+        conv::forward(&rounded(p, host(x)?), &rounded(p, host(w)?), b, act, host_mut(y)?, g);
         Ok(())
     }
 
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
-        conv::backward_data(host(dy)?, host(w)?, host_mut(dx)?, g);
+        let p = self.precision;
+        conv::backward_data(&rounded(p, host(dy)?), &rounded(p, host(w)?), host_mut(dx)?, g);
         Ok(())
     }
 
@@ -350,7 +380,11 @@ impl Backend for CpuBackend {
             Some(d) => Some(host_mut(d)?),
             None => None,
         };
-        conv::backward_weight(host(x)?, host(dy)?, host_mut(dw)?, db, g);
+        let (x, dy, p) = (host(x)?, host(dy)?, self.precision);
+        conv::backward_weight(&rounded(p, x), &rounded(p, dy), host_mut(dw)?, None, g);
+        if let Some(db) = db {
+            conv::bias_grad(dy, db, g); // of the unrounded dy
+        }
         Ok(())
     }
 

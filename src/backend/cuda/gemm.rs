@@ -85,6 +85,27 @@ pub(super) fn conv_plan(
     best.0
 }
 
+/// The tensor-core twin of a GEMM-shaped fp32 kernel: same tile, loaders and launch, plus a
+/// `prec` argument (kernels/conv.cu and gemm.cu, "tensor cores").
+pub(super) fn tc_kernel(name: &str) -> Option<String> {
+    match name {
+        "gemm_tiled_v2" => return Some("gemm_tc".into()),
+        "gemm_splitk_v3" => return Some("gemm_splitk_tc".into()),
+        "conv2d_bwd_data_v3" => return Some("conv2d_bwd_data_tc_v3".into()),
+        _ => {}
+    }
+    let pass = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"]
+        .into_iter()
+        .find(|p| name.strip_prefix(p).is_some_and(|t| t.starts_with("_v1") || t.starts_with("_v2")))?;
+    let tile = match &name[pass.len()..] {
+        "_v1" => "bm64",
+        "_v2_bm32" => "bm32",
+        "_v2_bm16" => "bm16",
+        _ => return None,
+    };
+    Some(format!("{pass}_tc_{tile}"))
+}
+
 /// A GEMM's shape and layout (kernels/gemm.cu's conventions): C[m, n] = op(A)[m, k] · op(B)[k, n],
 /// row-major with leading dimensions, A (B) transposed when `ta` (`tb`).
 pub(super) struct Gemm {
@@ -177,7 +198,7 @@ impl CudaBackend {
                 KArg::F32(0.0),
                 KArg::I32(act.code()),
             ]);
-            return self.launch("gemm_tiled_v2", grid(1), BLOCK, 0, &args);
+            return self.launch_mm("gemm_tiled_v2", grid(1), BLOCK, &args);
         };
         let len = g.m * g.n;
         let partial = self.new_buf(splits * len)?;
@@ -185,7 +206,7 @@ impl CudaBackend {
         let mut args = vec![a, b, p];
         args.extend(dims);
         args.extend([KArg::I32(g.ta as i32), KArg::I32(g.tb as i32), i32_of(splits, "splits")?]);
-        self.launch("gemm_splitk_v3", grid(splits), BLOCK, 0, &args)?;
+        self.launch_mm("gemm_splitk_v3", grid(splits), BLOCK, &args)?;
         let args = [
             c,
             p,
@@ -226,7 +247,31 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{conv_plan, ConvPlan, SAT_BLOCKS};
+    use super::{conv_plan, tc_kernel, ConvPlan, CONV_TILES, SAT_BLOCKS};
+
+    /// Every fp32 kernel a GEMM-shaped launch can name has a tensor-core twin that exists, with
+    /// the same signature plus `prec`; other kernels have none.
+    #[test]
+    fn every_gemm_shaped_kernel_has_a_tensor_core_twin() {
+        use crate::backend::cuda::emu::find_kernel;
+        let mut names = vec!["gemm_tiled_v2".to_string(), "gemm_splitk_v3".into(), "conv2d_bwd_data_v3".into()];
+        for pass in ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"] {
+            names.extend(CONV_TILES.iter().map(|(tag, _, _)| format!("{pass}_{tag}")));
+        }
+        for name in &names {
+            let tc = tc_kernel(name).unwrap_or_else(|| panic!("{name} has no twin"));
+            let (a, b) = (find_kernel(name).unwrap(), find_kernel(&tc).unwrap_or_else(|| panic!("{tc} missing")));
+            let sig = |ps: &[crate::backend::cuda::emu::Param]| -> Vec<String> {
+                ps.iter().map(|p| format!("{:?} {}", p.kind, p.name)).collect()
+            };
+            let (sa, mut sb) = (sig(a.params), sig(b.params));
+            assert_eq!(sb.pop().as_deref(), Some("I32 prec"), "{tc}");
+            assert_eq!(sb, sa, "{tc}");
+        }
+        for other in ["gemm_tiled_v1", "sum_partials_f32", "conv2d_fwd_v9", "conv2d_fwd"] {
+            assert_eq!(tc_kernel(other), None, "{other}");
+        }
+    }
 
     const H200_SMS: u32 = 132;
     const PASSES: [&str; 3] = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];

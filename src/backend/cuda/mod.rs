@@ -15,12 +15,12 @@ mod variance;
 
 use super::{
     Activation, AdamParams, AdamTensor, Affine, Backend, ConvGeom, Device, Interp, NormGeom, PoolGeom, PoolKind,
-    RotateGeom, SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
+    Precision, RotateGeom, SgdParams, Storage, VarianceGeom, VarianceMoments, VarianceState,
 };
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, Gpu, Pool};
 use emu::KArg;
-use gemm::{conv_plan, Gemm};
+use gemm::{conv_plan, tc_kernel, Gemm};
 use launch::{ew_blocks, sum_rows_blocks};
 use std::sync::{Arc, Mutex};
 pub use variance::CudaVariance;
@@ -38,6 +38,8 @@ pub struct CudaBackend {
     /// unit) rather than v2 (one per unit and class), so `bench measure` can time the two.
     variance_v1: bool,
     launches: std::sync::atomic::AtomicU64,
+    /// fp32 runs the CUDA-core kernels; the others their tensor-core twins (`launch_mm`).
+    precision: Precision,
     /// The multi-tensor Adam step's table (see `adam_step_many`).
     adam_table: Mutex<AdamTable>,
 }
@@ -91,30 +93,35 @@ fn grid2(x: usize, y: usize) -> Dim {
 impl CudaBackend {
     /// The GPU `ordinal`, or an error that says what is missing.
     pub fn open(ordinal: usize) -> Result<Arc<CudaBackend>> {
-        Ok(Arc::new(CudaBackend {
-            exec: Exec::Gpu(Gpu::open(ordinal)?),
+        Self::open_with(ordinal, Precision::Fp32)
+    }
+
+    /// The GPU `ordinal`, its convolutions and dense layers in `precision`.
+    pub fn open_with(ordinal: usize, precision: Precision) -> Result<Arc<CudaBackend>> {
+        Ok(Arc::new(Self::with_exec(Exec::Gpu(Gpu::open(ordinal)?), ordinal, precision)))
+    }
+
+    /// The same backend with its kernels run by the host emulator (slow; for tests).
+    pub fn emulated() -> Arc<CudaBackend> {
+        Self::emulated_with(Precision::Fp32)
+    }
+
+    pub fn emulated_with(precision: Precision) -> Arc<CudaBackend> {
+        Arc::new(Self::with_exec(Exec::Emulated, 0, precision))
+    }
+
+    fn with_exec(exec: Exec, ordinal: usize, precision: Precision) -> CudaBackend {
+        CudaBackend {
+            exec,
             ordinal,
             pool: Arc::default(),
             indices: Mutex::default(),
             conv_v1_only: conv_v1_only(),
             variance_v1: variance_v1(),
             launches: Default::default(),
+            precision,
             adam_table: Mutex::default(),
-        }))
-    }
-
-    /// The same backend with its kernels run by the host emulator (slow; for tests).
-    pub fn emulated() -> Arc<CudaBackend> {
-        Arc::new(CudaBackend {
-            exec: Exec::Emulated,
-            ordinal: 0,
-            pool: Arc::default(),
-            indices: Mutex::default(),
-            conv_v1_only: conv_v1_only(),
-            variance_v1: variance_v1(),
-            launches: Default::default(),
-            adam_table: Mutex::default(),
-        })
+        }
     }
 
     /// How often the multi-tensor Adam table was sent to the device (once per parameter set).
@@ -170,6 +177,19 @@ impl CudaBackend {
     fn launch(&self, name: &str, grid: Dim, block: Dim, shared: u32, args: &[KArg]) -> Result<()> {
         self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.exec.launch(name, grid, block, shared, args)
+    }
+
+    /// A GEMM-shaped kernel of gemm.cu or conv.cu named by its fp32 variant: in fp32 that
+    /// kernel, otherwise its tensor-core twin (`tc_kernel`) with the precision as one more
+    /// argument.
+    fn launch_mm(&self, name: &str, grid: Dim, block: Dim, args: &[KArg]) -> Result<()> {
+        if self.precision == Precision::Fp32 {
+            return self.launch(name, grid, block, 0, args);
+        }
+        let tc = tc_kernel(name).ok_or_else(|| anyhow::anyhow!("{name} has no tensor-core variant"))?;
+        let mut args = args.to_vec();
+        args.push(KArg::I32(self.precision.code()));
+        self.launch(&tc, grid, block, 0, &args)
     }
 
     /// A kernel of kernels/elementwise.cu over `n` values; `args` end with the length. Each thread
@@ -233,7 +253,14 @@ impl Backend for CudaBackend {
     }
 
     fn describe(&self) -> String {
-        self.exec.describe()
+        match self.precision {
+            Precision::Fp32 => self.exec.describe(),
+            p => format!("{}, precision {p}", self.exec.describe()),
+        }
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn zeros(&self, len: usize) -> Result<Storage> {
@@ -440,7 +467,7 @@ impl Backend for CudaBackend {
         args.push(KArg::I32(act.code()));
         let cols = g.n * g.oh * g.ow;
         let p = conv_plan("conv2d_fwd", g.c_out, cols, g.k(), self.exec.sm_count(), self.conv_v1_only, false);
-        self.launch(&p.name, grid2(cols.div_ceil(p.bn), g.c_out.div_ceil(p.bm)), BLOCK, 0, &args)
+        self.launch_mm(&p.name, grid2(cols.div_ceil(p.bn), g.c_out.div_ceil(p.bm)), BLOCK, &args)
     }
 
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
@@ -450,11 +477,11 @@ impl Backend for CudaBackend {
             // One GEMM per sub-pixel phase over its valid taps only (kernels/conv.cu, v3).
             let phase_cols = g.n * g.h.div_ceil(g.stride) * g.w.div_ceil(g.stride);
             let grid = (phase_cols.div_ceil(TILE) as u32, g.c_in.div_ceil(TILE) as u32, (g.stride * g.stride) as u32);
-            return self.launch("conv2d_bwd_data_v3", grid, BLOCK, 0, &args);
+            return self.launch_mm("conv2d_bwd_data_v3", grid, BLOCK, &args);
         }
         let (cols, red) = (g.n * g.h * g.w, g.c_out * g.kh * g.kw);
         let p = conv_plan("conv2d_bwd_data", g.c_in, cols, red, self.exec.sm_count(), self.conv_v1_only, false);
-        self.launch(&p.name, grid2(cols.div_ceil(p.bn), g.c_in.div_ceil(p.bm)), BLOCK, 0, &args)
+        self.launch_mm(&p.name, grid2(cols.div_ceil(p.bn), g.c_in.div_ceil(p.bm)), BLOCK, &args)
     }
 
     fn conv2d_bwd_weight(
@@ -477,7 +504,7 @@ impl Backend for CudaBackend {
         args.extend(self.conv_dims(g)?);
         args.push(i32_of(splits, "splits")?);
         let grid = (g.k().div_ceil(bn) as u32, g.c_out.div_ceil(bm) as u32, splits as u32);
-        self.launch(&name, grid, BLOCK, 0, &args)?;
+        self.launch_mm(&name, grid, BLOCK, &args)?;
         self.launch(
             "sum_partials_f32",
             self.ew_grid(len),
