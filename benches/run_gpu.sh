@@ -265,7 +265,14 @@ for per in map element; do
   rb "measure rotvar $per v1" "$t_measure" measure_rotvar_v1.jsonl env ROTVAR_VARIANCE_V1=1 "$bin" bench measure "${r1[@]}" --models "$measure_model" --images "$images" --angles "$angles" --batch-size "$measure_batch" --per "$per"
 done
 # The same passes with the v1 conv kernels only: what the narrow tiles and the SM-aware choice gain.
-rb "conv rotvar v1" "$t_conv" conv_rotvar_v1.jsonl env ROTVAR_CONV_V1=1 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
+rb "conv rotvar v1" "$t_conv" conv_rotvar_v1.jsonl env ROTVAR_CONV_TILES=v1 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
+# v4 (128 x 128 tiles, 8 x 8 per thread), not chosen by default until these rows say so.
+rb "conv rotvar v4" "$t_conv" conv_rotvar_v4.jsonl env ROTVAR_CONV_TILES=v4 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
+# Tensor cores against cuDNN at the same precision on both sides.
+for prec in tf32 bf16; do
+  rb "conv rotvar $prec" "$t_conv" "conv_rotvar_$prec.jsonl" "$bin" --precision "$prec" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
+  rb "conv cudnn $prec" "$t_cudnn" "conv_cudnn_$prec.jsonl" "$py" benches/torch_conv_reference.py --device "$tdev" --reps "$reps" --batch-size "$batch" --models "$conv_models" --precision "$prec"
+done
 for r in $(seq 2 "$rounds"); do bench_round "$r"; done
 
 setenv FINISHED "$(date -u +%FT%TZ) after $((SECONDS - start)) s, $failures benchmark steps not ok"

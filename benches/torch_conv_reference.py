@@ -42,22 +42,25 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--models", default="lenet,simpleconv", help="comma-separated models whose layers to time (lenet, simpleconv, resnet18), as rotvar bench conv --models")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                    help="as rotvar's --precision: fp32 with TF32 off (the default), TF32 on, or bf16 tensors")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = a.device
     timer = median_ms if dev == "cuda" else median_ms_cpu
     impl, device = ("cudnn", torch.cuda.get_device_name()) if dev == "cuda" else ("pytorch-cpu", f"cpu ({torch.get_num_threads()} threads)")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = a.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = a.precision == "tf32"
     torch.backends.cudnn.benchmark = True
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     n = a.batch_size
     for layer, c, h, k, r, s, p in SHAPES:
         if layer.split(".")[0] not in a.models.split(","):
             continue
-        x = torch.randn(n, c, h, h, device=dev, requires_grad=True)
-        w = torch.randn(k, c, r, r, device=dev, requires_grad=True)
-        b = torch.randn(k, device=dev)
+        x = torch.randn(n, c, h, h, device=dev, dtype=dtype, requires_grad=True)
+        w = torch.randn(k, c, r, r, device=dev, dtype=dtype, requires_grad=True)
+        b = torch.randn(k, device=dev, dtype=dtype)
         y = torch.nn.functional.conv2d(x, w, b, s, p)
         dy = torch.randn_like(y)
         oh = y.shape[2]
@@ -69,7 +72,7 @@ def main():
         }
         for name, f in passes.items():
             ms = timer(f, a.reps)
-            print(json.dumps({"impl": impl, "layer": layer, "pass": name, "median_ms": ms,
+            print(json.dumps({"impl": impl, "precision": a.precision, "layer": layer, "pass": name, "median_ms": ms,
                               "gflops": flops / (ms * 1e-3) / 1e9, "device": device}), flush=True)
 
 

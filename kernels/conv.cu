@@ -62,14 +62,23 @@
 #define RVC_THREADS 256
 #define RVC_PAD 4
 
-// A block computes a BM x BN output tile with BM * BN = 4096, so each of the
-// 256 threads owns a 4x4 register tile whatever the shape: v1 is 64 x 64, the
-// v2 kernels are 32 x 128 and 16 x 256 (see "variant v2" below).
+// A block of 256 threads computes a BM x BN output tile, each thread a TM x TN register tile.
+// BM <= 64: BM * BN = 4096 and 4 x 4 per thread (v1 is 64 x 64, the v2 kernels 32 x 128 and
+// 16 x 256; see "variant v2" below). BM = 128 is v4: 128 x 128, 8 x 8 per thread (see "variant
+// v4"). A thread (tx, ty) = (t % TX, t / TX) owns rows row(ty, i) and columns col(tx, j): runs
+// of 4, the second run of v4 half a tile further, so every k step reads whole float4s.
 template <int BM>
 struct RvcShape {
-    static constexpr int BN = 4096 / BM;
-    static_assert(BM >= 16 && BM <= 256 && BM * BN == 4096, "tile shape");
+    static constexpr int BN = BM == 128 ? 128 : 4096 / BM;
+    static constexpr int TM = BM == 128 ? 8 : 4, TN = TM;
+    static constexpr int TX = BN / TN;
+    static_assert(BM >= 16 && BM <= 128 && BM * BN == 256 * TM * TN && TM % 4 == 0, "tile shape");
+    static __device__ __forceinline__ int row(int ty, int i) { return (i / 4) * (BM / 2) + ty * 4 + i % 4; }
+    static __device__ __forceinline__ int col(int tx, int j) { return (j / 4) * (BN / 2) + tx * 4 + j % 4; }
 };
+// A thread's accumulators in a BM-row block.
+template <int BM>
+using RvcAcc = float[RvcShape<BM>::TM][RvcShape<BM>::TN];
 
 // One k-row of a shared tile of ROWS rows (+ padding: keeps float4 reads
 // aligned and shifts banks between k-rows).
@@ -147,27 +156,47 @@ using RvcTc = typename RvcTcPick<PREC, BM>::T;
 // PREC (RV_PREC_*, mma.cuh) picks the arithmetic: fp32 FMAs on CUDA cores, or tensor cores
 // (RvTcTile) whose accumulators pass through shared memory into the same 4x4 per thread, so
 // every epilogue below serves both.
+// A B loader with `static constexpr bool kPrepares = true` has `prepare(k0, kend)`: block-wide
+// work for the slice at k0 (RvcFwdBTable's decode table) that the mainloop runs before the
+// barrier preceding that slice's fetch.
+template <class L, class = void>
+struct RvcPrepares {
+    static constexpr bool value = false;
+};
+template <class L>
+struct RvcPrepares<L, decltype(void(L::kPrepares))> {
+    static constexpr bool value = L::kPrepares;
+};
+
 template <int BM, int PREC, class LA, class LB>
 __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbeg, int kend,
-                                             float (&acc)[RVC_TM][RVC_TN]) {
-    constexpr int BN = RvcShape<BM>::BN;
+                                             RvcAcc<BM>& acc) {
+    using Sh = RvcShape<BM>;
+    constexpr int BN = Sh::BN, TM = Sh::TM, TN = Sh::TN;
     static_assert(LA::E == BM / 16 && LB::E == BN / 16, "loader tile sizes");
     RvcRow<BM>* As = rvc_tile_a<BM>();
     RvcRow<BN>* Bs = rvc_tile_b<BM>();
-    const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
+    const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
 #pragma unroll
-    for (int i = 0; i < RVC_TM; ++i)
+    for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int j = 0; j < RVC_TN; ++j) acc[i][j] = 0.f;
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
     if (kbeg >= kend) return;  // block-uniform: an empty split-K range
 
     RvcTc<PREC, BM> tc;
     float ra[LA::E], rb[LB::E];
+    if constexpr (RvcPrepares<LB>::value) {
+        lb.prepare(kbeg, kend);
+        __syncthreads();
+    }
     la.fetch(kbeg, kend, ra);
     lb.fetch(kbeg, kend, rb);
     for (int k0 = kbeg; k0 < kend; k0 += RVC_BK) {
         la.store(As, ra);
         lb.store(Bs, rb);
+        if constexpr (RvcPrepares<LB>::value) {
+            if (k0 + RVC_BK < kend) lb.prepare(k0 + RVC_BK, kend);  // the other table: see RvcFwdBTable
+        }
         __syncthreads();
         if (k0 + RVC_BK < kend) {  // prefetch the next slice; lands during the FMAs
             la.fetch(k0 + RVC_BK, kend, ra);
@@ -178,13 +207,21 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
         } else {
 #pragma unroll
             for (int kk = 0; kk < RVC_BK; ++kk) {
-                const float4 a = *reinterpret_cast<const float4*>(&As[kk][ty * RVC_TM]);
-                const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][tx * RVC_TN]);
-                const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+                float av[TM], bv[TN];
 #pragma unroll
-                for (int i = 0; i < RVC_TM; ++i)
+                for (int h = 0; h < TM / 4; ++h) {
+                    const float4 a = *reinterpret_cast<const float4*>(&As[kk][Sh::row(ty, 4 * h)]);
+                    av[4 * h] = a.x, av[4 * h + 1] = a.y, av[4 * h + 2] = a.z, av[4 * h + 3] = a.w;
+                }
 #pragma unroll
-                    for (int j = 0; j < RVC_TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                for (int h = 0; h < TN / 4; ++h) {
+                    const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][Sh::col(tx, 4 * h)]);
+                    bv[4 * h] = b.x, bv[4 * h + 1] = b.y, bv[4 * h + 2] = b.z, bv[4 * h + 3] = b.w;
+                }
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
             }
         }
         __syncthreads();  // tiles are overwritten by the next store
@@ -194,9 +231,9 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
         tc.spill(&Cs[0][0], BN + RVC_PAD);
         __syncthreads();
 #pragma unroll
-        for (int i = 0; i < RVC_TM; ++i)
+        for (int i = 0; i < TM; ++i)
 #pragma unroll
-            for (int j = 0; j < RVC_TN; ++j) acc[i][j] = Cs[ty * RVC_TM + i][tx * RVC_TN + j];
+            for (int j = 0; j < TN; ++j) acc[i][j] = Cs[Sh::row(ty, i)][Sh::col(tx, j)];
     }
 }
 
@@ -205,24 +242,23 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
 // P = H*W). bias may be null; act (RV_ACT_*) is applied after the bias.
 template <int BM>
 __device__ __forceinline__ void rvc_store_nchw(float* __restrict__ out, const float* __restrict__ bias, int act,
-                                               const float (&acc)[RVC_TM][RVC_TN], int m0, int n0, int M,
-                                               int ncols, int P) {
-    constexpr int BN = RvcShape<BM>::BN;
-    const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
-    long long base[RVC_TN];
+                                               const RvcAcc<BM>& acc, int m0, int n0, int M, int ncols, int P) {
+    using Sh = RvcShape<BM>;
+    const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
+    long long base[Sh::TN];
 #pragma unroll
-    for (int j = 0; j < RVC_TN; ++j) {
-        const int col = n0 + tx * RVC_TN + j;
+    for (int j = 0; j < Sh::TN; ++j) {
+        const int col = n0 + Sh::col(tx, j);
         const int n = col / P, p = col - n * P;
         base[j] = col < ncols ? (long long)n * M * P + p : -1;
     }
 #pragma unroll
-    for (int i = 0; i < RVC_TM; ++i) {
-        const int m = m0 + ty * RVC_TM + i;
-        if (m >= M) break;
+    for (int i = 0; i < Sh::TM; ++i) {
+        const int m = m0 + Sh::row(ty, i);
+        if (m >= M) break;  // rows increase with i
         const float b = bias ? __ldg(bias + m) : 0.f;
 #pragma unroll
-        for (int j = 0; j < RVC_TN; ++j)
+        for (int j = 0; j < Sh::TN; ++j)
             if (base[j] >= 0) out[base[j] + (long long)m * P] = rv_act(act, acc[i][j] + b);
     }
 }
@@ -272,6 +308,80 @@ struct RvcFwdB {
     }
 };
 
+// v4's B loader of the forward and (stride 1) backward-data passes: RvcFwdB / RvcBwdDataB, but
+// the decode of a slice's 16 reduction indices (c, r, s) is made once per block, by 16 threads,
+// into a shared table (prepare), where those have every thread divide twice and step a carry
+// chain per element (about a third of v4's main loop went to that). An entry holds the index's
+// offset in the source image, (c*Hs + SIGN*r)*Ws + SIGN*s, and r | s << 16 (r = s = 0xffff past
+// the reduction: out of every image), so an element costs its bounds checks and one add. The
+// tap of column (y0, x0) is pixel (y0 + SIGN*r, x0 + SIGN*s) of a Hs x Ws image:
+//   forward (SIGN = 1):        x[n, c, oy*stride - pad + r, ox*stride - pad + s];
+//   backward data (SIGN = -1): dy[n, k, iy + pad - r, ix + pad - s] (stride 1 only).
+// Two tables alternate by slice parity: the next slice is decoded while this one is fetched.
+// Needs R, S, Hs, Ws <= 32767 (the kernels trap otherwise).
+// x0 of a column past the last: every tap's x lands far outside the image (and y0 * Ws + x0
+// stays an int). Not Hs = 0: the 16 threads that fill the table read Hs and Ws.
+#define RVC_DEAD_X (-(1 << 30))
+template <int BN, int WHICH>
+__device__ __forceinline__ int* rvc_tap_table() {
+    ROTVAR_SHARED(int, table, [2 * RVC_BK]);
+    return table;
+}
+template <int ROWS, int SIGN>
+struct RvcTapB {
+    static constexpr int E = ROWS / 16;
+    static constexpr bool kPrepares = true;
+    static_assert(E % 4 == 0 && (SIGN == 1 || SIGN == -1), "whole int4 table reads");
+    const float* src;  // the column's image (c = 0); past the last column any image, x0 = RVC_DEAD_X
+    int y0, x0, Hs, Ws, R, S, RS;
+    __device__ __forceinline__ void init(const float* src_, int y0_, int x0_, int Hs_, int Ws_, int R_, int S_) {
+        src = src_, y0 = y0_, x0 = x0_, Hs = Hs_, Ws = Ws_, R = R_, S = S_, RS = R_ * S_;
+    }
+    __device__ __forceinline__ void prepare(int k0, int kend) const {
+        if (threadIdx.x < RVC_BK) {
+            const int kr = k0 + threadIdx.x, slot = ((k0 / RVC_BK) & 1) * RVC_BK + threadIdx.x;
+            const int c = kr / RS, rs = kr - c * RS, r = rs / S, s = rs - r * S;
+            rvc_tap_table<ROWS, 0>()[slot] = (c * Hs + SIGN * r) * Ws + SIGN * s;
+            rvc_tap_table<ROWS, 1>()[slot] = kr < kend ? r | s << 16 : -1;
+        }
+    }
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
+        const int j0 = ((k0 / RVC_BK) & 1) * RVC_BK + E * (threadIdx.x / ROWS);
+        const int* off = rvc_tap_table<ROWS, 0>() + j0;
+        const int* rsv = rvc_tap_table<ROWS, 1>() + j0;
+        const int base = y0 * Ws + x0;
+#pragma unroll
+        for (int q = 0; q < E / 4; ++q) {
+            const int4 o4 = *reinterpret_cast<const int4*>(off + 4 * q);
+            const int4 p4 = *reinterpret_cast<const int4*>(rsv + 4 * q);
+            const int o[4] = {o4.x, o4.y, o4.z, o4.w};
+            const unsigned pr[4] = {(unsigned)p4.x, (unsigned)p4.y, (unsigned)p4.z, (unsigned)p4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int iy = y0 + SIGN * (int)(pr[u] & 0xffff), ix = x0 + SIGN * (int)(pr[u] >> 16);
+                const bool ok = (unsigned)iy < (unsigned)Hs && (unsigned)ix < (unsigned)Ws;
+                // Load unconditionally (the image's first element where the tap misses) and select:
+                // no branch around each load, and a 32-bit unsigned offset.
+                const float val = __ldg(src + (ok ? (unsigned)(o[u] + base) : 0u));
+                v[4 * q + u] = ok ? val : 0.f;
+            }
+        }
+    }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
+        rvc_store_rowwalk<ROWS>(S_, v);
+    }
+};
+// The B loaders of a BM-row tile: v4 (BM = 128) decodes through the table, the others per
+// thread (32 x 128 has BN = 128 too: the key is BM).
+template <int BM>
+struct RvcFwdLoaderB {
+    using T = RvcFwdB<RvcShape<BM>::BN>;
+};
+template <>
+struct RvcFwdLoaderB<128> {
+    using T = RvcTapB<128, 1>;
+};
+
 // y = act(conv(x, w) + bias). GEMM M = K, Ncols = N*OH*OW, Kred = C*R*S.
 // The epilogue is fused into the store: bias (nullable) and the activation
 // (RV_ACT_*: a conv followed by a ReLU writes its output once instead of
@@ -287,16 +397,23 @@ __device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const flo
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
     RvcWeightRowsA<BM> la{w, K, crs, m0};
-    RvcFwdB<BN> lb;
+    typename RvcFwdLoaderB<BM>::T lb;
     {
         const int col = n0 + threadIdx.x % BN;
         const int n = col / P, p = col - n * P, oy = p / OW, ox = p - oy * OW;
-        lb.xn = col < ncols ? x + (long long)n * C * H * W : nullptr;
-        lb.iy0 = oy * stride - pad;
-        lb.ix0 = ox * stride - pad;
-        lb.H = H, lb.W = W, lb.R = R, lb.S = S, lb.RS = R * S;
+        const float* xn = col < ncols ? x + (long long)n * C * H * W : nullptr;
+        if constexpr (RvcPrepares<decltype(lb)>::value) {
+            // The table packs r | s << 16, and 0xffff must fall outside every image.
+            if (R > 0x7fff || S > 0x7fff || H > 0x7fff || W > 0x7fff) __trap();
+            lb.init(xn ? xn : x, oy * stride - pad, xn ? ox * stride - pad : RVC_DEAD_X, H, W, R, S);
+        } else {
+            lb.xn = xn;
+            lb.iy0 = oy * stride - pad;
+            lb.ix0 = ox * stride - pad;
+            lb.H = H, lb.W = W, lb.R = R, lb.S = S, lb.RS = R * S;
+        }
     }
-    float acc[RVC_TM][RVC_TN];
+    RvcAcc<BM> acc;
     rvc_mainloop<BM, PREC>(la, lb, 0, crs, acc);
     rvc_store_nchw<BM>(y, bias, act, acc, m0, n0, K, ncols, P);
 }
@@ -375,6 +492,15 @@ struct RvcBwdDataB {
     }
 };
 
+template <int BM>
+struct RvcBwdDataLoaderB {
+    using T = RvcBwdDataB<RvcShape<BM>::BN>;
+};
+template <>
+struct RvcBwdDataLoaderB<128> {
+    using T = RvcTapB<128, -1>;
+};
+
 // Gather form (each dx element owned by one thread, no atomics, no zeroing
 // pass). For stride > 1 the (r, s) taps that do not land on an output pixel
 // are loaded as zeros, i.e. ~(1 - 1/stride^2) of the FMAs are wasted; v3
@@ -391,16 +517,22 @@ __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, co
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
     RvcBwdDataA<BM> la{w, C, R * S, m0};
-    RvcBwdDataB<BN> lb;
+    typename RvcBwdDataLoaderB<BM>::T lb;
     {
         const int col = n0 + threadIdx.x % BN;
         const int n = col / HW, q = col - n * HW, iy = q / W, ix = q - iy * W;
-        lb.dyn = col < ncols ? dy + (long long)n * K * OH * OW : nullptr;
-        lb.ty0 = iy + pad;
-        lb.tx0 = ix + pad;
-        lb.OH = OH, lb.OW = OW, lb.R = R, lb.S = S, lb.RS = R * S, lb.stride = stride;
+        const float* dyn = col < ncols ? dy + (long long)n * K * OH * OW : nullptr;
+        if constexpr (RvcPrepares<decltype(lb)>::value) {
+            if (stride != 1 || R > 0x7fff || S > 0x7fff || OH > 0x7fff || OW > 0x7fff) __trap();
+            lb.init(dyn ? dyn : dy, iy + pad, dyn ? ix + pad : RVC_DEAD_X, OH, OW, R, S);
+        } else {
+            lb.dyn = dyn;
+            lb.ty0 = iy + pad;
+            lb.tx0 = ix + pad;
+            lb.OH = OH, lb.OW = OW, lb.R = R, lb.S = S, lb.RS = R * S, lb.stride = stride;
+        }
     }
-    float acc[RVC_TM][RVC_TN];
+    RvcAcc<BM> acc;
     rvc_mainloop<BM, PREC>(la, lb, 0, krs, acc);
     rvc_store_nchw<BM>(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
 }
@@ -519,7 +651,7 @@ __device__ __forceinline__ void rvc_conv_bwd_data_phase(float* dx, const float* 
         lb.ox0 = (ph.ix0 + stride * tx + pad - ph.qx) / stride;
         lb.OH = OH, lb.OW = OW, lb.Ry = ph.Ry, lb.Sx = ph.Sx, lb.RySx = ph.Ry * ph.Sx;
     }
-    float acc[RVC_TM][RVC_TN];
+    RvcAcc<64> acc;
     rvc_mainloop<64, PREC>(la, lb, 0, krs, acc);
 
     // dx[n, c, iy0 + stride*ty, ix0 + stride*tx]
@@ -654,18 +786,19 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     lb.rs = col_rs;
     lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
 
-    float acc[RVC_TM][RVC_TN];
+    RvcAcc<BM> acc;
     rvc_mainloop<BM, PREC>(la, lb, kbeg, kend, acc);
 
-    const int tx = threadIdx.x % (BN / RVC_TN), ty = threadIdx.x / (BN / RVC_TN);
+    using Sh = RvcShape<BM>;
+    const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
     float* out = partial + (long long)blockIdx.z * K * crs;
 #pragma unroll
-    for (int i = 0; i < RVC_TM; ++i) {
-        const int m = m0 + ty * RVC_TM + i;
+    for (int i = 0; i < Sh::TM; ++i) {
+        const int m = m0 + Sh::row(ty, i);
         if (m >= K) break;
 #pragma unroll
-        for (int j = 0; j < RVC_TN; ++j) {
-            const int col = n0 + tx * RVC_TN + j;
+        for (int j = 0; j < Sh::TN; ++j) {
+            const int col = n0 + Sh::col(tx, j);
             if (col < crs) out[(long long)m * crs + col] = acc[i][j];
         }
     }
@@ -689,6 +822,35 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     conv2d_bwd_weight_v2_bm16(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
                   int S, int stride, int pad, int OH, int OW, int splits) {
     rvc_conv_bwd_weight<16>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
+}
+
+// ------------------------------------------------------------ v4: 128 x 128
+// variant v4: what v1 spends its issue slots on besides FMAs. v1 gives each thread 4 x 4 outputs:
+// 16 FMAs per two float4 shared reads, and per 16-deep slice 256 FMAs against its share of the
+// implicit-GEMM gather (index decoding, bounds, global loads, shared stores) and two barriers;
+// FFMA is about half of v1's main loop (benches/KERNELS.md). v4 gives each thread 8 x 8 outputs
+// of a 128 x 128 tile: 64 FMAs per four float4 reads, 1024 per slice, while a thread's share of
+// the gather only doubles (8 + 8 elements per slice). The forward and backward-data B loaders
+// decode their taps once per slice and block (RvcTapB); backward-data is stride 1 only (the
+// host runs v3 for the others). Per output the same sums in the same order as v1, so the same
+// bits; the same grids with 128 in place of the tile edge; for wide layers (a block covers 128
+// output channels). __launch_bounds__(256, 2): 128 registers, 64 of them accumulators;
+// backward-data spilled at 128 and gets (256, 1). The host uses v4 where ROTVAR_CONV_TILES=v4
+// says so (fp32 only) until a GPU has timed it against v1 and v2.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv2d_fwd_v4(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
+                  int R, int S, int stride, int pad, int OH, int OW, int act) {
+    rvc_conv_fwd<128>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act);
+}
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv2d_bwd_data_v4(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                       int stride, int pad, int OH, int OW) {
+    rvc_conv_bwd_data<128>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv2d_bwd_weight_v4(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                         int S, int stride, int pad, int OH, int OW, int splits) {
+    rvc_conv_bwd_weight<128>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
 }
 
 // ------------------------------------------------------------ tensor cores

@@ -87,6 +87,8 @@ pub struct ConvTiming {
     pub pass: String,
     pub shape: String,
     pub device: String,
+    /// `--precision` of the pass (fp32, tf32, 3xtf32, bf16).
+    pub precision: String,
     pub median_ms: f64,
     pub gflops: f64,
     /// The fp32 FMA ceiling measured on the same device in the same run (`Backend::peak_fma`),
@@ -188,6 +190,7 @@ pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize, models: &[&str]) 
                 pass: pass.into(),
                 shape: shape.clone(),
                 device: b.describe(),
+                precision: b.precision().name().into(),
                 median_ms: ms,
                 gflops: g.flops() / (ms * 1e-3) / 1e9,
                 ceiling_gflops: ceiling,
@@ -211,6 +214,9 @@ pub struct GemmTiming {
     /// (unfused).
     pub variant: String,
     pub device: String,
+    /// The arithmetic of the variant: v1 is always fp32; the others follow `--precision` (the
+    /// tensor-core kernels where it is not fp32).
+    pub precision: String,
     pub median_ms: f64,
     pub gflops: f64,
     pub ceiling_gflops: Option<f64>,
@@ -277,6 +283,7 @@ pub fn gemm_timings(
                 k,
                 variant: variant.into(),
                 device: b.describe(),
+                precision: if variant == "v1" { "fp32".into() } else { b.precision().name().into() },
                 median_ms: ms,
                 gflops,
                 ceiling_gflops: ceiling,
@@ -530,6 +537,7 @@ pub fn cpu_gemm_timings(batch: usize, reps: usize, models: &[&str]) -> Result<Ve
                 k,
                 variant,
                 device: device.clone(),
+                precision: "fp32".into(),
                 median_ms: ms,
                 gflops: flops / (ms * 1e-3) / 1e9,
                 ceiling_gflops: None,

@@ -2,7 +2,7 @@
 //! compared with the CPU reference backend: what `rotvar selftest` checks on a GPU.
 
 use rotvar::backend::cpu::CpuBackend;
-use rotvar::backend::cuda::CudaBackend;
+use rotvar::backend::cuda::{ConvTiles, CudaBackend};
 use rotvar::backend::{BackendRef, Precision};
 use rotvar::selftest::{
     kernel_checks, precision_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR, EARLY_FLOOR,
@@ -14,6 +14,23 @@ fn every_op_matches_the_cpu_reference_under_emulation() {
     let emu: BackendRef = CudaBackend::emulated();
     let checks = kernel_checks(&cpu, &emu, Scale::Small, 42).expect("all ops run");
     assert!(checks.len() > 40, "only {} checks ran", checks.len());
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| format!("{} [{}]: error {:.3e} > {:.1e}", c.op, c.shape, c.max_rel_err, c.tolerance))
+        .collect();
+    assert!(failed.is_empty(), "ops that disagree with the CPU reference:\n{}", failed.join("\n"));
+}
+
+/// ROTVAR_CONV_TILES=v4: every convolution on the 128 × 128 kernels (strided backward-data on
+/// v3), with the backend's own grids and split-K, against the CPU reference.
+#[test]
+fn v4_conv_kernels_match_the_cpu_reference_under_emulation() {
+    let cpu: BackendRef = CpuBackend::shared();
+    let emu: BackendRef = CudaBackend::emulated_with_tiles(Precision::Fp32, ConvTiles::V4);
+    let checks = kernel_checks(&cpu, &emu, Scale::Small, 43).expect("all ops run");
+    let convs: Vec<_> = checks.iter().filter(|c| c.op.starts_with("conv2d")).collect();
+    assert!(convs.len() >= 20, "only {} conv checks ran", convs.len());
     let failed: Vec<String> = checks
         .iter()
         .filter(|c| !c.passed())

@@ -27,6 +27,39 @@ impl ConvPlan {
 
 /// kernels/conv.cu's tiles: 64 × 64 (v1), 32 × 128 and 16 × 256 (v2); 4096 outputs each.
 const CONV_TILES: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
+/// v4's 128 × 128 tile (8 × 8 per thread), used only when asked for (`ConvTiles::V4`).
+const CONV_TILE_V4: (&str, usize, usize) = ("v4", 128, 128);
+
+/// Which conv kernels the backend may choose from (`ROTVAR_CONV_TILES`, for `bench conv` to time
+/// them side by side): the default picks among v1 and v2 by `conv_plan`'s estimate; `V1` is
+/// always v1; `V4` always v4 (fp32 only: the tensor-core kernels have no v4 tile, so they pick
+/// as by default; strided backward-data stays on v3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvTiles {
+    Auto,
+    V1,
+    V4,
+}
+
+impl ConvTiles {
+    /// `auto`, `v1` or `v4`; ROTVAR_CONV_V1=1 (older scripts) is `v1`.
+    pub fn parse(s: &str) -> anyhow::Result<ConvTiles> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(ConvTiles::Auto),
+            "v1" => Ok(ConvTiles::V1),
+            "v4" => Ok(ConvTiles::V4),
+            other => anyhow::bail!("ROTVAR_CONV_TILES={other:?}: use auto, v1 or v4"),
+        }
+    }
+
+    fn tiles(self) -> &'static [(&'static str, usize, usize)] {
+        match self {
+            ConvTiles::Auto => &CONV_TILES,
+            ConvTiles::V1 => &CONV_TILES[..1],
+            ConvTiles::V4 => std::slice::from_ref(&CONV_TILE_V4),
+        }
+    }
+}
 /// An operand value loaded costs as much as 24 FMAs: an H100 issues ~33 T fp32 FMA/s against
 /// ~1.4 T floats/s from L2.
 const LOAD_COST: usize = 24;
@@ -47,7 +80,7 @@ pub(super) fn split_k_slices(tiles: usize, red: usize, sm_count: u32) -> usize {
 }
 
 /// The conv kernel of `pass` for an `m` × `n` GEMM result over `red` reduction steps on
-/// `sm_count` SMs, split-K when `split_k` (the weight gradient); always v1 with `v1_only`.
+/// `sm_count` SMs, split-K when `split_k` (the weight gradient), among the tiles `tiles` allows.
 ///
 /// Estimated time of a tiling: one block costs, per reduction step, its 4096 outputs plus the
 /// operand values it loads (each weighted `LOAD_COST`); the launch takes that block cost times
@@ -62,7 +95,7 @@ pub(super) fn conv_plan(
     n: usize,
     red: usize,
     sm_count: u32,
-    v1_only: bool,
+    tiles: ConvTiles,
     split_k: bool,
 ) -> ConvPlan {
     let sms = (sm_count as usize).max(1) as f64;
@@ -74,7 +107,7 @@ pub(super) fn conv_plan(
         let time = block_cost as f64 * ((tiles * splits) as f64 / sms).max(SAT_BLOCKS as f64);
         (ConvPlan { name: format!("{pass}_{tag}"), bm, bn, splits }, time)
     };
-    let tiles: &[_] = if v1_only { &CONV_TILES[..1] } else { &CONV_TILES };
+    let tiles = tiles.tiles();
     let mut best = plan(&tiles[0]);
     for t in &tiles[1..] {
         let p = plan(t);
@@ -247,7 +280,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{conv_plan, tc_kernel, ConvPlan, CONV_TILES, SAT_BLOCKS};
+    use super::{conv_plan, tc_kernel, ConvPlan, ConvTiles, CONV_TILES, SAT_BLOCKS};
 
     /// Every fp32 kernel a GEMM-shaped launch can name has a tensor-core twin that exists, with
     /// the same signature plus `prec`; other kernels have none.
@@ -277,7 +310,7 @@ mod tests {
     const PASSES: [&str; 3] = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"];
 
     fn plan(pass: &str, m: usize, n: usize, red: usize) -> ConvPlan {
-        conv_plan(pass, m, n, red, H200_SMS, false, pass == "conv2d_bwd_weight")
+        conv_plan(pass, m, n, red, H200_SMS, ConvTiles::Auto, pass == "conv2d_bwd_weight")
     }
 
     /// With work to fill the GPU many times over, the cheapest total work wins: narrow tiles for
@@ -289,14 +322,31 @@ mod tests {
             for (m, want) in
                 [(6, "v2_bm16"), (16, "v2_bm16"), (32, "v2_bm32"), (64, "v1"), (120, "v1"), (70, "v2_bm32")]
             {
-                let p = conv_plan(pass, m, big, 150, H200_SMS, false, false);
+                let p = conv_plan(pass, m, big, 150, H200_SMS, ConvTiles::Auto, false);
                 assert_eq!(p.name, format!("{pass}_{want}"), "{m} x {big}");
                 assert_eq!(p.bm * p.bn, 4096, "{}", p.name);
                 assert!(crate::backend::cuda::emu::find_kernel(&p.name).is_some(), "{} is not a kernel", p.name);
-                let v1 = conv_plan(pass, m, big, 150, H200_SMS, true, false);
+                let v1 = conv_plan(pass, m, big, 150, H200_SMS, ConvTiles::V1, false);
                 assert_eq!((v1.name, v1.bm, v1.bn), (format!("{pass}_v1"), 64, 64));
             }
         }
+    }
+
+    /// ROTVAR_CONV_TILES=v4 plans every pass on the 128 × 128 kernels, which exist; v1 and the
+    /// default choice are unchanged by it.
+    #[test]
+    fn v4_plans_take_the_128_tile() {
+        for pass in PASSES {
+            let p = conv_plan(pass, 16, 256 * 28 * 28, 150, H200_SMS, ConvTiles::V4, pass == "conv2d_bwd_weight");
+            assert_eq!((p.name.as_str(), p.bm, p.bn), (format!("{pass}_v4").as_str(), 128, 128));
+            assert!(crate::backend::cuda::emu::find_kernel(&p.name).is_some(), "{} is not a kernel", p.name);
+        }
+        for (s, want) in
+            [("", ConvTiles::Auto), ("auto", ConvTiles::Auto), ("V1", ConvTiles::V1), ("v4", ConvTiles::V4)]
+        {
+            assert_eq!(ConvTiles::parse(s).unwrap(), want, "{s:?}");
+        }
+        assert!(ConvTiles::parse("v3").unwrap_err().to_string().contains("ROTVAR_CONV_TILES"));
     }
 
     /// The LeNet and SimpleConv layers at batch 256 (as `bench conv` times them; c_in, hw, c_out,

@@ -20,6 +20,7 @@ use super::{
 use anyhow::{bail, Result};
 use device::{DeviceBuffer, Exec, Gpu, Pool};
 use emu::KArg;
+pub use gemm::ConvTiles;
 use gemm::{conv_plan, tc_kernel, Gemm};
 use launch::{ew_blocks, sum_rows_blocks};
 use std::sync::{Arc, Mutex};
@@ -31,9 +32,9 @@ pub struct CudaBackend {
     pool: Arc<Pool>,
     /// The device copy of the last batch's indices (see `gather_rows`).
     indices: Mutex<Option<device::IdxBuf>>,
-    /// ROTVAR_CONV_V1=1: every convolution uses the v1 kernels, so `bench conv` can time the
-    /// narrow-tile v2 kernels against them.
-    conv_v1_only: bool,
+    /// ROTVAR_CONV_TILES (auto, v1, v4): which conv kernels may be chosen, so `bench conv` can
+    /// time v1, the default choice and v4 side by side.
+    conv_tiles: ConvTiles,
     /// ROTVAR_VARIANCE_V1=1: the measure's update uses variance_update_f64 (one thread per
     /// unit) rather than v2 (one per unit and class), so `bench measure` can time the two.
     variance_v1: bool,
@@ -78,8 +79,13 @@ fn adam_scalars(h: &AdamParams) -> [KArg; 6] {
     ]
 }
 
-fn conv_v1_only() -> bool {
-    std::env::var("ROTVAR_CONV_V1").is_ok_and(|v| v == "1")
+/// ROTVAR_CONV_TILES, or v1 where ROTVAR_CONV_V1=1 (older scripts); a bad value is an error
+/// when the backend opens.
+fn conv_tiles() -> Result<ConvTiles> {
+    if std::env::var("ROTVAR_CONV_V1").is_ok_and(|v| v == "1") {
+        return Ok(ConvTiles::V1);
+    }
+    ConvTiles::parse(&std::env::var("ROTVAR_CONV_TILES").unwrap_or_default())
 }
 
 fn variance_v1() -> bool {
@@ -98,7 +104,8 @@ impl CudaBackend {
 
     /// The GPU `ordinal`, its convolutions and dense layers in `precision`.
     pub fn open_with(ordinal: usize, precision: Precision) -> Result<Arc<CudaBackend>> {
-        Ok(Arc::new(Self::with_exec(Exec::Gpu(Gpu::open(ordinal)?), ordinal, precision)))
+        let tiles = conv_tiles()?;
+        Ok(Arc::new(Self::with_exec(Exec::Gpu(Gpu::open(ordinal)?), ordinal, precision, tiles)))
     }
 
     /// The same backend with its kernels run by the host emulator (slow; for tests).
@@ -106,17 +113,24 @@ impl CudaBackend {
         Self::emulated_with(Precision::Fp32)
     }
 
+    /// A bad ROTVAR_CONV_TILES falls back to the default here (tests); `rotvar` opens through
+    /// `select`, which reports it.
     pub fn emulated_with(precision: Precision) -> Arc<CudaBackend> {
-        Arc::new(Self::with_exec(Exec::Emulated, 0, precision))
+        Arc::new(Self::with_exec(Exec::Emulated, 0, precision, conv_tiles().unwrap_or(ConvTiles::Auto)))
     }
 
-    fn with_exec(exec: Exec, ordinal: usize, precision: Precision) -> CudaBackend {
+    /// The emulated backend choosing its conv kernels among `tiles` (tests of the v4 kernels).
+    pub fn emulated_with_tiles(precision: Precision, tiles: ConvTiles) -> Arc<CudaBackend> {
+        Arc::new(Self::with_exec(Exec::Emulated, 0, precision, tiles))
+    }
+
+    fn with_exec(exec: Exec, ordinal: usize, precision: Precision, conv_tiles: ConvTiles) -> CudaBackend {
         CudaBackend {
             exec,
             ordinal,
             pool: Arc::default(),
             indices: Mutex::default(),
-            conv_v1_only: conv_v1_only(),
+            conv_tiles,
             variance_v1: variance_v1(),
             launches: Default::default(),
             precision,
@@ -177,6 +191,15 @@ impl CudaBackend {
     fn launch(&self, name: &str, grid: Dim, block: Dim, shared: u32, args: &[KArg]) -> Result<()> {
         self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.exec.launch(name, grid, block, shared, args)
+    }
+
+    /// The conv tiles to choose from: ROTVAR_CONV_TILES, except that the tensor-core kernels
+    /// have no v4 tile.
+    fn tiles(&self) -> ConvTiles {
+        match (self.conv_tiles, self.precision) {
+            (ConvTiles::V4, p) if p != Precision::Fp32 => ConvTiles::Auto,
+            (t, _) => t,
+        }
     }
 
     /// A GEMM-shaped kernel of gemm.cu or conv.cu named by its fp32 variant: in fp32 that
@@ -466,21 +489,21 @@ impl Backend for CudaBackend {
         args.extend(self.conv_dims(g)?);
         args.push(KArg::I32(act.code()));
         let cols = g.n * g.oh * g.ow;
-        let p = conv_plan("conv2d_fwd", g.c_out, cols, g.k(), self.exec.sm_count(), self.conv_v1_only, false);
+        let p = conv_plan("conv2d_fwd", g.c_out, cols, g.k(), self.exec.sm_count(), self.tiles(), false);
         self.launch_mm(&p.name, grid2(cols.div_ceil(p.bn), g.c_out.div_ceil(p.bm)), BLOCK, &args)
     }
 
     fn conv2d_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, g: &ConvGeom) -> Result<()> {
         let mut args = vec![self.arg(dx, g.in_len())?, self.arg(dy, g.out_len())?, self.arg(w, g.weight_len())?];
         args.extend(self.conv_dims(g)?);
-        if g.stride > 1 && !self.conv_v1_only {
+        if g.stride > 1 && self.tiles() != ConvTiles::V1 {
             // One GEMM per sub-pixel phase over its valid taps only (kernels/conv.cu, v3).
             let phase_cols = g.n * g.h.div_ceil(g.stride) * g.w.div_ceil(g.stride);
             let grid = (phase_cols.div_ceil(TILE) as u32, g.c_in.div_ceil(TILE) as u32, (g.stride * g.stride) as u32);
             return self.launch_mm("conv2d_bwd_data_v3", grid, BLOCK, &args);
         }
         let (cols, red) = (g.n * g.h * g.w, g.c_out * g.kh * g.kw);
-        let p = conv_plan("conv2d_bwd_data", g.c_in, cols, red, self.exec.sm_count(), self.conv_v1_only, false);
+        let p = conv_plan("conv2d_bwd_data", g.c_in, cols, red, self.exec.sm_count(), self.tiles(), false);
         self.launch_mm(&p.name, grid2(cols.div_ceil(p.bn), g.c_in.div_ceil(p.bm)), BLOCK, &args)
     }
 
@@ -496,7 +519,7 @@ impl Backend for CudaBackend {
             bail!("conv2d backward weight: a {}x{} kernel is larger than the CUDA kernels allow (32767)", g.kh, g.kw);
         }
         let red = g.n * g.oh * g.ow;
-        let p = conv_plan("conv2d_bwd_weight", g.c_out, g.k(), red, self.exec.sm_count(), self.conv_v1_only, true);
+        let p = conv_plan("conv2d_bwd_weight", g.c_out, g.k(), red, self.exec.sm_count(), self.tiles(), true);
         let (name, bm, bn, splits) = (p.name, p.bm, p.bn, p.splits);
         let len = g.weight_len();
         let partial = self.new_buf(splits * len)?;
