@@ -54,6 +54,7 @@ RUNS = [
     ({}, ["bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"]),
     ({}, ["bench", "gemm", "--device", "cuda-emu", "--models", "", "--steps", "1"]),
     ({"ROTVAR_VARIANCE_V1": "1"}, ["selftest", "--device", "cuda-emu", "--steps", "1"]),
+    ({"ROTVAR_CONV_TILES": "v4"}, ["bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"]),
 ]
 LOOP_KERNELS = ("gemm_", "conv2d_")
 

@@ -3,7 +3,7 @@
 //! after every epoch, atomically, and a pair writing a manifest.
 
 use crate::augment::Augment;
-use crate::backend::BackendRef;
+use crate::backend::{BackendRef, Precision};
 use crate::checkpoint::{self, CheckpointMeta, TrainingState};
 use crate::data::{self, Dataset, Split};
 use crate::fsio::write_json;
@@ -291,6 +291,14 @@ pub fn preflight(b: &BackendRef, cfg: &TrainConfig, train_set: &Dataset, test_se
     Ok(input)
 }
 
+/// The precision a run record's device line names ("..., precision bf16"; none: fp32).
+fn recorded_precision(device: &str) -> Precision {
+    device
+        .rsplit_once("precision ")
+        .and_then(|(_, p)| Precision::parse(p.trim_end_matches(')')).ok())
+        .unwrap_or_default()
+}
+
 /// Train one model into `out` (model.safetensors and metrics.json, rewritten after every
 /// epoch). `data` is the training and test set already loaded; `probe` measures V between epochs.
 #[allow(clippy::too_many_arguments)] // each is a distinct setting; a struct would only rename them
@@ -346,6 +354,14 @@ pub fn train_model(
         }
         if loaded.meta.input != input {
             bail!("{} was built for another input ({:?}, now {input:?})", ckpt_path.display(), loaded.meta.input);
+        }
+        let saved = recorded_precision(&state.record.device);
+        if saved != b.precision() {
+            bail!(
+                "{} was trained with --precision {saved}, this run asks for {}: resume it with --precision {saved}",
+                out.display(),
+                b.precision()
+            );
         }
         let done = state.position.epochs_done;
         if done > cfg.epochs {

@@ -286,6 +286,62 @@ fn cpu_conv_is_named_in_info_and_checked() {
     assert!(!e.contains("panicked"), "{e}");
 }
 
+/// `--precision` reaches the backend: a bf16 run's record names it and its weights differ from
+/// an fp32 run's of the same seed; an unknown precision is refused with the choices.
+#[test]
+fn precision_reaches_the_run_record_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |prec: &str| {
+        let out = dir.path().join(prec);
+        rotvar_ok(&[
+            "--precision",
+            prec,
+            "train",
+            "--model",
+            "lenet",
+            "--dataset",
+            "mnist-sample",
+            "--epochs",
+            "1",
+            "--limit",
+            "256",
+            "--test-limit",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        (
+            std::fs::read_to_string(out.join("metrics.json")).unwrap(),
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+        )
+    };
+    let (fp32, w32) = train("fp32");
+    let (bf16, w16) = train("bf16");
+    assert!(bf16.contains("precision bf16") && !fp32.contains("precision"), "{bf16}");
+    assert_ne!(w32, w16, "bf16 training gave the fp32 weights");
+    // A bf16 run resumed in fp32 is refused, naming the precision to use.
+    let o = rotvar(&[
+        "train",
+        "--resume",
+        dir.path().join("bf16").to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--dataset",
+        "mnist-sample",
+        "--device",
+        "cpu",
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("--precision bf16"), "{e}");
+    let o = rotvar(&["--precision", "fp16", "info"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("--precision") && e.contains("\"fp16\"") && e.contains("bf16"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
 #[test]
 fn fetch_offline_fails_cleanly() {
     // This machine has no network: fetch must fail with a message, never hang or panic.

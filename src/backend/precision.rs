@@ -100,9 +100,16 @@ pub fn round_tf32(x: f32) -> f32 {
     f32::from_bits(u.wrapping_add(0x1000) & 0xffff_e000)
 }
 
-/// fp32 -> bf16 (kept in an f32), to nearest even, as `cvt.rn.bf16x2.f32`.
+/// fp32 -> bf16 (kept in an f32), to nearest even, as `cvt.rn.bf16x2.f32`; NaN becomes the
+/// quiet NaN of its sign, as the kernels' twin (`rv_bf16_bits`) makes it. The same bits as the
+/// `half` crate's `bf16::from_f32` for every other value (the tests hold it to that), in a form
+/// the compiler vectorizes: rounding the operands of every layer is on the CPU's training path.
 pub fn round_bf16(x: f32) -> f32 {
-    half::bf16::from_f32(x).to_f32()
+    let u = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits(0x7fc0_0000 | (u & 0x8000_0000));
+    }
+    f32::from_bits((u + 0x7fff + ((u >> 16) & 1)) & 0xffff_0000)
 }
 
 /// `x` with `p`'s operand rounding applied, or `x` itself where `p` does not round.
@@ -134,13 +141,10 @@ mod tests {
     }
 
     #[test]
-    fn bf16_rounds_to_nearest_even_like_the_kernel_twin() {
-        // The kernel twin's formula (kernels/mma.cuh rv_bf16_bits), checked against the half
-        // crate on values around every kind of tie.
-        let twin = |x: f32| {
-            let u = x.to_bits();
-            f32::from_bits(((u + 0x7fff + ((u >> 16) & 1)) >> 16) << 16)
-        };
+    fn bf16_rounds_to_nearest_even_like_the_half_crate() {
+        // The formula of round_bf16 and of the kernel twin (kernels/mma.cuh rv_bf16_bits),
+        // against the half crate's conversion on values around every kind of tie.
+        let oracle = |x: f32| half::bf16::from_f32(x).to_f32();
         let mut s = 0x1234_5678u32;
         for i in 0..20_000u32 {
             s ^= s << 13;
@@ -151,9 +155,12 @@ mod tests {
             if x.is_nan() {
                 continue;
             }
-            assert_eq!(round_bf16(x).to_bits(), twin(x).to_bits(), "{x:e} ({bits:#x})");
+            assert_eq!(round_bf16(x).to_bits(), oracle(x).to_bits(), "{x:e} ({bits:#x})");
         }
-        assert!(round_bf16(f32::NAN).is_nan());
+        for x in [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 0.0, -0.0] {
+            assert_eq!(round_bf16(x).to_bits(), oracle(x).to_bits(), "{x:e}");
+        }
+        assert!(round_bf16(f32::NAN).is_nan() && round_bf16(-f32::NAN).is_sign_negative());
     }
 
     #[test]
