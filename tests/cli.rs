@@ -329,8 +329,6 @@ fn precision_reaches_the_run_record_and_is_checked() {
         dir.path().join("bf16").to_str().unwrap(),
         "--epochs",
         "2",
-        "--dataset",
-        "mnist-sample",
         "--device",
         "cpu",
     ]);
