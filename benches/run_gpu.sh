@@ -39,8 +39,9 @@ else
   mode=gpu dev=cuda tdev=cuda
   steps=50 reps=50 batch=256 images=10000 rot_images=200000 angles=16 eval_batch=4096 measure_batch=256 rounds=3
   conv_models=lenet,simpleconv,resnet18 models=lenet,simpleconv measure_model=simpleconv
-  budget=${BUDGET:-330} phase1_budget=120
-  t_smi=10 t_info=10 t_selftest=45 t_sanitize=50 t_racecheck=90 t_conv=60 t_cudnn=90 t_gemm=40
+  # The selftest and the sanitizers now also run the tensor-core kernels (tf32, 3xtf32, bf16).
+  budget=${BUDGET:-330} phase1_budget=180
+  t_smi=10 t_info=10 t_selftest=60 t_sanitize=60 t_racecheck=120 t_conv=60 t_cudnn=90 t_gemm=40
   t_train=40 t_torch_train=60 t_rotate=40 t_eval=40 t_torch_eval=60 t_measure=40 t_torch_measure=60
 fi
 margin=5   # seconds kept back at the end for the summary and the tarball

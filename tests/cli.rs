@@ -323,15 +323,8 @@ fn precision_reaches_the_run_record_and_is_checked() {
     assert!(bf16.contains("precision bf16") && !fp32.contains("precision"), "{bf16}");
     assert_ne!(w32, w16, "bf16 training gave the fp32 weights");
     // A bf16 run resumed in fp32 is refused, naming the precision to use.
-    let o = rotvar(&[
-        "train",
-        "--resume",
-        dir.path().join("bf16").to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-    ]);
+    let o =
+        rotvar(&["train", "--resume", dir.path().join("bf16").to_str().unwrap(), "--epochs", "2", "--device", "cpu"]);
     let e = stderr(&o);
     assert!(!o.status.success() && e.contains("--precision bf16"), "{e}");
     let o = rotvar(&["--precision", "fp16", "info"]);
