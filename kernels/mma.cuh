@@ -1,6 +1,6 @@
 // Tensor-core matrix multiply-accumulate through `mma.sync` (TF32 m16n8k8, BF16 m16n8k16), the
 // operand roundings it needs, and one warp-tiled step over a BK = 16 slice of K-major shared
-// tiles that gemm.cu and conv.cu share.
+// tiles that gemm.cu and conv.cuh share.
 //
 // Every instruction sits in one small function with two bodies: the PTX under nvcc, and under
 // the host emulator (ROTVAR_EMU) a twin that gathers the warp's fragments and computes this
@@ -175,7 +175,7 @@ __device__ __forceinline__ void rv_split_tf32(float x, unsigned& hi, unsigned& l
 //   64 x 64: 2 x 4 warps of 32 x 16 (2 x 2 tiles);  32 x 128 and 16 x 256: 16 x 32 (1 x 4).
 // Which physical k feeds which mma k position is free as long as A and B agree: position p
 // reads k = 2p (p < 4) or 2(p - 4) + 1 in TF32, so a warp's 32 lanes read 32 different banks
-// when the strides are 4 (mod 32), as the PAD = 4 tiles of gemm.cu and conv.cu are (and 20,
+// when the strides are 4 (mod 32), as the PAD = 4 tiles of gemm.cu and conv.cuh are (and 20,
 // the 16-row tile: 2 * 20 = 8 mod 32). BF16's natural k order has the same property.
 template <int PREC, int BM, int BN>
 struct RvTcTile {

@@ -1,4 +1,4 @@
-//! Parity of the convolution and pooling kernels (kernels/conv.cu,
+//! Parity of the convolution and pooling kernels (kernels/conv.cu, conv_tc.cu,
 //! kernels/pool.cu), run on the host emulator, against naive f64 reference
 //! loops. Outputs are poisoned (NaN) before every launch so a kernel that skips
 //! an element cannot pass by leaving a correct-looking value behind. Launch
@@ -191,7 +191,7 @@ fn ref_bwd_weight(g: &Conv, x: &[f32], dy: &[f32]) -> Vec<f64> {
 }
 
 /// The kernel of `pass` in `variant`: in fp32 the CUDA-core kernel, otherwise its tensor-core
-/// twin (conv.cu, "tensor cores"), which takes the precision as one more argument.
+/// twin (kernels/conv_tc.cu), which takes the precision as one more argument.
 fn kernel(pass: &str, variant: &str, prec: Precision, args: &mut Vec<KArg>) -> String {
     if prec == Precision::Fp32 {
         return format!("{pass}_{variant}");

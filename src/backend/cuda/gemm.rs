@@ -119,7 +119,7 @@ pub(super) fn conv_plan(
 }
 
 /// The tensor-core twin of a GEMM-shaped fp32 kernel: same tile, loaders and launch, plus a
-/// `prec` argument (kernels/conv.cu and gemm.cu, "tensor cores").
+/// `prec` argument (kernels/conv_tc.cu and gemm.cu, "tensor cores").
 pub(super) fn tc_kernel(name: &str) -> Option<String> {
     match name {
         "gemm_tiled_v2" => return Some("gemm_tc".into()),
