@@ -5,8 +5,19 @@ use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::cuda::{ConvTiles, CudaBackend};
 use rotvar::backend::{BackendRef, Precision};
 use rotvar::selftest::{
-    kernel_checks, precision_checks, reference_drift, training_curves, CurveCheck, Scale, DRIFT_FACTOR, EARLY_FLOOR,
+    kernel_checks, precision_checks, reference_drift, training_curves, Check, CurveCheck, Scale, DRIFT_FACTOR,
+    EARLY_FLOOR,
 };
+
+/// Every check passed, or the list of those that did not, against `what`.
+fn assert_all_pass(checks: &[Check], what: &str) {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed())
+        .map(|c| format!("{} [{}]: error {:.3e} > {:.1e}", c.op, c.shape, c.max_rel_err, c.tolerance))
+        .collect();
+    assert!(failed.is_empty(), "ops that disagree with {what}:\n{}", failed.join("\n"));
+}
 
 #[test]
 fn every_op_matches_the_cpu_reference_under_emulation() {
@@ -14,12 +25,7 @@ fn every_op_matches_the_cpu_reference_under_emulation() {
     let emu: BackendRef = CudaBackend::emulated();
     let checks = kernel_checks(&cpu, &emu, Scale::Small, 42).expect("all ops run");
     assert!(checks.len() > 40, "only {} checks ran", checks.len());
-    let failed: Vec<String> = checks
-        .iter()
-        .filter(|c| !c.passed())
-        .map(|c| format!("{} [{}]: error {:.3e} > {:.1e}", c.op, c.shape, c.max_rel_err, c.tolerance))
-        .collect();
-    assert!(failed.is_empty(), "ops that disagree with the CPU reference:\n{}", failed.join("\n"));
+    assert_all_pass(&checks, "the CPU reference");
 }
 
 /// ROTVAR_CONV_TILES=v4: every convolution on the 128 × 128 kernels (strided backward-data on
@@ -31,12 +37,7 @@ fn v4_conv_kernels_match_the_cpu_reference_under_emulation() {
     let checks = kernel_checks(&cpu, &emu, Scale::Small, 43).expect("all ops run");
     let convs: Vec<_> = checks.iter().filter(|c| c.op.starts_with("conv2d")).collect();
     assert!(convs.len() >= 20, "only {} conv checks ran", convs.len());
-    let failed: Vec<String> = checks
-        .iter()
-        .filter(|c| !c.passed())
-        .map(|c| format!("{} [{}]: error {:.3e} > {:.1e}", c.op, c.shape, c.max_rel_err, c.tolerance))
-        .collect();
-    assert!(failed.is_empty(), "ops that disagree with the CPU reference:\n{}", failed.join("\n"));
+    assert_all_pass(&checks, "the CPU reference");
 }
 
 /// The dense layers and convolutions in TF32, 3xTF32 and BF16: the emulated tensor-core kernels
@@ -51,12 +52,7 @@ fn every_precision_matches_its_cpu_twin_under_emulation() {
         assert!(emu.describe().contains(p.name()), "{}", emu.describe());
         let checks = precision_checks(&cpu, &emu, Scale::Small, 7).expect("all ops run");
         assert!(checks.len() >= 30, "only {} checks ran", checks.len());
-        let failed: Vec<String> = checks
-            .iter()
-            .filter(|c| !c.passed())
-            .map(|c| format!("{} [{}]: error {:.3e} > {:.1e}", c.op, c.shape, c.max_rel_err, c.tolerance))
-            .collect();
-        assert!(failed.is_empty(), "{p}: ops that disagree with the CPU twin:\n{}", failed.join("\n"));
+        assert_all_pass(&checks, &format!("the {p} CPU twin"));
     }
     let (fp32, bf16): (BackendRef, BackendRef) = (CpuBackend::shared(), CudaBackend::emulated_with(Precision::Bf16));
     let checks = precision_checks(&fp32, &bf16, Scale::Small, 7).expect("all ops run");
