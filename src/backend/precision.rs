@@ -67,17 +67,6 @@ impl Precision {
             Precision::Bf16 => Some(round_bf16),
         }
     }
-
-    /// A relative error bound for one product of this precision against fp32, for tests: half
-    /// an ulp of the rounded operands, twice (both operands), with room for the sums.
-    pub fn tolerance(self) -> f32 {
-        match self {
-            Precision::Fp32 => 1e-5,
-            Precision::Tf32x3 => 1e-5,
-            Precision::Tf32 => 2e-3,
-            Precision::Bf16 => 1.6e-2,
-        }
-    }
 }
 
 impl fmt::Display for Precision {
