@@ -74,6 +74,61 @@ extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x
     }
 }
 
+// dropout_fwd_f32 with its seed read from the device: the layer's seed is
+// splitmix64(step_seed ^ layer), step_seed = seed[0] | seed[1] << 32, as the
+// host derives it (rotvar::nn, Layer::Dropout). The training step replayed as
+// a CUDA graph stages each step's seed there (feed_stage_u32).
+// Launch: as dropout_fwd_f32.
+extern "C" __global__ void dropout_fed_f32(float* y, float* mask, const float* x, float p, const unsigned* seed,
+                                           unsigned long long layer, long long n) {
+    const rv_data_u64 s = rv_data_splitmix64(((rv_data_u64)seed[0] | ((rv_data_u64)seed[1] << 32)) ^ layer);
+    const float keep = 1.0f / (1.0f - p);
+    const long long stride = rv_data_stride();
+    for (long long i = rv_data_tid(); i < n; i += stride) {
+        const rv_data_u64 h = rv_data_splitmix64(s ^ ((rv_data_u64)i * 0xD1B54A32D192ED03ull));
+        const float m = rv_data_unit_f32(h) < p ? 0.0f : keep;
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+
+// The feed: a training step's per-step values (batch indices, augmentation
+// matrices, dropout seed, Adam's scalars) sit in tables with one row per step
+// of an epoch, and a one-word device counter names this step's row. Kernels
+// read the staged row, so a step captured once as a CUDA graph replays with
+// new values and no host work. Words are copied as 32-bit patterns, whatever
+// they hold (u32 indices, f32 bits).
+//
+// cur[i] = table[k*n + i], k = counter[0]; a k at or past `rows` traps (an
+// epoch longer than its table is a host bug, and a silent wrap would train on
+// the wrong batch).
+// Launch: block 256, grid = max(1, min(ceil(n/256), 32*SMs)); any 1-D grid.
+extern "C" __global__ void feed_stage_u32(unsigned* cur, const unsigned* table, const unsigned* counter, long long rows,
+                                          long long n) {
+    const long long k = counter[0];
+    if (k >= rows) __trap();
+    const long long stride = rv_data_stride();
+    for (long long i = rv_data_tid(); i < n; i += stride) cur[i] = table[k * n + i];
+}
+
+// log[k*n + i] = src[i], k = counter[0] (k >= rows traps): where a replayed
+// step leaves its loss and predictions for the host's periodic readback.
+// Launch: as feed_stage_u32.
+extern "C" __global__ void feed_store_u32(unsigned* log, const unsigned* src, const unsigned* counter, long long rows,
+                                          long long n) {
+    const long long k = counter[0];
+    if (k >= rows) __trap();
+    const long long stride = rv_data_stride();
+    for (long long i = rv_data_tid(); i < n; i += stride) log[k * n + i] = src[i];
+}
+
+// counter[0] += 1: the step's last kernel, after every read of the counter
+// (kernels on one stream run in order).
+// Launch: one block of any size; only thread 0 of block 0 writes.
+extern "C" __global__ void feed_advance_u32(unsigned* counter) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) counter[0] += 1;
+}
+
 // dx[i] = dy[0] * alpha  (backward of a full sum / mean). dx must not alias dy.
 // Launch: block 256, grid = max(1, min(ceil(n/256), 32*SMs)), no dynamic shared
 // memory; any 1-D grid/block is correct.

@@ -192,8 +192,9 @@ extern "C" __global__ void adam_update_f32(float* param, const float* grad, floa
 // as one launch per tensor. Launch: block 256 (any), grid = the last tensor's
 // first block + its block count; any number of blocks >= 1 per tensor works.
 #define RV_ADAM_REC 12
-extern "C" __global__ void adam_multi_f32(const unsigned* table, int ntensors, float step_size, float one_minus_beta1,
-                                          float beta2, float one_minus_beta2, float eps, float bias_correction2_sqrt) {
+__device__ __forceinline__ void rv_adam_multi(const unsigned* table, int ntensors, float step_size,
+                                              float one_minus_beta1, float beta2, float one_minus_beta2, float eps,
+                                              float bias_correction2_sqrt) {
     int t = 0;  // the last record whose first block is <= this block; few records: a linear scan
     while (t + 1 < ntensors && table[(t + 1) * RV_ADAM_REC + 10] <= blockIdx.x) ++t;
     const unsigned* r = table + t * RV_ADAM_REC;
@@ -213,6 +214,20 @@ extern "C" __global__ void adam_multi_f32(const unsigned* table, int ntensors, f
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
     }
+}
+
+extern "C" __global__ void adam_multi_f32(const unsigned* table, int ntensors, float step_size, float one_minus_beta1,
+                                          float beta2, float one_minus_beta2, float eps, float bias_correction2_sqrt) {
+    rv_adam_multi(table, ntensors, step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bias_correction2_sqrt);
+}
+
+// adam_multi_f32 with its six step scalars read from the device (step_size,
+// 1 - beta1, beta2, 1 - beta2, eps, bc2_sqrt, in that order): the training
+// step replayed as a CUDA graph stages this step's row of the epoch's scalar
+// table there (feed_stage_u32), so the replay needs no new kernel arguments.
+// Launch: as adam_multi_f32.
+extern "C" __global__ void adam_multi_fed_f32(const unsigned* table, int ntensors, const float* scalars) {
+    rv_adam_multi(table, ntensors, scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5]);
 }
 
 // torch.optim.SGD with momentum (maximize=False):

@@ -6,6 +6,7 @@
 use crate::autograd::Gradients;
 use crate::backend::{AdamParams, AdamTensor, SgdParams, Storage};
 use crate::nn::Param;
+use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +109,45 @@ impl Optimizer {
     /// updates every tensor in one backend call (one kernel launch on a GPU).
     pub fn step(&mut self, grads: &Gradients) -> Result<()> {
         self.step += 1;
+        self.update(grads, None)
+    }
+
+    /// [`Optimizer::step`] with Adam's step scalars read on the device (a row of
+    /// [`Optimizer::fed_scalars`] staged by the feed), for a step replayed as a graph. It does
+    /// not count the step: the caller counts each time the step runs ([`Optimizer::count_step`]).
+    pub fn step_fed(&mut self, grads: &Gradients, scalars: &Tensor) -> Result<()> {
+        if scalars.numel() != 6 {
+            bail!("optimizer: {} step scalars on the device, Adam takes 6", scalars.numel());
+        }
+        self.update(grads, Some(scalars))
+    }
+
+    /// Count a step run by [`Optimizer::step_fed`] (or a replay of it).
+    pub fn count_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Adam's scalars ([`AdamParams::scalars`]) of the next `steps` steps, 6 values a step;
+    /// zeros for SGD, whose step does not change with the count.
+    pub fn fed_scalars(&self, steps: usize) -> Vec<f32> {
+        let c = self.config;
+        (1..=steps as u32)
+            .flat_map(|j| match c.kind {
+                OptimizerKind::Adam => AdamParams {
+                    lr: c.lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: 0.0,
+                    step: self.step + j,
+                }
+                .scalars(),
+                OptimizerKind::Sgd => [0.0; 6],
+            })
+            .collect()
+    }
+
+    fn update(&mut self, grads: &Gradients, fed: Option<&Tensor>) -> Result<()> {
         let c = self.config;
         let mut live = Vec::new();
         for ((p, st), i) in self.params.iter().zip(self.state.iter_mut()).zip(0..) {
@@ -159,7 +199,10 @@ impl Optimizer {
                     weight_decay: 0.0,
                     step: self.step,
                 };
-                be.adam_step_many(&mut tensors, &h)?;
+                match fed {
+                    Some(scalars) => be.adam_step_many_fed(&mut tensors, &scalars.storage())?,
+                    None => be.adam_step_many(&mut tensors, &h)?,
+                }
             }
             OptimizerKind::Sgd => {
                 for (i, g) in &live {

@@ -82,6 +82,15 @@ impl<'a> Ctx<'a> {
     fn poisoned(&self, n: usize) -> Result<(Storage, Storage)> {
         self.pair(&vec![f32::NAN; n])
     }
+    /// Equal 32-bit patterns (the feed's words are indices and seeds as well as floats).
+    fn compare_bits(&mut self, op: &str, shape: &str, a: &Storage, b: &Storage) -> Result<()> {
+        let (x, y) = (self.r.download(a)?, self.t.download(b)?);
+        let same = x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+        let op = format!("{}{op}", self.tag);
+        let max_rel_err = if same { 0.0 } else { f64::INFINITY };
+        self.checks.push(Check { op, shape: shape.into(), max_rel_err, tolerance: 0.0 });
+        Ok(())
+    }
     fn compare(&mut self, op: &str, shape: &str, a: &Storage, b: &Storage, tol: f64) -> Result<()> {
         let (x, y) = (self.r.download(a)?, self.t.download(b)?);
         let op = format!("{}{op}", self.tag);
@@ -95,6 +104,7 @@ pub fn kernel_checks(reference: &BackendRef, target: &BackendRef, scale: Scale, 
     let mut c = Ctx { r: reference, t: target, rng: Rng::new(seed), checks: Vec::new(), tag: String::new() };
     let n = if scale == Scale::Full { 1 << 20 } else { 4099 };
     elementwise(&mut c, n)?;
+    feed(&mut c, n)?;
     let (batch, rows) = if scale == Scale::Full { (256, 256) } else { (3, 37) };
     dense(&mut c, rows)?;
     for g in &conv_geoms(scale, batch)? {
@@ -316,6 +326,80 @@ fn elementwise(c: &mut Ctx, n: usize) -> Result<()> {
     r.gather_rows(&ra, 7, &idx, &mut ro)?;
     t.gather_rows(&ta, 7, &idx, &mut to)?;
     c.compare("gather_rows", &shape, &ro, &to, 0.0)?;
+    Ok(())
+}
+
+/// The feed of the graph-replayed training step (train/feed.rs): a table row staged by a
+/// device counter, a log row stored, the counter advanced, and the ops that read their values
+/// from the device, each against the reference's fed op (on the CPU: the host-valued op).
+fn feed(c: &mut Ctx, n: usize) -> Result<()> {
+    let (r, t) = (c.r.clone(), c.t.clone());
+    let bits = |v: &[u32]| v.iter().map(|&w| f32::from_bits(w)).collect::<Vec<_>>();
+    let (rows, width) = (5usize, 7 + n % 13);
+    let shape = format!("{rows} rows of {width}");
+    let table = c.normal(rows * width);
+    let (rt, tt) = c.pair(&table)?;
+    let (mut rk, mut tk) = c.pair(&bits(&[3]))?;
+    let (mut rcur, mut tcur) = c.poisoned(width)?;
+    r.feed_stage(&rt, rows, &rk, &mut rcur, width)?;
+    t.feed_stage(&tt, rows, &tk, &mut tcur, width)?;
+    c.compare_bits("feed_stage", &shape, &rcur, &tcur)?;
+    r.feed_advance(&mut rk)?;
+    t.feed_advance(&mut tk)?;
+    c.compare_bits("feed_advance", "counter 3", &rk, &tk)?;
+    let log = c.normal(rows * width);
+    let (mut rlog, mut tlog) = c.pair(&log)?;
+    r.feed_store(&rcur, &rk, &mut rlog, rows, width)?;
+    t.feed_store(&tcur, &tk, &mut tlog, rows, width)?;
+    c.compare_bits("feed_store", &shape, &rlog, &tlog)?;
+
+    // The ops that take their values from the device.
+    let (row_len, src_rows) = (7usize, n / 7);
+    let x = c.normal(row_len * src_rows);
+    let (rx, tx) = c.pair(&x)?;
+    let idx = [3, 0, src_rows as u32 - 1, 3, 5];
+    let (ri, ti) = c.pair(&bits(&idx))?;
+    let (mut ro, mut to) = c.poisoned(idx.len() * row_len)?;
+    r.gather_rows_fed(&rx, row_len, &ri, idx.len(), &mut ro)?;
+    t.gather_rows_fed(&tx, row_len, &ti, idx.len(), &mut to)?;
+    c.compare_bits("gather_rows_fed", &format!("{} of {src_rows} rows", idx.len()), &ro, &to)?;
+
+    let g = RotateGeom { n: 3, c: 2, h: 9, w: 8 };
+    let mats: Vec<f32> = [37.5f32, 90.0, -123.0].iter().flat_map(|&a| crate::backend::rotation_matrix(a)).collect();
+    let (rm, tm) = c.pair(&mats)?;
+    let (rf, tf) = c.pair(&[-0.4, 0.7])?;
+    let img = c.normal(g.len());
+    let (rimg, timg) = c.pair(&img)?;
+    let (mut ry, mut ty) = c.poisoned(g.len())?;
+    r.warp_fed(&rimg, &rm, Interp::Bilinear, &rf, &mut ry, &g)?;
+    t.warp_fed(&timg, &tm, Interp::Bilinear, &tf, &mut ty, &g)?;
+    c.compare("warp_fed", "bilinear n3 c2 9x8", &ry, &ty, TOL_ELEMENTWISE)?;
+
+    let a = c.normal(n);
+    let (ra, ta) = c.pair(&a)?;
+    let step_seed = 0x1234_5678_9abc_def0u64;
+    let (rs, ts) = c.pair(&bits(&[step_seed as u32, (step_seed >> 32) as u32]))?;
+    let (mut ry, mut ty) = c.poisoned(n)?;
+    let (mut rmask, mut tmask) = c.poisoned(n)?;
+    r.dropout_fed(&ra, 0.3, &rs, 7, &mut ry, &mut rmask)?;
+    t.dropout_fed(&ta, 0.3, &ts, 7, &mut ty, &mut tmask)?;
+    c.compare_bits("dropout_fed mask", &format!("n={n}"), &rmask, &tmask)?;
+    c.compare("dropout_fed", &format!("n={n}"), &ry, &ty, TOL_ELEMENTWISE)?;
+
+    let (mut rp, mut tp) = c.pair(&a)?;
+    let grad = c.normal(n);
+    let (rg, tg) = c.pair(&grad)?;
+    let (mut rm1, mut tm1) = c.pair(&vec![0.0; n])?;
+    let (mut rv1, mut tv1) = c.pair(&vec![0.0; n])?;
+    for step in 1..=2 {
+        let h = AdamParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step };
+        let (rsc, tsc) = c.pair(&h.scalars())?;
+        let mut one = [AdamTensor { param: &mut rp, grad: &rg, m: &mut rm1, v: &mut rv1, weight_decay: 1e-4 }];
+        r.adam_step_many_fed(&mut one, &rsc)?;
+        let mut one = [AdamTensor { param: &mut tp, grad: &tg, m: &mut tm1, v: &mut tv1, weight_decay: 1e-4 }];
+        t.adam_step_many_fed(&mut one, &tsc)?;
+    }
+    c.compare("adam_step_many_fed param", &format!("n={n}"), &rp, &tp, TOL_ELEMENTWISE)?;
     Ok(())
 }
 

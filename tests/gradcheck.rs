@@ -680,7 +680,7 @@ fn model_gradients_match_finite_differences(
                 }
                 Ok(())
             };
-            model.forward(&x, &mut Forward { train: true, seed: 0, observer: Some(&mut obs) })?;
+            model.forward(&x, &mut Forward { train: true, seed: 0, observer: Some(&mut obs), fed_seed: None })?;
         }
         Ok(host_cross_entropy(
             &logits_seen.with_context(|| format!("{arch}: no {logits} output observed"))?,

@@ -176,7 +176,11 @@ fn basic_block_computes_its_formula() {
                 None => x.clone(),
             };
             let want = ops::relu(&ops::add(&h, &short).unwrap()).unwrap().to_vec().unwrap();
-            let got = net.forward(&x, &mut Forward { train, seed: 0, observer: None }).unwrap().to_vec().unwrap();
+            let got = net
+                .forward(&x, &mut Forward { train, seed: 0, observer: None, fed_seed: None })
+                .unwrap()
+                .to_vec()
+                .unwrap();
             assert_eq!(got.len(), want.len());
             assert!(want.iter().any(|&v| v > 0.1), "a block output that is all zero tests nothing");
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -242,7 +246,7 @@ fn fused_relu_layers_give_the_unfused_bits() -> anyhow::Result<()> {
             };
             let observer: Option<&mut dyn FnMut(&str, &Tensor) -> anyhow::Result<()>> =
                 if observe { Some(&mut obs) } else { None };
-            let out = model.forward(&x, &mut Forward { train: true, seed: 3, observer })?;
+            let out = model.forward(&x, &mut Forward { train: true, seed: 3, observer, fed_seed: None })?;
             let loss = ops::nll_loss(&out, &labels)?;
             let peak = b.memory_stats().map(|m| m.peak_in_use_bytes);
             let grads = tape.backward(&loss)?;

@@ -337,6 +337,24 @@ pub struct AdamParams {
     pub step: u32,
 }
 
+impl AdamParams {
+    /// The step's scalars as the update uses them: step size lr / (1 − β₁ᵗ), 1 − β₁, β₂, 1 − β₂,
+    /// ε, √(1 − β₂ᵗ); computed in f64, as torch computes them in Python floats, then rounded
+    /// once (in f32, 1 − 0.999ᵗ loses digits).
+    pub fn scalars(&self) -> [f32; 6] {
+        let bc1 = 1.0 - (self.beta1 as f64).powi(self.step as i32);
+        let bc2_sqrt = (1.0 - (self.beta2 as f64).powi(self.step as i32)).sqrt();
+        [
+            (self.lr as f64 / bc1) as f32,
+            (1.0 - self.beta1 as f64) as f32,
+            self.beta2,
+            (1.0 - self.beta2 as f64) as f32,
+            self.eps,
+            bc2_sqrt as f32,
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SgdParams {
     pub lr: f32,
@@ -633,6 +651,133 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
     fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()>;
+
+    // --- the feed: a step's varying values read on the device -----------------------------
+    // A training step replayed as a graph cannot take new kernel arguments, so what changes
+    // from step to step (batch indices, augmentation matrices, the dropout seed, Adam's bias
+    // corrections) sits in device tables with one row per step, and a one-word device counter
+    // (a u32 bit pattern) says which row is this step's (`crate::feed`). The default bodies
+    // below are the reference: plain host code over the downloaded values, which is what the
+    // CPU runs; the CUDA backend overrides each with its kernel (kernels/data.cu, elementwise.cu).
+
+    /// dst[..host.len()] = host, in place: the buffer keeps its address, so a captured graph
+    /// that reads it sees the new values.
+    fn upload_into(&self, dst: &mut Storage, host: &[f32]) -> Result<()> {
+        let s = self.upload(host)?;
+        self.copy(&s, dst, host.len())
+    }
+    /// cur[..n] = table[k·n..(k + 1)·n] with k = counter[0] (as u32 bits); k ≥ `rows` is an
+    /// error (a trap on a GPU).
+    fn feed_stage(&self, table: &Storage, rows: usize, counter: &Storage, cur: &mut Storage, n: usize) -> Result<()> {
+        let k = feed_row(&self.download(counter)?, rows)?;
+        let t = self.download(table)?;
+        self.upload_into(cur, &t[k * n..(k + 1) * n])
+    }
+    /// log[k·n..(k + 1)·n] = src[..n] with k = counter[0]; k ≥ `rows` is an error.
+    fn feed_store(&self, src: &Storage, counter: &Storage, log: &mut Storage, rows: usize, n: usize) -> Result<()> {
+        let k = feed_row(&self.download(counter)?, rows)?;
+        let mut l = self.download(log)?;
+        l[k * n..(k + 1) * n].copy_from_slice(&self.download(src)?[..n]);
+        self.upload_into(log, &l)
+    }
+    /// counter[0] += 1.
+    fn feed_advance(&self, counter: &mut Storage) -> Result<()> {
+        let k = self.download(counter)?[0].to_bits().wrapping_add(1);
+        self.upload_into(counter, &[f32::from_bits(k)])
+    }
+    /// `gather_rows` with the `n` indices (u32 bits) in a device buffer. The caller checked them
+    /// against the rows of `src` before they went to the device (a GPU kernel cannot report it).
+    fn gather_rows_fed(&self, src: &Storage, row_len: usize, idx: &Storage, n: usize, dst: &mut Storage) -> Result<()> {
+        let idx: Vec<u32> = self.download(idx)?[..n].iter().map(|v| v.to_bits()).collect();
+        self.gather_rows(src, row_len, &idx, dst)
+    }
+    /// `warp` with the matrices (6 values per image) and fill in device buffers.
+    fn warp_fed(
+        &self,
+        x: &Storage,
+        mats: &Storage,
+        interp: Interp,
+        fill: &Storage,
+        y: &mut Storage,
+        g: &RotateGeom,
+    ) -> Result<()> {
+        let m: Vec<Affine> =
+            self.download(mats)?[..6 * g.n].chunks(6).map(|c| c.try_into().expect("6 values")).collect();
+        self.warp(x, &m, interp, &self.download(fill)?[..g.c], y, g)
+    }
+    /// `dropout_fwd` with the seed splitmix64(step_seed ^ layer), step_seed the u64 whose low
+    /// and high words are seed[0] and seed[1]: the seed `nn` derives for dropout layer `layer`.
+    fn dropout_fed(
+        &self,
+        x: &Storage,
+        p: f32,
+        seed: &Storage,
+        layer: u64,
+        y: &mut Storage,
+        mask: &mut Storage,
+    ) -> Result<()> {
+        let w = self.download(seed)?;
+        let step_seed = w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32;
+        self.dropout_fwd(x, p, crate::rng::splitmix64(step_seed ^ layer), y, mask)
+    }
+    /// `adam_step_many` with the step's scalars ([`AdamParams::scalars`]) in a device buffer.
+    fn adam_step_many_fed(&self, tensors: &mut [AdamTensor<'_>], scalars: &Storage) -> Result<()> {
+        let s: [f32; 6] = self.download(scalars)?[..6].try_into().expect("6 scalars");
+        for t in tensors.iter_mut() {
+            cpu::adam_apply(host_mut(t.param)?, host(t.grad)?, host_mut(t.m)?, host_mut(t.v)?, &s, t.weight_decay);
+        }
+        Ok(())
+    }
+
+    // --- graphs -------------------------------------------------------------------------
+    /// Record the device work that `f` queues as one graph, replayed by [`Backend::replay`].
+    /// As with CUDA stream capture, the recorded work does not run now: replay it. `Ok(None)`:
+    /// this backend has no graphs (the CPU) and `f` was not called. An error: the capture
+    /// failed (`f` queued work a graph cannot hold, such as a host transfer), nothing of it ran,
+    /// and the caller should run plain launches.
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
+        let _ = f;
+        Ok(None)
+    }
+    /// Run a captured graph: one launch for the whole recorded step.
+    fn replay(&self, g: &Graph) -> Result<()> {
+        let _ = g;
+        bail!("this backend has no graphs")
+    }
+    /// Graph replays so far, or `None` where there are no graphs (the CPU).
+    fn graph_replays(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A captured graph (`Backend::capture`), opaque outside its backend.
+pub struct Graph {
+    pub(crate) inner: Box<dyn std::any::Any + Send + Sync>,
+    /// Kernels one replay runs.
+    pub kernels: usize,
+}
+
+/// The row a feed counter names, checked against the table's `rows`.
+fn feed_row(counter: &[f32], rows: usize) -> Result<usize> {
+    let k = counter[0].to_bits() as usize;
+    if k >= rows {
+        bail!("feed: step counter {k} is past the table's {rows} rows");
+    }
+    Ok(k)
+}
+
+fn host(s: &Storage) -> Result<&[f32]> {
+    match s {
+        Storage::Cpu(v) => Ok(v),
+        _ => bail!("internal: the reference feed ops run on host buffers"),
+    }
+}
+
+fn host_mut(s: &mut Storage) -> Result<&mut [f32]> {
+    match s {
+        Storage::Cpu(v) => Ok(v),
+        _ => bail!("internal: the reference feed ops run on host buffers"),
+    }
 }
 
 /// One parameter tensor of [`Backend::adam_step_many`]: its data, gradient and moments.

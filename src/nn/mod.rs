@@ -18,19 +18,26 @@ pub struct Forward<'a> {
     pub train: bool,
     /// Seeds dropout masks; change it every step.
     pub seed: u64,
+    /// The step's seed on the device instead (two u32 words, low first; `crate::feed`): a
+    /// step replayed as a graph draws new masks without new kernel arguments.
+    pub fed_seed: Option<Tensor>,
     /// Sees every named intermediate output, in order.
     pub observer: Option<&'a mut dyn FnMut(&str, &Tensor) -> Result<()>>,
 }
 
 impl<'a> Forward<'a> {
     pub fn train(seed: u64) -> Self {
-        Forward { train: true, seed, observer: None }
+        Forward { train: true, seed, observer: None, fed_seed: None }
     }
     pub fn eval() -> Self {
-        Forward { train: false, seed: 0, observer: None }
+        Forward { train: false, seed: 0, observer: None, fed_seed: None }
     }
     pub fn observe(observer: &'a mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Self {
-        Forward { train: false, seed: 0, observer: Some(observer) }
+        Forward { train: false, seed: 0, observer: Some(observer), fed_seed: None }
+    }
+    /// Training mode with the dropout seed read on the device.
+    pub fn train_fed(seed: Tensor) -> Self {
+        Forward { train: true, seed: 0, observer: None, fed_seed: Some(seed) }
     }
     fn emit(&mut self, name: &str, t: &Tensor) -> Result<()> {
         match self.observer.as_mut() {
@@ -248,12 +255,17 @@ impl Layer {
             Layer::AvgPool { k, stride, pad } => ops::avg_pool2d(x, *k, *stride, *pad),
             Layer::GlobalAvgPool => ops::global_avg_pool(x),
             Layer::Flatten => ops::flatten(x),
-            Layer::Dropout(p) => ops::dropout(x, *p, f.train, crate::rng::splitmix64(f.seed ^ index as u64)),
+            Layer::Dropout(p) => match &f.fed_seed {
+                Some(seed) => ops::dropout_fed(x, *p, f.train, seed, index as u64),
+                None => ops::dropout(x, *p, f.train, crate::rng::splitmix64(f.seed ^ index as u64)),
+            },
             Layer::LogSoftmax => ops::log_softmax(x),
             // Sequential::forward runs blocks itself: they need the name to report their parts.
-            Layer::Residual(block) => {
-                block.forward(x, &mut Forward { train: f.train, seed: f.seed, observer: None }, "")
-            }
+            Layer::Residual(block) => block.forward(
+                x,
+                &mut Forward { train: f.train, seed: f.seed, observer: None, fed_seed: f.fed_seed.clone() },
+                "",
+            ),
         }
     }
 

@@ -1,6 +1,6 @@
 use super::{activation_grad, grad, output, same_device};
 use crate::autograd::push;
-use crate::backend::Activation;
+use crate::backend::{Activation, BackendRef, Storage};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 
@@ -103,6 +103,24 @@ pub fn elu(x: &Tensor, alpha: f32) -> Result<Tensor> {
 
 /// Inverted dropout in training (`train` false: identity). `seed` must differ per step.
 pub fn dropout(x: &Tensor, p: f32, train: bool, seed: u64) -> Result<Tensor> {
+    dropout_with(x, p, train, |be, xs, ys, mask| be.dropout_fwd(xs, p, seed, ys, mask))
+}
+
+/// [`dropout`] with the step's seed on the device (`Backend::dropout_fed`): the mask of layer
+/// `layer` is the one `dropout` draws from splitmix64(step_seed ^ layer).
+pub fn dropout_fed(x: &Tensor, p: f32, train: bool, seed: &Tensor, layer: u64) -> Result<Tensor> {
+    if seed.numel() != 2 {
+        bail!("dropout: the device seed holds {} values, not 2", seed.numel());
+    }
+    dropout_with(x, p, train, |be, xs, ys, mask| be.dropout_fed(xs, p, &seed.storage(), layer, ys, mask))
+}
+
+fn dropout_with(
+    x: &Tensor,
+    p: f32,
+    train: bool,
+    draw: impl FnOnce(&BackendRef, &Storage, &mut Storage, &mut Storage) -> Result<()>,
+) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         bail!("dropout: probability must be in [0, 1), got {p}");
     }
@@ -111,7 +129,7 @@ pub fn dropout(x: &Tensor, p: f32, train: bool, seed: u64) -> Result<Tensor> {
     }
     let be = x.backend().clone();
     let (mut ys, mut mask) = (be.alloc(x.numel())?, be.alloc(x.numel())?);
-    be.dropout_fwd(&x.storage(), p, seed, &mut ys, &mut mask)?;
+    draw(&be, &x.storage(), &mut ys, &mut mask)?;
     let y = output(&[x], x.shape(), ys)?;
     if y.is_tracked() {
         let (x, y_id) = (x.clone(), y.id());

@@ -12,11 +12,11 @@ mod rotate;
 mod shape;
 
 pub use dense::{conv2d, conv2d_act, linear, linear_act};
-pub use elementwise::{add, add_act, dropout, elu, relu, scale};
+pub use elementwise::{add, add_act, dropout, dropout_fed, elu, relu, scale};
 pub use loss::{cross_entropy, log_softmax, mean, nll_loss, sum};
 pub use norm::{batch_norm, batch_norm_act, BatchNormState};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d, pool2d};
-pub use rotate::{rotate, warp};
+pub use rotate::{rotate, warp, warp_fed};
 pub use shape::{flatten, reshape};
 
 use crate::autograd::needs_grad;

@@ -49,3 +49,26 @@ fn warp_named(op: &str, what: &str, x: &Tensor, mats: &[Affine], interp: Interp,
     be.warp(&x.storage(), mats, interp, fill, &mut ys, &g)?;
     Tensor::from_storage(&be, x.shape(), ys, false)
 }
+
+/// [`warp`] with the matrices (6 values per image) and the fill already on the device
+/// (`Backend::warp_fed`): a training step replayed as a graph reads its augmentation there.
+/// The matrices were checked on the host before they were uploaded.
+pub fn warp_fed(x: &Tensor, mats: &Tensor, interp: Interp, fill: &Tensor) -> Result<Tensor> {
+    expect_rank("warp", "input", x, 4)?;
+    let g = RotateGeom { n: x.dim(0), c: x.dim(1), h: x.dim(2), w: x.dim(3) };
+    if mats.numel() != 6 * g.n || fill.numel() != g.c {
+        bail!(
+            "warp: {} matrix values and {} fill values on the device for {} images of {} channels (want {} and {})",
+            mats.numel(),
+            fill.numel(),
+            g.n,
+            g.c,
+            6 * g.n,
+            g.c
+        );
+    }
+    let be = x.backend().clone();
+    let mut ys = be.alloc(g.len())?;
+    be.warp_fed(&x.storage(), &mats.storage(), interp, &fill.storage(), &mut ys, &g)?;
+    Tensor::from_storage(&be, x.shape(), ys, false)
+}

@@ -605,25 +605,7 @@ impl Backend for CpuBackend {
         v: &mut Storage,
         h: &AdamParams,
     ) -> Result<()> {
-        let (p, g, m, v) = (host_mut(p)?, host(grad)?, host_mut(m)?, host_mut(v)?);
-        // The same arithmetic, in the same order, as torch.optim.Adam's single-tensor path.
-        // Bias corrections in f64, as torch computes them: in f32, 1 − 0.999ᵗ loses digits.
-        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
-        let bc2_sqrt = (1.0 - (h.beta2 as f64).powi(h.step as i32)).sqrt() as f32;
-        let step_size = (h.lr as f64 / bc1) as f32;
-        p.par_chunks_mut(EW_CHUNK)
-            .zip(m.par_chunks_mut(EW_CHUNK))
-            .zip(v.par_chunks_mut(EW_CHUNK))
-            .zip(g.par_chunks(EW_CHUNK))
-            .for_each(|(((p, m), v), g)| {
-                for i in 0..p.len() {
-                    let gi = g[i] + h.weight_decay * p[i];
-                    m[i] += (gi - m[i]) * (1.0 - h.beta1);
-                    v[i] = v[i] * h.beta2 + (1.0 - h.beta2) * gi * gi;
-                    let denom = v[i].sqrt() / bc2_sqrt + h.eps;
-                    p[i] -= step_size * m[i] / denom;
-                }
-            });
+        adam_apply(host_mut(p)?, host(grad)?, host_mut(m)?, host_mut(v)?, &h.scalars(), h.weight_decay);
         Ok(())
     }
 
@@ -640,4 +622,23 @@ impl Backend for CpuBackend {
         );
         Ok(())
     }
+}
+
+/// One Adam update of a tensor from the step's scalars ([`AdamParams::scalars`]), in the same
+/// arithmetic and order as torch.optim.Adam's single-tensor path.
+pub fn adam_apply(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &[f32; 6], weight_decay: f32) {
+    let [step_size, one_minus_beta1, beta2, one_minus_beta2, eps, bc2_sqrt] = *s;
+    p.par_chunks_mut(EW_CHUNK)
+        .zip(m.par_chunks_mut(EW_CHUNK))
+        .zip(v.par_chunks_mut(EW_CHUNK))
+        .zip(g.par_chunks(EW_CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i] + weight_decay * p[i];
+                m[i] += (gi - m[i]) * one_minus_beta1;
+                v[i] = v[i] * beta2 + one_minus_beta2 * gi * gi;
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] -= step_size * m[i] / denom;
+            }
+        });
 }

@@ -44,6 +44,18 @@ pub enum IdxBuf {
     Host(DeviceMem<u32>),
 }
 
+impl IdxBuf {
+    pub fn len(&self) -> usize {
+        match self {
+            IdxBuf::Gpu(s) => s.len(),
+            IdxBuf::Host(m) => m.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A device buffer of f64: the variance measure's accumulators. Few and long-lived, so they
 /// bypass the f32 pool.
 pub enum F64Buf {
@@ -57,6 +69,9 @@ pub struct DeviceBuffer {
     buf: Option<Buf>,
     len: usize,
     pool: Arc<Pool>,
+    /// The pool capture that handed it out (0: none), so the capture can tell whether every
+    /// buffer it handed out came back.
+    capture: u64,
 }
 
 impl DeviceBuffer {
@@ -77,7 +92,7 @@ impl DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            self.pool.put(self.len, b);
+            self.pool.put(self.len, b, self.capture);
         }
     }
 }
@@ -88,15 +103,74 @@ impl Drop for DeviceBuffer {
 pub struct Pool {
     free: Mutex<HashMap<usize, Vec<Buf>>>,
     stats: Mutex<MemoryStats>,
+    capture: Mutex<Option<PoolCapture>>,
+}
+
+/// The pool while a graph is captured (see graph.rs): buffers freed during the capture are
+/// set aside for the graph, whose kernels address them on every replay, and reused only
+/// within the same capture.
+struct PoolCapture {
+    id: u64,
+    free: HashMap<usize, Vec<Buf>>,
+    /// Buffers handed out during the capture and not yet returned.
+    outstanding: i64,
+}
+
+/// What a finished capture leaves: the graph's buffers, and how many buffers handed out during
+/// it are still alive (a replay would write them under their new owner).
+pub struct CapturedMemory {
+    pub buffers: Vec<(usize, Buf)>,
+    pub outstanding: i64,
 }
 
 impl Pool {
-    fn take(&self, len: usize) -> Option<Buf> {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
+    /// A buffer of `len` values, and the capture it is handed out under (0: none).
+    fn take(&self, len: usize) -> (Option<Buf>, u64) {
+        let mut cap = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        let from_main = || self.free.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop());
+        match cap.as_mut() {
+            Some(c) => {
+                let b = c.free.get_mut(&len).and_then(|v| v.pop()).or_else(from_main);
+                c.outstanding += b.is_some() as i64;
+                (b, c.id)
+            }
+            None => (from_main(), 0),
+        }
     }
-    fn put(&self, len: usize, b: Buf) {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).entry(len).or_default().push(b);
+    fn put(&self, len: usize, b: Buf, handed_out_under: u64) {
+        let mut cap = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        match cap.as_mut() {
+            Some(c) => {
+                c.outstanding -= (handed_out_under == c.id) as i64;
+                c.free.entry(len).or_default().push(b);
+            }
+            None => self.free.lock().unwrap_or_else(|e| e.into_inner()).entry(len).or_default().push(b),
+        }
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).in_use_bytes -= 4 * len as u64;
+    }
+    pub fn capturing(&self) -> bool {
+        self.capture.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+    pub fn begin_capture(&self) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(PoolCapture { id, free: HashMap::new(), outstanding: 0 });
+    }
+    pub fn end_capture(&self) -> CapturedMemory {
+        let c = self.capture.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(c) = c else {
+            return CapturedMemory { buffers: Vec::new(), outstanding: 0 };
+        };
+        let buffers = c.free.into_iter().flat_map(|(len, v)| v.into_iter().map(move |b| (len, b))).collect();
+        CapturedMemory { buffers, outstanding: c.outstanding }
+    }
+    /// Idle buffers back from a dropped graph: reusable again.
+    pub fn give_back(&self, buffers: Vec<(usize, Buf)>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        for (len, b) in buffers {
+            free.entry(len).or_default().push(b);
+        }
     }
     /// Count a buffer handed out: `fresh` when it was just allocated from the driver.
     fn handed_out(&self, len: usize, fresh: bool) {
@@ -336,7 +410,12 @@ impl Exec {
 
     /// A buffer of `len` values with unspecified contents, from the pool when possible.
     pub fn alloc(&self, pool: &Arc<Pool>, len: usize) -> Result<DeviceBuffer> {
-        let reused = pool.take(len);
+        let (reused, capture) = pool.take(len);
+        if reused.is_none() && capture != 0 {
+            // A driver allocation inside stream capture would become part of the graph (or fail):
+            // the step must find everything in the pool, which a plain step first fills.
+            bail!("a {len}-value buffer that the pool does not hold was needed during graph capture");
+        }
         let fresh = reused.is_none();
         let buf = match reused {
             // Emulated: a reused buffer is poisoned again, so a kernel that reads an output
@@ -370,7 +449,7 @@ impl Exec {
             },
         };
         pool.handed_out(len, fresh);
-        Ok(DeviceBuffer { buf: Some(buf), len, pool: pool.clone() })
+        Ok(DeviceBuffer { buf: Some(buf), len, pool: pool.clone(), capture })
     }
 
     pub fn upload(&self, pool: &Arc<Pool>, host: &[f32]) -> Result<DeviceBuffer> {
@@ -410,7 +489,11 @@ impl Exec {
     /// the kernel that read the previous indices.
     pub fn upload_indices(&self, slot: &mut Option<IdxBuf>, idx: &[u32]) -> Result<()> {
         match self {
-            Exec::Emulated => *slot = Some(IdxBuf::Host(DeviceMem::from_slice(idx))),
+            // In place when it fits, as on a GPU: a captured graph holds the buffer's address.
+            Exec::Emulated => match slot {
+                Some(IdxBuf::Host(m)) if m.len() >= idx.len() => m[..idx.len()].copy_from_slice(idx),
+                _ => *slot = Some(IdxBuf::Host(DeviceMem::from_slice(idx))),
+            },
             Exec::Gpu(g) => {
                 if !matches!(slot, Some(IdxBuf::Gpu(s)) if s.len() >= idx.len().max(1)) {
                     let s = g

@@ -20,6 +20,8 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
+pub mod feed;
+
 /// A dataset resident on the device, normalized with training statistics.
 pub struct DeviceDataset {
     pub images: Tensor,
@@ -216,6 +218,18 @@ pub fn divergence_hint(o: &OptimConfig) -> String {
     }
 }
 
+/// A training step whose loss and predictions wait on the device: run by the plain loop, or
+/// fed (its values in the feed's logs, at row `.0`).
+enum Pending {
+    Plain(Tensor, Storage, Vec<u32>),
+    Fed(usize, Vec<u32>),
+}
+
+/// The dropout seed of batch `step` of `epoch`.
+fn step_seed(cfg: &TrainConfig, epoch: usize, step: usize) -> u64 {
+    splitmix64(cfg.seed ^ ((epoch as u64) << 32) ^ step as u64)
+}
+
 /// How far the loss may grow over its first value before the run is warned about.
 const DIVERGENCE_FACTOR: f32 = 1000.0;
 
@@ -239,6 +253,8 @@ pub fn fit(
     }
     let mut warned = false;
     let mut history = Vec::new();
+    // On a GPU, full batches run as graph replays fed from device tables (feed.rs).
+    let mut feed = feed::Feed::new(train, cfg)?;
     let readback = match train.images.device() {
         Device::Cpu => 1,
         Device::Cuda(_) => READBACK_EVERY,
@@ -249,30 +265,51 @@ pub fn fit(
         let mut order: Vec<u32> = (0..train.len() as u32).collect();
         session.shuffle_rng.shuffle(&mut order);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        if let Some(f) = feed.as_mut() {
+            f.begin_epoch(&order, cfg, &mut session.augment_rng, &session.optimizer, |j| step_seed(cfg, epoch, j))?;
+        }
         // Losses and predictions wait on the device and are read back in groups, so a GPU
         // never idles on a per-step round trip.
-        let mut pending: Vec<(Tensor, Storage, Vec<u32>)> = Vec::with_capacity(readback);
+        let mut pending: Vec<Pending> = Vec::with_capacity(readback);
         let start = Instant::now();
         for (step, idx) in order.chunks(cfg.batch_size).enumerate() {
             // A final batch of one sample cannot be batch-normalized: drop it.
             if idx.len() < 2 {
                 continue;
             }
-            let (x, y) = train.batch(idx)?;
-            let x = cfg.augment.apply(&x, &train.fill, &mut session.augment_rng)?;
-            let tape = Tape::start()?;
-            let seed = splitmix64(cfg.seed ^ ((epoch as u64) << 32) ^ step as u64);
-            let logp = model.forward(&x, &mut Forward::train(seed))?;
-            let loss = ops::nll_loss(&logp, &y)?;
-            let grads = tape.backward(&loss)?;
-            session.optimizer.step(&grads)?;
-            pending.push((loss, device_predictions(&logp)?, idx.to_vec()));
+            match feed.as_mut().filter(|_| idx.len() == cfg.batch_size) {
+                // Full batches come first in `order`, so batch `step` is the feed's row `step`.
+                Some(f) => {
+                    f.step(model, train, &mut session.optimizer)?;
+                    pending.push(Pending::Fed(step, idx.to_vec()));
+                }
+                None => {
+                    let (x, y) = train.batch(idx)?;
+                    let x = cfg.augment.apply(&x, &train.fill, &mut session.augment_rng)?;
+                    let tape = Tape::start()?;
+                    let logp = model.forward(&x, &mut Forward::train(step_seed(cfg, epoch, step)))?;
+                    let loss = ops::nll_loss(&logp, &y)?;
+                    let grads = tape.backward(&loss)?;
+                    session.optimizer.step(&grads)?;
+                    pending.push(Pending::Plain(loss, device_predictions(&logp)?, idx.to_vec()));
+                }
+            }
             let last = (step + 1) * cfg.batch_size >= train.len();
             if pending.len() < readback && !last {
                 continue;
             }
-            for (loss, preds, idx) in pending.drain(..) {
-                let l = loss.scalar()?;
+            let logs = match (&feed, pending.iter().any(|p| matches!(p, Pending::Fed(..)))) {
+                (Some(f), true) => Some(f.logs()?),
+                _ => None,
+            };
+            for p in pending.drain(..) {
+                let (l, preds, idx) = match (p, &logs) {
+                    (Pending::Fed(j, idx), Some((losses, preds))) => {
+                        (losses[j], preds[j * idx.len()..(j + 1) * idx.len()].to_vec(), idx)
+                    }
+                    (Pending::Fed(..), None) => bail!("internal: a fed step without its logs"),
+                    (Pending::Plain(loss, preds, idx), _) => (loss.scalar()?, loss.backend().download(&preds)?, idx),
+                };
                 if !l.is_finite() {
                     bail!(
                         "training diverged: the loss became {l} in epoch {epoch} (by step {}): {}; \
@@ -296,7 +333,6 @@ pub fn fit(
                 }
                 loss_sum += l as f64 * idx.len() as f64;
                 seen += idx.len();
-                let preds = loss.backend().download(&preds)?;
                 correct += preds
                     .iter()
                     .zip(&idx)
