@@ -147,9 +147,10 @@ fn measure_memory_does_not_grow_with_the_number_of_samples() {
     assert!(r.forward_seconds > 0.0 && r.measure_seconds > 0.0);
 }
 
-/// A training step takes every buffer from the pool once warmed up: after one epoch, two more
-/// epochs (the whole `fit` loop: gather, augmentation, forward with a fused conv + ReLU, backward,
-/// Adam, the grouped loss readback, evaluation) leave the bytes held from the driver unchanged.
+/// A training step takes every buffer from the pool once warmed up: after two epochs, two more
+/// (the whole `fit` loop: the epoch's feed tables, gather, augmentation, forward with a fused
+/// conv + ReLU, backward, Adam, graph replays, the grouped loss readback, evaluation) leave the
+/// bytes held from the driver unchanged.
 /// A small network on 10×10 images keeps the emulator fast.
 #[test]
 fn training_steps_allocate_nothing_new_after_warm_up() {
@@ -191,15 +192,20 @@ fn training_steps_allocate_nothing_new_after_warm_up() {
         seed: 1,
         augment: "rotate".parse().unwrap(),
     };
-    let mut session = Session::new(&model, &cfg(1)).expect("session");
-    fit(&model, &data, Some(&data), &cfg(1), true, &mut session, |_, _| Ok(())).expect("warm-up epoch");
-    let warm = emu.memory_stats().expect("tracked");
-    let history = fit(&model, &data, Some(&data), &cfg(3), true, &mut session, |_, _| Ok(())).expect("two more epochs");
-    let after = emu.memory_stats().expect("tracked");
-    assert_eq!(history.len(), 2);
+    let mut session = Session::new(&model, &cfg(4)).expect("session");
+    let mut held = Vec::new();
+    let history = fit(&model, &data, Some(&data), &cfg(4), true, &mut session, |_, _| {
+        held.push(emu.memory_stats().expect("tracked").held_bytes);
+        Ok(())
+    })
+    .expect("four epochs");
+    assert_eq!(history.len(), 4);
     assert!(history.iter().all(|m| m.train_loss.is_finite()));
-    assert!(warm.held_bytes > 0);
-    assert_eq!(after.held_bytes, warm.held_bytes, "training allocated from the driver after warm-up");
+    assert!(held[0] > 0);
+    // The first epoch warms the pool and captures the step's graph, which keeps its own
+    // temporaries; the second may still replace buffers the graph took; from then on, nothing.
+    assert_eq!(held[2], held[1], "epoch 3 allocated from the driver: {held:?}");
+    assert_eq!(held[3], held[1], "epoch 4 allocated from the driver: {held:?}");
 }
 
 /// Multi-tensor Adam sends its address table to the device once per parameter set: the next
