@@ -101,7 +101,14 @@ def ratios(load):
             ka = next((x.get("kernel_launches_per_step") for x in to if x["model"] == m), None)
             kb = next((x.get("kernel_launches_per_step") for x in tr if x["model"] == m), None)
             if ka is not None and kb is not None:
-                line += f"; kernels per step rotvar {ka:.0f}, pytorch {kb:.0f}"
+                line += f"; kernels launched per step rotvar {ka:.0f}, pytorch {kb:.0f}"
+        g = next((x for x in to if x["model"] == m), {})
+        if g.get("graph_replays_per_step") is not None:
+            line += f"; graph replays per step {g['graph_replays_per_step']:.0f}, kernels per replay {g.get('kernels_per_replay')}"
+        plain = [x["images_per_second"] for x in load("train_rotvar_plain.jsonl") if x["model"] == m]
+        if plain:
+            p = sorted(plain)[len(plain) // 2]
+            line += f"; without graphs {p:.0f} img/s (graphs gain {a/p:.2f}x)"
         out.append(line)
     for r in load("rotate_rotvar.jsonl"):
         out.append(f"rotate: {r['rotate_gb_per_s']:.0f} GB/s vs device copy {r['copy_gb_per_s']:.0f} GB/s: "

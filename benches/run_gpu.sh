@@ -251,6 +251,7 @@ rb "conv cudnn" "$t_cudnn" conv_cudnn.jsonl "$py" benches/torch_conv_reference.p
 rb "gemm rotvar" "$t_gemm" gemm_rotvar.jsonl "$bin" bench gemm "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$models"
 bench_round() { # the benchmarks repeated for a median, one round
   rb "train rotvar r$1" "$t_train" train_rotvar.jsonl "$bin" bench train "${r1[@]}" --models "$models" --steps "$steps" --batch-size "$batch"
+  rb "train rotvar plain r$1" "$t_train" train_rotvar_plain.jsonl env ROTVAR_CUDA_GRAPHS=0 "$bin" bench train "${r1[@]}" --models "$models" --steps "$steps" --batch-size "$batch"
   rb "train pytorch r$1" "$t_torch_train" train_torch.jsonl "$py" benches/torch_reference.py --device "$tdev" --models "$models" --steps "$steps" --batch-size "$batch"
   rb "eval-angles rotvar r$1" "$t_eval" evalangles_rotvar.jsonl "$bin" bench eval-angles "${r1[@]}" --models "$models" --images "$images" --angles "$angles" --batch-size "$eval_batch"
   rb "eval-angles pytorch r$1" "$t_torch_eval" evalangles_torch.jsonl "$py" benches/torch_rotated_eval.py --device "$tdev" --models "$models" --images "$images" --angles "$angles" --batch-size "$eval_batch"

@@ -26,8 +26,13 @@ pub struct TrainThroughput {
     pub images_per_second: f64,
     /// Wall-clock seconds of the timed steps divided by their number.
     pub mean_step_seconds: f64,
-    /// Kernels launched per training step (CUDA backend only).
+    /// Kernels the host launched per training step (CUDA backend only): 0 when every step
+    /// is a graph replay.
     pub kernel_launches_per_step: Option<f64>,
+    /// Graph replays per training step (CUDA backend only; ROTVAR_CUDA_GRAPHS=0 turns them off).
+    pub graph_replays_per_step: Option<f64>,
+    /// Kernels one replay runs: the step's kernel count when it is a graph.
+    pub kernels_per_replay: Option<usize>,
 }
 
 /// Time full training steps (forward, backward, Adam) of `arch` on random MNIST-shaped data,
@@ -47,6 +52,9 @@ pub fn train_throughput(
     let mut rng = Rng::new(1);
     let xs: Vec<f32> = (0..batch * 28 * 28).map(|_| rng.normal()).collect();
     let ys: Vec<f32> = (0..batch).map(|_| rng.below(10) as f32).collect();
+    if b.graph_replays().is_some() {
+        return fed_throughput(b, arch, model, opt, (&xs, &ys), batch, warmup, steps);
+    }
     let x = Tensor::from_vec(b, &[batch, 1, 28, 28], &xs)?;
     let y = Tensor::from_vec(b, &[batch], &ys)?;
     let mut step = |i: usize| -> Result<()> {
@@ -78,6 +86,73 @@ pub fn train_throughput(
         kernel_launches_per_step: launches
             .zip(b.kernel_launches())
             .map(|(before, after)| (after - before) as f64 / steps as f64),
+        graph_replays_per_step: None,
+        kernels_per_replay: None,
+    })
+}
+
+/// `train_throughput` on a backend with graphs: the step `rotvar train` runs there
+/// (train/feed.rs), fed from device tables and, after its warm-up, one graph replay. Every step
+/// trains on the same batch, as the PyTorch reference does.
+#[allow(clippy::too_many_arguments)]
+fn fed_throughput(
+    b: &BackendRef,
+    arch: &str,
+    model: Model,
+    mut opt: Optimizer,
+    (xs, ys): (&[f32], &[f32]),
+    batch: usize,
+    warmup: usize,
+    steps: usize,
+) -> Result<TrainThroughput> {
+    use crate::train::{feed::Feed, DeviceDataset, TrainConfig};
+    let data = DeviceDataset {
+        images: Tensor::from_vec(b, &[batch, 1, 28, 28], xs)?,
+        labels: Tensor::from_vec(b, &[batch], ys)?,
+        labels_host: ys.iter().map(|&v| v as u8).collect(),
+        item_shape: [1, 28, 28],
+        num_classes: 10,
+        fill: vec![0.0],
+    };
+    let cfg = TrainConfig {
+        model: arch.into(),
+        dataset: "random".into(),
+        epochs: 1,
+        batch_size: batch,
+        optim: OptimConfig::new(OptimizerKind::Adam, 1e-3, 0.0),
+        seed: 0,
+        augment: crate::augment::Augment::NONE,
+    };
+    let rows = warmup + steps;
+    let mut feed = Feed::build(&data, &cfg, crate::train::feed::mode(), rows)?
+        .ok_or_else(|| anyhow::anyhow!("internal: no feed on a backend with graphs"))?;
+    let order: Vec<u32> = (0..rows).flat_map(|_| 0..batch as u32).collect();
+    feed.begin_epoch(&order, &cfg, &mut Rng::new(0), &opt, |j| j as u64)?;
+    for _ in 0..warmup {
+        feed.step(&model, &data, &mut opt)?;
+    }
+    b.synchronize()?;
+    let (launches, replays) = (b.kernel_launches(), b.graph_replays());
+    let t = Instant::now();
+    for _ in 0..steps {
+        feed.step(&model, &data, &mut opt)?;
+    }
+    b.synchronize()?;
+    let total = t.elapsed().as_secs_f64();
+    let per_step =
+        |before: Option<u64>, after: Option<u64>| before.zip(after).map(|(x, y)| (y - x) as f64 / steps.max(1) as f64);
+    Ok(TrainThroughput {
+        implementation: "rotvar".into(),
+        model: arch.into(),
+        device: b.describe(),
+        threads: rayon::current_num_threads(),
+        batch_size: batch,
+        steps,
+        images_per_second: (batch * steps) as f64 / total,
+        mean_step_seconds: total / steps as f64,
+        kernel_launches_per_step: per_step(launches, b.kernel_launches()),
+        graph_replays_per_step: per_step(replays, b.graph_replays()),
+        kernels_per_replay: feed.graph_kernels(),
     })
 }
 

@@ -743,3 +743,25 @@ fn models_lists_every_model_with_shapes_and_parameter_counts() {
     let o = rotvar(&["models", "alexnet"]);
     assert!(!o.status.success() && stderr(&o).contains("unknown model 'alexnet'"));
 }
+
+/// `bench train` on a backend with graphs times the step `rotvar train` runs there: after the
+/// warm-up each step is one graph replay and the host launches no kernel; with
+/// ROTVAR_CUDA_GRAPHS=0 the same step's kernels are launched one by one.
+#[test]
+fn bench_train_reports_graph_replays_and_launches() {
+    let args = ["bench", "train", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "4", "--warmup", "3"];
+    let args: Vec<&str> = args.into_iter().chain(["--steps", "1"]).collect();
+    let row = |o: Output| -> serde_json::Value {
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().next().expect("a row")).expect("JSON")
+    };
+    let graphs = row(rotvar_ok(&args));
+    assert_eq!(graphs["graph_replays_per_step"], 1.0, "{graphs}");
+    assert_eq!(graphs["kernel_launches_per_step"], 0.0, "{graphs}");
+    let kernels = graphs["kernels_per_replay"].as_u64().expect("a captured graph");
+    let plain =
+        row(Command::new(env!("CARGO_BIN_EXE_rotvar")).args(&args).env("ROTVAR_CUDA_GRAPHS", "0").output().unwrap());
+    assert_eq!(plain["graph_replays_per_step"], 0.0, "{plain}");
+    assert_eq!(plain["kernels_per_replay"], serde_json::Value::Null);
+    assert_eq!(plain["kernel_launches_per_step"].as_f64().unwrap(), kernels as f64, "{plain} vs {kernels} per replay");
+}

@@ -106,8 +106,14 @@ impl Feed {
 
     /// [`Feed::new`] in `mode` rather than the process's.
     pub fn with_mode(train: &DeviceDataset, cfg: &TrainConfig, mode: Mode) -> Result<Option<Feed>> {
+        Self::build(train, cfg, mode, train.len() / cfg.batch_size.max(1))
+    }
+
+    /// A feed with tables of `rows` steps per epoch (`bench train` runs more steps on one
+    /// batch than the dataset has batches).
+    pub fn build(train: &DeviceDataset, cfg: &TrainConfig, mode: Mode, rows: usize) -> Result<Option<Feed>> {
         let be = train.images.backend().clone();
-        let (batch, rows) = (cfg.batch_size, train.len() / cfg.batch_size.max(1));
+        let batch = cfg.batch_size;
         if be.graph_replays().is_none() || rows == 0 || mode == Mode::Host {
             return Ok(None);
         }
@@ -202,6 +208,14 @@ impl Feed {
         optimizer.count_step();
         self.done += 1;
         Ok(())
+    }
+
+    /// Kernels one replay runs, once the step is captured.
+    pub fn graph_kernels(&self) -> Option<usize> {
+        match &self.state {
+            GraphState::Ready(g) => Some(g.kernels),
+            _ => None,
+        }
     }
 
     /// Whether steps replay a captured graph.
