@@ -16,6 +16,7 @@ use crate::ops;
 use crate::progress;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
+use crate::train::fed_passes::{FedPasses, Pass};
 use crate::train::DeviceDataset;
 use crate::transform::{Transform, TransformSet};
 use anyhow::{bail, Context, Result};
@@ -108,14 +109,32 @@ impl Tally {
     }
 }
 
-/// Log-probabilities of the images `idx` under per-copy sampling matrices: copy r is image
-/// `idx[r % idx.len()]`, so `mats.len()` must be a multiple of `idx.len()`.
-fn transformed_logp(model: &Model, data: &DeviceDataset, idx: &[u32], mats: &[Affine]) -> Result<Vec<f32>> {
-    let copies = mats.len() / idx.len();
-    let rows: Vec<u32> = (0..copies).flat_map(|_| idx.iter().copied()).collect();
-    let (x, _) = data.batch(&rows)?;
-    let x: Tensor = ops::warp(&x, mats, Interp::Bilinear, &data.fill)?;
-    model.forward(&x, &mut Forward::eval())?.to_vec()
+/// Log-probabilities of each pass, in order: on a backend with graphs, passes of the shapes
+/// `feeds` serve are fed from device tables and replayed (train/fed_passes.rs), the others (and
+/// every pass elsewhere) run plain. Both give the same bits.
+fn pass_logps(model: &Model, data: &DeviceDataset, feeds: &mut [FedPasses], passes: &[Pass]) -> Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; passes.len()];
+    for f in feeds.iter_mut() {
+        let mine: Vec<usize> =
+            (0..passes.len()).filter(|&i| passes[i].rows.len() == f.copies() && out[i].is_none()).collect();
+        for chunk in mine.chunks(f.capacity()) {
+            let group: Vec<&Pass> = chunk.iter().map(|&i| &passes[i]).collect();
+            for (&i, logp) in chunk.iter().zip(f.run(model, data, &group)?) {
+                out[i] = Some(logp);
+            }
+        }
+    }
+    out.into_iter()
+        .zip(passes)
+        .map(|(o, p)| match o {
+            Some(logp) => Ok(logp),
+            None => {
+                let (x, _) = data.batch(&p.rows)?;
+                let x: Tensor = ops::warp(&x, &p.mats, Interp::Bilinear, &data.fill)?;
+                model.forward(&x, &mut Forward::eval())?.to_vec()
+            }
+        })
+        .collect()
 }
 
 /// The additive part of an evaluation: sums and counts over a set of test images, so the
@@ -219,14 +238,32 @@ pub fn tally_transforms(
     let mut tally = Tally::new(n, mats.len(), set.len(), k);
     let mut rand_tally = Tally::new(n, 1, 1, k);
     let order: Vec<u32> = (range.start as u32..range.end as u32).collect();
-    for block in order.chunks(batch) {
-        for idx in block.chunks(per_pass) {
-            let copies: Vec<Affine> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, idx.len())).collect();
-            let point_of: Vec<usize> = (0..mats.len()).flat_map(|a| std::iter::repeat_n(a, idx.len())).collect();
-            tally.add(&transformed_logp(model, data, idx, &copies)?, idx, &point_of, data);
+    // The two full pass shapes (a whole group of images under every point, a whole block under
+    // its random transformations) replay as graphs where the backend has them; a block's
+    // passes are read back together.
+    let per_block = batch.div_ceil(per_pass) + 1;
+    let mut feeds = Vec::new();
+    for copies in [per_pass * mats.len(), batch] {
+        if feeds.iter().all(|f: &FedPasses| f.copies() != copies) {
+            feeds.extend(FedPasses::new(data, copies, per_block)?);
         }
-        let drawn: Vec<Affine> = block.iter().map(|&i| random[i as usize]).collect();
-        rand_tally.add(&transformed_logp(model, data, block, &drawn)?, block, &vec![0; block.len()], data);
+    }
+    for block in order.chunks(batch) {
+        let mut passes: Vec<Pass> = block
+            .chunks(per_pass)
+            .map(|idx| Pass {
+                rows: (0..mats.len()).flat_map(|_| idx.iter().copied()).collect(),
+                mats: mats.iter().flat_map(|m| std::iter::repeat_n(*m, idx.len())).collect(),
+            })
+            .collect();
+        passes.push(Pass { rows: block.to_vec(), mats: block.iter().map(|&i| random[i as usize]).collect() });
+        let logps = pass_logps(model, data, &mut feeds, &passes)?;
+        let (rand, points) = logps.split_last().context("internal: a block without passes")?;
+        for (idx, logp) in block.chunks(per_pass).zip(points) {
+            let point_of: Vec<usize> = (0..mats.len()).flat_map(|a| std::iter::repeat_n(a, idx.len())).collect();
+            tally.add(logp, idx, &point_of, data);
+        }
+        rand_tally.add(rand, block, &vec![0; block.len()], data);
         if let Some(pb) = &pb {
             pb.inc(1);
         }

@@ -63,6 +63,9 @@ struct Run {
     replays: u64,
 }
 
+/// Tests that force a mode take turns: the mode is the process's.
+static MODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn train(mode: Mode) -> Run {
     feed::force_mode(Some(mode));
     let be: BackendRef = CudaBackend::emulated();
@@ -83,6 +86,7 @@ fn train(mode: Mode) -> Run {
 /// 3 + 5.
 #[test]
 fn replayed_training_matches_plain_launches_bit_for_bit() {
+    let _turn = MODE.lock().unwrap_or_else(|e| e.into_inner());
     let host = train(Mode::Host);
     let plain = train(Mode::Plain);
     let replay = train(Mode::Replay);
@@ -179,4 +183,36 @@ fn capture_follows_cudas_rules() {
         .expect("a graph");
     be.replay(&g).unwrap();
     assert!(be.download(&y).unwrap().iter().all(|v| v.is_nan()), "an unwritten temporary read as a value");
+}
+
+/// The rotated evaluation's full passes replay as graphs (train/fed_passes.rs) and give the
+/// same figures, bit for bit, as the host loop. 43 images in blocks of 16, 3 points, 5 images
+/// per pass: 8 full passes of 15 copies (the first plain, 7 replays) and 2 full random passes
+/// of 16 (one plain, one replay); the partial ones run plain.
+#[test]
+fn replayed_rotated_evaluation_matches_the_host_loop() {
+    let _turn = MODE.lock().unwrap_or_else(|e| e.into_inner());
+    let ds = dataset();
+    let eval = |mode: Mode| {
+        feed::force_mode(Some(mode));
+        let be: BackendRef = CudaBackend::emulated();
+        let data = DeviceDataset::upload(&ds, &ds.channel_stats(), &be).expect("upload");
+        let ev =
+            rotvar::angle_eval::evaluate_angles(&model(&be), &data, &[0.0, 90.0, 37.0], 16, 5, &ds.class_names, true)
+                .expect("evaluate");
+        feed::force_mode(None);
+        (ev, be.graph_replays().unwrap())
+    };
+    let (host, host_replays) = eval(Mode::Host);
+    let (replay, replays) = eval(Mode::Replay);
+    assert_eq!((host_replays, replays), (0, 8));
+    assert_eq!(host.per_point.len(), 3);
+    for (a, b) in replay.per_point.iter().zip(&host.per_point) {
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "point {}", b.label);
+        assert_eq!(a.accuracy, b.accuracy, "point {}", b.label);
+        assert_eq!(a.class_accuracy, b.class_accuracy, "point {}", b.label);
+    }
+    assert_eq!(replay.group_accuracy, host.group_accuracy);
+    assert_eq!(replay.random_loss.to_bits(), host.random_loss.to_bits());
+    assert_eq!(replay.random_accuracy, host.random_accuracy);
 }

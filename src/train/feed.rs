@@ -59,15 +59,69 @@ pub fn mode() -> Mode {
 }
 
 enum GraphState {
-    /// Plain steps still to run before the capture. Two: the first creates Adam's moments,
-    /// partly from buffers its own temporaries returned to the pool, so only after the second
-    /// does the pool hold every temporary of a step.
+    /// Plain runs still to go before the capture.
     Warmup(usize),
-    /// The next step is captured.
+    /// The next run is captured.
     Capture,
     Ready(Graph),
     /// Capture failed or is turned off: plain launches.
     Off,
+}
+
+/// Runs a recorded piece of device work (a fed step): with plain launches for `warmup` runs,
+/// then captured once and replayed. A failed capture is said once; plain launches follow.
+pub struct Replayer {
+    state: GraphState,
+    what: &'static str,
+}
+
+impl Replayer {
+    pub fn new(mode: Mode, warmup: usize, what: &'static str) -> Replayer {
+        let state = match mode {
+            Mode::Replay if warmup == 0 => GraphState::Capture,
+            Mode::Replay => GraphState::Warmup(warmup),
+            Mode::Plain | Mode::Host => GraphState::Off,
+        };
+        Replayer { state, what }
+    }
+
+    pub fn run(&mut self, be: &BackendRef, record: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        match std::mem::replace(&mut self.state, GraphState::Off) {
+            GraphState::Warmup(left) => {
+                record()?;
+                self.state = if left > 1 { GraphState::Warmup(left - 1) } else { GraphState::Capture };
+            }
+            GraphState::Capture => match be.capture(record) {
+                Ok(Some(g)) => {
+                    be.replay(&g)?;
+                    self.state = GraphState::Ready(g);
+                }
+                Ok(None) => record()?,
+                Err(e) => {
+                    progress::note(None, &format!("note: {} without CUDA graphs (plain launches): {e:#}", self.what));
+                    record()?;
+                }
+            },
+            GraphState::Ready(g) => {
+                be.replay(&g)?;
+                self.state = GraphState::Ready(g);
+            }
+            GraphState::Off => record()?,
+        }
+        Ok(())
+    }
+
+    /// Kernels one replay runs, once captured.
+    pub fn graph_kernels(&self) -> Option<usize> {
+        match &self.state {
+            GraphState::Ready(g) => Some(g.kernels),
+            _ => None,
+        }
+    }
+
+    pub fn replaying(&self) -> bool {
+        matches!(self.state, GraphState::Ready(_))
+    }
 }
 
 /// Device tables for the full batches of an epoch, and the captured step.
@@ -88,7 +142,7 @@ pub struct Feed {
     fill: Tensor,
     loss_log: Tensor,
     pred_log: Tensor,
-    state: GraphState,
+    replayer: Replayer,
     /// Full batches of the current epoch run so far.
     pub done: usize,
 }
@@ -119,7 +173,6 @@ impl Feed {
         }
         let z = |n: usize| Tensor::zeros(&be, &[n]);
         let augment = !cfg.augment.is_none();
-        let state = if mode == Mode::Plain { GraphState::Off } else { GraphState::Warmup(2) };
         Ok(Some(Feed {
             perm: z(rows * batch)?,
             mats: augment.then(|| z(rows * batch * 6)).transpose()?,
@@ -133,7 +186,7 @@ impl Feed {
             fill: Tensor::from_vec(&be, &[train.fill.len()], &train.fill)?,
             loss_log: z(rows)?,
             pred_log: z(rows * batch)?,
-            state,
+            replayer: Replayer::new(mode, 2, "training"),
             done: 0,
             be,
             batch,
@@ -183,28 +236,11 @@ impl Feed {
         if self.done >= self.rows {
             bail!("internal: more fed steps than the epoch's {} full batches", self.rows);
         }
-        match std::mem::replace(&mut self.state, GraphState::Off) {
-            GraphState::Warmup(left) => {
-                self.record(model, train, optimizer)?;
-                self.state = if left > 1 { GraphState::Warmup(left - 1) } else { GraphState::Capture };
-            }
-            GraphState::Capture => match self.be.clone().capture(&mut || self.record(model, train, optimizer)) {
-                Ok(Some(g)) => {
-                    self.be.replay(&g)?;
-                    self.state = GraphState::Ready(g);
-                }
-                Ok(None) => self.record(model, train, optimizer)?,
-                Err(e) => {
-                    progress::note(None, &format!("note: training without CUDA graphs (plain launches): {e:#}"));
-                    self.record(model, train, optimizer)?;
-                }
-            },
-            GraphState::Ready(g) => {
-                self.be.replay(&g)?;
-                self.state = GraphState::Ready(g);
-            }
-            GraphState::Off => self.record(model, train, optimizer)?,
-        }
+        let be = self.be.clone();
+        let mut replayer = std::mem::replace(&mut self.replayer, Replayer::new(Mode::Plain, 0, ""));
+        let ran = replayer.run(&be, &mut || self.record(model, train, optimizer));
+        self.replayer = replayer;
+        ran?;
         optimizer.count_step();
         self.done += 1;
         Ok(())
@@ -212,15 +248,12 @@ impl Feed {
 
     /// Kernels one replay runs, once the step is captured.
     pub fn graph_kernels(&self) -> Option<usize> {
-        match &self.state {
-            GraphState::Ready(g) => Some(g.kernels),
-            _ => None,
-        }
+        self.replayer.graph_kernels()
     }
 
     /// Whether steps replay a captured graph.
     pub fn replaying(&self) -> bool {
-        matches!(self.state, GraphState::Ready(_))
+        self.replayer.replaying()
     }
 
     /// The fed step's launches, top to bottom.

@@ -20,6 +20,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
+pub mod fed_passes;
 pub mod feed;
 
 /// A dataset resident on the device, normalized with training statistics.
