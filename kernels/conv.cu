@@ -110,6 +110,19 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     rvc_conv_bwd_weight<128>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
 }
 
+// variant: a probe of RvcDivisor (conv.cuh), not used by the model: q[i] = x[i] / d for
+// 0 <= x[i] < 2^31, d >= 1 (anything else traps). tests/conv_kernels_emulated.rs runs it
+// against integer division on edge and random values.
+// Launch: any 1-D grid and block (grid-stride).
+extern "C" __global__ void conv_divisor_probe(int* q, const int* x, int d, long long n) {
+    if (d < 1) __trap();
+    const RvcDivisor div(d);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        if (x[i] < 0) __trap();
+        q[i] = div.div(x[i]);
+    }
+}
+
 // out[i] = partial[0*len + i] + partial[1*len + i] + ... in split order.
 // variant: the second half of split-K without float atomics; one thread per
 // element adds the splits left to right, so the bits depend only on `splits`

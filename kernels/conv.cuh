@@ -111,6 +111,22 @@ __device__ __forceinline__ void rvc_store_rowwalk(RvcRow<ROWS>* S, const float (
     for (int j = 0; j < E; ++j) S[kk + j][r] = v[j];
 }
 
+// x / d for 0 <= x < 2^31 and a divisor d >= 1 fixed for the kernel, as a multiply and a shift
+// (Granlund & Montgomery's round-up method: s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1,
+// q = (mulhi(x, m) + x) >> s; the sum cannot overflow for x < 2^31). A hardware-less integer
+// division is about 15 instructions; this is three, and it is exact.
+struct RvcDivisor {
+    unsigned m;
+    int s;
+    __device__ __forceinline__ explicit RvcDivisor(int d)
+        : m((unsigned)(((1ull << 32) * ((1ull << (32 - __clz(d - 1))) - (unsigned)d)) / (unsigned)d) + 1u),
+          s(32 - __clz(d - 1)) {}
+    __device__ __forceinline__ int div(int x) const {
+        const unsigned hi = (unsigned)(((unsigned long long)(unsigned)x * m) >> 32);
+        return (int)((hi + (unsigned)x) >> s);
+    }
+};
+
 // Steps (c, r, s) to the next reduction index in row-major (C, R, S) order.
 __device__ __forceinline__ void rvc_step_crs(int& c, int& r, int& s, int R, int S) {
     if (++s == S) {
@@ -339,13 +355,15 @@ struct RvcTapB {
     static_assert(E % 4 == 0 && (SIGN == 1 || SIGN == -1), "whole int4 table reads");
     const float* src;  // the column's image (c = 0); past the last column any image, x0 = RVC_DEAD_X
     int y0, x0, Hs, Ws, R, S, RS;
+    RvcDivisor RSd{1}, Sd{1};
     __device__ __forceinline__ void init(const float* src_, int y0_, int x0_, int Hs_, int Ws_, int R_, int S_) {
         src = src_, y0 = y0_, x0 = x0_, Hs = Hs_, Ws = Ws_, R = R_, S = S_, RS = R_ * S_;
+        RSd = RvcDivisor(RS), Sd = RvcDivisor(S_);
     }
     __device__ __forceinline__ void prepare(int k0, int kend) const {
         if (threadIdx.x < RVC_BK) {
             const int kr = k0 + threadIdx.x, slot = ((k0 / RVC_BK) & 1) * RVC_BK + threadIdx.x;
-            const int c = kr / RS, rs = kr - c * RS, r = rs / S, s = rs - r * S;
+            const int c = RSd.div(kr), rs = kr - c * RS, r = Sd.div(rs), s = rs - r * S;
             rvc_tap_table<ROWS, 0>()[slot] = (c * Hs + SIGN * r) * Ws + SIGN * s;
             rvc_tap_table<ROWS, 1>()[slot] = kr < kend ? r | s << 16 : -1;
         }
@@ -431,14 +449,16 @@ struct RvcBwdDataA {
     static constexpr int E = ROWS / 16;
     const float* w;
     int C, RS, m0;
+    RvcDivisor RSd;
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
-        const int k = kr / RS, rs = kr - k * RS;
+        const int k = RSd.div(kr), rs = kr - k * RS, c = m0 + threadIdx.x / RVC_BK;
+        // Element j is 16 channels further: one address per slice, then a constant stride.
+        const float* src = w + ((long long)k * C + c) * RS + rs;
+        const long long step = 16LL * RS;
+        const bool in = kr < kend;
 #pragma unroll
-        for (int j = 0; j < E; ++j) {
-            const int c = m0 + threadIdx.x / RVC_BK + 16 * j;
-            v[j] = (kr < kend && c < C) ? __ldg(w + ((long long)k * C + c) * RS + rs) : 0.f;
-        }
+        for (int j = 0; j < E; ++j) v[j] = (in && c + 16 * j < C) ? __ldg(src + j * step) : 0.f;
     }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
 };
@@ -499,7 +519,7 @@ __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, co
     const int HW = H * W, ncols = N * HW, krs = K * R * S;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
 
-    RvcBwdDataA<BM> la{w, C, R * S, m0};
+    RvcBwdDataA<BM> la{w, C, R * S, m0, RvcDivisor(R * S)};
     typename RvcBwdDataLoaderB<BM>::T lb;
     {
         const int col = n0 + threadIdx.x % BN;
@@ -647,14 +667,17 @@ struct RvcBwdWeightA {
     static constexpr int E = ROWS / 16;
     const float* dy;
     int K, P, m0;
+    RvcDivisor Pd;
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
-        const int n = kr / P, p = kr - n * P;
+        const int n = Pd.div(kr), p = kr - n * P, k = m0 + threadIdx.x / RVC_BK;
+        // Element j is 16 rows further: one address per slice, then a constant stride (the
+        // per-element 64-bit index took about a tenth of v4's main loop).
+        const float* src = dy + ((long long)n * K + k) * P + p;
+        const long long step = 16LL * P;
+        const bool in = kr < kend;
 #pragma unroll
-        for (int j = 0; j < E; ++j) {
-            const int k = m0 + threadIdx.x / RVC_BK + 16 * j;
-            v[j] = (kr < kend && k < K) ? __ldg(dy + ((long long)n * K + k) * P + p) : 0.f;
-        }
+        for (int j = 0; j < E; ++j) v[j] = (in && k + 16 * j < K) ? __ldg(src + j * step) : 0.f;
     }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
 };
@@ -667,7 +690,7 @@ struct RvcBwdWeightA {
 // time. Held in registers, the 16 x 256 tile's 48 decoded values kept that
 // kernel at 127 registers, 2 blocks per SM. The E values of a fetch go to the
 // shared tile as float4s.
-template <int ROWS>
+template <int ROWS, bool SELECT = true>
 struct RvcBwdWeightB {
     static constexpr int E = ROWS / 16;
     static_assert(E % 4 == 0, "whole int4 / float4 accesses");
@@ -675,11 +698,13 @@ struct RvcBwdWeightB {
     const int* off;  // shared, per tile column: c*H*W + r*W + s
     const int* rs;   // shared, per tile column: r | s << 16; -1 past C*R*S
     int C, H, W, P, OW, stride, pad;
+    RvcDivisor Pd, OWd;
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
-        const int n = kr / P, p = kr - n * P, oy = p / OW, ox = p - oy * OW;
+        const int n = Pd.div(kr), p = kr - n * P, oy = OWd.div(p), ox = p - oy * OW;
         const int iyb = oy * stride - pad, ixb = ox * stride - pad, base = iyb * W + ixb;
-        const float* xn = x + (long long)n * C * H * W;
+        const bool in = kr < kend;
+        const float* xn = x + (long long)(in ? n : 0) * C * H * W;  // past kend, n may be N
         const int j0 = E * (threadIdx.x / RVC_BK);
 #pragma unroll
         for (int q = 0; q < E / 4; ++q) {
@@ -689,8 +714,16 @@ struct RvcBwdWeightB {
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int iy = iyb + (pr[u] & 0xffff), ix = ixb + (pr[u] >> 16);
-                const bool ok = kr < kend && pr[u] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
-                v[4 * q + u] = ok ? __ldg(xn + (o[u] + base)) : 0.f;
+                const bool ok = in && pr[u] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+                // SELECT: an unconditional load (of the image's first value where the tap is
+                // outside) lets the compiler issue it without a branch around it; it costs a
+                // register, which the tensor-core kernels (80) do not have.
+                if constexpr (SELECT) {
+                    const float t = __ldg(xn + (ok ? o[u] + base : 0));
+                    v[4 * q + u] = ok ? t : 0.f;
+                } else {
+                    v[4 * q + u] = ok ? __ldg(xn + (o[u] + base)) : 0.f;
+                }
             }
         }
     }
@@ -731,7 +764,8 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     const int kbeg = (int)(kb < kred ? kb : kred);
     const int kend = kbeg + chunk < kred ? kbeg + chunk : kred;
 
-    RvcBwdWeightA<BM> la{dy, K, P, m0};
+    const RvcDivisor Pd(P), OWd(OW);
+    RvcBwdWeightA<BM> la{dy, K, P, m0, Pd};
     // The B loader's column table (see RvcBwdWeightB); r and s share one int.
     int* col_off = rvc_col_table<BN, 0>();
     int* col_rs = rvc_col_table<BN, 1>();
@@ -741,11 +775,7 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
         col_rs[j] = col < crs ? r | (rs - r * S) << 16 : -1;
     }
     __syncthreads();
-    RvcBwdWeightB<BN> lb;
-    lb.x = x;
-    lb.off = col_off;
-    lb.rs = col_rs;
-    lb.C = C, lb.H = H, lb.W = W, lb.P = P, lb.OW = OW, lb.stride = stride, lb.pad = pad;
+    const RvcBwdWeightB<BN, PREC == RV_PREC_FP32> lb{x, col_off, col_rs, C, H, W, P, OW, stride, pad, Pd, OWd};
 
     RvcAcc<BM> acc;
     rvc_mainloop<BM, PREC>(la, lb, kbeg, kend, acc);

@@ -738,3 +738,38 @@ fn pool_rejects_unknown_kind() {
     let r = unsafe { emu::launch("pool2d_fwd_f32", (1, 1, 1), (64, 1, 1), 0, &args) };
     assert!(r.unwrap_err().to_string().contains("__trap"));
 }
+
+/// RvcDivisor (conv.cuh), the multiply-and-shift division the v4 and wgrad loaders use in place
+/// of integer division, is exact: every divisor up to 300 and a spread of large ones, on edge
+/// numerators (0, d − 1, d, d + 1, multiples, 2³¹ − 1) and random ones.
+#[test]
+fn divisor_is_exact_integer_division() {
+    let mut rng = Rng(77);
+    let mut divisors: Vec<i32> = (1..=300).collect();
+    divisors.extend([511, 512, 513, 4095, 65535, 65536, 1 << 20, 1_000_003, (1 << 30) + 1, i32::MAX]);
+    for _ in 0..40 {
+        divisors.push((rng.next_u64() % i32::MAX as u64) as i32 + 1);
+    }
+    for &d in &divisors {
+        let mut x: Vec<i32> = vec![0, 1, i32::MAX, i32::MAX - 1, i32::MAX - d + 1];
+        for m in [1i64, 2, 3, 1000, i32::MAX as i64 / d as i64] {
+            for delta in [-1i64, 0, 1] {
+                let v = m * d as i64 + delta;
+                if (0..=i32::MAX as i64).contains(&v) {
+                    x.push(v as i32);
+                }
+            }
+        }
+        x.extend((0..64).map(|_| (rng.next_u64() % (i32::MAX as u64 + 1)) as i32));
+        let mut q = vec![-7i32; x.len()];
+        launch(
+            "conv_divisor_probe",
+            (2, 1, 1),
+            32,
+            &[KArg::slice_mut(&mut q), KArg::slice(&x), KArg::I32(d), KArg::I64(x.len() as i64)],
+        );
+        for (xi, qi) in x.iter().zip(&q) {
+            assert_eq!(*qi, xi / d, "{xi} / {d}");
+        }
+    }
+}
