@@ -19,7 +19,7 @@
 //   load index mapping changes, chosen so consecutive threads read consecutive
 //   addresses of whichever dimension is contiguous in memory. Ragged edges are
 //   zero-filled on load and masked on store. No double buffering (see v2).
-#include "mma.cuh"
+#include "conv.cuh"  // v4 runs conv.cuh's 128 x 128 main loop (which includes mma.cuh)
 
 #define RV_BM 64
 #define RV_BN 64
@@ -307,6 +307,80 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
     gemm_splitk_v3(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ partial, int M,
                    int N, int K, int lda, int ldb, int transA, int transB, int splits) {
     rv_gemm_splitk(A, B, partial, M, N, K, lda, ldb, transA, transB, splits);
+}
+
+// gemm_tiled_v4: v2's arguments, layout and epilogue on a 128 x 128 tile, each of the 256
+// threads an 8 x 8 register tile (64 FMAs per four float4 shared reads): conv.cuh's v4 main
+// loop (rvc_mainloop<128>) with the operand loaders below. Per output the same FMAs in the same
+// order as v1 and v2, so the same bits.
+//   Launch: block = (256,1,1), grid = (ceil(N/128), ceil(M/128), 1). __launch_bounds__(256, 2):
+//   128 registers, 64 of them accumulators. The host runs it where ROTVAR_CONV_TILES=v4 asks
+//   (fp32, unsplit products) until a GPU has timed it against v2.
+//
+// One op(X) tile of ROWS rows for v4: X is [rows, K] (TRANS false, contiguous along k:
+// consecutive threads walk k) or [K, rows] (TRANS true, contiguous along rows: they walk rows),
+// 0 outside. A template parameter, so each main loop holds one of the two.
+template <int ROWS, bool TRANS>
+struct RvGemmV4Loader {
+    static constexpr int E = ROWS / 16;
+    const float* X;
+    int ld, r0, nrows;
+    __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
+        if constexpr (!TRANS) {
+            const int gk = k0 + threadIdx.x % RVC_BK, r = r0 + threadIdx.x / RVC_BK;
+            const float* src = X + (long long)r * ld + gk;
+            const long long step = 16LL * ld;
+#pragma unroll
+            for (int j = 0; j < E; ++j) v[j] = (gk < kend && r + 16 * j < nrows) ? __ldg(src + j * step) : 0.f;
+        } else {
+            const int r = r0 + threadIdx.x % ROWS, gk = k0 + E * (threadIdx.x / ROWS);
+            const float* src = X + (long long)gk * ld + r;
+#pragma unroll
+            for (int j = 0; j < E; ++j) v[j] = (gk + j < kend && r < nrows) ? __ldg(src + (long long)j * ld) : 0.f;
+        }
+    }
+    __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const {
+        if constexpr (TRANS) rvc_store_rowwalk<ROWS>(S, v);
+        else rvc_store_kwalk<ROWS>(S, v);
+    }
+};
+
+template <bool TA, bool TB>
+__device__ __forceinline__ void rv_gemm_v4(const float* __restrict__ A, const float* __restrict__ B,
+                                           float* __restrict__ C, const float* __restrict__ bias, int M, int N,
+                                           int K, int lda, int ldb, int ldc, float alpha, float beta, int act) {
+    using Sh = RvcShape<128>;
+    const int m0 = blockIdx.y * 128, n0 = blockIdx.x * 128;
+    const RvGemmV4Loader<128, TA> la{A, lda, m0, M};
+    const RvGemmV4Loader<128, !TB> lb{B, ldb, n0, N};
+    RvcAcc<128> acc;
+    rvc_mainloop<128, RV_PREC_FP32>(la, lb, 0, K, acc);
+    const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
+#pragma unroll
+    for (int i = 0; i < Sh::TM; ++i) {
+        const int m = m0 + Sh::row(ty, i);
+        if (m >= M) continue;
+        float* crow = C + (long long)m * ldc;
+#pragma unroll
+        for (int j = 0; j < Sh::TN; ++j) {
+            const int n = n0 + Sh::col(tx, j);
+            if (n >= N) continue;
+            float v = beta == 0.f ? alpha * acc[i][j] : fmaf(beta, crow[n], alpha * acc[i][j]);
+            if (bias) v += __ldg(bias + n);
+            crow[n] = rv_act(act, v);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(RV_THREADS, 2)
+    gemm_tiled_v4(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
+                  const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA,
+                  int transB, float alpha, float beta, int act) {
+    if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    if (transA && transB) rv_gemm_v4<true, true>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+    else if (transA) rv_gemm_v4<true, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+    else if (transB) rv_gemm_v4<false, true>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+    else rv_gemm_v4<false, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
 }
 
 // gemm_tc, gemm_splitk_tc: v2 and v3 on tensor cores (mma.cuh), one more argument `prec`

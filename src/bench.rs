@@ -298,8 +298,9 @@ pub struct GemmTiming {
     pub fraction_of_ceiling: Option<f64>,
 }
 
-/// The GEMM variants side by side: v1 against v2 (register prefetch) and v3 (v2 with the
+/// The GEMM variants side by side: v1 against v2 (register prefetch), v3 (v2 with the
 /// reduction split over more blocks, what the backend runs when v2's tiles cannot fill the GPU)
+/// and v4 (128 × 128 tiles, 8 × 8 per thread; fp32)
 /// on the dense layers' forward shapes of `models` at `batch` rows and on a 2048³ square, and
 /// v2's fused bias + ReLU epilogue against the same GEMM followed by a separate ReLU kernel.
 pub fn gemm_timings(
@@ -334,7 +335,7 @@ pub fn gemm_timings(
         let dims = (m, n, k);
         let v3 = format!("v3 split-K {}", cuda.gemm_splits(m, n, k));
         let v3_epilogue = format!("{v3} +bias+relu");
-        let rows: [(&str, f64); 6] = [
+        let mut rows: Vec<(&str, f64)> = vec![
             ("v1", median_ms(&b, reps, || cuda.gemm_variant(1, &x, &w, None, id, &mut y, dims))?),
             ("v2", median_ms(&b, reps, || cuda.gemm_variant(2, &x, &w, None, id, &mut y, dims))?),
             (&v3, median_ms(&b, reps, || cuda.gemm_variant(3, &x, &w, None, id, &mut y, dims))?),
@@ -348,6 +349,10 @@ pub fn gemm_timings(
                 })?,
             ),
         ];
+        // v4 (128 × 128 tiles) has no tensor-core twin.
+        if b.precision() == crate::backend::Precision::Fp32 {
+            rows.push(("v4", median_ms(&b, reps, || cuda.gemm_variant(4, &x, &w, None, id, &mut y, dims))?));
+        }
         let flops = 2.0 * (m * n * k) as f64;
         for (variant, ms) in rows {
             let gflops = flops / (ms * 1e-3) / 1e9;

@@ -307,7 +307,7 @@ struct Epilogue {
     relu: bool,
 }
 
-/// Runs `kernel` ("gemm_tiled_v1", "gemm_tiled_v2", "gemm_splitk_v3/<splits>") on case `c`, or
+/// Runs `kernel` ("gemm_tiled_v1", "gemm_tiled_v2", "gemm_tiled_v4", "gemm_splitk_v3/<splits>") on case `c`, or
 /// in a precision other than fp32 its tensor-core twin (gemm_tc, gemm_splitk_tc), and checks it
 /// against the f64 product of the operands as the precision rounds them. Returns the largest
 /// deviation from the product of the unrounded operands, relative to each element's scale.
@@ -324,7 +324,8 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng, pr
     // beta == 0 must not read C, so poison it; otherwise C carries data.
     let c0 = if c.beta == 0. { vec![POISON; c.m * ldc] } else { rng.vec(c.m * ldc, -1., 1.) };
     let mut cm = c0.clone();
-    let grid = (c.n.div_ceil(64) as u32, c.m.div_ceil(64) as u32, 1);
+    let tile = if kernel == "gemm_tiled_v4" { 128 } else { 64 };
+    let grid = (c.n.div_ceil(tile) as u32, c.m.div_ceil(tile) as u32, 1);
     let bias_arg = if use_bias { KArg::slice(&bias) } else { KArg::Ptr(0) };
     if let Some(splits) = kernel.strip_prefix("gemm_splitk_v3/") {
         // v3 has alpha = 1, beta = 0; its partials are poisoned, so a slice left unwritten fails.
@@ -547,19 +548,23 @@ fn gemm_tiled_v2_without_epilogue_equals_v1_bitwise() {
     let run = |kernel: &str| {
         let mut c = vec![POISON; m * n];
         let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut c)];
-        if kernel == "gemm_tiled_v2" {
+        let epilogue = kernel != "gemm_tiled_v1";
+        if epilogue {
             args.push(KArg::Ptr(0));
         }
         args.extend(i32s([m, n, k, k, n, n, 0, 0]));
         args.extend(f32s([1., 0.]));
-        if kernel == "gemm_tiled_v2" {
+        if epilogue {
             args.push(KArg::I32(0));
         }
-        let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+        let tile = if kernel == "gemm_tiled_v4" { 128 } else { 64 };
+        let grid = (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1);
         unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
         c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     };
     assert_eq!(run("gemm_tiled_v1"), run("gemm_tiled_v2"));
+    // v4's 128 x 128 tiles sum each output in the same order: the same bits.
+    assert_eq!(run("gemm_tiled_v1"), run("gemm_tiled_v4"));
 }
 
 #[test]
@@ -664,4 +669,20 @@ fn every_ptx_module_has_an_sm90_cubin() {
     }
     assert_eq!(kernels::SOURCE_SHA256.len(), 64);
     assert!(kernels::SOURCE_SHA256.chars().all(|c| c.is_ascii_hexdigit()));
+}
+
+/// v4 (128 × 128 tiles, conv.cuh's main loop with the GEMM's loaders) on every case: all four
+/// transposes, ragged edges, leading-dimension padding, alpha/beta, the fused bias and ReLU.
+#[test]
+fn gemm_tiled_v4_parity() {
+    let mut rng = Rng(31);
+    for c in &gemm_cases() {
+        check_gemm("gemm_tiled_v4", c, Some(Epilogue { bias: false, relu: false }), &mut rng, FP32);
+        if c.alpha == 1. && c.beta == 0. {
+            check_gemm("gemm_tiled_v4", c, Some(Epilogue { bias: true, relu: true }), &mut rng, FP32);
+        }
+    }
+    // Several 128-row blocks in both directions.
+    let big = GemmCase { m: 300, n: 260, k: 40, ta: true, tb: false, alpha: 1., beta: 0., pad: 2 };
+    check_gemm("gemm_tiled_v4", &big, Some(Epilogue { bias: true, relu: false }), &mut rng, FP32);
 }

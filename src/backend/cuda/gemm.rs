@@ -139,6 +139,14 @@ pub(super) fn tc_kernel(name: &str) -> Option<String> {
     Some(format!("{pass}_tc_{tile}"))
 }
 
+/// Which kernel of kernels/gemm.cu a product runs: v2, v4 (128 × 128), or v3 split that many ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GemmHow {
+    V2,
+    V4,
+    Split(usize),
+}
+
 /// A GEMM's shape and layout (kernels/gemm.cu's conventions): C[m, n] = op(A)[m, k] · op(B)[k, n],
 /// row-major with leading dimensions, A (B) transposed when `ta` (`tb`).
 pub(super) struct Gemm {
@@ -184,12 +192,16 @@ impl CudaBackend {
                 args.extend([KArg::F32(1.0), KArg::F32(0.0)]);
                 self.launch("gemm_tiled_v1", grid2(n.div_ceil(TILE), m.div_ceil(TILE)), BLOCK, 0, &args)
             }
-            2 | 3 => {
+            2..=4 => {
                 let g = Gemm { m, n, k, lda: k, ldb: k, ldc: n, ta: false, tb: true };
-                let splits = if variant == 2 { None } else { Some(self.gemm_splits(m, n, k)) };
-                self.gemm_launch(aa, ba, ca, self.opt_arg(bias, n)?, act, &g, splits)
+                let how = match variant {
+                    2 => GemmHow::V2,
+                    3 => GemmHow::Split(self.gemm_splits(m, n, k)),
+                    _ => GemmHow::V4,
+                };
+                self.gemm_launch(aa, ba, ca, self.opt_arg(bias, n)?, act, &g, how)
             }
-            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1, v2 and v3 (split-K)"),
+            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1, v2, v3 (split-K) and v4"),
         }
     }
 
@@ -199,13 +211,19 @@ impl CudaBackend {
     }
 
     /// C[M,N] = act(op(A)·op(B) + bias[N]) (`bias` a pointer argument, `KArg::Ptr(0)` for none):
-    /// gemm_tiled_v2 where its tiles fill the GPU, else split-K (gemm_splitk_v3 + splitk_sum_f32).
+    /// gemm_tiled_v2 where its tiles fill the GPU, else split-K (gemm_splitk_v3 + splitk_sum_f32);
+    /// v4 in place of v2 where ROTVAR_CONV_TILES=v4 asks (fp32 only).
     pub(super) fn gemm(&self, a: KArg, b: KArg, c: KArg, bias: KArg, act: Activation, g: &Gemm) -> Result<()> {
         let splits = self.gemm_splits(g.m, g.n, g.k);
-        self.gemm_launch(a, b, c, bias, act, g, (splits > 1).then_some(splits))
+        let how = match (splits > 1, self.tiles()) {
+            (true, _) => GemmHow::Split(splits),
+            (false, ConvTiles::V4) => GemmHow::V4,
+            (false, _) => GemmHow::V2,
+        };
+        self.gemm_launch(a, b, c, bias, act, g, how)
     }
 
-    /// v2 (`splits` None) or v3 with that many slices, then the sum and the epilogue.
+    /// v2, v4 or v3 with that many slices (then the sum and the epilogue).
     #[allow(clippy::too_many_arguments)]
     fn gemm_launch(
         &self,
@@ -215,23 +233,33 @@ impl CudaBackend {
         bias: KArg,
         act: Activation,
         g: &Gemm,
-        splits: Option<usize>,
+        how: GemmHow,
     ) -> Result<()> {
         let grid = |z: usize| (g.n.div_ceil(TILE) as u32, g.m.div_ceil(TILE) as u32, z as u32);
         let dims =
             [i32_of(g.m, "M")?, i32_of(g.n, "N")?, i32_of(g.k, "K")?, i32_of(g.lda, "lda")?, i32_of(g.ldb, "ldb")?];
-        let Some(splits) = splits else {
-            let mut args = vec![a, b, c, bias];
-            args.extend(dims);
-            args.extend([
-                i32_of(g.ldc, "ldc")?,
-                KArg::I32(g.ta as i32),
-                KArg::I32(g.tb as i32),
-                KArg::F32(1.0),
-                KArg::F32(0.0),
-                KArg::I32(act.code()),
-            ]);
-            return self.launch_mm("gemm_tiled_v2", grid(1), BLOCK, &args);
+        let splits = match how {
+            GemmHow::Split(s) => s,
+            GemmHow::V2 | GemmHow::V4 => {
+                let mut args = vec![a, b, c, bias];
+                args.extend(dims);
+                args.extend([
+                    i32_of(g.ldc, "ldc")?,
+                    KArg::I32(g.ta as i32),
+                    KArg::I32(g.tb as i32),
+                    KArg::F32(1.0),
+                    KArg::F32(0.0),
+                    KArg::I32(act.code()),
+                ]);
+                if how == GemmHow::V2 {
+                    return self.launch_mm("gemm_tiled_v2", grid(1), BLOCK, &args);
+                }
+                if self.precision != crate::backend::Precision::Fp32 {
+                    bail!("gemm_tiled_v4 is fp32 only: it has no tensor-core twin");
+                }
+                let grid = (g.n.div_ceil(128) as u32, g.m.div_ceil(128) as u32, 1);
+                return self.launch("gemm_tiled_v4", grid, BLOCK, 0, &args);
+            }
         };
         let len = g.m * g.n;
         let partial = self.new_buf(splits * len)?;
