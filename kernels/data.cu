@@ -62,7 +62,7 @@ __device__ __forceinline__ float rv_data_unit_f32(rv_data_u64 bits) {
 // launch configuration.
 // Launch: block 256, grid = max(1, min(ceil(n/256), 32*SMs)), no dynamic shared
 // memory; any 1-D grid/block is correct.
-extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x, float p, unsigned long long seed,
+__device__ __forceinline__ void rv_dropout(float* y, float* mask, const float* x, float p, rv_data_u64 seed,
                                            long long n) {
     const float keep = 1.0f / (1.0f - p);
     const long long stride = rv_data_stride();
@@ -74,6 +74,11 @@ extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x
     }
 }
 
+extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x, float p, unsigned long long seed,
+                                           long long n) {
+    rv_dropout(y, mask, x, p, seed, n);
+}
+
 // dropout_fwd_f32 with its seed read from the device: the layer's seed is
 // splitmix64(step_seed ^ layer), step_seed = seed[0] | seed[1] << 32, as the
 // host derives it (rotvar::nn, Layer::Dropout). The training step replayed as
@@ -81,15 +86,7 @@ extern "C" __global__ void dropout_fwd_f32(float* y, float* mask, const float* x
 // Launch: as dropout_fwd_f32.
 extern "C" __global__ void dropout_fed_f32(float* y, float* mask, const float* x, float p, const unsigned* seed,
                                            unsigned long long layer, long long n) {
-    const rv_data_u64 s = rv_data_splitmix64(((rv_data_u64)seed[0] | ((rv_data_u64)seed[1] << 32)) ^ layer);
-    const float keep = 1.0f / (1.0f - p);
-    const long long stride = rv_data_stride();
-    for (long long i = rv_data_tid(); i < n; i += stride) {
-        const rv_data_u64 h = rv_data_splitmix64(s ^ ((rv_data_u64)i * 0xD1B54A32D192ED03ull));
-        const float m = rv_data_unit_f32(h) < p ? 0.0f : keep;
-        mask[i] = m;
-        y[i] = x[i] * m;
-    }
+    rv_dropout(y, mask, x, p, rv_data_splitmix64(((rv_data_u64)seed[0] | ((rv_data_u64)seed[1] << 32)) ^ layer), n);
 }
 
 // The feed: a training step's per-step values (batch indices, augmentation

@@ -57,38 +57,72 @@ pub fn train_throughput(
     }
     let x = Tensor::from_vec(b, &[batch, 1, 28, 28], &xs)?;
     let y = Tensor::from_vec(b, &[batch], &ys)?;
-    let mut step = |i: usize| -> Result<()> {
+    let timing = time_steps(b, warmup, steps, |i| {
         let tape = Tape::start()?;
         let loss = ops::nll_loss(&model.forward(&x, &mut Forward::train(i as u64))?, &y)?;
         let grads = tape.backward(&loss)?;
         opt.step(&grads)
-    };
+    })?;
+    Ok(TrainThroughput::measured(b, arch, batch, steps, timing, None))
+}
+
+/// Seconds of `steps` timed steps after `warmup` untimed ones, between synchronizations, and per
+/// timed step the kernels the host launched and the graph replays (where the backend counts them).
+struct StepTiming {
+    seconds: f64,
+    launches: Option<f64>,
+    replays: Option<f64>,
+}
+
+fn time_steps(
+    b: &BackendRef,
+    warmup: usize,
+    steps: usize,
+    mut step: impl FnMut(usize) -> Result<()>,
+) -> Result<StepTiming> {
     for i in 0..warmup {
         step(i)?;
     }
     b.synchronize()?;
-    let launches = b.kernel_launches();
+    let (launches, replays) = (b.kernel_launches(), b.graph_replays());
     let t = Instant::now();
     for i in warmup..warmup + steps {
         step(i)?;
     }
     b.synchronize()?;
-    let total = t.elapsed().as_secs_f64();
-    Ok(TrainThroughput {
-        implementation: "rotvar".into(),
-        model: arch.into(),
-        device: b.describe(),
-        threads: rayon::current_num_threads(),
-        batch_size: batch,
-        steps,
-        images_per_second: (batch * steps) as f64 / total,
-        mean_step_seconds: total / steps as f64,
-        kernel_launches_per_step: launches
-            .zip(b.kernel_launches())
-            .map(|(before, after)| (after - before) as f64 / steps as f64),
-        graph_replays_per_step: None,
-        kernels_per_replay: None,
+    let seconds = t.elapsed().as_secs_f64();
+    let per_step =
+        |before: Option<u64>, after: Option<u64>| before.zip(after).map(|(x, y)| (y - x) as f64 / steps.max(1) as f64);
+    Ok(StepTiming {
+        seconds,
+        launches: per_step(launches, b.kernel_launches()),
+        replays: per_step(replays, b.graph_replays()),
     })
+}
+
+impl TrainThroughput {
+    fn measured(
+        b: &BackendRef,
+        arch: &str,
+        batch: usize,
+        steps: usize,
+        t: StepTiming,
+        kernels_per_replay: Option<usize>,
+    ) -> Self {
+        TrainThroughput {
+            implementation: "rotvar".into(),
+            model: arch.into(),
+            device: b.describe(),
+            threads: rayon::current_num_threads(),
+            batch_size: batch,
+            steps,
+            images_per_second: (batch * steps) as f64 / t.seconds,
+            mean_step_seconds: t.seconds / steps as f64,
+            kernel_launches_per_step: t.launches,
+            graph_replays_per_step: t.replays,
+            kernels_per_replay,
+        }
+    }
 }
 
 /// `train_throughput` on a backend with graphs: the step `rotvar train` runs there
@@ -128,32 +162,8 @@ fn fed_throughput(
         .ok_or_else(|| anyhow::anyhow!("internal: no feed on a backend with graphs"))?;
     let order: Vec<u32> = (0..rows).flat_map(|_| 0..batch as u32).collect();
     feed.begin_epoch(&order, &cfg, &mut Rng::new(0), &opt, |j| j as u64)?;
-    for _ in 0..warmup {
-        feed.step(&model, &data, &mut opt)?;
-    }
-    b.synchronize()?;
-    let (launches, replays) = (b.kernel_launches(), b.graph_replays());
-    let t = Instant::now();
-    for _ in 0..steps {
-        feed.step(&model, &data, &mut opt)?;
-    }
-    b.synchronize()?;
-    let total = t.elapsed().as_secs_f64();
-    let per_step =
-        |before: Option<u64>, after: Option<u64>| before.zip(after).map(|(x, y)| (y - x) as f64 / steps.max(1) as f64);
-    Ok(TrainThroughput {
-        implementation: "rotvar".into(),
-        model: arch.into(),
-        device: b.describe(),
-        threads: rayon::current_num_threads(),
-        batch_size: batch,
-        steps,
-        images_per_second: (batch * steps) as f64 / total,
-        mean_step_seconds: total / steps as f64,
-        kernel_launches_per_step: per_step(launches, b.kernel_launches()),
-        graph_replays_per_step: per_step(replays, b.graph_replays()),
-        kernels_per_replay: feed.graph_kernels(),
-    })
+    let timing = time_steps(b, warmup, steps, |_| feed.step(&model, &data, &mut opt))?;
+    Ok(TrainThroughput::measured(b, arch, batch, steps, timing, feed.graph_kernels()))
 }
 
 #[derive(Debug, Serialize)]

@@ -1,6 +1,8 @@
 //! Every op of the CUDA backend, with its real launch code, run on the kernel emulator and
 //! compared with the CPU reference backend: what `rotvar selftest` checks on a GPU.
 
+mod common;
+
 use rotvar::backend::cpu::CpuBackend;
 use rotvar::backend::cuda::{ConvTiles, CudaBackend};
 use rotvar::backend::{BackendRef, Precision};
@@ -154,25 +156,13 @@ fn measure_memory_does_not_grow_with_the_number_of_samples() {
 /// A small network on 10×10 images keeps the emulator fast.
 #[test]
 fn training_steps_allocate_nothing_new_after_warm_up() {
-    use rotvar::data::{Dataset, Split};
     use rotvar::models::{InputSpec, Model};
     use rotvar::nn::{Conv2d, Layer, Linear, Sequential};
     use rotvar::optim::{OptimConfig, OptimizerKind};
     use rotvar::train::{fit, DeviceDataset, Session, TrainConfig};
     let emu: BackendRef = CudaBackend::emulated();
-    let n = 24;
-    let mut rng = rotvar::rng::Rng::new(4);
-    let ds = Dataset {
-        name: "synthetic".into(),
-        split: Split::Train,
-        images: (0..n * 100).map(|_| (rng.next_u64() % 256) as u8).collect(),
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        n,
-        channels: 1,
-        height: 10,
-        width: 10,
-        class_names: (0..10).map(|i| i.to_string()).collect(),
-    };
+    let ds = common::random_dataset(24, 10, 4);
+    let mut rng = rotvar::rng::Rng::new(5);
     let data = DeviceDataset::upload(&ds, &ds.channel_stats(), &emu).expect("upload");
     let mut net = Sequential::new();
     net.push("conv1", Layer::Conv2d(Conv2d::new(&emu, &mut rng, 1, 4, 3, 1, 1, true).unwrap()))

@@ -2,9 +2,10 @@
 //! kernel emulator: the same bits as plain launches and as the host-valued loop, one replay per
 //! step and no other launch, and CUDA's capture rules enforced.
 
+mod common;
+
 use rotvar::backend::cuda::CudaBackend;
 use rotvar::backend::{Activation, BackendRef};
-use rotvar::data::{Dataset, Split};
 use rotvar::models::{InputSpec, Model};
 use rotvar::nn::{BatchNorm, Conv2d, Layer, Linear, Sequential};
 use rotvar::optim::{OptimConfig, OptimizerKind};
@@ -13,20 +14,8 @@ use rotvar::train::feed::{self, Feed, Mode};
 use rotvar::train::{fit, DeviceDataset, EpochMetrics, Session, TrainConfig};
 
 /// 43 images of 10×10: five full batches of 8 and a partial one of 3.
-fn dataset() -> Dataset {
-    let n = 43;
-    let mut rng = Rng::new(4);
-    Dataset {
-        name: "synthetic".into(),
-        split: Split::Train,
-        images: (0..n * 100).map(|_| (rng.next_u64() % 256) as u8).collect(),
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        n,
-        channels: 1,
-        height: 10,
-        width: 10,
-        class_names: (0..10).map(|i| i.to_string()).collect(),
-    }
+fn dataset() -> rotvar::data::Dataset {
+    common::random_dataset(43, 10, 4)
 }
 
 /// Conv, batch norm, ReLU, pooling, dropout, dense: every kind of per-step value the feed
@@ -138,7 +127,7 @@ fn a_replayed_step_is_one_graph_launch() {
     assert_eq!(session.optimizer.steps_taken(), 5);
     let (losses, preds) = f.logs().expect("logs");
     assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "losses {losses:?}");
-    assert!(preds.iter().all(|&p| p >= 0.0 && p < 10.0 && p.fract() == 0.0));
+    assert!(preds.iter().all(|&p| (0.0..10.0).contains(&p) && p.fract() == 0.0));
 }
 
 /// What CUDA stream capture refuses, the emulated capture refuses: host transfers, a buffer

@@ -38,3 +38,20 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// `n` random grey `side` × `side` images of 10 classes (label i mod 10), from rotvar's own
+/// generator seeded with `seed`: small training sets for the emulated backend.
+pub fn random_dataset(n: usize, side: usize, seed: u64) -> rotvar::data::Dataset {
+    let mut rng = rotvar::rng::Rng::new(seed);
+    rotvar::data::Dataset {
+        name: "synthetic".into(),
+        split: rotvar::data::Split::Train,
+        images: (0..n * side * side).map(|_| (rng.next_u64() % 256) as u8).collect(),
+        labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        n,
+        channels: 1,
+        height: side,
+        width: side,
+        class_names: (0..10).map(|i| i.to_string()).collect(),
+    }
+}
