@@ -5,6 +5,7 @@
 //! Launch configurations live next to each call and follow the comment at each kernel's
 //! definition.
 
+mod batch;
 pub mod device;
 pub mod emu;
 mod gemm;
@@ -12,6 +13,7 @@ mod graph;
 pub mod kernels;
 mod launch;
 pub mod launch_log;
+mod optim;
 mod variance;
 
 use super::{
@@ -43,20 +45,10 @@ pub struct CudaBackend {
     /// fp32 runs the CUDA-core kernels; the others their tensor-core twins (`launch_mm`).
     precision: Precision,
     /// The multi-tensor Adam step's table (see `adam_step_many`).
-    adam_table: Mutex<AdamTable>,
+    adam_table: Mutex<optim::AdamTable>,
     /// The graph capture in progress, if any (graph.rs).
     capture: Mutex<Option<graph::Capture>>,
     replays: std::sync::atomic::AtomicU64,
-}
-
-/// The device copy of multi-tensor Adam's table and the host table it holds. The parameters,
-/// gradients and moments stay at the same addresses from step to step, so the table is sent again
-/// only when the parameter set changes, not once per step from pageable memory.
-#[derive(Default)]
-struct AdamTable {
-    host: Vec<u32>,
-    dev: Option<device::IdxBuf>,
-    uploads: u64,
 }
 
 type Dim = (u32, u32, u32);
@@ -180,138 +172,11 @@ impl CudaBackend {
     }
 
     fn launch(&self, name: &str, grid: Dim, block: Dim, shared: u32, args: &[KArg]) -> Result<()> {
-        let mut cap = self.capture.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cap.as_mut() {
-            c.kernels += 1;
-            if self.is_emulated() {
-                // Checked now, as cuLaunchKernel checks during capture, not at the first replay.
-                let kernel = emu::find_kernel(name).ok_or_else(|| anyhow::anyhow!("unknown kernel `{name}`"))?;
-                emu::check_args(kernel, args)?;
-                emu::check_launch_dims(grid, block, shared)
-                    .map_err(|e| anyhow::anyhow!("kernel {name}: invalid launch: {e}"))?;
-                if args.iter().any(|a| matches!(a, KArg::Host { .. })) {
-                    bail!("kernel {name}: a host slice cannot be part of a captured graph");
-                }
-                let args = args.to_vec();
-                c.launches.push(graph::Launch { name: name.to_string(), grid, block, shared, args });
-                return Ok(());
-            }
-            // On a GPU the stream records the launch.
-            return self.exec.launch(name, grid, block, shared, args);
+        if let Some(recorded) = self.captured_launch(name, grid, block, shared, args) {
+            return recorded;
         }
-        drop(cap);
         self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.exec.launch(name, grid, block, shared, args)
-    }
-
-    /// An error naming `what` while a graph is being captured: host transfers and
-    /// synchronization cannot be part of a graph (CUDA stream capture refuses them too).
-    fn not_capturing(&self, what: &str) -> Result<()> {
-        if self.capture.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-            bail!("{what} cannot be part of a captured graph (it moves data between host and device or waits)");
-        }
-        Ok(())
-    }
-
-    /// The multi-tensor Adam table's records for `tensors` (kernels/elementwise.cu's
-    /// adam_multi_f32: four addresses, n, first block, weight decay, in 32-bit words) and the
-    /// launch's block count.
-    fn adam_records(&self, tensors: &[AdamTensor<'_>]) -> Result<(Vec<u32>, u32)> {
-        let mut table: Vec<u32> = Vec::with_capacity(12 * tensors.len());
-        let mut blocks = 0u32;
-        for t in tensors.iter() {
-            let n = self.buf(t.param)?.len();
-            let mut words = |k: KArg| match k {
-                KArg::Ptr(a) => {
-                    table.extend([a as u32, (a >> 32) as u32]);
-                    Ok(())
-                }
-                _ => bail!("internal: a buffer argument that is not an address"),
-            };
-            words(self.arg(t.param, n)?)?;
-            words(self.arg(t.grad, n)?)?;
-            words(self.arg(t.m, n)?)?;
-            words(self.arg(t.v, n)?)?;
-            table.extend([n as u32, (n as u64 >> 32) as u32, blocks, t.weight_decay.to_bits()]);
-            // About four elements per thread, at most 512 blocks a tensor: enough to fill the GPU
-            // on the big tensors, one block for a bias.
-            blocks += n.div_ceil(4 * BLOCK.0 as usize).clamp(1, 512) as u32;
-        }
-        Ok((table, blocks))
-    }
-
-    /// The device address of an Adam table holding `table`. Outside capture: the backend's
-    /// table, sent again only when the parameter set (or a gradient's address) changes. Inside:
-    /// the graph's own table, which is written once capture ends (graph.rs).
-    fn adam_table_arg(&self, table: Vec<u32>) -> Result<KArg> {
-        if let Some(c) = self.capture.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let t = c.adam_table.as_ref().filter(|t| t.len() >= table.len()).ok_or_else(|| {
-                anyhow::anyhow!("the graph's Adam table is smaller than the step's; run a plain step before capturing")
-            })?;
-            let p = self.exec.idx_ptr(t);
-            c.adam_words = Some(table);
-            return Ok(p);
-        }
-        let mut slot = self.adam_table.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.dev.is_none() || slot.host != table {
-            self.exec.upload_indices(&mut slot.dev, &table)?;
-            slot.host = table;
-            slot.uploads += 1;
-        }
-        let d = slot.dev.as_ref().ok_or_else(|| anyhow::anyhow!("Adam table missing after upload"))?;
-        Ok(self.exec.idx_ptr(d))
-    }
-
-    /// warp_f32 with its matrices and fill already on the device.
-    #[allow(clippy::too_many_arguments)]
-    fn warp_launch(
-        &self,
-        x: &Storage,
-        ms: KArg,
-        fv: KArg,
-        interp: Interp,
-        y: &mut Storage,
-        g: &RotateGeom,
-    ) -> Result<()> {
-        let len = g.len();
-        if len == 0 {
-            return Ok(());
-        }
-        // The kernel indexes within a plane and over planes in 32-bit arithmetic.
-        i32_of(g.h * g.w, "H·W")?;
-        i32_of(g.n * g.c, "N·C")?;
-        let args = [
-            self.arg(y, len)?,
-            self.arg(x, len)?,
-            ms,
-            fv,
-            KArg::I32(match interp {
-                Interp::Nearest => 0,
-                Interp::Bilinear => 1,
-            }),
-            i32_of(g.n, "N")?,
-            i32_of(g.c, "C")?,
-            i32_of(g.h, "H")?,
-            i32_of(g.w, "W")?,
-        ];
-        self.launch("warp_f32", self.ew_grid(len), BLOCK, 0, &args)
-    }
-
-    /// gather_rows_f32 with the indices at `idx`.
-    fn gather_launch(&self, src: &Storage, row_len: usize, idx: KArg, n_idx: usize, dst: &mut Storage) -> Result<()> {
-        let rows = self.buf(src)?.len() / row_len.max(1);
-        let n = n_idx * row_len;
-        let args = vec![
-            self.arg(dst, n)?,
-            self.arg(src, rows * row_len)?,
-            idx,
-            KArg::I64(n_idx as i64),
-            KArg::I64(row_len as i64),
-        ];
-        if n > 0 {
-            self.launch("gather_rows_f32", self.ew_grid(n), BLOCK, 0, &args)?;
-        }
-        Ok(())
     }
 
     /// The conv tiles to choose from: ROTVAR_CONV_TILES, except that the tensor-core kernels
@@ -916,49 +781,15 @@ impl Backend for CudaBackend {
         v: &mut Storage,
         h: &AdamParams,
     ) -> Result<()> {
-        let n = self.buf(p)?.len();
-        let [step_size, omb1, beta2, omb2, eps, bc2_sqrt] = h.scalars().map(KArg::F32);
-        let args = vec![
-            self.arg(p, n)?,
-            self.arg(grad, n)?,
-            self.arg(m, n)?,
-            self.arg(v, n)?,
-            step_size,
-            omb1,
-            beta2,
-            omb2,
-            eps,
-            KArg::F32(h.weight_decay),
-            bc2_sqrt,
-        ];
-        self.ew("adam_update_f32", n, args)
+        self.adam_one(p, grad, m, v, h)
     }
 
     fn adam_step_many(&self, tensors: &mut [AdamTensor<'_>], h: &AdamParams) -> Result<()> {
-        if tensors.is_empty() {
-            return Ok(());
-        }
-        let (table, blocks) = self.adam_records(tensors)?;
-        let mut args = vec![self.adam_table_arg(table)?, i32_of(tensors.len(), "parameter tensors")?];
-        args.extend(h.scalars().map(KArg::F32));
-        self.launch("adam_multi_f32", (blocks, 1, 1), BLOCK, 0, &args)
+        self.adam_multi(tensors, optim::AdamScalars::Host(h))
     }
 
     fn sgd_step(&self, p: &mut Storage, grad: &Storage, velocity: &mut Storage, h: &SgdParams) -> Result<()> {
-        let n = self.buf(p)?.len();
-        // Velocity starts at zero, so momentum·0 + g equals torch's first-step copy: first_step = 0.
-        let args = vec![
-            self.arg(p, n)?,
-            self.arg(grad, n)?,
-            self.arg(velocity, n)?,
-            KArg::F32(h.lr),
-            KArg::F32(h.momentum),
-            KArg::F32(0.0),
-            KArg::F32(h.weight_decay),
-            KArg::I32(0),
-            KArg::I32(0),
-        ];
-        self.ew("sgd_momentum_update_f32", n, args)
+        self.sgd(p, grad, velocity, h)
     }
 
     fn feed_stage(&self, table: &Storage, rows: usize, counter: &Storage, cur: &mut Storage, n: usize) -> Result<()> {
@@ -1013,89 +844,15 @@ impl Backend for CudaBackend {
     }
 
     fn adam_step_many_fed(&self, tensors: &mut [AdamTensor<'_>], scalars: &Storage) -> Result<()> {
-        if tensors.is_empty() {
-            return Ok(());
-        }
-        let (table, blocks) = self.adam_records(tensors)?;
-        let args = [self.adam_table_arg(table)?, i32_of(tensors.len(), "parameter tensors")?, self.arg(scalars, 6)?];
-        self.launch("adam_multi_fed_f32", (blocks, 1, 1), BLOCK, 0, &args)
+        self.adam_multi(tensors, optim::AdamScalars::Device(scalars))
     }
 
     fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Graph>> {
-        self.not_capturing("a capture")?;
-        // The graph's own Adam table, as large as the plain step's (graph.rs).
-        let words = self.adam_table.lock().unwrap_or_else(|e| e.into_inner()).host.len();
-        let mut adam_table = None;
-        if words > 0 {
-            self.exec.upload_indices(&mut adam_table, &vec![0u32; words])?;
-        }
-        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(graph::Capture { launches: Vec::new(), kernels: 0, adam_table, adam_words: None });
-        self.pool.begin_capture();
-        let began = match &self.exec {
-            Exec::Gpu(g) => g
-                .stream
-                .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(|e| anyhow::anyhow!("CUDA: beginning stream capture failed: {e:?}")),
-            Exec::Emulated => Ok(()),
-        };
-        let ran = began.and_then(|()| f());
-        let gpu = match &self.exec {
-            Exec::Gpu(g) => Some(g.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))),
-            Exec::Emulated => None,
-        };
-        let mem = self.pool.end_capture();
-        let cap = self.capture.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let cap = cap.ok_or_else(|| anyhow::anyhow!("internal: the capture state vanished"))?;
-        let recorded = match (ran, gpu) {
-            (Err(e), _) => Err(e),
-            _ if mem.outstanding != 0 => Err(anyhow::anyhow!(
-                "{} buffer(s) handed out during the captured step are still alive after it",
-                mem.outstanding
-            )),
-            (Ok(()), None) => Ok(graph::Recorded::Emulated(cap.launches)),
-            (Ok(()), Some(Ok(Some(g)))) => Ok(graph::Recorded::Gpu(graph::GpuGraph(g))),
-            (Ok(()), Some(Ok(None))) => Err(anyhow::anyhow!("CUDA: stream capture produced no graph")),
-            (Ok(()), Some(Err(e))) => Err(anyhow::anyhow!("CUDA: ending stream capture failed: {e:?}")),
-        };
-        let recorded = match recorded {
-            Ok(r) => r,
-            Err(e) => {
-                self.pool.give_back(mem.buffers);
-                return Err(e.context("graph capture failed"));
-            }
-        };
-        let mut adam_table = cap.adam_table;
-        if let Some(words) = cap.adam_words {
-            self.exec.upload_indices(&mut adam_table, &words)?;
-        }
-        let kernels = cap.kernels;
-        let g = graph::CudaGraph::new(recorded, mem, adam_table, self.pool.clone());
-        Ok(Some(Graph { inner: Box::new(Mutex::new(g)), kernels }))
+        self.capture_graph(f).map(Some)
     }
 
     fn replay(&self, g: &Graph) -> Result<()> {
-        self.not_capturing("a graph replay")?;
-        let g = g.inner.downcast_ref::<Mutex<graph::CudaGraph>>().ok_or_else(|| anyhow::anyhow!("not a CUDA graph"))?;
-        let mut g = g.lock().unwrap_or_else(|e| e.into_inner());
-        if !Arc::ptr_eq(&g.pool, &self.pool) {
-            bail!("a graph captured by another CUDA backend cannot be replayed here");
-        }
-        match &g.recorded {
-            graph::Recorded::Gpu(gg) => {
-                gg.0.launch().map_err(|e| anyhow::anyhow!("CUDA: launching a graph failed: {e:?}"))?
-            }
-            graph::Recorded::Emulated(_) => {
-                g.poison_owned();
-                if let graph::Recorded::Emulated(launches) = &g.recorded {
-                    for l in launches {
-                        self.exec.launch(&l.name, l.grid, l.block, l.shared, &l.args)?;
-                    }
-                }
-            }
-        }
-        self.replays.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.replay_graph(g)
     }
 
     fn graph_replays(&self) -> Option<u64> {
