@@ -8,7 +8,8 @@ import torch
 SHAPES = [  # (layer, N, C, H, K, kernel, stride, pad) at batch N, as in src/bench.rs conv_shapes
     ("simpleconv.conv1", 1, 28, 32, 3, 1, 1), ("simpleconv.conv2", 32, 28, 32, 3, 1, 1),
     ("simpleconv.conv3", 32, 14, 64, 3, 1, 1), ("simpleconv.conv4", 64, 14, 64, 3, 1, 1),
-    ("simpleconv.conv5", 64, 7, 128, 3, 1, 1), ("lenet.conv2", 6, 14, 16, 5, 1, 2),
+    ("simpleconv.conv5", 64, 7, 128, 3, 1, 1), ("lenet.conv1", 1, 28, 6, 5, 1, 2),
+    ("lenet.conv2", 6, 14, 16, 5, 1, 2),
     ("lenet.conv3", 16, 7, 120, 5, 1, 2),
     ("resnet18.conv1", 3, 32, 64, 3, 1, 1), ("resnet18.layer1", 64, 32, 64, 3, 1, 1),
     ("resnet18.layer2.down", 64, 32, 128, 3, 2, 1), ("resnet18.layer2.shortcut", 64, 32, 128, 1, 2, 0),

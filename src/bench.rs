@@ -194,6 +194,7 @@ pub fn conv_shapes(batch: usize) -> Vec<(&'static str, crate::backend::ConvGeom)
         ("simpleconv.conv3", g(batch, 32, 14, 64, 3, 1, 1)),
         ("simpleconv.conv4", g(batch, 64, 14, 64, 3, 1, 1)),
         ("simpleconv.conv5", g(batch, 64, 7, 128, 3, 1, 1)),
+        ("lenet.conv1", g(batch, 1, 28, 6, 5, 1, 2)),
         ("lenet.conv2", g(batch, 6, 14, 16, 5, 1, 2)),
         ("lenet.conv3", g(batch, 16, 7, 120, 5, 1, 2)),
         ("resnet18.conv1", g(batch, 3, 32, 64, 3, 1, 1)),
@@ -240,14 +241,19 @@ fn median_ms(b: &BackendRef, reps: usize, mut f: impl FnMut() -> Result<()>) -> 
 }
 
 /// Median time and GFLOP/s of each convolution pass at the shapes of `conv_shapes` whose model
-/// is one of `models`; on a GPU also the share of the measured FMA ceiling.
+/// (`lenet`) or layer (`lenet.conv2`) is one of `models`; on a GPU also the share of the
+/// measured FMA ceiling.
 pub fn conv_timings(b: &BackendRef, batch: usize, reps: usize, models: &[&str]) -> Result<Vec<ConvTiming>> {
     let shapes: Vec<_> = conv_shapes(batch)
         .into_iter()
-        .filter(|(layer, _)| models.iter().any(|m| layer.split('.').next() == Some(*m)))
+        .filter(|(layer, _)| models.iter().any(|m| layer.split('.').next() == Some(*m) || layer == m))
         .collect();
     if shapes.is_empty() {
-        bail!("no convolution shapes for models {models:?}: available: lenet, simpleconv, resnet18");
+        let layers: Vec<_> = conv_shapes(batch).into_iter().map(|(l, _)| l).collect();
+        bail!(
+            "no convolution shapes for {models:?}: name a model (lenet, simpleconv, resnet18) or a layer ({})",
+            layers.join(", ")
+        );
     }
     let ceiling = match b.device() {
         crate::backend::Device::Cuda(_) => Some(fma_ceiling_gflops(b, reps)?),

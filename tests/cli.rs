@@ -275,7 +275,8 @@ fn info_runs_without_a_gpu() {
 /// wrong name is refused with the choices, before any work.
 #[test]
 fn cpu_conv_is_named_in_info_and_checked() {
-    for (args, want) in [(&["info"][..], "conv: winograd-f4"), (&["--cpu-conv", "im2col", "info"][..], "conv: im2col")]
+    for (args, want) in
+        [(&["info"][..], "conv: winograd-f4 + direct"), (&["--cpu-conv", "im2col", "info"][..], "conv: im2col")]
     {
         let s = String::from_utf8_lossy(&rotvar_ok(args).stdout).into_owned();
         assert!(s.lines().any(|l| l.starts_with("cpu: ") && l.ends_with(want)), "{args:?}: {s}");
@@ -688,6 +689,8 @@ fn bench_gemm_reports_every_variant_on_cuda_and_on_the_cpu() {
         .chain(["gemm crate".to_string()])
         .collect();
     let shapes = [
+        "lenet.conv1.forward",
+        "lenet.conv1.backward_weight",
         "lenet.conv2.forward",
         "lenet.conv2.backward_weight",
         "lenet.conv3.forward",

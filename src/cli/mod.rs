@@ -136,7 +136,7 @@ struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Per::Map)]
     per: Per,
     /// Comma-separated models (for `conv`: whose layer shapes to time, of lenet, simpleconv,
-    /// resnet18).
+    /// resnet18, or single layers such as lenet.conv2).
     #[arg(long, default_value = "lenet,simpleconv")]
     models: String,
     #[arg(long, default_value_t = 256, allow_hyphen_values = true, value_parser = limits::TRAIN_BATCH.usize_parser(),

@@ -2,12 +2,14 @@
 //! (`Engine`). On rotvar's own GEMM paths the forward pass and the weight gradient skip the
 //! im2col matrix and let the GEMM pack straight from the padded image (`ImageCols`); the
 //! explicit route stays as their oracle. By default the 3×3 and 5×5 stride-1 layers with enough
-//! channels go to Winograd (`winograd/`), with im2col as its oracle.
+//! channels go to Winograd (`winograd/`), and those with few channels on one side to the direct
+//! kernels (`direct.rs`), each with im2col as its oracle.
 //!
 //! Forward and backward-data are independent per image. Backward-weight sums over images, so it
 //! is split into chunks of a fixed number of images whose partial sums are added in chunk order:
 //! the result is bit-identical whatever the thread count.
 
+use super::direct;
 use super::gemm::{sgemm_on, sgemm_rhs, Mat, PackRhs};
 use super::isa::{self, Isa};
 use super::winograd::{self, Tile};
@@ -268,12 +270,14 @@ fn with_padded_images<R>(x: &[f32], imgs: usize, g: &ConvGeom, f: impl FnOnce(&[
 /// the same bits (tests below); the explicit one stays as the readable oracle.
 ///
 /// `winograd`, where set, takes the 3×3 and 5×5 stride-1 "same" layers with enough channels
-/// (see `winograd_on`); its bits differ from the im2col route's, which is its oracle.
+/// (see `winograd_on`), and `direct` the stride-1 layers with few channels on one side (see
+/// `direct_on`); their bits differ from the im2col route's, which is their oracle.
 #[derive(Clone, Copy, Debug)]
 pub struct Engine {
     pub gemm: Option<Isa>,
     pub implicit: bool,
     pub winograd: Option<Tile>,
+    pub direct: bool,
 }
 
 /// The convolution algorithm: 0 im2col, 1 Winograd F(2,3), 2 Winograd F(4,3) (the default:
@@ -302,9 +306,13 @@ pub fn choose_algo(t: Option<Tile>) {
     );
 }
 
-/// The algorithm in use, as `--cpu-conv` names it.
+/// The algorithms in use: `im2col`, or the Winograd tile and the direct kernels beside it.
 pub fn algo_name() -> &'static str {
-    Engine::current().winograd.map_or("im2col", Tile::name)
+    match Engine::current().winograd {
+        None => "im2col",
+        Some(Tile::F2) => "winograd-f2 + direct",
+        Some(Tile::F4) => "winograd-f4 + direct",
+    }
 }
 
 impl Engine {
@@ -316,12 +324,24 @@ impl Engine {
             1 => Some(Tile::F2),
             _ => Some(Tile::F4),
         };
-        Engine { gemm, implicit: gemm.is_some(), winograd }
+        // The direct kernels come with Winograd: `--cpu-conv im2col` keeps every layer on the
+        // oracle route.
+        Engine { gemm, implicit: gemm.is_some(), winograd, direct: winograd.is_some() }
+    }
+
+    /// The vector path for the direct kernels on `pass` of `g`, if this engine uses them
+    /// there: the GEMM's path where rotvar's GEMM runs (so every `--cpu-gemm` path gives the
+    /// same bits), else the widest this CPU has. Under the crate's GEMM on an x86 CPU without
+    /// AVX2 the widest is portable, where `mul_add` is a library call per value: im2col then.
+    fn direct_on(self, g: &ConvGeom, pass: direct::Pass) -> Option<Isa> {
+        let isa = self.gemm.unwrap_or_else(Isa::best);
+        let slow = cfg!(target_arch = "x86_64") && self.gemm.is_none() && isa == Isa::Portable;
+        (self.direct && !slow && direct::applies(g, pass)).then_some(isa)
     }
 
     /// The Winograd tile for `g`, if this engine uses Winograd there. A layer with a handful of
     /// input or output channels (conv1 on grayscale, LeNet's 6-channel conv2) gives the GEMMs
-    /// almost nothing to do, and the transforms would dominate.
+    /// almost nothing to do, and the transforms would dominate; the direct kernels take those.
     fn winograd_on(self, g: &ConvGeom) -> Option<Tile> {
         self.winograd.filter(|_| winograd::applies(g) && g.c_in >= 8 && g.c_out >= 8)
     }
@@ -381,6 +401,9 @@ pub fn forward_on(e: Engine, x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activ
     if let Some(t) = e.winograd_on(g) {
         return winograd::forward(t, e.gemm.unwrap_or_else(Isa::best), x, w, b, act, y, g);
     }
+    if let Some(isa) = e.direct_on(g, direct::Pass::Forward) {
+        return direct::forward(isa, x, w, b, act, y, g);
+    }
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
     y.par_chunks_mut(out_img * group).enumerate().for_each(|(t, ys)| {
@@ -437,6 +460,9 @@ pub fn backward_data_on(e: Engine, dy: &[f32], w: &[f32], dx: &mut [f32], g: &Co
     if let Some(t) = e.winograd_on(g) {
         return winograd::backward_data(t, e.gemm.unwrap_or_else(Isa::best), dy, w, dx, g);
     }
+    if let Some(isa) = e.direct_on(g, direct::Pass::BackwardData) {
+        return direct::backward_data(isa, dy, w, dx, g);
+    }
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
     let group = images_per_gemm(g);
     dx.par_chunks_mut(in_img * group).enumerate().for_each(|(t, dxs)| {
@@ -487,9 +513,10 @@ pub fn backward_weight(x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f
 }
 
 pub fn backward_weight_on(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>, g: &ConvGeom) {
-    match e.winograd_on(g) {
-        Some(t) => winograd::backward_weight(t, e.gemm.unwrap_or_else(Isa::best), x, dy, dw, g),
-        None => weight_grad(e, x, dy, dw, g),
+    match (e.winograd_on(g), e.direct_on(g, direct::Pass::WeightGrad)) {
+        (Some(t), _) => winograd::backward_weight(t, e.gemm.unwrap_or_else(Isa::best), x, dy, dw, g),
+        (None, Some(isa)) => direct::backward_weight(isa, x, dy, dw, g),
+        (None, None) => weight_grad(e, x, dy, dw, g),
     }
     if let Some(db) = db {
         bias_grad(dy, db, g);
@@ -675,9 +702,9 @@ mod tests {
     fn implicit_im2col_matches_the_explicit_one_to_the_bit() {
         let mut rng = Rng::new(23);
         let isa = Isa::best();
-        let implicit = Engine { gemm: Some(isa), implicit: true, winograd: None };
-        let explicit = Engine { gemm: Some(isa), implicit: false, winograd: None };
-        let crate_engine = Engine { gemm: None, implicit: false, winograd: None };
+        let implicit = Engine { gemm: Some(isa), implicit: true, winograd: None, direct: false };
+        let explicit = Engine { gemm: Some(isa), implicit: false, winograd: None, direct: false };
+        let crate_engine = Engine { gemm: None, implicit: false, winograd: None, direct: false };
         let geoms = [
             (3, 2, 12, 12, 5, (3, 3), 1, 1),
             (10, 3, 9, 9, 7, (3, 3), 1, 1),
@@ -728,7 +755,7 @@ mod tests {
     #[test]
     fn winograd_matches_im2col_within_tolerance() {
         let mut rng = Rng::new(31);
-        let reference = Engine { gemm: Some(Isa::Portable), implicit: false, winograd: None };
+        let reference = Engine { gemm: Some(Isa::Portable), implicit: false, winograd: None, direct: false };
         let geoms = [
             (3, 8, 12, 12, 8, 3),
             (17, 16, 14, 14, 24, 3),
@@ -759,7 +786,7 @@ mod tests {
             for (ti, tile) in [Tile::F2, Tile::F4].into_iter().enumerate() {
                 let mut got_by_isa = Vec::new();
                 for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
-                    let got = run(Engine { gemm: Some(isa), implicit: true, winograd: Some(tile) });
+                    let got = run(Engine { gemm: Some(isa), implicit: true, winograd: Some(tile), direct: false });
                     for (what, (a, b)) in
                         ["forward", "backward-data", "weight gradient"].iter().zip(got.iter().zip(&want))
                     {

@@ -136,3 +136,31 @@ pub fn gemm_path() -> String {
 pub fn describe() -> String {
     format!("{} (up to {}), GEMM: {}", cpu_model(), Isa::best(), gemm_path())
 }
+
+/// Run `f` compiled for `isa`'s vector set, so that code written over fixed-size arrays fills
+/// whole registers of that width (Winograd's lanes, the direct convolutions' rows). It is the
+/// GEMM path's set, so forcing AVX2 on an AVX-512 machine forces it everywhere. Whatever `f`
+/// computes with plain operations or `mul_add` has the same bits on every path.
+#[inline(always)]
+pub fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: each is called only where the CPU has the features it enables (`isa` comes
+        // from `Isa::best` or a checked `--cpu-gemm`, and is asserted here).
+        assert!(isa.supported(), "this CPU cannot run the {isa} path");
+        match isa {
+            Isa::Avx512 => return unsafe { avx512(f) },
+            Isa::Avx2 => return unsafe { avx2(f) },
+            Isa::Portable => {}
+        }
+    }
+    f()
+}

@@ -6,6 +6,7 @@
 
 pub mod buffers;
 pub mod conv;
+mod direct;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_x86;

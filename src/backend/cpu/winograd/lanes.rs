@@ -1,37 +1,10 @@
 //! Images in vector lanes: 16 images side by side, one f32 lane each, so that every tile
 //! transform is a handful of vector adds. Planes go into lanes and back through 16×16 register
-//! transposes; `vectorized` compiles a closure for the GEMM path's vector set.
+//! transposes; `isa::vectorized` compiles them for the GEMM path's vector set.
 
 use super::{Lane, LANES};
 use crate::backend::cpu::isa::Isa;
 use crate::backend::Activation;
-
-/// Run `f` compiled for `isa`'s vector set (the path the GEMM runs, so that forcing AVX2 on an
-/// AVX-512 machine forces it here too): the lanes then fill whole registers. The arithmetic is
-/// unfused either way, so the bits are the same.
-#[inline(always)]
-pub(super) fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: each is called only where the CPU has the features it enables (the callers'
-        // `isa` comes from `Isa::best` or a checked `--cpu-gemm`).
-        assert!(isa.supported(), "winograd: this CPU cannot run the {isa} path");
-        match isa {
-            Isa::Avx512 => return unsafe { avx512(f) },
-            Isa::Avx2 => return unsafe { avx2(f) },
-            Isa::Portable => {}
-        }
-    }
-    f()
-}
 
 /// Transposes a square of 16 rows of 16 values in place: `sq[i][j]` becomes `sq[j][i]`.
 pub(super) type Transpose = unsafe fn(&mut [Lane; LANES]);

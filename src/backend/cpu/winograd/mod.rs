@@ -32,9 +32,9 @@ mod transform;
 
 use super::buffers::{recycle, with_scratch, zeroed};
 use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
-use super::isa::Isa;
+use super::isa::{vectorized, Isa};
 use crate::backend::{Activation, ConvGeom};
-use lanes::{from_lanes, to_lanes, transposer, vectorized, Transpose};
+use lanes::{from_lanes, to_lanes, transposer, Transpose};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use transform::{sandwich, sandwich_with, Coefs, F23, F25T, F43, F45T};

@@ -1,0 +1,861 @@
+//! Direct convolutions for the stride-1 layers with few channels on one side: LeNet's conv1
+//! (1 → 6) and conv2 (6 → 16), and the first layer of every model (1 or 3 → 32 or 64).
+//!
+//! There im2col + GEMM is a poor fit: the im2col matrix is `c·r²` times the image (25× for a 5×5
+//! filter) and the GEMM multiplies it by a matrix with a handful of rows. Winograd's channel
+//! GEMMs would have almost nothing to do. So these kernels read the image in place, vectorized
+//! over the output columns: one output row is one or two 16-lane vectors, and a block of output
+//! channels accumulates in registers while each input row segment is loaded once per tap.
+//!
+//! - forward: `y[k, oy, ox] = Σ_{c,r,s} w[k, c, r, s] · x_pad[c, oy + r, ox + s]`;
+//! - backward-data: at stride 1 it is the forward pass of the flipped filter with its channels
+//!   swapped, over `dy` in a border of `k − 1 − pad`;
+//! - weight gradient: `dw[k, c, r, s] = Σ_{n,oy,ox} dy[n, k, oy, ox] · x_pad[n, c, oy + r, ox + s]`,
+//!   with a block of (output channel, filter column) sums in registers while the images' rows
+//!   stream past.
+//!
+//! Every value is one chain of fused multiply-adds in a fixed order (taps in (c, r, s) order for
+//! the forward passes; images then rows for the weight gradient, whose 16 lanes are then added
+//! as a fixed tree, and whose 16-image chunks are added in order). The bits therefore do not depend on the vector width, the channel blocking or
+//! the thread count, but they differ from the im2col route's, which sums in another order: that
+//! route is the oracle, and the tests hold these to 1e-5 of each output's scale.
+
+use super::buffers::{recycle, with_scratch, zeroed};
+use super::isa::Isa;
+use crate::backend::{Activation, ConvGeom};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// `fn $name(isa, args..)`: runs `$body::<S>(args..)`, an `#[inline(always)]` function generic
+/// over the vector type, compiled for `isa`'s vector set with `S` its 16 lanes. (Left to the
+/// autovectorizer, plain arrays went wrong twice: `mul_add` outside the feature-enabled frame
+/// became a library call per value, and inside it LLVM vectorized across the accumulators with
+/// gathers and scatters.)
+macro_rules! compiled_for_isa {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) => $body:ident) => {
+        $(#[$m])*
+        fn $name(isa: Isa, $($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,fma")]
+                unsafe fn avx512($($a: $t),*) {
+                    $body::<lanes::Zmm>($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    $body::<lanes::Ymm2>($($a),*)
+                }
+                // SAFETY: each runs only where the CPU has the features it enables.
+                assert!(isa.supported(), "this CPU cannot run the {isa} path");
+                match isa {
+                    Isa::Avx512 => return unsafe { avx512($($a),*) },
+                    Isa::Avx2 => return unsafe { avx2($($a),*) },
+                    Isa::Portable => {}
+                }
+            }
+            $body::<[f32; L]>($($a),*)
+        }
+    };
+}
+
+/// Lanes per vector: 16 output columns.
+const L: usize = 16;
+
+/// 16 f32 lanes in one vector set's registers. Every operation is the lane-wise one of the
+/// plain array (`[f32; 16]`, the portable twin), fused where it says so, so all three give the
+/// same bits.
+///
+/// # Safety
+/// Every method may use its vector set's instructions: call them only inside the
+/// `compiled_for_isa!` frame that picked the type, which runs only on a CPU that has the set.
+trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    /// The first 16 values of `src` (checked to hold at least 16).
+    unsafe fn load(src: &[f32]) -> Self;
+    /// `self + a · b`, rounded once.
+    unsafe fn fma(self, a: Self, b: Self) -> Self;
+    unsafe fn to_array(self) -> [f32; L];
+    /// The first `n ≤ 16` values of `src` (checked to hold them), the other lanes zero.
+    unsafe fn load_n(src: &[f32], n: usize) -> Self;
+    /// The first `dst.len() ≤ 16` lanes into `dst`.
+    unsafe fn store_n(self, dst: &mut [f32]);
+    unsafe fn add(self, b: Self) -> Self;
+    /// `relu` on every lane: the value where it is above 0 or NaN, else +0.
+    unsafe fn relu(self) -> Self;
+}
+
+impl Lanes for [f32; L] {
+    unsafe fn zero() -> Self {
+        [0.0; L]
+    }
+    unsafe fn splat(v: f32) -> Self {
+        [v; L]
+    }
+    unsafe fn load(src: &[f32]) -> Self {
+        src[..L].try_into().unwrap()
+    }
+    unsafe fn fma(self, a: Self, b: Self) -> Self {
+        std::array::from_fn(|l| a[l].mul_add(b[l], self[l]))
+    }
+    unsafe fn to_array(self) -> [f32; L] {
+        self
+    }
+    unsafe fn load_n(src: &[f32], n: usize) -> Self {
+        std::array::from_fn(|l| if l < n { src[l] } else { 0.0 })
+    }
+    unsafe fn store_n(self, dst: &mut [f32]) {
+        let n = dst.len();
+        dst.copy_from_slice(&self[..n]);
+    }
+    unsafe fn add(self, b: Self) -> Self {
+        std::array::from_fn(|l| self[l] + b[l])
+    }
+    unsafe fn relu(self) -> Self {
+        self.map(crate::backend::relu)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod lanes {
+    use super::{Lanes, L};
+    use std::arch::x86_64::*;
+
+    /// One 512-bit register.
+    #[derive(Clone, Copy)]
+    pub struct Zmm(__m512);
+
+    /// Two 256-bit registers.
+    #[derive(Clone, Copy)]
+    pub struct Ymm2(__m256, __m256);
+
+    impl Lanes for Zmm {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn zero() -> Self {
+            Zmm(_mm512_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn splat(v: f32) -> Self {
+            Zmm(_mm512_set1_ps(v))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(src: &[f32]) -> Self {
+            assert!(src.len() >= L);
+            // SAFETY: 16 values are there (checked above).
+            Zmm(_mm512_loadu_ps(src.as_ptr()))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Zmm(_mm512_fmadd_ps(a.0, b.0, self.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn to_array(self) -> [f32; L] {
+            let mut out = [0.0; L];
+            _mm512_storeu_ps(out.as_mut_ptr(), self.0);
+            out
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_n(src: &[f32], n: usize) -> Self {
+            assert!(n <= L && src.len() >= n);
+            // SAFETY: the masked-off lanes are not read.
+            Zmm(_mm512_maskz_loadu_ps(mask(n), src.as_ptr()))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store_n(self, dst: &mut [f32]) {
+            assert!(dst.len() <= L);
+            // SAFETY: the masked-off lanes are not written.
+            _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask(dst.len()), self.0)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn add(self, b: Self) -> Self {
+            Zmm(_mm512_add_ps(self.0, b.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn relu(self) -> Self {
+            // "Not less or equal, unordered": true above 0 and for NaN.
+            let keep = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(self.0, _mm512_setzero_ps());
+            Zmm(_mm512_maskz_mov_ps(keep, self.0))
+        }
+    }
+
+    fn mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// AVX2's lane masks for the first `n` of 16 lanes, one per half.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn masks(n: usize) -> (__m256i, __m256i) {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let n = n as i32;
+        (_mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx), _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), idx))
+    }
+
+    impl Lanes for Ymm2 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn zero() -> Self {
+            Ymm2(_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(v: f32) -> Self {
+            Ymm2(_mm256_set1_ps(v), _mm256_set1_ps(v))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(src: &[f32]) -> Self {
+            assert!(src.len() >= L);
+            // SAFETY: 16 values are there (checked above).
+            Ymm2(_mm256_loadu_ps(src.as_ptr()), _mm256_loadu_ps(src.as_ptr().add(8)))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fma(self, a: Self, b: Self) -> Self {
+            Ymm2(_mm256_fmadd_ps(a.0, b.0, self.0), _mm256_fmadd_ps(a.1, b.1, self.1))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn to_array(self) -> [f32; L] {
+            let mut out = [0.0; L];
+            _mm256_storeu_ps(out.as_mut_ptr(), self.0);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), self.1);
+            out
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_n(src: &[f32], n: usize) -> Self {
+            assert!(n <= L && src.len() >= n);
+            let (m0, m1) = masks(n);
+            // SAFETY: the masked-off lanes are not read.
+            Ymm2(_mm256_maskload_ps(src.as_ptr(), m0), _mm256_maskload_ps(src.as_ptr().wrapping_add(8), m1))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store_n(self, dst: &mut [f32]) {
+            assert!(dst.len() <= L);
+            let (m0, m1) = masks(dst.len());
+            // SAFETY: the masked-off lanes are not written.
+            _mm256_maskstore_ps(dst.as_mut_ptr(), m0, self.0);
+            _mm256_maskstore_ps(dst.as_mut_ptr().wrapping_add(8), m1, self.1);
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn add(self, b: Self) -> Self {
+            Ymm2(_mm256_add_ps(self.0, b.0), _mm256_add_ps(self.1, b.1))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn relu(self) -> Self {
+            let z = _mm256_setzero_ps();
+            Ymm2(
+                _mm256_and_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(self.0, z), self.0),
+                _mm256_and_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(self.1, z), self.1),
+            )
+        }
+    }
+}
+
+/// Images per weight-gradient partial sum. Fixed, as in conv.rs and for the same reason (the
+/// sum's order must not depend on the thread count); 16 rather than conv.rs's 8 halves the
+/// lane reductions, and a chunk's padded images and gradients still fit in L2.
+const WGRAD_CHUNK: usize = 16;
+
+thread_local! {
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The three passes of a convolution, which the direct kernels take on different layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    BackwardData,
+    WeightGrad,
+}
+
+/// Whether the direct kernels take `pass` of `g`.
+///
+/// The shape: stride 1; fewer than 8 channels on one side (where Winograd does not go); rows of
+/// at most two vectors, input and output (backward-data's output is the input); a 3×3 or 5×5
+/// filter (the weight gradient's register blocks are built for these) with a padding under the
+/// filter size, so that the flipped filter's border is valid.
+///
+/// The pass, by measurement (`rotvar bench conv` against `--cpu-conv im2col`, in
+/// benches/RESULTS.md): the forward kernels keep at most 12 channels in registers, so they win
+/// where a pass writes 4 to 16 channels (LeNet's conv1 and conv2 forward, conv2 backward-data:
+/// 1.5–2.3× im2col). With 32 or 64 output channels (the first layer of SimpleConv or ResNet)
+/// the pass is bound by writing its large output, and im2col writes it faster; with fewer than
+/// 4, a channel block has too few independent sums to hide the FMA latency. The weight gradient
+/// wins on every layer the shape admits.
+pub fn applies(g: &ConvGeom, pass: Pass) -> bool {
+    let shape = g.stride == 1
+        && (g.c_in < 8 || g.c_out < 8)
+        && g.kh == g.kw
+        && matches!(g.kw, 3 | 5)
+        && g.pad < g.kw
+        && g.w <= 2 * L
+        && g.ow <= 2 * L;
+    shape
+        && match pass {
+            Pass::Forward => (4..=16).contains(&g.c_out),
+            Pass::BackwardData => (4..=16).contains(&g.c_in),
+            Pass::WeightGrad => true,
+        }
+}
+
+/// A stride-1 convolution as the kernels see it: `c_in` planes of `h × w` in a zero border of
+/// `ph` rows and `pw` columns, copied into planes of `hp × wp` whose rows are long enough for
+/// every vector load (the lanes past the output's width read zeros or real values and are
+/// dropped).
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    ph: usize,
+    pw: usize,
+    oh: usize,
+    ow: usize,
+    nv: usize,
+    hp: usize,
+    wp: usize,
+}
+
+impl Plan {
+    #[allow(clippy::too_many_arguments)]
+    fn new(c_in: usize, c_out: usize, h: usize, w: usize, k: usize, ph: usize, pw: usize) -> Plan {
+        let (oh, ow) = (h + 2 * ph + 1 - k, w + 2 * pw + 1 - k);
+        let nv = ow.div_ceil(L);
+        Plan { c_in, c_out, h, w, k, ph, pw, oh, ow, nv, hp: h + 2 * ph, wp: (nv * L + k - 1).max(w + 2 * pw) }
+    }
+
+    fn forward(g: &ConvGeom) -> Plan {
+        Plan::new(g.c_in, g.c_out, g.h, g.w, g.kw, g.pad, g.pad)
+    }
+
+    /// Backward-data as a forward pass over `dy`: channels swapped, border `k − 1 − pad`.
+    fn backward_data(g: &ConvGeom) -> Plan {
+        let b = g.kw - 1 - g.pad;
+        Plan::new(g.c_out, g.c_in, g.oh, g.ow, g.kw, b, b)
+    }
+
+    fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
+
+    /// One image's `c_in` planes into `dst` (`c_in` padded planes), borders zeroed.
+    fn pad_into(&self, x: &[f32], dst: &mut [f32]) {
+        dst.fill(0.0);
+        for (src, plane) in x.chunks_exact(self.h * self.w).zip(dst.chunks_exact_mut(self.plane())) {
+            for (y, row) in src.chunks_exact(self.w).enumerate() {
+                let at = (y + self.ph) * self.wp + self.pw;
+                plane[at..at + self.w].copy_from_slice(row);
+            }
+        }
+    }
+}
+
+/// Channels per block when at most `max` fit: as even as possible (16 channels under a limit
+/// of 12 go as 8 + 8, not 12 + 4, so that no block runs at a third of the registers' reach).
+fn balanced(channels: usize, max: usize) -> usize {
+    channels.div_ceil(channels.div_ceil(max))
+}
+
+/// Output channels per register block in the forward kernel, where it computes two vectors at a
+/// time (two halves of a row, or two rows): `2·kb` accumulators plus the two loaded vectors and
+/// a broadcast weight within the register file (32 × 16 lanes on AVX-512; 16 × 8 on AVX2, where
+/// one vector takes two registers).
+fn forward_block(isa: Isa, c_out: usize) -> usize {
+    balanced(c_out, if isa == Isa::Avx2 { 3 } else { 12 })
+}
+
+/// The filter `w[k, c, r, s]` in blocks of `kb` output channels, each block `[c, r, s][kb]`, so
+/// that the kernel reads one tap's `kb` weights side by side. A last, smaller block holds the
+/// remainder.
+fn blocked_weights(w: &[f32], p: &Plan, kb: usize) -> Vec<f32> {
+    let taps = p.c_in * p.k * p.k;
+    let mut out = Vec::with_capacity(p.c_out * taps);
+    for k0 in (0..p.c_out).step_by(kb) {
+        let n = kb.min(p.c_out - k0);
+        for t in 0..taps {
+            out.extend((k0..k0 + n).map(|k| w[k * taps + t]));
+        }
+    }
+    out
+}
+
+/// `KB` channels × `NV` output vectors, from the padded image `xp` and one block of blocked
+/// weights: vector `j` covers the 16 outputs whose first tap reads `xp[at + j·step]` (the two
+/// halves of a row: `step` 16; two rows: `step` = the padded row length).
+#[inline(always)]
+fn forward_vectors<S: Lanes, const KB: usize, const NV: usize>(
+    p: &Plan,
+    xp: &[f32],
+    wb: &[f32],
+    at: usize,
+    step: usize,
+) -> [[S; NV]; KB] {
+    // SAFETY (every `Lanes` call below): this runs inside `S`'s `compiled_for_isa!` frame.
+    let mut acc = [[unsafe { S::zero() }; NV]; KB];
+    let mut t = 0;
+    for c in 0..p.c_in {
+        for r in 0..p.k {
+            let row = &xp[c * p.plane() + at + r * p.wp..];
+            for s in 0..p.k {
+                let wk: &[f32; KB] = wb[t * KB..(t + 1) * KB].try_into().unwrap();
+                t += 1;
+                let v: [S; NV] = std::array::from_fn(|j| unsafe { S::load(&row[j * step + s..]) });
+                for (acc_k, &wk) in acc.iter_mut().zip(wk) {
+                    let wk = unsafe { S::splat(wk) };
+                    for (a, &v) in acc_k.iter_mut().zip(&v) {
+                        *a = unsafe { a.fma(wk, v) };
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Write vector `j` of each channel to output row `rows[j].0`, from column `rows[j].1`, with
+/// bias and activation.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn store_vectors<S: Lanes, const KB: usize, const NV: usize>(
+    acc: &[[S; NV]; KB],
+    p: &Plan,
+    rows: [(usize, usize); NV],
+    k0: usize,
+    b: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+) {
+    for (k, vs) in acc.iter().enumerate() {
+        for (v, &(oy, ox)) in vs.iter().zip(&rows) {
+            let out = &mut y[((k0 + k) * p.oh + oy) * p.ow + ox..][..(p.ow - ox).min(L)];
+            // SAFETY: inside `S`'s frame, as in `forward_vectors`. The same as
+            // `act.apply(v + b)` on each value (or `act.apply(v)` without a bias).
+            unsafe {
+                let mut v = *v;
+                if let Some(b) = b {
+                    v = v.add(S::splat(b[k0 + k]));
+                }
+                if act == Activation::Relu {
+                    v = v.relu();
+                }
+                v.store_n(out);
+            }
+        }
+    }
+}
+
+/// One image, one channel block: two vectors at a time, the halves of a row where rows are
+/// longer than 16, else pairs of rows (and a last odd row alone).
+#[inline(always)]
+fn forward_image<S: Lanes, const KB: usize>(
+    p: &Plan,
+    xp: &[f32],
+    wb: &[f32],
+    k0: usize,
+    b: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+) {
+    if p.nv == 2 {
+        for oy in 0..p.oh {
+            let acc = forward_vectors::<S, KB, 2>(p, xp, wb, oy * p.wp, L);
+            store_vectors(&acc, p, [(oy, 0), (oy, L)], k0, b, act, y);
+        }
+        return;
+    }
+    let mut oy = 0;
+    while oy + 1 < p.oh {
+        let acc = forward_vectors::<S, KB, 2>(p, xp, wb, oy * p.wp, p.wp);
+        store_vectors(&acc, p, [(oy, 0), (oy + 1, 0)], k0, b, act, y);
+        oy += 2;
+    }
+    if oy < p.oh {
+        let acc = forward_vectors::<S, KB, 1>(p, xp, wb, oy * p.wp, 0);
+        store_vectors(&acc, p, [(oy, 0)], k0, b, act, y);
+    }
+}
+
+/// Every channel block of one padded image.
+#[inline(always)]
+fn forward_blocks<S: Lanes>(
+    p: &Plan,
+    kb: usize,
+    xp: &[f32],
+    wb: &[f32],
+    b: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+) {
+    let taps = p.c_in * p.k * p.k;
+    for k0 in (0..p.c_out).step_by(kb) {
+        let n = kb.min(p.c_out - k0);
+        let wb = &wb[k0 * taps..(k0 + n) * taps];
+        macro_rules! dispatch {
+            ($($k:literal)*) => {
+                match n {
+                    $($k => forward_image::<S, $k>(p, xp, wb, k0, b, act, y),)*
+                    _ => unreachable!("channel block {n} is over 12"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+}
+
+compiled_for_isa! {
+    #[allow(clippy::too_many_arguments)]
+    fn forward_blocks_on(p: &Plan, kb: usize, xp: &[f32], wb: &[f32], b: Option<&[f32]>, act: Activation, y: &mut [f32]) => forward_blocks
+}
+
+/// y = act(conv(x, w) + b) for every image of `x` on plan `p`, parallel over images.
+#[allow(clippy::too_many_arguments)]
+fn convolve(isa: Isa, p: &Plan, n: usize, x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut [f32]) {
+    let kb = forward_block(isa, p.c_out);
+    let wb = blocked_weights(w, p, kb);
+    let (in_img, out_img) = (p.c_in * p.h * p.w, p.c_out * p.oh * p.ow);
+    y[..n * out_img].par_chunks_mut(out_img).zip(x[..n * in_img].par_chunks(in_img)).for_each(|(yn, xn)| {
+        with_scratch(&PADDED, p.c_in * p.plane(), |xp| {
+            p.pad_into(xn, xp);
+            forward_blocks_on(isa, p, kb, xp, &wb, b, act, yn)
+        })
+    });
+}
+
+pub fn forward(isa: Isa, x: &[f32], w: &[f32], b: Option<&[f32]>, act: Activation, y: &mut [f32], g: &ConvGeom) {
+    convolve(isa, &Plan::forward(g), g.n, x, w, b, act, y)
+}
+
+/// dx = the forward pass of `wf[c, k, r, s] = w[k, c, k−1−r, k−1−s]` over `dy`.
+pub fn backward_data(isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
+    let p = Plan::backward_data(g);
+    let (kk, taps) = (g.kw * g.kw, g.c_in * g.kw * g.kw);
+    let mut wf = vec![0.0f32; w.len()];
+    for c in 0..g.c_in {
+        for k in 0..g.c_out {
+            for t in 0..kk {
+                wf[(c * g.c_out + k) * kk + kk - 1 - t] = w[k * taps + c * kk + t];
+            }
+        }
+    }
+    convolve(isa, &p, g.n, dy, &wf, None, Activation::Identity, dx)
+}
+
+/// Output channels per weight-gradient register block: `kb × k × nv` accumulators and
+/// `kb × nv` gradient vectors, plus the one input vector in flight, within 31 of AVX-512's 32
+/// registers. AVX2 cannot hold even one channel's block of a 5×5 filter and runs one channel at
+/// a time.
+fn wgrad_block(isa: Isa, k: usize, nv: usize, c_out: usize) -> usize {
+    if isa == Isa::Avx2 {
+        return 1;
+    }
+    balanced(c_out, (1..=6).rev().find(|kb| nv * kb * (k + 1) < 31).unwrap_or(1))
+}
+
+/// Sums for filter row `r` of input channel `c`, channels `k0 .. k0 + KB`, every column
+/// `s < K`, over the chunk's images and rows: `xp` is the chunk's padded images, `dy` their
+/// gradients (NCHW), read with the lanes past the output's width zeroed.
+#[inline(always)]
+fn wgrad_block_sums<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
+    p: &Plan,
+    imgs: usize,
+    xp: &[f32],
+    dy: &[f32],
+    c: usize,
+    r: usize,
+    k0: usize,
+) -> [[[S; NV]; K]; KB] {
+    // SAFETY (every `Lanes` call below): this runs inside `S`'s `compiled_for_isa!` frame.
+    let mut acc = [[[unsafe { S::zero() }; NV]; K]; KB];
+    let widths: [usize; NV] = std::array::from_fn(|j| (p.ow - j * L).min(L));
+    for i in 0..imgs {
+        for oy in 0..p.oh {
+            let xrow = &xp[(i * p.c_in + c) * p.plane() + (oy + r) * p.wp..][..p.wp];
+            let d: [[S; NV]; KB] = std::array::from_fn(|k| {
+                let drow = &dy[((i * p.c_out + k0 + k) * p.oh + oy) * p.ow..][..p.ow];
+                std::array::from_fn(|j| unsafe { S::load_n(&drow[j * L..], widths[j]) })
+            });
+            for s in 0..K {
+                for j in 0..NV {
+                    let x = unsafe { S::load(&xrow[j * L + s..]) };
+                    for (acc_k, d_k) in acc.iter_mut().zip(&d) {
+                        acc_k[s][j] = unsafe { acc_k[s][j].fma(d_k[j], x) };
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Add each block sum's vectors, then its 16 lanes as a tree (lane l + lane l+8, then l+4, ..),
+/// into `dw[k, c, r, s]`. A chain of 16 dependent adds per weight cost as much as a third of
+/// the accumulation on LeNet's conv2; the tree's first levels are vector adds.
+#[inline(always)]
+fn store_block<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
+    acc: &[[[S; NV]; K]; KB],
+    p: &Plan,
+    c: usize,
+    r: usize,
+    k0: usize,
+    dw: &mut [f32],
+) {
+    for (k, acc_k) in acc.iter().enumerate() {
+        for (s, v) in acc_k.iter().enumerate() {
+            // SAFETY: inside `S`'s frame, as in `wgrad_block_sums`.
+            let mut t = unsafe { v[0].to_array() };
+            for v in &v[1..] {
+                let u = unsafe { v.to_array() };
+                t.iter_mut().zip(u).for_each(|(a, b)| *a += b);
+            }
+            let mut width = L / 2;
+            while width > 0 {
+                for l in 0..width {
+                    t[l] += t[l + width];
+                }
+                width /= 2;
+            }
+            dw[(((k0 + k) * p.c_in + c) * K + r) * K + s] = t[0];
+        }
+    }
+}
+
+/// dw for the images of one chunk (`x`, `dy` hold exactly them).
+fn wgrad_chunk(isa: Isa, p: &Plan, imgs: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (in_img, pimg) = (p.c_in * p.h * p.w, p.c_in * p.plane());
+    let kb = wgrad_block(isa, p.k, p.nv, p.c_out);
+    with_scratch(&PADDED, imgs * pimg, |xp| {
+        for i in 0..imgs {
+            p.pad_into(&x[i * in_img..(i + 1) * in_img], &mut xp[i * pimg..(i + 1) * pimg]);
+        }
+        wgrad_blocks_on(isa, p, kb, imgs, xp, dy, dw)
+    });
+}
+
+/// Every (output channel block, input channel, filter row) of one chunk; the block's gradient
+/// planes stay in cache while every input channel and row passes over them.
+#[inline(always)]
+fn wgrad_blocks<S: Lanes>(p: &Plan, kb: usize, imgs: usize, xp: &[f32], dy: &[f32], dw: &mut [f32]) {
+    for k0 in (0..p.c_out).step_by(kb) {
+        let n = kb.min(p.c_out - k0);
+        for c in 0..p.c_in {
+            for r in 0..p.k {
+                macro_rules! dispatch {
+                    ($(($b:literal, $k:literal, $v:literal))*) => {
+                        match (n, p.k, p.nv) {
+                            $(($b, $k, $v) => {
+                                let acc = wgrad_block_sums::<S, $b, $k, $v>(p, imgs, xp, dy, c, r, k0);
+                                store_block(&acc, p, c, r, k0, dw);
+                            })*
+                            other => unreachable!("weight-gradient block {other:?}"),
+                        }
+                    };
+                }
+                dispatch!((1, 3, 1)(2, 3, 1)(3, 3, 1)(4, 3, 1)(5, 3, 1)(6, 3, 1)(1, 3, 2)(2, 3, 2)(3, 3, 2)(1, 5, 1)(
+                    2, 5, 1
+                )(3, 5, 1)(4, 5, 1)(5, 5, 1)(1, 5, 2)(2, 5, 2))
+            }
+        }
+    }
+}
+
+compiled_for_isa! {
+    fn wgrad_blocks_on(p: &Plan, kb: usize, imgs: usize, xp: &[f32], dy: &[f32], dw: &mut [f32]) => wgrad_blocks
+}
+
+/// dw = Σ over images, in chunks of 8 images whose partial sums are added in chunk order.
+pub fn backward_weight(isa: Isa, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
+    let p = Plan::forward(g);
+    let (in_img, out_img) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow);
+    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(WGRAD_CHUNK))
+        .into_par_iter()
+        .map(|ch| {
+            let images = ch * WGRAD_CHUNK..((ch + 1) * WGRAD_CHUNK).min(g.n);
+            let mut part = zeroed(dw.len());
+            let (xs, dys) =
+                (&x[images.start * in_img..images.end * in_img], &dy[images.start * out_img..images.end * out_img]);
+            wgrad_chunk(isa, &p, images.len(), xs, dys, &mut part);
+            part
+        })
+        .collect();
+    dw.fill(0.0);
+    for part in &partials {
+        dw.iter_mut().zip(part).for_each(|(d, v)| *d += v);
+    }
+    partials.into_iter().for_each(recycle);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::conv::{backward_data_on, backward_weight_on, forward_on, Engine};
+    use crate::rng::Rng;
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The three passes of `g` on the direct kernels at width `isa`: forward with bias (no
+    /// activation, then ReLU), backward-data, weight gradient. Outputs start as NaN, so a value
+    /// the kernels skip fails.
+    fn direct_passes(isa: Isa, g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32], dy: &[f32]) -> Vec<Vec<f32>> {
+        let mut outs = Vec::new();
+        for act in [Activation::Identity, Activation::Relu] {
+            let mut y = vec![f32::NAN; g.out_len()];
+            forward(isa, x, w, Some(bias), act, &mut y, g);
+            outs.push(y);
+        }
+        let mut dx = vec![f32::NAN; g.in_len()];
+        backward_data(isa, dy, w, &mut dx, g);
+        let mut dw = vec![f32::NAN; w.len()];
+        backward_weight(isa, x, dy, &mut dw, g);
+        outs.extend([dx, dw]);
+        outs
+    }
+
+    /// Every pass against the im2col route on rotvar's portable GEMM (the oracle), at the
+    /// models' shapes and at odd ones: non-square maps, paddings 0 to k−1, rows of one and two
+    /// vectors (7 to 32 columns), odd row counts, channel counts that leave a partial register
+    /// block, batches that leave a partial 16-image chunk. The tolerance is 1e-5 of each
+    /// output's largest value: the two routes differ only in summation order. Every vector width
+    /// (the portable twin included) gives the same bits, and so does one thread.
+    #[test]
+    fn direct_matches_im2col_and_its_own_bits_everywhere() {
+        let mut rng = Rng::new(41);
+        let oracle = Engine { gemm: Some(Isa::Portable), implicit: false, winograd: None, direct: false };
+        // (n, c_in, h, w, c_out, k, pad)
+        let geoms = [
+            (3, 1, 28, 28, 6, 5, 2),
+            (19, 6, 14, 14, 16, 5, 2),
+            (2, 1, 28, 28, 32, 3, 1),
+            (2, 3, 32, 32, 64, 3, 1),
+            (9, 2, 9, 13, 5, 3, 0),
+            (4, 5, 17, 30, 3, 5, 1),
+            (3, 12, 16, 7, 4, 5, 4),
+            (1, 7, 6, 30, 9, 3, 2),
+        ];
+        let mut worst = 0.0f32;
+        for &(n, c, h, w, co, k, pad) in &geoms {
+            let g = ConvGeom::new(n, c, h, w, co, (k, k), 1, pad).unwrap();
+            assert!(applies(&g, Pass::WeightGrad), "{g:?} should fit the direct kernels");
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.normal()).collect();
+            let wt: Vec<f32> = (0..co * g.k()).map(|_| rng.normal() * 0.2).collect();
+            let bias: Vec<f32> = (0..co).map(|_| rng.normal()).collect();
+            let dy: Vec<f32> = (0..n * co * g.oh * g.ow).map(|_| rng.normal()).collect();
+            let mut want = Vec::new();
+            for act in [Activation::Identity, Activation::Relu] {
+                let mut y = vec![f32::NAN; g.out_len()];
+                forward_on(oracle, &x, &wt, Some(&bias), act, &mut y, &g);
+                want.push(y);
+            }
+            let mut dx = vec![f32::NAN; g.in_len()];
+            backward_data_on(oracle, &dy, &wt, &mut dx, &g);
+            let mut dw = vec![f32::NAN; wt.len()];
+            backward_weight_on(oracle, &x, &dy, &mut dw, None, &g);
+            want.extend([dx, dw]);
+            let mut first: Option<Vec<Vec<f32>>> = None;
+            for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+                let got = direct_passes(isa, &g, &x, &wt, &bias, &dy);
+                let names = ["forward", "forward+relu", "backward-data", "weight gradient"];
+                for (what, (a, b)) in names.iter().zip(got.iter().zip(&want)) {
+                    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                    assert!(err < 1e-5, "{what} {g:?} on {isa}: error {err:e} of scale {scale}");
+                    worst = worst.max(err);
+                }
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => {
+                        for (a, b) in got.iter().zip(f) {
+                            assert_eq!(bits(a), bits(b), "{g:?}: {isa} disagrees with the portable twin");
+                        }
+                    }
+                }
+            }
+            // The weight gradient, the one pass that sums over images, on one thread.
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let mut dw = vec![f32::NAN; wt.len()];
+            one.install(|| backward_weight(Isa::best(), &x, &dy, &mut dw, &g));
+            assert_eq!(bits(&dw), bits(&first.as_ref().unwrap()[3]), "{g:?}: one thread disagrees");
+        }
+        eprintln!("direct convolution worst relative error against im2col: {worst:e}");
+        assert!(worst > 0.0, "the direct kernels should round differently from im2col somewhere");
+    }
+
+    /// The engine sends each pass where `applies` says: LeNet's conv2 runs every pass on the
+    /// direct kernels (same bits as calling them), SimpleConv's conv1 only its weight gradient
+    /// (its forward has the im2col route's bits; with 9 taps the two routes happen to agree to
+    /// the bit there, so only LeNet's case can tell them apart).
+    #[test]
+    fn the_engine_routes_each_pass_as_applies_says() {
+        let mut rng = Rng::new(43);
+        let isa = Isa::best();
+        let engine = Engine { gemm: Some(isa), implicit: true, winograd: None, direct: true };
+        let im2col = Engine { direct: false, ..engine };
+        for (g, all) in [
+            (ConvGeom::new(5, 6, 14, 14, 16, (5, 5), 1, 2).unwrap(), true),
+            (ConvGeom::new(3, 1, 28, 28, 32, (3, 3), 1, 1).unwrap(), false),
+        ] {
+            let x: Vec<f32> = (0..g.in_len()).map(|_| rng.normal()).collect();
+            let wt: Vec<f32> = (0..g.c_out * g.k()).map(|_| rng.normal()).collect();
+            let bias: Vec<f32> = (0..g.c_out).map(|_| rng.normal()).collect();
+            let dy: Vec<f32> = (0..g.out_len()).map(|_| rng.normal()).collect();
+            let direct = direct_passes(isa, &g, &x, &wt, &bias, &dy);
+            let mut y = vec![f32::NAN; g.out_len()];
+            forward_on(engine, &x, &wt, Some(&bias), Activation::Identity, &mut y, &g);
+            let mut y_im2col = vec![f32::NAN; g.out_len()];
+            forward_on(im2col, &x, &wt, Some(&bias), Activation::Identity, &mut y_im2col, &g);
+            let mut dw = vec![f32::NAN; wt.len()];
+            backward_weight_on(engine, &x, &dy, &mut dw, None, &g);
+            assert!(bits(&dw) == bits(&direct[3]), "{g:?}: weight gradient not on the direct kernels");
+            assert!(bits(&y) == bits(if all { &direct[0] } else { &y_im2col }), "{g:?}: forward routed wrongly");
+            if all {
+                // Here the two routes round differently, so the check above can tell them apart.
+                assert!(bits(&direct[0]) != bits(&y_im2col), "{g:?}: the two routes should differ");
+                let mut dx = vec![f32::NAN; g.in_len()];
+                backward_data_on(engine, &dy, &wt, &mut dx, &g);
+                assert!(bits(&dx) == bits(&direct[2]), "{g:?}: backward-data not on the direct kernels");
+            }
+        }
+    }
+
+    /// What the direct kernels take: the small-channel stride-1 layers, not Winograd's layers,
+    /// strides above 1, filters other than 3×3 and 5×5, or rows over two vectors; and per pass,
+    /// the forward kernels only where a pass writes 4 to 16 channels.
+    #[test]
+    fn applies_to_the_small_channel_layers_only() {
+        let g = |c, h, co, k, s, p| ConvGeom::new(2, c, h, h, co, (k, k), s, p).unwrap();
+        use Pass::*;
+        for (geom, passes) in [
+            (g(1, 28, 6, 5, 1, 2), [true, false, true]),
+            (g(6, 14, 16, 5, 1, 2), [true, true, true]),
+            (g(1, 28, 32, 3, 1, 1), [false, false, true]),
+            (g(3, 32, 64, 3, 1, 1), [false, false, true]),
+            (g(16, 7, 120, 5, 1, 2), [false; 3]),
+            (g(32, 28, 32, 3, 1, 1), [false; 3]),
+            (g(3, 32, 64, 3, 2, 1), [false; 3]),
+            (g(3, 32, 8, 1, 1, 0), [false; 3]),
+            (g(1, 40, 6, 3, 1, 1), [false; 3]),
+            (g(1, 28, 6, 7, 1, 3), [false; 3]),
+        ] {
+            for (pass, want) in [Forward, BackwardData, WeightGrad].into_iter().zip(passes) {
+                assert_eq!(applies(&geom, pass), want, "{geom:?} {pass:?}");
+            }
+        }
+    }
+}
