@@ -69,6 +69,9 @@ const L: usize = 16;
 /// Every method may use its vector set's instructions: call them only inside the
 /// `compiled_for_isa!` frame that picked the type, which runs only on a CPU that has the set.
 trait Lanes: Copy {
+    /// Whether the kernels should keep two vectors per channel in flight (AVX-512's 32
+    /// registers) or one (AVX2's 16, where one vector already takes two).
+    const PAIRS: bool;
     unsafe fn zero() -> Self;
     unsafe fn splat(v: f32) -> Self;
     /// The first 16 values of `src` (checked to hold at least 16).
@@ -86,6 +89,7 @@ trait Lanes: Copy {
 }
 
 impl Lanes for [f32; L] {
+    const PAIRS: bool = true;
     unsafe fn zero() -> Self {
         [0.0; L]
     }
@@ -130,6 +134,7 @@ mod lanes {
     pub struct Ymm2(__m256, __m256);
 
     impl Lanes for Zmm {
+        const PAIRS: bool = true;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn zero() -> Self {
@@ -201,6 +206,7 @@ mod lanes {
     }
 
     impl Lanes for Ymm2 {
+        const PAIRS: bool = false;
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn zero() -> Self {
@@ -372,12 +378,12 @@ fn balanced(channels: usize, max: usize) -> usize {
     channels.div_ceil(channels.div_ceil(max))
 }
 
-/// Output channels per register block in the forward kernel, where it computes two vectors at a
-/// time (two halves of a row, or two rows): `2·kb` accumulators plus the two loaded vectors and
-/// a broadcast weight within the register file (32 × 16 lanes on AVX-512; 16 × 8 on AVX2, where
-/// one vector takes two registers).
+/// Output channels per register block in the forward kernel: on AVX-512 it computes two
+/// vectors at a time (`2·kb` accumulators, two loaded vectors and a broadcast weight within 32
+/// registers), on AVX2 one (`kb` accumulators of two registers each, the loaded vector's two and
+/// the broadcast within 16).
 fn forward_block(isa: Isa, c_out: usize) -> usize {
-    balanced(c_out, if isa == Isa::Avx2 { 3 } else { 12 })
+    balanced(c_out, if isa == Isa::Avx2 { 6 } else { 12 })
 }
 
 /// The filter `w[k, c, r, s]` in blocks of `kb` output channels, each block `[c, r, s][kb]`, so
@@ -460,8 +466,9 @@ fn store_vectors<S: Lanes, const KB: usize, const NV: usize>(
     }
 }
 
-/// One image, one channel block: two vectors at a time, the halves of a row where rows are
-/// longer than 16, else pairs of rows (and a last odd row alone).
+/// One image, one channel block: two vectors at a time where the registers allow (the halves of
+/// a row where rows are longer than 16, else pairs of rows, and a last odd row alone), else one.
+/// Each output is the same chain of FMAs either way.
 #[inline(always)]
 fn forward_image<S: Lanes, const KB: usize>(
     p: &Plan,
@@ -472,6 +479,15 @@ fn forward_image<S: Lanes, const KB: usize>(
     act: Activation,
     y: &mut [f32],
 ) {
+    if !S::PAIRS {
+        for oy in 0..p.oh {
+            for j in 0..p.nv {
+                let acc = forward_vectors::<S, KB, 1>(p, xp, wb, oy * p.wp + j * L, 0);
+                store_vectors(&acc, p, [(oy, j * L)], k0, b, act, y);
+            }
+        }
+        return;
+    }
     if p.nv == 2 {
         for oy in 0..p.oh {
             let acc = forward_vectors::<S, KB, 2>(p, xp, wb, oy * p.wp, L);
@@ -556,38 +572,40 @@ pub fn backward_data(isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGe
     convolve(isa, &p, g.n, dy, &wf, None, Activation::Identity, dx)
 }
 
-/// Output channels per weight-gradient register block: `kb × k × nv` accumulators and
-/// `kb × nv` gradient vectors, plus the one input vector in flight, within 31 of AVX-512's 32
-/// registers. AVX2 cannot hold even one channel's block of a 5×5 filter and runs one channel at
-/// a time.
-fn wgrad_block(isa: Isa, k: usize, nv: usize, c_out: usize) -> usize {
+/// Output channels per weight-gradient register block, and the vectors of a row each pass
+/// takes: `kb × k × nv` accumulators and `kb × nv` gradient vectors, plus the one input vector in
+/// flight, within 31 of AVX-512's 32 registers. On AVX2 (16 registers, two per vector) a pass
+/// takes one vector of the row, and one channel of a 5×5 filter (or two of a 3×3) already fills
+/// the file. Splitting a row's vectors over passes keeps every lane's chain, so the bits stay.
+fn wgrad_block(isa: Isa, k: usize, nv: usize, c_out: usize) -> (usize, usize) {
     if isa == Isa::Avx2 {
-        return 1;
+        return (if k <= 3 { balanced(c_out, 2) } else { 1 }, 1);
     }
-    balanced(c_out, (1..=6).rev().find(|kb| nv * kb * (k + 1) < 31).unwrap_or(1))
+    (balanced(c_out, (1..=6).rev().find(|kb| nv * kb * (k + 1) < 31).unwrap_or(1)), nv)
 }
 
 /// Sums for filter row `r` of input channel `c`, channels `k0 .. k0 + KB`, every column
-/// `s < K`, over the chunk's images and rows: `xp` is the chunk's padded images, `dy` their
-/// gradients (NCHW), read with the lanes past the output's width zeroed.
+/// `s < K`, over the chunk's images and rows, for the row's vectors `j0 .. j0 + NV`: `xp` is the
+/// chunk's padded images, `dy` their gradients (NCHW), read with the lanes past the output's
+/// width zeroed. Each sum's lanes go to `lanes[(k·K + s)·nv + j]`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn wgrad_block_sums<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
     p: &Plan,
     imgs: usize,
     xp: &[f32],
     dy: &[f32],
-    c: usize,
-    r: usize,
-    k0: usize,
-) -> [[[S; NV]; K]; KB] {
+    (c, r, k0, j0): (usize, usize, usize, usize),
+    lanes: &mut [[f32; L]],
+) {
     // SAFETY (every `Lanes` call below): this runs inside `S`'s `compiled_for_isa!` frame.
     let mut acc = [[[unsafe { S::zero() }; NV]; K]; KB];
-    let widths: [usize; NV] = std::array::from_fn(|j| (p.ow - j * L).min(L));
+    let widths: [usize; NV] = std::array::from_fn(|j| (p.ow - (j0 + j) * L).min(L));
     for i in 0..imgs {
         for oy in 0..p.oh {
-            let xrow = &xp[(i * p.c_in + c) * p.plane() + (oy + r) * p.wp..][..p.wp];
+            let xrow = &xp[(i * p.c_in + c) * p.plane() + (oy + r) * p.wp + j0 * L..];
             let d: [[S; NV]; KB] = std::array::from_fn(|k| {
-                let drow = &dy[((i * p.c_out + k0 + k) * p.oh + oy) * p.ow..][..p.ow];
+                let drow = &dy[((i * p.c_out + k0 + k) * p.oh + oy) * p.ow + j0 * L..];
                 std::array::from_fn(|j| unsafe { S::load_n(&drow[j * L..], widths[j]) })
             });
             for s in 0..K {
@@ -600,27 +618,25 @@ fn wgrad_block_sums<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
             }
         }
     }
-    acc
+    for (k, acc_k) in acc.iter().enumerate() {
+        for (s, acc_s) in acc_k.iter().enumerate() {
+            for (j, v) in acc_s.iter().enumerate() {
+                lanes[(k * K + s) * p.nv + j0 + j] = unsafe { v.to_array() };
+            }
+        }
+    }
 }
 
-/// Add each block sum's vectors, then its 16 lanes as a tree (lane l + lane l+8, then l+4, ..),
-/// into `dw[k, c, r, s]`. A chain of 16 dependent adds per weight cost as much as a third of
-/// the accumulation on LeNet's conv2; the tree's first levels are vector adds.
+/// Add each sum's vectors, then its 16 lanes as a tree (lane l + lane l+8, then l+4, ..), into
+/// `dw[k, c, r, s]`. A chain of 16 dependent adds per weight cost as much as a third of the
+/// accumulation on LeNet's conv2; the tree's first levels are vector adds.
 #[inline(always)]
-fn store_block<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
-    acc: &[[[S; NV]; K]; KB],
-    p: &Plan,
-    c: usize,
-    r: usize,
-    k0: usize,
-    dw: &mut [f32],
-) {
-    for (k, acc_k) in acc.iter().enumerate() {
-        for (s, v) in acc_k.iter().enumerate() {
-            // SAFETY: inside `S`'s frame, as in `wgrad_block_sums`.
-            let mut t = unsafe { v[0].to_array() };
-            for v in &v[1..] {
-                let u = unsafe { v.to_array() };
+fn store_sums(p: &Plan, lanes: &[[f32; L]], (n, c, r, k0): (usize, usize, usize, usize), dw: &mut [f32]) {
+    for k in 0..n {
+        for s in 0..p.k {
+            let v = &lanes[(k * p.k + s) * p.nv..][..p.nv];
+            let mut t = v[0];
+            for u in &v[1..] {
                 t.iter_mut().zip(u).for_each(|(a, b)| *a += b);
             }
             let mut width = L / 2;
@@ -630,7 +646,7 @@ fn store_block<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
                 }
                 width /= 2;
             }
-            dw[(((k0 + k) * p.c_in + c) * K + r) * K + s] = t[0];
+            dw[(((k0 + k) * p.c_in + c) * p.k + r) * p.k + s] = t[0];
         }
     }
 }
@@ -638,44 +654,68 @@ fn store_block<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
 /// dw for the images of one chunk (`x`, `dy` hold exactly them).
 fn wgrad_chunk(isa: Isa, p: &Plan, imgs: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (in_img, pimg) = (p.c_in * p.h * p.w, p.c_in * p.plane());
-    let kb = wgrad_block(isa, p.k, p.nv, p.c_out);
+    let (kb, per_pass) = wgrad_block(isa, p.k, p.nv, p.c_out);
     with_scratch(&PADDED, imgs * pimg, |xp| {
         for i in 0..imgs {
             p.pad_into(&x[i * in_img..(i + 1) * in_img], &mut xp[i * pimg..(i + 1) * pimg]);
         }
-        wgrad_blocks_on(isa, p, kb, imgs, xp, dy, dw)
+        wgrad_blocks_on(isa, p, (kb, per_pass), imgs, xp, dy, dw)
     });
 }
 
 /// Every (output channel block, input channel, filter row) of one chunk; the block's gradient
 /// planes stay in cache while every input channel and row passes over them.
 #[inline(always)]
-fn wgrad_blocks<S: Lanes>(p: &Plan, kb: usize, imgs: usize, xp: &[f32], dy: &[f32], dw: &mut [f32]) {
+fn wgrad_blocks<S: Lanes>(
+    p: &Plan,
+    (kb, per_pass): (usize, usize),
+    imgs: usize,
+    xp: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+) {
+    let mut lanes = [[0.0f32; L]; 6 * 5 * 2];
     for k0 in (0..p.c_out).step_by(kb) {
         let n = kb.min(p.c_out - k0);
         for c in 0..p.c_in {
             for r in 0..p.k {
-                macro_rules! dispatch {
-                    ($(($b:literal, $k:literal, $v:literal))*) => {
-                        match (n, p.k, p.nv) {
-                            $(($b, $k, $v) => {
-                                let acc = wgrad_block_sums::<S, $b, $k, $v>(p, imgs, xp, dy, c, r, k0);
-                                store_block(&acc, p, c, r, k0, dw);
-                            })*
-                            other => unreachable!("weight-gradient block {other:?}"),
-                        }
-                    };
+                for j0 in (0..p.nv).step_by(per_pass) {
+                    let at = (c, r, k0, j0);
+                    macro_rules! dispatch {
+                        ($(($b:literal, $k:literal, $v:literal)),*) => {
+                            match (n, p.k, per_pass) {
+                                $(($b, $k, $v) => wgrad_block_sums::<S, $b, $k, $v>(p, imgs, xp, dy, at, &mut lanes),)*
+                                other => unreachable!("weight-gradient block {other:?}"),
+                            }
+                        };
+                    }
+                    dispatch!(
+                        (1, 3, 1),
+                        (2, 3, 1),
+                        (3, 3, 1),
+                        (4, 3, 1),
+                        (5, 3, 1),
+                        (6, 3, 1),
+                        (1, 3, 2),
+                        (2, 3, 2),
+                        (3, 3, 2),
+                        (1, 5, 1),
+                        (2, 5, 1),
+                        (3, 5, 1),
+                        (4, 5, 1),
+                        (5, 5, 1),
+                        (1, 5, 2),
+                        (2, 5, 2)
+                    )
                 }
-                dispatch!((1, 3, 1)(2, 3, 1)(3, 3, 1)(4, 3, 1)(5, 3, 1)(6, 3, 1)(1, 3, 2)(2, 3, 2)(3, 3, 2)(1, 5, 1)(
-                    2, 5, 1
-                )(3, 5, 1)(4, 5, 1)(5, 5, 1)(1, 5, 2)(2, 5, 2))
+                store_sums(p, &lanes, (n, c, r, k0), dw);
             }
         }
     }
 }
 
 compiled_for_isa! {
-    fn wgrad_blocks_on(p: &Plan, kb: usize, imgs: usize, xp: &[f32], dy: &[f32], dw: &mut [f32]) => wgrad_blocks
+    fn wgrad_blocks_on(p: &Plan, blocks: (usize, usize), imgs: usize, xp: &[f32], dy: &[f32], dw: &mut [f32]) => wgrad_blocks
 }
 
 /// dw = Σ over images, in chunks of 8 images whose partial sums are added in chunk order.
