@@ -120,6 +120,7 @@ def main():
         secs = time.perf_counter() - t
         print(json.dumps({
             "impl": "pytorch", "torch": torch.__version__, "model": name, "device": a.device,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability() if dev.type == "cpu" else None,
             "threads": torch.get_num_threads(), "batch_size": a.batch_size, "steps": a.steps,
             "images_per_second": a.batch_size * a.steps / secs,
             "kernel_launches_per_step": kernels_per_step(step) if dev.type == "cuda" else None,

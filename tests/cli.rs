@@ -769,3 +769,38 @@ fn bench_train_reports_graph_replays_and_launches() {
     assert_eq!(plain["kernels_per_replay"], serde_json::Value::Null);
     assert_eq!(plain["kernel_launches_per_step"].as_f64().unwrap(), kernels as f64, "{plain} vs {kernels} per replay");
 }
+
+/// `bench conv --models` takes single layers as well as models: each row of `lenet.conv1` is that
+/// layer's, with the direct kernels named in the device; an unknown name is refused with the
+/// layers one could ask for, before any work.
+#[test]
+fn bench_conv_times_single_layers() {
+    let o = rotvar_ok(&[
+        "bench",
+        "conv",
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--models",
+        "lenet.conv1",
+    ]);
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let passes: Vec<&str> = rows.iter().map(|r| r["pass"].as_str().unwrap()).collect();
+    assert_eq!(passes, ["forward", "backward_data", "backward_weight"], "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["layer"], "lenet.conv1");
+        assert!(r["device"].as_str().unwrap().contains("winograd-f4 + direct"), "{r}");
+        assert!(r["gflops"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let o = rotvar(&["bench", "conv", "--device", "cpu", "--models", "lenet.conv9"]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("lenet.conv9") && e.contains("lenet.conv2"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}

@@ -49,9 +49,11 @@ struct Cli {
     #[arg(long, global = true, env = "ROTVAR_CPU_GEMM", default_value = "crate")]
     cpu_gemm: String,
     /// The CPU backend's convolutions: winograd (F(4×4,r×r) on the 3×3 and 5×5 stride-1 "same"
-    /// layers with at least 8 channels in and out, 4× and 6.25× fewer multiplications; im2col +
-    /// GEMM elsewhere), winograd-f2 (F(2×2,r×r)), or im2col everywhere (the reference; Winograd
-    /// rounds differently, within about 1e-5 of it). Each is deterministic.
+    /// layers with at least 8 channels in and out, 4× and 6.25× fewer multiplications; direct
+    /// kernels on the stride-1 layers with fewer channels, such as LeNet's conv1 and conv2 and
+    /// the first layer's weight gradient; im2col + GEMM elsewhere), winograd-f2 (F(2×2,r×r),
+    /// direct kernels alike), or im2col everywhere (the reference; the others round
+    /// differently, within about 1e-5 of it). Each is deterministic.
     #[arg(long, global = true, env = "ROTVAR_CPU_CONV", default_value = "winograd")]
     cpu_conv: String,
     /// Arithmetic of the convolutions and dense layers: fp32 (the default and the reference: V
