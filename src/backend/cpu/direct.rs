@@ -74,13 +74,16 @@ trait Lanes: Copy {
     const PAIRS: bool;
     unsafe fn zero() -> Self;
     unsafe fn splat(v: f32) -> Self;
-    /// The first 16 values of `src` (checked to hold at least 16).
-    unsafe fn load(src: &[f32]) -> Self;
+    /// Which lanes a masked load reads: the first n.
+    type Mask: Copy;
+    unsafe fn mask(n: usize) -> Self::Mask;
+    /// 16 values from `src`, which must all be readable (callers check a whole row once).
+    unsafe fn load(src: *const f32) -> Self;
+    /// The lanes of `m` from `src` (only those are read), the others zero.
+    unsafe fn load_masked(src: *const f32, m: Self::Mask) -> Self;
     /// `self + a · b`, rounded once.
     unsafe fn fma(self, a: Self, b: Self) -> Self;
     unsafe fn to_array(self) -> [f32; L];
-    /// The first `n ≤ 16` values of `src` (checked to hold them), the other lanes zero.
-    unsafe fn load_n(src: &[f32], n: usize) -> Self;
     /// The first `dst.len() ≤ 16` lanes into `dst`.
     unsafe fn store_n(self, dst: &mut [f32]);
     unsafe fn add(self, b: Self) -> Self;
@@ -96,17 +99,21 @@ impl Lanes for [f32; L] {
     unsafe fn splat(v: f32) -> Self {
         [v; L]
     }
-    unsafe fn load(src: &[f32]) -> Self {
-        src[..L].try_into().unwrap()
+    type Mask = usize;
+    unsafe fn mask(n: usize) -> usize {
+        n
+    }
+    unsafe fn load(src: *const f32) -> Self {
+        std::ptr::read_unaligned(src as *const [f32; L])
+    }
+    unsafe fn load_masked(src: *const f32, n: usize) -> Self {
+        std::array::from_fn(|l| if l < n { *src.add(l) } else { 0.0 })
     }
     unsafe fn fma(self, a: Self, b: Self) -> Self {
         std::array::from_fn(|l| a[l].mul_add(b[l], self[l]))
     }
     unsafe fn to_array(self) -> [f32; L] {
         self
-    }
-    unsafe fn load_n(src: &[f32], n: usize) -> Self {
-        std::array::from_fn(|l| if l < n { src[l] } else { 0.0 })
     }
     unsafe fn store_n(self, dst: &mut [f32]) {
         let n = dst.len();
@@ -145,12 +152,21 @@ mod lanes {
         unsafe fn splat(v: f32) -> Self {
             Zmm(_mm512_set1_ps(v))
         }
+        type Mask = __mmask16;
         #[inline]
         #[target_feature(enable = "avx512f")]
-        unsafe fn load(src: &[f32]) -> Self {
-            assert!(src.len() >= L);
-            // SAFETY: 16 values are there (checked above).
-            Zmm(_mm512_loadu_ps(src.as_ptr()))
+        unsafe fn mask(n: usize) -> __mmask16 {
+            mask(n)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(src: *const f32) -> Self {
+            Zmm(_mm512_loadu_ps(src))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_masked(src: *const f32, m: __mmask16) -> Self {
+            Zmm(_mm512_maskz_loadu_ps(m, src))
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
@@ -163,13 +179,6 @@ mod lanes {
             let mut out = [0.0; L];
             _mm512_storeu_ps(out.as_mut_ptr(), self.0);
             out
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load_n(src: &[f32], n: usize) -> Self {
-            assert!(n <= L && src.len() >= n);
-            // SAFETY: the masked-off lanes are not read.
-            Zmm(_mm512_maskz_loadu_ps(mask(n), src.as_ptr()))
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
@@ -217,12 +226,21 @@ mod lanes {
         unsafe fn splat(v: f32) -> Self {
             Ymm2(_mm256_set1_ps(v), _mm256_set1_ps(v))
         }
+        type Mask = (__m256i, __m256i);
         #[inline]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn load(src: &[f32]) -> Self {
-            assert!(src.len() >= L);
-            // SAFETY: 16 values are there (checked above).
-            Ymm2(_mm256_loadu_ps(src.as_ptr()), _mm256_loadu_ps(src.as_ptr().add(8)))
+        unsafe fn mask(n: usize) -> Self::Mask {
+            masks(n)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(src: *const f32) -> Self {
+            Ymm2(_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_masked(src: *const f32, (m0, m1): Self::Mask) -> Self {
+            Ymm2(_mm256_maskload_ps(src, m0), _mm256_maskload_ps(src.wrapping_add(8), m1))
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
@@ -236,14 +254,6 @@ mod lanes {
             _mm256_storeu_ps(out.as_mut_ptr(), self.0);
             _mm256_storeu_ps(out.as_mut_ptr().add(8), self.1);
             out
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn load_n(src: &[f32], n: usize) -> Self {
-            assert!(n <= L && src.len() >= n);
-            let (m0, m1) = masks(n);
-            // SAFETY: the masked-off lanes are not read.
-            Ymm2(_mm256_maskload_ps(src.as_ptr(), m0), _mm256_maskload_ps(src.as_ptr().wrapping_add(8), m1))
         }
         #[inline]
         #[target_feature(enable = "avx2,fma")]
@@ -417,11 +427,12 @@ fn forward_vectors<S: Lanes, const KB: usize, const NV: usize>(
     let mut t = 0;
     for c in 0..p.c_in {
         for r in 0..p.k {
-            let row = &xp[c * p.plane() + at + r * p.wp..];
+            // Every load below reads 16 values from `row` at `j·step + s`, s < k: one check.
+            let row = xp[c * p.plane() + at + r * p.wp..][..(NV - 1) * step + p.k - 1 + L].as_ptr();
             for s in 0..p.k {
                 let wk: &[f32; KB] = wb[t * KB..(t + 1) * KB].try_into().unwrap();
                 t += 1;
-                let v: [S; NV] = std::array::from_fn(|j| unsafe { S::load(&row[j * step + s..]) });
+                let v: [S; NV] = std::array::from_fn(|j| unsafe { S::load(row.add(j * step + s)) });
                 for (acc_k, &wk) in acc.iter_mut().zip(wk) {
                     let wk = unsafe { S::splat(wk) };
                     for (a, &v) in acc_k.iter_mut().zip(&v) {
@@ -601,16 +612,21 @@ fn wgrad_block_sums<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
     // SAFETY (every `Lanes` call below): this runs inside `S`'s `compiled_for_isa!` frame.
     let mut acc = [[[unsafe { S::zero() }; NV]; K]; KB];
     let widths: [usize; NV] = std::array::from_fn(|j| (p.ow - (j0 + j) * L).min(L));
+    let masks: [S::Mask; NV] = std::array::from_fn(|j| unsafe { S::mask(widths[j]) });
     for i in 0..imgs {
         for oy in 0..p.oh {
-            let xrow = &xp[(i * p.c_in + c) * p.plane() + (oy + r) * p.wp + j0 * L..];
+            // The loads read 16 values at `j·16 + s` (s < K) of `xrow`, and the first
+            // `widths[j]` at `j·16` of each `drow`: one check per row.
+            let xrow =
+                xp[(i * p.c_in + c) * p.plane() + (oy + r) * p.wp + j0 * L..][..(NV - 1) * L + K - 1 + L].as_ptr();
             let d: [[S; NV]; KB] = std::array::from_fn(|k| {
-                let drow = &dy[((i * p.c_out + k0 + k) * p.oh + oy) * p.ow + j0 * L..];
-                std::array::from_fn(|j| unsafe { S::load_n(&drow[j * L..], widths[j]) })
+                let at = ((i * p.c_out + k0 + k) * p.oh + oy) * p.ow + j0 * L;
+                let drow = dy[at..at + (NV - 1) * L + widths[NV - 1]].as_ptr();
+                std::array::from_fn(|j| unsafe { S::load_masked(drow.wrapping_add(j * L), masks[j]) })
             });
             for s in 0..K {
                 for j in 0..NV {
-                    let x = unsafe { S::load(&xrow[j * L + s..]) };
+                    let x = unsafe { S::load(xrow.add(j * L + s)) };
                     for (acc_k, d_k) in acc.iter_mut().zip(&d) {
                         acc_k[s][j] = unsafe { acc_k[s][j].fma(d_k[j], x) };
                     }
