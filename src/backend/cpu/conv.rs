@@ -3,7 +3,7 @@
 //! im2col matrix and let the GEMM pack straight from the padded image (`ImageCols`); the
 //! explicit route stays as their oracle. By default the 3×3 and 5×5 stride-1 layers with enough
 //! channels go to Winograd (`winograd/`), and those with few channels on one side to the direct
-//! kernels (`direct.rs`), each with im2col as its oracle.
+//! kernels (`direct/`), each with im2col as its oracle.
 //!
 //! Forward and backward-data are independent per image. Backward-weight sums over images, so it
 //! is split into chunks of a fixed number of images whose partial sums are added in chunk order:
