@@ -1,5 +1,6 @@
 //! Direct convolutions for the stride-1 layers with few channels on one side: LeNet's conv1
-//! (1 → 6) and conv2 (6 → 16), and the first layer of every model (1 or 3 → 32 or 64).
+//! (1 → 6) and conv2 (6 → 16), and the weight gradient of every model's first layer (1 or 3 →
+//! 32 or 64).
 //!
 //! There im2col + GEMM is a poor fit: the im2col matrix is `c·r²` times the image (25× for a 5×5
 //! filter) and the GEMM multiplies it by a matrix with a handful of rows. Winograd's channel
@@ -16,9 +17,10 @@
 //!
 //! Every value is one chain of fused multiply-adds in a fixed order (taps in (c, r, s) order for
 //! the forward passes; images then rows for the weight gradient, whose 16 lanes are then added
-//! as a fixed tree, and whose 16-image chunks are added in order). The bits therefore do not depend on the vector width, the channel blocking or
-//! the thread count, but they differ from the im2col route's, which sums in another order: that
-//! route is the oracle, and the tests hold these to 1e-5 of each output's scale.
+//! as a fixed tree, and whose 16-image chunks are added in order). The bits therefore do not
+//! depend on the vector width, the channel blocking or the thread count, but they differ from
+//! the im2col route's, which sums in another order: that route is the oracle, and the tests hold
+//! these to 1e-5 of each output's scale.
 
 mod lanes;
 
@@ -56,7 +58,7 @@ pub enum Pass {
 /// The pass, by measurement (`rotvar bench conv` against `--cpu-conv im2col`, in
 /// benches/RESULTS.md): the forward kernels keep at most 12 channels in registers, so they win
 /// where a pass writes 4 to 16 channels (LeNet's conv1 and conv2 forward, conv2 backward-data:
-/// 1.5–2.3× im2col). With 32 or 64 output channels (the first layer of SimpleConv or ResNet)
+/// 1.75–2× im2col). With 32 or 64 output channels (the first layer of SimpleConv or ResNet)
 /// the pass is bound by writing its large output, and im2col writes it faster; with fewer than
 /// 4, a channel block has too few independent sums to hide the FMA latency. The weight gradient
 /// wins on every layer the shape admits.
@@ -77,7 +79,7 @@ pub fn applies(g: &ConvGeom, pass: Pass) -> bool {
 }
 
 /// A stride-1 convolution as the kernels see it: `c_in` planes of `h × w` in a zero border of
-/// `ph` rows and `pw` columns, copied into planes of `hp × wp` whose rows are long enough for
+/// `pad`, copied into planes of `hp × wp` whose rows are long enough for
 /// every vector load (the lanes past the output's width read zeros or real values and are
 /// dropped).
 #[derive(Clone, Copy, Debug)]
@@ -87,8 +89,7 @@ struct Plan {
     h: usize,
     w: usize,
     k: usize,
-    ph: usize,
-    pw: usize,
+    pad: usize,
     oh: usize,
     ow: usize,
     nv: usize,
@@ -97,21 +98,19 @@ struct Plan {
 }
 
 impl Plan {
-    #[allow(clippy::too_many_arguments)]
-    fn new(c_in: usize, c_out: usize, h: usize, w: usize, k: usize, ph: usize, pw: usize) -> Plan {
-        let (oh, ow) = (h + 2 * ph + 1 - k, w + 2 * pw + 1 - k);
+    fn new(c_in: usize, c_out: usize, h: usize, w: usize, k: usize, pad: usize) -> Plan {
+        let (oh, ow) = (h + 2 * pad + 1 - k, w + 2 * pad + 1 - k);
         let nv = ow.div_ceil(L);
-        Plan { c_in, c_out, h, w, k, ph, pw, oh, ow, nv, hp: h + 2 * ph, wp: (nv * L + k - 1).max(w + 2 * pw) }
+        Plan { c_in, c_out, h, w, k, pad, oh, ow, nv, hp: h + 2 * pad, wp: (nv * L + k - 1).max(w + 2 * pad) }
     }
 
     fn forward(g: &ConvGeom) -> Plan {
-        Plan::new(g.c_in, g.c_out, g.h, g.w, g.kw, g.pad, g.pad)
+        Plan::new(g.c_in, g.c_out, g.h, g.w, g.kw, g.pad)
     }
 
     /// Backward-data as a forward pass over `dy`: channels swapped, border `k − 1 − pad`.
     fn backward_data(g: &ConvGeom) -> Plan {
-        let b = g.kw - 1 - g.pad;
-        Plan::new(g.c_out, g.c_in, g.oh, g.ow, g.kw, b, b)
+        Plan::new(g.c_out, g.c_in, g.oh, g.ow, g.kw, g.kw - 1 - g.pad)
     }
 
     fn plane(&self) -> usize {
@@ -123,7 +122,7 @@ impl Plan {
         dst.fill(0.0);
         for (src, plane) in x.chunks_exact(self.h * self.w).zip(dst.chunks_exact_mut(self.plane())) {
             for (y, row) in src.chunks_exact(self.w).enumerate() {
-                let at = (y + self.ph) * self.wp + self.pw;
+                let at = (y + self.pad) * self.wp + self.pad;
                 plane[at..at + self.w].copy_from_slice(row);
             }
         }
