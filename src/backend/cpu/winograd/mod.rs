@@ -37,7 +37,7 @@ use crate::backend::{Activation, ConvGeom};
 use lanes::{from_lanes, to_lanes, transposer, Transpose};
 use rayon::prelude::*;
 use std::cell::RefCell;
-use transform::{sandwich, sandwich_with, Coefs, F23, F25T, F43, F45T};
+use transform::{sandwich, sandwich_with, Coefs, Folded, F23, F25T, F43, F45T};
 
 /// Images per group: the transforms' vector lanes.
 pub const LANES: usize = 16;
@@ -354,7 +354,7 @@ impl Packed<'_> {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn transform_into<const A: usize, const K: usize>(
-    l: &[[f32; K]; A],
+    l: &Folded<A, K>,
     planes: &[Lane],
     chans: usize,
     (ph, pw): (usize, usize),
