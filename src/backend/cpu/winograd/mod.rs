@@ -112,6 +112,16 @@ fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid) -> Vec<Block> {
     out
 }
 
+/// The distance between two points' operands of `len` values: `len` rounded up to a whole
+/// 64-byte line, plus one line whenever that is a multiple of 1 KiB. The transforms write (and
+/// the inverse transform reads) one lane of every point in turn; at a power-of-two distance
+/// (4 KiB for 64 channels of one tile) all α² of those lines fall into one set of the L1
+/// cache, whose 8 to 12 ways cannot hold them.
+fn skew(len: usize) -> usize {
+    let lines = len.div_ceil(16);
+    16 * if lines % 16 == 0 { lines + 1 } else { lines }
+}
+
 /// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
 /// from lane planes (`wp`-wide rows, `hp` rows a channel), to `v[place(e, c, t)..+16]`.
 #[inline(always)]
@@ -219,8 +229,8 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
     let (oh, ow) = (grid.ty * M, grid.tx * M);
     let (x_len, y_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
-    let v_len = A * A * RhsLayout::new(isa, ci, widest * LANES).len();
-    let m_len = A * A * co * widest * LANES;
+    let v_len = A * A * skew(RhsLayout::new(isa, ci, widest * LANES).len());
+    let m_len = A * A * skew(co * widest * LANES);
     y.par_chunks_mut(out_img * LANES).enumerate().for_each(|(grp, ys)| {
         let count = ys.len() / out_img;
         let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
@@ -238,15 +248,16 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
             for &blk in &blocks {
                 let lane_cols = blk.txn * LANES;
                 let layout = RhsLayout::new(isa, ci, lane_cols);
-                let place = |e: usize, c: usize, t: usize| e * layout.len() + layout.offset(c, t * LANES);
+                let (v_at, m_at) = (skew(layout.len()), skew(co * lane_cols));
+                let place = |e: usize, c: usize, t: usize| e * v_at + layout.offset(c, t * LANES);
                 vectorized(
                     isa,
                     #[inline(always)]
                     || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, place),
                 );
                 for (e, ue) in packed.iter().enumerate() {
-                    let ve = &v[e * layout.len()..(e + 1) * layout.len()];
-                    let out = &mut prod[e * co * lane_cols..(e + 1) * co * lane_cols];
+                    let ve = &v[e * v_at..e * v_at + layout.len()];
+                    let out = &mut prod[e * m_at..e * m_at + co * lane_cols];
                     sgemm_prepacked(
                         isa,
                         co,
@@ -268,7 +279,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                         for k in 0..co {
                             for t in 0..blk.txn {
                                 let load = |r: usize, s: usize| {
-                                    let at = ((r * A + s) * co + k) * lane_cols + t * LANES;
+                                    let at = (r * A + s) * m_at + k * lane_cols + t * LANES;
                                     prod[at..at + LANES].try_into().unwrap()
                                 };
                                 let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
@@ -372,11 +383,11 @@ fn transform_into<const A: usize, const K: usize>(
             let load = |r: usize, s: usize| planes[at + r * pw + s];
             sandwich_with(l, l, load, |i, j, lane| stage[i * A + j][c - c0] = *lane);
         }
-        let n = op.len();
+        let (n, at) = (op.len(), skew(op.len()));
         for (e, sq) in stage.iter_mut().enumerate() {
             // SAFETY: `tr` comes from `transposer`, which checked the CPU.
             unsafe { tr(sq) };
-            op.store(sq, t * LANES, c0, cn, &mut dst[e * n..(e + 1) * n]);
+            op.store(sq, t * LANES, c0, cn, &mut dst[e * at..e * at + n]);
         }
     }
 }
@@ -405,7 +416,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     let swap = ci < co;
     let (rows, cols) = if swap { (ci, co) } else { (co, ci) };
     let (lhs_len, rhs_len) =
-        (A * A * LhsLayout::new(isa, rows, widest).len(), A * A * RhsLayout::new(isa, widest, cols).len());
+        (A * A * skew(LhsLayout::new(isa, rows, widest).len()), A * A * skew(RhsLayout::new(isa, widest, cols).len()));
     let stage_len = A * A * LANES * LANES;
     // Σ over this group's tiles, [e][rows][cols], one partial per group of images.
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(LANES))
@@ -460,9 +471,9 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                             isa,
                             rows,
                             cols,
-                            &lhs[e * la.len()..(e + 1) * la.len()],
+                            &lhs[e * skew(la.len())..][..la.len()],
                             la,
-                            &rhs[e * lb.len()..(e + 1) * lb.len()],
+                            &rhs[e * skew(lb.len())..][..lb.len()],
                             lb,
                             &mut acc[e * co * ci..(e + 1) * co * ci],
                             Mat::rows(cols),
