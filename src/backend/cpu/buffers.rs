@@ -60,14 +60,20 @@ pub fn recycle(v: Vec<f32>) {
     }
 }
 
-/// Run `f` with the first `len` values of the calling thread's scratch buffer `key`, grown as
-/// needed and kept across calls, so that its pages are faulted in once per thread.
+/// Values in one 64-byte cache line.
+const LINE: usize = 16;
+
+/// Run `f` with `len` values of the calling thread's scratch buffer `key`, grown as needed and
+/// kept across calls, so that its pages are faulted in once per thread. The values start on a
+/// cache line: the allocator aligns large buffers to 16 bytes only, and then every 64-byte
+/// vector of the Winograd and direct kernels straddled two lines.
 pub fn with_scratch<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     key.with(|s| {
         let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, 0.0);
+        if s.len() < len + LINE - 1 {
+            s.resize(len + LINE - 1, 0.0);
         }
-        f(&mut s[..len])
+        let skip = s.as_ptr().align_offset(LINE * 4).min(LINE - 1);
+        f(&mut s[skip..skip + len])
     })
 }
