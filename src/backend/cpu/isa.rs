@@ -123,6 +123,36 @@ pub fn cpu_model() -> String {
     std::env::consts::ARCH.to_string()
 }
 
+/// The per-core L2 cache in bytes, as Linux's sysfs gives it for CPU 0; 1 MiB where it is not
+/// readable. The Winograd kernels size their blocks by it (AMD's Zen 4 has 1 MiB, Intel's
+/// Sapphire Rapids 2 MiB).
+pub fn l2_bytes() -> usize {
+    static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L2.get_or_init(|| {
+        let read =
+            |i: usize, f: &str| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/{f}"));
+        (0..8)
+            .filter(|&i| read(i, "level").is_ok_and(|l| l.trim() == "2"))
+            .find_map(|i| parse_cache_size(read(i, "size").ok()?.trim()))
+            .unwrap_or(1 << 20)
+    })
+}
+
+/// "2048K", "1M" or a plain byte count.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => s.split_at(at),
+        None => (s, ""),
+    };
+    let n: usize = digits.parse().ok()?;
+    match unit.trim() {
+        "" => Some(n),
+        "K" | "KB" | "KiB" => Some(n << 10),
+        "M" | "MB" | "MiB" => Some(n << 20),
+        _ => None,
+    }
+}
+
 /// What the GEMM runs on: `gemm crate avx2+fma`, or rotvar's path (`rotvar avx512`).
 pub fn gemm_path() -> String {
     match active() {
@@ -163,4 +193,20 @@ pub fn vectorized<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("2048K"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("524288"), Some(512 << 10));
+        assert_eq!(parse_cache_size("big"), None);
+        assert_eq!(parse_cache_size("12Q"), None);
+        // Whatever this machine says, or the fallback: a real L2 size.
+        assert!((64 << 10..=64 << 20).contains(&l2_bytes()), "{}", l2_bytes());
+    }
 }
