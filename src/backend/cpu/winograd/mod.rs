@@ -96,17 +96,19 @@ struct Block {
     txn: usize,
 }
 
-/// The blocks covering the grid, row by row. Half the core's L2 cache bounds one block's working
-/// set (measured best on a 1 MiB and a 2 MiB L2; on the 2 MiB one, SimpleConv's 64-channel
-/// layers ran 5–8% faster than with the 1 MiB machine's 512 KiB). The width changes the weight
-/// gradient's order of summation, so its bits are those of one cache size: the same on every
-/// machine of a type. A block's lanes also fit one KC block of the GEMM, so that the weight
-/// gradient's reduction over them is a single block (its packed operands are then addressed by
-/// row and column alone).
-fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid) -> Vec<Block> {
-    let block_bytes = (l2_bytes() / 2).clamp(256 << 10, 2 << 20);
+/// The forward pass (and backward-data, which is one) bounds a block by half the core's L2 cache:
+/// measured best on a 1 MiB and a 2 MiB L2 (on the 2 MiB one, SimpleConv's 64-channel layers ran
+/// 5–8% faster than with the 1 MiB machine's 512 KiB); its outputs do not depend on the blocks.
+/// The weight gradient sums its products block by block, so its blocks are fixed, whatever the
+/// machine, and its bits with them.
+const WGRAD_BLOCK_BYTES: usize = 512 << 10;
+
+/// The blocks covering the grid, row by row, each with a working set of at most `bytes`. A
+/// block's lanes also fit one KC block of the GEMM, so that the weight gradient's reduction over
+/// them is a single block (its packed operands are then addressed by row and column alone).
+fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid, bytes: usize) -> Vec<Block> {
     let per_tile = a * a * (c_in + c_out) * LANES * 4;
-    let width = (block_bytes / per_tile).clamp(1, grid.tx).min(KC / LANES);
+    let width = (bytes / per_tile).clamp(1, grid.tx).min(KC / LANES);
     let mut out = Vec::new();
     for ty in 0..grid.ty {
         for tx0 in (0..grid.tx).step_by(width) {
@@ -226,7 +228,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let grid = Grid::new(M, g);
-    let blocks = blocks(A, ci, co, grid);
+    let blocks = blocks(A, ci, co, grid, (l2_bytes() / 2).clamp(256 << 10, 2 << 20));
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
     // The input in lanes with its zero border (wider where tiles overhang the map), the output
     // in lanes on the whole tile grid.
@@ -407,7 +409,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let grid = Grid::new(M, g);
-    let blocks = blocks(A, ci, co, grid);
+    let blocks = blocks(A, ci, co, grid, WGRAD_BLOCK_BYTES);
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0) * LANES;
     let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
     let (oh, ow) = (grid.ty * M, grid.tx * M);
