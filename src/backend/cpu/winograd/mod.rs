@@ -125,7 +125,7 @@ fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid, bytes: usize) -> Vec<
 /// cache, whose 8 to 12 ways cannot hold them.
 fn skew(len: usize) -> usize {
     let lines = len.div_ceil(16);
-    16 * if lines % 16 == 0 { lines + 1 } else { lines }
+    16 * if lines.is_multiple_of(16) { lines + 1 } else { lines }
 }
 
 /// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows

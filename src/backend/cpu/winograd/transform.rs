@@ -36,7 +36,7 @@ pub(super) struct Folded<const R: usize, const K: usize> {
 
 /// −1 for odd indices.
 const fn parity(i: usize) -> f32 {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         1.0
     } else {
         -1.0
