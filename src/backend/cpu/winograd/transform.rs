@@ -23,7 +23,7 @@ pub(super) struct Transform<const M: usize, const A: usize, const R: usize> {
 /// Gᵀ: col(−p)[i] = (−1)^i·col(p)[i]). A row pair is then E ± O, E and O the sums of row(p)'s even
 /// and odd terms; a column pair first turns x_j, x_j+1 into their sum and difference, and every
 /// row needs only one of the two. That halves the terms of every paired row or column, which is
-/// most of them: F(4×4, 5×5)'s input transform goes from 44 terms a column to 26.
+/// most of them: F(4×4, 5×5)'s input transform goes from 44 terms a column to 26 and 6 sums.
 pub(super) struct Folded<const R: usize, const K: usize> {
     /// The coefficients; a column pair's are rewritten: column j applies to x_j + x_j+1 (even
     /// rows only), column j+1 to x_j − x_j+1 (odd rows only).
