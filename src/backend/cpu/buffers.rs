@@ -60,8 +60,8 @@ pub fn recycle(v: Vec<f32>) {
     }
 }
 
-/// Values in one 64-byte cache line.
-const LINE: usize = 16;
+/// f32 values in one 64-byte cache line.
+pub const LINE: usize = 16;
 
 /// Run `f` with `len` values of the calling thread's scratch buffer `key`, grown as needed and
 /// kept across calls, so that its pages are faulted in once per thread. The values start on a

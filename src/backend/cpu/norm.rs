@@ -27,8 +27,8 @@ impl SharedOut {
 }
 
 /// Σ term(v) over channel `c`'s values in f64, in eight interleaved lanes added in a fixed order
-/// at the end: one long chain of f64 adds waits on each add's latency (4 cycles a value, a third
-/// of a ResNet-20 step went to batch-norm sums); eight independent lanes vectorize.
+/// at the end: one long chain of f64 adds waits on each add's latency (4 cycles a value; batch
+/// norm's loops were a sixth of a ResNet-20 step); eight independent lanes vectorize.
 #[inline(always)]
 fn lane_sum<'a>(slices: impl Iterator<Item = (&'a [f32], &'a [f32])>, term: impl Fn(f32, f32) -> f64) -> f64 {
     let (mut lanes, mut tail) = ([0.0f64; 8], 0.0f64);

@@ -30,7 +30,7 @@
 mod lanes;
 mod transform;
 
-use super::buffers::{recycle, with_scratch, zeroed};
+use super::buffers::{recycle, with_scratch, zeroed, LINE};
 use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
 use super::isa::{l2_bytes, vectorized, Isa};
 use crate::backend::{Activation, ConvGeom};
@@ -98,7 +98,11 @@ struct Block {
 
 /// The forward pass (and backward-data, which is one) bounds a block by half the core's L2 cache:
 /// measured best on a 1 MiB and a 2 MiB L2 (on the 2 MiB one, SimpleConv's 64-channel layers ran
-/// 5–8% faster than with the 1 MiB machine's 512 KiB); its outputs do not depend on the blocks.
+/// 5–8% faster than with the 1 MiB machine's 512 KiB). Its outputs do not depend on the blocks.
+fn forward_block_bytes() -> usize {
+    (l2_bytes() / 2).clamp(256 << 10, 2 << 20)
+}
+
 /// The weight gradient sums its products block by block, so its blocks are fixed, whatever the
 /// machine, and its bits with them.
 const WGRAD_BLOCK_BYTES: usize = 512 << 10;
@@ -124,8 +128,8 @@ fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid, bytes: usize) -> Vec<
 /// (4 KiB for 64 channels of one tile) all α² of those lines fall into one set of the L1
 /// cache, whose 8 to 12 ways cannot hold them.
 fn skew(len: usize) -> usize {
-    let lines = len.div_ceil(16);
-    16 * if lines.is_multiple_of(16) { lines + 1 } else { lines }
+    let lines = len.div_ceil(LINE);
+    LINE * if lines.is_multiple_of(16) { lines + 1 } else { lines }
 }
 
 /// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
@@ -228,7 +232,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let grid = Grid::new(M, g);
-    let blocks = blocks(A, ci, co, grid, (l2_bytes() / 2).clamp(256 << 10, 2 << 20));
+    let blocks = blocks(A, ci, co, grid, forward_block_bytes());
     let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
     // The input in lanes with its zero border (wider where tiles overhang the map), the output
     // in lanes on the whole tile grid.
