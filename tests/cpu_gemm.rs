@@ -28,7 +28,8 @@ fn layout(rows: usize, cols: usize, transposed: bool) -> Mat {
 }
 
 /// Shapes that cover full tiles, edge tiles in both directions, several reduction blocks
-/// (KC = 128), fewer columns than a vector (the transposed route) and every layout.
+/// (KC = 128), fewer columns than a vector (the transposed route), every layout, and A read in
+/// place (row-major) with a short last strip, or packed because its rows lie 4 KiB apart.
 fn cases(rng: &mut Rng) -> Vec<Case> {
     let mut out = Vec::new();
     for &(m, n, k) in &[
@@ -40,6 +41,7 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         (120, 392, 400),
         (13, 50, 257),
         (64, 576, 196),
+        (11, 20, 1024),
     ] {
         out.push(Case { m, n, k, a_t: false, b_t: false, c_t: false, accumulate: false });
     }
@@ -218,6 +220,37 @@ fn prepacked_operands_give_the_same_bits() {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{isa} {what} {m}×{n}×{k}");
             }
+        }
+    }
+}
+
+/// A right-hand operand packed once (`PackedRhs`, as the dense layers pack their weight) gives
+/// the same bits as the GEMM that packs it per call: on every path, with A read in place or
+/// packed, B plain or transposed, short last strips, several reduction blocks, accumulating or not.
+#[test]
+fn a_packed_right_hand_operand_gives_the_same_bits() {
+    use rotvar::backend::cpu::gemm::{sgemm_packed_rhs, PackedRhs};
+    let mut rng = Rng::new(43);
+    for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+        for &(m, n, k, a_t, b_t, accumulate) in &[
+            (64, 84, 700, false, true, false),
+            (13, 100, 130, false, false, true),
+            (9, 5, 40, true, false, false),
+            (40, 200, 84, false, false, false),
+            (17, 48, 256, true, true, true),
+            (8, 33, 1024, false, true, false),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+            let (la, lb) = (layout(m, k, a_t), layout(k, n, b_t));
+            let mut want = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
+            sgemm_with(isa, m, n, k, &a, la, &b, lb, &mut want, Mat::rows(n), accumulate);
+            let packed = PackedRhs::new(isa, k, n, &b, lb);
+            let mut got = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
+            sgemm_packed_rhs(isa, m, &a, la, &packed, n, &mut got, Mat::rows(n), accumulate);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{isa} {m}×{n}×{k} a_t={a_t} b_t={b_t}");
         }
     }
 }

@@ -43,9 +43,19 @@ pub const KC: usize = 128;
 /// The widest tile of any kernel, for the edge-tile buffer.
 const MAX_TILE: usize = 8 * 48;
 
-/// One micro-kernel: `c[MR×W] (row stride rs) = (first ? 0 : c) + Σ_p a[p][·] ⊗ b[p][·]` over
-/// `kc` steps of packed strips (`a`: MR values per step, `b`: W values at a step of `ldb`).
-type TileFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, ldb: usize, c: *mut f32, rs: usize, first: bool);
+/// One micro-kernel: `c[MR×W] (row stride rs) = (first ? 0 : c) + Σ_p a(·, p) ⊗ b[p][·]` over
+/// `kc` steps (`b`: W values at a step of `ldb`). `a(r, p)` is `a[p·MR + r]` in a packed strip,
+/// or `a[r·lda + p]` for the kernels that read A in place (`lda` is ignored by the others).
+type TileFn =
+    unsafe fn(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, rs: usize, first: bool);
+
+/// A micro-kernel and its edge tile: one pair reads packed strips of A, the other reads A in place.
+#[derive(Clone, Copy)]
+struct Tiles {
+    tile: TileFn,
+    /// The same tile one vector wide (`vec` columns), for the last columns of a block.
+    edge: TileFn,
+}
 
 struct Kernel {
     mr: usize,
@@ -54,26 +64,47 @@ struct Kernel {
     mc: usize,
     /// Columns of B per packed block.
     nc: usize,
-    tile: TileFn,
-    /// The same tile one vector wide (`vec` columns), for the last columns of a block.
-    edge: TileFn,
+    packed: Tiles,
+    in_place: Tiles,
     vec: usize,
 }
 
 fn kernel(isa: Isa) -> Kernel {
     match isa {
-        Isa::Portable => {
-            Kernel { mr: 4, nr: 16, mc: 128, nc: 512, tile: portable_tile::<16>, edge: portable_tile::<4>, vec: 4 }
-        }
+        Isa::Portable => Kernel {
+            mr: 4,
+            nr: 16,
+            mc: 128,
+            nc: 512,
+            packed: Tiles { tile: portable_tile::<16, false>, edge: portable_tile::<4, false> },
+            in_place: Tiles { tile: portable_tile::<16, true>, edge: portable_tile::<4, true> },
+            vec: 4,
+        },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             use super::gemm_x86::avx2_tile;
-            Kernel { mr: 6, nr: 16, mc: 120, nc: 512, tile: avx2_tile::<2>, edge: avx2_tile::<1>, vec: 8 }
+            Kernel {
+                mr: 6,
+                nr: 16,
+                mc: 120,
+                nc: 512,
+                packed: Tiles { tile: avx2_tile::<2, false>, edge: avx2_tile::<1, false> },
+                in_place: Tiles { tile: avx2_tile::<2, true>, edge: avx2_tile::<1, true> },
+                vec: 8,
+            }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             use super::gemm_x86::avx512_tile;
-            Kernel { mr: 8, nr: 48, mc: 128, nc: 480, tile: avx512_tile::<3>, edge: avx512_tile::<1>, vec: 16 }
+            Kernel {
+                mr: 8,
+                nr: 48,
+                mc: 128,
+                nc: 480,
+                packed: Tiles { tile: avx512_tile::<3, false>, edge: avx512_tile::<1, false> },
+                in_place: Tiles { tile: avx512_tile::<3, true>, edge: avx512_tile::<1, true> },
+                vec: 16,
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("{isa} is x86-only and never reported as supported here"),
@@ -81,9 +112,11 @@ fn kernel(isa: Isa) -> Kernel {
 }
 
 /// The oracle micro-kernel (4 rows, NR columns): what the vector kernels do, one value at a time.
-unsafe fn portable_tile<const NR: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_tile<const NR: usize, const IN_PLACE: bool>(
     kc: usize,
     a: *const f32,
+    lda: usize,
     b: *const f32,
     ldb: usize,
     c: *mut f32,
@@ -91,13 +124,14 @@ unsafe fn portable_tile<const NR: usize>(
     first: bool,
 ) {
     const MR: usize = 4;
-    let a = std::slice::from_raw_parts(a, kc * MR);
+    let (ars, aps) = if IN_PLACE { (lda, 1) } else { (1, MR) };
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kc {
         let bp = std::slice::from_raw_parts(b.add(p * ldb), NR);
         for (r, row) in acc.iter_mut().enumerate() {
+            let av = *a.add(p * aps + r * ars);
             for (v, bv) in row.iter_mut().zip(bp) {
-                *v = a[p * MR + r].mul_add(*bv, *v);
+                *v = av.mul_add(*bv, *v);
             }
         }
     }
@@ -374,18 +408,14 @@ pub fn sgemm_rhs(
                     rhs.pack(pc, kc, jc, nb, kern.nr, pb);
                     for ic in (0..m).step_by(kern.mc) {
                         let mb = kern.mc.min(m - ic);
-                        pack_a(mb, kc, kern.mr, ap.offset(at(ic, pc, la)), la, pa);
-                        multiply_packed(
-                            &kern,
-                            kc,
-                            pa.as_ptr(),
-                            mb,
-                            pb.as_ptr(),
-                            nb,
-                            cp.offset(at(ic, jc, lc)),
-                            lc,
-                            first,
-                        );
+                        let block = ap.offset(at(ic, pc, la));
+                        let lhs = if reads_in_place(la) {
+                            Lhs::InPlace { a: block, lda: la.rs as usize, spare: pa.as_mut_ptr() }
+                        } else {
+                            pack_a(mb, kc, kern.mr, block, la, pa);
+                            Lhs::Packed(pa.as_ptr())
+                        };
+                        multiply_packed(&kern, kc, lhs, mb, pb.as_ptr(), nb, cp.offset(at(ic, jc, lc)), lc, first);
                     }
                 }
             }
@@ -393,17 +423,35 @@ pub fn sgemm_rhs(
     })
 }
 
-/// c[mb×nb] (= or +=) packed A strips · packed B strips, over one KC block of the reduction:
-/// whole tiles straight into c, partial ones one vector of columns at a time through a buffer.
+/// Where the micro-kernel reads a block of A: packed strips (`mr` values per reduction step), or
+/// the matrix itself when its rows run along the reduction, `lda` apart. In place saves the copy,
+/// which for a tall, deep A (a dense layer's batch of inputs) cost a third of the multiply. A
+/// short last strip read in place would run past A's last row: it is packed into `spare` (room
+/// for one strip) with zeros below, as `pack_a` pads.
+#[derive(Clone, Copy)]
+enum Lhs {
+    Packed(*const f32),
+    InPlace { a: *const f32, lda: usize, spare: *mut f32 },
+}
+
+/// Whether a left-hand operand laid out as `la` is read in place: its rows must run along the
+/// reduction, and not lie a multiple of 4 KiB apart, where all eight rows of a strip would fall
+/// into one L1 set.
+fn reads_in_place(la: Mat) -> bool {
+    la.cs == 1 && la.rs > 0 && (la.rs as usize * 4) % 4096 != 0
+}
+
+/// c[mb×nb] (= or +=) A · packed B strips, over one KC block of the reduction: whole tiles
+/// straight into c, partial ones one vector of columns at a time through a buffer.
 ///
 /// # Safety
-/// `pa` holds `mb.div_ceil(mr)` strips of `kc × mr`, `pb` holds `nb.div_ceil(nr)` strips of
-/// `kc × nr`, and `c` addresses an mb×nb block through `lc`.
+/// `lhs` addresses `mb` rows of `kc` values (packed: `mb.div_ceil(mr)` strips of `kc × mr`),
+/// `pb` holds `nb.div_ceil(nr)` strips of `kc × nr`, and `c` addresses an mb×nb block through `lc`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn multiply_packed(
     kern: &Kernel,
     kc: usize,
-    pa: *const f32,
+    lhs: Lhs,
     mb: usize,
     pb: *const f32,
     nb: usize,
@@ -416,22 +464,30 @@ unsafe fn multiply_packed(
     for jr in (0..nb).step_by(kern.nr) {
         let bstrip = pb.add(jr * kc);
         for ir in (0..mb).step_by(kern.mr) {
-            let astrip = pa.add(ir * kc);
             let (rows, cols) = (kern.mr.min(mb - ir), kern.nr.min(nb - jr));
+            let (tiles, astrip, lda) = match lhs {
+                Lhs::Packed(pa) => (kern.packed, pa.add(ir * kc), 0),
+                Lhs::InPlace { a, lda, .. } if rows == kern.mr => (kern.in_place, a.add(ir * lda), lda),
+                Lhs::InPlace { a, lda, spare } => {
+                    let strip = std::slice::from_raw_parts_mut(spare, kern.mr * kc);
+                    pack_a(rows, kc, kern.mr, a.add(ir * lda), Mat::rows(lda), strip);
+                    (kern.packed, spare.cast_const(), 0)
+                }
+            };
             let out = c.offset(at(ir, jr));
             if rows == kern.mr && cols == kern.nr && lc.cs == 1 {
-                (kern.tile)(kc, astrip, bstrip, kern.nr, out, lc.rs as usize, first);
+                (tiles.tile)(kc, astrip, lda, bstrip, kern.nr, out, lc.rs as usize, first);
                 continue;
             }
             for j0 in (0..cols).step_by(kern.vec) {
                 let w = kern.vec.min(cols - j0);
                 let (b0, o0) = (bstrip.add(j0), out.offset(at(0, j0)));
                 if rows == kern.mr && w == kern.vec && lc.cs == 1 {
-                    (kern.edge)(kc, astrip, b0, kern.nr, o0, lc.rs as usize, first);
+                    (tiles.edge)(kc, astrip, lda, b0, kern.nr, o0, lc.rs as usize, first);
                     continue;
                 }
                 let mut tile = [0.0f32; MAX_TILE];
-                (kern.edge)(kc, astrip, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
+                (tiles.edge)(kc, astrip, lda, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
                 for r in 0..rows {
                     for j in 0..w {
                         let o = o0.offset(at(r, j));
@@ -564,20 +620,113 @@ pub fn sgemm_prepacked(
         "sgemm_prepacked: rhs layout"
     );
     check_extents(m, n, 0, 0, Mat::rows(0), 0, Mat::rows(0), c.len(), lc);
+    // SAFETY: the packed operands hold every strip (checked above).
+    let lhs = |ic: usize, pc: usize| unsafe { Lhs::Packed(a.as_ptr().add(la.offset(ic, pc))) };
+    multiply_blocks(&kern, m, n, k, lhs, b, lb, c, lc, accumulate)
+}
+
+/// The KC × MC blocks of c[m×n] = (accumulate ? c : 0) + A · b, with A's block at (row `ic`,
+/// reduction step `pc`) from `lhs` and `b` packed by `lb`.
+#[allow(clippy::too_many_arguments)]
+fn multiply_blocks(
+    kern: &Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    mut lhs: impl FnMut(usize, usize) -> Lhs,
+    b: &[f32],
+    lb: RhsLayout,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
     if k == 0 {
-        return sgemm_with(isa, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);
+        // No products: only the fill with zeros, the same on every path.
+        return sgemm_with(Isa::Portable, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);
     }
-    // SAFETY: the packed operands hold every strip (checked above), and each block's output
-    // lies inside c.
+    // SAFETY: the callers checked that c covers m×n through lc and that `lhs` and `b` hold every
+    // block asked for; each block's output lies inside c.
     unsafe {
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             let pb = b.as_ptr().add(lb.offset(pc, 0));
             for ic in (0..m).step_by(kern.mc) {
                 let mb = kern.mc.min(m - ic);
-                let (pa, out) = (a.as_ptr().add(la.offset(ic, pc)), c.as_mut_ptr().offset(ic as isize * lc.rs));
-                multiply_packed(&kern, kc, pa, mb, pb, n, out, lc, pc == 0 && !accumulate);
+                let out = c.as_mut_ptr().offset(ic as isize * lc.rs);
+                multiply_packed(kern, kc, lhs(ic, pc), mb, pb, n, out, lc, pc == 0 && !accumulate);
             }
         }
     }
+}
+
+/// A right-hand operand packed once for many left-hand blocks ([`sgemm_packed_rhs`]): a dense
+/// layer's weight, which each chunk of the batch would otherwise repack (a transposed gather of
+/// the whole weight per chunk).
+pub struct PackedRhs {
+    pub layout: RhsLayout,
+    pub data: Vec<f32>,
+}
+
+impl PackedRhs {
+    /// Packs b[k×n] for `isa`; the KC blocks are packed in parallel (packing moves values, so the
+    /// thread count cannot show in the result).
+    pub fn new(isa: Isa, k: usize, n: usize, b: &[f32], lb: Mat) -> PackedRhs {
+        use rayon::prelude::*;
+        assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
+        check_extents(0, n, k, 0, Mat::rows(0), b.len(), lb, 0, Mat::rows(0));
+        let layout = RhsLayout::new(isa, k, n);
+        let mut data = vec![0.0f32; layout.len()];
+        let strips = layout.strips * layout.nr;
+        data.par_chunks_mut(strips * KC).enumerate().for_each(|(blk, dst)| {
+            let (pc, kc) = (blk * KC, dst.len() / strips);
+            // SAFETY: rows pc..pc+kc and columns 0..n lie inside the extents checked above.
+            unsafe { pack_b(kc, n, layout.nr, b.as_ptr().offset(pc as isize * lb.rs), lb, dst) }
+        });
+        PackedRhs { layout, data }
+    }
+}
+
+/// c[m×n] = (accumulate ? c : 0) + a[m×k] · b with `b` packed once by [`PackedRhs`] for `isa`:
+/// the same arithmetic as [`sgemm_with`], so the same bits. `a` is read in place where
+/// [`reads_in_place`] allows, packed block by block otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_packed_rhs(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    la: Mat,
+    b: &PackedRhs,
+    n: usize,
+    c: &mut [f32],
+    lc: Mat,
+    accumulate: bool,
+) {
+    let (k, kern) = (b.layout.k, kernel(isa));
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
+    assert!(b.layout.nr == kern.nr && b.layout.strips * b.layout.nr >= n, "sgemm_packed_rhs: rhs layout");
+    // The packed operand was checked when it was packed, and its layout just now.
+    check_extents(m, n, k, a.len(), la, usize::MAX, Mat { rs: 0, cs: 0 }, c.len(), lc);
+    PACKED.with(|packed| {
+        let pa = &mut packed.borrow_mut().0;
+        let need_a = kern.mc.min(m).div_ceil(kern.mr) * kern.mr * KC.min(k);
+        if pa.len() < need_a {
+            pa.resize(need_a, 0.0);
+        }
+        let lhs = |ic: usize, pc: usize| {
+            // SAFETY: (ic, pc) is a block inside the m×k extent checked above.
+            let block = unsafe { a.as_ptr().offset(ic as isize * la.rs + pc as isize * la.cs) };
+            if reads_in_place(la) {
+                Lhs::InPlace { a: block, lda: la.rs as usize, spare: pa.as_mut_ptr() }
+            } else {
+                let (mb, kc) = (kern.mc.min(m - ic), KC.min(k - pc));
+                // SAFETY: as above; `pa` holds one MC×KC block.
+                unsafe { pack_a(mb, kc, kern.mr, block, la, pa) };
+                Lhs::Packed(pa.as_ptr())
+            }
+        };
+        multiply_blocks(&kern, m, n, k, lhs, &b.data, b.layout, c, lc, accumulate)
+    })
 }

@@ -269,10 +269,7 @@ pub(super) fn sandwich_with<const R: usize, const K: usize, const W: usize>(
     // (α² lanes of 64 bytes; 5% of a LeNet step).
     let mut t = [[MaybeUninit::<[f32; W]>::uninit(); K]; R];
     for j in 0..K {
-        let mut col = [[0.0f32; W]; K];
-        for (i, c) in col.iter_mut().enumerate() {
-            *c = load(i, j);
-        }
+        let col: [[f32; W]; K] = std::array::from_fn(|i| load(i, j));
         for (ti, v) in t.iter_mut().zip(apply(l, &col)) {
             ti[j].write(v);
         }
