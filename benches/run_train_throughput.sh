@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training throughput, rotvar vs PyTorch, side by side in one run on the same machine.
-#   [GEMMS="crate avx512 avx2"] [CONVS="im2col winograd"] [MODELS="lenet simpleconv resnet20"]
+#   [GEMMS="auto crate avx2"] [CONVS="im2col winograd"] [MODELS="lenet simpleconv resnet20"]
 #   [TORCH_ISA=avx2] benches/run_train_throughput.sh [cpu|cuda] [rounds]
 # Needs: a release build (cargo build --release) and a python with torch (PYTHON=...).
 # GEMMS, CONVS: the CPU GEMM paths (--cpu-gemm) and convolution algorithms (--cpu-conv) to put
@@ -18,7 +18,7 @@ bin=${ROTVAR:-target/release/rotvar}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 threads=${THREADS:-$(nproc)}
-gemms=${GEMMS:-crate}
+gemms=${GEMMS:-auto}
 convs=${CONVS:-winograd}
 models=${MODELS:-lenet simpleconv}
 out=$(mktemp)

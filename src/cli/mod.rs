@@ -43,10 +43,11 @@ struct Cli {
     #[arg(long, global = true, allow_hyphen_values = true, value_parser = limits::THREADS.usize_parser(),
           help = limits::THREADS.help("CPU threads for the CPU backend (default: all cores)"))]
     threads: Option<usize>,
-    /// The CPU backend's matrix multiply: crate (the gemm crate's AVX2/FMA kernels, fastest in
-    /// training today), or rotvar's own kernels at a chosen width: avx512, avx2, portable, or auto
-    /// (the widest this CPU runs). rotvar's three give the same bits; the crate's differ from them.
-    #[arg(long, global = true, env = "ROTVAR_CPU_GEMM", default_value = "crate")]
+    /// The CPU backend's matrix multiply: rotvar's own kernels at the widest width this CPU runs
+    /// (auto, the default; the gemm crate on CPUs without AVX2), or at a chosen one (avx512,
+    /// avx2, portable), or the gemm crate's kernels (crate). rotvar's three give the same bits, so results do not depend on
+    /// the machine's vector width; the crate's differ from them.
+    #[arg(long, global = true, env = "ROTVAR_CPU_GEMM", default_value = "auto")]
     cpu_gemm: String,
     /// The CPU backend's convolutions: winograd (F(4×4,r×r) on the 3×3 and 5×5 stride-1 "same"
     /// layers with at least 8 channels in and out, 4× and 6.25× fewer multiplications; direct

@@ -1,5 +1,5 @@
-//! The CPU matrix multiply: the `gemm` crate (the default), or rotvar's own packed blocks with one
-//! register-tiled micro-kernel per instruction set (`--cpu-gemm`; see `isa.rs`).
+//! The CPU matrix multiply: rotvar's own packed blocks with one register-tiled micro-kernel per
+//! instruction set (the default), or the `gemm` crate (`--cpu-gemm`; see `isa.rs`).
 //!
 //! The layout is the usual BLIS one. A block of B (KC×NC, about 240 KiB, inside the core's L2)
 //! is copied into strips NR columns wide, a block of A into strips MR rows tall, and the

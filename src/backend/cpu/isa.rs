@@ -64,11 +64,17 @@ impl fmt::Display for Isa {
     }
 }
 
-/// `crate` (None) or one of rotvar's own paths by name; `auto` is rotvar's widest here.
+/// The default path: rotvar's widest vector path on this CPU, or the crate where rotvar has none
+/// (off x86, where the crate's own vector kernels beat rotvar's portable oracle).
+pub fn auto() -> Option<Isa> {
+    Some(Isa::best()).filter(|i| *i != Isa::Portable)
+}
+
+/// `crate` (None) or one of rotvar's own paths by name; `auto` is [`auto`].
 pub fn parse(s: &str) -> Result<Option<Isa>> {
     match s.to_ascii_lowercase().as_str() {
         "crate" => Ok(None),
-        "auto" => Ok(Some(Isa::best())),
+        "auto" => Ok(auto()),
         "portable" => Ok(Some(Isa::Portable)),
         "avx2" => Ok(Some(Isa::Avx2)),
         "avx512" | "avx-512" => Ok(Some(Isa::Avx512)),
@@ -76,8 +82,9 @@ pub fn parse(s: &str) -> Result<Option<Isa>> {
     }
 }
 
-/// 0: the crate.
-static CHOSEN: AtomicU8 = AtomicU8::new(0);
+/// 0: the crate; `AUTO` (the default): [`auto`].
+static CHOSEN: AtomicU8 = AtomicU8::new(AUTO);
+const AUTO: u8 = u8::MAX;
 
 /// Run every later GEMM of this process on rotvar's `isa` path, or on the crate (None).
 pub fn choose(isa: Option<Isa>) -> Result<()> {
@@ -94,6 +101,7 @@ pub fn choose(isa: Option<Isa>) -> Result<()> {
 pub fn active() -> Option<Isa> {
     match CHOSEN.load(Ordering::Relaxed) {
         0 => None,
+        AUTO => auto(),
         c => Some(Isa::ALL[c as usize - 1]),
     }
 }
