@@ -641,5 +641,64 @@ pub fn cpu_gemm_timings(batch: usize, reps: usize, models: &[&str]) -> Result<Ve
             });
         }
     }
+    out.extend(cpu_dense_timings(batch, reps, models)?);
+    Ok(out)
+}
+
+/// Each dense layer of `models`, its three passes whole through the CPU backend (every thread,
+/// the weight packed as training packs it) on each of rotvar's vector paths and on the crate:
+/// `model.layer.pass` rows next to the single-core GEMM rows of [`cpu_gemm_timings`]. The
+/// process-wide GEMM choice is restored afterwards.
+fn cpu_dense_timings(batch: usize, reps: usize, models: &[&str]) -> Result<Vec<GemmTiming>> {
+    use crate::backend::cpu::{isa, CpuBackend};
+    let b = CpuBackend::shared();
+    let chosen = isa::active();
+    let paths: Vec<Option<isa::Isa>> = isa::Isa::ALL
+        .into_iter()
+        .filter(|i| i.supported() && *i != isa::Isa::Portable)
+        .map(Some)
+        .chain([None])
+        .collect();
+    let device = format!("cpu: {}, {} threads, whole layer", isa::cpu_model(), rayon::current_num_threads());
+    let mut rng = Rng::new(7);
+    let mut out = Vec::new();
+    for arch in models {
+        let Some(arch) = arch.split('.').next() else { continue };
+        let spec = InputSpec { channels: 1, height: 28, width: 28, classes: 10 };
+        let Ok(model) = Model::build(arch, spec, &b, 0) else { continue };
+        for (name, layer) in &model.net.layers {
+            let crate::nn::Layer::Linear(l) = layer else { continue };
+            let (n, m, k) = (batch, l.weight.dim(0), l.weight.dim(1));
+            let mut rand = |len: usize| b.upload(&(0..len).map(|_| rng.normal()).collect::<Vec<f32>>());
+            let (x, w, bias, dy) = (rand(n * k)?, rand(m * k)?, rand(m)?, rand(n * m)?);
+            let (mut y, mut dx, mut dw, mut db) = (b.zeros(n * m)?, b.zeros(n * k)?, b.zeros(m * k)?, b.zeros(m)?);
+            let passes = [("forward", (n, m, k)), ("backward_data", (n, k, m)), ("backward_weight", (m, k, n))];
+            for (pass, (pm, pn, pk)) in passes {
+                for &path in &paths {
+                    isa::choose(path)?;
+                    let ms = median_ms(&b, reps, || match pass {
+                        "forward" => b.linear_fwd(&x, &w, Some(&bias), Activation::Relu, &mut y, n, k, m),
+                        "backward_data" => b.linear_bwd_data(&dy, &w, &mut dx, n, k, m),
+                        _ => b.linear_bwd_weight(&x, &dy, &mut dw, Some(&mut db), n, k, m),
+                    });
+                    isa::choose(chosen)?;
+                    let ms = ms?;
+                    out.push(GemmTiming {
+                        shape: format!("{arch}.{name}.{pass}"),
+                        m: pm,
+                        n: pn,
+                        k: pk,
+                        variant: path.map_or("gemm crate".into(), |i| format!("rotvar {i}")),
+                        device: device.clone(),
+                        precision: "fp32".into(),
+                        median_ms: ms,
+                        gflops: 2.0 * (pm * pn * pk) as f64 / (ms * 1e-3) / 1e9,
+                        ceiling_gflops: None,
+                        fraction_of_ceiling: None,
+                    });
+                }
+            }
+        }
+    }
     Ok(out)
 }

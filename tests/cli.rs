@@ -658,7 +658,7 @@ fn resnet20_trains_on_cifar_shaped_files_and_its_checkpoint_reloads() {
 
 /// `bench gemm` times the GEMM kernel variants side by side (here through the emulator, where
 /// the figures mean nothing but every row must be there), and on the CPU each vector path next to
-/// the gemm crate.
+/// the gemm crate, at the convolutions' GEMM shapes and then at each dense layer's three passes.
 #[test]
 fn bench_gemm_reports_every_variant_on_cuda_and_on_the_cpu() {
     let o =
@@ -678,7 +678,8 @@ fn bench_gemm_reports_every_variant_on_cuda_and_on_the_cpu() {
         assert!(r["median_ms"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert_eq!(rows[0]["m"], 4);
-    // On the CPU: rotvar's vector paths this CPU runs next to the gemm crate, per shape.
+    // On the CPU: rotvar's vector paths this CPU runs next to the gemm crate, per shape and per
+    // dense layer's pass.
     let o = rotvar_ok(&["bench", "gemm", "--device", "cpu", "--steps", "1", "--models", "lenet"]);
     let rows: Vec<serde_json::Value> =
         String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
@@ -696,6 +697,12 @@ fn bench_gemm_reports_every_variant_on_cuda_and_on_the_cpu() {
         "lenet.conv3.forward",
         "lenet.conv3.backward_weight",
         "square",
+        "lenet.fc1.forward",
+        "lenet.fc1.backward_data",
+        "lenet.fc1.backward_weight",
+        "lenet.fc2.forward",
+        "lenet.fc2.backward_data",
+        "lenet.fc2.backward_weight",
     ];
     assert_eq!(rows.len(), shapes.len() * paths.len(), "{rows:?}");
     for (i, r) in rows.iter().enumerate() {

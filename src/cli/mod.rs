@@ -124,7 +124,7 @@ struct SelftestArgs {
 struct BenchArgs {
     /// What to measure: train (whole training steps), conv (each convolution pass), gemm (the
     /// CUDA GEMM variants and the fused bias + ReLU epilogue; on the CPU, rotvar's vector paths
-    /// next to the gemm crate on one core), rotate
+    /// next to the gemm crate on one core, then each dense layer's passes whole), rotate
     /// (rotation kernel vs device-to-device copy), eval-angles (rotated evaluation), measure
     /// (the variance measure's cost over the rotated forward passes).
     #[arg(default_value = "train")]

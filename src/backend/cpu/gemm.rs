@@ -438,7 +438,7 @@ enum Lhs {
 /// reduction, and not lie a multiple of 4 KiB apart, where all eight rows of a strip would fall
 /// into one L1 set.
 fn reads_in_place(la: Mat) -> bool {
-    la.cs == 1 && la.rs > 0 && (la.rs as usize * 4) % 4096 != 0
+    la.cs == 1 && la.rs > 0 && !(la.rs as usize * 4).is_multiple_of(4096)
 }
 
 /// c[mb×nb] (= or +=) A · packed B strips, over one KC block of the reduction: whole tiles
