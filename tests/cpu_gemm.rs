@@ -239,6 +239,8 @@ fn a_packed_right_hand_operand_gives_the_same_bits() {
             (40, 200, 84, false, false, false),
             (17, 48, 256, true, true, true),
             (8, 33, 1024, false, true, false),
+            (5, 7, 0, false, true, false),
+            (5, 0, 9, false, false, false),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();

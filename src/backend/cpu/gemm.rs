@@ -677,6 +677,9 @@ impl PackedRhs {
         let layout = RhsLayout::new(isa, k, n);
         let mut data = vec![0.0f32; layout.len()];
         let strips = layout.strips * layout.nr;
+        if data.is_empty() {
+            return PackedRhs { layout, data };
+        }
         data.par_chunks_mut(strips * KC).enumerate().for_each(|(blk, dst)| {
             let (pc, kc) = (blk * KC, dst.len() / strips);
             // SAFETY: rows pc..pc+kc and columns 0..n lie inside the extents checked above.
