@@ -46,6 +46,7 @@ fn dense_chunk(n: usize, own: bool) -> usize {
         ROW_CHUNK
     }
 }
+
 /// Input columns per task in the dense layers' weight gradient.
 const COL_CHUNK: usize = 512;
 
