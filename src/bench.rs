@@ -229,10 +229,22 @@ pub fn fma_ceiling_gflops(b: &BackendRef, reps: usize) -> Result<f64> {
     }
 }
 
-/// Median over `reps` of the device time of `f` (CUDA events on a GPU), after one warm-up call.
+/// How long [`median_ms`] runs a pass before timing it.
+const WARMUP: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Median over `reps` of the device time of `f` (CUDA events on a GPU), after warming up for
+/// [`WARMUP`] (at least one call). On a 2-vCPU VM the second core was seen to give almost
+/// nothing for the first few hundred milliseconds of a process: a pass timed then ran at the
+/// one-thread speed (LeNet conv2's forward 1.5 ms, against 0.85 ms once warm).
 fn median_ms(b: &BackendRef, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    b.synchronize()?;
+    let start = Instant::now();
+    loop {
+        f()?;
+        b.synchronize()?;
+        if start.elapsed() >= WARMUP {
+            break;
+        }
+    }
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         t.push(b.time_ms(&mut f)?);
