@@ -233,9 +233,9 @@ pub fn fma_ceiling_gflops(b: &BackendRef, reps: usize) -> Result<f64> {
 const WARMUP: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Median over `reps` of the device time of `f` (CUDA events on a GPU), after warming up for
-/// [`WARMUP`] (at least one call). On a 2-vCPU VM the second core was seen to give almost
-/// nothing for the first few hundred milliseconds of a process: a pass timed then ran at the
-/// one-thread speed (LeNet conv2's forward 1.5 ms, against 0.85 ms once warm).
+/// [`WARMUP`] (at least one call). On a 2-vCPU VM two threads were seen to run no faster than
+/// one for the first few hundred milliseconds of a process: a pass timed then ran at the
+/// one-thread speed (LeNet conv2's forward 1.5 ms, against 0.9 ms once warm).
 fn median_ms(b: &BackendRef, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let start = Instant::now();
     loop {
