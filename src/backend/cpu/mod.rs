@@ -47,6 +47,33 @@ fn dense_chunk(n: usize, own: bool) -> usize {
     }
 }
 
+/// out[n×cols] = a[n×k] · b (k×cols, laid out as `lb`), parallel over chunks of rows; `epilogue`
+/// gets each chunk of `out` right after its product. On rotvar's paths `b` (a dense layer's
+/// weight) is packed once for every chunk, not once per chunk.
+#[allow(clippy::too_many_arguments)]
+fn dense_rows(
+    n: usize,
+    a: &[f32],
+    k: usize,
+    b: &[f32],
+    lb: Mat,
+    cols: usize,
+    out: &mut [f32],
+    epilogue: impl Fn(&mut [f32]) + Sync,
+) {
+    let packed = isa::active().map(|i| (i, PackedRhs::new(i, k, cols, b, lb)));
+    let chunk = dense_chunk(n, packed.is_some());
+    out[..n * cols].par_chunks_mut(chunk * cols).enumerate().for_each(|(c, oc)| {
+        let rows = oc.len() / cols;
+        let ac = &a[c * chunk * k..(c * chunk + rows) * k];
+        match &packed {
+            Some((i, bp)) => sgemm_packed_rhs(*i, rows, ac, Mat::rows(k), bp, cols, oc, Mat::rows(cols), false),
+            None => sgemm(rows, cols, k, ac, Mat::rows(k), b, lb, oc, Mat::rows(cols), false),
+        }
+        epilogue(oc);
+    });
+}
+
 /// Input columns per task in the dense layers' weight gradient.
 const COL_CHUNK: usize = 512;
 
@@ -285,16 +312,7 @@ impl Backend for CpuBackend {
         let (x, w, y) = (rounded(self.precision, host(x)?), rounded(self.precision, host(w)?), host_mut(y)?);
         let (x, w) = (&x[..], &w[..]);
         let b = b.map(host).transpose()?;
-        // On rotvar's paths the weight is packed once, not once per chunk.
-        let packed = isa::active().map(|i| (i, PackedRhs::new(i, k, m, w, Mat::transposed(k))));
-        let chunk = dense_chunk(n, packed.is_some());
-        y.par_chunks_mut(chunk * m).enumerate().for_each(|(c, yc)| {
-            let rows = yc.len() / m;
-            let xc = &x[c * chunk * k..(c * chunk + rows) * k];
-            match &packed {
-                Some((i, wp)) => sgemm_packed_rhs(*i, rows, xc, Mat::rows(k), wp, m, yc, Mat::rows(m), false),
-                None => sgemm(rows, m, k, xc, Mat::rows(k), w, Mat::transposed(k), yc, Mat::rows(m), false),
-            }
+        dense_rows(n, x, k, w, Mat::transposed(k), m, y, |yc| {
             // The epilogue while the chunk is still in cache.
             for row in yc.chunks_mut(m) {
                 match b {
@@ -310,17 +328,7 @@ impl Backend for CpuBackend {
     fn linear_bwd_data(&self, dy: &Storage, w: &Storage, dx: &mut Storage, n: usize, k: usize, m: usize) -> Result<()> {
         let (dy, w, dx) = (rounded(self.precision, host(dy)?), rounded(self.precision, host(w)?), host_mut(dx)?);
         let (dy, w) = (&dy[..], &w[..]);
-        // As in the forward pass: the weight packed once, one chunk per thread.
-        let packed = isa::active().map(|i| (i, PackedRhs::new(i, m, k, w, Mat::rows(k))));
-        let chunk = dense_chunk(n, packed.is_some());
-        dx.par_chunks_mut(chunk * k).enumerate().for_each(|(c, dxc)| {
-            let rows = dxc.len() / k;
-            let dyc = &dy[c * chunk * m..(c * chunk + rows) * m];
-            match &packed {
-                Some((i, wp)) => sgemm_packed_rhs(*i, rows, dyc, Mat::rows(m), wp, k, dxc, Mat::rows(k), false),
-                None => sgemm(rows, k, m, dyc, Mat::rows(m), w, Mat::rows(k), dxc, Mat::rows(k), false),
-            }
-        });
+        dense_rows(n, dy, m, w, Mat::rows(k), k, dx, |_| {});
         Ok(())
     }
 
