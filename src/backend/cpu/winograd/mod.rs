@@ -30,7 +30,7 @@
 mod lanes;
 mod transform;
 
-use super::buffers::{recycle, with_scratch, zeroed, LINE};
+use super::buffers::{recycle, reused, with_scratch, zeroed, LINE};
 use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
 use super::isa::{l2_bytes, vectorized, Isa};
 use crate::backend::{Activation, ConvGeom};
@@ -340,9 +340,12 @@ impl Packed<'_> {
     fn store(&self, sq: &[Lane; LANES], p0: usize, c0: usize, cn: usize, dst: &mut [f32]) {
         match *self {
             Packed::Rhs(l) => {
-                // Strips are whole multiples of 16 columns: each pixel's channels are contiguous.
+                // Strips are whole multiples of 16 columns: each pixel's channels are contiguous,
+                // and the block's pixels lie in one KC block, one strip row (nr values) apart.
+                let at0 = l.offset(p0, c0);
+                debug_assert_eq!(l.offset(p0 + LANES - 1, c0), at0 + (LANES - 1) * l.nr);
                 for (j, row) in sq.iter().enumerate() {
-                    let at = l.offset(p0 + j, c0);
+                    let at = at0 + j * l.nr;
                     dst[at..at + LANES].copy_from_slice(row);
                 }
             }
@@ -383,18 +386,25 @@ fn transform_into<const A: usize, const K: usize>(
     t: usize,
     op: &Packed,
     dst: &mut [f32],
-    stage: &mut [[Lane; LANES]],
+    stage: &mut [f32],
     tr: Transpose,
 ) {
+    // The α² squares lie `skew` apart: at 1 KiB each, the lanes one channel writes to all of
+    // them fell into four sets of the L1 cache.
+    let sq_at = skew(LANES * LANES);
     for c0 in (0..chans).step_by(LANES) {
         let cn = LANES.min(chans - c0);
         for c in c0..c0 + cn {
             let at = c * ph * pw + corner;
             let load = |r: usize, s: usize| planes[at + r * pw + s];
-            sandwich_with(l, l, load, |i, j, lane| stage[i * A + j][c - c0] = *lane);
+            sandwich_with(l, l, load, |i, j, lane| {
+                let at = (i * A + j) * sq_at + (c - c0) * LANES;
+                stage[at..at + LANES].copy_from_slice(lane);
+            });
         }
         let (n, at) = (op.len(), skew(op.len()));
-        for (e, sq) in stage.iter_mut().enumerate() {
+        for (e, sq) in stage.chunks_exact_mut(sq_at).enumerate() {
+            let sq: &mut [Lane; LANES] = bytemuck::cast_slice_mut(&mut sq[..LANES * LANES]).try_into().unwrap();
             // SAFETY: `tr` comes from `transposer`, which checked the CPU.
             unsafe { tr(sq) };
             op.store(sq, t * LANES, c0, cn, &mut dst[e * at..e * at + n]);
@@ -427,7 +437,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     let (rows, cols) = if swap { (ci, co) } else { (co, ci) };
     let (lhs_len, rhs_len) =
         (A * A * skew(LhsLayout::new(isa, rows, widest).len()), A * A * skew(RhsLayout::new(isa, widest, cols).len()));
-    let stage_len = A * A * LANES * LANES;
+    let stage_len = A * A * skew(LANES * LANES);
     // Σ over this group's tiles, [e][rows][cols], one partial per group of images.
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(LANES))
         .into_par_iter()
@@ -436,8 +446,8 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
             let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
             // Recycled, like the backend's tensors: a fresh megabyte per group faulted its pages in
-            // on every call.
-            let mut acc = zeroed(A * A * co * ci);
+            // on every call. The first block's products overwrite it, so it is not zeroed.
+            let mut acc = reused(A * A * co * ci);
             with_scratch(&SCRATCH, x_len + dy_len + lhs_len + rhs_len + stage_len, |buf| {
                 let (xl, rest) = buf.split_at_mut(x_len);
                 let (dyl, rest) = rest.split_at_mut(dy_len);
@@ -445,7 +455,6 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                 let (rhs, stage) = rest.split_at_mut(rhs_len);
                 let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
                 let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
-                let stage: &mut [[Lane; LANES]] = bytemuck::cast_slice_mut(stage);
                 vectorized(
                     isa,
                     #[inline(always)]
@@ -454,7 +463,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                         to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl);
                     },
                 );
-                for &blk in &blocks {
+                for (b, &blk) in blocks.iter().enumerate() {
                     let lane_cols = blk.txn * LANES;
                     let (la, lb) = (LhsLayout::new(isa, rows, lane_cols), RhsLayout::new(isa, lane_cols, cols));
                     let row_at: Vec<usize> = (0..rows).map(|r| la.offset(r, 0)).collect();
@@ -487,7 +496,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
                             lb,
                             &mut acc[e * co * ci..(e + 1) * co * ci],
                             Mat::rows(cols),
-                            true,
+                            b > 0,
                         );
                     }
                 }
