@@ -133,22 +133,26 @@ fn skew(len: usize) -> usize {
 }
 
 /// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
-/// from lane planes (`wp`-wide rows, `hp` rows a channel), to `v[place(e, c, t)..+16]`.
+/// from lane planes (`wp`-wide rows, `hp` rows a channel), to `v[e·v_at + place(c, t)..+16]`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn input_transform<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     planes: &[Lane],
     chans: usize,
     (hp, wp): (usize, usize),
     blk: Block,
     v: &mut [f32],
-    place: impl Fn(usize, usize, usize) -> usize,
+    v_at: usize,
+    place: impl Fn(usize, usize) -> usize,
 ) {
     for c in 0..chans {
         for t in 0..blk.txn {
             let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
             let load = |r: usize, s: usize| planes[corner + r * wp + s];
+            // Once per tile and channel: the layout's offset divides.
+            let base = place(c, t);
             sandwich_with(&T::T.bt, &T::T.bt, load, |i, j, lane| {
-                let at = place(i * A + j, c, t);
+                let at = (i * A + j) * v_at + base;
                 v[at..at + LANES].copy_from_slice(lane);
             });
         }
@@ -259,11 +263,11 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 let lane_cols = blk.txn * LANES;
                 let layout = RhsLayout::new(isa, ci, lane_cols);
                 let (v_at, m_at) = (skew(layout.len()), skew(co * lane_cols));
-                let place = |e: usize, c: usize, t: usize| e * v_at + layout.offset(c, t * LANES);
+                let place = |c: usize, t: usize| layout.offset(c, t * LANES);
                 vectorized(
                     isa,
                     #[inline(always)]
-                    || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, place),
+                    || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, v_at, place),
                 );
                 for (e, ue) in packed.iter().enumerate() {
                     let ve = &v[e * v_at..e * v_at + layout.len()];

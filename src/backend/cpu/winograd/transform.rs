@@ -270,8 +270,10 @@ pub(super) fn sandwich_with<const R: usize, const K: usize, const W: usize>(
     let mut t = [[MaybeUninit::<[f32; W]>::uninit(); K]; R];
     for j in 0..K {
         let col: [[f32; W]; K] = std::array::from_fn(|i| load(i, j));
-        for (ti, v) in t.iter_mut().zip(apply(l, &col)) {
-            ti[j].write(v);
+        // Indexed, not zipped with the array's by-value iterator, which went through memory.
+        let out = apply(l, &col);
+        for i in 0..R {
+            t[i][j].write(out[i]);
         }
     }
     for (i, ti) in t.iter().enumerate() {
