@@ -102,22 +102,40 @@ pub fn conv2d_act(
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
+            let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
+            // The ReLU's backward and the bias gradient in one pass where the backend fuses them.
+            let mut fused_db = None;
+            let dy = match (act, &y_kept) {
+                (Activation::Relu, Some(y)) if want_b => {
+                    let (mut dz, mut db) = (be.alloc(dy.numel())?, be.alloc(g.c_out)?);
+                    if be.relu_bwd_bias(&y.storage(), &dy.storage(), &mut dz, &mut db, &g)? {
+                        fused_db = Some(db);
+                        grad(&be, dy.shape(), dz)?
+                    } else {
+                        activation_grad(&be, act, Some(y), dy)?
+                    }
+                }
+                _ => activation_grad(&be, act, y_kept.as_ref(), dy)?,
+            };
             // The first layer's input is data: skipping its gradient saves a whole GEMM.
             if x.is_tracked() {
                 let mut dx = be.alloc(g.in_len())?;
                 be.conv2d_bwd_data(&dy.storage(), &w.storage(), &mut dx, &g)?;
                 grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
             }
-            let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
-            if w.is_tracked() || want_b {
+            let fused = fused_db.is_some();
+            let mut db = fused_db;
+            if w.is_tracked() || (want_b && !fused) {
                 let mut dw = be.alloc(g.weight_len())?;
-                let mut db = if want_b { Some(be.alloc(g.c_out)?) } else { None };
-                be.conv2d_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db.as_mut(), &g)?;
-                grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
-                if let (Some(b), Some(db)) = (&b, db) {
-                    grads.accumulate(b, grad(&be, &[g.c_out], db)?)?;
+                if want_b && !fused {
+                    db = Some(be.alloc(g.c_out)?);
                 }
+                let db_here = if fused { None } else { db.as_mut() };
+                be.conv2d_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db_here, &g)?;
+                grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
+            }
+            if let (Some(b), Some(db)) = (&b, db) {
+                grads.accumulate(b, grad(&be, &[g.c_out], db)?)?;
             }
             Ok(())
         }));

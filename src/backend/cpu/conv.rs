@@ -535,6 +535,27 @@ pub fn bias_grad(dy: &[f32], db: &mut [f32], g: &ConvGeom) {
     });
 }
 
+/// ReLU's backward (dx = dy where y > 0) fused with [`bias_grad`] of dx: each image's planes are
+/// masked and summed while in cache, in parallel over images; the sums are then added over
+/// images in order, as `bias_grad` adds them, so db has its bits.
+pub fn relu_and_bias_grad(y: &[f32], dy: &[f32], dx: &mut [f32], db: &mut [f32], g: &ConvGeom) {
+    let (out_img, p) = (g.c_out * g.oh * g.ow, g.oh * g.ow);
+    assert!(y.len() == g.n * out_img && dy.len() == y.len() && dx.len() == y.len() && db.len() == g.c_out);
+    let mut sums = vec![0.0f64; g.n * g.c_out];
+    dx.par_chunks_mut(out_img).zip(sums.par_chunks_mut(g.c_out)).enumerate().for_each(|(n, (dxi, si))| {
+        for (c, (plane, s)) in dxi.chunks_mut(p).zip(si).enumerate() {
+            let at = n * out_img + c * p;
+            for ((o, &yv), &d) in plane.iter_mut().zip(&y[at..at + p]).zip(&dy[at..at + p]) {
+                *o = super::relu_grad(yv, d);
+            }
+            *s = row_sum(plane);
+        }
+    });
+    for (c, d) in db.iter_mut().enumerate() {
+        *d = (0..g.n).fold(0.0f64, |s, n| s + sums[n * g.c_out + c]) as f32;
+    }
+}
+
 /// dw by im2col and GEMM.
 fn weight_grad(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
     let (in_img, out_img, p, k) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow, g.oh * g.ow, g.k());
@@ -624,6 +645,29 @@ fn weight_grad(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// The fused ReLU backward and bias gradient against the two run apart, bit for bit: zeros
+    /// and negative values in y (masked), −0 in dy, outputs poisoned first.
+    #[test]
+    fn fused_relu_and_bias_grad_match_the_two_passes() {
+        let mut rng = Rng::new(11);
+        for &(n, c, hw) in &[(3, 5, 7), (17, 6, 28), (2, 120, 7)] {
+            let g = ConvGeom::new(n, 4, hw, hw, c, (3, 3), 1, 1).unwrap();
+            let len = n * c * hw * hw;
+            let y: Vec<f32> = (0..len).map(|i| if i % 3 == 0 { 0.0 } else { rng.normal() }).collect();
+            let mut dy: Vec<f32> = (0..len).map(|_| rng.normal()).collect();
+            dy[1] = -0.0;
+            let want: Vec<f32> = y.iter().zip(&dy).map(|(&y, &d)| super::super::relu_grad(y, d)).collect();
+            let mut db_want = vec![f32::NAN; c];
+            bias_grad(&want, &mut db_want, &g);
+            let (mut dx, mut db) = (vec![f32::NAN; len], vec![f32::NAN; c]);
+            relu_and_bias_grad(&y, &dy, &mut dx, &mut db, &g);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dx), bits(&want), "dx {n}x{c}x{hw}");
+            assert_eq!(bits(&db), bits(&db_want), "db {n}x{c}x{hw}");
+            assert!(db.iter().all(|v| v.abs() > 0.0), "{db:?}");
+        }
+    }
 
     /// im2col and col2im against their definitions, bit for bit, on row widths on both sides of
     /// the chunked-copy limit, strides 1–3 and paddings up to the kernel size.

@@ -119,6 +119,15 @@ fn same_len(what: &str, a: usize, b: usize) -> Result<()> {
 }
 
 /// out[i] = f(a[i], b[i]), in parallel chunks.
+/// ReLU's gradient from its output y and the incoming d.
+pub(crate) fn relu_grad(y: f32, d: f32) -> f32 {
+    if y > 0.0 {
+        d
+    } else {
+        0.0
+    }
+}
+
 fn zip_map(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     out.par_chunks_mut(EW_CHUNK).enumerate().for_each(|(c, o)| {
         let base = c * EW_CHUNK;
@@ -265,8 +274,20 @@ impl Backend for CpuBackend {
     }
 
     fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()> {
-        zip_map(host(y)?, host(dy)?, host_mut(dx)?, |y, d| if y > 0.0 { d } else { 0.0 });
+        zip_map(host(y)?, host(dy)?, host_mut(dx)?, relu_grad);
         Ok(())
+    }
+
+    fn relu_bwd_bias(
+        &self,
+        y: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        db: &mut Storage,
+        g: &ConvGeom,
+    ) -> Result<bool> {
+        conv::relu_and_bias_grad(host(y)?, host(dy)?, host_mut(dx)?, host_mut(db)?, g);
+        Ok(true)
     }
 
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()> {
