@@ -360,15 +360,21 @@ fn wgrad_block_sums<S: Lanes, const KB: usize, const K: usize, const NV: usize>(
     let mut acc = [[[unsafe { S::zero() }; NV]; K]; KB];
     let widths: [usize; NV] = std::array::from_fn(|j| (p.ow - (j0 + j) * L).min(L));
     let masks: [S::Mask; NV] = std::array::from_fn(|j| unsafe { S::mask(widths[j]) });
+    // Row oy's loads read 16 values at `oy·wp + j·16 + s` (s < K) of `xs`, and the first
+    // `widths[j]` at `oy·ow + j·16` of each `ds[k]`: one check per image and plane, not per
+    // row (the checks and index arithmetic cost as much as the FMAs on LeNet's conv2).
+    let x_span = (p.oh - 1) * p.wp + (NV - 1) * L + K - 1 + L;
+    let d_span = (p.oh - 1) * p.ow + (NV - 1) * L + widths[NV - 1];
     for i in 0..imgs {
+        let xs = xp[(i * p.c_in + c) * p.plane() + r * p.wp + j0 * L..][..x_span].as_ptr();
+        let ds: [*const f32; KB] = std::array::from_fn(|k| {
+            let at = (i * p.c_out + k0 + k) * p.oh * p.ow + j0 * L;
+            dy[at..at + d_span].as_ptr()
+        });
         for oy in 0..p.oh {
-            // The loads read 16 values at `j·16 + s` (s < K) of `xrow`, and the first
-            // `widths[j]` at `j·16` of each `drow`: one check per row.
-            let xrow =
-                xp[(i * p.c_in + c) * p.plane() + (oy + r) * p.wp + j0 * L..][..(NV - 1) * L + K - 1 + L].as_ptr();
+            let xrow = xs.wrapping_add(oy * p.wp);
             let d: [[S; NV]; KB] = std::array::from_fn(|k| {
-                let at = ((i * p.c_out + k0 + k) * p.oh + oy) * p.ow + j0 * L;
-                let drow = dy[at..at + (NV - 1) * L + widths[NV - 1]].as_ptr();
+                let drow = ds[k].wrapping_add(oy * p.ow);
                 std::array::from_fn(|j| unsafe { S::load_masked(drow.wrapping_add(j * L), masks[j]) })
             });
             for s in 0..K {
