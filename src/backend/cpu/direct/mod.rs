@@ -171,13 +171,16 @@ fn forward_vectors<S: Lanes, const KB: usize, const NV: usize>(
 ) -> [[S; NV]; KB] {
     // SAFETY (every `Lanes` call below): this runs inside `S`'s `compiled_for_isa!` frame.
     let mut acc = [[unsafe { S::zero() }; NV]; KB];
+    // The block's weights, `KB` a tap: checked once here, not at every tap.
+    let wb = wb[..p.c_in * p.k * p.k * KB].as_ptr();
     let mut t = 0;
     for c in 0..p.c_in {
         for r in 0..p.k {
             // Every load below reads 16 values from `row` at `j·step + s`, s < k: one check.
             let row = xp[c * p.plane() + at + r * p.wp..][..(NV - 1) * step + p.k - 1 + L].as_ptr();
             for s in 0..p.k {
-                let wk: &[f32; KB] = wb[t * KB..(t + 1) * KB].try_into().unwrap();
+                // SAFETY: t < c_in·k·k, within the slice checked above.
+                let wk: &[f32; KB] = unsafe { &*(wb.add(t * KB) as *const [f32; KB]) };
                 t += 1;
                 let v: [S; NV] = std::array::from_fn(|j| unsafe { S::load(row.add(j * step + s)) });
                 for (acc_k, &wk) in acc.iter_mut().zip(wk) {
