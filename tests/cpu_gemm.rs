@@ -42,6 +42,8 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         (13, 50, 257),
         (64, 576, 196),
         (11, 20, 1024),
+        // LeNet's fc1 outputs: a whole strip, two vectors, then a partial one.
+        (16, 84, 300),
     ] {
         out.push(Case { m, n, k, a_t: false, b_t: false, c_t: false, accumulate: false });
     }

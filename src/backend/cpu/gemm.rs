@@ -55,6 +55,9 @@ struct Tiles {
     tile: TileFn,
     /// The same tile one vector wide (`vec` columns), for the last columns of a block.
     edge: TileFn,
+    /// Two vectors wide, where two or more whole vectors of columns remain (32 of LeNet fc1's
+    /// 84 outputs, a 32-channel Winograd GEMM): twice the sums in flight per broadcast of A.
+    edge2: TileFn,
 }
 
 struct Kernel {
@@ -76,8 +79,16 @@ fn kernel(isa: Isa) -> Kernel {
             nr: 16,
             mc: 128,
             nc: 512,
-            packed: Tiles { tile: portable_tile::<16, false>, edge: portable_tile::<4, false> },
-            in_place: Tiles { tile: portable_tile::<16, true>, edge: portable_tile::<4, true> },
+            packed: Tiles {
+                tile: portable_tile::<16, false>,
+                edge: portable_tile::<4, false>,
+                edge2: portable_tile::<8, false>,
+            },
+            in_place: Tiles {
+                tile: portable_tile::<16, true>,
+                edge: portable_tile::<4, true>,
+                edge2: portable_tile::<8, true>,
+            },
             vec: 4,
         },
         #[cfg(target_arch = "x86_64")]
@@ -88,8 +99,13 @@ fn kernel(isa: Isa) -> Kernel {
                 nr: 16,
                 mc: 120,
                 nc: 512,
-                packed: Tiles { tile: avx2_tile::<2, false>, edge: avx2_tile::<1, false> },
-                in_place: Tiles { tile: avx2_tile::<2, true>, edge: avx2_tile::<1, true> },
+                // Two vectors are the whole tile here.
+                packed: Tiles {
+                    tile: avx2_tile::<2, false>,
+                    edge: avx2_tile::<1, false>,
+                    edge2: avx2_tile::<2, false>,
+                },
+                in_place: Tiles { tile: avx2_tile::<2, true>, edge: avx2_tile::<1, true>, edge2: avx2_tile::<2, true> },
                 vec: 8,
             }
         }
@@ -101,8 +117,16 @@ fn kernel(isa: Isa) -> Kernel {
                 nr: 48,
                 mc: 128,
                 nc: 480,
-                packed: Tiles { tile: avx512_tile::<3, false>, edge: avx512_tile::<1, false> },
-                in_place: Tiles { tile: avx512_tile::<3, true>, edge: avx512_tile::<1, true> },
+                packed: Tiles {
+                    tile: avx512_tile::<3, false>,
+                    edge: avx512_tile::<1, false>,
+                    edge2: avx512_tile::<2, false>,
+                },
+                in_place: Tiles {
+                    tile: avx512_tile::<3, true>,
+                    edge: avx512_tile::<1, true>,
+                    edge2: avx512_tile::<2, true>,
+                },
                 vec: 16,
             }
         }
@@ -479,13 +503,23 @@ unsafe fn multiply_packed(
                 (tiles.tile)(kc, astrip, lda, bstrip, kern.nr, out, lc.rs as usize, first);
                 continue;
             }
-            for j0 in (0..cols).step_by(kern.vec) {
-                let w = kern.vec.min(cols - j0);
+            let whole_rows = rows == kern.mr && lc.cs == 1;
+            let mut j0 = 0;
+            while j0 < cols {
+                let left = cols - j0;
                 let (b0, o0) = (bstrip.add(j0), out.offset(at(0, j0)));
-                if rows == kern.mr && w == kern.vec && lc.cs == 1 {
-                    (tiles.edge)(kc, astrip, lda, b0, kern.nr, o0, lc.rs as usize, first);
+                if whole_rows && left >= 2 * kern.vec {
+                    (tiles.edge2)(kc, astrip, lda, b0, kern.nr, o0, lc.rs as usize, first);
+                    j0 += 2 * kern.vec;
                     continue;
                 }
+                if whole_rows && left >= kern.vec {
+                    (tiles.edge)(kc, astrip, lda, b0, kern.nr, o0, lc.rs as usize, first);
+                    j0 += kern.vec;
+                    continue;
+                }
+                let w = kern.vec.min(left);
+                j0 += kern.vec;
                 let mut tile = [0.0f32; MAX_TILE];
                 (tiles.edge)(kc, astrip, lda, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
                 for r in 0..rows {
