@@ -213,22 +213,28 @@ impl Coefs<4, 8, 5> for F45T {
 /// as it drops the multiplies by ±1; the loop body stays small, so that it unrolls and every
 /// test folds away.
 #[inline(always)]
-fn dot<const K: usize, const W: usize>(row: &[f32; K], x: &[[f32; W]; K], odd: Option<bool>) -> [f32; W] {
+fn dot<const K: usize, const W: usize>(row: &[f32; K], x: &[[f32; W]; K], odd: Option<bool>, fused: bool) -> [f32; W] {
     let mut acc = [-0.0f32; W];
     for (k, (&c, xk)) in row.iter().zip(x).enumerate() {
         if c != 0.0 && odd.is_none_or(|odd| odd == (k % 2 == 1)) {
-            acc.iter_mut().zip(xk).for_each(|(a, v)| *a += c * v);
+            if fused {
+                acc.iter_mut().zip(xk).for_each(|(a, v)| *a = v.mul_add(c, *a));
+            } else {
+                acc.iter_mut().zip(xk).for_each(|(a, v)| *a += c * v);
+            }
         }
     }
     acc
 }
 
-/// `l · x` for one column `x` of W-lane values, with `l`'s pairs folded. Plain multiplies and
-/// adds, never fused, in a fixed order: the bits do not depend on the vector width.
+/// `l · x` for one column `x` of W-lane values, with `l`'s pairs folded. Each term is a plain
+/// multiply and add, or (`fused`) one `f32::mul_add`, fused on every path, in a fixed order: the
+/// bits do not depend on the vector width.
 #[inline(always)]
 pub(super) fn apply<const R: usize, const K: usize, const W: usize>(
     l: &Folded<R, K>,
     x: &[[f32; W]; K],
+    fused: bool,
 ) -> [[f32; W]; R] {
     let mut x = *x;
     for j in 0..K {
@@ -245,11 +251,11 @@ pub(super) fn apply<const R: usize, const K: usize, const W: usize>(
             continue;
         }
         if l.rows[i] {
-            let (e, o) = (dot(&l.l[i], &x, Some(false)), dot(&l.l[i], &x, Some(true)));
+            let (e, o) = (dot(&l.l[i], &x, Some(false), fused), dot(&l.l[i], &x, Some(true), fused));
             out[i] = std::array::from_fn(|w| e[w] + o[w]);
             out[i + 1] = std::array::from_fn(|w| e[w] - o[w]);
         } else {
-            out[i] = dot(&l.l[i], &x, None);
+            out[i] = dot(&l.l[i], &x, None, fused);
         }
     }
     out
@@ -262,6 +268,7 @@ pub(super) fn apply<const R: usize, const K: usize, const W: usize>(
 pub(super) fn sandwich_with<const R: usize, const K: usize, const W: usize>(
     l: &Folded<R, K>,
     r: &Folded<R, K>,
+    fused: bool,
     load: impl Fn(usize, usize) -> [f32; W],
     mut store: impl FnMut(usize, usize, &[f32; W]),
 ) {
@@ -271,7 +278,7 @@ pub(super) fn sandwich_with<const R: usize, const K: usize, const W: usize>(
     for j in 0..K {
         let col: [[f32; W]; K] = std::array::from_fn(|i| load(i, j));
         // Indexed, not zipped with the array's by-value iterator, which went through memory.
-        let out = apply(l, &col);
+        let out = apply(l, &col, fused);
         for i in 0..R {
             t[i][j].write(out[i]);
         }
@@ -279,7 +286,7 @@ pub(super) fn sandwich_with<const R: usize, const K: usize, const W: usize>(
     for (i, ti) in t.iter().enumerate() {
         // SAFETY: the loop above wrote every column j of every row i.
         let ti: [[f32; W]; K] = std::array::from_fn(|j| unsafe { ti[j].assume_init() });
-        for (j, v) in apply(r, &ti).iter().enumerate() {
+        for (j, v) in apply(r, &ti, fused).iter().enumerate() {
             store(i, j, v);
         }
     }
@@ -292,7 +299,7 @@ pub(super) fn sandwich<const R: usize, const K: usize>(
     r: &Folded<R, K>,
 ) -> [[f32; R]; R] {
     let mut out = [[0.0f32; R]; R];
-    sandwich_with::<R, K, 1>(l, r, |i, j| [x[i][j]], |i, j, v| out[i][j] = v[0]);
+    sandwich_with::<R, K, 1>(l, r, false, |i, j| [x[i][j]], |i, j, v| out[i][j] = v[0]);
     out
 }
 
@@ -316,7 +323,7 @@ mod tests {
                 seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                 (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
             });
-            let got = apply(&f, &x.map(|v| [v]));
+            let got = apply(&f, &x.map(|v| [v]), false);
             let want = plain(&l, &x);
             let scale =
                 x.iter().fold(0f32, |m, v| m.max(v.abs())) * l.iter().flatten().fold(0f32, |m, c| m.max(c.abs()));
