@@ -701,6 +701,12 @@ pub struct PackedRhs {
     pub data: Vec<f32>,
 }
 
+impl Drop for PackedRhs {
+    fn drop(&mut self) {
+        super::buffers::recycle(std::mem::take(&mut self.data));
+    }
+}
+
 impl PackedRhs {
     /// Packs b[k×n] for `isa`; the KC blocks are packed in parallel (packing moves values, so the
     /// thread count cannot show in the result).
@@ -709,7 +715,9 @@ impl PackedRhs {
         assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
         check_extents(0, n, k, 0, Mat::rows(0), b.len(), lb, 0, Mat::rows(0));
         let layout = RhsLayout::new(isa, k, n);
-        let mut data = vec![0.0f32; layout.len()];
+        // Recycled (a fresh 2 MB for LeNet's fc1 faulted its pages in on every call): `pack_b`
+        // writes every value, the zeros past n included.
+        let mut data = super::buffers::reused(layout.len());
         let strips = layout.strips * layout.nr;
         if data.is_empty() {
             return PackedRhs { layout, data };

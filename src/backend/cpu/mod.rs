@@ -374,17 +374,20 @@ impl Backend for CpuBackend {
             .into_par_iter()
             .map(|c| {
                 let (c0, cols) = (c * COL_CHUNK, COL_CHUNK.min(k - c * COL_CHUNK));
-                let mut block = vec![0.0f32; m * cols];
+                // Recycled, and not zeroed: the GEMM overwrites it.
+                let mut block = buffers::reused(m * cols);
                 sgemm(m, cols, n, dyr, Mat::transposed(m), &xr[c0..], Mat::rows(k), &mut block, Mat::rows(cols), false);
                 block
             })
             .collect();
-        for (c, block) in blocks.iter().enumerate() {
-            let cols = block.len() / m.max(1);
-            for (dst, src) in dw.chunks_mut(k).zip(block.chunks(cols.max(1))) {
-                dst[c * COL_CHUNK..c * COL_CHUNK + cols].copy_from_slice(src);
+        // Into place row by row on both cores (serially it left the other core idle).
+        dw.par_chunks_mut(k.max(1)).enumerate().for_each(|(row, dst)| {
+            for (c, block) in blocks.iter().enumerate() {
+                let cols = block.len() / m.max(1);
+                dst[c * COL_CHUNK..c * COL_CHUNK + cols].copy_from_slice(&block[row * cols..(row + 1) * cols]);
             }
-        }
+        });
+        blocks.into_iter().for_each(buffers::recycle);
         if let Some(db) = db {
             let db = host_mut(db)?;
             db.par_iter_mut().enumerate().for_each(|(j, d)| {
