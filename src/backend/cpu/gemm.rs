@@ -701,6 +701,9 @@ pub struct PackedRhs {
     pub data: Vec<f32>,
 }
 
+/// Strips of B per packing task in [`PackedRhs::new`].
+const STRIPS_PER_PACK: usize = 8;
+
 impl Drop for PackedRhs {
     fn drop(&mut self) {
         super::buffers::recycle(std::mem::take(&mut self.data));
@@ -722,10 +725,20 @@ impl PackedRhs {
         if data.is_empty() {
             return PackedRhs { layout, data };
         }
+        // Over KC blocks and, within each, groups of strips: a dense layer's backward-data has a
+        // single KC block (84 rows in LeNet's fc1), which one thread packed alone.
+        let group = layout.nr * STRIPS_PER_PACK;
         data.par_chunks_mut(strips * KC).enumerate().for_each(|(blk, dst)| {
             let (pc, kc) = (blk * KC, dst.len() / strips);
-            // SAFETY: rows pc..pc+kc and columns 0..n lie inside the extents checked above.
-            unsafe { pack_b(kc, n, layout.nr, b.as_ptr().offset(pc as isize * lb.rs), lb, dst) }
+            dst.par_chunks_mut(group * kc).enumerate().for_each(|(t, dst)| {
+                let j0 = t * group;
+                // SAFETY: rows pc..pc+kc and columns j0..min(j0 + group, n) lie inside the extents
+                // checked above; `dst` holds exactly their strips.
+                unsafe {
+                    let at = pc as isize * lb.rs + j0 as isize * lb.cs;
+                    pack_b(kc, group.min(n - j0), layout.nr, b.as_ptr().offset(at), lb, dst)
+                }
+            });
         });
         PackedRhs { layout, data }
     }

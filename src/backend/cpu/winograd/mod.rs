@@ -32,7 +32,7 @@
 mod lanes;
 mod transform;
 
-use super::buffers::{recycle, reused, with_scratch, zeroed, LINE};
+use super::buffers::{recycle, reused, with_scratch, LINE};
 use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
 use super::isa::{l2_bytes, vectorized, Isa};
 use crate::backend::{Activation, ConvGeom};
@@ -179,7 +179,9 @@ fn transform_filters<const M: usize, const A: usize, const R: usize, T: Coefs<M,
         .par_chunks_exact(R * R)
         .map(|f| sandwich(&T::T.g, &std::array::from_fn(|i| std::array::from_fn(|j| f[i * R + j])), &T::T.g))
         .collect();
-    let mut u = vec![0.0f32; A * A * k * c];
+    // Recycled and not zeroed (every value is written below): zero-filling it was a serial
+    // memset between two parallel passes.
+    let mut u = reused(A * A * k * c);
     u.par_chunks_mut(k * c).enumerate().for_each(|(e, ue)| {
         for (v, f) in ue.iter_mut().zip(&per_filter) {
             *v = f[e / A][e % A];
@@ -241,6 +243,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     // the GEMM's packed layout, so no operand is copied per block.
     let packed: Vec<PackedLhs> =
         u.par_chunks(co * ci).map(|ue| PackedLhs::new(isa, co, ci, ue, Mat::rows(ci))).collect();
+    recycle(u);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let grid = Grid::new(M, g);
@@ -520,9 +523,15 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
         .collect();
     // The partial sums added in group order (so the bits do not depend on the thread count),
     // split over both cores by position.
-    let mut sum = zeroed(A * A * co * ci);
+    // The first partial is the start (a zeroed start was a serial memset).
+    let Some((first, rest)) = partials.split_first() else {
+        dw.fill(0.0);
+        return;
+    };
+    let mut sum = reused(A * A * co * ci);
     sum.par_chunks_mut(4096).enumerate().for_each(|(i, chunk)| {
-        for part in &partials {
+        chunk.copy_from_slice(&first[i * 4096..][..chunk.len()]);
+        for part in rest {
             chunk.iter_mut().zip(&part[i * 4096..]).for_each(|(s, v)| *s += v);
         }
     });
