@@ -211,10 +211,21 @@ pub fn forward(
     }
 }
 
-/// dx = the adjoint of the convolution applied to dy: the forward pass of the filter flipped
-/// in both axes with input and output channels swapped.
+/// dx = the adjoint of the convolution applied to dy. Where dy has more channels than dx
+/// (LeNet's conv3: 120 against 16), through the transposed transforms ([`adjoint_t`]), whose
+/// costly 2-D transform runs on dx's channels; elsewhere as the forward pass of the filter
+/// flipped in both axes with input and output channels swapped, whose costly transform runs on
+/// dy's.
 pub fn backward_data(tile: Tile, isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
     assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
+    if g.c_in < g.c_out {
+        return match (tile, g.kh) {
+            (Tile::F2, 3) => adjoint_t::<2, 4, 3, F23>(isa, dy, w, dx, g),
+            (Tile::F4, 3) => adjoint_t::<4, 6, 3, F43>(isa, dy, w, dx, g),
+            (Tile::F2, _) => adjoint_t::<2, 6, 5, F25T>(isa, dy, w, dx, g),
+            (Tile::F4, _) => adjoint_t::<4, 8, 5, F45T>(isa, dy, w, dx, g),
+        };
+    }
     let taps = g.kh * g.kw;
     let mut flipped = vec![0.0f32; w.len()];
     for co in 0..g.c_out {
@@ -320,6 +331,121 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 isa,
                 #[inline(always)]
                 || from_lanes(yl, count, co, (g.oh, g.ow), (oh, ow), b, act, tr, ys),
+            );
+        })
+    });
+}
+
+/// Backward-data as the transpose of the forward formula: `dV[e] = U[e]ᵀ·(A·dy·Aᵀ)[e]` for each
+/// point e, then `dx += B·dV·Bᵀ` added into the tile's α×α window of the padded input (windows
+/// overlap by r − 1). The α×α transform (the costly one) runs on the c_in channels of dx, the
+/// m×m → α×α one on dy's c_out; the flipped forward pass has them the other way round. The
+/// windows are added in a fixed order (block by block, channel, tile), so the bits are fixed.
+fn adjoint_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
+    isa: Isa,
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    g: &ConvGeom,
+) {
+    let (ci, co) = (g.c_in, g.c_out);
+    let u = transform_filters::<M, A, R, T>(w, co, ci);
+    // U[e]ᵀ (c_in × c_out) for each point, packed once.
+    let packed: Vec<PackedLhs> =
+        u.par_chunks(co * ci).map(|ue| PackedLhs::new(isa, ci, co, ue, Mat::transposed(ci))).collect();
+    recycle(u);
+    let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
+    let tr = transposer(isa);
+    let grid = Grid::new(M, g);
+    let blocks = blocks(A, co, ci, grid, forward_block_bytes());
+    let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
+    // dy in lanes on the whole tile grid; dx in lanes with the forward's zero border, into which
+    // the windows are added.
+    let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
+    let (oh, ow) = (grid.ty * M, grid.tx * M);
+    let (dy_len, dx_len) = (co * oh * ow * LANES, ci * hp * wp * LANES);
+    let v_len = A * A * skew(RhsLayout::new(isa, co, widest * LANES).len());
+    let m_len = A * A * skew(ci * widest * LANES);
+    dx.par_chunks_mut(in_img * LANES).enumerate().for_each(|(grp, dxs)| {
+        let count = dxs.len() / in_img;
+        let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
+        with_scratch(&SCRATCH, dy_len + dx_len + v_len + m_len, |buf| {
+            let (dyl, rest) = buf.split_at_mut(dy_len);
+            let (dxl, rest) = rest.split_at_mut(dx_len);
+            let (v, prod) = rest.split_at_mut(v_len);
+            let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
+            let dxl: &mut [Lane] = bytemuck::cast_slice_mut(dxl);
+            dxl.fill([0.0; LANES]);
+            vectorized(
+                isa,
+                #[inline(always)]
+                || to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl),
+            );
+            for &blk in &blocks {
+                let lane_cols = blk.txn * LANES;
+                let layout = RhsLayout::new(isa, co, lane_cols);
+                let (v_at, m_at) = (skew(layout.len()), skew(ci * lane_cols));
+                let dyl = &*dyl;
+                vectorized(
+                    isa,
+                    #[inline(always)]
+                    || {
+                        for k in 0..co {
+                            for t in 0..blk.txn {
+                                let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
+                                let load = |r: usize, s: usize| dyl[corner + r * ow + s];
+                                let base = layout.offset(k, t * LANES);
+                                sandwich_with(&T::T.a, &T::T.a, FORWARD_FUSED, load, |i, j, lane| {
+                                    let at = (i * A + j) * v_at + base;
+                                    v[at..at + LANES].copy_from_slice(lane);
+                                });
+                            }
+                        }
+                    },
+                );
+                for (e, ut) in packed.iter().enumerate() {
+                    let ve = &v[e * v_at..e * v_at + layout.len()];
+                    let out = &mut prod[e * m_at..e * m_at + ci * lane_cols];
+                    sgemm_prepacked(
+                        isa,
+                        ci,
+                        lane_cols,
+                        &ut.data,
+                        ut.layout,
+                        ve,
+                        layout,
+                        out,
+                        Mat::rows(lane_cols),
+                        false,
+                    );
+                }
+                let prod = &*prod;
+                vectorized(
+                    isa,
+                    #[inline(always)]
+                    || {
+                        for c in 0..ci {
+                            for t in 0..blk.txn {
+                                let load = |r: usize, s: usize| {
+                                    let at = (r * A + s) * m_at + c * lane_cols + t * LANES;
+                                    prod[at..at + LANES].try_into().unwrap()
+                                };
+                                let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
+                                sandwich_with(&T::T.b, &T::T.b, FORWARD_FUSED, load, |i, j, lane: &Lane| {
+                                    let d = &mut dxl[corner + i * wp + j];
+                                    *d = std::array::from_fn(|l| d[l] + lane[l]);
+                                });
+                            }
+                        }
+                    },
+                );
+            }
+            // The border dropped: pixel (y, x) of dx is (y + pad, x + pad) of the padded planes.
+            let inner = &dxl[g.pad * wp + g.pad..];
+            vectorized(
+                isa,
+                #[inline(always)]
+                || from_lanes(inner, count, ci, (g.h, g.w), (hp, wp), None, Activation::Identity, tr, dxs),
             );
         })
     });

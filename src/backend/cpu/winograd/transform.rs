@@ -16,6 +16,8 @@ pub(super) struct Transform<const M: usize, const A: usize, const R: usize> {
     pub(super) gt: Folded<R, A>,
     /// Input: V = Bᵀ·d·B.
     pub(super) bt: Folded<A, A>,
+    /// Its adjoint, for backward-data through the transformed domain: dx += B·dV·Bᵀ.
+    pub(super) b: Folded<A, A>,
 }
 
 /// A transform matrix with its ±p symmetry made explicit. A point p and its mirror −p give the
@@ -103,8 +105,14 @@ const F2_AT: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
 const F2_G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 const F2_BT: [[f32; 4]; 4] =
     [[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]];
-const F2: Transform<2, 4, 3> =
-    Transform { at: fold(F2_AT), a: fold(transpose(F2_AT)), g: fold(F2_G), gt: fold(transpose(F2_G)), bt: fold(F2_BT) };
+const F2: Transform<2, 4, 3> = Transform {
+    at: fold(F2_AT),
+    a: fold(transpose(F2_AT)),
+    g: fold(F2_G),
+    gt: fold(transpose(F2_G)),
+    bt: fold(F2_BT),
+    b: fold(transpose(F2_BT)),
+};
 
 // α = 6: points 0, ±1, ±2 and ∞. F(4,3) and F(2,5) share Bᵀ.
 const B6: [[f32; 6]; 6] = [
@@ -129,8 +137,14 @@ const F4_G: [[f32; 3]; 6] = [
     [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
     [0.0, 0.0, 1.0],
 ];
-const F4: Transform<4, 6, 3> =
-    Transform { at: fold(F4_AT), a: fold(transpose(F4_AT)), g: fold(F4_G), gt: fold(transpose(F4_G)), bt: fold(B6) };
+const F4: Transform<4, 6, 3> = Transform {
+    at: fold(F4_AT),
+    a: fold(transpose(F4_AT)),
+    g: fold(F4_G),
+    gt: fold(transpose(F4_G)),
+    bt: fold(B6),
+    b: fold(transpose(B6)),
+};
 
 const F25_AT: [[f32; 6]; 2] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 1.0]];
 const F25_G: [[f32; 5]; 6] = [
@@ -147,6 +161,7 @@ const F25: Transform<2, 6, 5> = Transform {
     g: fold(F25_G),
     gt: fold(transpose(F25_G)),
     bt: fold(B6),
+    b: fold(transpose(B6)),
 };
 
 // α = 8: points 0, ±1, ±2, ±1/2 and ∞.
@@ -182,6 +197,7 @@ const F45: Transform<4, 8, 5> = Transform {
     g: fold(F45_G),
     gt: fold(transpose(F45_G)),
     bt: fold(F45_BT),
+    b: fold(transpose(F45_BT)),
 };
 
 /// A transform as a type, so that its coefficients are compile-time constants wherever it is
@@ -348,6 +364,8 @@ mod tests {
         check("F2 G", F2_G, 1);
         check("F2 Gᵀ", transpose(F2_G), 1);
         check("B6", B6, 2);
+        check("B6ᵀ", transpose(B6), 2);
+        check("F2 B", transpose(F2_BT), 1);
         check("F4 Aᵀ", F4_AT, 2);
         check("F4 A", transpose(F4_AT), 2);
         check("F4 G", F4_G, 2);
@@ -357,6 +375,7 @@ mod tests {
         check("F25 G", F25_G, 2);
         check("F25 Gᵀ", transpose(F25_G), 2);
         check("B8", F45_BT, 3);
+        check("B8ᵀ", transpose(F45_BT), 3);
         check("F45 Aᵀ", F45_AT, 3);
         check("F45 A", transpose(F45_AT), 3);
         check("F45 G", F45_G, 3);
