@@ -257,6 +257,15 @@ fn forward_image<S: Lanes, const KB: usize>(
         return;
     }
     let mut oy = 0;
+    // Three rows at a time where their 3·KB sums fit the registers with the three loaded
+    // vectors and the broadcast: more FMAs per weight broadcast.
+    if KB <= 8 {
+        while oy + 2 < p.oh {
+            let acc = forward_vectors::<S, KB, 3>(p, xp, wb, oy * p.wp, p.wp);
+            store_vectors(&acc, p, [(oy, 0), (oy + 1, 0), (oy + 2, 0)], k0, b, act, y);
+            oy += 3;
+        }
+    }
     while oy + 1 < p.oh {
         let acc = forward_vectors::<S, KB, 2>(p, xp, wb, oy * p.wp, p.wp);
         store_vectors(&acc, p, [(oy, 0), (oy + 1, 0)], k0, b, act, y);
