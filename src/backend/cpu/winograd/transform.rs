@@ -281,6 +281,7 @@ pub(super) fn apply<const R: usize, const K: usize, const W: usize>(
 /// `store`: one column of x and then one row of the intermediate at a time, so that with the
 /// coefficients known at compile time the whole transform stays in vector registers.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // indexed on purpose: see the first loop
 pub(super) fn sandwich_with<const R: usize, const K: usize, const W: usize>(
     l: &Folded<R, K>,
     r: &Folded<R, K>,
