@@ -190,6 +190,43 @@ fn transform_filters<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     u
 }
 
+/// The transformed filters `U[e]` (c_out × c_in), or their transposes, each packed once as the
+/// left-hand operand of its point's GEMM.
+fn packed_filters<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
+    isa: Isa,
+    w: &[f32],
+    co: usize,
+    ci: usize,
+    transposed: bool,
+) -> Vec<PackedLhs> {
+    let u = transform_filters::<M, A, R, T>(w, co, ci);
+    let packed = u
+        .par_chunks(co * ci)
+        .map(|ue| match transposed {
+            false => PackedLhs::new(isa, co, ci, ue, Mat::rows(ci)),
+            true => PackedLhs::new(isa, ci, co, ue, Mat::transposed(ci)),
+        })
+        .collect();
+    recycle(u);
+    packed
+}
+
+/// The block's α² GEMMs: `prod[e] (rows × lane_cols) = packed[e] · v[e]`, each operand `v_at`
+/// and each product `m_at` values after the previous point's.
+fn point_products(
+    isa: Isa,
+    packed: &[PackedLhs],
+    (v, v_at, layout): (&[f32], usize, RhsLayout),
+    (prod, m_at, rows): (&mut [f32], usize, usize),
+    lane_cols: usize,
+) {
+    for (e, ue) in packed.iter().enumerate() {
+        let ve = &v[e * v_at..e * v_at + layout.len()];
+        let out = &mut prod[e * m_at..e * m_at + rows * lane_cols];
+        sgemm_prepacked(isa, rows, lane_cols, &ue.data, ue.layout, ve, layout, out, Mat::rows(lane_cols), false);
+    }
+}
+
 /// y = act(conv(x, w) + b), the products on rotvar's `isa` GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
@@ -249,12 +286,9 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     g: &ConvGeom,
 ) {
     let (ci, co) = (g.c_in, g.c_out);
-    let u = transform_filters::<M, A, R, T>(w, co, ci);
-    // Each transformed filter is packed for the GEMM once, and the input transform writes V in
-    // the GEMM's packed layout, so no operand is copied per block.
-    let packed: Vec<PackedLhs> =
-        u.par_chunks(co * ci).map(|ue| PackedLhs::new(isa, co, ci, ue, Mat::rows(ci))).collect();
-    recycle(u);
+    // The input transform writes V in the GEMM's packed layout, so no operand is copied per
+    // block.
+    let packed = packed_filters::<M, A, R, T>(isa, w, co, ci, false);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let grid = Grid::new(M, g);
@@ -291,22 +325,7 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                     #[inline(always)]
                     || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, v_at, place),
                 );
-                for (e, ue) in packed.iter().enumerate() {
-                    let ve = &v[e * v_at..e * v_at + layout.len()];
-                    let out = &mut prod[e * m_at..e * m_at + co * lane_cols];
-                    sgemm_prepacked(
-                        isa,
-                        co,
-                        lane_cols,
-                        &ue.data,
-                        ue.layout,
-                        ve,
-                        layout,
-                        out,
-                        Mat::rows(lane_cols),
-                        false,
-                    );
-                }
+                point_products(isa, &packed, (v, v_at, layout), (prod, m_at, co), lane_cols);
                 let prod = &*prod;
                 vectorized(
                     isa,
@@ -349,11 +368,7 @@ fn adjoint_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     g: &ConvGeom,
 ) {
     let (ci, co) = (g.c_in, g.c_out);
-    let u = transform_filters::<M, A, R, T>(w, co, ci);
-    // U[e]ᵀ (c_in × c_out) for each point, packed once.
-    let packed: Vec<PackedLhs> =
-        u.par_chunks(co * ci).map(|ue| PackedLhs::new(isa, ci, co, ue, Mat::transposed(ci))).collect();
-    recycle(u);
+    let packed = packed_filters::<M, A, R, T>(isa, w, co, ci, true);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let grid = Grid::new(M, g);
@@ -403,22 +418,7 @@ fn adjoint_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                         }
                     },
                 );
-                for (e, ut) in packed.iter().enumerate() {
-                    let ve = &v[e * v_at..e * v_at + layout.len()];
-                    let out = &mut prod[e * m_at..e * m_at + ci * lane_cols];
-                    sgemm_prepacked(
-                        isa,
-                        ci,
-                        lane_cols,
-                        &ut.data,
-                        ut.layout,
-                        ve,
-                        layout,
-                        out,
-                        Mat::rows(lane_cols),
-                        false,
-                    );
-                }
+                point_products(isa, &packed, (v, v_at, layout), (prod, m_at, ci), lane_cols);
                 let prod = &*prod;
                 vectorized(
                     isa,
