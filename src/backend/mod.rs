@@ -442,19 +442,12 @@ pub trait Backend: Send + Sync {
     fn relu_fwd(&self, x: &Storage, y: &mut Storage) -> Result<()>;
     /// dx = dy where y > 0 (y is the ReLU output).
     fn relu_bwd(&self, y: &Storage, dy: &Storage, dx: &mut Storage) -> Result<()>;
-    /// [`Backend::relu_bwd`] of a convolution's fused ReLU, and in the same pass the bias
-    /// gradient `conv2d_bwd_weight` would take from dx (same bits): one read of the gradient
-    /// instead of two. Returns false, having written nothing, where the backend does not fuse
-    /// them; the caller then runs the two separately.
-    fn relu_bwd_bias(
-        &self,
-        _y: &Storage,
-        _dy: &Storage,
-        _dx: &mut Storage,
-        _db: &mut Storage,
-        _g: &ConvGeom,
-    ) -> Result<bool> {
-        Ok(false)
+    /// [`Backend::relu_bwd`] of a convolution's fused ReLU (`y` its output), and in the same pass
+    /// the bias gradient `conv2d_bwd_weight` would take from dx (same bits): `(dx, db)`, one read
+    /// of the gradient instead of two. None, having allocated nothing, where the backend does
+    /// not fuse them; the caller then runs the two separately.
+    fn relu_bwd_bias(&self, _y: &Storage, _dy: &Storage, _g: &ConvGeom) -> Result<Option<(Storage, Storage)>> {
+        Ok(None)
     }
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()>;
     fn elu_bwd(&self, x: &Storage, y: &Storage, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()>;

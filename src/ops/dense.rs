@@ -104,27 +104,21 @@ pub fn conv2d_act(
             };
             let want_b = b.as_ref().is_some_and(|b| b.is_tracked());
             // The ReLU's backward and the bias gradient in one pass where the backend fuses them.
-            let mut fused_db = None;
-            let dy = match (act, &y_kept) {
-                (Activation::Relu, Some(y)) if want_b => {
-                    let (mut dz, mut db) = (be.alloc(dy.numel())?, be.alloc(g.c_out)?);
-                    if be.relu_bwd_bias(&y.storage(), &dy.storage(), &mut dz, &mut db, &g)? {
-                        fused_db = Some(db);
-                        grad(&be, dy.shape(), dz)?
-                    } else {
-                        activation_grad(&be, act, Some(y), dy)?
-                    }
-                }
-                _ => activation_grad(&be, act, y_kept.as_ref(), dy)?,
+            let fused = match (act, &y_kept) {
+                (Activation::Relu, Some(y)) if want_b => be.relu_bwd_bias(&y.storage(), &dy.storage(), &g)?,
+                _ => None,
             };
+            let (dy, mut db) = match fused {
+                Some((dz, db)) => (grad(&be, dy.shape(), dz)?, Some(db)),
+                None => (activation_grad(&be, act, y_kept.as_ref(), dy)?, None),
+            };
+            let fused = db.is_some();
             // The first layer's input is data: skipping its gradient saves a whole GEMM.
             if x.is_tracked() {
                 let mut dx = be.alloc(g.in_len())?;
                 be.conv2d_bwd_data(&dy.storage(), &w.storage(), &mut dx, &g)?;
                 grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
             }
-            let fused = fused_db.is_some();
-            let mut db = fused_db;
             if w.is_tracked() || (want_b && !fused) {
                 let mut dw = be.alloc(g.weight_len())?;
                 if want_b && !fused {

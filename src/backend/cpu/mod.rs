@@ -278,16 +278,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn relu_bwd_bias(
-        &self,
-        y: &Storage,
-        dy: &Storage,
-        dx: &mut Storage,
-        db: &mut Storage,
-        g: &ConvGeom,
-    ) -> Result<bool> {
-        conv::relu_and_bias_grad(host(y)?, host(dy)?, host_mut(dx)?, host_mut(db)?, g);
-        Ok(true)
+    fn relu_bwd_bias(&self, y: &Storage, dy: &Storage, g: &ConvGeom) -> Result<Option<(Storage, Storage)>> {
+        let (mut dx, mut db) = (self.alloc(g.out_len())?, self.alloc(g.c_out)?);
+        conv::relu_and_bias_grad(host(y)?, host(dy)?, host_mut(&mut dx)?, host_mut(&mut db)?, g);
+        Ok(Some((dx, db)))
     }
 
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()> {
