@@ -130,6 +130,50 @@ fn blocks(a: usize, c_in: usize, c_out: usize, grid: Grid, bytes: usize) -> Vec<
     out
 }
 
+/// What every pass lays out the same way: the tile grid, the blocks over it (at most
+/// `block_bytes` each), and two kinds of lane planes: the input side's, `padded` (rows × columns,
+/// with the zero border, wider where tiles overhang the map), and the output side's, `tiled`
+/// (the whole tile grid).
+struct Layout {
+    blocks: Vec<Block>,
+    /// The most tiles in one block.
+    widest: usize,
+    padded: (usize, usize),
+    tiled: (usize, usize),
+}
+
+impl Layout {
+    fn new<const M: usize, const A: usize, const R: usize>(g: &ConvGeom, block_bytes: usize) -> Layout {
+        let grid = Grid::new(M, g);
+        let blocks = blocks(A, g.c_in, g.c_out, grid, block_bytes);
+        let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
+        Layout { blocks, widest, padded: (grid.ty * M + R - 1, grid.tx * M + R - 1), tiled: (grid.ty * M, grid.tx * M) }
+    }
+
+    /// One group's scratch for a pass through the transformed domain with c_in padded planes
+    /// and c_out tiled planes (the forward pass and the transposed backward-data both have
+    /// them), a block's transformed operands of `k` channels and its products of `rows`.
+    fn with_scratch<Out>(
+        &self,
+        isa: Isa,
+        a: usize,
+        g: &ConvGeom,
+        (k, rows): (usize, usize),
+        f: impl FnOnce(&mut [Lane], &mut [Lane], &mut [f32], &mut [f32]) -> Out,
+    ) -> Out {
+        let ((hp, wp), (oh, ow)) = (self.padded, self.tiled);
+        let (padded_len, tiled_len) = (g.c_in * hp * wp * LANES, g.c_out * oh * ow * LANES);
+        let v_len = a * a * skew(RhsLayout::new(isa, k, self.widest * LANES).len());
+        let m_len = a * a * skew(rows * self.widest * LANES);
+        with_scratch(&SCRATCH, padded_len + tiled_len + v_len + m_len, |buf| {
+            let (padded, rest) = buf.split_at_mut(padded_len);
+            let (tiled, rest) = rest.split_at_mut(tiled_len);
+            let (v, prod) = rest.split_at_mut(v_len);
+            f(bytemuck::cast_slice_mut(padded), bytemuck::cast_slice_mut(tiled), v, prod)
+        })
+    }
+}
+
 /// The distance between two points' operands of `len` values: `len` rounded up to a whole
 /// 64-byte line, plus one line whenever that is a multiple of 1 KiB. The transforms write (and
 /// the inverse transform reads) one lane of every point in turn; at a power-of-two distance
@@ -291,31 +335,19 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     let packed = packed_filters::<M, A, R, T>(isa, w, co, ci, false);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
-    let grid = Grid::new(M, g);
-    let blocks = blocks(A, ci, co, grid, forward_block_bytes());
-    let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
-    // The input in lanes with its zero border (wider where tiles overhang the map), the output
-    // in lanes on the whole tile grid.
-    let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
-    let (oh, ow) = (grid.ty * M, grid.tx * M);
-    let (x_len, y_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
-    let v_len = A * A * skew(RhsLayout::new(isa, ci, widest * LANES).len());
-    let m_len = A * A * skew(co * widest * LANES);
+    // The input in padded lane planes, the output in tiled ones.
+    let lay = Layout::new::<M, A, R>(g, forward_block_bytes());
+    let ((hp, wp), (oh, ow)) = (lay.padded, lay.tiled);
     y.par_chunks_mut(out_img * LANES).enumerate().for_each(|(grp, ys)| {
         let count = ys.len() / out_img;
         let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
-        with_scratch(&SCRATCH, x_len + y_len + v_len + m_len, |buf| {
-            let (xl, rest) = buf.split_at_mut(x_len);
-            let (yl, rest) = rest.split_at_mut(y_len);
-            let (v, prod) = rest.split_at_mut(v_len);
-            let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
-            let yl: &mut [Lane] = bytemuck::cast_slice_mut(yl);
+        lay.with_scratch(isa, A, g, (ci, co), |xl, yl, v, prod| {
             vectorized(
                 isa,
                 #[inline(always)]
                 || to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl),
             );
-            for &blk in &blocks {
+            for &blk in &lay.blocks {
                 let lane_cols = blk.txn * LANES;
                 let layout = RhsLayout::new(isa, ci, lane_cols);
                 let (v_at, m_at) = (skew(layout.len()), skew(co * lane_cols));
@@ -371,32 +403,21 @@ fn adjoint_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     let packed = packed_filters::<M, A, R, T>(isa, w, co, ci, true);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
-    let grid = Grid::new(M, g);
-    let blocks = blocks(A, co, ci, grid, forward_block_bytes());
-    let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0);
-    // dy in lanes on the whole tile grid; dx in lanes with the forward's zero border, into which
-    // the windows are added.
-    let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
-    let (oh, ow) = (grid.ty * M, grid.tx * M);
-    let (dy_len, dx_len) = (co * oh * ow * LANES, ci * hp * wp * LANES);
-    let v_len = A * A * skew(RhsLayout::new(isa, co, widest * LANES).len());
-    let m_len = A * A * skew(ci * widest * LANES);
+    // dy in tiled lane planes; dx in padded ones (the forward's zero border), into which the
+    // windows are added.
+    let lay = Layout::new::<M, A, R>(g, forward_block_bytes());
+    let ((hp, wp), (oh, ow)) = (lay.padded, lay.tiled);
     dx.par_chunks_mut(in_img * LANES).enumerate().for_each(|(grp, dxs)| {
         let count = dxs.len() / in_img;
         let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
-        with_scratch(&SCRATCH, dy_len + dx_len + v_len + m_len, |buf| {
-            let (dyl, rest) = buf.split_at_mut(dy_len);
-            let (dxl, rest) = rest.split_at_mut(dx_len);
-            let (v, prod) = rest.split_at_mut(v_len);
-            let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
-            let dxl: &mut [Lane] = bytemuck::cast_slice_mut(dxl);
+        lay.with_scratch(isa, A, g, (co, ci), |dxl, dyl, v, prod| {
             dxl.fill([0.0; LANES]);
             vectorized(
                 isa,
                 #[inline(always)]
                 || to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl),
             );
-            for &blk in &blocks {
+            for &blk in &lay.blocks {
                 let lane_cols = blk.txn * LANES;
                 let layout = RhsLayout::new(isa, co, lane_cols);
                 let (v_at, m_at) = (skew(layout.len()), skew(ci * lane_cols));
@@ -565,11 +586,9 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     let (ci, co) = (g.c_in, g.c_out);
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
-    let grid = Grid::new(M, g);
-    let blocks = blocks(A, ci, co, grid, WGRAD_BLOCK_BYTES);
-    let widest = blocks.iter().map(|b| b.txn).max().unwrap_or(0) * LANES;
-    let (hp, wp) = (grid.ty * M + R - 1, grid.tx * M + R - 1);
-    let (oh, ow) = (grid.ty * M, grid.tx * M);
+    let lay = Layout::new::<M, A, R>(g, WGRAD_BLOCK_BYTES);
+    let (blocks, widest) = (&lay.blocks, lay.widest * LANES);
+    let ((hp, wp), (oh, ow)) = (lay.padded, lay.tiled);
     let (x_len, dy_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
     // For each point e the GEMM sums Z[e] = A·dy·Aᵀ (c_out × pixels) times V[e]ᵀ = (Bᵀ·x·B)ᵀ
     // (pixels × c_in) over the block's pixels (16 lanes a tile). Its columns are whichever
