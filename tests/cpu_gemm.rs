@@ -179,11 +179,11 @@ fn training_gives_the_same_bits_on_every_path_and_thread_count() {
 }
 
 /// Operands laid out once (`PackedLhs`, or written element by element through `LhsLayout` and
-/// `RhsLayout`, as Winograd does) give the same bits as the GEMM that packs them itself: on
+/// `RhsLayout`, or B row-major read in place, as Winograd does) give the same bits as the GEMM that packs them itself: on
 /// every path, across several reduction blocks and row blocks, with and without accumulation.
 #[test]
 fn prepacked_operands_give_the_same_bits() {
-    use rotvar::backend::cpu::gemm::{sgemm_prepacked, LhsLayout, PackedLhs, RhsLayout};
+    use rotvar::backend::cpu::gemm::{sgemm_prepacked, LhsLayout, PackedLhs, RhsLayout, RhsOperand};
     let mut rng = Rng::new(41);
     for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
         for &(m, n, k, accumulate) in
@@ -215,12 +215,22 @@ fn prepacked_operands_give_the_same_bits() {
                     b_laid[lb.offset(p, j)] = b[p * n + j];
                 }
             }
+            // B row-major, read in place, its rows padded past n (to a whole vector, and beyond).
+            let ld = n.next_multiple_of(16) + 3;
+            let mut b_rows = vec![f32::NAN; k * ld];
+            for p in 0..k {
+                b_rows[p * ld..p * ld + n].copy_from_slice(&b[p * n..(p + 1) * n]);
+            }
             // Padding the layouts leave unwritten must not reach the output: it stays NaN here.
             for (what, a_op) in [("PackedLhs", &packed.data), ("LhsLayout", &a_laid)] {
-                let mut got = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
-                sgemm_prepacked(isa, m, n, a_op, la, &b_laid, lb, &mut got, Mat::rows(n), accumulate);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{isa} {what} {m}×{n}×{k}");
+                for (b_what, b_op) in
+                    [("packed", RhsOperand::Packed(&b_laid, lb)), ("rows", RhsOperand::Rows(&b_rows, ld))]
+                {
+                    let mut got = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
+                    sgemm_prepacked(isa, m, n, a_op, la, b_op, &mut got, Mat::rows(n), accumulate);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{isa} {what} B {b_what} {m}×{n}×{k}");
+                }
             }
         }
     }
@@ -231,7 +241,7 @@ fn prepacked_operands_give_the_same_bits() {
 /// packed, B plain or transposed, short last strips, several reduction blocks, accumulating or not.
 #[test]
 fn a_packed_right_hand_operand_gives_the_same_bits() {
-    use rotvar::backend::cpu::gemm::{sgemm_packed_rhs, PackedRhs};
+    use rotvar::backend::cpu::gemm::{sgemm_packed_rhs, PackedRhs, RhsOperand};
     let mut rng = Rng::new(43);
     for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
         for &(m, n, k, a_t, b_t, accumulate) in &[
@@ -252,9 +262,20 @@ fn a_packed_right_hand_operand_gives_the_same_bits() {
             sgemm_with(isa, m, n, k, &a, la, &b, lb, &mut want, Mat::rows(n), accumulate);
             let packed = PackedRhs::new(isa, k, n, &b, lb);
             let mut got = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
-            sgemm_packed_rhs(isa, m, &a, la, &packed, n, &mut got, Mat::rows(n), accumulate);
+            sgemm_packed_rhs(isa, m, k, &a, la, packed.operand(), n, &mut got, Mat::rows(n), accumulate);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{isa} {m}×{n}×{k} a_t={a_t} b_t={b_t}");
+            // The same with B row-major and read in place (rows padded with NaN past n).
+            let ld = n.next_multiple_of(16) + 1;
+            let mut b_rows = vec![f32::NAN; k * ld];
+            for p in 0..k {
+                for j in 0..n {
+                    b_rows[p * ld + j] = b[(p as isize * lb.rs + j as isize * lb.cs) as usize];
+                }
+            }
+            let mut got = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
+            sgemm_packed_rhs(isa, m, k, &a, la, RhsOperand::Rows(&b_rows, ld), n, &mut got, Mat::rows(n), accumulate);
+            assert_eq!(bits(&got), bits(&want), "{isa} rows {m}×{n}×{k} a_t={a_t} b_t={b_t}");
         }
     }
 }

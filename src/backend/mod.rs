@@ -501,6 +501,22 @@ pub trait Backend: Send + Sync {
         db: Option<&mut Storage>,
         g: &ConvGeom,
     ) -> Result<()>;
+    /// Both of the above for one layer, equal to them bit for bit; a backend may share work
+    /// between the two (the CPU's Winograd transforms dy once for both).
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bwd_data_and_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        w: &Storage,
+        dx: &mut Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        g: &ConvGeom,
+    ) -> Result<()> {
+        self.conv2d_bwd_data(dy, w, dx, g)?;
+        self.conv2d_bwd_weight(x, dy, dw, db, g)
+    }
 
     // --- pooling ------------------------------------------------------------------------
     fn pool2d_fwd(&self, kind: PoolKind, x: &Storage, y: &mut Storage, g: &PoolGeom) -> Result<()>;

@@ -114,18 +114,25 @@ pub fn conv2d_act(
             };
             let fused = db.is_some();
             // The first layer's input is data: skipping its gradient saves a whole GEMM.
-            if x.is_tracked() {
-                let mut dx = be.alloc(g.in_len())?;
-                be.conv2d_bwd_data(&dy.storage(), &w.storage(), &mut dx, &g)?;
+            let mut dx = x.is_tracked().then(|| be.alloc(g.in_len())).transpose()?;
+            let mut dw = (w.is_tracked() || (want_b && !fused)).then(|| be.alloc(g.weight_len())).transpose()?;
+            if dw.is_some() && want_b && !fused {
+                db = Some(be.alloc(g.c_out)?);
+            }
+            let db_here = if fused { None } else { db.as_mut() };
+            let (xs, ws, dys) = (x.storage(), w.storage(), dy.storage());
+            match (dx.as_mut(), dw.as_mut()) {
+                // Together where both are wanted: a backend may share work between them.
+                (Some(dx), Some(dw)) => be.conv2d_bwd_data_and_weight(&xs, &dys, &ws, dx, dw, db_here, &g)?,
+                (Some(dx), None) => be.conv2d_bwd_data(&dys, &ws, dx, &g)?,
+                (None, Some(dw)) => be.conv2d_bwd_weight(&xs, &dys, dw, db_here, &g)?,
+                (None, None) => {}
+            }
+            drop((xs, ws, dys));
+            if let Some(dx) = dx {
                 grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
             }
-            if w.is_tracked() || (want_b && !fused) {
-                let mut dw = be.alloc(g.weight_len())?;
-                if want_b && !fused {
-                    db = Some(be.alloc(g.c_out)?);
-                }
-                let db_here = if fused { None } else { db.as_mut() };
-                be.conv2d_bwd_weight(&x.storage(), &dy.storage(), &mut dw, db_here, &g)?;
+            if let Some(dw) = dw {
                 grads.accumulate(&w, grad(&be, w.shape(), dw)?)?;
             }
             if let (Some(b), Some(db)) = (&b, db) {

@@ -523,6 +523,43 @@ pub fn backward_weight_on(e: Engine, x: &[f32], dy: &[f32], dw: &mut [f32], db: 
     }
 }
 
+/// dx and dw (and db) of one layer together: the same bits as [`backward_data`] then
+/// [`backward_weight`], from one pass over dy where Winograd can share it.
+pub fn backward_data_and_weight(
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    g: &ConvGeom,
+) {
+    backward_data_and_weight_on(Engine::current(), x, dy, w, dx, dw, db, g)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward_data_and_weight_on(
+    e: Engine,
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    g: &ConvGeom,
+) {
+    match e.winograd_on(g) {
+        Some(t) => winograd::backward_data_and_weight(t, e.gemm.unwrap_or_else(Isa::best), x, dy, w, dx, dw, g),
+        None => {
+            backward_data_on(e, dy, w, dx, g);
+            return backward_weight_on(e, x, dy, dw, db, g);
+        }
+    }
+    if let Some(db) = db {
+        bias_grad(dy, db, g);
+    }
+}
+
 /// db[co] = the sum of dy over images and pixels of channel co (in f64).
 pub fn bias_grad(dy: &[f32], db: &mut [f32], g: &ConvGeom) {
     let (out_img, p) = (g.c_out * g.oh * g.ow, g.oh * g.ow);
@@ -809,6 +846,9 @@ mod tests {
             (18, 16, 7, 7, 120, 5),
             (3, 8, 14, 14, 16, 5),
             (5, 9, 10, 9, 11, 5),
+            // More channels in than out: x's transforms are then the weight gradient's rows.
+            (7, 24, 9, 9, 16, 3),
+            (4, 16, 7, 7, 8, 5),
         ];
         let mut worst = [0.0f32; 2];
         for &(n, c, h, w, co, r) in &geoms {
@@ -824,6 +864,12 @@ mod tests {
                 backward_data_on(e, &dy, &wt, &mut dx, &g);
                 let mut dw = vec![f32::NAN; co * g.k()];
                 backward_weight_on(e, &x, &dy, &mut dw, None, &g);
+                // Both at once (one pass over dy where Winograd can): the same bits.
+                let (mut dx2, mut dw2) = (vec![f32::NAN; dx.len()], vec![f32::NAN; dw.len()]);
+                backward_data_and_weight_on(e, &x, &dy, &wt, &mut dx2, &mut dw2, None, &g);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&dx2), bits(&dx), "{g:?}: backward-data alone and with the weight gradient");
+                assert_eq!(bits(&dw2), bits(&dw), "{g:?}: weight gradient alone and with backward-data");
                 [y, dx, dw]
             };
             let want = run(reference);

@@ -40,8 +40,8 @@ impl Mat {
 /// Reduction depth per packed block; the same on every path, since it fixes where the partial
 /// sums are added to the output.
 pub const KC: usize = 128;
-/// The widest tile of any kernel, for the edge-tile buffer.
-const MAX_TILE: usize = 8 * 48;
+/// The largest one-vector tile of any kernel (8 rows of 16 on AVX-512), for the edge-tile buffer.
+const EDGE_TILE: usize = 8 * 16;
 
 /// One micro-kernel: `c[MR×W] (row stride rs) = (first ? 0 : c) + Σ_p a(·, p) ⊗ b[p][·]` over
 /// `kc` steps (`b`: W values at a step of `ldb`). `a(r, p)` is `a[p·MR + r]` in a packed strip,
@@ -439,7 +439,8 @@ pub fn sgemm_rhs(
                             pack_a(mb, kc, kern.mr, block, la, pa);
                             Lhs::Packed(pa.as_ptr())
                         };
-                        multiply_packed(&kern, kc, lhs, mb, pb.as_ptr(), nb, cp.offset(at(ic, jc, lc)), lc, first);
+                        let (rhs, out) = (Rhs::Packed(pb.as_ptr()), cp.offset(at(ic, jc, lc)));
+                        multiply_packed(&kern, kc, lhs, mb, rhs, nb, out, lc, first);
                     }
                 }
             }
@@ -458,6 +459,15 @@ enum Lhs {
     InPlace { a: *const f32, lda: usize, spare: *mut f32 },
 }
 
+/// Where the micro-kernel reads a block of B: packed strips (`nr` values per reduction step), or
+/// a row-major matrix whose rows lie `ldb` apart (Winograd's transformed tiles, stored that way
+/// so that the same operand also serves as an in-place A): the kernels take any row step.
+#[derive(Clone, Copy)]
+enum Rhs {
+    Packed(*const f32),
+    InPlace { b: *const f32, ldb: usize },
+}
+
 /// Whether a left-hand operand laid out as `la` is read in place: its rows must run along the
 /// reduction, and not lie a multiple of 4 KiB apart, where all eight rows of a strip would fall
 /// into one L1 set.
@@ -470,14 +480,15 @@ fn reads_in_place(la: Mat) -> bool {
 ///
 /// # Safety
 /// `lhs` addresses `mb` rows of `kc` values (packed: `mb.div_ceil(mr)` strips of `kc × mr`),
-/// `pb` holds `nb.div_ceil(nr)` strips of `kc × nr`, and `c` addresses an mb×nb block through `lc`.
+/// `rhs` `nb.div_ceil(nr)` strips of `kc × nr` (in place: `kc` rows of `nb` values rounded up to
+/// a whole vector), and `c` an mb×nb block through `lc`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn multiply_packed(
     kern: &Kernel,
     kc: usize,
     lhs: Lhs,
     mb: usize,
-    pb: *const f32,
+    rhs: Rhs,
     nb: usize,
     c: *mut f32,
     lc: Mat,
@@ -486,7 +497,10 @@ unsafe fn multiply_packed(
     let at = |r: usize, col: usize| r as isize * lc.rs + col as isize * lc.cs;
     // B strip outside (it stays in L1), A strips inside (from L2).
     for jr in (0..nb).step_by(kern.nr) {
-        let bstrip = pb.add(jr * kc);
+        let (bstrip, ldb) = match rhs {
+            Rhs::Packed(pb) => (pb.add(jr * kc), kern.nr),
+            Rhs::InPlace { b, ldb } => (b.add(jr), ldb),
+        };
         for ir in (0..mb).step_by(kern.mr) {
             let (rows, cols) = (kern.mr.min(mb - ir), kern.nr.min(nb - jr));
             let (tiles, astrip, lda) = match lhs {
@@ -500,7 +514,7 @@ unsafe fn multiply_packed(
             };
             let out = c.offset(at(ir, jr));
             if rows == kern.mr && cols == kern.nr && lc.cs == 1 {
-                (tiles.tile)(kc, astrip, lda, bstrip, kern.nr, out, lc.rs as usize, first);
+                (tiles.tile)(kc, astrip, lda, bstrip, ldb, out, lc.rs as usize, first);
                 continue;
             }
             let whole_rows = rows == kern.mr && lc.cs == 1;
@@ -509,19 +523,23 @@ unsafe fn multiply_packed(
                 let left = cols - j0;
                 let (b0, o0) = (bstrip.add(j0), out.offset(at(0, j0)));
                 if whole_rows && left >= 2 * kern.vec {
-                    (tiles.edge2)(kc, astrip, lda, b0, kern.nr, o0, lc.rs as usize, first);
+                    (tiles.edge2)(kc, astrip, lda, b0, ldb, o0, lc.rs as usize, first);
                     j0 += 2 * kern.vec;
                     continue;
                 }
                 if whole_rows && left >= kern.vec {
-                    (tiles.edge)(kc, astrip, lda, b0, kern.nr, o0, lc.rs as usize, first);
+                    (tiles.edge)(kc, astrip, lda, b0, ldb, o0, lc.rs as usize, first);
                     j0 += kern.vec;
                     continue;
                 }
                 let w = kern.vec.min(left);
                 j0 += kern.vec;
-                let mut tile = [0.0f32; MAX_TILE];
-                (tiles.edge)(kc, astrip, lda, b0, kern.nr, tile.as_mut_ptr(), kern.vec, true);
+                // Not zeroed (that was a memset per partial tile, 3% of LeNet's fc1 forward):
+                // the edge kernel writes all mr rows of vec values.
+                let mut tile = std::mem::MaybeUninit::<[f32; EDGE_TILE]>::uninit();
+                debug_assert!(kern.mr * kern.vec <= EDGE_TILE);
+                (tiles.edge)(kc, astrip, lda, b0, ldb, tile.as_mut_ptr().cast(), kern.vec, true);
+                let tile = tile.assume_init();
                 for r in 0..rows {
                     for j in 0..w {
                         let o = o0.offset(at(r, j));
@@ -626,8 +644,44 @@ impl RhsLayout {
     }
 }
 
+/// A right-hand operand (k×n) its caller laid out: in the packed strips of a [`RhsLayout`], or
+/// row-major with rows `ld` values apart, read where it lies (the kernels read whole vectors, so
+/// each row must hold n rounded up to 16 values).
+#[derive(Clone, Copy)]
+pub enum RhsOperand<'a> {
+    Packed(&'a [f32], RhsLayout),
+    Rows(&'a [f32], usize),
+}
+
+impl RhsOperand<'_> {
+    /// Panics unless the operand holds k×n for `kern`'s kernels.
+    fn check(&self, kern: &Kernel, k: usize, n: usize) {
+        match *self {
+            RhsOperand::Packed(b, lb) => assert!(
+                lb.nr == kern.nr && lb.k == k && lb.strips * lb.nr >= n && b.len() >= lb.len(),
+                "sgemm: rhs layout"
+            ),
+            RhsOperand::Rows(b, ld) => {
+                let row = n.next_multiple_of(16);
+                assert!(ld >= row && (k == 0 || b.len() >= (k - 1) * ld + row), "sgemm: rhs rows");
+            }
+        }
+    }
+
+    /// Reduction block `pc..` for the kernels.
+    ///
+    /// # Safety
+    /// `check` passed and `pc < k`.
+    unsafe fn block(&self, pc: usize) -> Rhs {
+        match *self {
+            RhsOperand::Packed(b, lb) => Rhs::Packed(b.as_ptr().add(lb.offset(pc, 0))),
+            RhsOperand::Rows(b, ld) => Rhs::InPlace { b: b.as_ptr().add(pc * ld), ldb: ld },
+        }
+    }
+}
+
 /// c[m×n] = (accumulate ? c : 0) + a · b with `a` laid out by [`LhsLayout`] (as
-/// [`PackedLhs`] packs it) and `b` by [`RhsLayout`], both for `isa`: the same arithmetic as
+/// [`PackedLhs`] packs it) and `b` as its caller laid it out for `isa`: the same arithmetic as
 /// [`sgemm_with`], so the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_prepacked(
@@ -636,8 +690,7 @@ pub fn sgemm_prepacked(
     n: usize,
     a: &[f32],
     la: LhsLayout,
-    b: &[f32],
-    lb: RhsLayout,
+    b: RhsOperand,
     c: &mut [f32],
     lc: Mat,
     accumulate: bool,
@@ -649,18 +702,15 @@ pub fn sgemm_prepacked(
     let kern = kernel(isa);
     assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
     assert!(la.mr == kern.mr && la.mc == kern.mc && la.rows >= m && a.len() >= la.len(), "sgemm_prepacked: lhs layout");
-    assert!(
-        lb.nr == kern.nr && lb.k == k && lb.strips * lb.nr >= n && b.len() >= lb.len(),
-        "sgemm_prepacked: rhs layout"
-    );
+    b.check(&kern, k, n);
     check_extents(m, n, 0, 0, Mat::rows(0), 0, Mat::rows(0), c.len(), lc);
     // SAFETY: the packed operands hold every strip (checked above).
     let lhs = |ic: usize, pc: usize| unsafe { Lhs::Packed(a.as_ptr().add(la.offset(ic, pc))) };
-    multiply_blocks(&kern, m, n, k, lhs, b, lb, c, lc, accumulate)
+    multiply_blocks(&kern, m, n, k, lhs, b, c, lc, accumulate)
 }
 
 /// The KC × MC blocks of c[m×n] = (accumulate ? c : 0) + A · b, with A's block at (row `ic`,
-/// reduction step `pc`) from `lhs` and `b` packed by `lb`.
+/// reduction step `pc`) from `lhs`.
 #[allow(clippy::too_many_arguments)]
 fn multiply_blocks(
     kern: &Kernel,
@@ -668,8 +718,7 @@ fn multiply_blocks(
     n: usize,
     k: usize,
     mut lhs: impl FnMut(usize, usize) -> Lhs,
-    b: &[f32],
-    lb: RhsLayout,
+    b: RhsOperand,
     c: &mut [f32],
     lc: Mat,
     accumulate: bool,
@@ -678,16 +727,16 @@ fn multiply_blocks(
         // No products: only the fill with zeros, the same on every path.
         return sgemm_with(Isa::Portable, m, n, 0, &[], Mat::rows(0), &[], Mat::rows(n), c, lc, accumulate);
     }
-    // SAFETY: the callers checked that c covers m×n through lc and that `lhs` and `b` hold every
-    // block asked for; each block's output lies inside c.
+    // SAFETY: the callers checked that c covers m×n through lc, that `lhs` holds every block
+    // asked for and that `b` holds k×n; each block's output lies inside c.
     unsafe {
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let pb = b.as_ptr().add(lb.offset(pc, 0));
+            let rhs = b.block(pc);
             for ic in (0..m).step_by(kern.mc) {
                 let mb = kern.mc.min(m - ic);
                 let out = c.as_mut_ptr().offset(ic as isize * lc.rs);
-                multiply_packed(kern, kc, lhs(ic, pc), mb, pb, n, out, lc, pc == 0 && !accumulate);
+                multiply_packed(kern, kc, lhs(ic, pc), mb, rhs, n, out, lc, pc == 0 && !accumulate);
             }
         }
     }
@@ -744,28 +793,29 @@ impl PackedRhs {
     }
 }
 
-/// c[m×n] = (accumulate ? c : 0) + a[m×k] · b with `b` packed once by [`PackedRhs`] for `isa`:
-/// the same arithmetic as [`sgemm_with`], so the same bits. `a` is read in place where
+/// c[m×n] = (accumulate ? c : 0) + a[m×k] · b with `b` laid out by its caller (a weight packed
+/// once by [`PackedRhs`] for many row blocks, or Winograd's transformed tiles) for `isa`: the
+/// same arithmetic as [`sgemm_with`], so the same bits. `a` is read in place where
 /// [`reads_in_place`] allows, packed block by block otherwise.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_packed_rhs(
     isa: Isa,
     m: usize,
+    k: usize,
     a: &[f32],
     la: Mat,
-    b: &PackedRhs,
+    b: RhsOperand,
     n: usize,
     c: &mut [f32],
     lc: Mat,
     accumulate: bool,
 ) {
-    let (k, kern) = (b.layout.k, kernel(isa));
+    let kern = kernel(isa);
     if m == 0 || n == 0 {
         return;
     }
     assert!(isa.supported(), "sgemm: this CPU cannot run the {isa} path");
-    assert!(b.layout.nr == kern.nr && b.layout.strips * b.layout.nr >= n, "sgemm_packed_rhs: rhs layout");
-    // The packed operand was checked when it was packed, and its layout just now.
+    b.check(&kern, k, n);
     check_extents(m, n, k, a.len(), la, usize::MAX, Mat { rs: 0, cs: 0 }, c.len(), lc);
     PACKED.with(|packed| {
         let pa = &mut packed.borrow_mut().0;
@@ -785,6 +835,13 @@ pub fn sgemm_packed_rhs(
                 Lhs::Packed(pa.as_ptr())
             }
         };
-        multiply_blocks(&kern, m, n, k, lhs, &b.data, b.layout, c, lc, accumulate)
+        multiply_blocks(&kern, m, n, k, lhs, b, c, lc, accumulate)
     })
+}
+
+impl PackedRhs {
+    /// As an operand of [`sgemm_packed_rhs`] or [`sgemm_prepacked`].
+    pub fn operand(&self) -> RhsOperand<'_> {
+        RhsOperand::Packed(&self.data, self.layout)
+    }
 }

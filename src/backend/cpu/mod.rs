@@ -67,7 +67,9 @@ fn dense_rows(
         let rows = oc.len() / cols;
         let ac = &a[c * chunk * k..(c * chunk + rows) * k];
         match &packed {
-            Some((i, bp)) => sgemm_packed_rhs(*i, rows, ac, Mat::rows(k), bp, cols, oc, Mat::rows(cols), false),
+            Some((i, bp)) => {
+                sgemm_packed_rhs(*i, rows, k, ac, Mat::rows(k), bp.operand(), cols, oc, Mat::rows(cols), false)
+            }
             None => sgemm(rows, cols, k, ac, Mat::rows(k), b, lb, oc, Mat::rows(cols), false),
         }
         epilogue(oc);
@@ -428,6 +430,29 @@ impl Backend for CpuBackend {
         conv::backward_weight(&rounded(p, x), &rounded(p, dy), host_mut(dw)?, None, g);
         if let Some(db) = db {
             conv::bias_grad(dy, db, g); // of the unrounded dy
+        }
+        Ok(())
+    }
+
+    fn conv2d_bwd_data_and_weight(
+        &self,
+        x: &Storage,
+        dy: &Storage,
+        w: &Storage,
+        dx: &mut Storage,
+        dw: &mut Storage,
+        db: Option<&mut Storage>,
+        g: &ConvGeom,
+    ) -> Result<()> {
+        let db = match db {
+            Some(d) => Some(host_mut(d)?),
+            None => None,
+        };
+        let p = self.precision;
+        let (x, dy_r, w) = (rounded(p, host(x)?), rounded(p, host(dy)?), rounded(p, host(w)?));
+        conv::backward_data_and_weight(&x, &dy_r, &w, host_mut(dx)?, host_mut(dw)?, None, g);
+        if let Some(db) = db {
+            conv::bias_grad(host(dy)?, db, g); // of the unrounded dy
         }
         Ok(())
     }

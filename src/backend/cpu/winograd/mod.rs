@@ -33,7 +33,7 @@ mod lanes;
 mod transform;
 
 use super::buffers::{recycle, reused, with_scratch, LINE};
-use super::gemm::{sgemm_prepacked, LhsLayout, Mat, PackedLhs, RhsLayout, KC};
+use super::gemm::{sgemm_packed_rhs, sgemm_prepacked, Mat, PackedLhs, RhsLayout, RhsOperand, KC};
 use super::isa::{l2_bytes, vectorized, Isa};
 use crate::backend::{Activation, ConvGeom};
 use lanes::{from_lanes, to_lanes, transposer, Transpose};
@@ -184,26 +184,29 @@ fn skew(len: usize) -> usize {
     LINE * if lines.is_multiple_of(16) { lines + 1 } else { lines }
 }
 
-/// (Bᵀ·d·B)[e] for every tile of a block and every channel c, reading the tiles' α×α windows
-/// from lane planes (`wp`-wide rows, `hp` rows a channel), to `v[e·v_at + place(c, t)..+16]`.
+/// (l·d·lᵀ)[e] for every tile of a block and every channel c, reading the tiles' K×K windows
+/// (at m-pixel steps) from lane planes (`pw`-wide rows, `ph` rows a channel), to
+/// `v[e·v_at + place(c, t)..+16]`: Bᵀ·x·B of the input (K = α), A·dy·Aᵀ of a gradient (K = m).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn input_transform<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
+fn transform_tiles<const A: usize, const K: usize>(
+    l: &Folded<A, K>,
+    fused: bool,
     planes: &[Lane],
     chans: usize,
-    (hp, wp): (usize, usize),
-    blk: Block,
+    (ph, pw): (usize, usize),
+    (m, blk): (usize, Block),
     v: &mut [f32],
     v_at: usize,
     place: impl Fn(usize, usize) -> usize,
 ) {
     for c in 0..chans {
         for t in 0..blk.txn {
-            let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
-            let load = |r: usize, s: usize| planes[corner + r * wp + s];
+            let corner = c * ph * pw + blk.ty * m * pw + (blk.tx0 + t) * m;
+            let load = |r: usize, s: usize| planes[corner + r * pw + s];
             // Once per tile and channel: the layout's offset divides.
             let base = place(c, t);
-            sandwich_with(&T::T.bt, &T::T.bt, FORWARD_FUSED, load, |i, j, lane| {
+            sandwich_with(l, l, fused, load, |i, j, lane| {
                 let at = (i * A + j) * v_at + base;
                 v[at..at + LANES].copy_from_slice(lane);
             });
@@ -255,19 +258,18 @@ fn packed_filters<const M: usize, const A: usize, const R: usize, T: Coefs<M, A,
     packed
 }
 
-/// The block's α² GEMMs: `prod[e] (rows × lane_cols) = packed[e] · v[e]`, each operand `v_at`
-/// and each product `m_at` values after the previous point's.
-fn point_products(
+/// The block's α² GEMMs: `prod[e] (rows × lane_cols) = packed[e] · v(e)`, each product `m_at`
+/// values after the previous point's.
+fn point_products<'v>(
     isa: Isa,
     packed: &[PackedLhs],
-    (v, v_at, layout): (&[f32], usize, RhsLayout),
+    v: impl Fn(usize) -> RhsOperand<'v>,
     (prod, m_at, rows): (&mut [f32], usize, usize),
     lane_cols: usize,
 ) {
     for (e, ue) in packed.iter().enumerate() {
-        let ve = &v[e * v_at..e * v_at + layout.len()];
         let out = &mut prod[e * m_at..e * m_at + rows * lane_cols];
-        sgemm_prepacked(isa, rows, lane_cols, &ue.data, ue.layout, ve, layout, out, Mat::rows(lane_cols), false);
+        sgemm_prepacked(isa, rows, lane_cols, &ue.data, ue.layout, v(e), out, Mat::rows(lane_cols), false);
     }
 }
 
@@ -293,19 +295,14 @@ pub fn forward(
 }
 
 /// dx = the adjoint of the convolution applied to dy. Where dy has more channels than dx
-/// (LeNet's conv3: 120 against 16), through the transposed transforms ([`adjoint_t`]), whose
+/// (LeNet's conv3: 120 against 16), through the transposed transforms ([`backward_t`]), whose
 /// costly 2-D transform runs on dx's channels; elsewhere as the forward pass of the filter
 /// flipped in both axes with input and output channels swapped, whose costly transform runs on
 /// dy's.
 pub fn backward_data(tile: Tile, isa: Isa, dy: &[f32], w: &[f32], dx: &mut [f32], g: &ConvGeom) {
     assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
     if g.c_in < g.c_out {
-        return match (tile, g.kh) {
-            (Tile::F2, 3) => adjoint_t::<2, 4, 3, F23>(isa, dy, w, dx, g),
-            (Tile::F4, 3) => adjoint_t::<4, 6, 3, F43>(isa, dy, w, dx, g),
-            (Tile::F2, _) => adjoint_t::<2, 6, 5, F25T>(isa, dy, w, dx, g),
-            (Tile::F4, _) => adjoint_t::<4, 8, 5, F45T>(isa, dy, w, dx, g),
-        };
+        return backward(tile, isa, &[], dy, w, Some(dx), None, g);
     }
     let taps = g.kh * g.kw;
     let mut flipped = vec![0.0f32; w.len()];
@@ -355,9 +352,11 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 vectorized(
                     isa,
                     #[inline(always)]
-                    || input_transform::<M, A, R, T>(xl, ci, (hp, wp), blk, v, v_at, place),
+                    || transform_tiles(&T::T.bt, FORWARD_FUSED, xl, ci, (hp, wp), (M, blk), v, v_at, place),
                 );
-                point_products(isa, &packed, (v, v_at, layout), (prod, m_at, co), lane_cols);
+                let v = &*v;
+                let operand = |e: usize| RhsOperand::Packed(&v[e * v_at..e * v_at + layout.len()], layout);
+                point_products(isa, &packed, operand, (prod, m_at, co), lane_cols);
                 let prod = &*prod;
                 vectorized(
                     isa,
@@ -387,168 +386,68 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     });
 }
 
-/// Backward-data as the transpose of the forward formula: `dV[e] = U[e]ᵀ·(A·dy·Aᵀ)[e]` for each
-/// point e, then `dx += B·dV·Bᵀ` added into the tile's α×α window of the padded input (windows
-/// overlap by r − 1). The α×α transform (the costly one) runs on the c_in channels of dx, the
-/// m×m → α×α one on dy's c_out; the flipped forward pass has them the other way round. The
-/// windows are added in a fixed order (block by block, channel, tile), so the bits are fixed.
-fn adjoint_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
+/// dw = ∂(Σ dy·conv(x, w))/∂w (the bias gradient is not computed here).
+pub fn backward_weight(tile: Tile, isa: Isa, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
+    backward(tile, isa, x, dy, &[], None, Some(dw), g)
+}
+
+/// dx and dw at once: where dy has more channels than dx, from one pass over dy (which goes into
+/// lanes and through A·dy·Aᵀ once for both, see [`backward_t`]); elsewhere as the two passes.
+/// Either way the same bits as [`backward_data`] and [`backward_weight`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_data_and_weight(
+    tile: Tile,
     isa: Isa,
+    x: &[f32],
     dy: &[f32],
     w: &[f32],
     dx: &mut [f32],
+    dw: &mut [f32],
     g: &ConvGeom,
 ) {
-    let (ci, co) = (g.c_in, g.c_out);
-    let packed = packed_filters::<M, A, R, T>(isa, w, co, ci, true);
-    let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
-    let tr = transposer(isa);
-    // dy in tiled lane planes; dx in padded ones (the forward's zero border), into which the
-    // windows are added.
-    let lay = Layout::new::<M, A, R>(g, forward_block_bytes());
-    let ((hp, wp), (oh, ow)) = (lay.padded, lay.tiled);
-    dx.par_chunks_mut(in_img * LANES).enumerate().for_each(|(grp, dxs)| {
-        let count = dxs.len() / in_img;
-        let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
-        lay.with_scratch(isa, A, g, (co, ci), |dxl, dyl, v, prod| {
-            dxl.fill([0.0; LANES]);
-            vectorized(
-                isa,
-                #[inline(always)]
-                || to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl),
-            );
-            for &blk in &lay.blocks {
-                let lane_cols = blk.txn * LANES;
-                let layout = RhsLayout::new(isa, co, lane_cols);
-                let (v_at, m_at) = (skew(layout.len()), skew(ci * lane_cols));
-                let dyl = &*dyl;
-                vectorized(
-                    isa,
-                    #[inline(always)]
-                    || {
-                        for k in 0..co {
-                            for t in 0..blk.txn {
-                                let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
-                                let load = |r: usize, s: usize| dyl[corner + r * ow + s];
-                                let base = layout.offset(k, t * LANES);
-                                sandwich_with(&T::T.a, &T::T.a, FORWARD_FUSED, load, |i, j, lane| {
-                                    let at = (i * A + j) * v_at + base;
-                                    v[at..at + LANES].copy_from_slice(lane);
-                                });
-                            }
-                        }
-                    },
-                );
-                point_products(isa, &packed, (v, v_at, layout), (prod, m_at, ci), lane_cols);
-                let prod = &*prod;
-                vectorized(
-                    isa,
-                    #[inline(always)]
-                    || {
-                        for c in 0..ci {
-                            for t in 0..blk.txn {
-                                let load = |r: usize, s: usize| {
-                                    let at = (r * A + s) * m_at + c * lane_cols + t * LANES;
-                                    prod[at..at + LANES].try_into().unwrap()
-                                };
-                                let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
-                                sandwich_with(&T::T.b, &T::T.b, FORWARD_FUSED, load, |i, j, lane: &Lane| {
-                                    let d = &mut dxl[corner + i * wp + j];
-                                    *d = std::array::from_fn(|l| d[l] + lane[l]);
-                                });
-                            }
-                        }
-                    },
-                );
-            }
-            // The border dropped: pixel (y, x) of dx is (y + pad, x + pad) of the padded planes.
-            let inner = &dxl[g.pad * wp + g.pad..];
-            vectorized(
-                isa,
-                #[inline(always)]
-                || from_lanes(inner, count, ci, (g.h, g.w), (hp, wp), None, Activation::Identity, tr, dxs),
-            );
-        })
-    });
+    assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
+    if g.c_in < g.c_out {
+        return backward(tile, isa, x, dy, w, Some(dx), Some(dw), g);
+    }
+    backward_data(tile, isa, dy, w, dx, g);
+    backward_weight(tile, isa, x, dy, dw, g);
 }
 
-/// dw = ∂(Σ dy·conv(x, w))/∂w (the bias gradient is not computed here).
-pub fn backward_weight(tile: Tile, isa: Isa, x: &[f32], dy: &[f32], dw: &mut [f32], g: &ConvGeom) {
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    tile: Tile,
+    isa: Isa,
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    g: &ConvGeom,
+) {
     assert!(applies(g), "winograd: {g:?} is not 3×3 or 5×5 / stride 1 / same padding");
     match (tile, g.kh) {
-        (Tile::F2, 3) => backward_weight_t::<2, 4, 3, F23>(isa, x, dy, dw, g),
-        (Tile::F4, 3) => backward_weight_t::<4, 6, 3, F43>(isa, x, dy, dw, g),
-        (Tile::F2, _) => backward_weight_t::<2, 6, 5, F25T>(isa, x, dy, dw, g),
-        (Tile::F4, _) => backward_weight_t::<4, 8, 5, F45T>(isa, x, dy, dw, g),
-    }
-}
-
-/// Where one tile's transforms of 16 channels go once transposed (`sq[lane][channel]`): into
-/// the GEMM's packed operand whose rows are pixels and columns channels (`Rhs`), or whose rows
-/// are channels and columns pixels (`Lhs`, with `row_at[c]` the offset of channel c's row).
-enum Packed<'a> {
-    Rhs(RhsLayout),
-    Lhs(LhsLayout, &'a [usize]),
-}
-
-impl Packed<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Packed::Rhs(l) => l.len(),
-            Packed::Lhs(l, _) => l.len(),
-        }
-    }
-
-    /// Channels `c0..c0 + cn` of pixels `p0..p0 + 16`, into `dst` (one point's operand).
-    #[inline(always)]
-    fn store(&self, sq: &[Lane; LANES], p0: usize, c0: usize, cn: usize, dst: &mut [f32]) {
-        match *self {
-            Packed::Rhs(l) => {
-                // Strips are whole multiples of 16 columns: each pixel's channels are contiguous,
-                // and the block's pixels lie in one KC block, one strip row (nr values) apart.
-                let at0 = l.offset(p0, c0);
-                debug_assert_eq!(l.offset(p0 + LANES - 1, c0), at0 + (LANES - 1) * l.nr);
-                for (j, row) in sq.iter().enumerate() {
-                    let at = at0 + j * l.nr;
-                    dst[at..at + LANES].copy_from_slice(row);
-                }
-            }
-            Packed::Lhs(l, row_at) => {
-                // Within one KC block, element (c, p) sits at row_at[c] + p·mr.
-                for (j, row) in sq.iter().enumerate() {
-                    let p = (p0 + j) * l.mr;
-                    if l.mr == 8 && cn == LANES {
-                        // Two whole 8-row strips (AVX-512): two 32-byte moves.
-                        for h in [0, 8] {
-                            let at = row_at[c0 + h] + p;
-                            let d: &mut [f32; 8] = (&mut dst[at..at + 8]).try_into().unwrap();
-                            *d = row[h..h + 8].try_into().unwrap();
-                        }
-                        continue;
-                    }
-                    for (c, v) in row.iter().enumerate().take(cn) {
-                        dst[row_at[c0 + c] + p] = *v;
-                    }
-                }
-            }
-        }
+        (Tile::F2, 3) => backward_t::<2, 4, 3, F23>(isa, x, dy, w, dx, dw, g),
+        (Tile::F4, 3) => backward_t::<4, 6, 3, F43>(isa, x, dy, w, dx, dw, g),
+        (Tile::F2, _) => backward_t::<2, 6, 5, F25T>(isa, x, dy, w, dx, dw, g),
+        (Tile::F4, _) => backward_t::<4, 8, 5, F45T>(isa, x, dy, w, dx, dw, g),
     }
 }
 
 /// `l·d·lᵀ` of tile `t` (its window at `corner` in every lane plane: `planes[c]`, `ph` rows of
 /// `pw`) for every channel, 16 channels at a time: staged, transposed so that each lane (one
-/// pixel of one image) becomes a row of 16 channels, and stored through `op` into `dst` (one
-/// operand per point e). Inlined, so the coefficients stay compile-time constants.
+/// pixel of one image) becomes a row of 16 channels, and stored into `dst` (one operand per point
+/// e) in the GEMM's packed right-hand layout `lb`, whose rows are pixels and columns channels.
+/// Inlined, so the coefficients stay compile-time constants.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn transform_into<const A: usize, const K: usize>(
+fn transform_transposed<const A: usize, const K: usize>(
     l: &Folded<A, K>,
     planes: &[Lane],
     chans: usize,
     (ph, pw): (usize, usize),
     corner: usize,
     t: usize,
-    op: &Packed,
+    lb: RhsLayout,
     dst: &mut [f32],
     stage: &mut [f32],
     tr: Transpose,
@@ -556,6 +455,7 @@ fn transform_into<const A: usize, const K: usize>(
     // The α² squares lie `skew` apart: at 1 KiB each, the lanes one channel writes to all of
     // them fell into four sets of the L1 cache.
     let sq_at = skew(LANES * LANES);
+    let (n, e_at) = (lb.len(), skew(lb.len()));
     for c0 in (0..chans).step_by(LANES) {
         let cn = LANES.min(chans - c0);
         for c in c0..c0 + cn {
@@ -566,106 +466,226 @@ fn transform_into<const A: usize, const K: usize>(
                 stage[at..at + LANES].copy_from_slice(lane);
             });
         }
-        let (n, at) = (op.len(), skew(op.len()));
+        // Strips are whole multiples of 16 columns: each pixel's channels are contiguous, and
+        // the block's pixels lie in one KC block, one strip row (nr values) apart.
+        let at0 = lb.offset(t * LANES, c0);
+        debug_assert_eq!(lb.offset(t * LANES + LANES - 1, c0), at0 + (LANES - 1) * lb.nr);
         for (e, sq) in stage.chunks_exact_mut(sq_at).enumerate() {
             let sq: &mut [Lane; LANES] = bytemuck::cast_slice_mut(&mut sq[..LANES * LANES]).try_into().unwrap();
             // SAFETY: `tr` comes from `transposer`, which checked the CPU.
             unsafe { tr(sq) };
-            op.store(sq, t * LANES, c0, cn, &mut dst[e * at..e * at + n]);
+            let dst = &mut dst[e * e_at..e * e_at + n];
+            for (j, row) in sq.iter().enumerate() {
+                let at = at0 + j * lb.nr;
+                dst[at..at + LANES].copy_from_slice(row);
+            }
         }
     }
 }
 
-fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
+/// Backward-data through the transposed transforms, the weight gradient, or both from one pass
+/// over dy; both start from `Z = A·dy·Aᵀ` of every tile, written row-major per point
+/// (`[channel][pixel]`, the block's 16·txn pixels to a row).
+///
+/// Backward-data (only where c_in < c_out, see [`backward_data`]): `dV[e] = U[e]ᵀ·Z[e]` per
+/// point e, with Z read in place as the GEMM's right operand, then `dx += B·dV·Bᵀ` added into
+/// the tile's α×α window of the padded input (windows overlap by r − 1). The α×α transform (the
+/// costly one) runs on dx's c_in channels, the m×m → α×α one on dy's c_out; the flipped forward
+/// pass has them the other way round. The windows are added in a fixed order (block by block,
+/// channel, tile, in row order whatever the blocks), so dx's bits are fixed.
+///
+/// Weight gradient: `dU[e] = Σ_pixels Z[e] ⊗ (Bᵀ·x·B)[e]`, α² GEMMs reducing over a block's
+/// pixels, then `dw = Gᵀ·dU·G`. The side with more channels (dy's 120 against x's 16 in LeNet's
+/// conv3) is the GEMM's left operand, read in place row-major as its transform wrote it; only
+/// the other is transposed, 16 channels of one tile at a time, into the packed right operand
+/// (pixels × channels). Each group of 16 images sums its blocks (fixed, whatever the machine)
+/// into its own partial, and the partials are added in group order, so the bits depend neither
+/// on the thread count nor on whether dx was computed alongside.
+///
+/// A·dy·Aᵀ, shared, is the weight gradient's plain multiply and add (not `FORWARD_FUSED`).
+fn backward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     isa: Isa,
     x: &[f32],
     dy: &[f32],
-    dw: &mut [f32],
+    w: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
     g: &ConvGeom,
 ) {
     let (ci, co) = (g.c_in, g.c_out);
+    assert!(dx.is_none() || ci < co, "winograd: the transposed backward-data is for fewer channels in than out");
     let (in_img, out_img) = (ci * g.h * g.w, co * g.oh * g.ow);
     let tr = transposer(isa);
     let lay = Layout::new::<M, A, R>(g, WGRAD_BLOCK_BYTES);
-    let (blocks, widest) = (&lay.blocks, lay.widest * LANES);
+    let (blocks, ld_max) = (&lay.blocks, lay.widest * LANES);
     let ((hp, wp), (oh, ow)) = (lay.padded, lay.tiled);
-    let (x_len, dy_len) = (ci * hp * wp * LANES, co * oh * ow * LANES);
-    // For each point e the GEMM sums Z[e] = A·dy·Aᵀ (c_out × pixels) times V[e]ᵀ = (Bᵀ·x·B)ᵀ
-    // (pixels × c_in) over the block's pixels (16 lanes a tile). Its columns are whichever
-    // channel count is larger, to fill its wide tiles (LeNet's conv3 has 16 in and 120 out):
-    // then it computes dUᵀ = V·Zᵀ instead. Both operands are written straight in the GEMM's
-    // packed layouts, 16 channels of one tile at a time through a transpose.
-    let swap = ci < co;
-    let (rows, cols) = if swap { (ci, co) } else { (co, ci) };
-    let (lhs_len, rhs_len) =
-        (A * A * skew(LhsLayout::new(isa, rows, widest).len()), A * A * skew(RhsLayout::new(isa, widest, cols).len()));
-    let stage_len = A * A * skew(LANES * LANES);
+    let packed = dx.is_some().then(|| packed_filters::<M, A, R, T>(isa, w, co, ci, true));
+    let want_dw = dw.is_some();
+    // The weight gradient's rows: dy's channels (then Z is its left operand as it stands) or x's.
+    let dy_rows = ci < co;
+    let (rows, cols) = if dy_rows { (co, ci) } else { (ci, co) };
+    let (want_dx, padded, tiled) = (packed.is_some(), ci * hp * wp * LANES, co * oh * ow * LANES);
+    let lens = [
+        tiled,                                                                           // dy in lanes
+        if want_dw { padded } else { 0 },                                                // x in lanes
+        if want_dx { padded } else { 0 },                                                // dx in lanes
+        A * A * skew(rows * ld_max),                                                     // row-major transforms
+        if want_dw { A * A * skew(RhsLayout::new(isa, ld_max, cols).len()) } else { 0 }, // transposed
+        if want_dw { A * A * skew(LANES * LANES) } else { 0 },                           // transpose staging
+        if want_dx { A * A * skew(ci * ld_max) } else { 0 },                             // dV
+    ];
+    let groups = g.n.div_ceil(LANES);
+    let dx_parts: Vec<Option<&mut [f32]>> = match dx {
+        Some(d) => d.chunks_mut(in_img * LANES).map(Some).collect(),
+        None => (0..groups).map(|_| None).collect(),
+    };
     // Σ over this group's tiles, [e][rows][cols], one partial per group of images.
-    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(LANES))
+    let partials: Vec<Option<Vec<f32>>> = dx_parts
         .into_par_iter()
-        .map(|grp| {
+        .enumerate()
+        .map(|(grp, dxs)| {
             let count = LANES.min(g.n - grp * LANES);
-            let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
             let dys = &dy[grp * LANES * out_img..(grp * LANES + count) * out_img];
-            // Recycled, like the backend's tensors: a fresh megabyte per group faulted its pages in
-            // on every call. The first block's products overwrite it, so it is not zeroed.
-            let mut acc = reused(A * A * co * ci);
-            with_scratch(&SCRATCH, x_len + dy_len + lhs_len + rhs_len + stage_len, |buf| {
-                let (xl, rest) = buf.split_at_mut(x_len);
-                let (dyl, rest) = rest.split_at_mut(dy_len);
-                let (lhs, rest) = rest.split_at_mut(lhs_len);
-                let (rhs, stage) = rest.split_at_mut(rhs_len);
-                let xl: &mut [Lane] = bytemuck::cast_slice_mut(xl);
-                let dyl: &mut [Lane] = bytemuck::cast_slice_mut(dyl);
+            // Recycled, like the backend's tensors: a fresh megabyte per group faulted its pages
+            // in on every call. The first block's products overwrite it, so it is not zeroed.
+            let mut acc = want_dw.then(|| reused(A * A * co * ci));
+            with_scratch(&SCRATCH, lens.iter().sum(), |buf| {
+                let mut parts = Vec::with_capacity(lens.len());
+                let mut rest = buf;
+                for len in lens {
+                    let (head, tail) = rest.split_at_mut(len);
+                    parts.push(head);
+                    rest = tail;
+                }
+                let [dyl, xl, dxl, z, rhs, stage, dv] = <[&mut [f32]; 7]>::try_from(parts).ok().unwrap();
+                let (dyl, xl, dxl): (&mut [Lane], &mut [Lane], &mut [Lane]) =
+                    (bytemuck::cast_slice_mut(dyl), bytemuck::cast_slice_mut(xl), bytemuck::cast_slice_mut(dxl));
+                dxl.fill([0.0; LANES]);
                 vectorized(
                     isa,
                     #[inline(always)]
                     || {
-                        to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl);
                         to_lanes(dys, count, co, (g.oh, g.ow), (oh, ow), (0, 0), tr, dyl);
+                        if want_dw {
+                            let xs = &x[grp * LANES * in_img..(grp * LANES + count) * in_img];
+                            to_lanes(xs, count, ci, (g.h, g.w), (hp, wp), (g.pad, g.pad), tr, xl);
+                        }
                     },
                 );
+                let (dyl, xl) = (&*dyl, &*xl);
                 for (b, &blk) in blocks.iter().enumerate() {
-                    let lane_cols = blk.txn * LANES;
-                    let (la, lb) = (LhsLayout::new(isa, rows, lane_cols), RhsLayout::new(isa, lane_cols, cols));
-                    let row_at: Vec<usize> = (0..rows).map(|r| la.offset(r, 0)).collect();
-                    let (lhs_op, rhs_op) = (Packed::Lhs(la, &row_at), Packed::Rhs(lb));
-                    let (x_op, x_dst, dy_op, dy_dst) = if swap {
-                        (&lhs_op, &mut *lhs, &rhs_op, &mut *rhs)
-                    } else {
-                        (&rhs_op, &mut *rhs, &lhs_op, &mut *lhs)
-                    };
+                    let ld = blk.txn * LANES;
+                    let z_at = skew(rows * ld);
+                    let place = |c: usize, t: usize| c * ld + t * LANES;
                     vectorized(
                         isa,
                         #[inline(always)]
-                        || {
-                            for t in 0..blk.txn {
-                                let at = |w: usize| blk.ty * M * w + (blk.tx0 + t) * M;
-                                let stage = &mut *stage;
-                                transform_into::<A, A>(&T::T.bt, xl, ci, (hp, wp), at(wp), t, x_op, x_dst, stage, tr);
-                                transform_into::<A, M>(&T::T.a, dyl, co, (oh, ow), at(ow), t, dy_op, dy_dst, stage, tr);
-                            }
+                        || match dy_rows {
+                            true => transform_tiles(&T::T.a, false, dyl, co, (oh, ow), (M, blk), z, z_at, place),
+                            false => transform_tiles(&T::T.bt, false, xl, ci, (hp, wp), (M, blk), z, z_at, place),
                         },
                     );
-                    for e in 0..A * A {
-                        sgemm_prepacked(
+                    let z = &*z;
+                    let z_of = |e: usize| &z[e * z_at..e * z_at + rows * ld];
+                    if let Some(packed) = &packed {
+                        let m_at = skew(ci * ld);
+                        point_products(isa, packed, |e| RhsOperand::Rows(z_of(e), ld), (dv, m_at, ci), ld);
+                        let dv = &*dv;
+                        vectorized(
                             isa,
-                            rows,
-                            cols,
-                            &lhs[e * skew(la.len())..][..la.len()],
-                            la,
-                            &rhs[e * skew(lb.len())..][..lb.len()],
-                            lb,
-                            &mut acc[e * co * ci..(e + 1) * co * ci],
-                            Mat::rows(cols),
-                            b > 0,
+                            #[inline(always)]
+                            || {
+                                for c in 0..ci {
+                                    for t in 0..blk.txn {
+                                        let load = |r: usize, s: usize| {
+                                            let at = (r * A + s) * m_at + c * ld + t * LANES;
+                                            dv[at..at + LANES].try_into().unwrap()
+                                        };
+                                        let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
+                                        sandwich_with(&T::T.b, &T::T.b, FORWARD_FUSED, load, |i, j, lane: &Lane| {
+                                            let d = &mut dxl[corner + i * wp + j];
+                                            *d = std::array::from_fn(|l| d[l] + lane[l]);
+                                        });
+                                    }
+                                }
+                            },
                         );
                     }
+                    if let Some(acc) = acc.as_mut() {
+                        let lb = RhsLayout::new(isa, ld, cols);
+                        vectorized(
+                            isa,
+                            #[inline(always)]
+                            || {
+                                for t in 0..blk.txn {
+                                    let at = |w: usize| blk.ty * M * w + (blk.tx0 + t) * M;
+                                    let stage = &mut *stage;
+                                    match dy_rows {
+                                        true => transform_transposed::<A, A>(
+                                            &T::T.bt,
+                                            xl,
+                                            ci,
+                                            (hp, wp),
+                                            at(wp),
+                                            t,
+                                            lb,
+                                            rhs,
+                                            stage,
+                                            tr,
+                                        ),
+                                        false => transform_transposed::<A, M>(
+                                            &T::T.a,
+                                            dyl,
+                                            co,
+                                            (oh, ow),
+                                            at(ow),
+                                            t,
+                                            lb,
+                                            rhs,
+                                            stage,
+                                            tr,
+                                        ),
+                                    }
+                                }
+                            },
+                        );
+                        let r_at = skew(lb.len());
+                        for e in 0..A * A {
+                            let rhs_e = RhsOperand::Packed(&rhs[e * r_at..e * r_at + lb.len()], lb);
+                            let out = &mut acc[e * co * ci..(e + 1) * co * ci];
+                            sgemm_packed_rhs(
+                                isa,
+                                rows,
+                                ld,
+                                z_of(e),
+                                Mat::rows(ld),
+                                rhs_e,
+                                cols,
+                                out,
+                                Mat::rows(cols),
+                                b > 0,
+                            );
+                        }
+                    }
+                }
+                if let Some(dxs) = dxs {
+                    // The border dropped: pixel (y, x) of dx is (y + pad, x + pad) of the padded
+                    // planes.
+                    let inner = &dxl[g.pad * wp + g.pad..];
+                    vectorized(
+                        isa,
+                        #[inline(always)]
+                        || from_lanes(inner, count, ci, (g.h, g.w), (hp, wp), None, Activation::Identity, tr, dxs),
+                    );
                 }
             });
             acc
         })
         .collect();
+    let Some(dw) = dw else {
+        return;
+    };
+    let partials: Vec<Vec<f32>> = partials.into_iter().flatten().collect();
     // The partial sums added in group order (so the bits do not depend on the thread count),
     // split over both cores by position.
     // The first partial is the start (a zeroed start was a serial memset).
@@ -683,7 +703,7 @@ fn backward_weight_t<const M: usize, const A: usize, const R: usize, T: Coefs<M,
     partials.into_iter().for_each(recycle);
     dw.par_chunks_exact_mut(R * R).enumerate().for_each(|(kc, out)| {
         let (k, c) = (kc / ci, kc % ci);
-        let at = if swap { c * co + k } else { k * ci + c };
+        let at = if dy_rows { k * ci + c } else { c * co + k };
         let m: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| sum[(r * A + s) * co * ci + at]));
         for (o, v) in out.iter_mut().zip(sandwich(&T::T.gt, &m, &T::T.gt).iter().flatten()) {
             *o = *v;
