@@ -215,8 +215,9 @@ fn batch_norm_models_learn_a_small_batch() {
     }
 }
 
-/// Without an observer, a conv, linear or batch-norm layer and the ReLU after it run as one fused kernel;
-/// with one, separately (the measure must see the pre-activation). Both give the same bits,
+/// Without an observer, a conv, linear or batch-norm layer and the ReLU after it run as one fused kernel
+/// (and a conv, its ReLU and a max pool as one node of the tape, whose backward pass the CPU
+/// fuses); with one, separately (the measure must see the pre-activation). Both give the same bits,
 /// forward and backward, on the CPU and through the emulated CUDA kernels, and the fused path
 /// keeps less memory alive for the backward pass (no pre-activation), which shows it ran.
 #[test]

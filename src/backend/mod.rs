@@ -449,6 +449,18 @@ pub trait Backend: Send + Sync {
     fn relu_bwd_bias(&self, _y: &Storage, _dy: &Storage, _g: &ConvGeom) -> Result<Option<(Storage, Storage)>> {
         Ok(None)
     }
+    /// [`Backend::pool2d_bwd`] into a convolution's fused ReLU (`y`, its output, is the pool's
+    /// input), then [`Backend::relu_bwd_bias`], in one pass: `(dz, db)`, the same bits. None,
+    /// having allocated nothing, where the backend does not fuse them.
+    fn pool_relu_bwd_bias(
+        &self,
+        _kind: PoolKind,
+        _y: &Storage,
+        _dp: &Storage,
+        _g: &PoolGeom,
+    ) -> Result<Option<(Storage, Storage)>> {
+        Ok(None)
+    }
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()>;
     fn elu_bwd(&self, x: &Storage, y: &Storage, dy: &Storage, alpha: f32, dx: &mut Storage) -> Result<()>;
     /// Inverted dropout: mask[i] = 0 with probability p else 1/(1-p), drawn from a counter-based

@@ -6,7 +6,7 @@
 
 pub mod init;
 
-use crate::backend::{Activation, BackendRef};
+use crate::backend::{Activation, BackendRef, PoolKind};
 use crate::ops::{self, BatchNormState};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -339,6 +339,24 @@ impl Sequential {
             let (name, layer) = &self.layers[i];
             // A conv, linear or batch-norm layer and the ReLU after it run as one kernel, unless
             // an observer must see the pre-activation. The result is the same bits either way.
+            // A conv, its ReLU and a max pool after them are one node of the tape, whose
+            // backward pass can then be one pass over the conv's output (same bits again).
+            if let (None, Layer::Conv2d(c), Some((_, Layer::Relu)), Some((_, Layer::MaxPool { k, stride, pad }))) =
+                (&f.observer, layer, self.layers.get(i + 1), self.layers.get(i + 2))
+            {
+                let conv = (c.stride, c.pad);
+                h = ops::conv2d_act_pool(
+                    &h,
+                    &c.weight,
+                    c.bias.as_ref(),
+                    conv,
+                    Activation::Relu,
+                    PoolKind::Max,
+                    (*k, *stride, *pad),
+                )?;
+                i += 3;
+                continue;
+            }
             if f.observer.is_none() && matches!(self.layers.get(i + 1), Some((_, Layer::Relu))) {
                 if let Some(y) = layer.forward_fused(&h, Activation::Relu, f.train) {
                     h = y?;

@@ -11,7 +11,7 @@ mod pool;
 mod rotate;
 mod shape;
 
-pub use dense::{conv2d, conv2d_act, linear, linear_act};
+pub use dense::{conv2d, conv2d_act, conv2d_act_pool, linear, linear_act};
 pub use elementwise::{add, add_act, dropout, dropout_fed, elu, relu, scale};
 pub use loss::{cross_entropy, log_softmax, mean, nll_loss, sum};
 pub use norm::{batch_norm, batch_norm_act, BatchNormState};

@@ -496,7 +496,7 @@ pub fn backward_data_on(e: Engine, dy: &[f32], w: &[f32], dx: &mut [f32], g: &Co
 
 /// The sum of one output plane, in eight f32 lanes (which vectorize) gathered in f64: a plane
 /// holds at most a few thousand values, so the f32 lanes lose nothing that matters.
-fn row_sum(row: &[f32]) -> f64 {
+pub(super) fn row_sum(row: &[f32]) -> f64 {
     let mut lanes = [0.0f32; 8];
     let chunks = row.chunks_exact(8);
     let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();

@@ -286,6 +286,18 @@ impl Backend for CpuBackend {
         Ok(Some((dx, db)))
     }
 
+    fn pool_relu_bwd_bias(
+        &self,
+        kind: PoolKind,
+        y: &Storage,
+        dp: &Storage,
+        g: &PoolGeom,
+    ) -> Result<Option<(Storage, Storage)>> {
+        let (mut dz, mut db) = (self.alloc(g.in_len())?, self.alloc(g.c)?);
+        pool::backward_relu_bias(kind, host(y)?, host(dp)?, host_mut(&mut dz)?, host_mut(&mut db)?, g);
+        Ok(Some((dz, db)))
+    }
+
     fn elu_fwd(&self, x: &Storage, alpha: f32, y: &mut Storage) -> Result<()> {
         map(host(x)?, host_mut(y)?, |v| if v > 0.0 { v } else { alpha * v.exp_m1() });
         Ok(())

@@ -83,10 +83,49 @@ pub fn backward(kind: PoolKind, x: &[f32], dy: &[f32], dx: &mut [f32], g: &PoolG
     backward_on(isa(), kind, x, dy, dx, g)
 }
 
+/// [`backward`] into the output `x` of a ReLU, that ReLU's backward (`relu_grad`) and the sum of
+/// the result per channel (`db`, as `conv::relu_and_bias_grad` sums it: per plane in f64, then
+/// over images): the same bits, each plane finished while it is in cache.
+pub fn backward_relu_bias(kind: PoolKind, x: &[f32], dy: &[f32], dz: &mut [f32], db: &mut [f32], g: &PoolGeom) {
+    let ip = g.h * g.w;
+    assert!(x.len() == g.n * g.c * ip && dz.len() == x.len() && db.len() == g.c);
+    let mut sums = vec![0.0f64; g.n * g.c];
+    let relu = |xp: &[f32], dzp: &mut [f32]| -> f64 {
+        dzp.iter_mut().zip(xp).for_each(|(d, &y)| *d = super::relu_grad(y, *d));
+        super::conv::row_sum(dzp)
+    };
+    if is_max_2x2(kind, g) {
+        max_2x2_backward(isa(), x, dy, dz, g, &mut sums, relu);
+    } else {
+        backward_generic(kind, x, dy, dz, g);
+        dz.par_chunks_mut(ip).zip(sums.par_iter_mut()).enumerate().for_each(|(plane, (dzp, s))| {
+            *s = relu(&x[plane * ip..(plane + 1) * ip], dzp);
+        });
+    }
+    for (c, d) in db.iter_mut().enumerate() {
+        *d = (0..g.n).fold(0.0f64, |s, n| s + sums[n * g.c + c]) as f32;
+    }
+}
+
 fn backward_on(isa: Isa, kind: PoolKind, x: &[f32], dy: &[f32], dx: &mut [f32], g: &PoolGeom) {
     if !is_max_2x2(kind, g) {
         return backward_generic(kind, x, dy, dx, g);
     }
+    let mut unused = vec![0.0; g.n * g.c];
+    max_2x2_backward(isa, x, dy, dx, g, &mut unused, |_, _| 0.0);
+}
+
+/// The 2×2 max pool's backward, plane by plane, each plane handed to `then` with its input as
+/// soon as it is written; what `then` returns goes to the plane's place in `out`.
+fn max_2x2_backward(
+    isa: Isa,
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    g: &PoolGeom,
+    out: &mut [f64],
+    then: impl Fn(&[f32], &mut [f32]) -> f64 + Sync,
+) {
     let (ip, op, cols) = (g.h * g.w, g.oh * g.ow, 2 * g.ow);
     let rows: RowPair = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -95,8 +134,9 @@ fn backward_on(isa: Isa, kind: PoolKind, x: &[f32], dy: &[f32], dx: &mut [f32], 
         Isa::Avx2 if isa.supported() => |t, b, d, ot, ob| unsafe { rows_avx2(t, b, d, ot, ob) },
         _ => rows_plain,
     };
-    dx.par_chunks_mut(ip * PLANES_PER_TASK).enumerate().for_each(|(t, dxs)| {
-        for (i, dxp) in dxs.chunks_mut(ip).enumerate() {
+    let tasks = dx.par_chunks_mut(ip * PLANES_PER_TASK).zip(out.par_chunks_mut(PLANES_PER_TASK));
+    tasks.enumerate().for_each(|(t, (dxs, outs))| {
+        for (i, (dxp, o)) in dxs.chunks_mut(ip).zip(outs).enumerate() {
             let plane = t * PLANES_PER_TASK + i;
             let (xp, dyp) = (&x[plane * ip..(plane + 1) * ip], &dy[plane * op..(plane + 1) * op]);
             for (oy, d) in dyp.chunks_exact(g.ow).enumerate() {
@@ -109,6 +149,7 @@ fn backward_on(isa: Isa, kind: PoolKind, x: &[f32], dy: &[f32], dx: &mut [f32], 
             }
             // A last row no window reaches (odd heights).
             dxp[2 * g.oh * g.w..].fill(0.0);
+            *o = then(xp, dxp);
         }
     });
 }
@@ -330,6 +371,39 @@ mod tests {
                 backward_on(isa, PoolKind::Max, &x, &dy, &mut dx_fast, &g);
                 assert_eq!(bits(&dx_fast), bits(&dx_ref), "{isa} backward {n}x{c}x{h}x{w}");
             }
+        }
+    }
+
+    /// The pool's backward fused with a ReLU's and the bias gradient against the three passes:
+    /// the 2×2 fast path and the generic loops (3×3 windows, stride 2, padding 1; average
+    /// pooling), inputs a ReLU could give (zeros and positives, ties among them), bit for bit,
+    /// outputs poisoned first.
+    #[test]
+    fn fused_pool_relu_and_bias_grad_match_the_three_passes() {
+        let mut rng = Rng::new(9);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for &(n, c, h, w, k, stride, pad, kind) in &[
+            (3, 6, 28, 28, 2, 2, 0, PoolKind::Max),
+            (2, 5, 7, 9, 2, 2, 0, PoolKind::Max),
+            (17, 16, 14, 14, 2, 2, 0, PoolKind::Max),
+            (2, 4, 9, 8, 3, 2, 1, PoolKind::Max),
+            (3, 3, 8, 8, 2, 2, 0, PoolKind::Avg),
+        ] {
+            let g = PoolGeom::new(n, c, h, w, k, stride, pad).unwrap();
+            let cg = crate::backend::ConvGeom::new(n, 1, h, w, c, (1, 1), 1, 0).unwrap();
+            let y: Vec<f32> = (0..n * c * h * w).map(|_| (rng.below(4) as f32 - 1.0).max(0.0) * 0.5).collect();
+            let mut dp: Vec<f32> = (0..n * c * g.oh * g.ow).map(|_| rng.normal()).collect();
+            dp[1] = -0.0;
+            let mut dy = vec![f32::NAN; y.len()];
+            backward(kind, &y, &dp, &mut dy, &g);
+            let (mut dz_want, mut db_want) = (vec![f32::NAN; y.len()], vec![f32::NAN; c]);
+            super::super::conv::relu_and_bias_grad(&y, &dy, &mut dz_want, &mut db_want, &cg);
+            let (mut dz, mut db) = (vec![f32::NAN; y.len()], vec![f32::NAN; c]);
+            backward_relu_bias(kind, &y, &dp, &mut dz, &mut db, &g);
+            assert_eq!(bits(&dz), bits(&dz_want), "dz {n}x{c}x{h}x{w} k{k} {kind:?}");
+            assert_eq!(bits(&db), bits(&db_want), "db {n}x{c}x{h}x{w} k{k} {kind:?}");
+            assert!(db.iter().all(|v| v.abs() > 0.0), "{db:?}");
+            assert!(dz.iter().any(|v| *v == 0.0) && dz.iter().any(|v| *v != 0.0));
         }
     }
 }
