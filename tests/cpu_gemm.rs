@@ -215,16 +215,18 @@ fn prepacked_operands_give_the_same_bits() {
                     b_laid[lb.offset(p, j)] = b[p * n + j];
                 }
             }
-            // B row-major, read in place, its rows padded past n (to a whole vector, and beyond).
-            let ld = n.next_multiple_of(16) + 3;
+            // B row-major, read in place, its rows padded past n with NaN; the slice ends at the
+            // last row's last value (no whole vector may be read past it).
+            let ld = n + 3;
             let mut b_rows = vec![f32::NAN; k * ld];
             for p in 0..k {
                 b_rows[p * ld..p * ld + n].copy_from_slice(&b[p * n..(p + 1) * n]);
             }
+            let b_rows = &b_rows[..(k - 1) * ld + n];
             // Padding the layouts leave unwritten must not reach the output: it stays NaN here.
             for (what, a_op) in [("PackedLhs", &packed.data), ("LhsLayout", &a_laid)] {
                 for (b_what, b_op) in
-                    [("packed", RhsOperand::Packed(&b_laid, lb)), ("rows", RhsOperand::Rows(&b_rows, ld))]
+                    [("packed", RhsOperand::Packed(&b_laid, lb)), ("rows", RhsOperand::Rows(b_rows, ld))]
                 {
                     let mut got = if accumulate { c0.clone() } else { vec![f32::NAN; m * n] };
                     sgemm_prepacked(isa, m, n, a_op, la, b_op, &mut got, Mat::rows(n), accumulate);
@@ -266,7 +268,7 @@ fn a_packed_right_hand_operand_gives_the_same_bits() {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{isa} {m}×{n}×{k} a_t={a_t} b_t={b_t}");
             // The same with B row-major and read in place (rows padded with NaN past n).
-            let ld = n.next_multiple_of(16) + 1;
+            let ld = n + 1;
             let mut b_rows = vec![f32::NAN; k * ld];
             for p in 0..k {
                 for j in 0..n {

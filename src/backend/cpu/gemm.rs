@@ -475,13 +475,32 @@ fn reads_in_place(la: Mat) -> bool {
     la.cs == 1 && la.rs > 0 && !(la.rs as usize * 4).is_multiple_of(4096)
 }
 
+/// Asks for the next strip of a B read in place (`kc` rows of `cols` values, `ld` apart) into L2
+/// while this one is multiplied: its rows lie in as many pages (23 KB apart in a dense layer's
+/// input), each too short for the hardware prefetcher to follow.
+///
+/// # Safety
+/// None needed for the addresses (a prefetch never faults); `b` must be derived from the operand.
+#[inline(always)]
+unsafe fn prefetch_strip(b: *const f32, ld: usize, kc: usize, cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for p in 0..if cols > 0 { kc } else { 0 } {
+        for j in (0..cols).step_by(16) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            _mm_prefetch::<_MM_HINT_T1>(b.wrapping_add(p * ld + j).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (b, ld, kc, cols);
+}
+
 /// c[mb×nb] (= or +=) A · packed B strips, over one KC block of the reduction: whole tiles
 /// straight into c, partial ones one vector of columns at a time through a buffer.
 ///
 /// # Safety
 /// `lhs` addresses `mb` rows of `kc` values (packed: `mb.div_ceil(mr)` strips of `kc × mr`),
-/// `rhs` `nb.div_ceil(nr)` strips of `kc × nr` (in place: `kc` rows of `nb` values rounded up to
-/// a whole vector), and `c` an mb×nb block through `lc`.
+/// `rhs` `nb.div_ceil(nr)` strips of `kc × nr` (in place: `kc` rows of `nb` values), and `c`
+/// an mb×nb block through `lc`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn multiply_packed(
     kern: &Kernel,
@@ -499,7 +518,10 @@ unsafe fn multiply_packed(
     for jr in (0..nb).step_by(kern.nr) {
         let (bstrip, ldb) = match rhs {
             Rhs::Packed(pb) => (pb.add(jr * kc), kern.nr),
-            Rhs::InPlace { b, ldb } => (b.add(jr), ldb),
+            Rhs::InPlace { b, ldb } => {
+                prefetch_strip(b.wrapping_add(jr + kern.nr), ldb, kc, kern.nr.min(nb.saturating_sub(jr + kern.nr)));
+                (b.add(jr), ldb)
+            }
         };
         for ir in (0..mb).step_by(kern.mr) {
             let (rows, cols) = (kern.mr.min(mb - ir), kern.nr.min(nb - jr));
@@ -534,6 +556,21 @@ unsafe fn multiply_packed(
                 }
                 let w = kern.vec.min(left);
                 j0 += kern.vec;
+                // The kernel reads whole vectors: a partial one read in place would run past the
+                // operand's last row, so it is copied out with zeros after its w columns.
+                let mut b_part = std::mem::MaybeUninit::<[f32; KC * 16]>::uninit();
+                let (b0, ldb) = match rhs {
+                    Rhs::InPlace { .. } if w < kern.vec => {
+                        let part = b_part.as_mut_ptr().cast::<f32>();
+                        for p in 0..kc {
+                            for j in 0..kern.vec {
+                                *part.add(p * kern.vec + j) = if j < w { *b0.add(p * ldb + j) } else { 0.0 };
+                            }
+                        }
+                        (part.cast_const(), kern.vec)
+                    }
+                    _ => (b0, ldb),
+                };
                 // Not zeroed (that was a memset per partial tile, 3% of LeNet's fc1 forward):
                 // the edge kernel writes all mr rows of vec values.
                 let mut tile = std::mem::MaybeUninit::<[f32; EDGE_TILE]>::uninit();
@@ -645,8 +682,8 @@ impl RhsLayout {
 }
 
 /// A right-hand operand (k×n) its caller laid out: in the packed strips of a [`RhsLayout`], or
-/// row-major with rows `ld` values apart, read where it lies (the kernels read whole vectors, so
-/// each row must hold n rounded up to 16 values).
+/// row-major with rows `ld` values apart, read where it lies (a dense layer's weight, Winograd's
+/// transformed tiles).
 #[derive(Clone, Copy)]
 pub enum RhsOperand<'a> {
     Packed(&'a [f32], RhsLayout),
@@ -662,8 +699,7 @@ impl RhsOperand<'_> {
                 "sgemm: rhs layout"
             ),
             RhsOperand::Rows(b, ld) => {
-                let row = n.next_multiple_of(16);
-                assert!(ld >= row && (k == 0 || b.len() >= (k - 1) * ld + row), "sgemm: rhs rows");
+                assert!(ld >= n && (k == 0 || b.len() >= (k - 1) * ld + n), "sgemm: rhs rows");
             }
         }
     }

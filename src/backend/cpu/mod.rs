@@ -25,7 +25,7 @@ use super::{
 };
 use crate::rng::{splitmix64, unit_f32};
 use anyhow::{bail, Result};
-use gemm::{sgemm, sgemm_packed_rhs, Mat, PackedRhs};
+use gemm::{sgemm, sgemm_packed_rhs, sgemm_prepacked, Mat, PackedLhs, PackedRhs, RhsOperand};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
@@ -49,7 +49,8 @@ fn dense_chunk(n: usize, own: bool) -> usize {
 
 /// out[n×cols] = a[n×k] · b (k×cols, laid out as `lb`), parallel over chunks of rows; `epilogue`
 /// gets each chunk of `out` right after its product. On rotvar's paths `b` (a dense layer's
-/// weight) is packed once for every chunk, not once per chunk.
+/// weight) is read in place where it is row-major, else packed once for every chunk, not once
+/// per chunk.
 #[allow(clippy::too_many_arguments)]
 fn dense_rows(
     n: usize,
@@ -61,14 +62,17 @@ fn dense_rows(
     out: &mut [f32],
     epilogue: impl Fn(&mut [f32]) + Sync,
 ) {
-    let packed = isa::active().map(|i| (i, PackedRhs::new(i, k, cols, b, lb)));
+    // A row-major b (the weight in backward-data) is read where it lies; a transposed one (the
+    // forward's) is packed once.
+    let packed = isa::active().map(|i| (i, (lb.cs != 1).then(|| PackedRhs::new(i, k, cols, b, lb))));
     let chunk = dense_chunk(n, packed.is_some());
     out[..n * cols].par_chunks_mut(chunk * cols).enumerate().for_each(|(c, oc)| {
         let rows = oc.len() / cols;
         let ac = &a[c * chunk * k..(c * chunk + rows) * k];
         match &packed {
             Some((i, bp)) => {
-                sgemm_packed_rhs(*i, rows, k, ac, Mat::rows(k), bp.operand(), cols, oc, Mat::rows(cols), false)
+                let op = bp.as_ref().map_or(RhsOperand::Rows(b, lb.rs as usize), |p| p.operand());
+                sgemm_packed_rhs(*i, rows, k, ac, Mat::rows(k), op, cols, oc, Mat::rows(cols), false)
             }
             None => sgemm(rows, cols, k, ac, Mat::rows(k), b, lb, oc, Mat::rows(cols), false),
         }
@@ -77,7 +81,7 @@ fn dense_rows(
 }
 
 /// Input columns per task in the dense layers' weight gradient.
-const COL_CHUNK: usize = 512;
+const COL_CHUNK: usize = 192;
 
 pub struct CpuBackend {
     precision: Precision,
@@ -378,13 +382,30 @@ impl Backend for CpuBackend {
         // Split over blocks of input columns (never over the batch), so each weight's sum has one
         // fixed order. Columns, not output rows: a layer has few outputs (84 in LeNet's fc1,
         // three row blocks for two threads) but thousands of inputs.
+        // On rotvar's paths dyᵀ is packed once for every block, and x read where it lies (packing
+        // both per block was a third of the pass).
+        let packed = isa::active().map(|i| (i, PackedLhs::new(i, m, n, dyr, Mat::transposed(m))));
         let blocks: Vec<Vec<f32>> = (0..k.div_ceil(COL_CHUNK))
             .into_par_iter()
             .map(|c| {
                 let (c0, cols) = (c * COL_CHUNK, COL_CHUNK.min(k - c * COL_CHUNK));
                 // Recycled, and not zeroed: the GEMM overwrites it.
                 let mut block = buffers::reused(m * cols);
-                sgemm(m, cols, n, dyr, Mat::transposed(m), &xr[c0..], Mat::rows(k), &mut block, Mat::rows(cols), false);
+                let (xc, out) = (&xr[c0..], Mat::rows(cols));
+                match &packed {
+                    Some((i, pa)) => sgemm_prepacked(
+                        *i,
+                        m,
+                        cols,
+                        &pa.data,
+                        pa.layout,
+                        RhsOperand::Rows(xc, k),
+                        &mut block,
+                        out,
+                        false,
+                    ),
+                    None => sgemm(m, cols, n, dyr, Mat::transposed(m), xc, Mat::rows(k), &mut block, out, false),
+                }
                 block
             })
             .collect();
