@@ -583,6 +583,27 @@ pub trait Backend: Send + Sync {
         dbeta: &mut Storage,
         g: &NormGeom,
     ) -> Result<()>;
+    /// [`Backend::batchnorm_bwd`] of a batch norm with a fused ReLU (`y` its output), the ReLU's
+    /// backward applied to `dy` on the way: the same bits as [`Backend::relu_bwd`] first. Backends
+    /// that do not fuse them run the two.
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_relu_bwd(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        save_mean: &Storage,
+        save_invstd: &Storage,
+        y: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        dgamma: &mut Storage,
+        dbeta: &mut Storage,
+        g: &NormGeom,
+    ) -> Result<()> {
+        let mut dz = self.alloc(g.len())?;
+        self.relu_bwd(y, dy, &mut dz)?;
+        self.batchnorm_bwd(x, gamma, save_mean, save_invstd, &dz, dx, dgamma, dbeta, g)
+    }
 
     // --- loss and reductions ------------------------------------------------------------
     fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, rows: usize, cols: usize) -> Result<()>;

@@ -79,19 +79,28 @@ pub fn batch_norm_act(x: &Tensor, s: &BatchNormState, train: bool, act: Activati
             let Some(dy) = grads.take_id(y_id) else {
                 return Ok(());
             };
-            let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
             let (mut dx, mut dgamma, mut dbeta) = (be.alloc(g.len())?, be.alloc(g.c)?, be.alloc(g.c)?);
-            be.batchnorm_bwd(
-                &x.storage(),
-                &gamma.storage(),
-                &mean,
-                &invstd,
-                &dy.storage(),
-                &mut dx,
-                &mut dgamma,
-                &mut dbeta,
-                &g,
-            )?;
+            let (xs, gs) = (x.storage(), gamma.storage());
+            match (act, &y_kept) {
+                // The ReLU's backward inside batch norm's, where the backend fuses them.
+                (Activation::Relu, Some(y)) => be.batchnorm_relu_bwd(
+                    &xs,
+                    &gs,
+                    &mean,
+                    &invstd,
+                    &y.storage(),
+                    &dy.storage(),
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                    &g,
+                )?,
+                _ => {
+                    let dy = activation_grad(&be, act, y_kept.as_ref(), dy)?;
+                    be.batchnorm_bwd(&xs, &gs, &mean, &invstd, &dy.storage(), &mut dx, &mut dgamma, &mut dbeta, &g)?;
+                }
+            }
+            drop((xs, gs));
             grads.accumulate(&x, grad(&be, x.shape(), dx)?)?;
             grads.accumulate(&gamma, grad(&be, &[g.c], dgamma)?)?;
             grads.accumulate(&beta, grad(&be, &[g.c], dbeta)?)

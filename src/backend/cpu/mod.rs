@@ -620,6 +620,35 @@ impl Backend for CpuBackend {
             host(gamma)?,
             host(save_mean)?,
             host(save_invstd)?,
+            None,
+            host(dy)?,
+            host_mut(dx)?,
+            host_mut(dgamma)?,
+            host_mut(dbeta)?,
+            g,
+        );
+        Ok(())
+    }
+
+    fn batchnorm_relu_bwd(
+        &self,
+        x: &Storage,
+        gamma: &Storage,
+        save_mean: &Storage,
+        save_invstd: &Storage,
+        y: &Storage,
+        dy: &Storage,
+        dx: &mut Storage,
+        dgamma: &mut Storage,
+        dbeta: &mut Storage,
+        g: &NormGeom,
+    ) -> Result<()> {
+        norm::backward(
+            host(x)?,
+            host(gamma)?,
+            host(save_mean)?,
+            host(save_invstd)?,
+            Some(host(y)?),
             host(dy)?,
             host_mut(dx)?,
             host_mut(dgamma)?,

@@ -80,7 +80,52 @@ pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], act: Act
     });
 }
 
-/// Backward of training-mode batch norm.
+/// Σ dy and Σ dy·x̂ over channel `c` in one pass, each summed as [`lane_sum`] sums it (eight
+/// lanes, the tails apart), so the same bits as two passes; `dy` through the ReLU's mask where
+/// `relu_y` (the fused ReLU's output) is given.
+fn grad_sums(x: &[f32], relu_y: Option<&[f32]>, dy: &[f32], g: &NormGeom, c: usize, ms: (f32, f32)) -> (f64, f64) {
+    let mut acc = ([[0.0f64; 8]; 2], [0.0f64; 2]);
+    let (cs, hw) = (g.c * g.hw, g.hw);
+    for n in 0..g.n {
+        let at = n * cs + c * hw..n * cs + (c + 1) * hw;
+        let (xs, ds) = (&x[at.clone()], &dy[at.clone()]);
+        match relu_y {
+            Some(y) => sample_sums::<true>(xs, &y[at], ds, ms, &mut acc),
+            None => sample_sums::<false>(xs, ds, ds, ms, &mut acc),
+        }
+    }
+    let (lanes, tails) = acc;
+    (lanes[0].iter().sum::<f64>() + tails[0], lanes[1].iter().sum::<f64>() + tails[1])
+}
+
+/// One sample's share of [`grad_sums`], dy through the ReLU's mask (`ys`) if `RELU` (compiled
+/// once each way, so that neither loop tests for it per value).
+#[inline(always)]
+fn sample_sums<const RELU: bool>(
+    xs: &[f32],
+    ys: &[f32],
+    ds: &[f32],
+    (m, s): (f32, f32),
+    (lanes, tails): &mut ([[f64; 8]; 2], [f64; 2]),
+) {
+    let d_of = |y: f32, d: f32| if RELU { super::relu_grad(y, d) } else { d };
+    let (xc, yc, dc) = (xs.chunks_exact(8), ys.chunks_exact(8), ds.chunks_exact(8));
+    for ((&xv, &y), &d) in xc.remainder().iter().zip(yc.remainder()).zip(dc.remainder()) {
+        let d = d_of(y, d);
+        tails[0] += d as f64;
+        tails[1] += d as f64 * ((xv - m) * s) as f64;
+    }
+    for ((xv, yv), dv) in xc.zip(yc).zip(dc) {
+        for l in 0..8 {
+            let d = d_of(yv[l], dv[l]);
+            lanes[0][l] += d as f64;
+            lanes[1][l] += d as f64 * ((xv[l] - m) * s) as f64;
+        }
+    }
+}
+
+/// Backward of training-mode batch norm, through the fused ReLU's mask first where `relu_y` (its
+/// output) is given: the same bits as applying `relu_grad` to dy beforehand, without the pass.
 ///
 /// With x̂ = (x − μ)·σ⁻¹: dβ = Σ dy, dγ = Σ dy·x̂, dx = γσ⁻¹ (dy − dβ/N − x̂·dγ/N).
 #[allow(clippy::too_many_arguments)]
@@ -89,6 +134,7 @@ pub fn backward(
     gamma: &[f32],
     mean: &[f32],
     invstd: &[f32],
+    relu_y: Option<&[f32]>,
     dy: &[f32],
     dx: &mut [f32],
     dgamma: &mut [f32],
@@ -96,15 +142,8 @@ pub fn backward(
     g: &NormGeom,
 ) {
     let count = g.count() as f64;
-    let sums: Vec<(f64, f64)> = (0..g.c)
-        .into_par_iter()
-        .map(|c| {
-            let pairs = || channel(x, g, c).zip(channel(dy, g, c));
-            let sdy = lane_sum(pairs(), |_, d| d as f64);
-            let sdyx = lane_sum(pairs(), |xv, d| d as f64 * ((xv - mean[c]) * invstd[c]) as f64);
-            (sdy, sdyx)
-        })
-        .collect();
+    let sums: Vec<(f64, f64)> =
+        (0..g.c).into_par_iter().map(|c| grad_sums(x, relu_y, dy, g, c, (mean[c], invstd[c]))).collect();
     for c in 0..g.c {
         dbeta[c] = sums[c].0 as f32;
         dgamma[c] = sums[c].1 as f32;
@@ -119,9 +158,22 @@ pub fn backward(
             let base = n * cs + c * hw;
             // SAFETY: channel c's positions are written by this task only.
             let dst = unsafe { out.slice(base, hw) };
-            for ((o, xv), d) in dst.iter_mut().zip(&x[base..base + hw]).zip(&dy[base..base + hw]) {
-                let xhat = (xv - m) * s;
-                *o = k * (d - mdy - xhat * mdyx);
+            let (xs, ds) = (&x[base..base + hw], &dy[base..base + hw]);
+            // One loop each, so that each vectorizes.
+            match relu_y {
+                Some(y) => {
+                    let ys = &y[base..base + hw];
+                    for (((o, xv), d), yv) in dst.iter_mut().zip(xs).zip(ds).zip(ys) {
+                        let (xhat, d) = ((xv - m) * s, super::relu_grad(*yv, *d));
+                        *o = k * (d - mdy - xhat * mdyx);
+                    }
+                }
+                None => {
+                    for ((o, xv), d) in dst.iter_mut().zip(xs).zip(ds) {
+                        let xhat = (xv - m) * s;
+                        *o = k * (d - mdy - xhat * mdyx);
+                    }
+                }
             }
         }
     });
