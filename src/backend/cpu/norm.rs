@@ -12,20 +12,6 @@ fn channel<'a>(x: &'a [f32], g: &NormGeom, c: usize) -> impl Iterator<Item = &'a
     (0..g.n).map(move |n| &x[n * cs + c * hw..n * cs + (c + 1) * hw])
 }
 
-/// Writes into disjoint channel positions of one output from many threads.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    /// Values `at..at + len` of the output, as a slice that vectorizes.
-    /// SAFETY: callers take each position from exactly one thread, inside the output.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(at), len)
-    }
-}
-
 /// Σ term(v) over channel `c`'s values in f64, in eight interleaved lanes added in a fixed order
 /// at the end: one long chain of f64 adds waits on each add's latency (4 cycles a value; batch
 /// norm's loops were a sixth of a ResNet-20 step); eight independent lanes vectorize.
@@ -62,15 +48,15 @@ pub fn stats(x: &[f32], g: &NormGeom) -> Vec<(f64, f64)> {
 
 /// y = act((x - mean[c]) · scale[c] + shift[c]) for per-channel mean, scale (γ/σ) and shift (β).
 pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], act: Activation, y: &mut [f32], g: &NormGeom) {
-    let (cs, hw) = (g.c * g.hw, g.hw);
-    let out = SharedOut(y.as_mut_ptr());
-    (0..g.c).into_par_iter().for_each(|c| {
-        let (m, k, b) = (mean[c], scale[c], shift[c]);
-        for n in 0..g.n {
-            let base = n * cs + c * hw;
-            // SAFETY: channel c's positions are written by this task only.
-            let dst = unsafe { out.slice(base, hw) };
-            let pairs = dst.iter_mut().zip(&x[base..base + hw]);
+    // Image by image, in memory order (channel by channel, every channel's plane was a stream
+    // of a few KB at a time across the batch, which the prefetchers kept losing).
+    let hw = g.hw.max(1);
+    y.par_chunks_mut(hw * IMAGE_PLANES).enumerate().for_each(|(t, ys)| {
+        for (i, dst) in ys.chunks_mut(hw).enumerate() {
+            let plane = t * IMAGE_PLANES + i;
+            let c = plane % g.c;
+            let (m, k, b) = (mean[c], scale[c], shift[c]);
+            let pairs = dst.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]);
             // One loop per activation, so that each vectorizes.
             match act {
                 Activation::Identity => pairs.for_each(|(o, v)| *o = (v - m) * k + b),
@@ -79,6 +65,9 @@ pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], act: Act
         }
     });
 }
+
+/// Planes (one channel of one image) per task in the elementwise passes.
+const IMAGE_PLANES: usize = 16;
 
 /// Σ dy and Σ dy·x̂ over channel `c` in one pass, each summed as [`lane_sum`] sums it (eight
 /// lanes, the tails apart), so the same bits as two passes; `dy` through the ReLU's mask where
@@ -148,22 +137,20 @@ pub fn backward(
         dbeta[c] = sums[c].0 as f32;
         dgamma[c] = sums[c].1 as f32;
     }
-    let (cs, hw) = (g.c * g.hw, g.hw);
-    let out = SharedOut(dx.as_mut_ptr());
-    (0..g.c).into_par_iter().for_each(|c| {
-        let k = gamma[c] * invstd[c];
-        let (mdy, mdyx) = ((sums[c].0 / count) as f32, (sums[c].1 / count) as f32);
-        let (m, s) = (mean[c], invstd[c]);
-        for n in 0..g.n {
-            let base = n * cs + c * hw;
-            // SAFETY: channel c's positions are written by this task only.
-            let dst = unsafe { out.slice(base, hw) };
-            let (xs, ds) = (&x[base..base + hw], &dy[base..base + hw]);
+    let hw = g.hw.max(1);
+    // In memory order, as in `normalize`.
+    dx.par_chunks_mut(hw * IMAGE_PLANES).enumerate().for_each(|(t, dxs)| {
+        for (i, dst) in dxs.chunks_mut(hw).enumerate() {
+            let (plane, c) = (t * IMAGE_PLANES + i, (t * IMAGE_PLANES + i) % g.c);
+            let k = gamma[c] * invstd[c];
+            let (mdy, mdyx) = ((sums[c].0 / count) as f32, (sums[c].1 / count) as f32);
+            let (m, s) = (mean[c], invstd[c]);
+            let at = plane * hw..(plane + 1) * hw;
+            let (xs, ds) = (&x[at.clone()], &dy[at.clone()]);
             // One loop each, so that each vectorizes.
             match relu_y {
                 Some(y) => {
-                    let ys = &y[base..base + hw];
-                    for (((o, xv), d), yv) in dst.iter_mut().zip(xs).zip(ds).zip(ys) {
+                    for (((o, xv), d), yv) in dst.iter_mut().zip(xs).zip(ds).zip(&y[at]) {
                         let (xhat, d) = ((xv - m) * s, super::relu_grad(*yv, *d));
                         *o = k * (d - mdy - xhat * mdyx);
                     }
