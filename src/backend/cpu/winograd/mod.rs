@@ -10,10 +10,12 @@
 //! - forward: `U = G·w·Gᵀ` per filter, `V = Bᵀ·d·B` per input tile, `M[e] = U[e]·V[e]` for each
 //!   of the α² points `e`, `y = Aᵀ·M·A` per output tile;
 //! - backward-data: the forward pass of the flipped, channel-transposed filter over `dy` (with
-//!   stride 1 and "same" padding that is exactly the adjoint);
+//!   stride 1 and "same" padding that is exactly the adjoint), or, where dy has more channels
+//!   than dx, the forward formula transposed: `dV = Uᵀ·(A·dy·Aᵀ)`, `dx += B·dV·Bᵀ`;
 //! - weight gradient: differentiating the forward formula in `w` gives
 //!   `dw = Gᵀ·(Σ_tiles (A·dy·Aᵀ) ⊙ (Bᵀ·d·B))·G`, the sum over tiles being α² GEMMs that reduce
-//!   over the tiles of every image.
+//!   over the tiles of every image. With the transposed backward-data it shares `A·dy·Aᵀ`:
+//!   [`backward_data_and_weight`] computes both from one pass over dy.
 //!
 //! The transforms run on 16 images at once (one f32 lane per image), so every tile transform is a
 //! handful of vector adds; a group of 16 images is also the unit of parallel work, and a batch
