@@ -579,14 +579,22 @@ pub fn relu_and_bias_grad(y: &[f32], dy: &[f32], dx: &mut [f32], db: &mut [f32],
     let (out_img, p) = (g.c_out * g.oh * g.ow, g.oh * g.ow);
     assert!(y.len() == g.n * out_img && dy.len() == y.len() && dx.len() == y.len() && db.len() == g.c_out);
     let mut sums = vec![0.0f64; g.n * g.c_out];
+    let isa = super::isa::active().unwrap_or_else(Isa::best);
     dx.par_chunks_mut(out_img).zip(sums.par_chunks_mut(g.c_out)).enumerate().for_each(|(n, (dxi, si))| {
-        for (c, (plane, s)) in dxi.chunks_mut(p).zip(si).enumerate() {
-            let at = n * out_img + c * p;
-            for ((o, &yv), &d) in plane.iter_mut().zip(&y[at..at + p]).zip(&dy[at..at + p]) {
-                *o = super::relu_grad(yv, d);
-            }
-            *s = row_sum(plane);
-        }
+        // Compiled for the GEMM path's vector set: lane by lane, so the same bits on every width.
+        super::isa::vectorized(
+            isa,
+            #[inline(always)]
+            || {
+                for (c, (plane, s)) in dxi.chunks_mut(p).zip(si).enumerate() {
+                    let at = n * out_img + c * p;
+                    for ((o, &yv), &d) in plane.iter_mut().zip(&y[at..at + p]).zip(&dy[at..at + p]) {
+                        *o = super::relu_grad(yv, d);
+                    }
+                    *s = row_sum(plane);
+                }
+            },
+        )
     });
     for (c, d) in db.iter_mut().enumerate() {
         *d = (0..g.n).fold(0.0f64, |s, n| s + sums[n * g.c_out + c]) as f32;

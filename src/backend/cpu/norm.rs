@@ -3,8 +3,17 @@
 //! Statistics are two-pass in f64 (mean first, then the mean of squared deviations), never
 //! E[x²] − E[x]², which cancels catastrophically when the mean is large against the spread.
 
+use super::isa::{self, vectorized, Isa};
 use crate::backend::{Activation, NormGeom};
 use rayon::prelude::*;
+
+/// The vector set the passes are compiled for: the GEMM path's (so a forced AVX2 holds here
+/// too). Their arithmetic is lane by lane in a fixed order, so its width cannot show in the
+/// bits; left at the build's baseline (SSE2), the f64 sums of a ResNet-20 step's batch norms
+/// ran 4 values at a time.
+fn isa() -> Isa {
+    isa::active().unwrap_or_else(Isa::best)
+}
 
 /// Channel `c`'s values, sample by sample, as slices of the NCHW buffer.
 fn channel<'a>(x: &'a [f32], g: &NormGeom, c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
@@ -38,10 +47,16 @@ pub fn stats(x: &[f32], g: &NormGeom) -> Vec<(f64, f64)> {
     (0..g.c)
         .into_par_iter()
         .map(|c| {
-            let pairs = || channel(x, g, c).map(|s| (s, s));
-            let mean = lane_sum(pairs(), |v, _| v as f64) / count;
-            let var = lane_sum(pairs(), |v, _| (v as f64 - mean).powi(2)) / count;
-            (mean, var)
+            vectorized(
+                isa(),
+                #[inline(always)]
+                || {
+                    let pairs = || channel(x, g, c).map(|s| (s, s));
+                    let mean = lane_sum(pairs(), |v, _| v as f64) / count;
+                    let var = lane_sum(pairs(), |v, _| (v as f64 - mean).powi(2)) / count;
+                    (mean, var)
+                },
+            )
         })
         .collect()
 }
@@ -51,19 +66,38 @@ pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], act: Act
     // Image by image, in memory order (channel by channel, every channel's plane was a stream
     // of a few KB at a time across the batch, which the prefetchers kept losing).
     let hw = g.hw.max(1);
+    let isa = isa();
     y.par_chunks_mut(hw * IMAGE_PLANES).enumerate().for_each(|(t, ys)| {
-        for (i, dst) in ys.chunks_mut(hw).enumerate() {
-            let plane = t * IMAGE_PLANES + i;
-            let c = plane % g.c;
-            let (m, k, b) = (mean[c], scale[c], shift[c]);
-            let pairs = dst.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]);
-            // One loop per activation, so that each vectorizes.
-            match act {
-                Activation::Identity => pairs.for_each(|(o, v)| *o = (v - m) * k + b),
-                Activation::Relu => pairs.for_each(|(o, v)| *o = Activation::Relu.apply((v - m) * k + b)),
-            }
-        }
+        vectorized(
+            isa,
+            #[inline(always)]
+            || normalize_planes(x, mean, scale, shift, act, (t, ys), g),
+        )
     });
+}
+
+#[inline(always)]
+fn normalize_planes(
+    x: &[f32],
+    mean: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    act: Activation,
+    (t, ys): (usize, &mut [f32]),
+    g: &NormGeom,
+) {
+    let hw = g.hw.max(1);
+    for (i, dst) in ys.chunks_mut(hw).enumerate() {
+        let plane = t * IMAGE_PLANES + i;
+        let c = plane % g.c;
+        let (m, k, b) = (mean[c], scale[c], shift[c]);
+        let pairs = dst.iter_mut().zip(&x[plane * hw..(plane + 1) * hw]);
+        // One loop per activation, so that each vectorizes.
+        match act {
+            Activation::Identity => pairs.for_each(|(o, v)| *o = (v - m) * k + b),
+            Activation::Relu => pairs.for_each(|(o, v)| *o = Activation::Relu.apply((v - m) * k + b)),
+        }
+    }
 }
 
 /// Planes (one channel of one image) per task in the elementwise passes.
@@ -130,38 +164,68 @@ pub fn backward(
     dbeta: &mut [f32],
     g: &NormGeom,
 ) {
-    let count = g.count() as f64;
-    let sums: Vec<(f64, f64)> =
-        (0..g.c).into_par_iter().map(|c| grad_sums(x, relu_y, dy, g, c, (mean[c], invstd[c]))).collect();
+    let sums: Vec<(f64, f64)> = (0..g.c)
+        .into_par_iter()
+        .map(|c| {
+            vectorized(
+                isa(),
+                #[inline(always)]
+                || grad_sums(x, relu_y, dy, g, c, (mean[c], invstd[c])),
+            )
+        })
+        .collect();
     for c in 0..g.c {
         dbeta[c] = sums[c].0 as f32;
         dgamma[c] = sums[c].1 as f32;
     }
     let hw = g.hw.max(1);
     // In memory order, as in `normalize`.
+    let isa = isa();
     dx.par_chunks_mut(hw * IMAGE_PLANES).enumerate().for_each(|(t, dxs)| {
-        for (i, dst) in dxs.chunks_mut(hw).enumerate() {
-            let (plane, c) = (t * IMAGE_PLANES + i, (t * IMAGE_PLANES + i) % g.c);
-            let k = gamma[c] * invstd[c];
-            let (mdy, mdyx) = ((sums[c].0 / count) as f32, (sums[c].1 / count) as f32);
-            let (m, s) = (mean[c], invstd[c]);
-            let at = plane * hw..(plane + 1) * hw;
-            let (xs, ds) = (&x[at.clone()], &dy[at.clone()]);
-            // One loop each, so that each vectorizes.
-            match relu_y {
-                Some(y) => {
-                    for (((o, xv), d), yv) in dst.iter_mut().zip(xs).zip(ds).zip(&y[at]) {
-                        let (xhat, d) = ((xv - m) * s, super::relu_grad(*yv, *d));
-                        *o = k * (d - mdy - xhat * mdyx);
-                    }
+        vectorized(
+            isa,
+            #[inline(always)]
+            || input_grads(x, gamma, mean, invstd, relu_y, dy, &sums, (t, dxs), g),
+        )
+    });
+}
+
+/// dx for the planes of one task (`t`), from the channel sums.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn input_grads(
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    relu_y: Option<&[f32]>,
+    dy: &[f32],
+    sums: &[(f64, f64)],
+    (t, dxs): (usize, &mut [f32]),
+    g: &NormGeom,
+) {
+    let (hw, count) = (g.hw.max(1), g.count() as f64);
+    for (i, dst) in dxs.chunks_mut(hw).enumerate() {
+        let (plane, c) = (t * IMAGE_PLANES + i, (t * IMAGE_PLANES + i) % g.c);
+        let k = gamma[c] * invstd[c];
+        let (mdy, mdyx) = ((sums[c].0 / count) as f32, (sums[c].1 / count) as f32);
+        let (m, s) = (mean[c], invstd[c]);
+        let at = plane * hw..(plane + 1) * hw;
+        let (xs, ds) = (&x[at.clone()], &dy[at.clone()]);
+        // One loop each, so that each vectorizes.
+        match relu_y {
+            Some(y) => {
+                for (((o, xv), d), yv) in dst.iter_mut().zip(xs).zip(ds).zip(&y[at]) {
+                    let (xhat, d) = ((xv - m) * s, super::relu_grad(*yv, *d));
+                    *o = k * (d - mdy - xhat * mdyx);
                 }
-                None => {
-                    for ((o, xv), d) in dst.iter_mut().zip(xs).zip(ds) {
-                        let xhat = (xv - m) * s;
-                        *o = k * (d - mdy - xhat * mdyx);
-                    }
+            }
+            None => {
+                for ((o, xv), d) in dst.iter_mut().zip(xs).zip(ds) {
+                    let xhat = (xv - m) * s;
+                    *o = k * (d - mdy - xhat * mdyx);
                 }
             }
         }
-    });
+    }
 }
