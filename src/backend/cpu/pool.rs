@@ -136,21 +136,28 @@ fn max_2x2_backward(
     };
     let tasks = dx.par_chunks_mut(ip * PLANES_PER_TASK).zip(out.par_chunks_mut(PLANES_PER_TASK));
     tasks.enumerate().for_each(|(t, (dxs, outs))| {
-        for (i, (dxp, o)) in dxs.chunks_mut(ip).zip(outs).enumerate() {
-            let plane = t * PLANES_PER_TASK + i;
-            let (xp, dyp) = (&x[plane * ip..(plane + 1) * ip], &dy[plane * op..(plane + 1) * op]);
-            for (oy, d) in dyp.chunks_exact(g.ow).enumerate() {
-                let (top, bot) = (2 * oy * g.w, (2 * oy + 1) * g.w);
-                let (upper, lower) = dxp[top..bot + g.w].split_at_mut(g.w);
-                rows(&xp[top..top + cols], &xp[bot..bot + cols], d, &mut upper[..cols], &mut lower[..cols]);
-                // A last column no window reaches (odd widths).
-                upper[cols..].fill(0.0);
-                lower[cols..].fill(0.0);
-            }
-            // A last row no window reaches (odd heights).
-            dxp[2 * g.oh * g.w..].fill(0.0);
-            *o = then(xp, dxp);
-        }
+        // `then` (a ReLU's backward and a plane sum) at the vector width too.
+        vectorized(
+            isa,
+            #[inline(always)]
+            || {
+                for (i, (dxp, o)) in dxs.chunks_mut(ip).zip(outs).enumerate() {
+                    let plane = t * PLANES_PER_TASK + i;
+                    let (xp, dyp) = (&x[plane * ip..(plane + 1) * ip], &dy[plane * op..(plane + 1) * op]);
+                    for (oy, d) in dyp.chunks_exact(g.ow).enumerate() {
+                        let (top, bot) = (2 * oy * g.w, (2 * oy + 1) * g.w);
+                        let (upper, lower) = dxp[top..bot + g.w].split_at_mut(g.w);
+                        rows(&xp[top..top + cols], &xp[bot..bot + cols], d, &mut upper[..cols], &mut lower[..cols]);
+                        // A last column no window reaches (odd widths).
+                        upper[cols..].fill(0.0);
+                        lower[cols..].fill(0.0);
+                    }
+                    // A last row no window reaches (odd heights).
+                    dxp[2 * g.oh * g.w..].fill(0.0);
+                    *o = then(xp, dxp);
+                }
+            },
+        )
     });
 }
 
