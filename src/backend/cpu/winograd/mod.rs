@@ -218,6 +218,31 @@ fn transform_tiles<const A: usize, const K: usize>(
     }
 }
 
+/// `l·P·lᵀ` of the point products P of every channel and tile of a block (`prod[e·m_at + c·ld +
+/// t·16..+16]` for point e), into the tile's window at m-pixel steps of lane planes (`pw`-wide
+/// rows, `ph` rows a channel): `out(index, lane)` for each R×R result. Aᵀ·M·A of the forward
+/// (R = m), B·dV·Bᵀ of the transposed backward-data (R = α).
+#[inline(always)]
+fn untransform_tiles<const R: usize, const K: usize>(
+    l: &Folded<R, K>,
+    chans: usize,
+    (prod, m_at, ld): (&[f32], usize, usize),
+    (ph, pw): (usize, usize),
+    (m, blk): (usize, Block),
+    mut out: impl FnMut(usize, &Lane),
+) {
+    for c in 0..chans {
+        for t in 0..blk.txn {
+            let load = |r: usize, s: usize| {
+                let at = (r * K + s) * m_at + c * ld + t * LANES;
+                prod[at..at + LANES].try_into().unwrap()
+            };
+            let corner = c * ph * pw + blk.ty * m * pw + (blk.tx0 + t) * m;
+            sandwich_with(l, l, FORWARD_FUSED, load, |i, j, lane| out(corner + i * pw + j, lane));
+        }
+    }
+}
+
 /// The filter transform of `w[k][c][r][r]`: `u[e][k][c]`.
 fn transform_filters<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
     isa: Isa,
@@ -375,24 +400,11 @@ fn forward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>(
                 let v = &*v;
                 let operand = |e: usize| RhsOperand::Packed(&v[e * v_at..e * v_at + layout.len()], layout);
                 point_products(isa, &packed, operand, (prod, m_at, co), lane_cols);
-                let prod = &*prod;
+                let products = (&*prod, m_at, lane_cols);
                 vectorized(
                     isa,
                     #[inline(always)]
-                    || {
-                        for k in 0..co {
-                            for t in 0..blk.txn {
-                                let load = |r: usize, s: usize| {
-                                    let at = (r * A + s) * m_at + k * lane_cols + t * LANES;
-                                    prod[at..at + LANES].try_into().unwrap()
-                                };
-                                let corner = k * oh * ow + blk.ty * M * ow + (blk.tx0 + t) * M;
-                                sandwich_with(&T::T.at, &T::T.at, FORWARD_FUSED, load, |r, s, lane| {
-                                    yl[corner + r * ow + s] = *lane
-                                });
-                            }
-                        }
-                    },
+                    || untransform_tiles(&T::T.at, co, products, (oh, ow), (M, blk), |at, lane| yl[at] = *lane),
                 );
             }
             vectorized(
@@ -608,25 +620,16 @@ fn backward_t<const M: usize, const A: usize, const R: usize, T: Coefs<M, A, R>>
                     if let Some(packed) = &packed {
                         let m_at = skew(ci * ld);
                         point_products(isa, packed, |e| RhsOperand::Rows(z_of(e), ld), (dv, m_at, ci), ld);
-                        let dv = &*dv;
+                        let products = (&*dv, m_at, ld);
+                        // Added: the windows overlap.
+                        let add = |at: usize, lane: &Lane| {
+                            let d = &mut dxl[at];
+                            *d = std::array::from_fn(|l| d[l] + lane[l]);
+                        };
                         vectorized(
                             isa,
                             #[inline(always)]
-                            || {
-                                for c in 0..ci {
-                                    for t in 0..blk.txn {
-                                        let load = |r: usize, s: usize| {
-                                            let at = (r * A + s) * m_at + c * ld + t * LANES;
-                                            dv[at..at + LANES].try_into().unwrap()
-                                        };
-                                        let corner = c * hp * wp + blk.ty * M * wp + (blk.tx0 + t) * M;
-                                        sandwich_with(&T::T.b, &T::T.b, FORWARD_FUSED, load, |i, j, lane: &Lane| {
-                                            let d = &mut dxl[corner + i * wp + j];
-                                            *d = std::array::from_fn(|l| d[l] + lane[l]);
-                                        });
-                                    }
-                                }
-                            },
+                            || untransform_tiles(&T::T.b, ci, products, (hp, wp), (M, blk), add),
                         );
                     }
                     if let Some(acc) = acc.as_mut() {
