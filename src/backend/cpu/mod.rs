@@ -10,6 +10,7 @@ mod direct;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_x86;
+mod im2col;
 pub mod isa;
 pub mod norm;
 pub mod pool;
