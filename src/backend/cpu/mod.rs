@@ -167,6 +167,20 @@ fn map(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
     });
 }
 
+/// [`norm::backward`] on host storages, through the fused ReLU's output `relu_y` where given.
+fn batchnorm_backward(
+    (x, gamma, mean, invstd): (&Storage, &Storage, &Storage, &Storage),
+    relu_y: Option<&Storage>,
+    dy: &Storage,
+    (dx, dgamma, dbeta): (&mut Storage, &mut Storage, &mut Storage),
+    g: &NormGeom,
+) -> Result<()> {
+    let relu_y = relu_y.map(host).transpose()?;
+    let (dx, dgamma, dbeta) = (host_mut(dx)?, host_mut(dgamma)?, host_mut(dbeta)?);
+    norm::backward(host(x)?, host(gamma)?, host(mean)?, host(invstd)?, relu_y, host(dy)?, dx, dgamma, dbeta, g);
+    Ok(())
+}
+
 /// One thread of kernels/peak.cu `peak_fma_f32`, the same correctly rounded steps.
 pub fn peak_fma_one(i: u64, a: f32, b: f32, iters: usize) -> f32 {
     let mut x: [f32; 8] = std::array::from_fn(|c| ((i + c as u64) % 97) as f32 * 0.01);
@@ -630,19 +644,7 @@ impl Backend for CpuBackend {
         dbeta: &mut Storage,
         g: &NormGeom,
     ) -> Result<()> {
-        norm::backward(
-            host(x)?,
-            host(gamma)?,
-            host(save_mean)?,
-            host(save_invstd)?,
-            None,
-            host(dy)?,
-            host_mut(dx)?,
-            host_mut(dgamma)?,
-            host_mut(dbeta)?,
-            g,
-        );
-        Ok(())
+        batchnorm_backward((x, gamma, save_mean, save_invstd), None, dy, (dx, dgamma, dbeta), g)
     }
 
     fn batchnorm_relu_bwd(
@@ -658,19 +660,7 @@ impl Backend for CpuBackend {
         dbeta: &mut Storage,
         g: &NormGeom,
     ) -> Result<()> {
-        norm::backward(
-            host(x)?,
-            host(gamma)?,
-            host(save_mean)?,
-            host(save_invstd)?,
-            Some(host(y)?),
-            host(dy)?,
-            host_mut(dx)?,
-            host_mut(dgamma)?,
-            host_mut(dbeta)?,
-            g,
-        );
-        Ok(())
+        batchnorm_backward((x, gamma, save_mean, save_invstd), Some(y), dy, (dx, dgamma, dbeta), g)
     }
 
     fn log_softmax_fwd(&self, x: &Storage, y: &mut Storage, _rows: usize, cols: usize) -> Result<()> {
