@@ -1,4 +1,5 @@
-//! Batch normalization on the CPU, parallel over channels.
+//! Batch normalization on the CPU: the sums parallel over channels, the elementwise passes over
+//! planes in memory order.
 //!
 //! Statistics are two-pass in f64 (mean first, then the mean of squared deviations), never
 //! E[x²] − E[x]², which cancels catastrophically when the mean is large against the spread.
@@ -63,8 +64,7 @@ pub fn stats(x: &[f32], g: &NormGeom) -> Vec<(f64, f64)> {
 
 /// y = act((x - mean[c]) · scale[c] + shift[c]) for per-channel mean, scale (γ/σ) and shift (β).
 pub fn normalize(x: &[f32], mean: &[f32], scale: &[f32], shift: &[f32], act: Activation, y: &mut [f32], g: &NormGeom) {
-    // Image by image, in memory order (channel by channel, every channel's plane was a stream
-    // of a few KB at a time across the batch, which the prefetchers kept losing).
+    // Plane by plane in memory order, each reading its channel's constants.
     let hw = g.hw.max(1);
     let isa = isa();
     y.par_chunks_mut(hw * IMAGE_PLANES).enumerate().for_each(|(t, ys)| {
