@@ -484,10 +484,7 @@ impl Backend for CpuBackend {
         db: Option<&mut Storage>,
         g: &ConvGeom,
     ) -> Result<()> {
-        let db = match db {
-            Some(d) => Some(host_mut(d)?),
-            None => None,
-        };
+        let db = db.map(host_mut).transpose()?;
         let (x, dy, p) = (host(x)?, host(dy)?, self.precision);
         conv::backward_weight(&rounded(p, x), &rounded(p, dy), host_mut(dw)?, None, g);
         if let Some(db) = db {
@@ -506,10 +503,7 @@ impl Backend for CpuBackend {
         db: Option<&mut Storage>,
         g: &ConvGeom,
     ) -> Result<()> {
-        let db = match db {
-            Some(d) => Some(host_mut(d)?),
-            None => None,
-        };
+        let db = db.map(host_mut).transpose()?;
         let p = self.precision;
         let (x, dy_r, w) = (rounded(p, host(x)?), rounded(p, host(dy)?), rounded(p, host(w)?));
         conv::backward_data_and_weight(&x, &dy_r, &w, host_mut(dx)?, host_mut(dw)?, None, g);
