@@ -77,9 +77,9 @@ __device__ __forceinline__ double rv_slot_std(double m2, int m) {
 // samples must be folded sequentially anyway (Welford is order-dependent).
 // Launch: block 256, grid = max(1, min(ceil(units/256), 16*SMs)), no shared
 // memory; any 1-D grid/block is correct (grid-stride).
-extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
-                                               double* sum_std, const double* vals, const unsigned* class_rank, int n,
-                                               int units, int m, int j) {
+__device__ __forceinline__ void rv_update_v1(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
+                                             double* sum_std, const double* vals, const unsigned* class_rank, int n,
+                                             int units, int m, int j) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long u = (long long)blockIdx.x * blockDim.x + threadIdx.x; u < units; u += stride) {
         for (int b = 0; b < n; ++b) {
@@ -100,6 +100,21 @@ extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, d
     }
 }
 
+extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
+                                               double* sum_std, const double* vals, const unsigned* class_rank, int n,
+                                               int units, int m, int j) {
+    rv_update_v1(vx_mean, vx_m2, vt_mean, vt_m2, sum_std, vals, class_rank, n, units, m, j);
+}
+
+// variance_update_f64 with j = fed[0], the feed counter of passes replayed as one graph
+// (src/measure/fed.rs): a replay cannot take a new j as an argument. The host has checked
+// that the counter stays below m. Launch: as variance_update_f64.
+extern "C" __global__ void variance_update_f64_fed(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
+                                                   double* sum_std, const double* vals, const unsigned* class_rank,
+                                                   int n, int units, int m, const unsigned* fed) {
+    rv_update_v1(vx_mean, vx_m2, vt_mean, vt_m2, sum_std, vals, class_rank, n, units, m, (int)fed[0]);
+}
+
 // variance_update_f64_v2: the same update as variance_update_f64 (v1), to the
 // bit, with the work cut along classes as well as units.
 // Why: v1 gives each unit one thread that folds all n samples in order. With
@@ -118,9 +133,9 @@ extern "C" __global__ void variance_update_f64(double* vx_mean, double* vx_m2, d
 //   and class k's samples are order[start[k] .. start[k+1]).
 // Launch: block 256, grid = max(1, min(ceil(units*classes/256), 16*SMs)), no
 // shared memory; any 1-D grid/block is correct (grid-stride).
-extern "C" __global__ void variance_update_f64_v2(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
-                                                  double* sum_std, const double* vals, const unsigned* labels, int n,
-                                                  int units, int classes, int m, int j) {
+__device__ __forceinline__ void rv_update_v2(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
+                                             double* sum_std, const double* vals, const unsigned* labels, int n,
+                                             int units, int classes, int m, int j) {
     const unsigned* rank = labels + n;
     const unsigned* start = labels + 2 * n;
     const unsigned* order = start + classes + 1;
@@ -146,4 +161,18 @@ extern "C" __global__ void variance_update_f64_v2(double* vx_mean, double* vx_m2
         vx_m2[xi] = x2;
         if (j + 1 == m) sum_std[si] = ss;
     }
+}
+
+extern "C" __global__ void variance_update_f64_v2(double* vx_mean, double* vx_m2, double* vt_mean, double* vt_m2,
+                                                  double* sum_std, const double* vals, const unsigned* labels, int n,
+                                                  int units, int classes, int m, int j) {
+    rv_update_v2(vx_mean, vx_m2, vt_mean, vt_m2, sum_std, vals, labels, n, units, classes, m, j);
+}
+
+// variance_update_f64_v2 with j = fed[0], as variance_update_f64_fed. Launch: as v2.
+extern "C" __global__ void variance_update_f64_v2_fed(double* vx_mean, double* vx_m2, double* vt_mean,
+                                                      double* vt_m2, double* sum_std, const double* vals,
+                                                      const unsigned* labels, int n, int units, int classes, int m,
+                                                      const unsigned* fed) {
+    rv_update_v2(vx_mean, vx_m2, vt_mean, vt_m2, sum_std, vals, labels, n, units, classes, m, (int)fed[0]);
 }

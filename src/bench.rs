@@ -534,8 +534,12 @@ pub struct MeasureCost {
     pub forward_seconds: f64,
     /// The whole streaming measure, stratified and not.
     pub measure_seconds: f64,
-    /// measure / forward − 1.
+    /// measure / forward − 1. Where the backend has graphs the measure replays its full-batch
+    /// passes (`graph_replays`) while the forward passes here run plain launches, so this
+    /// includes what the graphs save.
     pub overhead: f64,
+    /// Graph replays during one whole measure (`None` where there are no graphs).
+    pub graph_replays: Option<u64>,
     /// Device memory the measure needs on top of what was in use before it started (the model
     /// and the resident test set), at its peak: over all `images`, and over a quarter of them.
     /// Equal when the measure's memory does not grow with the number of samples. Absent on the
@@ -591,7 +595,10 @@ pub fn measure_cost(
         Ok((secs, extra))
     };
     forward()?;
-    let (f, (m, peak)) = (forward()?, measure(&data)?);
+    let f = forward()?;
+    let replays_before = b.graph_replays();
+    let (m, peak) = measure(&data)?;
+    let graph_replays = replays_before.zip(b.graph_replays()).map(|(a, z)| z - a);
     let (_, peak_quarter) = measure(&random_test_set(b, (images / 4).max(1))?)?;
     Ok(MeasureCost {
         implementation: "rotvar".into(),
@@ -603,6 +610,7 @@ pub fn measure_cost(
         forward_seconds: f,
         measure_seconds: m,
         overhead: m / f - 1.0,
+        graph_replays,
         peak_extra_bytes: peak,
         peak_extra_bytes_quarter: peak_quarter,
     })

@@ -624,3 +624,43 @@ fn results_are_written_and_read_back() {
     let table = output::table(&summary);
     assert!(table.contains("conv1") && table.contains("fc1.act") && table.contains("global"), "{table}");
 }
+
+/// Fed updates (j read from a device counter, as the measure's replayed passes use them) give
+/// the plain updates' bits on both backends, and the fed protocol is enforced: no update
+/// without a begun batch, no plain update or read while one is open, no second begin.
+#[test]
+fn fed_updates_match_plain_ones_and_keep_the_protocol() {
+    let mut rng = Rng(71);
+    for _ in 0..4 {
+        let case = Case::random(&mut rng);
+        let batch = 1 + rng.below(case.n);
+        for (name, be) in backends() {
+            let want = stream_moments(&be, &case, batch, &[batch]);
+            let mut st = be.variance_init(&case.geom(batch)).unwrap();
+            let counter = be.upload(&[0.0]).unwrap();
+            assert!(be.variance_end_fed(&mut st).is_err(), "{name}: end before begin");
+            let mut seen = vec![0u32; case.classes];
+            assert!(be.variance_update_fed(&mut st, &counter, &counter).is_err(), "{name}: update before begin");
+            for start in (0..case.n).step_by(batch) {
+                let len = batch.min(case.n - start);
+                let class = &case.labels[start..start + len];
+                let rank = class_ranks(&mut seen, class);
+                be.variance_begin_fed(&mut st, class, &rank).unwrap();
+                assert!(be.variance_begin_fed(&mut st, class, &rank).is_err(), "{name}: a second begin");
+                assert!(be.variance_read(&st).is_err(), "{name}: a read in a fed batch");
+                for j in 0..case.m {
+                    let act = be.upload(&case.batch_act(start, len, j)).unwrap();
+                    if j == 0 {
+                        let plain = be.variance_update(&mut st, &act, len, class, &rank, 0);
+                        assert!(plain.is_err(), "{name}: a plain update in a fed batch");
+                    }
+                    let c = be.upload(&[f32::from_bits(j as u32)]).unwrap();
+                    be.variance_update_fed(&mut st, &act, &c).unwrap();
+                }
+                be.variance_end_fed(&mut st).unwrap();
+            }
+            let got = be.variance_read(&st).unwrap();
+            assert_moments_bits(&format!("{name}: fed"), &got, &want);
+        }
+    }
+}

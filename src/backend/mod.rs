@@ -687,6 +687,26 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// The accumulators of `st` on the host (an error while a batch is incomplete).
     fn variance_read(&self, st: &VarianceState) -> Result<VarianceMoments>;
+    /// Begin a batch whose m rotations are fed updates ([`Backend::variance_update_fed`]), as
+    /// passes replayed as one graph need: a replay cannot pass a new j. `class` and `rank` are
+    /// checked as `variance_update` checks them at j = 0 and kept (on the device) for the m
+    /// updates; no plain update or read is allowed until [`Backend::variance_end_fed`].
+    fn variance_begin_fed(&self, st: &mut VarianceState, class: &[u32], rank: &[u32]) -> Result<()> {
+        st.begin_fed(class, rank)
+    }
+    /// `variance_update` of the fed batch's n samples, with j = counter[0] (u32 bits) read on
+    /// the device. The caller runs j = 0, 1, …, m − 1 in order, then `variance_end_fed`. The
+    /// default is the reference: the counter read back and a plain, fully checked update.
+    fn variance_update_fed(&self, st: &mut VarianceState, act: &Storage, counter: &Storage) -> Result<()> {
+        let j = self.download(counter)?[0].to_bits() as usize;
+        let f = st.fed()?;
+        let (class, rank) = (f.class.clone(), f.rank.clone());
+        st.with_fed_aside(|st| self.variance_update(st, act, class.len(), &class, &rank, j))
+    }
+    /// End the fed batch begun by `variance_begin_fed`, after its m updates.
+    fn variance_end_fed(&self, st: &mut VarianceState) -> Result<()> {
+        st.end_fed(true)
+    }
 
     // --- optimizers ---------------------------------------------------------------------
     fn adam_step(

@@ -129,12 +129,23 @@ pub struct VarianceState {
     /// Samples of each class whose every rotation has been applied.
     counts: Vec<u64>,
     open: Option<OpenBatch>,
+    /// A batch begun with `Backend::variance_begin_fed`: its labels and ranks, which the fed
+    /// updates of its m rotations use.
+    fed: Option<FedBatch>,
     pub(crate) data: VarianceData,
+}
+
+/// The labels of a fed batch (`Backend::variance_begin_fed`).
+pub(crate) struct FedBatch {
+    pub class: Vec<u32>,
+    pub rank: Vec<u32>,
+    /// The class counts before the batch: the host reference path must have completed it.
+    counts_before: Vec<u64>,
 }
 
 impl VarianceState {
     pub(crate) fn new(geom: VarianceGeom, data: VarianceData) -> Self {
-        VarianceState { geom, counts: vec![0; geom.classes], open: None, data }
+        VarianceState { geom, counts: vec![0; geom.classes], open: None, fed: None, data }
     }
 
     pub fn geom(&self) -> &VarianceGeom {
@@ -150,6 +161,9 @@ impl VarianceState {
     /// anything; every backend calls this before it touches the accumulators.
     pub(crate) fn check_update(&self, act_len: usize, n: usize, class: &[u32], rank: &[u32], j: usize) -> Result<()> {
         let g = &self.geom;
+        if self.fed.is_some() {
+            bail!("variance_update: a fed batch is in progress; end it first (variance_end_fed)");
+        }
         if j >= g.rotations {
             bail!("variance_update: rotation index j = {j} is out of range for {} rotations", g.rotations);
         }
@@ -218,8 +232,60 @@ impl VarianceState {
         }
     }
 
+    /// Checks and records the labels of a batch whose m rotations run as fed updates
+    /// (`Backend::variance_begin_fed`); they are checked as `variance_update` checks them at j = 0.
+    pub(crate) fn begin_fed(&mut self, class: &[u32], rank: &[u32]) -> Result<()> {
+        if self.fed.is_some() {
+            bail!("variance_begin_fed: the previous fed batch has not been ended");
+        }
+        self.check_update(self.geom.act_len(class.len()), class.len(), class, rank, 0)?;
+        self.fed = Some(FedBatch { class: class.to_vec(), rank: rank.to_vec(), counts_before: self.counts.clone() });
+        Ok(())
+    }
+
+    /// The labels of the fed batch in progress.
+    pub(crate) fn fed(&self) -> Result<&FedBatch> {
+        self.fed.as_ref().ok_or_else(|| anyhow::anyhow!("variance_update_fed: no fed batch was begun"))
+    }
+
+    /// Runs `f` (the reference path's plain update of a fed rotation) with the fed batch set
+    /// aside, so that the plain update's checks, which refuse an open fed batch, apply.
+    pub(crate) fn with_fed_aside<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let fed = self.fed.take();
+        let r = f(self);
+        self.fed = fed;
+        r
+    }
+
+    /// Ends the fed batch. `ran_all`: its updates have been recorded one by one (the host
+    /// reference path, which must have reached j = m − 1); otherwise the device ran them
+    /// unseen and they are recorded now, as j = 0, 1, …, m − 1.
+    pub(crate) fn end_fed(&mut self, ran_all: bool) -> Result<()> {
+        let Some(f) = self.fed.take() else {
+            bail!("variance_end_fed: no fed batch was begun");
+        };
+        if ran_all {
+            if self.open.is_some() || self.counts == f.counts_before {
+                let applied = self.open.as_ref().map_or(0, |o| o.next_j);
+                self.fed = Some(f);
+                bail!(
+                    "variance_end_fed: rotations 0..{applied} of {} applied; finish the batch first",
+                    self.geom.rotations
+                );
+            }
+        } else {
+            for j in 0..self.geom.rotations {
+                self.commit_update(&f.class, &f.rank, j);
+            }
+        }
+        Ok(())
+    }
+
     /// Reading in the middle of a batch would mix samples that have seen only some rotations.
     pub(crate) fn check_read(&self) -> Result<()> {
+        if self.fed.is_some() {
+            bail!("variance_read: a fed batch is in progress; end it first (variance_end_fed)");
+        }
         if let Some(o) = &self.open {
             bail!(
                 "variance_read: a batch is incomplete (rotations 0..{} of {} applied); finish it first",

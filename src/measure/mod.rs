@@ -15,6 +15,7 @@
 //! state (`Backend::variance_update`), [`finalize`] turns the state's moments into V, `output`
 //! writes results, and `reference` computes the same numbers from a materialized A for tests.
 
+pub mod fed;
 pub mod job;
 pub mod output;
 pub mod reference;

@@ -3,8 +3,9 @@
 //! layer's running state on the device. Nothing grows with n × m: memory is the model's
 //! activations for one batch plus, per layer, moments of size classes × rotations × units.
 
+use super::fed::MeasureFeed;
 use super::{finalize, LayerVariance};
-use crate::backend::{class_ranks, Interp, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
+use crate::backend::{class_ranks, BackendRef, Interp, MapReduce, VarianceGeom, VarianceMoments, VarianceState};
 use crate::models::Model;
 use crate::nn::Forward;
 use crate::ops;
@@ -53,6 +54,44 @@ struct Layer {
     sample_shape: Vec<usize>,
     unit_shape: Vec<usize>,
     state: VarianceState,
+}
+
+/// The layers of a measurement, in the order the model reports its intermediates.
+struct Layers<G: Fn(usize, usize) -> VarianceGeom> {
+    list: Vec<Layer>,
+    /// The geometry of a layer of `units` units of `hw` values each.
+    geom: G,
+    per: Per,
+}
+
+impl<G: Fn(usize, usize) -> VarianceGeom> Layers<G> {
+    /// The layer that intermediate `pos` of a pass (`name`, of shape `shape` with the batch
+    /// first) feeds: the `first` pass creates the layers, every later pass must report the same
+    /// intermediates in the same order.
+    fn at(&mut self, be: &BackendRef, first: bool, pos: usize, name: &str, shape: &[usize]) -> Result<&mut Layer> {
+        let sample_shape = &shape[1..];
+        if first {
+            let (unit_shape, hw) = layout(name, sample_shape, self.per)?;
+            let g = (self.geom)(unit_shape.iter().product(), hw);
+            let state = be.variance_init(&g).with_context(|| format!("measure: layer {name}"))?;
+            self.list.push(Layer { name: name.to_string(), sample_shape: sample_shape.to_vec(), unit_shape, state });
+        }
+        match self.list.get_mut(pos) {
+            Some(layer) if layer.name == name && layer.sample_shape == sample_shape => Ok(layer),
+            other => bail!(
+                "measure: intermediate {pos} is {name} {sample_shape:?}; the first forward pass reported {}",
+                other.map_or("nothing there".into(), |l| format!("{} {:?}", l.name, l.sample_shape))
+            ),
+        }
+    }
+
+    /// After a pass that reported `count` intermediates.
+    fn check_count(&self, count: usize) -> Result<()> {
+        if count != self.list.len() {
+            bail!("measure: a forward pass reported {count} intermediates, the first reported {}", self.list.len());
+        }
+        Ok(())
+    }
 }
 
 /// Units and values per unit of an intermediate of per-sample shape `s`.
@@ -137,56 +176,59 @@ pub fn measure_moments(
     let order: Vec<u32> = (range.start as u32..range.end as u32).collect();
     let total = n.div_ceil(batch) * m;
     let mut seen = vec![0u32; classes];
-    let mut layers: Vec<Layer> = Vec::new();
+    let geom = |units, hw| VarianceGeom { batch, units, hw, reduce: cfg.reduce, classes, rotations: m };
+    let mut layers = Layers { list: Vec::new(), geom, per: cfg.per };
+    // Full batches replay their passes as one graph where the backend has graphs.
+    let mut feed = MeasureFeed::new(data, batch, &mats, &cfg.fill)?;
     let mut passes = 0;
     for idx in order.chunks(batch) {
-        let (x, _) = data.batch(idx)?;
         let class: Vec<u32> = idx.iter().map(|&i| data.labels_host[i as usize] as u32).collect();
         let rank = class_ranks(&mut seen, &class);
+        if let Some(f) = feed.as_mut().filter(|_| idx.len() == batch) {
+            f.load(data, idx)?;
+            for l in &mut layers.list {
+                be.variance_begin_fed(&mut l.state, &class, &rank)
+                    .with_context(|| format!("measure: layer {}", l.name))?;
+            }
+            for _ in 0..m {
+                let first = passes == 0;
+                let reported = f.pass(model, &mut |pos, name, t, counter| {
+                    let layer = layers.at(&be, first, pos, name, t.shape())?;
+                    if first {
+                        be.variance_begin_fed(&mut layer.state, &class, &rank)?;
+                    }
+                    be.variance_update_fed(&mut layer.state, &t.storage(), &counter.storage())
+                        .with_context(|| format!("measure: layer {name}"))
+                })?;
+                if let Some(count) = reported {
+                    layers.check_count(count)?;
+                }
+                passes += 1;
+                progress(passes, total);
+            }
+            for l in &mut layers.list {
+                be.variance_end_fed(&mut l.state).with_context(|| format!("measure: layer {}", l.name))?;
+            }
+            continue;
+        }
+        let (x, _) = data.batch(idx)?;
         for (j, mat) in mats.iter().enumerate() {
             let xr = ops::warp(&x, &vec![*mat; idx.len()], Interp::Bilinear, &cfg.fill)?;
-            let first = passes == 0;
-            let mut pos = 0usize;
+            let (first, mut pos) = (passes == 0, 0usize);
             let mut observe = |name: &str, t: &Tensor| -> Result<()> {
-                let sample_shape = &t.shape()[1..];
-                if first {
-                    let (unit_shape, hw) = layout(name, sample_shape, cfg.per)?;
-                    let g = VarianceGeom {
-                        batch,
-                        units: unit_shape.iter().product(),
-                        hw,
-                        reduce: cfg.reduce,
-                        classes,
-                        rotations: m,
-                    };
-                    let state = be.variance_init(&g).with_context(|| format!("measure: layer {name}"))?;
-                    layers.push(Layer {
-                        name: name.to_string(),
-                        sample_shape: sample_shape.to_vec(),
-                        unit_shape,
-                        state,
-                    });
-                }
-                let Some(layer) = layers.get_mut(pos).filter(|l| l.name == name && l.sample_shape == sample_shape)
-                else {
-                    bail!(
-                        "measure: intermediate {pos} is {name} {sample_shape:?}; the first forward pass reported {}",
-                        layers.get(pos).map_or("nothing there".into(), |l| format!("{} {:?}", l.name, l.sample_shape))
-                    );
-                };
+                let layer = layers.at(&be, first, pos, name, t.shape())?;
                 be.variance_update(&mut layer.state, &t.storage(), idx.len(), &class, &rank, j)
                     .with_context(|| format!("measure: layer {name}"))?;
                 pos += 1;
                 Ok(())
             };
             model.forward(&xr, &mut Forward::observe(&mut observe))?;
-            if pos != layers.len() {
-                bail!("measure: a forward pass reported {pos} intermediates, the first reported {}", layers.len());
-            }
+            layers.check_count(pos)?;
             passes += 1;
             progress(passes, total);
         }
     }
+    let layers = layers.list;
     layers
         .into_iter()
         .map(|l| {

@@ -594,6 +594,19 @@ impl Backend for CudaBackend {
         self.variance_moments(st)
     }
 
+    fn variance_begin_fed(&self, st: &mut VarianceState, class: &[u32], rank: &[u32]) -> Result<()> {
+        self.not_capturing("the variance measure's labels")?;
+        self.variance_fed_begin(st, class, rank)
+    }
+
+    fn variance_update_fed(&self, st: &mut VarianceState, act: &Storage, counter: &Storage) -> Result<()> {
+        self.variance_fed_update(st, act, counter)
+    }
+
+    fn variance_end_fed(&self, st: &mut VarianceState) -> Result<()> {
+        st.end_fed(false)
+    }
+
     fn batchnorm_fwd_train(
         &self,
         x: &Storage,

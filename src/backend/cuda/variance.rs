@@ -86,6 +86,52 @@ impl CudaBackend {
         j: usize,
     ) -> Result<()> {
         st.check_update(self.buf(act)?.len(), n, class, rank, j)?;
+        self.variance_labels_to_device(st, class, rank)?;
+        self.variance_launch(st, act, n, i32_of(j, "j")?, false)?;
+        st.commit_update(class, rank, j);
+        Ok(())
+    }
+
+    /// `Backend::variance_begin_fed`: the batch's labels checked and sent once; its m fed
+    /// updates read them from the same buffer.
+    pub(super) fn variance_fed_begin(&self, st: &mut VarianceState, class: &[u32], rank: &[u32]) -> Result<()> {
+        st.begin_fed(class, rank)?;
+        if let Err(e) = self.variance_labels_to_device(st, class, rank) {
+            st.end_fed(false).ok();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `Backend::variance_update_fed`: the launches of `variance_fold` with j read from the
+    /// counter on the device; nothing on the host, so the passes can be captured.
+    pub(super) fn variance_fed_update(&self, st: &mut VarianceState, act: &Storage, counter: &Storage) -> Result<()> {
+        let n = st.fed()?.class.len();
+        let len = self.buf(act)?.len();
+        if len != st.geom().act_len(n) {
+            bail!("variance_update_fed: the activation has {len} values, not n·units·hw = {}", st.geom().act_len(n));
+        }
+        self.variance_launch(st, act, n, self.arg(counter, 1)?, true)
+    }
+
+    /// The label table of the batch about to be folded, uploaded in place unless it is already there.
+    fn variance_labels_to_device(&self, st: &mut VarianceState, class: &[u32], rank: &[u32]) -> Result<()> {
+        let classes = st.geom().classes;
+        let VarianceData::Cuda(v) = &mut st.data else {
+            bail!("variance_update: the state was created by another backend");
+        };
+        // check_update has verified every label < classes.
+        let labels = variance_labels(class, rank, classes);
+        if v.labels.is_none() || v.labels_host != labels {
+            self.exec.upload_indices(&mut v.labels, &labels)?;
+            v.labels_host = labels;
+        }
+        Ok(())
+    }
+
+    /// The reduce and update launches of one rotation of n samples; `j` is the rotation as an
+    /// int argument, or (`fed`) the device counter it is read from.
+    fn variance_launch(&self, st: &mut VarianceState, act: &Storage, n: usize, j: KArg, fed: bool) -> Result<()> {
         let g = *st.geom();
         let VarianceData::Cuda(v) = &mut st.data else {
             bail!("variance_update: the state was created by another backend");
@@ -99,12 +145,6 @@ impl CudaBackend {
             KArg::I32(g.reduce.code()),
         ];
         self.launch("variance_reduce_f64", self.thread_per_item_grid(rows), BLOCK, 0, &reduce)?;
-        // check_update has verified every label < classes.
-        let labels = variance_labels(class, rank, g.classes);
-        if v.labels.is_none() || v.labels_host != labels {
-            self.exec.upload_indices(&mut v.labels, &labels)?;
-            v.labels_host = labels;
-        }
         let lp = v.labels.as_ref().ok_or_else(|| anyhow::anyhow!("label buffer missing after upload"))?;
         let lp = self.exec.idx_ptr(lp);
         let mut update = vec![
@@ -118,17 +158,17 @@ impl CudaBackend {
             i32_of(n, "n")?,
             i32_of(g.units, "units")?,
         ];
+        let fed = if fed { "_fed" } else { "" };
         if self.variance_v1 {
-            update.extend([i32_of(g.rotations, "rotations")?, i32_of(j, "j")?]);
-            self.launch("variance_update_f64", self.thread_per_item_grid(g.units), BLOCK, 0, &update)?;
+            update.extend([i32_of(g.rotations, "rotations")?, j]);
+            self.launch(&format!("variance_update_f64{fed}"), self.thread_per_item_grid(g.units), BLOCK, 0, &update)
         } else {
             let items = g.units * g.classes;
             i32_of(items, "units × classes")?;
-            update.extend([i32_of(g.classes, "classes")?, i32_of(g.rotations, "rotations")?, i32_of(j, "j")?]);
-            self.launch("variance_update_f64_v2", self.thread_per_item_grid(items), BLOCK, 0, &update)?;
+            update.extend([i32_of(g.classes, "classes")?, i32_of(g.rotations, "rotations")?, j]);
+            let name = format!("variance_update_f64_v2{fed}");
+            self.launch(&name, self.thread_per_item_grid(items), BLOCK, 0, &update)
         }
-        st.commit_update(class, rank, j);
-        Ok(())
     }
 
     /// `Backend::variance_read`: the accumulators, downloaded.
