@@ -288,3 +288,34 @@ fn a_free_during_a_launch_waits_for_it_to_end() {
         assert!(freed.load(Ordering::SeqCst));
     });
 }
+
+/// cp.async (kernels/cp_async.cuh): the double-buffered pipeline written correctly passes clean
+/// and gives the data, zero-filled past n (a 16-byte copy with 8 source bytes included); read
+/// before its wait, issued before the barrier that ends the other threads' reads, or never
+/// waited for, it is caught.
+#[test]
+fn cp_async_pipelines_are_checked() {
+    let (blocks, chunks) = (3u32, 4usize);
+    let len = blocks as usize * 256 * chunks;
+    let n = len - 2 - 256 * 3; // the last block's last chunks are partly and wholly past n
+    let x = input(len, 12);
+    let args = |out: &mut DeviceMem<f32>| {
+        vec![KArg::slice_mut(out), KArg::slice(&x), KArg::I32(n as i32), KArg::I32(chunks as i32)]
+    };
+    let mut out = DeviceMem::<f32>::poisoned(len);
+    unsafe { emu::launch("fixed_cp_async_pipeline", (blocks, 1, 1), BLOCK, 0, &args(&mut out)) }.unwrap();
+    for i in 0..len {
+        let src = i / 256 * 256 + 255 - i % 256;
+        let want = if src < n { 2.0 * x[src] } else { 0.0 };
+        assert_eq!(out[i].to_bits(), want.to_bits(), "out[{i}] (source {src}, n {n})");
+    }
+    let mut out = DeviceMem::<f32>::poisoned(len);
+    let msg = caught("broken_cp_async_read_before_wait", blocks, &args(&mut out));
+    assert_names(&msg, "broken_cp_async_read_before_wait", &["racecheck", "shared `stage`"]);
+    let mut out = DeviceMem::<f32>::poisoned(len);
+    let msg = caught("broken_cp_async_issue_before_barrier", blocks, &args(&mut out));
+    assert_names(&msg, "broken_cp_async_issue_before_barrier", &["racecheck", "shared `stage`"]);
+    let mut out = DeviceMem::<f32>::poisoned(len);
+    let msg = caught("broken_cp_async_never_waits", blocks, &args(&mut out));
+    assert_names(&msg, "broken_cp_async_never_waits", &["cp.async", "not waited for"]);
+}

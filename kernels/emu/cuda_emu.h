@@ -94,6 +94,11 @@ unsigned lane_id();
 void* static_shared(const void* tag, size_t bytes, size_t align, const char* name);
 void* dyn_shared();
 [[noreturn]] void trap();
+// cp.async twins (cp_async.cuh): issue one copy, commit the open copies as a group, complete
+// all but the newest `newest_pending` groups.
+void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes, const char* site);
+void cp_async_commit();
+void cp_async_wait(unsigned newest_pending);
 
 template <class T>
 inline T warp_exchange(const char* site, unsigned mask, T mine, unsigned src) {

@@ -199,12 +199,22 @@ struct Slot {
     size_t static_used = 0;
 };
 
+// One cp.async of a thread, issued and not yet landed.
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    unsigned bytes, src_bytes;
+};
+
 struct ThreadCtx {
     Runtime* rt;
     Slot* slot;
     unsigned tid, warp, lane, bank;
     uint32_t bsync, wsync;
     const Alloc* last;  // the allocation the previous access hit
+    // cp.async: copies issued since the last commit, and the committed groups, oldest first.
+    std::vector<AsyncCopy> open;
+    std::vector<std::vector<AsyncCopy>> groups;
 };
 
 struct Report {
@@ -535,12 +545,26 @@ void start_block(Runtime& rt, Slot& s, uint64_t k) {
     memset(s.arena, 0xff, kStaticShared + rt.dyn_bytes);
 }
 
+// A thread that returns with copies in flight: they would land in shared memory nobody reads
+// (or, on hardware, in the next block's), which is always a bug in a main loop.
+void cp_async_check_done(ThreadCtx& c) {
+    size_t pending = c.open.size();
+    for (const auto& g : c.groups) pending += g.size();
+    if (pending && !c.rt->abort.load(std::memory_order_relaxed)) {
+        report(*c.rt, "cp.async-pending",
+               fmt("cp.async: %s returned with %zu copies not waited for (cp.async.wait_group)",
+                   thread_name(*c.rt, c.slot->block, c.tid).c_str(), pending));
+    }
+    c.open.clear();
+    c.groups.clear();
+}
+
 // One CUDA thread's share of a launch: blocks of its slot until none are left.
 void run_thread(Runtime& rt, unsigned g, const std::function<void()>& body) {
     Slot& s = rt.slots[g / rt.nthreads];
     const unsigned t = g % rt.nthreads;
     ThreadCtx& c = rt.ctxs[g];
-    c = ThreadCtx{&rt, &s, t, t / 32, t % 32, 0, 0, 0, nullptr};
+    c = ThreadCtx{&rt, &s, t, t / 32, t % 32, 0, 0, 0, nullptr, {}, {}};
     const dim3 b = rt.block, gd = rt.grid;
     threadIdx = {t % b.x, (t / b.x) % b.y, t / (b.x * b.y)};
     blockDim = b;
@@ -552,10 +576,14 @@ void run_thread(Runtime& rt, unsigned g, const std::function<void()>& body) {
         c.bsync = c.wsync = 0;
         if (!rt.abort.load(std::memory_order_relaxed)) {
             t_ctx = &c;
+            bool unwound = false;
             try {
                 body();
             } catch (const Unwind&) {
+                unwound = true;
             }
+            if (unwound) c.open.clear(), c.groups.clear();
+            else cp_async_check_done(c);
             t_ctx = nullptr;
         }
         // Returned: this thread no longer holds up its block's or warp's barriers.
@@ -743,6 +771,59 @@ void* static_shared(const void* tag, size_t bytes, size_t align, const char* nam
 }
 
 void* dyn_shared() { return t_ctx->slot->arena + kStaticShared; }
+
+// cp.async. Both ends of a copy's window are made visible. At issue the destination is
+// written with poison (0xff bytes: NaN), because the copy may land at any moment from then on:
+// a read before the wait sees garbage, and a thread still reading the old contents in the
+// same barrier interval races with the write. At the wait the data lands, written by this
+// thread at its barrier count then: another thread that reads it before the next barrier
+// races with it. The source is checked (and read) at issue and read again at the wait.
+void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes, const char* site) {
+    ThreadCtx& c = *t_ctx;
+    Runtime& rt = *c.rt;
+    Slot& s = *c.slot;
+    const uintptr_t d = reinterpret_cast<uintptr_t>(dst), a = reinterpret_cast<uintptr_t>(src);
+    const char* what = nullptr;
+    if (d - reinterpret_cast<uintptr_t>(s.arena) >= kArenaBytes) what = "its destination is not shared memory";
+    else if (bytes != 4 && bytes != 8 && bytes != 16) what = "it copies other than 4, 8 or 16 bytes";
+    else if (src_bytes > bytes) what = "it reads more source bytes than it copies";
+    else if (d % bytes || a % bytes) what = "an address is not aligned to the copy's size";
+    if (what) {
+        report(rt, fmt("cp.async%s", site),
+               fmt("cp.async at %s: %s, %s (dst %p, src %p, %u of %u bytes)", site,
+                   thread_name(rt, s.block, c.tid).c_str(), what, dst, src, src_bytes, bytes));
+        throw Unwind{};
+    }
+    access(dst, bytes, true, false);
+    if (src_bytes) {
+        const Alloc* al = find_alloc(rt, a);
+        access(src, src_bytes, false, false);
+        if (al && (a < al->data || a + src_bytes > al->data + al->bytes)) src_bytes = 0;  // reported above
+    }
+    memset(dst, 0xff, bytes);
+    c.open.push_back({static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes, src_bytes});
+}
+
+void cp_async_commit() {
+    ThreadCtx& c = *t_ctx;
+    c.groups.push_back(std::move(c.open));
+    c.open.clear();
+}
+
+void cp_async_wait(unsigned newest_pending) {
+    ThreadCtx& c = *t_ctx;
+    size_t done = 0;
+    for (; c.groups.size() - done > newest_pending; ++done) {
+        for (const AsyncCopy& k : c.groups[done]) {
+            if (k.src_bytes) access(k.src, k.src_bytes, false, false);
+            access(k.dst, k.bytes, true, false);
+            memcpy(k.dst, k.src, k.src_bytes);
+            memset(k.dst + k.src_bytes, 0, k.bytes - k.src_bytes);
+        }
+    }
+    c.groups.erase(c.groups.begin(), c.groups.begin() + done);
+}
+
 
 void trap() {
     t_ctx->rt->trapped.store(true, std::memory_order_relaxed);

@@ -4,6 +4,7 @@
 // Each is written the way the bug shows up in real code. Launch contract for
 // all: blocks of 256 threads, n = 256 * gridDim.x unless stated.
 #include "rotvar_common.cuh"
+#include "cp_async.cuh"
 
 // A tile is filled and read back transposed, but nobody waits for the fill.
 extern "C" __global__ void broken_missing_barrier(float* out, const float* in) {
@@ -104,6 +105,50 @@ extern "C" __global__ void broken_partial_shuffle(float* out) {
     if ((threadIdx.x & 31u) < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
     __syncthreads();
     out[blockIdx.x * 256 + threadIdx.x] = v;
+}
+
+// A double-buffered pipeline through cp.async: block b streams `chunks` chunks of 256 floats
+// of `in` (n valid, zero past them) into two shared stages, 16 bytes per copy by threads
+// 0..63, and writes out[c*256 + t] = 2 * stage[255 - t] (another thread's copy). MODE 0 is
+// correct: wait, barrier, then issue the next chunk into the other stage. The broken ones:
+// 1 reads the stage before waiting for it, 2 issues the next chunk before the barrier (while
+// slower threads still read that stage from the previous chunk), 3 never waits.
+template <int MODE>
+__device__ __forceinline__ void cp_async_pipeline(float* out, const float* in, int n, int chunks) {
+    ROTVAR_SHARED(float, stage, [2][256]);
+    const int t = threadIdx.x, base = blockIdx.x * 256 * chunks;
+    auto issue = [&](int c) {
+        if (t >= 64) return;
+        const int i = base + c * 256 + 4 * t, left = n - i;
+        const int bytes = left <= 0 ? 0 : left >= 4 ? 16 : 4 * left;
+        rv_cp_async<16>(&stage[c & 1][4 * t], bytes ? in + i : in, bytes);
+    };
+    issue(0);
+    rv_cp_async_commit();
+    for (int c = 0; c < chunks; ++c) {
+        if (MODE == 2 && c + 1 < chunks) issue(c + 1);
+        if (MODE == 0 || MODE == 2) rv_cp_async_wait<0>();
+        __syncthreads();
+        if ((MODE == 0 || MODE == 3) && c + 1 < chunks) issue(c + 1);
+        rv_cp_async_commit();
+        const float v = stage[c & 1][255 - t];
+        if (MODE == 1) rv_cp_async_wait<1>();
+        out[base + c * 256 + t] = 2.f * v;
+        if (MODE == 1 && c + 1 < chunks) issue(c + 1);
+    }
+    if (MODE == 1) rv_cp_async_wait<0>();
+}
+extern "C" __global__ void fixed_cp_async_pipeline(float* out, const float* in, int n, int chunks) {
+    cp_async_pipeline<0>(out, in, n, chunks);
+}
+extern "C" __global__ void broken_cp_async_read_before_wait(float* out, const float* in, int n, int chunks) {
+    cp_async_pipeline<1>(out, in, n, chunks);
+}
+extern "C" __global__ void broken_cp_async_issue_before_barrier(float* out, const float* in, int n, int chunks) {
+    cp_async_pipeline<2>(out, in, n, chunks);
+}
+extern "C" __global__ void broken_cp_async_never_waits(float* out, const float* in, int n, int chunks) {
+    cp_async_pipeline<3>(out, in, n, chunks);
 }
 
 // The same kernels written correctly: the sanitizer must stay silent.
