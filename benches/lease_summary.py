@@ -73,11 +73,11 @@ def ratios(load):
         vs1 = f"  vs v1 kernels {o['gflops']/b['gflops']:.2f}x" if b and b.get("gflops") else ""
         base = f"cuDNN {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f}" if r and r.get("gflops") else "no baseline"
         out.append(f"{o['layer']:>24} {o['pass']:>16}: rotvar {o['gflops']:8.0f} GFLOP/s  {base}{ceil}{vs1}")
-    v4 = load("conv_rotvar_v4.jsonl")
-    for o in v4:
-        d = next((d for d in ours if d.get("layer") == o.get("layer") and d.get("pass") == o.get("pass")), None)
-        if d and d.get("gflops"):
-            out.append(f"{o['layer']:>24} {o['pass']:>16}: v4 {o['gflops']:8.0f} GFLOP/s  vs the default choice {o['gflops']/d['gflops']:.2f}x")
+    for tag in ("v4", "v5"):
+        for o in load(f"conv_rotvar_{tag}.jsonl"):
+            d = next((d for d in ours if d.get("layer") == o.get("layer") and d.get("pass") == o.get("pass")), None)
+            if d and d.get("gflops"):
+                out.append(f"{o['layer']:>24} {o['pass']:>16}: {tag} {o['gflops']:8.0f} GFLOP/s  vs the default choice {o['gflops']/d['gflops']:.2f}x")
     for prec in ("tf32", "bf16"):
         mine, theirs = load(f"conv_rotvar_{prec}.jsonl"), load(f"conv_cudnn_{prec}.jsonl")
         for o in mine:

@@ -270,6 +270,8 @@ done
 rb "conv rotvar v1" "$t_conv" conv_rotvar_v1.jsonl env ROTVAR_CONV_TILES=v1 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
 # v4 (128 x 128 tiles, 8 x 8 per thread), not chosen by default until these rows say so.
 rb "conv rotvar v4" "$t_conv" conv_rotvar_v4.jsonl env ROTVAR_CONV_TILES=v4 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
+# v5: v4's tiles filled by cp.async, double-buffered (new in session 18), beside v4 and the default.
+rb "conv rotvar v5" "$t_conv" conv_rotvar_v5.jsonl env ROTVAR_CONV_TILES=v5 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
 # Tensor cores against cuDNN at the same precision on both sides.
 for prec in tf32 bf16; do
   rb "conv rotvar $prec" "$t_conv" "conv_rotvar_$prec.jsonl" "$bin" --precision "$prec" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"

@@ -110,6 +110,29 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     rvc_conv_bwd_weight<128>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
 }
 
+// variant v5: v4 with its tiles filled by cp.async, double-buffered, one barrier per slice
+// (conv.cuh, "variant v5"). The loaders copy each element where v4's fetch + store put it,
+// so the same tiles, the same FMAs in the same order, the same bits. Same grids and contract
+// as v4 (backward-data stride 1 only), plus 34 KiB of static shared memory for the two stages.
+// The host uses v5 where ROTVAR_CONV_TILES=v5 says so (fp32 only) until a GPU has timed it.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv2d_fwd_v5(float* y, const float* x, const float* w, const float* bias, int N, int C, int H, int W, int K,
+                  int R, int S, int stride, int pad, int OH, int OW, int act) {
+    rvc_conv_fwd<128, RV_PREC_FP32, true>(y, x, w, bias, N, C, H, W, K, R, S, stride, pad, OH, OW, act);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    conv2d_bwd_data_v5(float* dx, const float* dy, const float* w, int N, int C, int H, int W, int K, int R, int S,
+                       int stride, int pad, int OH, int OW) {
+    rvc_conv_bwd_data<128, RV_PREC_FP32, true>(dx, dy, w, N, C, H, W, K, R, S, stride, pad, OH, OW);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv2d_bwd_weight_v5(float* partial, const float* x, const float* dy, int N, int C, int H, int W, int K, int R,
+                         int S, int stride, int pad, int OH, int OW, int splits) {
+    rvc_conv_bwd_weight<128, RV_PREC_FP32, true>(partial, x, dy, N, C, H, W, K, R, S, stride, pad, OH, OW, splits);
+}
+
 // variant: a probe of RvcDivisor (conv.cuh), not used by the model: q[i] = x[i] / d for
 // 0 <= x[i] < 2^31, d >= 1 (anything else traps). tests/conv_kernels_emulated.rs runs it
 // against integer division on edge and random values.

@@ -59,6 +59,7 @@
 //   mapping keeps it fixed; otherwise one decode per slice is stepped
 //   incrementally.
 #pragma once
+#include "cp_async.cuh"
 #include "mma.cuh"
 
 #define RVC_BK 16
@@ -109,6 +110,17 @@ __device__ __forceinline__ void rvc_store_rowwalk(RvcRow<ROWS>* S, const float (
     const int r = threadIdx.x % ROWS, kk = E * (threadIdx.x / ROWS);
 #pragma unroll
     for (int j = 0; j < E; ++j) S[kk + j][r] = v[j];
+}
+
+// Where element j of this thread goes in a k-walk or row-walk tile: the cp.async loaders (v5)
+// copy straight there, each element as rvc_store_kwalk / rvc_store_rowwalk would store it.
+template <int ROWS>
+__device__ __forceinline__ float* rvc_kwalk_dst(RvcRow<ROWS>* S, int j) {
+    return &S[threadIdx.x % RVC_BK][threadIdx.x / RVC_BK + 16 * j];
+}
+template <int ROWS>
+__device__ __forceinline__ float* rvc_rowwalk_dst(RvcRow<ROWS>* S, int j) {
+    return &S[(ROWS / 16) * (threadIdx.x / ROWS) + j][threadIdx.x % ROWS];
 }
 
 // x / d for 0 <= x < 2^31 and a divisor d >= 1 fixed for the kernel, as a multiply and a shift
@@ -189,6 +201,41 @@ struct RvcPrepares<L, decltype(void(L::kPrepares))> {
     static constexpr bool value = L::kPrepares;
 };
 
+template <int BM>
+__device__ __forceinline__ void rvc_zero(RvcAcc<BM>& acc) {
+#pragma unroll
+    for (int i = 0; i < RvcShape<BM>::TM; ++i)
+#pragma unroll
+        for (int j = 0; j < RvcShape<BM>::TN; ++j) acc[i][j] = 0.f;
+}
+
+// The CUDA-core FMAs of one BK-deep slice: acc[i][j] += As[kk][row(ty, i)] * Bs[kk][col(tx, j)]
+// for kk in order, each thread's rows and columns read as float4s.
+template <int BM>
+__device__ __forceinline__ void rvc_fma_slice(const RvcRow<BM>* As, const RvcRow<RvcShape<BM>::BN>* Bs, int tx,
+                                              int ty, RvcAcc<BM>& acc) {
+    using Sh = RvcShape<BM>;
+    constexpr int TM = Sh::TM, TN = Sh::TN;
+#pragma unroll
+    for (int kk = 0; kk < RVC_BK; ++kk) {
+        float av[TM], bv[TN];
+#pragma unroll
+        for (int h = 0; h < TM / 4; ++h) {
+            const float4 a = *reinterpret_cast<const float4*>(&As[kk][Sh::row(ty, 4 * h)]);
+            av[4 * h] = a.x, av[4 * h + 1] = a.y, av[4 * h + 2] = a.z, av[4 * h + 3] = a.w;
+        }
+#pragma unroll
+        for (int h = 0; h < TN / 4; ++h) {
+            const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][Sh::col(tx, 4 * h)]);
+            bv[4 * h] = b.x, bv[4 * h + 1] = b.y, bv[4 * h + 2] = b.z, bv[4 * h + 3] = b.w;
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+}
+
 template <int BM, int PREC, class LA, class LB>
 __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbeg, int kend,
                                              RvcAcc<BM>& acc) {
@@ -198,10 +245,7 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
     RvcRow<BM>* As = rvc_tile_a<BM>();
     RvcRow<BN>* Bs = rvc_tile_b<BM>();
     const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    rvc_zero<BM>(acc);
     if (kbeg >= kend) return;  // block-uniform: an empty split-K range
 
     RvcTc<PREC, BM> tc;
@@ -226,24 +270,7 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
         if constexpr (PREC != RV_PREC_FP32) {
             tc.step(&As[0][0], BM + RVC_PAD, &Bs[0][0], BN + RVC_PAD);
         } else {
-#pragma unroll
-            for (int kk = 0; kk < RVC_BK; ++kk) {
-                float av[TM], bv[TN];
-#pragma unroll
-                for (int h = 0; h < TM / 4; ++h) {
-                    const float4 a = *reinterpret_cast<const float4*>(&As[kk][Sh::row(ty, 4 * h)]);
-                    av[4 * h] = a.x, av[4 * h + 1] = a.y, av[4 * h + 2] = a.z, av[4 * h + 3] = a.w;
-                }
-#pragma unroll
-                for (int h = 0; h < TN / 4; ++h) {
-                    const float4 b = *reinterpret_cast<const float4*>(&Bs[kk][Sh::col(tx, 4 * h)]);
-                    bv[4 * h] = b.x, bv[4 * h + 1] = b.y, bv[4 * h + 2] = b.z, bv[4 * h + 3] = b.w;
-                }
-#pragma unroll
-                for (int i = 0; i < TM; ++i)
-#pragma unroll
-                    for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-            }
+            rvc_fma_slice<BM>(As, Bs, tx, ty, acc);
         }
         __syncthreads();  // tiles are overwritten by the next store
     }
@@ -255,6 +282,66 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
         for (int i = 0; i < TM; ++i)
 #pragma unroll
             for (int j = 0; j < TN; ++j) acc[i][j] = Cs[Sh::row(ty, i)][Sh::col(tx, j)];
+    }
+}
+
+// variant v5: v4's tile and FMAs, its shared tiles filled by cp.async (cp_async.cuh) into two
+// stages. Why: v4 stages each slice through registers (fetch, then store after the barrier):
+// E loads and E shared stores per operand and thread per slice, the stores in the main loop's
+// instruction stream and 2 x E registers held across the FMAs. With cp.async the loads go from
+// global to shared memory without registers, the next slice's copies land while this slice's
+// FMAs run, and one barrier per slice suffices (v4 has two): after the wait and the barrier,
+// stage s has landed for every thread and every thread has finished reading stage s ^ 1, so
+// the next slice is issued into it. The same FMAs in the same order as v4: the same bits.
+// Loaders have issue(S, k0, kend): cp.async of this thread's elements of the slice at k0 into
+// S, zero-filled outside [.., kend) or the matrix (fp32 only). A B loader that prepares a decode
+// table (RvcTapB) prepares it a slice further ahead than in v4, as it is read at issue.
+template <int BM>
+__device__ __forceinline__ RvcRow<BM> (*rvc_stages_a())[RVC_BK] {
+    ROTVAR_SHARED(float, As2, [2][RVC_BK][BM + RVC_PAD]);
+    return reinterpret_cast<RvcRow<BM>(*)[RVC_BK]>(&As2[0][0][0]);
+}
+template <int BM>
+__device__ __forceinline__ RvcRow<RvcShape<BM>::BN> (*rvc_stages_b())[RVC_BK] {
+    ROTVAR_SHARED(float, Bs2, [2][RVC_BK][RvcShape<BM>::BN + RVC_PAD]);
+    return reinterpret_cast<RvcRow<RvcShape<BM>::BN>(*)[RVC_BK]>(&Bs2[0][0][0]);
+}
+
+template <int BM, class LA, class LB>
+__device__ __forceinline__ void rvc_mainloop_async(const LA& la, const LB& lb, int kbeg, int kend,
+                                                   RvcAcc<BM>& acc) {
+    using Sh = RvcShape<BM>;
+    auto As = rvc_stages_a<BM>();
+    auto Bs = rvc_stages_b<BM>();
+    const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
+    rvc_zero<BM>(acc);
+    if (kbeg >= kend) return;  // block-uniform
+    constexpr bool prepares = RvcPrepares<LB>::value;
+    if constexpr (prepares) {
+        lb.prepare(kbeg, kend);
+        __syncthreads();
+    }
+    la.issue(As[0], kbeg, kend);
+    lb.issue(Bs[0], kbeg, kend);
+    rv_cp_async_commit();
+    if constexpr (prepares) {
+        if (kbeg + RVC_BK < kend) lb.prepare(kbeg + RVC_BK, kend);
+    }
+    int s = 0;
+    for (int k0 = kbeg; k0 < kend; k0 += RVC_BK, s ^= 1) {
+        rv_cp_async_wait<0>();
+        __syncthreads();
+        if (k0 + RVC_BK < kend) {
+            la.issue(As[s ^ 1], k0 + RVC_BK, kend);
+            lb.issue(Bs[s ^ 1], k0 + RVC_BK, kend);
+        }
+        rv_cp_async_commit();
+        // The decode table of the slice after next takes the slot slice k0's issue read,
+        // before this iteration's barrier.
+        if constexpr (prepares) {
+            if (k0 + 2 * RVC_BK < kend) lb.prepare(k0 + 2 * RVC_BK, kend);
+        }
+        rvc_fma_slice<BM>(As[s], Bs[s], tx, ty, acc);
     }
 }
 
@@ -291,6 +378,18 @@ struct RvcWeightRowsA {
     static constexpr int E = ROWS / 16;
     const float* w;
     int M, ld, m0;
+    // f(j, address, in range) for this thread's elements of the slice at k0.
+    // (v5's issue; fetch keeps its own form, whose register allocation v4 was tuned on.)
+    template <class F>
+    __device__ __forceinline__ void walk(int k0, int kend, F f) const {
+        const int kr = k0 + threadIdx.x % RVC_BK, m = m0 + threadIdx.x / RVC_BK;
+        // Element j is 16 rows further: one address per slice, then a constant stride.
+        const float* src = w + (long long)m * ld + kr;
+        const long long step = 16LL * ld;
+        const bool in = kr < kend;
+#pragma unroll
+        for (int j = 0; j < E; ++j) f(j, src + j * step, in && m + 16 * j < M);
+    }
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
 #pragma unroll
@@ -300,6 +399,9 @@ struct RvcWeightRowsA {
         }
     }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
+    __device__ __forceinline__ void issue(RvcRow<ROWS>* S, int k0, int kend) const {
+        walk(k0, kend, [&](int j, const float* p, bool ok) { rv_cp_async<4>(rvc_kwalk_dst<ROWS>(S, j), ok ? p : w, ok ? 4 : 0); });
+    }
 };
 
 // B[kred=(c,r,s), col=(n,oy,ox)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s]
@@ -368,6 +470,28 @@ struct RvcTapB {
             rvc_tap_table<ROWS, 1>()[slot] = kr < kend ? r | s << 16 : -1;
         }
     }
+    // f(j, address, in range): the address is the image's first element where the tap misses.
+    template <class F>
+    __device__ __forceinline__ void walk(int k0, F f) const {
+        const int j0 = ((k0 / RVC_BK) & 1) * RVC_BK + E * (threadIdx.x / ROWS);
+        const int* off = rvc_tap_table<ROWS, 0>() + j0;
+        const int* rsv = rvc_tap_table<ROWS, 1>() + j0;
+        const int base = y0 * Ws + x0;
+#pragma unroll
+        for (int q = 0; q < E / 4; ++q) {
+            const int4 o4 = *reinterpret_cast<const int4*>(off + 4 * q);
+            const int4 p4 = *reinterpret_cast<const int4*>(rsv + 4 * q);
+            const int o[4] = {o4.x, o4.y, o4.z, o4.w};
+            const unsigned pr[4] = {(unsigned)p4.x, (unsigned)p4.y, (unsigned)p4.z, (unsigned)p4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int iy = y0 + SIGN * (int)(pr[u] & 0xffff), ix = x0 + SIGN * (int)(pr[u] >> 16);
+                const bool ok = (unsigned)iy < (unsigned)Hs && (unsigned)ix < (unsigned)Ws;
+                // A 32-bit unsigned offset.
+                f(4 * q + u, src + (ok ? (unsigned)(o[u] + base) : 0u), ok);
+            }
+        }
+    }
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int j0 = ((k0 / RVC_BK) & 1) * RVC_BK + E * (threadIdx.x / ROWS);
         const int* off = rvc_tap_table<ROWS, 0>() + j0;
@@ -393,6 +517,9 @@ struct RvcTapB {
     __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
         rvc_store_rowwalk<ROWS>(S_, v);
     }
+    __device__ __forceinline__ void issue(RvcRow<ROWS>* S_, int k0, int) const {
+        walk(k0, [&](int j, const float* p, bool ok) { rv_cp_async<4>(rvc_rowwalk_dst<ROWS>(S_, j), p, ok ? 4 : 0); });
+    }
 };
 // The B loaders of a BM-row tile: v4 (BM = 128) decodes through the table, the others per
 // thread (32 x 128 has BN = 128 too: the key is BM).
@@ -410,7 +537,7 @@ struct RvcFwdLoaderB<128> {
 // (RV_ACT_*: a conv followed by a ReLU writes its output once instead of
 // writing, re-reading and rewriting it), so training never materializes the
 // pre-activation.
-template <int BM, int PREC = RV_PREC_FP32>
+template <int BM, int PREC = RV_PREC_FP32, bool ASYNC = false>
 __device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const float* w, const float* bias, int N, int C,
                                              int H, int W, int K, int R, int S, int stride, int pad, int OH, int OW,
                                              int act) {
@@ -437,7 +564,8 @@ __device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const flo
         }
     }
     RvcAcc<BM> acc;
-    rvc_mainloop<BM, PREC>(la, lb, 0, crs, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<BM>(la, lb, 0, crs, acc);
+    else rvc_mainloop<BM, PREC>(la, lb, 0, crs, acc);
     rvc_store_nchw<BM>(y, bias, act, acc, m0, n0, K, ncols, P);
 }
 
@@ -450,6 +578,17 @@ struct RvcBwdDataA {
     const float* w;
     int C, RS, m0;
     RvcDivisor RSd;
+    template <class F>
+    __device__ __forceinline__ void walk(int k0, int kend, F f) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int k = RSd.div(kr), rs = kr - k * RS, c = m0 + threadIdx.x / RVC_BK;
+        // Element j is 16 channels further: one address per slice, then a constant stride.
+        const float* src = w + ((long long)k * C + c) * RS + rs;
+        const long long step = 16LL * RS;
+        const bool in = kr < kend;
+#pragma unroll
+        for (int j = 0; j < E; ++j) f(j, src + j * step, in && c + 16 * j < C);
+    }
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int k = RSd.div(kr), rs = kr - k * RS, c = m0 + threadIdx.x / RVC_BK;
@@ -461,6 +600,9 @@ struct RvcBwdDataA {
         for (int j = 0; j < E; ++j) v[j] = (in && c + 16 * j < C) ? __ldg(src + j * step) : 0.f;
     }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
+    __device__ __forceinline__ void issue(RvcRow<ROWS>* S, int k0, int kend) const {
+        walk(k0, kend, [&](int j, const float* p, bool ok) { rv_cp_async<4>(rvc_kwalk_dst<ROWS>(S, j), ok ? p : w, ok ? 4 : 0); });
+    }
 };
 
 // B[kred=(k,r,s), col=(n,iy,ix)] = dy[n, k, oy, ox] where iy = oy*stride-pad+r,
@@ -511,7 +653,7 @@ struct RvcBwdDataLoaderB<128> {
 // dx = conv_transpose(dy, w) as a gather: GEMM M = C, Ncols = N*H*W,
 // Kred = K*R*S. Every dx element is written exactly once (no atomics, dx
 // need not be zeroed).
-template <int BM, int PREC = RV_PREC_FP32>
+template <int BM, int PREC = RV_PREC_FP32, bool ASYNC = false>
 __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, const float* w, int N, int C, int H,
                                                   int W, int K, int R, int S, int stride, int pad, int OH, int OW) {
     constexpr int BN = RvcShape<BM>::BN;
@@ -536,7 +678,8 @@ __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, co
         }
     }
     RvcAcc<BM> acc;
-    rvc_mainloop<BM, PREC>(la, lb, 0, krs, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<BM>(la, lb, 0, krs, acc);
+    else rvc_mainloop<BM, PREC>(la, lb, 0, krs, acc);
     rvc_store_nchw<BM>(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
 }
 
@@ -668,6 +811,18 @@ struct RvcBwdWeightA {
     const float* dy;
     int K, P, m0;
     RvcDivisor Pd;
+    template <class F>
+    __device__ __forceinline__ void walk(int k0, int kend, F f) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int n = Pd.div(kr), p = kr - n * P, k = m0 + threadIdx.x / RVC_BK;
+        // Element j is 16 rows further: one address per slice, then a constant stride (the
+        // per-element 64-bit index took about a tenth of v4's main loop).
+        const float* src = dy + ((long long)n * K + k) * P + p;
+        const long long step = 16LL * P;
+        const bool in = kr < kend;
+#pragma unroll
+        for (int j = 0; j < E; ++j) f(j, src + j * step, in && k + 16 * j < K);
+    }
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = Pd.div(kr), p = kr - n * P, k = m0 + threadIdx.x / RVC_BK;
@@ -680,6 +835,9 @@ struct RvcBwdWeightA {
         for (int j = 0; j < E; ++j) v[j] = (in && k + 16 * j < K) ? __ldg(src + j * step) : 0.f;
     }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S, const float (&v)[E]) const { rvc_store_kwalk<ROWS>(S, v); }
+    __device__ __forceinline__ void issue(RvcRow<ROWS>* S, int k0, int kend) const {
+        walk(k0, kend, [&](int j, const float* q, bool ok) { rv_cp_async<4>(rvc_kwalk_dst<ROWS>(S, j), ok ? q : dy, ok ? 4 : 0); });
+    }
 };
 
 // B[kred=(n,oy,ox), col=(c,r,s)] = x[n, c, oy*stride-pad+r, ox*stride-pad+s].
@@ -699,6 +857,28 @@ struct RvcBwdWeightB {
     const int* rs;   // shared, per tile column: r | s << 16; -1 past C*R*S
     int C, H, W, P, OW, stride, pad;
     RvcDivisor Pd, OWd;
+    // f(j, image, offset of the tap in it, in range).
+    template <class F>
+    __device__ __forceinline__ void walk(int k0, int kend, F f) const {
+        const int kr = k0 + threadIdx.x % RVC_BK;
+        const int n = Pd.div(kr), p = kr - n * P, oy = OWd.div(p), ox = p - oy * OW;
+        const int iyb = oy * stride - pad, ixb = ox * stride - pad, base = iyb * W + ixb;
+        const bool in = kr < kend;
+        const float* xn = x + (long long)(in ? n : 0) * C * H * W;  // past kend, n may be N
+        const int j0 = E * (threadIdx.x / RVC_BK);
+#pragma unroll
+        for (int q = 0; q < E / 4; ++q) {
+            const int4 o4 = *reinterpret_cast<const int4*>(off + j0 + 4 * q);
+            const int4 p4 = *reinterpret_cast<const int4*>(rs + j0 + 4 * q);
+            const int o[4] = {o4.x, o4.y, o4.z, o4.w}, pr[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int iy = iyb + (pr[u] & 0xffff), ix = ixb + (pr[u] >> 16);
+                f(4 * q + u, xn, o[u] + base,
+                  in && pr[u] >= 0 && (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W);
+            }
+        }
+    }
     __device__ __forceinline__ void fetch(int k0, int kend, float (&v)[E]) const {
         const int kr = k0 + threadIdx.x % RVC_BK;
         const int n = Pd.div(kr), p = kr - n * P, oy = OWd.div(p), ox = p - oy * OW;
@@ -727,6 +907,10 @@ struct RvcBwdWeightB {
             }
         }
     }
+    __device__ __forceinline__ void issue(RvcRow<ROWS>* S_, int k0, int kend) const {
+        float* row = &S_[threadIdx.x % RVC_BK][E * (threadIdx.x / RVC_BK)];
+        walk(k0, kend, [&](int j, const float* xn, int o, bool ok) { rv_cp_async<4>(row + j, xn + (ok ? o : 0), ok ? 4 : 0); });
+    }
     __device__ __forceinline__ void store(RvcRow<ROWS>* S_, const float (&v)[E]) const {
         float4* row = reinterpret_cast<float4*>(&S_[threadIdx.x % RVC_BK][E * (threadIdx.x / RVC_BK)]);
 #pragma unroll
@@ -749,7 +933,7 @@ __device__ __forceinline__ int* rvc_col_table() {
 // Ncols = C*R*S, Kred = N*OH*OW split into `splits` (= gridDim.z) contiguous
 // ranges of chunk = roundup(ceil(Kred / splits), 16) steps; split z covers
 // [z*chunk, min((z+1)*chunk, Kred)) and writes zeros if that is empty.
-template <int BM, int PREC = RV_PREC_FP32>
+template <int BM, int PREC = RV_PREC_FP32, bool ASYNC = false>
 __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float* x, const float* dy, int N, int C,
                                                     int H, int W, int K, int R, int S, int stride, int pad, int OH,
                                                     int OW, int splits) {
@@ -778,7 +962,8 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     const RvcBwdWeightB<BN, PREC == RV_PREC_FP32> lb{x, col_off, col_rs, C, H, W, P, OW, stride, pad, Pd, OWd};
 
     RvcAcc<BM> acc;
-    rvc_mainloop<BM, PREC>(la, lb, kbeg, kend, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<BM>(la, lb, kbeg, kend, acc);
+    else rvc_mainloop<BM, PREC>(la, lb, kbeg, kend, acc);
 
     using Sh = RvcShape<BM>;
     const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;

@@ -320,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS)
 // One op(X) tile of ROWS rows for v4: X is [rows, K] (TRANS false, contiguous along k:
 // consecutive threads walk k) or [K, rows] (TRANS true, contiguous along rows: they walk rows),
 // 0 outside. A template parameter, so each main loop holds one of the two.
-template <int ROWS, bool TRANS>
+template <int ROWS, bool TRANS, bool V16 = false>
 struct RvGemmV4Loader {
     static constexpr int E = ROWS / 16;
     const float* X;
@@ -343,18 +343,51 @@ struct RvGemmV4Loader {
         if constexpr (TRANS) rvc_store_rowwalk<ROWS>(S, v);
         else rvc_store_kwalk<ROWS>(S, v);
     }
+    // v5: the slice at k0 into S by cp.async, the tile elements fetch + store would place.
+    // Rows contiguous in memory (TRANS) go 4 to a 16-byte copy where X and ld keep every
+    // such group 16-byte aligned (V16, chosen per launch: a template parameter, so each main
+    // loop holds one path); the rest 4 bytes per copy.
+    __device__ __forceinline__ void issue(RvcRow<ROWS>* S, int k0, int kend) const {
+        if constexpr (!TRANS) {
+            const int kk = threadIdx.x % RVC_BK, r = threadIdx.x / RVC_BK, gk = k0 + kk;
+            const float* src = X + (long long)(r0 + r) * ld + gk;
+#pragma unroll
+            for (int j = 0; j < E; ++j) {
+                const bool ok = gk < kend && r0 + r + 16 * j < nrows;
+                rv_cp_async<4>(&S[kk][r + 16 * j], ok ? src + 16LL * j * ld : X, ok ? 4 : 0);
+            }
+        } else if constexpr (V16) {
+            constexpr int GROUPS = ROWS / 4;  // 16-byte groups per k-row
+#pragma unroll
+            for (int q = 0; q < RVC_BK * GROUPS / RVC_THREADS; ++q) {
+                const int c = threadIdx.x + RVC_THREADS * q, r = 4 * (c % GROUPS), kk = c / GROUPS;
+                const int rows = min(max(nrows - (r0 + r), 0), 4);
+                const bool ok = k0 + kk < kend && rows > 0;
+                rv_cp_async<16>(&S[kk][r], ok ? X + (long long)(k0 + kk) * ld + r0 + r : X, ok ? 4 * rows : 0);
+            }
+        } else {
+            const int r = threadIdx.x % ROWS, kk = E * (threadIdx.x / ROWS), gk = k0 + kk;
+            const float* src = X + (long long)gk * ld + r0 + r;
+#pragma unroll
+            for (int j = 0; j < E; ++j) {
+                const bool ok = gk + j < kend && r0 + r < nrows;
+                rv_cp_async<4>(&S[kk + j][r], ok ? src + (long long)j * ld : X, ok ? 4 : 0);
+            }
+        }
+    }
 };
 
-template <bool TA, bool TB>
+template <bool TA, bool TB, bool ASYNC = false, bool V16A = false, bool V16B = false>
 __device__ __forceinline__ void rv_gemm_v4(const float* __restrict__ A, const float* __restrict__ B,
                                            float* __restrict__ C, const float* __restrict__ bias, int M, int N,
                                            int K, int lda, int ldb, int ldc, float alpha, float beta, int act) {
     using Sh = RvcShape<128>;
     const int m0 = blockIdx.y * 128, n0 = blockIdx.x * 128;
-    const RvGemmV4Loader<128, TA> la{A, lda, m0, M};
-    const RvGemmV4Loader<128, !TB> lb{B, ldb, n0, N};
+    const RvGemmV4Loader<128, TA, V16A> la{A, lda, m0, M};
+    const RvGemmV4Loader<128, !TB, V16B> lb{B, ldb, n0, N};
     RvcAcc<128> acc;
-    rvc_mainloop<128, RV_PREC_FP32>(la, lb, 0, K, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<128>(la, lb, 0, K, acc);
+    else rvc_mainloop<128, RV_PREC_FP32>(la, lb, 0, K, acc);
     const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
 #pragma unroll
     for (int i = 0; i < Sh::TM; ++i) {
@@ -372,6 +405,32 @@ __device__ __forceinline__ void rv_gemm_v4(const float* __restrict__ A, const fl
     }
 }
 
+// v5's entry for one transpose pair: the operands whose rows are contiguous (A when TA, B
+// unless TB) take 16-byte copies where every group of 4 rows starts 16-byte aligned.
+template <bool TA, bool TB>
+__device__ __forceinline__ void rv_gemm_v5(const float* __restrict__ A, const float* __restrict__ B,
+                                           float* __restrict__ C, const float* __restrict__ bias, int M, int N,
+                                           int K, int lda, int ldb, int ldc, float alpha, float beta, int act) {
+    const auto aligned = [](const float* X, int ld) { return ((unsigned long long)X & 15) == 0 && ld % 4 == 0; };
+    const bool va = TA && aligned(A, lda), vb = !TB && aligned(B, ldb);
+#define RV_V5(VA, VB) rv_gemm_v4<TA, TB, true, VA, VB>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act)
+    if constexpr (TA && !TB) {
+        if (va && vb) RV_V5(true, true);
+        else if (va) RV_V5(true, false);
+        else if (vb) RV_V5(false, true);
+        else RV_V5(false, false);
+    } else if constexpr (TA) {
+        if (va) RV_V5(true, false);
+        else RV_V5(false, false);
+    } else if constexpr (!TB) {
+        if (vb) RV_V5(false, true);
+        else RV_V5(false, false);
+    } else {
+        RV_V5(false, false);
+    }
+#undef RV_V5
+}
+
 extern "C" __global__ void __launch_bounds__(RV_THREADS, 2)
     gemm_tiled_v4(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
                   const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA,
@@ -381,6 +440,22 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS, 2)
     else if (transA) rv_gemm_v4<true, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
     else if (transB) rv_gemm_v4<false, true>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
     else rv_gemm_v4<false, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+}
+
+// gemm_tiled_v5: v4 with conv.cuh's cp.async main loop (variant v5 there): the operand tiles
+// go from global to shared memory without registers, double-buffered, one barrier per slice;
+// operands whose rows are contiguous move in 16-byte copies where aligned. The same FMAs in
+// the same order as v4: the same bits.
+//   Launch: as v4, plus 33 KiB of static shared memory (two stages of both tiles).
+extern "C" __global__ void __launch_bounds__(RV_THREADS, 2)
+    gemm_tiled_v5(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
+                  const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA,
+                  int transB, float alpha, float beta, int act) {
+    if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    if (transA && transB) rv_gemm_v5<true, true>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+    else if (transA) rv_gemm_v5<true, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+    else if (transB) rv_gemm_v5<false, true>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+    else rv_gemm_v5<false, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
 }
 
 // gemm_tc, gemm_splitk_tc: v2 and v3 on tensor cores (mma.cuh), one more argument `prec`

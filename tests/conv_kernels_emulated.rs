@@ -14,14 +14,16 @@ const POISON: f32 = f32::NAN;
 const FP32: Precision = Precision::Fp32;
 const BLOCK: u32 = 256;
 /// The conv kernels' variants and their (BM, BN) tiles (conv.cu): every one is checked on every
-/// shape, whatever tile the host would pick for it (v4's backward-data on stride 1 only).
-const TILED: [(&str, usize, usize); 4] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256), ("v4", 128, 128)];
+/// shape, whatever tile the host would pick for it (v4's and v5's backward-data on stride 1 only).
+/// v5 is v4 with its tiles filled by cp.async, so the emulator's cp.async checks run on every shape.
+const TILED: [(&str, usize, usize); 5] =
+    [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256), ("v4", 128, 128), ("v5", 128, 128)];
 /// The tiles with tensor-core twins.
 const TC_TILED: [(&str, usize, usize); 3] = [TILED[0], TILED[1], TILED[2]];
 
-/// v4's backward-data kernel takes stride 1 only (the host runs v3 for the others).
+/// v4's and v5's backward-data kernels take stride 1 only (the host runs v3 for the others).
 fn bwd_data_takes(t: (&str, usize, usize), g: &Conv) -> bool {
-    t.0 != "v4" || g.stride == 1
+    (t.0 != "v4" && t.0 != "v5") || g.stride == 1
 }
 
 fn launch(name: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) {
@@ -518,6 +520,7 @@ fn v4_kernels_refuse_what_their_tap_tables_cannot_hold() {
     };
     let strided = conv(1, 2, (6, 6), 3, (3, 3), 2, 1);
     assert!(trap("conv2d_bwd_data_v4", &strided, &[]), "stride 2 accepted");
+    assert!(trap("conv2d_bwd_data_v5", &strided, &[]), "v5: stride 2 accepted");
     let wide = conv(1, 1, (1, 40000), 1, (1, 1), 1, 0);
     assert!(trap("conv2d_fwd_v4", &wide, &[KArg::I32(IDENTITY)]), "W = 40000 accepted");
     let ok = conv(1, 2, (6, 6), 3, (3, 3), 1, 1);

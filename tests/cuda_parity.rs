@@ -30,16 +30,19 @@ fn every_op_matches_the_cpu_reference_under_emulation() {
     assert_all_pass(&checks, "the CPU reference");
 }
 
-/// ROTVAR_CONV_TILES=v4: every convolution on the 128 × 128 kernels (strided backward-data on
-/// v3), with the backend's own grids and split-K, against the CPU reference.
+/// ROTVAR_CONV_TILES=v4 and v5: every convolution and dense GEMM on the 128 × 128 kernels
+/// (strided backward-data on v3), with the backend's own grids and split-K, against the CPU
+/// reference.
 #[test]
-fn v4_conv_kernels_match_the_cpu_reference_under_emulation() {
+fn v4_and_v5_kernels_match_the_cpu_reference_under_emulation() {
     let cpu: BackendRef = CpuBackend::shared();
-    let emu: BackendRef = CudaBackend::emulated_with_tiles(Precision::Fp32, ConvTiles::V4);
-    let checks = kernel_checks(&cpu, &emu, Scale::Small, 43).expect("all ops run");
-    let convs: Vec<_> = checks.iter().filter(|c| c.op.starts_with("conv2d")).collect();
-    assert!(convs.len() >= 20, "only {} conv checks ran", convs.len());
-    assert_all_pass(&checks, "the CPU reference");
+    for tiles in [ConvTiles::V4, ConvTiles::V5] {
+        let emu: BackendRef = CudaBackend::emulated_with_tiles(Precision::Fp32, tiles);
+        let checks = kernel_checks(&cpu, &emu, Scale::Small, 43).expect("all ops run");
+        let convs: Vec<_> = checks.iter().filter(|c| c.op.starts_with("conv2d")).collect();
+        assert!(convs.len() >= 20, "{tiles:?}: only {} conv checks ran", convs.len());
+        assert_all_pass(&checks, &format!("the CPU reference ({tiles:?})"));
+    }
 }
 
 /// The dense layers and convolutions in TF32, 3xTF32 and BF16: the emulated tensor-core kernels

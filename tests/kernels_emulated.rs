@@ -324,7 +324,7 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng, pr
     // beta == 0 must not read C, so poison it; otherwise C carries data.
     let c0 = if c.beta == 0. { vec![POISON; c.m * ldc] } else { rng.vec(c.m * ldc, -1., 1.) };
     let mut cm = c0.clone();
-    let tile = if kernel == "gemm_tiled_v4" { 128 } else { 64 };
+    let tile = if kernel == "gemm_tiled_v4" || kernel == "gemm_tiled_v5" { 128 } else { 64 };
     let grid = (c.n.div_ceil(tile) as u32, c.m.div_ceil(tile) as u32, 1);
     let bias_arg = if use_bias { KArg::slice(&bias) } else { KArg::Ptr(0) };
     if let Some(splits) = kernel.strip_prefix("gemm_splitk_v3/") {
@@ -557,14 +557,16 @@ fn gemm_tiled_v2_without_epilogue_equals_v1_bitwise() {
         if epilogue {
             args.push(KArg::I32(0));
         }
-        let tile = if kernel == "gemm_tiled_v4" { 128 } else { 64 };
+        let tile = if kernel == "gemm_tiled_v4" || kernel == "gemm_tiled_v5" { 128 } else { 64 };
         let grid = (n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1);
         unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
         c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     };
     assert_eq!(run("gemm_tiled_v1"), run("gemm_tiled_v2"));
-    // v4's 128 x 128 tiles sum each output in the same order: the same bits.
+    // v4's 128 x 128 tiles sum each output in the same order: the same bits; v5 only fills
+    // the same tiles by cp.async.
     assert_eq!(run("gemm_tiled_v1"), run("gemm_tiled_v4"));
+    assert_eq!(run("gemm_tiled_v1"), run("gemm_tiled_v5"));
 }
 
 #[test]
@@ -685,4 +687,38 @@ fn gemm_tiled_v4_parity() {
     // Several 128-row blocks in both directions.
     let big = GemmCase { m: 300, n: 260, k: 40, ta: true, tb: false, alpha: 1., beta: 0., pad: 2 };
     check_gemm("gemm_tiled_v4", &big, Some(Epilogue { bias: true, relu: false }), &mut rng, FP32);
+}
+
+/// v5 (v4 with cp.async double buffering) on v4's cases, and bit for bit v4's output on every
+/// transpose combination, with aligned leading dimensions (16-byte copies) and odd ones (4-byte
+/// copies), ragged edges included.
+#[test]
+fn gemm_tiled_v5_parity_and_v4_bits() {
+    let mut rng = Rng(37);
+    for c in &gemm_cases() {
+        check_gemm("gemm_tiled_v5", c, Some(Epilogue { bias: false, relu: false }), &mut rng, FP32);
+    }
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for pad in [0, 1, 4] {
+            let (m, n, k) = (131, 135, 37); // pad 1 makes lda (transposed A) and ldb (B) multiples of 4
+            let (ar, ac) = if ta { (k, m) } else { (m, k) };
+            let (br, bc) = if tb { (n, k) } else { (k, n) };
+            let (lda, ldb) = (ac + pad, bc + pad);
+            let (a, b) = (rng.vec(ar * lda, -1., 1.), rng.vec(br * ldb, -1., 1.));
+            let bias = rng.vec(n, -1., 1.);
+            let run = |kernel: &str| {
+                let mut c = vec![POISON; m * n];
+                let mut args = vec![KArg::slice(&a), KArg::slice(&b), KArg::slice_mut(&mut c), KArg::slice(&bias)];
+                args.extend(i32s([m, n, k, lda, ldb, n, ta as usize, tb as usize]));
+                args.extend(f32s([1., 0.]));
+                args.push(KArg::I32(1));
+                let grid = (n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1);
+                unsafe { emu::launch(kernel, grid, (256, 1, 1), 0, &args) }.expect("gemm launch");
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let v4 = run("gemm_tiled_v4");
+            assert!(v4.iter().all(|&b| !f32::from_bits(b).is_nan()), "ta {ta} tb {tb} pad {pad}: v4 left NaN");
+            assert!(v4 == run("gemm_tiled_v5"), "ta {ta} tb {tb} pad {pad}: v5 differs from v4");
+        }
+    }
 }

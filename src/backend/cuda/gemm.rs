@@ -29,26 +29,31 @@ impl ConvPlan {
 const CONV_TILES: [(&str, usize, usize); 3] = [("v1", 64, 64), ("v2_bm32", 32, 128), ("v2_bm16", 16, 256)];
 /// v4's 128 × 128 tile (8 × 8 per thread), used only when asked for (`ConvTiles::V4`).
 const CONV_TILE_V4: (&str, usize, usize) = ("v4", 128, 128);
+/// v5: v4 with its tiles filled by cp.async (`ConvTiles::V5`).
+const CONV_TILE_V5: (&str, usize, usize) = ("v5", 128, 128);
 
 /// Which conv kernels the backend may choose from (`ROTVAR_CONV_TILES`, for `bench conv` to time
 /// them side by side): the default picks among v1 and v2 by `conv_plan`'s estimate; `V1` is
-/// always v1; `V4` always v4 (fp32 only: the tensor-core kernels have no v4 tile, so they pick
-/// as by default; strided backward-data stays on v3).
+/// always v1; `V4` always v4 and `V5` always v5, for the convolutions and the dense GEMMs (fp32
+/// only: the tensor-core kernels have no such tile, so they pick as by default; strided
+/// backward-data stays on v3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvTiles {
     Auto,
     V1,
     V4,
+    V5,
 }
 
 impl ConvTiles {
-    /// `auto`, `v1` or `v4`; ROTVAR_CONV_V1=1 (older scripts) is `v1`.
+    /// `auto`, `v1`, `v4` or `v5`; ROTVAR_CONV_V1=1 (older scripts) is `v1`.
     pub fn parse(s: &str) -> anyhow::Result<ConvTiles> {
         match s.to_ascii_lowercase().as_str() {
             "" | "auto" => Ok(ConvTiles::Auto),
             "v1" => Ok(ConvTiles::V1),
             "v4" => Ok(ConvTiles::V4),
-            other => anyhow::bail!("ROTVAR_CONV_TILES={other:?}: use auto, v1 or v4"),
+            "v5" => Ok(ConvTiles::V5),
+            other => anyhow::bail!("ROTVAR_CONV_TILES={other:?}: use auto, v1, v4 or v5"),
         }
     }
 
@@ -57,6 +62,7 @@ impl ConvTiles {
             ConvTiles::Auto => &CONV_TILES,
             ConvTiles::V1 => &CONV_TILES[..1],
             ConvTiles::V4 => std::slice::from_ref(&CONV_TILE_V4),
+            ConvTiles::V5 => std::slice::from_ref(&CONV_TILE_V5),
         }
     }
 }
@@ -139,11 +145,13 @@ pub(super) fn tc_kernel(name: &str) -> Option<String> {
     Some(format!("{pass}_tc_{tile}"))
 }
 
-/// Which kernel of kernels/gemm.cu a product runs: v2, v4 (128 × 128), or v3 split that many ways.
+/// Which kernel of kernels/gemm.cu a product runs: v2, v4 (128 × 128), v5 (v4 filled by
+/// cp.async), or v3 split that many ways.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GemmHow {
     V2,
     V4,
+    V5,
     Split(usize),
 }
 
@@ -192,16 +200,17 @@ impl CudaBackend {
                 args.extend([KArg::F32(1.0), KArg::F32(0.0)]);
                 self.launch("gemm_tiled_v1", grid2(n.div_ceil(TILE), m.div_ceil(TILE)), BLOCK, 0, &args)
             }
-            2..=4 => {
+            2..=5 => {
                 let g = Gemm { m, n, k, lda: k, ldb: k, ldc: n, ta: false, tb: true };
                 let how = match variant {
                     2 => GemmHow::V2,
                     3 => GemmHow::Split(self.gemm_splits(m, n, k)),
-                    _ => GemmHow::V4,
+                    4 => GemmHow::V4,
+                    _ => GemmHow::V5,
                 };
                 self.gemm_launch(aa, ba, ca, self.opt_arg(bias, n)?, act, &g, how)
             }
-            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1, v2, v3 (split-K) and v4"),
+            v => bail!("no gemm variant v{v}: kernels/gemm.cu has v1, v2, v3 (split-K), v4 and v5"),
         }
     }
 
@@ -212,12 +221,13 @@ impl CudaBackend {
 
     /// C[M,N] = act(op(A)·op(B) + bias[N]) (`bias` a pointer argument, `KArg::Ptr(0)` for none):
     /// gemm_tiled_v2 where its tiles fill the GPU, else split-K (gemm_splitk_v3 + splitk_sum_f32);
-    /// v4 in place of v2 where ROTVAR_CONV_TILES=v4 asks (fp32 only).
+    /// v4 (v5) in place of v2 where ROTVAR_CONV_TILES=v4 (v5) asks (fp32 only).
     pub(super) fn gemm(&self, a: KArg, b: KArg, c: KArg, bias: KArg, act: Activation, g: &Gemm) -> Result<()> {
         let splits = self.gemm_splits(g.m, g.n, g.k);
         let how = match (splits > 1, self.tiles()) {
             (true, _) => GemmHow::Split(splits),
             (false, ConvTiles::V4) => GemmHow::V4,
+            (false, ConvTiles::V5) => GemmHow::V5,
             (false, _) => GemmHow::V2,
         };
         self.gemm_launch(a, b, c, bias, act, g, how)
@@ -240,7 +250,7 @@ impl CudaBackend {
             [i32_of(g.m, "M")?, i32_of(g.n, "N")?, i32_of(g.k, "K")?, i32_of(g.lda, "lda")?, i32_of(g.ldb, "ldb")?];
         let splits = match how {
             GemmHow::Split(s) => s,
-            GemmHow::V2 | GemmHow::V4 => {
+            GemmHow::V2 | GemmHow::V4 | GemmHow::V5 => {
                 let mut args = vec![a, b, c, bias];
                 args.extend(dims);
                 args.extend([
@@ -254,11 +264,12 @@ impl CudaBackend {
                 if how == GemmHow::V2 {
                     return self.launch_mm("gemm_tiled_v2", grid(1), BLOCK, &args);
                 }
+                let name = if how == GemmHow::V4 { "gemm_tiled_v4" } else { "gemm_tiled_v5" };
                 if self.precision != crate::backend::Precision::Fp32 {
-                    bail!("gemm_tiled_v4 is fp32 only: it has no tensor-core twin");
+                    bail!("{name} is fp32 only: it has no tensor-core twin");
                 }
                 let grid = (g.n.div_ceil(128) as u32, g.m.div_ceil(128) as u32, 1);
-                return self.launch("gemm_tiled_v4", grid, BLOCK, 0, &args);
+                return self.launch(name, grid, BLOCK, 0, &args);
             }
         };
         let len = g.m * g.n;
@@ -360,18 +371,24 @@ mod tests {
         }
     }
 
-    /// ROTVAR_CONV_TILES=v4 plans every pass on the 128 × 128 kernels, which exist; v1 and the
+    /// ROTVAR_CONV_TILES=v4 (v5) plans every pass on the 128 × 128 kernels, which exist; v1 and the
     /// default choice are unchanged by it.
     #[test]
     fn v4_plans_take_the_128_tile() {
         for pass in PASSES {
-            let p = conv_plan(pass, 16, 256 * 28 * 28, 150, H200_SMS, ConvTiles::V4, pass == "conv2d_bwd_weight");
-            assert_eq!((p.name.as_str(), p.bm, p.bn), (format!("{pass}_v4").as_str(), 128, 128));
-            assert!(crate::backend::cuda::emu::find_kernel(&p.name).is_some(), "{} is not a kernel", p.name);
+            for (tiles, tag) in [(ConvTiles::V4, "v4"), (ConvTiles::V5, "v5")] {
+                let p = conv_plan(pass, 16, 256 * 28 * 28, 150, H200_SMS, tiles, pass == "conv2d_bwd_weight");
+                assert_eq!((p.name.as_str(), p.bm, p.bn), (format!("{pass}_{tag}").as_str(), 128, 128));
+                assert!(crate::backend::cuda::emu::find_kernel(&p.name).is_some(), "{} is not a kernel", p.name);
+            }
         }
-        for (s, want) in
-            [("", ConvTiles::Auto), ("auto", ConvTiles::Auto), ("V1", ConvTiles::V1), ("v4", ConvTiles::V4)]
-        {
+        for (s, want) in [
+            ("", ConvTiles::Auto),
+            ("auto", ConvTiles::Auto),
+            ("V1", ConvTiles::V1),
+            ("v4", ConvTiles::V4),
+            ("v5", ConvTiles::V5),
+        ] {
             assert_eq!(ConvTiles::parse(s).unwrap(), want, "{s:?}");
         }
         assert!(ConvTiles::parse("v3").unwrap_err().to_string().contains("ROTVAR_CONV_TILES"));

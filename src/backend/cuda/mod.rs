@@ -35,8 +35,8 @@ pub struct CudaBackend {
     pool: Arc<Pool>,
     /// The device copy of the last batch's indices (see `gather_rows`).
     indices: Mutex<Option<device::IdxBuf>>,
-    /// ROTVAR_CONV_TILES (auto, v1, v4): which conv kernels may be chosen, so `bench conv` can
-    /// time v1, the default choice and v4 side by side.
+    /// ROTVAR_CONV_TILES (auto, v1, v4, v5): which conv kernels may be chosen, so `bench conv`
+    /// can time v1, the default choice, v4 and v5 side by side.
     conv_tiles: ConvTiles,
     /// ROTVAR_VARIANCE_V1=1: the measure's update uses variance_update_f64 (one thread per
     /// unit) rather than v2 (one per unit and class), so `bench measure` can time the two.
@@ -180,10 +180,10 @@ impl CudaBackend {
     }
 
     /// The conv tiles to choose from: ROTVAR_CONV_TILES, except that the tensor-core kernels
-    /// have no v4 tile.
+    /// have no v4 or v5 tile.
     fn tiles(&self) -> ConvTiles {
         match (self.conv_tiles, self.precision) {
-            (ConvTiles::V4, p) if p != Precision::Fp32 => ConvTiles::Auto,
+            (ConvTiles::V4 | ConvTiles::V5, p) if p != Precision::Fp32 => ConvTiles::Auto,
             (t, _) => t,
         }
     }
