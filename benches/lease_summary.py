@@ -78,14 +78,14 @@ def ratios(load):
             d = next((d for d in ours if d.get("layer") == o.get("layer") and d.get("pass") == o.get("pass")), None)
             if d and d.get("gflops"):
                 out.append(f"{o['layer']:>24} {o['pass']:>16}: {tag} {o['gflops']:8.0f} GFLOP/s  vs the default choice {o['gflops']/d['gflops']:.2f}x")
-    for prec in ("tf32", "bf16"):
-        mine, theirs = load(f"conv_rotvar_{prec}.jsonl"), load(f"conv_cudnn_{prec}.jsonl")
+    for prec, tag in (("tf32", ""), ("bf16", ""), ("tf32", "_v5")):
+        mine, theirs = load(f"conv_rotvar_{prec}{tag}.jsonl"), load(f"conv_cudnn_{prec}.jsonl")
         for o in mine:
             r = next((r for r in theirs if r.get("layer") == o.get("layer") and r.get("pass") == o.get("pass")), None)
             d = next((d for d in ours if d.get("layer") == o.get("layer") and d.get("pass") == o.get("pass")), None)
             base = f"cuDNN {prec} {r['gflops']:8.0f}  ratio {o['gflops']/r['gflops']:.2f} (target >= 0.8)" if r and r.get("gflops") else "no baseline"
             vs = f"  vs rotvar fp32 {o['gflops']/d['gflops']:.2f}x" if d and d.get("gflops") else ""
-            out.append(f"{o['layer']:>24} {o['pass']:>16}: {prec} {o['gflops']:8.0f} GFLOP/s  {base}{vs}")
+            out.append(f"{o['layer']:>24} {o['pass']:>16}: {prec}{tag} {o['gflops']:8.0f} GFLOP/s  {base}{vs}")
     gemm = load("gemm_rotvar.jsonl")
     for g in gemm:
         b = next((x for x in gemm if x["shape"] == g["shape"] and x["variant"] == "v1"), None)

@@ -272,6 +272,8 @@ rb "conv rotvar v1" "$t_conv" conv_rotvar_v1.jsonl env ROTVAR_CONV_TILES=v1 "$bi
 rb "conv rotvar v4" "$t_conv" conv_rotvar_v4.jsonl env ROTVAR_CONV_TILES=v4 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
 # v5: v4's tiles filled by cp.async, double-buffered (new in session 18), beside v4 and the default.
 rb "conv rotvar v5" "$t_conv" conv_rotvar_v5.jsonl env ROTVAR_CONV_TILES=v5 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
+# The same in TF32 on tensor cores (128 x 128 tiles, 64 x 32 warp tiles), beside cuDNN's TF32 below.
+rb "conv rotvar tf32 v5" "$t_conv" conv_rotvar_tf32_v5.jsonl env ROTVAR_CONV_TILES=v5 "$bin" --precision tf32 bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
 # Tensor cores against cuDNN at the same precision on both sides.
 for prec in tf32 bf16; do
   rb "conv rotvar $prec" "$t_conv" "conv_rotvar_$prec.jsonl" "$bin" --precision "$prec" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"

@@ -294,7 +294,8 @@ __device__ __forceinline__ void rvc_mainloop(const LA& la, const LB& lb, int kbe
 // stage s has landed for every thread and every thread has finished reading stage s ^ 1, so
 // the next slice is issued into it. The same FMAs in the same order as v4: the same bits.
 // Loaders have issue(S, k0, kend): cp.async of this thread's elements of the slice at k0 into
-// S, zero-filled outside [.., kend) or the matrix (fp32 only). A B loader that prepares a decode
+// S, zero-filled outside [.., kend) or the matrix. With PREC a tensor-core precision the slices
+// go to mma.sync (RvTcTile's 128 x 128 tile: warp tiles of 64 x 32). A B loader that prepares a decode
 // table (RvcTapB) prepares it a slice further ahead than in v4, as it is read at issue.
 template <int BM>
 __device__ __forceinline__ RvcRow<BM> (*rvc_stages_a())[RVC_BK] {
@@ -307,15 +308,17 @@ __device__ __forceinline__ RvcRow<RvcShape<BM>::BN> (*rvc_stages_b())[RVC_BK] {
     return reinterpret_cast<RvcRow<RvcShape<BM>::BN>(*)[RVC_BK]>(&Bs2[0][0][0]);
 }
 
-template <int BM, class LA, class LB>
+template <int BM, int PREC = RV_PREC_FP32, class LA, class LB>
 __device__ __forceinline__ void rvc_mainloop_async(const LA& la, const LB& lb, int kbeg, int kend,
                                                    RvcAcc<BM>& acc) {
     using Sh = RvcShape<BM>;
+    constexpr int BN = Sh::BN;
     auto As = rvc_stages_a<BM>();
     auto Bs = rvc_stages_b<BM>();
     const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
     rvc_zero<BM>(acc);
     if (kbeg >= kend) return;  // block-uniform
+    RvcTc<PREC, BM> tc;
     constexpr bool prepares = RvcPrepares<LB>::value;
     if constexpr (prepares) {
         lb.prepare(kbeg, kend);
@@ -341,7 +344,27 @@ __device__ __forceinline__ void rvc_mainloop_async(const LA& la, const LB& lb, i
         if constexpr (prepares) {
             if (k0 + 2 * RVC_BK < kend) lb.prepare(k0 + 2 * RVC_BK, kend);
         }
-        rvc_fma_slice<BM>(As[s], Bs[s], tx, ty, acc);
+        if constexpr (PREC != RV_PREC_FP32) tc.step(&As[s][0][0], BM + RVC_PAD, &Bs[s][0][0], BN + RVC_PAD);
+        else rvc_fma_slice<BM>(As[s], Bs[s], tx, ty, acc);
+    }
+    if constexpr (PREC != RV_PREC_FP32) {
+        // The tensor cores' accumulators back to each thread's 8 x 8, through stage A (32 rows of
+        // BN + PAD floats) a quarter of the tile at a time.
+        constexpr int ROWS = 2 * RVC_BK;
+        static_assert(BM == BN && BM % ROWS == 0, "stage A holds ROWS rows of the C tile");
+        float* Cs = &As[0][0][0];
+        for (int lo = 0; lo < BM; lo += ROWS) {
+            __syncthreads();  // the stages (or the previous quarter) are read
+            tc.spill_rows(Cs, BN + RVC_PAD, lo, lo + ROWS);
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < Sh::TM; ++i) {
+                const int r = Sh::row(ty, i) - lo;
+                if (r < 0 || r >= ROWS) continue;
+#pragma unroll
+                for (int j = 0; j < Sh::TN; ++j) acc[i][j] = Cs[r * (BN + RVC_PAD) + Sh::col(tx, j)];
+            }
+        }
     }
 }
 
@@ -564,7 +587,7 @@ __device__ __forceinline__ void rvc_conv_fwd(float* y, const float* x, const flo
         }
     }
     RvcAcc<BM> acc;
-    if constexpr (ASYNC) rvc_mainloop_async<BM>(la, lb, 0, crs, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<BM, PREC>(la, lb, 0, crs, acc);
     else rvc_mainloop<BM, PREC>(la, lb, 0, crs, acc);
     rvc_store_nchw<BM>(y, bias, act, acc, m0, n0, K, ncols, P);
 }
@@ -678,7 +701,7 @@ __device__ __forceinline__ void rvc_conv_bwd_data(float* dx, const float* dy, co
         }
     }
     RvcAcc<BM> acc;
-    if constexpr (ASYNC) rvc_mainloop_async<BM>(la, lb, 0, krs, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<BM, PREC>(la, lb, 0, krs, acc);
     else rvc_mainloop<BM, PREC>(la, lb, 0, krs, acc);
     rvc_store_nchw<BM>(dx, nullptr, RV_ACT_IDENTITY, acc, m0, n0, C, ncols, HW);
 }
@@ -962,7 +985,7 @@ __device__ __forceinline__ void rvc_conv_bwd_weight(float* partial, const float*
     const RvcBwdWeightB<BN, PREC == RV_PREC_FP32> lb{x, col_off, col_rs, C, H, W, P, OW, stride, pad, Pd, OWd};
 
     RvcAcc<BM> acc;
-    if constexpr (ASYNC) rvc_mainloop_async<BM>(la, lb, kbeg, kend, acc);
+    if constexpr (ASYNC) rvc_mainloop_async<BM, PREC>(la, lb, kbeg, kend, acc);
     else rvc_mainloop<BM, PREC>(la, lb, kbeg, kend, acc);
 
     using Sh = RvcShape<BM>;

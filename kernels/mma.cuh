@@ -172,7 +172,8 @@ __device__ __forceinline__ void rv_split_tf32(float x, unsigned& hi, unsigned& l
 // A block of 256 threads (8 warps) multiplies one BK = 16 slice of two K-major shared tiles,
 // As[k][m] (row stride sa) and Bs[k][n] (row stride sb), into its BM x BN accumulators. The
 // warps form a WARPS_M x WARPS_N grid of WM x WN warp tiles, each MT x NT mma tiles:
-//   64 x 64: 2 x 4 warps of 32 x 16 (2 x 2 tiles);  32 x 128 and 16 x 256: 16 x 32 (1 x 4).
+//   64 x 64: 2 x 4 warps of 32 x 16 (2 x 2 tiles);  32 x 128 and 16 x 256: 16 x 32 (1 x 4);
+//   128 x 128 (v5): 2 x 4 warps of 64 x 32 (4 x 4 tiles: each A fragment feeds 4 mma, each B 4).
 // Which physical k feeds which mma k position is free as long as A and B agree: position p
 // reads k = 2p (p < 4) or 2(p - 4) + 1 in TF32, so a warp's 32 lanes read 32 different banks
 // when the strides are 4 (mod 32), as the PAD = 4 tiles of gemm.cu and conv.cuh are (and 20,
@@ -181,7 +182,9 @@ template <int PREC, int BM, int BN>
 struct RvTcTile {
     static constexpr int WARPS_M = BM >= 32 ? 2 : 1, WARPS_N = 8 / WARPS_M;
     static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MT = WM / 16, NT = WN / 8;
-    static_assert(BM * BN == 4096 && MT >= 1 && NT >= 1 && WM % 16 == 0 && WN % 8 == 0, "tile shape");
+    static_assert((BM * BN == 4096 || (BM == 128 && BN == 128)) && MT >= 1 && NT >= 1 && WM % 16 == 0 &&
+                      WN % 8 == 0,
+                  "tile shape");
     static_assert(PREC == RV_PREC_TF32 || PREC == RV_PREC_3XTF32 || PREC == RV_PREC_BF16, "precision");
     float c[MT][NT][4];
     int wm, wn, g, t;
@@ -255,6 +258,20 @@ struct RvTcTile {
                     }
             }
         }
+    }
+
+    // Rows [lo, hi) of the accumulators to Cs[m - lo][n] (row stride sc): the 128 x 128 tile
+    // goes back through shared memory a few rows at a time (its whole would need 66 KiB).
+    __device__ __forceinline__ void spill_rows(float* Cs, int sc, int lo, int hi) const {
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int r = wm + 16 * i + rv_mma_c_row(q, g);
+                if (r < lo || r >= hi) continue;
+#pragma unroll
+                for (int j = 0; j < NT; ++j) Cs[(r - lo) * sc + wn + 8 * j + rv_mma_c_col(q, t)] = c[i][j][q];
+            }
     }
 
     // The accumulators to a shared BM x BN tile Cs[m][n] (row stride sc), from which each

@@ -669,7 +669,7 @@ fn bench_gemm_reports_every_variant_on_cuda_and_on_the_cpu() {
     // 2 per SM); fc2 and the 96³ square are too short to split.
     let shapes = [("lenet.fc1", 4), ("lenet.fc2", 1), ("square", 1)];
     let variants =
-        ["v1", "v2", "v3 split-K {}", "v3 split-K {} +bias+relu", "v2+bias+relu", "v2+bias, relu kernel", "v4"];
+        ["v1", "v2", "v3 split-K {}", "v3 split-K {} +bias+relu", "v2+bias+relu", "v2+bias, relu kernel", "v4", "v5"];
     assert_eq!(rows.len(), shapes.len() * variants.len(), "{rows:?}");
     for (i, r) in rows.iter().enumerate() {
         let (shape, splits) = shapes[i / variants.len()];

@@ -34,9 +34,10 @@ const CONV_TILE_V5: (&str, usize, usize) = ("v5", 128, 128);
 
 /// Which conv kernels the backend may choose from (`ROTVAR_CONV_TILES`, for `bench conv` to time
 /// them side by side): the default picks among v1 and v2 by `conv_plan`'s estimate; `V1` is
-/// always v1; `V4` always v4 and `V5` always v5, for the convolutions and the dense GEMMs (fp32
-/// only: the tensor-core kernels have no such tile, so they pick as by default; strided
-/// backward-data stays on v3).
+/// always v1; `V4` always v4 and `V5` always v5, for the convolutions and the dense GEMMs. In
+/// other precisions than fp32, `V4` picks as by default (no tensor-core v4), and `V5` runs the
+/// convolutions' tensor-core v5 kernels (the dense GEMMs as by default); strided backward-data
+/// stays on v3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvTiles {
     Auto,
@@ -135,11 +136,12 @@ pub(super) fn tc_kernel(name: &str) -> Option<String> {
     }
     let pass = ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"]
         .into_iter()
-        .find(|p| name.strip_prefix(p).is_some_and(|t| t.starts_with("_v1") || t.starts_with("_v2")))?;
+        .find(|p| name.strip_prefix(p).is_some_and(|t| t.starts_with("_v1") || t.starts_with("_v2") || t == "_v5"))?;
     let tile = match &name[pass.len()..] {
         "_v1" => "bm64",
         "_v2_bm32" => "bm32",
         "_v2_bm16" => "bm16",
+        "_v5" => "v5",
         _ => return None,
     };
     Some(format!("{pass}_tc_{tile}"))
@@ -227,7 +229,8 @@ impl CudaBackend {
         let how = match (splits > 1, self.tiles()) {
             (true, _) => GemmHow::Split(splits),
             (false, ConvTiles::V4) => GemmHow::V4,
-            (false, ConvTiles::V5) => GemmHow::V5,
+            // The dense GEMM's v5 has no tensor-core twin: other precisions keep v2.
+            (false, ConvTiles::V5) if self.precision == crate::backend::Precision::Fp32 => GemmHow::V5,
             (false, _) => GemmHow::V2,
         };
         self.gemm_launch(a, b, c, bias, act, g, how)
@@ -329,6 +332,7 @@ mod tests {
         let mut names = vec!["gemm_tiled_v2".to_string(), "gemm_splitk_v3".into(), "conv2d_bwd_data_v3".into()];
         for pass in ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"] {
             names.extend(CONV_TILES.iter().map(|(tag, _, _)| format!("{pass}_{tag}")));
+            names.push(format!("{pass}_v5"));
         }
         for name in &names {
             let tc = tc_kernel(name).unwrap_or_else(|| panic!("{name} has no twin"));
@@ -340,7 +344,9 @@ mod tests {
             assert_eq!(sb.pop().as_deref(), Some("I32 prec"), "{tc}");
             assert_eq!(sb, sa, "{tc}");
         }
-        for other in ["gemm_tiled_v1", "sum_partials_f32", "conv2d_fwd_v9", "conv2d_fwd"] {
+        for other in
+            ["gemm_tiled_v1", "gemm_tiled_v5", "conv2d_fwd_v4", "sum_partials_f32", "conv2d_fwd_v9", "conv2d_fwd"]
+        {
             assert_eq!(tc_kernel(other), None, "{other}");
         }
     }

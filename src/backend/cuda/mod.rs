@@ -180,10 +180,10 @@ impl CudaBackend {
     }
 
     /// The conv tiles to choose from: ROTVAR_CONV_TILES, except that the tensor-core kernels
-    /// have no v4 or v5 tile.
+    /// have no v4 tile.
     fn tiles(&self) -> ConvTiles {
         match (self.conv_tiles, self.precision) {
-            (ConvTiles::V4 | ConvTiles::V5, p) if p != Precision::Fp32 => ConvTiles::Auto,
+            (ConvTiles::V4, p) if p != Precision::Fp32 => ConvTiles::Auto,
             (t, _) => t,
         }
     }
