@@ -1,5 +1,6 @@
 // Asynchronous copies from global to shared memory (sm_80+): `cp.async`, `cp.async.commit_group`
-// and `cp.async.wait_group`, PTX ISA 9.0, sections 9.7.9.25.3.1 to 9.7.9.25.3.3.
+// and `cp.async.wait_group`, as the PTX ISA (9.0) describes them under "Data Movement and
+// Conversion Instructions: cp.async" and the two sections that follow it.
 //
 // A copy is issued with rv_cp_async, the copies issued so far are closed into a group with
 // rv_cp_async_commit, and rv_cp_async_wait<N> returns once all but the newest N groups have
@@ -10,7 +11,7 @@
 // Each instruction sits in one small function with two bodies, as in mma.cuh: the PTX under
 // nvcc; under the host emulator (ROTVAR_EMU) the runtime's twin, which poisons the destination
 // at issue and lands the data at the wait, so that both a read too early and an issue too early
-// are caught (kernels/emu/README.md, "cp.async"; tests/emu_conformance.rs).
+// are caught (kernels/emu/README.md, "cp.async"; tests/sanitizer.rs).
 #pragma once
 #include "rotvar_common.cuh"
 
