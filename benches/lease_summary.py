@@ -120,9 +120,11 @@ def ratios(load):
             line += f"  pytorch {b:.3f}s  speed-up {b/a:.2f}x (target >= 2 for lenet)"
         out.append(line)
     mo, mt, m1 = load("measure_rotvar.jsonl"), load("measure_torch.jsonl"), load("measure_rotvar_v1.jsonl")
+    mp = load("measure_rotvar_plain.jsonl")
     for o in mo:
         t = next((t for t in mt if t.get("per") == o.get("per")), None)
         v1 = next((x for x in m1 if x.get("per") == o.get("per")), None)
+        plain = next((x for x in mp if x.get("per") == o.get("per")), None)
         line = (f"measure {o['model']} per {o['per']}: forward alone {o['forward_seconds']:.3f}s, "
                 f"measure {o['measure_seconds']:.3f}s, overhead {100*o['overhead']:.0f}% (target <= 25%)")
         if t:
@@ -134,6 +136,11 @@ def ratios(load):
         if v1 and v1.get("measure_seconds"):
             line += (f"; with the v1 variance update {v1['measure_seconds']:.3f}s "
                      f"({v1['measure_seconds']/o['measure_seconds']:.2f}x the time with v2)")
+        if o.get("graph_replays") is not None:
+            line += f"; {o['graph_replays']} graph replays"
+        if plain and plain.get("measure_seconds"):
+            line += (f"; without graphs {plain['measure_seconds']:.3f}s "
+                     f"({plain['measure_seconds']/o['measure_seconds']:.2f}x the time with them)")
         out.append(line)
     return out
 

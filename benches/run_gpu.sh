@@ -266,6 +266,8 @@ done
 for per in map element; do
   rb "measure rotvar $per v1" "$t_measure" measure_rotvar_v1.jsonl env ROTVAR_VARIANCE_V1=1 "$bin" bench measure "${r1[@]}" --models "$measure_model" --images "$images" --angles "$angles" --batch-size "$measure_batch" --per "$per"
 done
+# The measure without graphs (its passes replay as one since session 18): what the replays gain.
+rb "measure rotvar map plain" "$t_measure" measure_rotvar_plain.jsonl env ROTVAR_CUDA_GRAPHS=0 "$bin" bench measure "${r1[@]}" --models "$measure_model" --images "$images" --angles "$angles" --batch-size "$measure_batch" --per map
 # The same passes with the v1 conv kernels only: what the narrow tiles and the SM-aware choice gain.
 rb "conv rotvar v1" "$t_conv" conv_rotvar_v1.jsonl env ROTVAR_CONV_TILES=v1 "$bin" bench conv "${r1[@]}" --steps "$steps" --batch-size "$batch" --models "$conv_models"
 # v4 (128 x 128 tiles, 8 x 8 per thread), not chosen by default until these rows say so.
