@@ -57,6 +57,7 @@ RUNS = [
     ({"ROTVAR_CONV_TILES": "v4"}, ["bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"]),
     ({"ROTVAR_CONV_TILES": "v5"}, ["bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"]),
     ({"ROTVAR_CONV_TILES": "v5"}, ["--precision", "tf32", "bench", "conv", "--device", "cuda-emu", "--models", "lenet", "--batch-size", "8", "--steps", "1"]),
+    ({}, ["--precision", "tf32", "bench", "gemm", "--device", "cuda-emu", "--models", "", "--steps", "1"]),
     # The measure's replayed passes (variance_update_f64_v2_fed), and v1's fed twin.
     ({}, ["bench", "measure", "--device", "cuda-emu", "--models", "lenet", "--images", "8", "--angles", "2", "--batch-size", "4"]),
     ({"ROTVAR_VARIANCE_V1": "1"}, ["bench", "measure", "--device", "cuda-emu", "--models", "lenet", "--images", "8", "--angles", "2", "--batch-size", "4"]),

@@ -377,7 +377,7 @@ struct RvGemmV4Loader {
     }
 };
 
-template <bool TA, bool TB, bool ASYNC = false, bool V16A = false, bool V16B = false>
+template <bool TA, bool TB, bool ASYNC = false, bool V16A = false, bool V16B = false, int PREC = RV_PREC_FP32>
 __device__ __forceinline__ void rv_gemm_v4(const float* __restrict__ A, const float* __restrict__ B,
                                            float* __restrict__ C, const float* __restrict__ bias, int M, int N,
                                            int K, int lda, int ldb, int ldc, float alpha, float beta, int act) {
@@ -386,7 +386,8 @@ __device__ __forceinline__ void rv_gemm_v4(const float* __restrict__ A, const fl
     const RvGemmV4Loader<128, TA, V16A> la{A, lda, m0, M};
     const RvGemmV4Loader<128, !TB, V16B> lb{B, ldb, n0, N};
     RvcAcc<128> acc;
-    if constexpr (ASYNC) rvc_mainloop_async<128>(la, lb, 0, K, acc);
+    static_assert(ASYNC || PREC == RV_PREC_FP32, "v4 has no tensor-core twin");
+    if constexpr (ASYNC) rvc_mainloop_async<128, PREC>(la, lb, 0, K, acc);
     else rvc_mainloop<128, RV_PREC_FP32>(la, lb, 0, K, acc);
     const int tx = threadIdx.x % Sh::TX, ty = threadIdx.x / Sh::TX;
 #pragma unroll
@@ -456,6 +457,31 @@ extern "C" __global__ void __launch_bounds__(RV_THREADS, 2)
     else if (transA) rv_gemm_v5<true, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
     else if (transB) rv_gemm_v5<false, true>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
     else rv_gemm_v5<false, false>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act);
+}
+
+// gemm_tc_v5: gemm_tiled_v5 on tensor cores (RvTcTile's 128 x 128 tile, 8 warps of 64 x 32;
+// conv_tc.cu's tc_v5 says why), one more argument `prec` as gemm_tc. 4-byte copies only: the
+// 16-byte instances would triple again, per precision, for the operands that allow them.
+//   Launch: as gemm_tiled_v5. __launch_bounds__(256, 1), as the conv tc_v5 kernels.
+template <int P>
+__device__ __forceinline__ void rv_gemm_tc_v5(const float* __restrict__ A, const float* __restrict__ B,
+                                              float* __restrict__ C, const float* __restrict__ bias, int M, int N,
+                                              int K, int lda, int ldb, int ldc, int transA, int transB, float alpha,
+                                              float beta, int act) {
+#define RV_TC5(TA, TB) \
+    rv_gemm_v4<TA, TB, true, false, false, P>(A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, beta, act)
+    if (transA && transB) RV_TC5(true, true);
+    else if (transA) RV_TC5(true, false);
+    else if (transB) RV_TC5(false, true);
+    else RV_TC5(false, false);
+#undef RV_TC5
+}
+extern "C" __global__ void __launch_bounds__(RV_THREADS, 1)
+    gemm_tc_v5(const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ C,
+               const float* __restrict__ bias, int M, int N, int K, int lda, int ldb, int ldc, int transA, int transB,
+               float alpha, float beta, int act, int prec) {
+    if (blockDim.x != RV_THREADS || blockDim.y != 1 || blockDim.z != 1) __trap();
+    RV_BY_PREC(prec, (rv_gemm_tc_v5<P>(A, B, C, bias, M, N, K, lda, ldb, ldc, transA, transB, alpha, beta, act)));
 }
 
 // gemm_tc, gemm_splitk_tc: v2 and v3 on tensor cores (mma.cuh), one more argument `prec`

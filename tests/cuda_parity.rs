@@ -65,11 +65,11 @@ fn every_precision_matches_its_cpu_twin_under_emulation() {
     assert!(strays > 0, "bf16 convolutions agree with fp32 to within the tolerance: the checks cannot see precision");
 }
 
-/// ROTVAR_CONV_TILES=v5 in TF32, 3xTF32 and BF16: the convolutions on the tensor-core v5 kernels
-/// (128 × 128 tiles, 64 × 32 warp tiles, cp.async), with the backend's own grids and split-K,
-/// against the CPU twin of each precision.
+/// ROTVAR_CONV_TILES=v5 in TF32, 3xTF32 and BF16: the convolutions and unsplit dense layers on
+/// the tensor-core v5 kernels (128 × 128 tiles, 64 × 32 warp tiles, cp.async), with the
+/// backend's own grids and split-K, against the CPU twin of each precision.
 #[test]
-fn v5_tensor_core_convolutions_match_their_cpu_twins_under_emulation() {
+fn v5_tensor_core_kernels_match_their_cpu_twins_under_emulation() {
     for p in [Precision::Tf32, Precision::Tf32x3, Precision::Bf16] {
         let cpu: BackendRef = CpuBackend::with_precision(p);
         let emu: BackendRef = CudaBackend::emulated_with_tiles(p, ConvTiles::V5);

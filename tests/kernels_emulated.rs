@@ -355,8 +355,11 @@ fn check_gemm(kernel: &str, c: &GemmCase, e: Option<Epilogue>, rng: &mut Rng, pr
         }
         let mut name = kernel;
         if prec != Precision::Fp32 {
-            assert_eq!(kernel, "gemm_tiled_v2", "the tensor-core twin of {kernel}");
-            name = "gemm_tc";
+            name = match kernel {
+                "gemm_tiled_v2" => "gemm_tc",
+                "gemm_tiled_v5" => "gemm_tc_v5",
+                other => panic!("{other} has no tensor-core twin"),
+            };
             tc(&mut args);
         }
         unsafe { emu::launch(name, grid, (256, 1, 1), 0, &args) }.unwrap_or_else(|e| panic!("{name} launch: {e}"));
@@ -469,7 +472,7 @@ fn gemm_splitk_v3_parity_for_any_split_count() {
     check_gemm("gemm_splitk_v3/4", &c, Some(Epilogue { bias: true, relu: true }), &mut rng, FP32);
 }
 
-/// gemm_tc and gemm_splitk_tc in every precision, on every case and epilogue, against the
+/// gemm_tc, gemm_tc_v5 and gemm_splitk_tc in every precision, on every case and epilogue, against the
 /// product of the rounded operands; the rounding must show against the unrounded product where
 /// the reduction is long enough (TF32 and BF16), and must not for 3xTF32.
 #[test]
@@ -481,11 +484,16 @@ fn tensor_core_gemms_match_the_product_of_their_rounded_operands() {
             for (bias, relu) in [(false, false), (true, true)] {
                 let e = Some(Epilogue { bias, relu });
                 worst = worst.max(check_gemm("gemm_tiled_v2", c, e, &mut rng, prec));
+                worst = worst.max(check_gemm("gemm_tiled_v5", c, e, &mut rng, prec));
                 if c.alpha == 1. && c.beta == 0. {
                     worst = worst.max(check_gemm("gemm_splitk_v3/3", c, e, &mut rng, prec));
                 }
             }
         }
+        // v5's 128 x 128 tile: both warp rows, every warp column, two blocks each way.
+        let big = GemmCase { m: 150, n: 140, k: 40, ta: true, tb: false, alpha: 1., beta: 0., pad: 1 };
+        worst =
+            worst.max(check_gemm("gemm_tiled_v5", &big, Some(Epilogue { bias: true, relu: false }), &mut rng, prec));
         match prec {
             Precision::Tf32 => assert!(worst > 1e-4, "TF32 rounding not visible: {worst:e}"),
             Precision::Bf16 => assert!(worst > 1e-3, "BF16 rounding not visible: {worst:e}"),

@@ -34,10 +34,9 @@ const CONV_TILE_V5: (&str, usize, usize) = ("v5", 128, 128);
 
 /// Which conv kernels the backend may choose from (`ROTVAR_CONV_TILES`, for `bench conv` to time
 /// them side by side): the default picks among v1 and v2 by `conv_plan`'s estimate; `V1` is
-/// always v1; `V4` always v4 and `V5` always v5, for the convolutions and the dense GEMMs. In
-/// other precisions than fp32, `V4` picks as by default (no tensor-core v4), and `V5` runs the
-/// convolutions' tensor-core v5 kernels (the dense GEMMs as by default); strided backward-data
-/// stays on v3.
+/// always v1; `V4` always v4 and `V5` always v5, for the convolutions and the unsplit dense
+/// GEMMs. In other precisions than fp32, `V4` picks as by default (no tensor-core v4), and `V5`
+/// runs the tensor-core v5 kernels; strided backward-data stays on v3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvTiles {
     Auto,
@@ -130,6 +129,7 @@ pub(super) fn conv_plan(
 pub(super) fn tc_kernel(name: &str) -> Option<String> {
     match name {
         "gemm_tiled_v2" => return Some("gemm_tc".into()),
+        "gemm_tiled_v5" => return Some("gemm_tc_v5".into()),
         "gemm_splitk_v3" => return Some("gemm_splitk_tc".into()),
         "conv2d_bwd_data_v3" => return Some("conv2d_bwd_data_tc_v3".into()),
         _ => {}
@@ -229,8 +229,7 @@ impl CudaBackend {
         let how = match (splits > 1, self.tiles()) {
             (true, _) => GemmHow::Split(splits),
             (false, ConvTiles::V4) => GemmHow::V4,
-            // The dense GEMM's v5 has no tensor-core twin: other precisions keep v2.
-            (false, ConvTiles::V5) if self.precision == crate::backend::Precision::Fp32 => GemmHow::V5,
+            (false, ConvTiles::V5) => GemmHow::V5,
             (false, _) => GemmHow::V2,
         };
         self.gemm_launch(a, b, c, bias, act, g, how)
@@ -267,12 +266,14 @@ impl CudaBackend {
                 if how == GemmHow::V2 {
                     return self.launch_mm("gemm_tiled_v2", grid(1), BLOCK, &args);
                 }
-                let name = if how == GemmHow::V4 { "gemm_tiled_v4" } else { "gemm_tiled_v5" };
-                if self.precision != crate::backend::Precision::Fp32 {
-                    bail!("{name} is fp32 only: it has no tensor-core twin");
-                }
                 let grid = (g.n.div_ceil(128) as u32, g.m.div_ceil(128) as u32, 1);
-                return self.launch(name, grid, BLOCK, 0, &args);
+                if how == GemmHow::V5 {
+                    return self.launch_mm("gemm_tiled_v5", grid, BLOCK, &args);
+                }
+                if self.precision != crate::backend::Precision::Fp32 {
+                    bail!("gemm_tiled_v4 is fp32 only: it has no tensor-core twin");
+                }
+                return self.launch("gemm_tiled_v4", grid, BLOCK, 0, &args);
             }
         };
         let len = g.m * g.n;
@@ -329,7 +330,12 @@ mod tests {
     #[test]
     fn every_gemm_shaped_kernel_has_a_tensor_core_twin() {
         use crate::backend::cuda::emu::find_kernel;
-        let mut names = vec!["gemm_tiled_v2".to_string(), "gemm_splitk_v3".into(), "conv2d_bwd_data_v3".into()];
+        let mut names = vec![
+            "gemm_tiled_v2".to_string(),
+            "gemm_tiled_v5".into(),
+            "gemm_splitk_v3".into(),
+            "conv2d_bwd_data_v3".into(),
+        ];
         for pass in ["conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"] {
             names.extend(CONV_TILES.iter().map(|(tag, _, _)| format!("{pass}_{tag}")));
             names.push(format!("{pass}_v5"));
@@ -345,7 +351,7 @@ mod tests {
             assert_eq!(sb, sa, "{tc}");
         }
         for other in
-            ["gemm_tiled_v1", "gemm_tiled_v5", "conv2d_fwd_v4", "sum_partials_f32", "conv2d_fwd_v9", "conv2d_fwd"]
+            ["gemm_tiled_v1", "gemm_tiled_v4", "conv2d_fwd_v4", "sum_partials_f32", "conv2d_fwd_v9", "conv2d_fwd"]
         {
             assert_eq!(tc_kernel(other), None, "{other}");
         }
